@@ -1,0 +1,107 @@
+"""Feature engine: RGB images -> multi-layer patch tokens, through an exported model and its manifest."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .manifest import Manifest, load_manifest
+
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+DEFAULT_MODEL = Path("models") / "dinov2_vits14_musc.onnx"
+_INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
+
+
+def default_model_path() -> Path:
+    """``$MUSC_EDGE_MODEL`` or ``models/dinov2_vits14_musc.onnx`` (built by ``make setup``)."""
+    return Path(os.environ.get("MUSC_EDGE_MODEL", DEFAULT_MODEL))
+
+
+@dataclass
+class Features:
+    """Model outputs for a batch of images."""
+
+    layers: list[np.ndarray]   # per block: [N, P, D] patch tokens
+    image_tokens: np.ndarray   # [N, D]
+    grid: tuple[int, int]      # (h, w) patch grid, P = h * w
+
+
+def preprocess(images: list[np.ndarray], size: int, manifest: Manifest) -> np.ndarray:
+    """RGB uint8 ``[H, W, 3]`` images -> normalised float32 ``[N, 3, size, size]``."""
+    if size % manifest.patch_size:
+        raise ValueError(f"input size {size} is not a multiple of the patch size {manifest.patch_size}")
+    pre = manifest.preprocessing
+    interp = _INTERPOLATION.get(pre.resize)
+    if interp is None:
+        raise ValueError(f"manifest asks for unknown resize {pre.resize!r}")
+    mean = np.asarray(pre.mean, dtype=np.float32)
+    std = np.asarray(pre.std, dtype=np.float32)
+    batch = np.empty((len(images), 3, size, size), dtype=np.float32)
+    for i, image in enumerate(images):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
+        resized = cv2.resize(image, (size, size), interpolation=interp).astype(np.float32)
+        batch[i] = ((resized * pre.scale - mean) / std).transpose(2, 0, 1)
+    return batch
+
+
+def available_providers(preference: tuple[str, ...] = PROVIDER_PREFERENCE) -> list[str]:
+    """The preferred ONNX Runtime execution providers that this installation actually has."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return [p for p in preference if p in have]
+
+
+class FeatureEngine:
+    """ONNX Runtime session over an exported feature model (provider order: TensorRT, CUDA, CPU)."""
+
+    def __init__(self, model_path: str | Path | None = None, size: int = 224,
+                 providers: list[str] | None = None, threads: int | None = None,
+                 trt_cache: str | Path | None = None):
+        import onnxruntime as ort
+
+        self.model_path = Path(model_path or default_model_path())
+        self.manifest = load_manifest(self.model_path)
+        self.size = size
+        if size % self.manifest.patch_size:
+            raise ValueError(f"input size {size} is not a multiple of the patch size {self.manifest.patch_size}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        chosen = providers or available_providers()
+        provider_args = [self._provider_options(p, trt_cache) for p in chosen]
+        self.session = ort.InferenceSession(str(self.model_path), options, providers=provider_args)
+        self.providers = self.session.get_providers()
+        names = [o.name for o in self.session.get_outputs()]
+        missing = [n for n in (*self.manifest.token_outputs, self.manifest.image_token_output) if n not in names]
+        if missing:
+            raise ValueError(f"model {self.model_path} lacks outputs {missing} promised by its manifest")
+
+    @staticmethod
+    def _provider_options(provider: str, trt_cache: str | Path | None):
+        if provider == "TensorrtExecutionProvider":
+            cache = str(trt_cache or Path.home() / ".cache" / "musc-edge" / "trt")
+            return (provider, {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                               "trt_engine_cache_path": cache, "trt_timing_cache_enable": True})
+        return provider
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.size // self.manifest.patch_size
+        return side, side
+
+    def run_preprocessed(self, batch: np.ndarray) -> Features:
+        outputs = self.session.run([*self.manifest.token_outputs, self.manifest.image_token_output],
+                                   {self.manifest.input_name: batch})
+        return Features(layers=outputs[:-1], image_tokens=outputs[-1], grid=self.grid)
+
+    def __call__(self, images: list[np.ndarray], batch_size: int = 8) -> Features:
+        """Patch tokens of RGB uint8 images, processed in mini-batches."""
+        parts = [self.run_preprocessed(preprocess(images[i:i + batch_size], self.size, self.manifest))
+                 for i in range(0, len(images), batch_size)]
+        return Features(layers=[np.concatenate([p.layers[j] for p in parts]) for j in range(len(parts[0].layers))],
+                        image_tokens=np.concatenate([p.image_tokens for p in parts]), grid=self.grid)

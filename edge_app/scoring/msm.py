@@ -1,0 +1,102 @@
+"""Mutual Scoring Mechanism (MSM), batch and one-vs-pool.
+
+A patch's distance to a sample is its best match over *all* of that sample's patches; its score is the
+mean of its lowest ``fraction`` of those distances over the reference samples (algorithm.md 2.3). Features
+are unit vectors, so distances come from one matrix product: ``d = sqrt(2 - 2 cos)``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DEFAULT_FRACTION = 0.3
+
+
+class PoolTooSmallError(ValueError):
+    """Mutual scoring needs at least one reference sample in the interval average."""
+
+
+def interval_k(n_refs: int, fraction: float = DEFAULT_FRACTION) -> int:
+    """How many of the lowest distances are averaged: ``max(1, floor(fraction * n_refs))``.
+
+    The same rule serves batch (n_refs = N - 1) and one-vs-pool (n_refs = pool size), so both protocols
+    give identical numbers where they coincide; the floor of 1 avoids the official code's NaN for N < 5.
+    """
+    if n_refs < 1:
+        raise PoolTooSmallError(f"mutual scoring needs at least 1 reference sample, got {n_refs}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"interval fraction must be in (0, 1], got {fraction}")
+    return max(1, math.floor(fraction * n_refs))
+
+
+def _cos_to_dist(max_cos: np.ndarray) -> np.ndarray:
+    np.clip(max_cos, -1.0, 1.0, out=max_cos)
+    return np.sqrt(np.maximum(2.0 - 2.0 * max_cos, 0.0), out=max_cos)
+
+
+def interval_mean(dist: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the k smallest entries along the last axis (partial partition, no full sort)."""
+    if k >= dist.shape[-1]:
+        return dist.mean(axis=-1)
+    part = np.partition(dist, k - 1, axis=-1)[..., :k]
+    return part.mean(axis=-1)
+
+
+def patch_to_sample_distances(query: np.ndarray, refs: np.ndarray,
+                              workspace: np.ndarray | None = None) -> np.ndarray:
+    """``[P, K]``: distance of every query patch to its nearest patch in each reference sample.
+
+    ``query`` is ``[P, D]``; ``refs`` is ``[K, Q, D]`` or a flat ``[K*Q, D]`` view with ``Q = P``.
+    ``workspace`` (``[P, K*Q]`` float32) is reused for the similarity matrix when given.
+    """
+    p = query.shape[0]
+    flat = refs.reshape(-1, refs.shape[-1])
+    n_refs = refs.shape[0] if refs.ndim == 3 else flat.shape[0] // p
+    if n_refs < 1:
+        raise PoolTooSmallError("no reference samples to score against")
+    if workspace is not None and workspace.shape == (p, flat.shape[0]):
+        sim = np.matmul(query, flat.T, out=workspace)
+    else:
+        sim = query @ flat.T
+    best = sim.reshape(p, n_refs, -1).max(axis=2)
+    return _cos_to_dist(best)
+
+
+def score_against_pool(query: np.ndarray, refs: np.ndarray, fraction: float = DEFAULT_FRACTION,
+                       workspace: np.ndarray | None = None) -> np.ndarray:
+    """One-vs-pool MSM for one feature set: patch scores ``[P]`` of ``query [P, D]`` against ``refs``."""
+    dist = patch_to_sample_distances(query, refs, workspace)
+    return interval_mean(dist, interval_k(dist.shape[1], fraction))
+
+
+def batch_distances(features: np.ndarray, chunk: int = 8) -> np.ndarray:
+    """``[N, P, N]`` patch-to-sample distances of every sample against every other (diagonal = inf).
+
+    Each pair (i, j) is computed once: the row maxima of ``Z_i Z_j^T`` score i's patches against j, and
+    the column maxima score j's patches against i.
+    """
+    n, p, d = features.shape
+    if n < 2:
+        raise PoolTooSmallError(f"batch scoring needs at least 2 samples, got {n}")
+    best = np.full((n, p, n), -np.inf, dtype=np.float32)
+    flat = features.reshape(n * p, d)
+    for i in range(n - 1):
+        for start in range(i + 1, n, chunk):
+            stop = min(start + chunk, n)
+            sim = (features[i] @ flat[start * p:stop * p].T).reshape(p, stop - start, p)
+            best[i, :, start:stop] = sim.max(axis=2)
+            best[start:stop, :, i] = sim.max(axis=0)
+    dist = _cos_to_dist(best)
+    idx = np.arange(n)
+    dist[idx, :, idx] = np.inf
+    return dist
+
+
+def score_batch(features: np.ndarray, fraction: float = DEFAULT_FRACTION) -> np.ndarray:
+    """Batch MSM for one feature set ``[N, P, D]``: patch scores ``[N, P]``, each sample vs all others."""
+    n = features.shape[0]
+    dist = batch_distances(features)
+    k = interval_k(n - 1, fraction)
+    # The inf self-distance sorts last, so the k smallest never include it.
+    return interval_mean(dist, k)
