@@ -1,0 +1,63 @@
+"""Reject links: verdicts to the PLC over serial or ZeroMQ, picked by the config's ``type``."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Mapping, Union
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from edge_app.links.base import (
+    AckCallback,
+    AlarmCallback,
+    LinkClosedError,
+    LinkHealth,
+    LinkIOError,
+    LinkSettings,
+    RejectLink,
+    SendResult,
+    Transport,
+)
+from edge_app.links.serial_link import SerialLinkConfig, SerialTransport
+from edge_app.links.zmq_link import ZmqLinkConfig, ZmqTransport
+
+LinkConfig = Annotated[Union[SerialLinkConfig, ZmqLinkConfig], Field(discriminator="type")]
+_LINK_CONFIG = TypeAdapter(LinkConfig)
+
+__all__ = [
+    "LinkClosedError", "LinkConfig", "LinkHealth", "LinkIOError", "LinkSettings", "RejectLink",
+    "SendResult", "SerialLinkConfig", "SerialTransport", "Transport", "ZmqLinkConfig", "ZmqTransport",
+    "open_link", "parse_link_config",
+]
+
+
+def parse_link_config(raw: Mapping[str, Any]) -> SerialLinkConfig | ZmqLinkConfig:
+    """Validate a ``link`` config section; ValueError names the offending key and value."""
+    try:
+        return _LINK_CONFIG.validate_python(dict(raw))
+    except ValidationError as exc:
+        raise ValueError("invalid link config: " + "; ".join(map(_describe, exc.errors()))) from None
+
+
+def _describe(error: Any) -> str:
+    loc = [str(part) for part in error["loc"]]
+    if loc and loc[0] in ("serial", "zmq"):              # the union member's tag, not a key
+        loc = loc[1:]
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        loc = ["type"]
+    if not loc:
+        return f"link: {error['msg']}"
+    if error["type"] in ("missing", "union_tag_not_found"):
+        return f"link.{'.'.join(loc)}: {error['msg']}"
+    shown = error["ctx"]["tag"] if error["type"] == "union_tag_invalid" else error.get("input")
+    return f"link.{'.'.join(loc)}: {error['msg']} (got {shown!r})"
+
+
+def open_link(config: SerialLinkConfig | ZmqLinkConfig | Mapping[str, Any], *,
+              on_ack: AckCallback | None = None, on_alarm: AlarmCallback | None = None,
+              on_alarm_cleared: AlarmCallback | None = None) -> RejectLink:
+    """A running RejectLink for ``config`` (a validated model or a raw mapping with ``type``)."""
+    if not isinstance(config, (SerialLinkConfig, ZmqLinkConfig)):
+        config = parse_link_config(config)
+    transport: Transport = SerialTransport(config) if isinstance(config, SerialLinkConfig) \
+        else ZmqTransport(config)
+    return RejectLink(transport, config, on_ack=on_ack, on_alarm=on_alarm,
+                      on_alarm_cleared=on_alarm_cleared)
