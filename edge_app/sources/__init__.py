@@ -1,0 +1,32 @@
+"""Frame sources (replayed conveyor, OpenCV camera, ZeroMQ) and the 3D-scanner interface.
+
+Pick one from a config with :func:`make_source`; decode its parts with :func:`decode_part`.
+"""
+from __future__ import annotations
+
+from .base import (
+    DecodeError,
+    FrameSource,
+    PartIds,
+    SourceConfig,
+    SourceConfigError,
+    SourceError,
+    SourceNotOpenError,
+    UndecodableFrame,
+    decode_image,
+    decode_part,
+    make_source,
+    source_config,
+)
+from .opencv_camera import OpenCVCameraConfig, OpenCVCameraSource
+from .replay import ReplayConfig, ReplaySource
+from .scanner import FolderScanner, PairingBuffer, ScannerSource, cloud_problem, normalize_cloud
+from .zmq_source import ZmqFramePusher, ZmqSource, ZmqSourceConfig, parse_message, send_frame
+
+__all__ = [
+    "DecodeError", "FolderScanner", "FrameSource", "OpenCVCameraConfig", "OpenCVCameraSource", "PairingBuffer",
+    "PartIds", "ReplayConfig", "ReplaySource", "ScannerSource", "SourceConfig", "SourceConfigError",
+    "SourceError", "SourceNotOpenError", "UndecodableFrame", "ZmqFramePusher", "ZmqSource", "ZmqSourceConfig",
+    "cloud_problem", "decode_image", "decode_part", "make_source", "normalize_cloud", "parse_message",
+    "send_frame", "source_config",
+]

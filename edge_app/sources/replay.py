@@ -1,0 +1,164 @@
+"""A simulated conveyor: replays a folder, an explicit list of frames or a video file at a fixed part rate.
+
+Part ``k`` is captured at ``t0 + k / rate`` on the monotonic clock (``t0`` = start of iteration): the
+schedule never drifts and never waits for the consumer, as a real conveyor doesn't. A consumer that falls
+behind receives overdue parts at once, stamped with their scheduled capture times.
+
+>>> source = ReplaySource(ReplayConfig(path="bottle/test", pattern="*/*.png", rate=4.0, shuffle=True, seed=1))
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..record import PartRecord
+from .base import (
+    IMAGE_SUFFIXES,
+    FrameSource,
+    SourceConfig,
+    SourceConfigError,
+    SourceError,
+    UndecodableFrame,
+    frame_to_rgb,
+    glob_files,
+    require,
+)
+
+# One frame: (source_ref, encoded bytes or None, RGB image or None)
+Frame = tuple[str, bytes | None, np.ndarray | None]
+
+
+@dataclass(kw_only=True)
+class ReplayConfig(SourceConfig):
+    """Set exactly one of ``path`` (a folder of images or a video file) and ``paths`` (frames in order)."""
+
+    path: str | None = None
+    paths: list[str] | None = None
+    pattern: str = "*"              # folder only, e.g. "**/rgb/*.png"; files are also filtered to IMAGE_SUFFIXES
+    recursive: bool = False         # folder only: match ``pattern`` in every subfolder
+    rate: float | None = 1.0        # parts per second; None = as fast as the consumer takes them
+    shuffle: bool = False           # seeded; a new permutation on each pass when looping
+    seed: int = 0
+    limit: int | None = None        # total parts, across passes
+    loop: bool = False
+    encoder_counts_per_part: int | None = None   # simulated encoder; None = the line has none
+    encoder_start: int = 0
+    encoder_rollover: int = 2 ** 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.path is None) == (self.paths is None):
+            raise SourceConfigError("replay source config needs exactly one of the keys 'path' and 'paths', "
+                                    f"got path={self.path!r}, paths={self.paths!r}")
+        require(self.path is None or isinstance(self.path, (str, Path)), "path", self.path, "a string")
+        require(self.paths is None or (isinstance(self.paths, (list, tuple)) and len(self.paths) > 0),
+                "paths", self.paths, "a non-empty list of file paths")
+        require(self.rate is None or (isinstance(self.rate, (int, float)) and not isinstance(self.rate, bool)
+                                      and self.rate > 0), "rate", self.rate, "a number > 0 (parts/s) or null")
+        require(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), "limit", self.limit,
+                "an integer >= 1 or null")
+        require(self.encoder_counts_per_part is None or
+                (isinstance(self.encoder_counts_per_part, int) and self.encoder_counts_per_part > 0),
+                "encoder_counts_per_part", self.encoder_counts_per_part, "an integer > 0 or null")
+        require(isinstance(self.encoder_rollover, int) and self.encoder_rollover > 0, "encoder_rollover",
+                self.encoder_rollover, "an integer > 0")
+        require(isinstance(self.seed, int), "seed", self.seed, "an integer")
+
+
+class ReplaySource(FrameSource):
+    """Replays image files as encoded bytes (no decode here), or video frames as RGB arrays."""
+
+    config_class = ReplayConfig
+    config: ReplayConfig
+
+    def __init__(self, config: ReplayConfig) -> None:
+        super().__init__(config)
+        self._files: list[Path] = []
+        self._video: Path | None = None
+
+    def _acquire(self) -> None:
+        c = self.config
+        if c.paths is not None:
+            self._files = [Path(p) for p in c.paths]
+            missing = [str(p) for p in self._files if not p.is_file()]
+            if missing:
+                raise SourceConfigError(f"replay source key 'paths': {len(missing)} file(s) not found, "
+                                        f"first {missing[0]!r}")
+        elif Path(c.path).is_file():
+            if c.shuffle:
+                raise SourceConfigError(f"replay source key 'shuffle' is not supported for a video ({c.path!r})")
+            capture = cv2.VideoCapture(str(c.path))
+            opened = capture.isOpened()
+            capture.release()
+            if not opened:
+                raise SourceError(f"replay source cannot open video file {str(c.path)!r}")
+            self._video = Path(c.path)
+        else:
+            self._files = glob_files(c.path, c.pattern, c.recursive, IMAGE_SUFFIXES)
+
+    def _iterate(self) -> Iterator[PartRecord]:
+        c = self.config
+        ids = c.part_ids()
+        t0_mono, t0_utc = time.monotonic(), time.time()
+        with closing(self._frames()) as frames:
+            for k, (ref, raw, image) in enumerate(islice(frames, c.limit)):
+                if c.rate is None:
+                    mono, utc = time.monotonic(), time.time()
+                else:
+                    mono, utc = t0_mono + k / c.rate, t0_utc + k / c.rate
+                    delay = mono - time.monotonic()
+                    if delay > 0 and self._stop.wait(delay):
+                        return
+                if self._stop.is_set():
+                    return
+                yield PartRecord(part_id=ids.next(), recipe=c.recipe, capture_time=utc, capture_monotonic=mono,
+                                 encoder=self._encoder(k), raw=raw, image=image, source_ref=ref)
+
+    def _encoder(self, k: int) -> int | None:
+        c = self.config
+        if c.encoder_counts_per_part is None:
+            return None
+        return (c.encoder_start + k * c.encoder_counts_per_part) % c.encoder_rollover
+
+    def _frames(self) -> Iterator[Frame]:
+        rng = np.random.default_rng(self.config.seed)
+        while True:
+            if self._video is not None:
+                if not (yield from _video_frames(self._video)):
+                    raise SourceError(f"replay source video {str(self._video)!r} has no readable frames")
+            else:
+                order = rng.permutation(len(self._files)) if self.config.shuffle else range(len(self._files))
+                for i in order:
+                    yield _read_file(self._files[i])
+            if not self.config.loop:
+                return
+
+
+def _read_file(path: Path) -> Frame:
+    try:
+        return str(path), path.read_bytes(), None
+    except OSError as exc:
+        return str(path), UndecodableFrame(b"", f"cannot read {str(path)!r}: {exc.strerror or exc}"), None
+
+
+def _video_frames(path: Path) -> Generator[Frame, None, int]:
+    """One pass over a video as RGB frames; returns the number of frames read."""
+    capture = cv2.VideoCapture(str(path))
+    index = 0
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                return index
+            ref = f"{path}#frame={index}"
+            yield ref, None, frame_to_rgb(frame, ref)
+            index += 1
+    finally:
+        capture.release()

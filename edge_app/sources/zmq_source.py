@@ -1,0 +1,306 @@
+"""Frames pushed by another process over ZeroMQ PUSH -> PULL.
+
+Each message is multipart ``[header, image, (cloud)]``:
+
+* ``header``: a UTF-8 JSON object. ``encoding`` (``png`` | ``jpeg`` | ``bmp`` | ``raw``) is required;
+  optional ``part_id`` (string; default: the source's counter), ``capture_time`` (UTC epoch seconds;
+  default: arrival), ``encoder`` (int), ``recipe`` (string; default: the source's), ``test_part`` (bool),
+  ``shape`` (``[H, W, 3]``, required for ``raw`` RGB uint8 pixels), and for a cloud frame ``cloud_shape``
+  (``[H, W, 3]``) and ``cloud_dtype`` (``float32`` | ``float64``; missing points are NaN).
+* ``image``: the encoded frame, or the raw RGB pixels.
+* ``cloud``: an organised point cloud, C-order.
+
+A malformed message still becomes a part: image problems make its ``decode_part`` raise ``DecodeError``
+with the reason; cloud problems decide it NO_VERDICT / SCANNER_ERROR. Only a message whose header cannot
+be read (no part to attach it to) is dropped; it is counted in ``unreadable_headers`` and logged.
+
+>>> with ZmqFramePusher(source.endpoint) as pusher:
+...     pusher.send(png_bytes, part_id="A17", encoder=1200, recipe="bottle")
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from ..record import PartRecord, Reason, Verdict
+from .base import (
+    JPEG_SOI,
+    PNG_SIGNATURE,
+    FrameSource,
+    PartIds,
+    SourceConfig,
+    SourceError,
+    UndecodableFrame,
+    require,
+)
+
+logger = logging.getLogger(__name__)
+
+ENCODING_MAGIC = {"png": PNG_SIGNATURE, "jpeg": JPEG_SOI, "bmp": b"BM"}
+ENCODINGS = (*ENCODING_MAGIC, "raw")
+CLOUD_DTYPES = ("float32", "float64")
+
+
+class HeaderError(ValueError):
+    """A message header that is not a UTF-8 JSON object: the message cannot be tied to a part."""
+
+
+@dataclass(kw_only=True)
+class ZmqSourceConfig(SourceConfig):
+    endpoint: str                       # e.g. tcp://127.0.0.1:5555, ipc:///run/musc/frames
+    bind: bool = True                   # bind the PULL socket (senders connect), or connect to a binding sender
+    rcvhwm: int = 64                    # messages queued before senders block
+    max_message_bytes: int = 64 << 20   # larger messages are refused by ZeroMQ (sender is disconnected)
+    poll_interval_s: float = 0.1        # how often an idle receive loop checks for close()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(isinstance(self.endpoint, str) and "://" in self.endpoint, "endpoint", self.endpoint,
+                "a ZeroMQ endpoint such as 'tcp://127.0.0.1:5555'")
+        require(isinstance(self.bind, bool), "bind", self.bind, "true or false")
+        for key in ("rcvhwm", "max_message_bytes"):
+            value = getattr(self, key)
+            require(isinstance(value, int) and value > 0, key, value, "an integer > 0")
+        require(isinstance(self.poll_interval_s, (int, float)) and self.poll_interval_s > 0, "poll_interval_s",
+                self.poll_interval_s, "a number > 0")
+
+
+class ZmqSource(FrameSource):
+    """PULL socket receiving ``[header, image, (cloud)]`` messages; see the module docstring."""
+
+    config_class = ZmqSourceConfig
+    config: ZmqSourceConfig
+
+    def __init__(self, config: ZmqSourceConfig, context: zmq.Context | None = None) -> None:
+        super().__init__(config)
+        self._context = context
+        self._socket: zmq.Socket | None = None
+        self.endpoint: str | None = None   # the endpoint actually bound/connected (resolves tcp://...:*)
+        self.received = 0
+        self.malformed = 0
+        self.unreadable_headers = 0
+
+    def _acquire(self) -> None:
+        c = self.config
+        socket = (self._context or zmq.Context.instance()).socket(zmq.PULL)
+        socket.setsockopt(zmq.RCVHWM, c.rcvhwm)
+        socket.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes)
+        socket.setsockopt(zmq.LINGER, 0)
+        try:
+            socket.bind(c.endpoint) if c.bind else socket.connect(c.endpoint)
+        except zmq.ZMQError as exc:
+            socket.close()
+            raise SourceError(f"cannot {'bind' if c.bind else 'connect'} ZeroMQ PULL socket to "
+                              f"endpoint={c.endpoint!r}: {exc}") from exc
+        self._socket = socket
+        self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT) or c.endpoint
+
+    def _release(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def _iterate(self) -> Iterator[PartRecord]:
+        c = self.config
+        ids = c.part_ids()
+        timeout_ms = max(1, int(c.poll_interval_s * 1000))
+        while not self._stop.is_set():
+            if not self._socket.poll(timeout_ms, zmq.POLLIN):
+                continue
+            frames = self._socket.recv_multipart(copy=False)
+            mono, utc = time.monotonic(), time.time()
+            try:
+                record = parse_message(frames, part_ids=ids, recipe=c.recipe, received_monotonic=mono,
+                                       received_utc=utc)
+            except HeaderError as exc:
+                self.unreadable_headers += 1
+                logger.warning("ZeroMQ source %s dropped a message with an unreadable header (%s); %d so far",
+                               self.endpoint, exc, self.unreadable_headers)
+                continue
+            self.received += 1
+            if isinstance(record.raw, UndecodableFrame) or record.reason is Reason.SCANNER_ERROR:
+                self.malformed += 1
+            yield record
+
+
+def parse_message(frames: Sequence[Any], *, part_ids: PartIds, recipe: str, received_monotonic: float,
+                  received_utc: float) -> PartRecord:
+    """One ``[header, image, (cloud)]`` message (bytes or ``zmq.Frame`` parts) as a ``PartRecord``.
+
+    ``capture_monotonic`` is the arrival instant minus the header's capture age (clamped at 0), so time
+    spent in transport counts against the part's deadline. Raises ``HeaderError`` only when the header is
+    not a JSON object; every other defect is recorded on the part (see the module docstring).
+    """
+    header = _read_header(frames[0] if frames else b"")
+    problems: list[str] = []
+
+    def field(key: str, ok, expected: str, default: Any = None) -> Any:
+        value = header.get(key)
+        if value is None:
+            return default
+        if ok(value):
+            return value
+        problems.append(f"header {key!r} must be {expected}, got {value!r}")
+        return default
+
+    part_id = field("part_id", lambda v: isinstance(v, str) and v != "", "a non-empty string") or part_ids.next()
+    capture_time = field("capture_time", _is_number, "a number (UTC epoch seconds)", received_utc)
+    record = PartRecord(
+        part_id=part_id,
+        recipe=field("recipe", lambda v: isinstance(v, str) and v != "", "a non-empty string", recipe),
+        capture_time=capture_time,
+        capture_monotonic=received_monotonic - max(0.0, received_utc - capture_time),
+        encoder=field("encoder", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+        test_part=field("test_part", lambda v: isinstance(v, bool), "true or false", False),
+        source_ref=f"zmq:{part_id}",
+    )
+    if not 2 <= len(frames) <= 3:
+        problems.append(f"message has {len(frames)} part(s), expected [header, image] or [header, image, cloud]")
+    payload = frames[1] if len(frames) > 1 else b""
+    if not problems:
+        record.raw, record.image = _image(header, payload, problems)
+    if problems:
+        record.raw = UndecodableFrame(bytes(payload) if record.raw is None else record.raw,
+                                      "malformed ZeroMQ frame: " + "; ".join(problems))
+        record.image = None
+        return record
+    cloud_problems: list[str] = []
+    record.cloud = _cloud(header, frames[2] if len(frames) == 3 else None, cloud_problems)
+    if cloud_problems:
+        record.decide(Verdict.NO_VERDICT, Reason.SCANNER_ERROR, "malformed ZeroMQ cloud: " + "; ".join(cloud_problems))
+    return record
+
+
+def _read_header(frame: Any) -> dict:
+    try:
+        header = json.loads(bytes(frame).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HeaderError(f"not UTF-8 JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise HeaderError(f"header is a JSON {type(header).__name__}, not an object")
+    return header
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _shape(value: Any) -> tuple[int, int, int] | None:
+    if (isinstance(value, list) and len(value) == 3 and value[2] == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        return tuple(value)
+    return None
+
+
+def _image(header: dict, payload: Any, problems: list[str]) -> tuple[bytes | None, np.ndarray | None]:
+    """(raw, image) for the image frame; appends to ``problems`` instead when it does not match the header."""
+    encoding = header.get("encoding")
+    if encoding not in ENCODINGS:
+        problems.append(f"header 'encoding' must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+        return None, None
+    if encoding != "raw":
+        raw = bytes(payload)
+        if raw and not raw.startswith(ENCODING_MAGIC[encoding]):
+            problems.append(f"header says encoding {encoding!r} but the image bytes do not start like one")
+        return raw, None
+    shape = _shape(header.get("shape"))
+    if shape is None:
+        problems.append(f"header 'shape' must be [H, W, 3] for raw pixels, got {header.get('shape')!r}")
+        return None, None
+    size = memoryview(payload).nbytes
+    if size != shape[0] * shape[1] * 3:
+        problems.append(f"raw image has {size} bytes, header shape {list(shape)} needs {shape[0] * shape[1] * 3}")
+        return None, None
+    return None, np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+
+
+def _cloud(header: dict, payload: Any, problems: list[str]) -> np.ndarray | None:
+    """The float32 cloud of a message, or None; appends to ``problems`` when it does not match the header."""
+    declared = "cloud_shape" in header or "cloud_dtype" in header
+    if payload is None:
+        if declared:
+            problems.append("header declares a cloud but the message has no cloud part")
+        return None
+    shape, dtype = _shape(header.get("cloud_shape")), header.get("cloud_dtype")
+    if shape is None:
+        problems.append(f"header 'cloud_shape' must be [H, W, 3], got {header.get('cloud_shape')!r}")
+        return None
+    if dtype not in CLOUD_DTYPES:
+        problems.append(f"header 'cloud_dtype' must be one of {', '.join(CLOUD_DTYPES)}, got {dtype!r}")
+        return None
+    size, needed = memoryview(payload).nbytes, int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size != needed:
+        problems.append(f"cloud has {size} bytes, header {list(shape)} {dtype} needs {needed}")
+        return None
+    cloud = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    return cloud if dtype == "float32" else cloud.astype(np.float32)
+
+
+def send_frame(socket: zmq.Socket, image: bytes | np.ndarray, *, part_id: str | None = None,
+               capture_time: float | None = None, encoder: int | None = None, recipe: str | None = None,
+               encoding: str | None = None, cloud: np.ndarray | None = None, test_part: bool = False) -> None:
+    """Send one frame as ``[header, image, (cloud)]`` on a PUSH (or any sending) socket.
+
+    ``image`` is encoded bytes (``encoding`` sniffed from the bytes when not given) or an RGB uint8
+    ``[H, W, 3]`` array, sent as raw pixels. ``cloud`` is ``[H, W, 3]`` float32/float64, NaN = missing.
+    ``capture_time`` defaults to now (UTC epoch seconds).
+    """
+    header: dict[str, Any] = {"capture_time": time.time() if capture_time is None else capture_time,
+                              "test_part": test_part}
+    for key, value in (("part_id", part_id), ("encoder", encoder), ("recipe", recipe)):
+        if value is not None:
+            header[key] = value
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"send_frame: image array must be RGB uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        header.update(encoding="raw", shape=list(image.shape))
+        payload: Any = np.ascontiguousarray(image)
+    else:
+        encoding = encoding or next((k for k, magic in ENCODING_MAGIC.items() if image.startswith(magic)), None)
+        if encoding not in ENCODINGS:
+            raise ValueError(f"send_frame: cannot tell the image encoding; pass encoding= one of {ENCODINGS}")
+        header["encoding"] = encoding
+        payload = image
+    parts = [payload]
+    if cloud is not None:
+        if cloud.ndim != 3 or cloud.shape[2] != 3 or cloud.dtype.name not in CLOUD_DTYPES:
+            raise ValueError(f"send_frame: cloud must be [H, W, 3] float32/float64, got {cloud.dtype} {cloud.shape}")
+        header.update(cloud_shape=list(cloud.shape), cloud_dtype=cloud.dtype.name)
+        parts.append(np.ascontiguousarray(cloud))
+    socket.send_multipart([json.dumps(header).encode("utf-8"), *parts])
+
+
+class ZmqFramePusher:
+    """The sending end: a PUSH socket that connects (or binds) to a :class:`ZmqSource`'s endpoint."""
+
+    def __init__(self, endpoint: str, *, bind: bool = False, context: zmq.Context | None = None,
+                 sndhwm: int = 64, linger_ms: int = 1000) -> None:
+        self.socket = (context or zmq.Context.instance()).socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.SNDHWM, sndhwm)
+        self.socket.setsockopt(zmq.LINGER, linger_ms)
+        try:
+            self.socket.bind(endpoint) if bind else self.socket.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self.socket.close(linger=0)
+            raise SourceError(f"cannot {'bind' if bind else 'connect'} ZeroMQ PUSH socket to "
+                              f"endpoint={endpoint!r}: {exc}") from exc
+
+    def send(self, image: bytes | np.ndarray, **header: Any) -> None:
+        """:func:`send_frame` on this pusher's socket."""
+        send_frame(self.socket, image, **header)
+
+    def close(self) -> None:
+        self.socket.close()
+
+    def __enter__(self) -> ZmqFramePusher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
