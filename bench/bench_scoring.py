@@ -32,7 +32,7 @@ def bench(grid: int, layers: int, pool_size: int, repeat: int, dim: int = 384) -
     pool = FeaturePool(pool_size, layers, grid * grid, dim, min_size=2)
     for i in range(pool_size):
         member = [l2_normalise(rng.normal(size=(grid * grid, dim))).astype(np.float32) for _ in range(layers)]
-        pool.admit(f"p{i}", member, 0.1 + 0.01 * rng.random(), member[0][0], member[0][0])
+        pool.admit(f"p{i}", member, 0.1 + 0.01 * rng.random(), member[0][0])
     query = [fs[0] for fs in sets]
     t_agg = timeit(lambda: prepare(tokens, (grid, grid), params), repeat)
     t_msm = timeit(lambda: pool.score(query, (grid, grid), params), repeat)

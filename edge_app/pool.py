@@ -26,6 +26,7 @@ class PoolScore:
     score: float            # after streaming RsCon (the value compared with the threshold)
     feature: np.ndarray     # [F] re-scoring feature
     n_refs: int
+    nearest: float          # mean nearest-patch distance to the closest member (~0: the same part again)
 
 
 class FeaturePool:
@@ -46,7 +47,6 @@ class FeaturePool:
         self.sets16 = np.zeros((n_sets, capacity, patches, dim), np.float16)
         self.work = np.zeros((n_sets, capacity * patches, dim), np.float32)
         self.features = np.zeros((capacity, dim), np.float32)      # re-scoring features
-        self.globals = np.zeros((capacity, dim), np.float32)       # for near-duplicate detection
         self.raw_scores = np.zeros(capacity, np.float64)
         self.part_ids: list[str | None] = [None] * capacity
         self.admitted_seq = np.zeros(capacity, np.int64)
@@ -80,12 +80,14 @@ class FeaturePool:
             raise PoolTooSmallError(f"pool has {n_refs} usable members; {self.min_size} needed to score")
         workspaces = self._workspaces()
         patch = np.zeros(self.patches, np.float32)
+        closeness = np.zeros(n_refs)
         for s, query in enumerate(query_sets):
             dist = patch_to_sample_distances(query, self.work[s, :self.size * self.patches],
                                              workspaces[s] if workspaces else None)
             if keep is not None:
                 dist = dist[:, keep]
             patch += interval_mean(dist, interval_k(n_refs, params.fraction))
+            closeness += dist.mean(axis=0)
         patch /= len(query_sets)
         tokens = None if image_token is None else np.asarray(image_token)[None]
         feature = salient_features([q[None] for q in query_sets], patch[None], params, tokens)[0]
@@ -94,7 +96,7 @@ class FeaturePool:
         pool_raw = self.raw_scores[members]
         score = rescore_one(raw, feature, pool_raw, self.features[members],
                             (float(pool_raw.min()), float(pool_raw.max())), params.windows)
-        return PoolScore(patch.reshape(grid), raw, score, feature, n_refs)
+        return PoolScore(patch.reshape(grid), raw, score, feature, n_refs, float(closeness.min()) / len(query_sets))
 
     def rescore_members(self, grid: tuple[int, int], params: MuscParams) -> None:
         """Score the members among themselves (batch, leave-one-out): used when a warm-up pool fills, so
@@ -107,12 +109,17 @@ class FeaturePool:
         self.features[:n] = result.features
 
     # -- membership ------------------------------------------------------------------------------------------
-    def is_near_duplicate(self, global_feature: np.ndarray, max_cosine: float) -> bool:
-        """True when a member's global feature is within ``max_cosine`` of this one (same part seen twice)."""
+    def nearest_distance(self, query_sets: list[np.ndarray]) -> float:
+        """Mean nearest-patch distance of a part to its closest member (inf for an empty pool).
+
+        About 0.04 for the same part captured twice and 0.25+ for two different parts (ViT-S/14, bottle):
+        the admission rule uses it to keep a part from masking its own twin.
+        """
         if self.size == 0:
-            return False
-        g = global_feature / max(np.linalg.norm(global_feature), 1e-12)
-        return bool((self.globals[:self.size] @ g).max() >= max_cosine)
+            return float("inf")
+        closeness = sum(patch_to_sample_distances(q, self.work[s, :self.size * self.patches]).mean(axis=0)
+                        for s, q in enumerate(query_sets))
+        return float(np.min(closeness)) / len(query_sets)
 
     def _slot_to_fill(self) -> int | None:
         if self.size < self.capacity:
@@ -129,7 +136,7 @@ class FeaturePool:
         return int(self.rng.choice(candidates))
 
     def admit(self, part_id: str, sets: list[np.ndarray], raw_score: float, feature: np.ndarray,
-              global_feature: np.ndarray, now: float = 0.0, golden: bool = False) -> int | None:
+              now: float = 0.0, golden: bool = False) -> int | None:
         """Add a member; returns its slot, or None when the eviction policy declined it."""
         slot = self._slot_to_fill()
         self.admissions += 1
@@ -140,7 +147,6 @@ class FeaturePool:
             # Score against exactly what is persisted, so a restored pool scores identically.
             self.work[s, slot * self.patches:(slot + 1) * self.patches] = self.sets16[s, slot]
         self.features[slot] = feature
-        self.globals[slot] = global_feature / max(np.linalg.norm(global_feature), 1e-12)
         self.raw_scores[slot] = raw_score
         self.part_ids[slot] = part_id
         self.admitted_seq[slot] = self.admissions
@@ -159,7 +165,7 @@ class FeaturePool:
         self.sets16[:, :n] = self.sets16[:, keep]
         for s in range(self.n_sets):
             self.work[s, :n * self.patches] = self.sets16[s, :n].reshape(-1, self.dim)
-        for name in ("features", "globals", "raw_scores", "admitted_seq", "admitted_time", "golden"):
+        for name in ("features", "raw_scores", "admitted_seq", "admitted_time", "golden"):
             arr = getattr(self, name)
             arr[:n] = arr[keep]
         self.part_ids = [self.part_ids[i] for i in keep] + [None] * (self.capacity - n)
@@ -169,7 +175,7 @@ class FeaturePool:
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to persist (float16 sets; the float32 working copy is rebuilt on load)."""
         n = self.size
-        return {"sets16": self.sets16[:, :n], "features": self.features[:n], "globals": self.globals[:n],
+        return {"sets16": self.sets16[:, :n], "features": self.features[:n],
                 "raw_scores": self.raw_scores[:n], "part_ids": np.array(self.part_ids[:n], dtype=object).astype(str),
                 "admitted_seq": self.admitted_seq[:n], "admitted_time": self.admitted_time[:n],
                 "golden": self.golden[:n], "admissions": np.array(self.admissions)}
@@ -184,7 +190,7 @@ class FeaturePool:
         self.sets16[:, :n] = sets16[:, -n:] if sets16.shape[1] > n else sets16
         for s in range(self.n_sets):
             self.work[s, :n * self.patches] = self.sets16[s, :n].reshape(-1, self.dim)
-        for name in ("features", "globals", "raw_scores", "admitted_seq", "admitted_time", "golden"):
+        for name in ("features", "raw_scores", "admitted_seq", "admitted_time", "golden"):
             getattr(self, name)[:n] = state[name][-n:]
         self.part_ids = [str(p) for p in state["part_ids"][-n:]] + [None] * (self.capacity - n)
         self.admissions = int(state["admissions"])

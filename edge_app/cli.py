@@ -1,0 +1,190 @@
+"""``musc-edge``: the on-device command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from .manifest import ManifestError
+from .scoring import MuscParams, PoolTooSmallError
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _blocks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block numbers, got {text!r}") from exc
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="score a dataset category (MVTec AD / MVTec 3D-AD layout) and print metrics",
+                       description="Without --dataset, a small synthetic inspection set is generated and scored.")
+    p.add_argument("--dataset", type=Path, help="category folder (e.g. ../shared/data/mvtec_ad/bottle)")
+    p.add_argument("--mode", choices=("batch", "stream"), default="batch")
+    p.add_argument("--size", type=int, default=224, help="input resolution (multiple of the patch size)")
+    p.add_argument("--pool", type=int, default=40, help="stream mode: rolling pool capacity")
+    p.add_argument("--min-pool", type=int, default=10, help="stream mode: pool size before scoring starts")
+    p.add_argument("--seed", type=int, default=0, help="stream mode: shuffle seed")
+    p.add_argument("--model", type=Path, help="feature model (.onnx with manifest); default models/...")
+    p.add_argument("--blocks", type=_blocks, default=(), help="blocks to score, e.g. 6,9 (default: scoring default)")
+    p.add_argument("--aggregation", choices=("snamd", "lnamd", "none"), default="snamd")
+    p.add_argument("--report", type=Path, help="write the metrics JSON here")
+    p.add_argument("--overlays", type=Path, help="write heat-map overlays into this folder")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from .evaluation.runner import DEFAULT_BLOCKS, EvalSettings, format_report, run_eval
+
+    dataset = args.dataset
+    if dataset is None:
+        from .synthetic import generate_set
+
+        dataset = Path(tempfile.mkdtemp(prefix="musc-synthetic-")) / "synthetic_part"
+        generate_set(dataset, n=48, defect_fraction=0.25, seed=args.seed)
+        print(f"generated a synthetic inspection set in {dataset}", file=sys.stderr)
+        if args.overlays is None:
+            args.overlays = Path("runs") / "overlays"
+    settings = EvalSettings(dataset=dataset, mode=args.mode, size=args.size, pool=args.pool, min_pool=args.min_pool,
+                            seed=args.seed, model=args.model, blocks=args.blocks or DEFAULT_BLOCKS,
+                            params=MuscParams(aggregation=args.aggregation), overlays=args.overlays,
+                            threads=args.threads, progress=not args.quiet)
+    report = run_eval(settings)
+    print(format_report(report))
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {args.report}", file=sys.stderr)
+    if args.overlays:
+        print(f"overlays written to {args.overlays}/", file=sys.stderr)
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run a line (default: the simulated line, no hardware needed)",
+                       description="Without --config: synthetic parts replayed on a simulated conveyor, inspected "
+                                   "by the full runtime and signalled over ZeroMQ to an in-process PLC simulator.")
+    p.add_argument("--config", type=Path, help="line config (YAML); see deploy/*.yaml")
+    p.add_argument("--parts", type=int, default=60, help="simulated line: number of parts")
+    p.add_argument("--rate", type=float, default=4.0, help="simulated line: parts per second")
+    p.add_argument("--seed", type=int, default=0, help="simulated line: seed of the generated parts")
+    p.add_argument("--workdir", type=Path, help="simulated line: where parts, ledger and archive go")
+    p.add_argument("--model", type=Path, help="simulated line: feature model (default models/...)")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    if args.config is None:
+        from .runtime.simulated import run_simulated_line
+
+        return run_simulated_line(args.workdir, args.parts, args.rate, args.seed, args.model)
+    import signal
+
+    from .config import load_config
+    from .runtime.line import Line
+    from .runtime.simulated import _status_printer
+
+    config = load_config(args.config)
+    line = Line(config, status=_status_printer())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: line.stop())
+    stats = line.run()
+    print(file=sys.stderr)
+    print(line.status_line())
+    return 0 if stats.parts else 1
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="counters and latency of a line, read from its ledger")
+    p.add_argument("--config", type=Path, help="line config (its storage.dir holds the ledger)")
+    p.add_argument("--dir", type=Path, help="storage directory of the line (instead of --config)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args) -> int:
+    from .runtime.status import line_status, format_status
+
+    if (args.config is None) == (args.dir is None):
+        raise UsageError("give exactly one of --config or --dir")
+    if args.config:
+        from .config import load_config
+
+        storage = load_config(args.config).storage.dir
+    else:
+        storage = args.dir
+    status = line_status(storage)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _add_pool(sub) -> None:
+    p = sub.add_parser("pool", help="seed a recipe's pool from a folder of recent unlabeled captures")
+    p.add_argument("action", choices=("seed",))
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--folder", type=Path, required=True)
+    p.add_argument("--recipe", default="default")
+    p.set_defaults(func=cmd_pool)
+
+
+def cmd_pool(args) -> int:
+    from .config import load_config
+    from .runtime.inspector import Inspector
+    from .runtime.seed import seed_pool
+
+    config = load_config(args.config)
+    inspector = Inspector(config)
+    size = seed_pool(inspector, args.recipe, args.folder)
+    inspector.save_pools()
+    print(f"pool {args.recipe!r}: {size} members, saved under {config.storage.dir}/pools/")
+    return 0
+
+
+def _add_plc_sim(sub) -> None:
+    # Listed for --help only: main() hands `plc-sim ...` to edge_app.plc_sim.main, which owns its options.
+    sub.add_parser("plc-sim", help="PLC simulator: the other end of a serial or ZeroMQ reject link "
+                                   "(musc-edge plc-sim --help)", add_help=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musc-edge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_eval(sub)
+    _add_status(sub)
+    _add_pool(sub)
+    _add_plc_sim(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plc-sim"]:
+        from .plc_sim import main as plc_sim_main
+
+        return plc_sim_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .evaluation.datasets import DatasetError
+    from .runtime.pool_store import PoolMismatchError
+
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, DatasetError, ManifestError, PoolMismatchError, PoolTooSmallError,
+            FileNotFoundError, ValueError) as exc:
+        print(f"musc-edge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Per-part inspection: decode -> features -> one-vs-pool scoring -> verdict, and pool admission.
+
+No threads and no I/O beyond the feature engine: the line (``runtime/line.py``) drives it from its worker
+thread, the seed command and tests drive it directly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import LineConfig, RecipeSettings
+from ..features import FeatureEngine, Features
+from ..pool import FeaturePool
+from ..record import PartRecord, Reason, Verdict
+from ..scoring import MuscParams, PoolTooSmallError, prepare
+from ..sources.base import DecodeError, decode_part
+from .pool_store import load_pool, pool_path, save_pool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A part's scoring inputs: aggregated feature sets (``[P, D]`` each)."""
+
+    sets: list[np.ndarray]
+    feature: np.ndarray | None = None    # re-scoring feature, once scored
+    nearest: float | None = None         # distance to the closest pool member, once scored
+
+
+class RecipePool:
+    """A recipe's pool with its admission rule and warm-up bookkeeping."""
+
+    def __init__(self, name: str, settings: RecipeSettings, n_sets: int, patches: int, dim: int, seed: int = 0):
+        self.name, self.settings = name, settings
+        ps = settings.pool
+        self.pool = FeaturePool(ps.capacity, n_sets, patches, dim, min_size=ps.min_size, eviction=ps.eviction,
+                                horizon=ps.horizon, seed=seed)
+        self.threshold = settings.threshold
+        self.rejected_duplicates = 0
+
+
+class Inspector:
+    """Scores parts against per-recipe rolling pools with a shared feature engine."""
+
+    def __init__(self, config: LineConfig, engine: FeatureEngine | None = None):
+        self.config = config
+        self.engine = engine or FeatureEngine(config.model.path, size=config.model.size,
+                                              threads=config.model.threads)
+        self.params: MuscParams = config.scoring.params()
+        model_blocks = self.engine.manifest.blocks
+        missing = [b for b in config.model.blocks if b not in model_blocks]
+        if missing:
+            raise ValueError(f"model.blocks {missing} are not outputs of {self.engine.model_path} "
+                             f"(it has {list(model_blocks)})")
+        self.layer_index = [model_blocks.index(b) for b in config.model.blocks]
+        self.grid = self.engine.grid
+        n_sets = len(self.layer_index) * (len(self.params.degrees) if self.params.aggregation == "lnamd" else 1)
+        self.params.salient_set(n_sets)  # fail early on an impossible salient layer
+        patches, dim = self.grid[0] * self.grid[1], self.engine.manifest.token_dim
+        self.pools = {name: RecipePool(name, recipe, n_sets, patches, dim)
+                      for name, recipe in config.recipes.items()}
+
+    # -- identity & persistence ----------------------------------------------------------------------------
+    def pool_identity(self) -> dict:
+        """What a stored pool must have been built with to be reusable."""
+        return {"model_sha256": self.engine.manifest.model_sha256, "size": self.config.model.size,
+                "blocks": list(self.config.model.blocks), "aggregation": self.params.aggregation,
+                "degrees": list(self.params.degrees)}
+
+    def restore_pools(self) -> dict[str, int]:
+        """Load every recipe's stored pool (PoolMismatchError for a foreign one); returns sizes."""
+        for name, rp in self.pools.items():
+            load_pool(pool_path(self.config.storage.dir, name), rp.pool, self.pool_identity())
+        return {name: rp.pool.size for name, rp in self.pools.items()}
+
+    def save_pools(self) -> None:
+        for name, rp in self.pools.items():
+            save_pool(pool_path(self.config.storage.dir, name), rp.pool.state(), self.pool_identity())
+
+    # -- stages ----------------------------------------------------------------------------------------------
+    def features(self, images: list[np.ndarray]) -> list[Prepared]:
+        """Feature sets of decoded RGB images (one engine call)."""
+        feats: Features = self.engine(images, batch_size=len(images))
+        layers = [feats.layers[i] for i in self.layer_index]
+        sets = prepare(layers, self.grid, self.params)
+        return [Prepared([fs[i] for fs in sets]) for i in range(len(images))]
+
+    def inspect(self, part: PartRecord) -> tuple[PartRecord, Prepared | None]:
+        """Fill ``part``'s verdict, reason, scores, map and stage times. Never raises for a bad part."""
+        if part.verdict is not None:  # already decided upstream (e.g. a scanner frame that never came)
+            return part, None
+        rp = self.pools.get(part.recipe)
+        if rp is None:
+            return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"unknown recipe {part.recipe!r}"), None
+        t0 = time.monotonic()
+        try:
+            decode_part(part)
+        except DecodeError as exc:
+            part.times.decode = time.monotonic() - t0
+            return part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, str(exc)), None
+        t1 = time.monotonic()
+        part.times.decode = t1 - t0
+        try:
+            prepared = self.features([part.image])[0]
+        except Exception as exc:  # the engine must never take the line down with it
+            log.exception("feature engine failed on part %s", part.part_id)
+            part.times.features = time.monotonic() - t1
+            return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"), None
+        t2 = time.monotonic()
+        part.times.features = t2 - t1
+        try:
+            result = rp.pool.score(prepared.sets, self.grid, self.params, exclude_part_id=part.part_id)
+        except PoolTooSmallError as exc:
+            part.times.scoring = time.monotonic() - t2
+            return part.decide(Verdict.NO_VERDICT, Reason.WARMUP, str(exc)), prepared
+        except Exception as exc:
+            log.exception("scoring failed on part %s", part.part_id)
+            part.times.scoring = time.monotonic() - t2
+            return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"), None
+        part.times.scoring = time.monotonic() - t2
+        part.raw_score, part.score, part.threshold = result.raw, result.score, rp.threshold
+        part.anomaly_map = result.patch_map
+        prepared.feature, prepared.nearest = result.feature, result.nearest
+        if result.score >= rp.threshold:
+            return part.decide(Verdict.REJECT, Reason.ANOMALY), prepared
+        return part.decide(Verdict.ACCEPT, Reason.OK), prepared
+
+    def admit(self, part: PartRecord, prepared: Prepared | None, now: float | None = None) -> bool:
+        """Pool admission after a verdict: accepted parts (or all, by config), never near-duplicates.
+
+        During warm-up every decodable part is admitted; once the pool reaches its minimum size the members
+        are scored among themselves so each has a raw score and re-scoring feature.
+        """
+        rp = self.pools.get(part.recipe)
+        if rp is None or prepared is None:
+            return False
+        pool, settings = rp.pool, rp.settings.pool
+        warming = part.reason == Reason.WARMUP
+        if not warming and settings.admit == "accepted" and part.verdict != Verdict.ACCEPT:
+            return False
+        if part.test_part:
+            return False
+        nearest = prepared.nearest if prepared.nearest is not None else pool.nearest_distance(prepared.sets)
+        if nearest < settings.near_duplicate_distance:
+            rp.rejected_duplicates += 1
+            return False
+        # Warm-up members get their raw score and re-scoring feature when the pool becomes ready.
+        feature = prepared.feature if prepared.feature is not None else prepared.sets[0][0]
+        slot = pool.admit(part.part_id, prepared.sets, part.raw_score or 0.0, feature,
+                          now=time.time() if now is None else now)
+        if slot is not None and warming and pool.size == pool.min_size:  # the pool has just become ready
+            pool.rescore_members(self.grid, self.params)
+        return slot is not None

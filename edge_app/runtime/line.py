@@ -1,0 +1,294 @@
+"""The running line: source -> bounded queue -> inspector -> ledger -> reject link -> archive.
+
+Threads and their contracts:
+- *source*: pulls parts at the line's pace and stamps each with its deadline; when the engine queue is
+  full the part gets NO_VERDICT (overload) on the spot and goes straight to the output stage. Nothing is
+  dropped: every part reaches the output stage exactly once.
+- *worker*: one part at a time through the inspector (decode, features, scoring, verdict) and pool
+  admission; a part whose deadline has passed gets NO_VERDICT (deadline).
+- *output*: applies the fail-safe policy, writes the ledger row durably (its row id is the wire sequence
+  number), *then* signals the PLC within the part's deadline, records acks (also late ones, reported by
+  the link), and hands rejects to the archive. It is the only thread that writes the ledger.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..archive import RejectArchive
+from ..config import LineConfig
+from ..ledger import Ledger
+from ..links import RejectLink, open_link
+from ..record import FailSafe, PartRecord, Reason, Verdict
+from ..sources.base import FrameSource, make_source
+from .inspector import Inspector
+
+log = logging.getLogger(__name__)
+_DONE = object()
+
+
+def signalled_verdict(part: PartRecord, fail_safe: FailSafe) -> Verdict:
+    """What goes to the PLC: the verdict itself, or the fail-safe action when there is none."""
+    if part.verdict in (Verdict.ACCEPT, Verdict.REJECT):
+        return part.verdict
+    return Verdict.ACCEPT if fail_safe == FailSafe.PASS_FLAGGED else Verdict.REJECT
+
+
+@dataclass
+class LineStats:
+    """Live counters kept by the output thread (the ledger holds the durable truth)."""
+
+    parts: int = 0
+    by_verdict: dict[str, int] = field(default_factory=lambda: {v.value: 0 for v in Verdict})
+    by_reason: dict[str, int] = field(default_factory=dict)
+    acked: int = 0
+    late_acks: int = 0
+    send_failures: int = 0
+    latencies: list[float] = field(default_factory=list)
+    stages: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in
+                                                                  ("decode", "features", "scoring", "link", "total")})
+    alarms: list[str] = field(default_factory=list)
+
+    def percentiles(self, values: list[float]) -> dict[str, float]:
+        if not values:
+            return {}
+        arr = np.asarray(values) * 1e3
+        return {"min": float(arr.min()), "p50": float(np.median(arr)), "p99": float(np.percentile(arr, 99)),
+                "max": float(arr.max())}
+
+
+class Line:
+    """Owns the runtime's threads and resources. ``run()`` blocks until the source ends or ``stop()``."""
+
+    def __init__(self, config: LineConfig, *, source: FrameSource | None = None, inspector: Inspector | None = None,
+                 calibration_version: str = "0", status: Callable[[str], None] | None = None,
+                 status_every_s: float = 1.0):
+        self.config = config
+        self.storage = Path(config.storage.dir)
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.inspector = inspector or Inspector(config)
+        self.source = source or make_source(config.source)
+        self.calibration_version = calibration_version
+        self.model_hash = self.inspector.engine.manifest.model_sha256[:16]
+        self.config_hash = config.config_hash()
+        self.stats = LineStats()
+        self._status = status
+        self._status_every = status_every_s
+        self._in: queue.Queue = queue.Queue(maxsize=config.line.queue_size)
+        self._out: queue.Queue = queue.Queue()
+        self._acks: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._stats_lock = threading.Lock()
+        self._deadline_s = config.line.deadline_ms / 1e3
+        self.restored = self.inspector.restore_pools()
+        self._last_persist = time.monotonic()
+        self.ledger: Ledger | None = None
+        self.link: RejectLink | None = None
+        self.archive: RejectArchive | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def run(self) -> LineStats:
+        """Inspect every part the source delivers; returns the final counters."""
+        self.ledger = Ledger(self.storage / "ledger.sqlite")
+        if not self.config.line.dry_run:
+            self.link = open_link(self.config.link, on_ack=self._on_ack, on_alarm=self._on_alarm,
+                                  on_alarm_cleared=lambda text: log.info("alarm cleared: %s", text))
+            for row in self.ledger.unacked():  # signalled before a crash but never acknowledged
+                self.link.resend(row.seq, row.part_id, Verdict(row.signalled), Reason(row.reason))
+        archive = self.config.storage.archive
+        if archive.enabled:
+            self.archive = RejectArchive(self.storage / "archive", int(archive.quota_mb * 2**20),
+                                         accepted_fraction=archive.sample_accepted, no_verdict_fraction=1.0)
+        threads = [threading.Thread(target=self._source_loop, name="source", daemon=True),
+                   threading.Thread(target=self._worker_loop, name="worker", daemon=True)]
+        status = threading.Thread(target=self._status_loop, name="status", daemon=True)
+        for t in threads:
+            t.start()
+        status.start()
+        try:
+            self._output_loop()
+        finally:
+            self._stop.set()
+            for t in threads:
+                t.join(timeout=5)
+            self._shutdown()
+        return self.stats
+
+    def stop(self) -> None:
+        """Ask the line to finish: the source stops, queued parts are still decided and signalled."""
+        self._stop.set()
+        try:
+            self.source.close()
+        except Exception:  # closing a source that is mid-read may race; the loop ends either way
+            log.debug("source close raised", exc_info=True)
+
+    def _shutdown(self) -> None:
+        self.inspector.save_pools()
+        if self.link is not None:
+            deadline = time.monotonic() + 2.0
+            while self.link.health().outbox_depth and time.monotonic() < deadline:
+                time.sleep(0.02)
+            self._drain_acks()
+            self.link.close()
+        self._drain_acks()
+        if self.archive is not None:
+            self.archive.close(timeout=10)
+        if self.ledger is not None:
+            self.ledger.close()
+
+    # -- threads ---------------------------------------------------------------------------------------------
+    def _source_loop(self) -> None:
+        try:
+            with self.source:
+                for part in self.source.parts():
+                    part.capture_monotonic = part.capture_monotonic or time.monotonic()
+                    try:
+                        self._in.put_nowait(part)
+                    except queue.Full:
+                        part.decide(Verdict.NO_VERDICT, Reason.OVERLOAD,
+                                    f"engine queue full ({self.config.line.queue_size} parts waiting)")
+                        self._out.put(("part", part, None))
+                    if self._stop.is_set():
+                        break
+        except Exception as exc:
+            log.exception("frame source failed")
+            self._on_alarm(f"frame source failed: {exc}")
+        finally:
+            self._in.put(_DONE)
+
+    def _worker_loop(self) -> None:
+        while True:
+            part = self._in.get()
+            if part is _DONE:
+                self._out.put(("done",))
+                return
+            deadline = part.capture_monotonic + self._deadline_s
+            if time.monotonic() >= deadline:
+                part.decide(Verdict.NO_VERDICT, Reason.DEADLINE, "deadline passed while queued")
+                self._out.put(("part", part, None))
+                continue
+            part, prepared = self.inspector.inspect(part)
+            if time.monotonic() > deadline and part.verdict != Verdict.NO_VERDICT:
+                part.decide(Verdict.NO_VERDICT, Reason.DEADLINE,
+                            f"scored {part.verdict.value} after the deadline (score {part.score:.4f})")
+            self.inspector.admit(part, prepared)
+            self._out.put(("part", part, prepared))
+            self._maybe_persist()
+
+    def _maybe_persist(self) -> None:
+        every = min(rp.settings.pool.persist_every_s for rp in self.inspector.pools.values())
+        if time.monotonic() - self._last_persist >= every:
+            self.inspector.save_pools()
+            self._last_persist = time.monotonic()
+
+    def _output_loop(self) -> None:
+        while True:
+            try:
+                item = self._out.get(timeout=0.1)
+            except queue.Empty:
+                self._drain_acks()
+                continue
+            if item[0] == "done":
+                return
+            self._emit(item[1])
+
+    def _emit(self, part: PartRecord) -> None:
+        """Ledger first (durable), then the PLC, then the archive."""
+        part.signalled = signalled_verdict(part, self.config.line.fail_safe)
+        part.times.total = time.monotonic() - part.capture_monotonic
+        try:
+            seq = self.ledger.reserve(part, model_hash=self.model_hash, config_hash=self.config_hash,
+                                      calibration_version=self.calibration_version)
+        except Exception as exc:
+            # Without a durable row nothing may be signalled: stop, and let the PLC's inspect window
+            # reject every part that gets no verdict (the documented fail-safe of the wire protocol).
+            self._on_alarm(f"ledger write failed, line stopping: {exc}")
+            raise
+        if self.link is not None:
+            deadline = part.capture_monotonic + self._deadline_s
+            t0 = time.monotonic()
+            result = self.link.send(seq, part.part_id, part.signalled, part.reason, max(deadline, t0 + 0.05))
+            part.times.link = time.monotonic() - t0
+            part.times.total = time.monotonic() - part.capture_monotonic
+            self.ledger.update_link_time(seq, part.times.link, total=part.times.total)
+            if not result.acked:
+                with self._stats_lock:
+                    self.stats.send_failures += 1
+        self._drain_acks()
+        if self.archive is not None:
+            self.archive.submit(part)
+        self._count(part)
+        if part.verdict == Verdict.NO_VERDICT and self.config.line.fail_safe == FailSafe.STOP_LINE:
+            self._on_alarm(f"line stop requested: part {part.part_id} got no verdict ({part.reason.label})")
+        part.image = part.raw = None  # free the frame; the ledger and archive have what they need
+
+    def _on_ack(self, seq: int, late: bool) -> None:
+        # Runs on the link's thread: only the output thread writes the ledger, so hand the ack over.
+        self._acks.put((seq, late, time.time()))
+
+    def _drain_acks(self) -> None:
+        while True:
+            try:
+                seq, late, when = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            self._record_ack(seq, late, when)
+
+    def _record_ack(self, seq: int, late: bool, when: float) -> None:
+        self.ledger.mark_acked(seq, late=late, when=when)
+        with self._stats_lock:
+            self.stats.acked += 1
+            self.stats.late_acks += int(late)
+
+    def _on_alarm(self, text: str) -> None:
+        log.warning("ALARM: %s", text)
+        with self._stats_lock:
+            self.stats.alarms.append(text)
+
+    def _count(self, part: PartRecord) -> None:
+        with self._stats_lock:
+            s = self.stats
+            s.parts += 1
+            s.by_verdict[part.verdict.value] += 1
+            if part.verdict == Verdict.NO_VERDICT:
+                s.by_reason[part.reason.label] = s.by_reason.get(part.reason.label, 0) + 1
+            if part.reason in (Reason.OK, Reason.ANOMALY):
+                for stage in s.stages:
+                    s.stages[stage].append(getattr(part.times, stage))
+
+    def ledger_rows(self) -> list:
+        """Every ledger row, read through a separate read-only connection."""
+        reader = Ledger.open_readonly(self.storage / "ledger.sqlite")
+        try:
+            return list(reader.iter_rows())
+        finally:
+            reader.close()
+
+    # -- status ----------------------------------------------------------------------------------------------
+    def status_line(self) -> str:
+        with self._stats_lock:
+            s = self.stats
+            lat = s.percentiles(s.stages["total"])
+            nv = " ".join(f"{k}={v}" for k, v in sorted(s.by_reason.items()))
+            text = (f"parts {s.parts:>5} | OK {s.by_verdict['ACCEPT']:>4} NG {s.by_verdict['REJECT']:>4} "
+                    f"NV {s.by_verdict['NO_VERDICT']:>3}{' (' + nv + ')' if nv else ''} | "
+                    f"acked {s.acked:>5}")
+        pools = " ".join(f"{name} {rp.pool.size}/{rp.pool.capacity}" for name, rp in self.inspector.pools.items())
+        link = ""
+        if self.link is not None:
+            h = self.link.health()
+            link = f" | link {'up' if h.connected else 'DOWN'} outbox {h.outbox_depth}"
+        latency = f" | p50 {lat['p50']:.0f} ms p99 {lat['p99']:.0f} ms" if lat else ""
+        return f"{text}{link} | pool {pools}{latency}"
+
+    def _status_loop(self) -> None:
+        while not self._stop.wait(self._status_every):
+            if self._status:
+                self._status(self.status_line())

@@ -1,0 +1,47 @@
+"""Atomic persistence of a recipe's pool, bound to the feature model and scoring settings that made it."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..pool import FeaturePool
+
+
+class PoolMismatchError(RuntimeError):
+    """A stored pool was built with another feature model or other scoring settings."""
+
+
+def pool_path(storage_dir: str | Path, recipe: str) -> Path:
+    return Path(storage_dir) / "pools" / f"{recipe}.npz"
+
+
+def save_pool(path: str | Path, state: dict[str, np.ndarray], identity: dict) -> None:
+    """Write ``state`` + ``identity`` to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, identity=np.array(json.dumps(identity, sort_keys=True)), **state)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_pool(path: str | Path, pool: FeaturePool, identity: dict) -> bool:
+    """Restore ``pool`` from ``path``; False when there is no stored pool. Refuses a foreign pool."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with np.load(path, allow_pickle=False) as data:
+        stored = json.loads(str(data["identity"]))
+        for key, value in identity.items():
+            if stored.get(key) != value:
+                raise PoolMismatchError(
+                    f"stored pool {path} was built with {key}={stored.get(key)!r}, but this line runs "
+                    f"{key}={value!r}; it cannot be scored against. Reseed it (`musc-edge pool seed`) or "
+                    f"delete the file to start with an empty pool.")
+        pool.load_state({name: data[name] for name in data.files if name != "identity"})
+    return True

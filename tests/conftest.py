@@ -1,0 +1,48 @@
+"""Shared fixtures: model files, real data locations, synthetic parts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_app.synthetic import generate_set
+
+from .toymodel import build_toy_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+DEFAULT_MODEL = ROOT / "models" / "dinov2_vits14_musc.onnx"
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory) -> Path:
+    return build_toy_model(tmp_path_factory.mktemp("toy") / "toy.onnx")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    if not DEFAULT_MODEL.is_file():
+        pytest.skip(f"default feature model not built ({DEFAULT_MODEL}); run `make setup`")
+    return DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def bottle() -> Path:
+    path = SHARED_DATA / "mvtec_ad" / "bottle"
+    if not path.is_dir():
+        pytest.skip(f"real data not present at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tire() -> Path:
+    path = SHARED_DATA / "mvtec_3d_ad" / "tire"
+    if not path.is_dir():
+        pytest.skip(f"real data not present at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_parts(tmp_path_factory) -> Path:
+    """48 seeded synthetic parts (a quarter defective) in MVTec AD layout."""
+    return generate_set(tmp_path_factory.mktemp("synthetic") / "part", n=48, defect_fraction=0.25, seed=3)
