@@ -33,7 +33,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="stream mode: shuffle seed")
     p.add_argument("--model", type=Path, help="feature model (.onnx with manifest); default models/...")
     p.add_argument("--blocks", type=_blocks, default=(), help="blocks to score, e.g. 6,9 (default: scoring default)")
-    p.add_argument("--aggregation", choices=("snamd", "lnamd", "none"), default="snamd")
+    p.add_argument("--aggregation", choices=("snamd", "snamd-raw", "lnamd", "none"), default="snamd")
+    p.add_argument("--rescore", type=_blocks, default=(1,), metavar="WINDOWS",
+                   help="RsCon windows, e.g. 1,7 (MuSc-V2); default 1 = normalisation only")
+    p.add_argument("--rescore-feature", choices=("salient", "image_token"), default="salient")
     p.add_argument("--report", type=Path, help="write the metrics JSON here")
     p.add_argument("--overlays", type=Path, help="write heat-map overlays into this folder")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
@@ -55,7 +58,8 @@ def cmd_eval(args) -> int:
             args.overlays = Path("runs") / "overlays"
     settings = EvalSettings(dataset=dataset, mode=args.mode, size=args.size, pool=args.pool, min_pool=args.min_pool,
                             seed=args.seed, model=args.model, blocks=args.blocks or DEFAULT_BLOCKS,
-                            params=MuscParams(aggregation=args.aggregation), overlays=args.overlays,
+                            params=MuscParams(aggregation=args.aggregation, windows=args.rescore,
+                                              rescore_feature=args.rescore_feature), overlays=args.overlays,
                             threads=args.threads, progress=not args.quiet)
     report = run_eval(settings)
     print(format_report(report))

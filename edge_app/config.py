@@ -38,9 +38,9 @@ class ModelSettings(_Strict):
 
 
 class ScoringSettings(_Strict):
-    aggregation: Literal["snamd", "lnamd", "none"] = "snamd"
+    aggregation: Literal["snamd", "snamd-raw", "lnamd", "none"] = "snamd"
     fraction: float = Field(0.3, gt=0, le=1)
-    windows: tuple[int, ...] = (1, 7)
+    windows: tuple[int, ...] = Field((1,), description="RsCon windows; [1, 7] is MuSc-V2 (off by default, see README)")
     salient_layer: int = Field(1, ge=0)
 
     def params(self) -> MuscParams:

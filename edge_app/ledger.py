@@ -75,9 +75,21 @@ def _create_v1(conn: sqlite3.Connection) -> None:
         BEGIN SELECT RAISE(ABORT, 'ledger rows are never deleted'); END""")
 
 
+def _add_dry_run_v2(conn: sqlite3.Connection) -> None:
+    """v2: ``dry_run`` marks rows decided while the line logged verdicts without signalling them."""
+    conn.execute("ALTER TABLE parts ADD COLUMN dry_run INTEGER NOT NULL DEFAULT 0")
+    conn.execute("DROP TRIGGER parts_append_only")
+    conn.execute("""
+        CREATE TRIGGER parts_append_only BEFORE UPDATE OF
+            seq, part_id, recipe, capture_time, encoder, source_ref, verdict, reason, reason_label, signalled,
+            raw_score, score, threshold, detail, decode_s, features_s, scoring_s, model_hash, config_hash,
+            calibration_version, test_part, created, dry_run ON parts
+        BEGIN SELECT RAISE(ABORT, 'ledger rows are append-only: only ack and link fields may change'); END""")
+
+
 # MIGRATIONS[i] takes a database from schema version i to i + 1 (version 0 = empty file).
 Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: tuple[Migration, ...] = (_create_v1,)
+MIGRATIONS: tuple[Migration, ...] = (_create_v1, _add_dry_run_v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -137,6 +149,7 @@ class LedgerRow:
     acked: bool
     acked_time: float | None
     ack_late: bool
+    dry_run: bool            # decided in dry-run mode: recorded, never signalled
 
 
 _ROW_COLUMNS = ", ".join(LedgerRow.__dataclass_fields__)
@@ -145,7 +158,8 @@ _ROW_COLUMNS = ", ".join(LedgerRow.__dataclass_fields__)
 def _to_row(values: tuple) -> LedgerRow:
     row = dict(zip(LedgerRow.__dataclass_fields__, values))
     row.update(verdict=Verdict(row["verdict"]), reason=Reason(row["reason"]), signalled=Verdict(row["signalled"]),
-               test_part=bool(row["test_part"]), acked=bool(row["acked"]), ack_late=bool(row["ack_late"]))
+               test_part=bool(row["test_part"]), acked=bool(row["acked"]), ack_late=bool(row["ack_late"]),
+               dry_run=bool(row["dry_run"]))
     return LedgerRow(**row)
 
 
@@ -282,7 +296,7 @@ class LedgerReader:
 
     def unacked(self) -> list[LedgerRow]:
         """Rows whose signal the PLC has not acknowledged, oldest first (re-delivery after a restart)."""
-        return self._rows("WHERE acked = 0 ORDER BY seq", ())
+        return self._rows("WHERE acked = 0 AND dry_run = 0 ORDER BY seq", ())
 
     def recent(self, n: int) -> list[LedgerRow]:
         """The ``n`` newest rows, newest first."""
@@ -376,8 +390,10 @@ class Ledger(LedgerReader):
         return LedgerReader(conn, path)
 
     def reserve(self, part: PartRecord, *, model_hash: str, config_hash: str,
-                calibration_version: str) -> int:
+                calibration_version: str, dry_run: bool = False) -> int:
         """Commit the part's row durably and return its sequence number (also set on ``part.seq``).
+
+        ``dry_run`` rows record what *would* have been signalled; they are never sent nor re-sent.
 
         The part must carry its verdict, reason and what is signalled; ``link`` time stays unknown
         until :meth:`update_link_time`.
@@ -390,14 +406,14 @@ class Ledger(LedgerReader):
         cursor = self._conn.execute(
             "INSERT INTO parts (part_id, recipe, capture_time, encoder, source_ref, verdict, reason, reason_label, "
             "signalled, raw_score, score, threshold, detail, decode_s, features_s, scoring_s, total_s, model_hash, "
-            "config_hash, calibration_version, test_part, created, changed) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "config_hash, calibration_version, test_part, created, dry_run, changed) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
             "(SELECT IFNULL(MAX(changed), 0) + 1 FROM parts))",
             (part.part_id, part.recipe, float(part.capture_time), None if part.encoder is None else int(part.encoder),
              part.source_ref, part.verdict.value, int(part.reason), part.reason.label, part.signalled.value,
              number(part.raw_score), number(part.score), number(part.threshold), part.detail, number(t.decode),
              number(t.features), number(t.scoring), number(t.total), model_hash, config_hash,
-             str(calibration_version), int(part.test_part), self._clock()))
+             str(calibration_version), int(part.test_part), self._clock(), int(dry_run)))
         part.seq = cursor.lastrowid
         return part.seq
 

@@ -108,6 +108,20 @@ class FeaturePool:
         self.raw_scores[:n] = result.raw
         self.features[:n] = result.features
 
+    def leave_one_out_scores(self, params: MuscParams) -> list[float]:
+        """Each member's re-scored score against the rest of the pool, on the scale of live parts' scores
+        (streaming RsCon with the other members' raw-score range): what label-free calibration starts from."""
+        n = self.size
+        if n < 3:
+            raise PoolTooSmallError(f"pool has {n} members; at least 3 are needed for leave-one-out scores")
+        out = []
+        for i in range(n):
+            others = np.delete(np.arange(n), i)
+            raw = self.raw_scores[others]
+            out.append(rescore_one(float(self.raw_scores[i]), self.features[i], raw, self.features[others],
+                                   (float(raw.min()), float(raw.max())), params.windows))
+        return out
+
     # -- membership ------------------------------------------------------------------------------------------
     def nearest_distance(self, query_sets: list[np.ndarray]) -> float:
         """Mean nearest-patch distance of a part to its closest member (inf for an empty pool).

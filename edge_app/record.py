@@ -59,6 +59,7 @@ class PartRecord:
     recipe: str
     capture_time: float                 # UTC epoch seconds at capture
     capture_monotonic: float = field(default_factory=time.monotonic)
+    deadline: float | None = None       # monotonic time by which the PLC must have the verdict
     encoder: int | None = None          # encoder count at capture, if the line has one
     image: np.ndarray | None = None     # RGB uint8 [H, W, 3]; None until decoded
     raw: bytes | None = None            # encoded frame as received (PNG/JPEG), if any

@@ -163,7 +163,8 @@ def _token_dim(graph: onnx.GraphProto) -> int:
 
 
 def reference_outputs_model(source: onnx.ModelProto, blocks: tuple[int, ...]) -> onnx.ModelProto:
-    """The untouched source graph with the raw residual streams of ``blocks`` (pre-LN) exposed as outputs.
+    """The untouched source graph with the raw residual streams of ``blocks`` (pre-LN) and the source's own
+    final-LayerNorm output exposed, in that order.
 
     Used by ``verify``: the LayerNorm is then applied in numpy, independently of our graph surgery.
     """
@@ -178,6 +179,7 @@ def reference_outputs_model(source: onnx.ModelProto, blocks: tuple[int, ...]) ->
     for block in blocks:
         name = _BLOCK_OUT.format(index=block - 1)
         model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    model.graph.output.append(helper.make_tensor_value_info(_FINAL_NORM_OUT, TensorProto.FLOAT, None))
     model.graph.ClearField("value_info")
     _prune(model.graph)
     return model

@@ -61,7 +61,8 @@ def select_layers(features: Features, model_blocks: tuple[int, ...], blocks: tup
 
 
 def stream_scores(sets: list[np.ndarray], grid: tuple[int, int], order: np.ndarray, capacity: int,
-                  min_pool: int, params: MuscParams, progress: Progress | None = None) -> ScoredSet:
+                  min_pool: int, params: MuscParams, progress: Progress | None = None,
+                  image_tokens: np.ndarray | None = None) -> ScoredSet:
     """Score samples in ``order``, each against a FIFO pool of the previous ``capacity`` samples."""
     n, p, d = sets[0].shape
     if n < min_pool:
@@ -70,14 +71,15 @@ def stream_scores(sets: list[np.ndarray], grid: tuple[int, int], order: np.ndarr
     maps = np.zeros((n, *grid), np.float32)
     scores = np.zeros(n)
     warmup = list(order[:pool.min_size])
-    first = score_batch([fs[warmup] for fs in sets], grid, params)
+    first = score_batch([fs[warmup] for fs in sets], grid, params,
+                        None if image_tokens is None else image_tokens[warmup])
     for j, i in enumerate(warmup):
         maps[i], scores[i] = first.patch_maps[j], first.rescored[j]
         pool.admit(str(i), [fs[i] for fs in sets], first.raw[j], first.features[j])
         progress and progress.advance()
     for i in order[pool.min_size:]:
         member = [fs[i] for fs in sets]
-        result = pool.score(member, grid, params)
+        result = pool.score(member, grid, params, image_token=None if image_tokens is None else image_tokens[i])
         maps[i], scores[i] = result.patch_map, result.score
         pool.admit(str(i), member, result.raw, result.feature)
         progress and progress.advance()
@@ -110,7 +112,8 @@ def run_eval(settings: EvalSettings) -> dict:
     elif settings.mode == "stream":
         order = np.random.default_rng(settings.seed).permutation(len(samples))
         with Progress(len(samples), "scoring", enabled=settings.progress) as bar:
-            scored = stream_scores(sets, engine.grid, order, settings.pool, settings.min_pool, settings.params, bar)
+            scored = stream_scores(sets, engine.grid, order, settings.pool, settings.min_pool, settings.params, bar,
+                                   features.image_tokens)
     else:
         raise ValueError(f"unknown mode {settings.mode!r}: expected 'batch' or 'stream'")
     t_scoring = time.monotonic() - t0

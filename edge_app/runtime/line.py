@@ -28,6 +28,8 @@ from ..ledger import Ledger
 from ..links import RejectLink, open_link
 from ..record import FailSafe, PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, make_source
+from .calibration_state import Calibration, RejectTiming, load_current
+from .control import ControlError, ControlServer, ensure_token
 from .inspector import Inspector
 
 log = logging.getLogger(__name__)
@@ -68,14 +70,18 @@ class Line:
     """Owns the runtime's threads and resources. ``run()`` blocks until the source ends or ``stop()``."""
 
     def __init__(self, config: LineConfig, *, source: FrameSource | None = None, inspector: Inspector | None = None,
-                 calibration_version: str = "0", status: Callable[[str], None] | None = None,
-                 status_every_s: float = 1.0):
+                 status: Callable[[str], None] | None = None, status_every_s: float = 1.0):
         self.config = config
         self.storage = Path(config.storage.dir)
         self.storage.mkdir(parents=True, exist_ok=True)
         self.inspector = inspector or Inspector(config)
         self.source = source or make_source(config.source)
-        self.calibration_version = calibration_version
+        self.calibration_version = "0"
+        self.dry_run = config.line.dry_run
+        self.reject_timing: RejectTiming | None = None
+        calibration = load_current(self.storage, set(config.recipes))
+        if calibration is not None:
+            self._apply_calibration(calibration)
         self.model_hash = self.inspector.engine.manifest.model_sha256[:16]
         self.config_hash = config.config_hash()
         self.stats = LineStats()
@@ -84,6 +90,11 @@ class Line:
         self._in: queue.Queue = queue.Queue(maxsize=config.line.queue_size)
         self._out: queue.Queue = queue.Queue()
         self._acks: queue.Queue = queue.Queue()
+        self._tasks: queue.Queue = queue.Queue()       # control changes, run by the worker between parts
+        self._speed: tuple[float, float] | None = None  # (encoder, monotonic) of the last part, for counts/s
+        self._counts_per_s: float | None = None
+        self.control: ControlServer | None = None
+        self._waiters: dict[int, threading.Event] = {}
         self._stop = threading.Event()
         self._stats_lock = threading.Lock()
         self._deadline_s = config.line.deadline_ms / 1e3
@@ -97,7 +108,9 @@ class Line:
     def run(self) -> LineStats:
         """Inspect every part the source delivers; returns the final counters."""
         self.ledger = Ledger(self.storage / "ledger.sqlite")
-        if not self.config.line.dry_run:
+        control_path = self.config.control.socket or self.storage / "control.sock"
+        self.control = ControlServer(control_path, ensure_token(self.storage), self._handle_control)
+        if True:  # the link is always up: dry-run is a calibration switch that can change while running
             self.link = open_link(self.config.link, on_ack=self._on_ack, on_alarm=self._on_alarm,
                                   on_alarm_cleared=lambda text: log.info("alarm cleared: %s", text))
             for row in self.ledger.unacked():  # signalled before a crash but never acknowledged
@@ -130,6 +143,9 @@ class Line:
             log.debug("source close raised", exc_info=True)
 
     def _shutdown(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        self._run_tasks()
         self.inspector.save_pools()
         if self.link is not None:
             deadline = time.monotonic() + 2.0
@@ -149,6 +165,7 @@ class Line:
             with self.source:
                 for part in self.source.parts():
                     part.capture_monotonic = part.capture_monotonic or time.monotonic()
+                    part.deadline = self._deadline(part)
                     try:
                         self._in.put_nowait(part)
                     except queue.Full:
@@ -165,11 +182,16 @@ class Line:
 
     def _worker_loop(self) -> None:
         while True:
-            part = self._in.get()
+            self._run_tasks()
+            try:
+                part = self._in.get(timeout=0.05)
+            except queue.Empty:
+                continue
             if part is _DONE:
+                self._run_tasks()
                 self._out.put(("done",))
                 return
-            deadline = part.capture_monotonic + self._deadline_s
+            deadline = part.deadline
             if time.monotonic() >= deadline:
                 part.decide(Verdict.NO_VERDICT, Reason.DEADLINE, "deadline passed while queued")
                 self._out.put(("part", part, None))
@@ -199,20 +221,40 @@ class Line:
                 return
             self._emit(item[1])
 
+    def _deadline(self, part: PartRecord) -> float:
+        """Monotonic time by which the verdict must reach the PLC (reject timing, else line.deadline_ms)."""
+        timing = self.reject_timing
+        if timing is None:
+            return part.capture_monotonic + self._deadline_s
+        lead = timing.actuator_lead_ms / 1e3
+        if timing.mode == "time":
+            return part.capture_monotonic + timing.delay_ms / 1e3 - lead
+        # Encoder mode: counts to the ejector over the conveyor speed measured from recent parts' stamps.
+        if part.encoder is not None:
+            if self._speed is not None and part.capture_monotonic > self._speed[1]:
+                rate = (part.encoder - self._speed[0]) / (part.capture_monotonic - self._speed[1])
+                if rate > 0:
+                    self._counts_per_s = rate if self._counts_per_s is None else 0.8 * self._counts_per_s + 0.2 * rate
+            self._speed = (part.encoder, part.capture_monotonic)
+        if self._counts_per_s is None:
+            return part.capture_monotonic + self._deadline_s
+        return part.capture_monotonic + timing.counts / self._counts_per_s - lead
+
     def _emit(self, part: PartRecord) -> None:
         """Ledger first (durable), then the PLC, then the archive."""
         part.signalled = signalled_verdict(part, self.config.line.fail_safe)
+        dry_run = self.dry_run and not part.test_part
         part.times.total = time.monotonic() - part.capture_monotonic
         try:
             seq = self.ledger.reserve(part, model_hash=self.model_hash, config_hash=self.config_hash,
-                                      calibration_version=self.calibration_version)
+                                      calibration_version=self.calibration_version, dry_run=dry_run)
         except Exception as exc:
             # Without a durable row nothing may be signalled: stop, and let the PLC's inspect window
             # reject every part that gets no verdict (the documented fail-safe of the wire protocol).
             self._on_alarm(f"ledger write failed, line stopping: {exc}")
             raise
-        if self.link is not None:
-            deadline = part.capture_monotonic + self._deadline_s
+        if self.link is not None and not dry_run:
+            deadline = part.deadline or part.capture_monotonic + self._deadline_s
             t0 = time.monotonic()
             result = self.link.send(seq, part.part_id, part.signalled, part.reason, max(deadline, t0 + 0.05))
             part.times.link = time.monotonic() - t0
@@ -221,8 +263,12 @@ class Line:
             if not result.acked:
                 with self._stats_lock:
                     self.stats.send_failures += 1
+            part.acked = result.acked
+        waiter = self._waiters.pop(id(part), None)
+        if waiter is not None:
+            waiter.set()
         self._drain_acks()
-        if self.archive is not None:
+        if self.archive is not None and not part.test_part:
             self.archive.submit(part)
         self._count(part)
         if part.verdict == Verdict.NO_VERDICT and self.config.line.fail_safe == FailSafe.STOP_LINE:
@@ -262,6 +308,151 @@ class Line:
             if part.reason in (Reason.OK, Reason.ANOMALY):
                 for stage in s.stages:
                     s.stages[stage].append(getattr(part.times, stage))
+
+    # -- calibration and control ---------------------------------------------------------------------------
+    def _apply_calibration(self, calibration: Calibration) -> None:
+        for name, recipe in calibration.recipes.items():
+            self.inspector.pools[name].threshold = recipe.threshold
+        self.reject_timing = calibration.reject_timing
+        self.dry_run = self.config.line.dry_run or calibration.dry_run
+        self.calibration_version = str(calibration.version)
+
+    def _run_tasks(self) -> None:
+        """Run queued control changes (worker thread, between two parts)."""
+        while True:
+            try:
+                task, done, box = self._tasks.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                box["result"] = task()
+            except Exception as exc:
+                box["error"] = exc
+            done.set()
+
+    def _between_parts(self, task: Callable[[], dict], timeout: float = 60.0) -> dict:
+        """Have the worker run ``task`` between two parts and return its result."""
+        done, box = threading.Event(), {}
+        self._tasks.put((task, done, box))
+        if not done.wait(timeout):
+            raise ControlError(f"the line did not reach a gap between parts within {timeout:.0f} s")
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def _recipe_pool(self, request: dict):
+        name = request.get("recipe", "default")
+        if name not in self.inspector.pools:
+            raise ControlError(f"unknown recipe {name!r}: this line has {sorted(self.inspector.pools)}")
+        return self.inspector.pools[name]
+
+    def _slots(self, pool, request: dict):
+        if request.get("all"):
+            return np.flatnonzero(~pool.golden[:pool.size]) if not request.get("include_golden") else np.arange(pool.size)
+        if "lowest" in request:
+            order = np.argsort(pool.raw_scores[:pool.size])
+            return order[:int(request["lowest"])]
+        wanted = set(request.get("part_ids") or [])
+        slots = [i for i, pid in enumerate(pool.part_ids[:pool.size]) if pid in wanted]
+        missing = wanted - {pool.part_ids[i] for i in slots}
+        if missing:
+            raise ControlError(f"not pool members: {sorted(missing)}")
+        return np.array(slots, int)
+
+    def _handle_control(self, request: dict) -> dict:
+        """Control-socket requests; see edge_app/runtime/control.py for the protocol."""
+        from .calibration_state import CalibrationError, parse_calibration
+
+        cmd = request["cmd"]
+        if cmd == "status":
+            return self.control_status()
+        if cmd == "pool_inspect":
+            rp = self._recipe_pool(request)
+            pool = rp.pool
+            return {"recipe": rp.name, "members": [
+                {"slot": i, "part_id": pool.part_ids[i], "raw_score": float(pool.raw_scores[i]),
+                 "admitted_time": float(pool.admitted_time[i]), "golden": bool(pool.golden[i])}
+                for i in range(pool.size)]}
+        if cmd == "pool_scores":
+            rp = self._recipe_pool(request)
+            return {"recipe": rp.name, "threshold": rp.threshold,
+                    "scores": self._between_parts(lambda: rp.pool.leave_one_out_scores(self.inspector.params))}
+        if cmd == "apply":
+            try:
+                calibration = parse_calibration(request.get("calibration") or {}, set(self.config.recipes))
+            except CalibrationError as exc:
+                raise ControlError(str(exc)) from None
+
+            def apply() -> dict:
+                self._apply_calibration(calibration)
+                return {"version": calibration.version}
+            return self._between_parts(apply)
+        if cmd in ("pool_purge", "pool_freeze", "pool_unfreeze"):
+            rp = self._recipe_pool(request)
+
+            def change() -> dict:
+                slots = self._slots(rp.pool, request)
+                if cmd == "pool_purge":
+                    rp.pool.remove(slots)
+                else:
+                    rp.pool.golden[slots] = cmd == "pool_freeze"
+                self.inspector.save_pools()
+                return {"changed": int(len(slots)), "size": rp.pool.size,
+                        "golden": int(rp.pool.golden[:rp.pool.size].sum())}
+            return self._between_parts(change)
+        if cmd == "pool_reseed":
+            from .seed import prepare_folder, admit_prepared
+
+            rp = self._recipe_pool(request)
+            prepared = prepare_folder(self.inspector, request.get("folder", ""))  # features off the worker
+
+            def reseed() -> dict:
+                rp.pool.remove(np.flatnonzero(~rp.pool.golden[:rp.pool.size]))
+                size = admit_prepared(self.inspector, rp.name, prepared)
+                self.inspector.save_pools()
+                return {"size": size}
+            return self._between_parts(reseed)
+        if cmd == "test_fire":
+            part_id = str(request.get("part_id") or f"TEST-{int(time.time())}")
+            part = PartRecord(part_id=part_id, recipe=request.get("recipe", "default"), capture_time=time.time(),
+                              test_part=True)
+            part.decide(Verdict.REJECT, Reason.TEST_FIRE, "technician test fire")
+            part.deadline = time.monotonic() + self._deadline_s
+            done = threading.Event()
+            self._waiters[id(part)] = done
+            self._out.put(("part", part, None))
+            if not done.wait(30):
+                raise ControlError("the test fire was queued but not signalled within 30 s")
+            return {"part_id": part_id, "seq": part.seq, "acked": part.acked}
+        raise ControlError(f"unknown command {cmd!r}")
+
+    def control_status(self) -> dict:
+        """What `musc-calibrate status` shows of a running line."""
+        recipes = {}
+        now = time.time()
+        for name, rp in self.inspector.pools.items():
+            pool = rp.pool
+            times = pool.admitted_time[:pool.size]
+            recipes[name] = {"threshold": rp.threshold, "pool": {
+                "size": pool.size, "capacity": pool.capacity, "min_size": pool.min_size,
+                "golden": int(pool.golden[:pool.size].sum()),
+                "oldest_age_s": float(now - times.min()) if pool.size else None,
+                "newest_age_s": float(now - times.max()) if pool.size else None,
+                "raw_scores": [float(x) for x in pool.raw_scores[:pool.size]]}}
+        with self._stats_lock:
+            stats = {"parts": self.stats.parts, "by_verdict": dict(self.stats.by_verdict),
+                     "by_reason": dict(self.stats.by_reason), "acked": self.stats.acked,
+                     "latency_ms": self.stats.percentiles(self.stats.stages["total"]),
+                     "alarms": list(self.stats.alarms[-10:])}
+        link = None
+        if self.link is not None:
+            from dataclasses import asdict
+
+            link = asdict(self.link.health())
+        return {"line": self.config.line.name, "calibration_version": self.calibration_version,
+                "dry_run": self.dry_run, "reject_timing": None if self.reject_timing is None
+                else self.reject_timing.model_dump(), "recipes": recipes, "stats": stats, "link": link,
+                "queue_depth": self._in.qsize(), "storage": str(self.storage)}
 
     def ledger_rows(self) -> list:
         """Every ledger row, read through a separate read-only connection."""

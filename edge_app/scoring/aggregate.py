@@ -45,13 +45,21 @@ def lnamd(grid: np.ndarray, degrees: tuple[int, ...] = DEFAULT_DEGREES) -> list[
     return [l2_normalise(box_mean(normed, r)).reshape(n, h * w, d) for r in degrees]
 
 
-def snamd(grid: np.ndarray, degrees: tuple[int, ...] = DEFAULT_DEGREES) -> np.ndarray:
+def snamd(grid: np.ndarray, degrees: tuple[int, ...] = DEFAULT_DEGREES, unit_tokens: bool = True) -> np.ndarray:
     """MuSc-V2 SNAMD: similarity-weighted r x r means, averaged over degrees, then L2-normalised.
 
     Weight of window element q around centre p is ``exp(-||f(q) - f(p)||)`` (zero-padded outside the grid,
     so border padding gets ``exp(-||f(p)||)``); each degree's mean is normalised by its weight sum.
+
+    ``unit_tokens`` (default) L2-normalises the tokens first, as MuSc-V2 does for 3D tokens, so distances lie
+    in [0, 2] and the weights in [e^-2, 1]. On raw post-LayerNorm ViT tokens (norms 45-90 for ViT-S/14) the
+    weights underflow to ~0 and the pooling collapses to the identity (algorithm.md 2.4, caveat); with unit
+    tokens it really pools similar neighbours. Measured on MVTec AD bottle (blocks 6 and 9, batch): pixel AP
+    87.0 vs 81.9 at 448 px, image AUROC 99.8 vs 98.7. ``unit_tokens=False`` is the official code's behaviour.
     """
     grid = grid.astype(np.float32, copy=False)
+    if unit_tokens:
+        grid = l2_normalise(grid)
     n, h, w, d = grid.shape
     r_max = max(degrees)
     half = r_max // 2
@@ -76,14 +84,17 @@ def aggregate(layers: list[np.ndarray], method: str = "snamd",
               degrees: tuple[int, ...] = DEFAULT_DEGREES) -> list[np.ndarray]:
     """Feature sets to score, from per-layer token grids ``[N, h, w, D]``.
 
-    ``snamd`` gives one set per layer (V2); ``lnamd`` one set per (layer, degree) (V1). The patch score is
+    ``snamd`` (unit-norm weights) and ``snamd-raw`` (the official raw-token weights) give one set per layer
+    (V2); ``lnamd`` one set per (layer, degree) (V1). The patch score is
     the mean of the MSM scores over the returned sets, which reproduces both papers' fusion.
     """
     if method == "snamd":
         return [snamd(layer, degrees) for layer in layers]
+    if method == "snamd-raw":
+        return [snamd(layer, degrees, unit_tokens=False) for layer in layers]
     if method == "lnamd":
         return [fs for layer in layers for fs in lnamd(layer, degrees)]
     if method == "none":
         return [l2_normalise(layer.astype(np.float32)).reshape(layer.shape[0], -1, layer.shape[-1])
                 for layer in layers]
-    raise ValueError(f"unknown aggregation {method!r}: expected 'snamd', 'lnamd' or 'none'")
+    raise ValueError(f"unknown aggregation {method!r}: expected 'snamd', 'snamd-raw', 'lnamd' or 'none'")

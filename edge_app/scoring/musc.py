@@ -21,11 +21,11 @@ from .rescore import DEFAULT_WINDOWS, rescore_batch
 class MuscParams:
     """Scoring hyper-parameters (defaults: MuSc-V2, algorithm.md section 3)."""
 
-    aggregation: str = "snamd"            # snamd (V2) | lnamd (V1) | none
+    aggregation: str = "snamd"            # snamd (V2, unit-norm weights) | snamd-raw | lnamd (V1) | none
     degrees: tuple[int, ...] = DEFAULT_DEGREES
     fraction: float = DEFAULT_FRACTION    # interval average over the lowest 30 % of references
     windows: tuple[int, ...] = DEFAULT_WINDOWS
-    salient_layer: int = 2                # layer whose arg-max feature drives RsCon (V2: 2nd of 3)
+    salient_layer: int = 1                # layer whose arg-max feature drives RsCon (V2: 2nd of 3)
     rescore_feature: str = "salient"      # salient (RsCon, V2) | image_token (RsCIN, V1)
 
     def salient_set(self, n_sets: int) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_WINDOWS = (1, 7)
+# Windows {1} = normalisation only (RsCon off). MuSc-V2 uses {1, 7}; on MVTec AD bottle with our ViT-S/14
+# features it lowers image AUROC (batch 99.60 -> 99.21, stream 99.68 -> 97.38; README), so it is opt-in.
+DEFAULT_WINDOWS = (1,)
 
 
 def _windows(windows: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,0 +1,130 @@
+"""Local control socket of a running line (AF_UNIX, JSON lines; no network port).
+
+One request per connection: a JSON object with ``cmd``; one JSON reply with ``ok``. Read-only commands
+(``status``, ``pool_inspect``) are open to anyone who can reach the socket; commands that change the
+line need ``token``: the content of ``<storage>/calibration/technician.token`` (mode 0640: give the
+technician group read access to grant the role). Changes run on the worker thread *between two parts*
+and the reply comes once they are in force.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+READ_ONLY = {"status", "pool_inspect", "pool_scores"}
+MAX_REQUEST = 1 << 20
+
+
+class ControlError(RuntimeError):
+    """A control request failed; the message says why (and nothing was changed)."""
+
+
+def token_path(storage_dir: str | Path) -> Path:
+    return Path(storage_dir) / "calibration" / "technician.token"
+
+
+def ensure_token(storage_dir: str | Path) -> str:
+    """The technician token, created (random, mode 0640) if the line has none yet."""
+    path = token_path(storage_dir)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(16) + "\n")
+    return path.read_text().strip()
+
+
+class ControlServer:
+    """Serves requests on ``path`` with ``handler(request) -> reply`` in a background thread."""
+
+    def __init__(self, path: str | Path, token: str, handler: Callable[[dict], dict]):
+        self.path = Path(path)
+        self._token, self._handler = token, handler
+        if self.path.exists():
+            self.path.unlink()  # a stale socket from a killed runtime
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(self.path))
+        os.chmod(self.path, 0o660)
+        self._sock.listen(8)
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(60)
+            try:
+                data = b""
+                while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                reply = self.dispatch(json.loads(data.decode() or "null"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                reply = {"ok": False, "error": f"malformed request: {exc}"}
+            try:
+                conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
+            except OSError:
+                log.debug("control client went away before the reply")
+
+    def dispatch(self, request) -> dict:
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            return {"ok": False, "error": "a request is a JSON object with a string 'cmd'"}
+        if request["cmd"] not in READ_ONLY and not hmac.compare_digest(str(request.get("token", "")), self._token):
+            return {"ok": False, "error": f"'{request['cmd']}' changes the line and needs the technician role "
+                                          f"(the token file is not readable for this user)", "denied": True}
+        try:
+            return {"ok": True, **self._handler(request)}
+        except ControlError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # never let a bad request take the line down
+            log.exception("control request %s failed", request.get("cmd"))
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._thread.join(timeout=2)
+        self.path.unlink(missing_ok=True)
+
+
+def request(path: str | Path, payload: dict, timeout: float = 60.0) -> dict:
+    """Send one request to a running line and return its reply (ControlError if the line is not running)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ControlError(f"no running line answers on {path} ({exc.strerror}): is the runtime started?") from None
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        raise ControlError(f"the line on {path} closed the connection without a reply")
+    return json.loads(data)

@@ -1,0 +1,78 @@
+"""`musc-edge eval`: report schema, overlays, bad input, and the foundation's numbers on real data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_app.cli import main
+from edge_app.evaluation.runner import REPORT_KEYS, EvalSettings, run_eval
+from edge_app.scoring import MuscParams
+
+
+def test_report_schema_and_overlays(toy_model, synthetic_parts, tmp_path, capsys):
+    report_path = tmp_path / "out" / "report.json"
+    code = main(["eval", "--dataset", str(synthetic_parts), "--model", str(toy_model), "--mode", "stream",
+                 "--pool", "12", "--min-pool", "6", "--report", str(report_path), "--overlays",
+                 str(tmp_path / "overlays"), "--quiet"])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert tuple(report) == REPORT_KEYS
+    assert (report["mode"], report["size"], report["pool"]) == ("stream", 224, 12)
+    assert (report["n_images"], report["n_anomalous"]) == (48, 12)
+    for key in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pro"):
+        assert 0.0 <= report[key] <= 100.0
+    assert set(report["seconds"]) == {"features", "scoring", "total"}
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 48
+    printed = capsys.readouterr().out
+    assert "AUROC" in printed and "pixel" in printed
+
+
+def test_batch_and_stream_protocols_score_every_image(toy_model, synthetic_parts):
+    for mode in ("batch", "stream"):
+        report = run_eval(EvalSettings(synthetic_parts, mode=mode, model=toy_model, pool=10, min_pool=5,
+                                       blocks=(6, 9), progress=False))
+        assert report["n_images"] == 48 and report["image_auroc"] is not None
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: (root / "test" / "good" / "000.png").write_bytes(
+        (root / "test" / "good" / "000.png").read_bytes()[:500]), "000.png"),
+    (lambda root: next((root / "ground_truth").glob("*/*_mask.png")).unlink(), "mask"),
+    (lambda root: [p.unlink() for p in (root / "test").glob("*/*.png")], "test"),
+])
+def test_bad_datasets_exit_2_naming_the_problem(toy_model, tmp_path, capsys, damage, message):
+    from edge_app.synthetic import generate_set
+
+    root = generate_set(tmp_path / "part", n=12, defect_fraction=0.25, seed=1, size=128)
+    damage(root)
+    assert main(["eval", "--dataset", str(root), "--model", str(toy_model), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and message in err and "Traceback" not in err
+
+
+def test_missing_dataset_and_model_are_clear_errors(toy_model, synthetic_parts, tmp_path, capsys):
+    assert main(["eval", "--dataset", str(tmp_path / "nowhere"), "--model", str(toy_model), "--quiet"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["eval", "--dataset", str(synthetic_parts), "--model", str(tmp_path / "none.onnx"), "--quiet"]) == 2
+    assert "none.onnx" in capsys.readouterr().err
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_bottle_batch_meets_the_foundation_targets(default_model, bottle):
+    report = run_eval(EvalSettings(bottle, mode="batch", size=224, model=default_model, blocks=(6, 9),
+                                   params=MuscParams(), progress=False))
+    assert report["image_auroc"] >= 99.5
+    assert report["pixel_auroc"] >= 97.5
+    assert report["pixel_ap"] >= 74.0
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_bottle_stream_pool_40_meets_the_foundation_targets(default_model, bottle):
+    report = run_eval(EvalSettings(bottle, mode="stream", size=224, pool=40, model=default_model, blocks=(6, 9),
+                                   params=MuscParams(), progress=False))
+    assert report["image_auroc"] >= 99.0
+    assert report["pixel_auroc"] >= 97.0
