@@ -77,9 +77,17 @@ class Inspector:
             load_pool(pool_path(self.config.storage.dir, name), rp.pool, self.pool_identity())
         return {name: rp.pool.size for name, rp in self.pools.items()}
 
+    def snapshot_pools(self) -> dict[str, dict[str, np.ndarray]]:
+        """Copies of every pool's state (cheap), to be written by :meth:`write_pools` on another thread."""
+        return {name: {k: np.array(v, copy=True) for k, v in rp.pool.state().items()}
+                for name, rp in self.pools.items()}
+
+    def write_pools(self, snapshot: dict[str, dict[str, np.ndarray]]) -> None:
+        for name, state in snapshot.items():
+            save_pool(pool_path(self.config.storage.dir, name), state, self.pool_identity())
+
     def save_pools(self) -> None:
-        for name, rp in self.pools.items():
-            save_pool(pool_path(self.config.storage.dir, name), rp.pool.state(), self.pool_identity())
+        self.write_pools(self.snapshot_pools())
 
     # -- stages ----------------------------------------------------------------------------------------------
     def features(self, images: list[np.ndarray]) -> list[Prepared]:

@@ -91,6 +91,7 @@ class Line:
         self._out: queue.Queue = queue.Queue()
         self._acks: queue.Queue = queue.Queue()
         self._tasks: queue.Queue = queue.Queue()       # control changes, run by the worker between parts
+        self._persist: queue.Queue = queue.Queue(maxsize=1)  # pool snapshots for the writer thread
         self._speed: tuple[float, float] | None = None  # (encoder, monotonic) of the last part, for counts/s
         self._counts_per_s: float | None = None
         self.control: ControlServer | None = None
@@ -110,17 +111,20 @@ class Line:
         self.ledger = Ledger(self.storage / "ledger.sqlite")
         control_path = self.config.control.socket or self.storage / "control.sock"
         self.control = ControlServer(control_path, ensure_token(self.storage), self._handle_control)
-        if True:  # the link is always up: dry-run is a calibration switch that can change while running
-            self.link = open_link(self.config.link, on_ack=self._on_ack, on_alarm=self._on_alarm,
-                                  on_alarm_cleared=lambda text: log.info("alarm cleared: %s", text))
-            for row in self.ledger.unacked():  # signalled before a crash but never acknowledged
-                self.link.resend(row.seq, row.part_id, Verdict(row.signalled), Reason(row.reason))
+        # The link is up even in dry-run: dry-run is a calibration switch that can change while running,
+        # and heartbeats and test fires still go out.
+        self.link = open_link(self.config.link, on_ack=self._on_ack, on_alarm=self._on_alarm,
+                              on_alarm_cleared=lambda text: log.info("alarm cleared: %s", text))
+        for row in self.ledger.unacked():  # signalled before a crash but never acknowledged
+            self.link.resend(row.seq, row.part_id, Verdict(row.signalled), Reason(row.reason))
         archive = self.config.storage.archive
         if archive.enabled:
             self.archive = RejectArchive(self.storage / "archive", int(archive.quota_mb * 2**20),
                                          accepted_fraction=archive.sample_accepted, no_verdict_fraction=1.0)
         threads = [threading.Thread(target=self._source_loop, name="source", daemon=True),
                    threading.Thread(target=self._worker_loop, name="worker", daemon=True)]
+        persist = threading.Thread(target=self._persist_loop, name="pool-writer", daemon=True)
+        persist.start()
         status = threading.Thread(target=self._status_loop, name="status", daemon=True)
         for t in threads:
             t.start()
@@ -131,6 +135,8 @@ class Line:
             self._stop.set()
             for t in threads:
                 t.join(timeout=5)
+            self._persist.put(None)
+            persist.join(timeout=30)
             self._shutdown()
         return self.stats
 
@@ -205,10 +211,22 @@ class Line:
             self._maybe_persist()
 
     def _maybe_persist(self) -> None:
+        """Periodic pool persistence: the worker only copies the pools; a writer thread does the disk I/O."""
         every = min(rp.settings.pool.persist_every_s for rp in self.inspector.pools.values())
-        if time.monotonic() - self._last_persist >= every:
-            self.inspector.save_pools()
-            self._last_persist = time.monotonic()
+        if time.monotonic() - self._last_persist < every:
+            return
+        self._last_persist = time.monotonic()
+        try:
+            self._persist.put_nowait(self.inspector.snapshot_pools())
+        except queue.Full:
+            log.debug("pool persistence still busy; the next period will catch up")
+
+    def _persist_loop(self) -> None:
+        while (snapshot := self._persist.get()) is not None:
+            try:
+                self.inspector.write_pools(snapshot)
+            except OSError as exc:
+                self._on_alarm(f"pool could not be saved: {exc}")
 
     def _output_loop(self) -> None:
         while True:
