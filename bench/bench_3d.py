@@ -1,0 +1,86 @@
+"""Per-stage timings of the MuSc-V2 3D / 2D+3D path for one part (prints figures; asserts nothing).
+
+A synthetic 224x224 scan goes through preprocessing, grouping (FPS + kNN + curvature + IPG, G=1024, M=128),
+descriptors, SNAMD-3D and the map set-up; it is then scored one-vs-pool against a pool of prepared scans:
+3D MSM alone, 2D MSM (random unit features, DINO ViT-B/8 shapes: 28x28 x 768), CAE on those distance
+matrices, and the 3D map. Three layers per modality, as MuSc-V2.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from edge_app.pointcloud import descriptor_layers, group_points, prepare_cloud
+from edge_app.scoring import l2_normalise, patch_to_sample_distances
+from edge_app.scoring3d import (FusionParams, Params3D, cae, centre_map, euclidean_sample_distances, prepare_3d,
+                                projection, sample_from_tokens, score_one, stack_layers)
+from edge_app.synthetic3d import generate_set
+
+SIZE, GRID_2D, DIM_2D, LAYERS = 224, (28, 28), 768, 3
+
+
+def timeit(fn, repeat: int) -> tuple[float, object]:
+    """Median milliseconds over ``repeat`` runs (after one warm-up) and the last result."""
+    result = fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pool", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--grouping", choices=("ipg", "knn"), default="ipg")
+    args = parser.parse_args()
+    params = Params3D(size=SIZE, grouping=args.grouping)
+    data = generate_set(args.pool + 1, seed=0, size=SIZE)
+    cloud = data.clouds[0]
+
+    rows = []
+    t, prepared = timeit(lambda: prepare_cloud(cloud, SIZE, params.preprocess), args.repeat)
+    rows.append(("preprocess (plane, cluster, resize, normalise)", t))
+    t, grouping = timeit(lambda: group_points(prepared.points, params.n_groups, params.group_size, params.grouping,
+                                              params.k_iter, params.tau, params.seed), args.repeat)
+    rows.append((f"grouping ({params.grouping}, FPS + kNN + curvature)", t))
+    t, tokens = timeit(lambda: descriptor_layers(prepared.points, grouping, params.scales,
+                                                 normal_neighbours=params.normal_neighbours), args.repeat)
+    rows.append(("descriptors (normals + 3 scales)", t))
+    t, query = timeit(lambda: sample_from_tokens(prepared, grouping, tokens, params.degrees, params.tau), args.repeat)
+    rows.append(("SNAMD-3D + map set-up", t))
+
+    pool_3d = stack_layers([prepare_3d(c, params) for c in data.clouds[1:]])
+    rng = np.random.default_rng(0)
+    p = GRID_2D[0] * GRID_2D[1]
+    query_2d = [l2_normalise(rng.normal(size=(p, DIM_2D))).astype(np.float32) for _ in range(LAYERS)]
+    pool_2d = [l2_normalise(rng.normal(size=(args.pool, p, DIM_2D))).astype(np.float32) for _ in range(LAYERS)]
+
+    t, d3 = timeit(lambda: [euclidean_sample_distances(q, r) for q, r in zip(query.layers, pool_3d)], args.repeat)
+    rows.append((f"3D MSM distances, {LAYERS} layers", t))
+    t, d2 = timeit(lambda: [patch_to_sample_distances(q, r) for q, r in zip(query_2d, pool_2d)], args.repeat)
+    rows.append((f"2D MSM distances, {LAYERS} layers (784 x 768)", t))
+    proj = projection(query.centre_pixels, SIZE, GRID_2D)
+    t, _ = timeit(lambda: [cae(a, b, proj) for a, b in zip(d2, d3)], args.repeat)
+    rows.append((f"CAE, {LAYERS} layers", t))
+    t, _ = timeit(lambda: centre_map(d3[0].mean(axis=1), query.propagation), args.repeat)
+    rows.append(("3D map (3-NN propagation + blur)", t))
+    for mode in ("3d", "2d+3d"):
+        fusion = FusionParams(mode=mode)
+        t, _ = timeit(lambda fusion=fusion: score_one(query_2d, query, pool_2d, pool_3d, GRID_2D, SIZE, fusion),
+                      args.repeat)
+        rows.append((f"score_one end to end, mode {mode}", t))
+
+    print(f"3D / 2D+3D path, one part: {SIZE}x{SIZE}, G={query.centres.shape[0]}, "
+          f"M={query.group_pixels.shape[1]}, {len(prepared.points)} foreground points, pool {args.pool} "
+          f"(numpy on CPU, median of {args.repeat})")
+    for name, ms in rows:
+        print(f"  {name:<48} {ms:8.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""MuSc-V2 scoring of 2D, 3D or fused 2D+3D samples: batch (every sample vs all others) and one-vs-pool.
+
+Per layer, MSM distances per modality (2D through the core's unit-vector shortcut, 3D as exact L2 because
+SNAMD-3D features are not unit-norm; in 2D+3D mode both enhanced by CAE), interval average, mean over
+layers. The 2D patch map is upsampled bilinearly to ``size x size``, the 3D centre scores are propagated to
+pixels and blurred; the final map is their plain sum, the image score its max. Re-scoring (RsCon) uses
+the concatenated "anomaly-salient" features [2D; 3D] of the salient layer (algorithm.md 1.3, 2.6-2.8).
+
+2D inputs are unit-norm patch features ``[P, D]`` per layer on an ``h x w`` grid for a ``size x size``
+input (raster order), e.g. from :func:`edge_app.scoring.prepare`. 3D inputs are :class:`Sample3D`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..pointcloud.descriptors import DEFAULT_SCALES, NORMAL_NEIGHBOURS, descriptor_layers
+from ..pointcloud.io import CloudError
+from ..pointcloud.ipg import (CURVATURE_THRESHOLD, DEFAULT_GROUP_SIZE, DEFAULT_GROUPS, DEFAULT_K_ITER, Grouping,
+                              group_points)
+from ..pointcloud.preprocess import PreparedCloud, PreprocessParams, prepare_cloud
+from ..scoring.aggregate import DEFAULT_DEGREES, l2_normalise
+from ..scoring.maps import upsample
+from ..scoring.msm import (DEFAULT_FRACTION, PoolTooSmallError, batch_distances, interval_k, interval_mean,
+                           patch_to_sample_distances)
+from ..scoring.rescore import DEFAULT_WINDOWS, rescore_batch
+from .cae import cae, projection
+from .map3d import DEFAULT_SIGMA, Propagation, centre_map, propagation
+from .snamd3d import nearest_centres, snamd3d
+
+MODES = ("2d", "3d", "2d+3d")
+
+
+@dataclass(frozen=True)
+class Params3D:
+    """How a cloud becomes a :class:`Sample3D` (defaults: MuSc-V2 sizes, descriptor tokens)."""
+
+    size: int = 224
+    n_groups: int = DEFAULT_GROUPS
+    group_size: int = DEFAULT_GROUP_SIZE
+    grouping: str = "ipg"                  # ipg | knn
+    k_iter: int = DEFAULT_K_ITER
+    tau: float = CURVATURE_THRESHOLD       # IPG and SNAMD-3D curvature gate
+    degrees: tuple[int, ...] = DEFAULT_DEGREES
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    normal_neighbours: int = NORMAL_NEIGHBOURS
+    seed: int = 0
+    preprocess: PreprocessParams = PreprocessParams()
+
+
+@dataclass(frozen=True)
+class Sample3D:
+    """What a pool keeps of one scanned part."""
+
+    centres: np.ndarray         # [G, 3] normalised group centres
+    centre_pixels: np.ndarray   # [G] raster pixel of each centre in the size x size grid
+    group_pixels: np.ndarray    # [G, M] raster pixels of each group's members
+    curvature: np.ndarray       # [G]
+    layers: tuple[np.ndarray, ...]  # per layer [G, F] SNAMD-3D features, as scored by MSM
+    propagation: Propagation    # centre scores -> pixel map
+
+    @property
+    def size(self) -> int:
+        return self.propagation.size
+
+
+@dataclass(frozen=True)
+class FusionParams:
+    """Scoring settings (defaults: MuSc-V2)."""
+
+    mode: str = "2d+3d"                    # 2d | 3d | 2d+3d
+    fraction: float = DEFAULT_FRACTION
+    windows: tuple[int, ...] = DEFAULT_WINDOWS   # the core's default; MuSc-V2's RsCon is (1, 7)
+    salient_layer: int = 1                 # 0-based; 1 = block 8 of blocks (4, 8, 12)
+    sigma: float = DEFAULT_SIGMA           # 3D map blur, pixels at the 224 grid
+    quantise_3d: bool = False              # reproduce the official 8-bit blur quirk
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}: expected one of {MODES}")
+
+
+@dataclass
+class MultimodalBatch:
+    maps: np.ndarray               # [N, size, size] final (fused) maps
+    patch_2d: np.ndarray | None    # [N, h, w] 2D patch scores
+    centre_3d: np.ndarray | None   # [N, G] 3D centre scores
+    raw: np.ndarray                # [N] max of each final map
+    rescored: np.ndarray           # [N] after RsCon
+    features: np.ndarray           # [N, F] salient features used by RsCon
+
+
+@dataclass
+class MultimodalResult:
+    map: np.ndarray                # [size, size]
+    patch_2d: np.ndarray | None    # [h, w]
+    centre_3d: np.ndarray | None   # [G]
+    raw: float
+    feature: np.ndarray            # [F] salient feature, for rescore_one
+
+
+def sample_from_tokens(cloud: PreparedCloud, grouping: Grouping, tokens: Sequence[np.ndarray],
+                       degrees: tuple[int, ...] = DEFAULT_DEGREES, tau: float = CURVATURE_THRESHOLD) -> Sample3D:
+    """A :class:`Sample3D` from per-layer group tokens ``[G, F]`` (descriptors or Point-MAE blocks)."""
+    neighbours = nearest_centres(grouping.centres, max(degrees))
+    layers = tuple(snamd3d(t, grouping.centres, grouping.curvature, degrees, tau, neighbours) for t in tokens)
+    prop = propagation(cloud.points, cloud.pixel_ids, grouping.centres, cloud.size)
+    return Sample3D(grouping.centres, cloud.pixel_ids[grouping.centre_index], cloud.pixel_ids[grouping.groups],
+                    grouping.curvature, layers, prop)
+
+
+def prepare_3d(cloud: np.ndarray, params: Params3D = Params3D(), source: str = "<cloud>") -> Sample3D:
+    """Organised cloud ``[H, W, 3]`` (NaN = missing) -> :class:`Sample3D` with descriptor tokens."""
+    prepared = prepare_cloud(cloud, params.size, params.preprocess, source)
+    try:
+        grouping = group_points(prepared.points, params.n_groups, params.group_size, params.grouping,
+                                params.k_iter, params.tau, params.seed)
+    except ValueError as exc:
+        raise CloudError(f"{source}: {exc}") from exc
+    tokens = descriptor_layers(prepared.points, grouping, params.scales, normal_neighbours=params.normal_neighbours)
+    return sample_from_tokens(prepared, grouping, tokens, params.degrees, params.tau)
+
+
+def stack_layers(samples: Sequence[Sample3D]) -> list[np.ndarray]:
+    """Per layer ``[K, G, F]`` pool arrays (build once per pool change, not per scored part)."""
+    if not samples:
+        return []
+    shapes = {tuple(layer.shape for layer in s.layers) for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"3D samples differ in layer count or shape {sorted(shapes)}; "
+                         "all samples of a pool need the same G and F")
+    return [np.stack(layer) for layer in zip(*(s.layers for s in samples))]
+
+
+def _augment(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``([x, 1], [-2 x, |x|^2])`` along the last axis: their product is ``|b|^2 - 2 a.b`` in one matmul."""
+    shape = features.shape[:-1] + (features.shape[-1] + 1,)
+    query, refs = np.ones(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+    query[..., :-1] = features
+    np.multiply(features, -2.0, out=refs[..., :-1])
+    refs[..., -1] = np.einsum("...f,...f->...", features, features)
+    return query, refs
+
+
+def euclidean_sample_distances(query: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """``[G, K]`` exact L2 distance of each query group to its nearest group in each of ``refs [K, G', F]``.
+
+    SNAMD-3D features are not unit-norm (flat groups are pooled, pitfall 9), so the unit-vector shortcut
+    of :func:`edge_app.scoring.msm.patch_to_sample_distances` does not apply. One matrix product of
+    augmented vectors still gives ``|b|^2 - 2 a.b`` for all pairs; ``|a|^2`` is added after the minimum.
+    """
+    k = refs.shape[0]
+    if k < 1:
+        raise PoolTooSmallError("no reference samples to score against")
+    q, _ = _augment(query)
+    _, r = _augment(refs.reshape(-1, refs.shape[-1]))
+    best = (q @ r.T).reshape(query.shape[0], k, -1).min(axis=2)
+    best += np.einsum("ij,ij->i", query, query)[:, None]
+    return np.sqrt(np.maximum(best, 0.0), out=best)
+
+
+def batch_euclidean_distances(features: np.ndarray, chunk: int = 8) -> np.ndarray:
+    """``[N, G, N]`` exact L2 group-to-sample distances of every sample against every other (diagonal inf).
+
+    Each pair (i, j) is computed once: ``|a_i - b_j|^2`` from one augmented product, row minima score i
+    against j and column minima j against i.
+    """
+    n, g, f = features.shape
+    if n < 2:
+        raise PoolTooSmallError(f"batch scoring needs at least 2 samples, got {n}")
+    query, refs = _augment(features)
+    sq = refs[..., -1]
+    best = np.full((n, g, n), np.inf, dtype=np.float32)
+    for i in range(n - 1):
+        for start in range(i + 1, n, chunk):
+            stop = min(start + chunk, n)
+            partial = (query[i] @ refs[start:stop].reshape(-1, f + 1).T).reshape(g, stop - start, g)
+            partial += sq[i][:, None, None]                      # now |a - b|^2 for every pair
+            best[i, :, start:stop] = partial.min(axis=2)
+            best[start:stop, :, i] = partial.min(axis=0)
+    return np.sqrt(np.maximum(best, 0.0), out=best)
+
+
+def _layer_count(mode: str, layers_2d: Sequence | None, layers_3d: Sequence | None) -> int:
+    need_2d, need_3d = mode != "3d", mode != "2d"
+    if need_2d and not layers_2d:
+        raise ValueError(f"mode {mode!r} needs 2D features")
+    if need_3d and not layers_3d:
+        raise ValueError(f"mode {mode!r} needs 3D samples")
+    if need_2d and need_3d and len(layers_2d) != len(layers_3d):
+        raise ValueError(f"2D has {len(layers_2d)} layers but 3D has {len(layers_3d)}; CAE pairs them")
+    return len(layers_2d) if need_2d else len(layers_3d)
+
+
+def _salient_index(params: FusionParams, n_layers: int) -> int:
+    if not -n_layers <= params.salient_layer < n_layers:
+        raise ValueError(f"salient_layer {params.salient_layer} out of range for {n_layers} layers")
+    return params.salient_layer
+
+
+def _check_size(size: int, grid: tuple[int, int] | None, p: int | None, samples: Sequence[Sample3D]) -> None:
+    if p is not None and (grid is None or grid[0] * grid[1] != p):
+        raise ValueError(f"{p} 2D patches do not fill the patch grid {grid}")
+    bad = {s.size for s in samples} - {size}
+    if bad:
+        raise ValueError(f"3D samples were prepared for a {sorted(bad)} grid but scoring uses {size}x{size}")
+
+
+def _salient_feature(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenation of unit salient features, scaled to unit norm."""
+    return np.concatenate([l2_normalise(p) for p in parts], axis=-1) / np.sqrt(len(parts))
+
+
+def score_batch(sets_2d: Sequence[np.ndarray] | None, samples_3d: Sequence[Sample3D] | None,
+                grid: tuple[int, int] | None, size: int, params: FusionParams = FusionParams()) -> MultimodalBatch:
+    """Every sample scored against all the others. ``sets_2d[l]`` is ``[N, P, D]``; ``samples_3d`` has N items."""
+    layers_3d = stack_layers(samples_3d) if samples_3d is not None and params.mode != "2d" else None
+    layers_2d = list(sets_2d) if sets_2d is not None and params.mode != "3d" else None
+    n_layers = _layer_count(params.mode, layers_2d, layers_3d)
+    n = (layers_2d or layers_3d)[0].shape[0]
+    if layers_2d and layers_3d and layers_3d[0].shape[0] != n:
+        raise ValueError(f"{n} 2D samples but {layers_3d[0].shape[0]} 3D samples")
+    if n < 2:
+        raise PoolTooSmallError(f"batch scoring needs at least 2 samples, got {n}")
+    _check_size(size, grid, layers_2d[0].shape[1] if layers_2d else None, samples_3d if layers_3d else ())
+    k = interval_k(n - 1, params.fraction)
+    patch_2d = np.zeros((n, layers_2d[0].shape[1]), dtype=np.float32) if layers_2d else None
+    centre_3d = np.zeros((n, layers_3d[0].shape[1]), dtype=np.float32) if layers_3d else None
+    fused = layers_2d is not None and layers_3d is not None
+    if fused:
+        others = np.array([np.delete(np.arange(n), i) for i in range(n)])
+        projections = [projection(s.centre_pixels, size, grid) for s in samples_3d]
+    for layer in range(n_layers):
+        d2 = batch_distances(layers_2d[layer]) if layers_2d else None              # [N, P, N], self = inf
+        d3 = batch_euclidean_distances(layers_3d[layer]) if layers_3d else None    # [N, G, N]
+        if fused:   # CAE needs each query's own N-1 reference columns
+            for i in range(n):
+                e2, e3 = cae(d2[i][:, others[i]], d3[i][:, others[i]], projections[i])
+                patch_2d[i] += interval_mean(e2, k)
+                centre_3d[i] += interval_mean(e3, k)
+        elif d2 is not None:
+            patch_2d += interval_mean(d2, k)   # the inf self-distance sorts last
+        else:
+            centre_3d += interval_mean(d3, k)
+    maps = np.zeros((n, size, size), dtype=np.float32)
+    parts = []
+    rows = np.arange(n)
+    salient = _salient_index(params, n_layers)
+    if patch_2d is not None:
+        patch_2d /= n_layers
+        maps += upsample(patch_2d.reshape(n, *grid), (size, size))
+        parts.append(layers_2d[salient][rows, patch_2d.argmax(axis=1)])
+    if centre_3d is not None:
+        centre_3d /= n_layers
+        for i, sample in enumerate(samples_3d):
+            maps[i] += centre_map(centre_3d[i], sample.propagation, params.sigma, params.quantise_3d)
+        parts.append(layers_3d[salient][rows, centre_3d.argmax(axis=1)])
+    raw = maps.reshape(n, -1).max(axis=1)
+    features = _salient_feature(parts)
+    return MultimodalBatch(maps, None if patch_2d is None else patch_2d.reshape(n, *grid), centre_3d, raw,
+                           rescore_batch(raw, features, params.windows), features)
+
+
+def score_one(query_2d: Sequence[np.ndarray] | None, query_3d: Sample3D | None,
+              pool_2d: Sequence[np.ndarray] | None, pool_3d: Sequence[np.ndarray] | None,
+              grid: tuple[int, int] | None, size: int, params: FusionParams = FusionParams()) -> MultimodalResult:
+    """One sample against a pool.
+
+    ``query_2d[l]`` is ``[P, D]`` and ``pool_2d[l]`` ``[K, P, D]``; ``pool_3d`` is :func:`stack_layers` of
+    the pool's samples (``[K, G, F]`` per layer). Pass None for a modality the mode does not use.
+    """
+    use_2d, use_3d = params.mode != "3d", params.mode != "2d"
+    pool_2d = list(pool_2d) if use_2d and pool_2d is not None else None
+    pool_3d = list(pool_3d) if use_3d and pool_3d is not None else None
+    n_layers = _layer_count(params.mode, pool_2d, pool_3d)
+    if use_3d and query_3d is None:
+        raise ValueError(f"mode {params.mode!r} needs the query's 3D sample")
+    if use_2d and (query_2d is None or len(query_2d) != n_layers):
+        raise ValueError(f"mode {params.mode!r} needs {n_layers} 2D query layers")
+    if use_3d and len(query_3d.layers) != n_layers:
+        raise ValueError(f"query has {len(query_3d.layers)} 3D layers, pool has {n_layers}")
+    pool_size = (pool_2d if use_2d else pool_3d)[0].shape[0]
+    if use_2d and use_3d and pool_3d[0].shape[0] != pool_size:
+        raise ValueError(f"2D pool has {pool_size} samples but 3D pool has {pool_3d[0].shape[0]}")
+    if pool_size < 1:
+        raise PoolTooSmallError("one-vs-pool scoring needs at least 1 pool sample, got 0")
+    _check_size(size, grid, query_2d[0].shape[0] if use_2d else None, [query_3d] if use_3d else ())
+    k = interval_k(pool_size, params.fraction)
+    patch_2d = np.zeros(query_2d[0].shape[0], dtype=np.float32) if use_2d else None
+    centre_3d = np.zeros(query_3d.layers[0].shape[0], dtype=np.float32) if use_3d else None
+    proj = projection(query_3d.centre_pixels, size, grid) if use_2d and use_3d else None
+    for layer in range(n_layers):
+        d2 = patch_to_sample_distances(query_2d[layer], pool_2d[layer]) if use_2d else None
+        d3 = euclidean_sample_distances(query_3d.layers[layer], pool_3d[layer]) if use_3d else None
+        if proj is not None:
+            d2, d3 = cae(d2, d3, proj)
+        if use_2d:
+            patch_2d += interval_mean(d2, k)
+        if use_3d:
+            centre_3d += interval_mean(d3, k)
+    final = np.zeros((size, size), dtype=np.float32)
+    parts = []
+    salient = _salient_index(params, n_layers)
+    if use_2d:
+        patch_2d /= n_layers
+        final += upsample(patch_2d.reshape(grid), (size, size))
+        parts.append(query_2d[salient][patch_2d.argmax()])
+    if use_3d:
+        centre_3d /= n_layers
+        final += centre_map(centre_3d, query_3d.propagation, params.sigma, params.quantise_3d)
+        parts.append(query_3d.layers[salient][centre_3d.argmax()])
+    return MultimodalResult(final, None if patch_2d is None else patch_2d.reshape(grid), centre_3d,
+                            float(final.max()), _salient_feature(parts))

@@ -1,0 +1,280 @@
+"""Point-cloud ingest (one NaN convention, clear errors), preprocessing and 3D descriptors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from edge_app.pointcloud import (CloudError, Grouping, PreprocessParams, descriptor_layers, estimate_normals,
+                                 fit_plane_ransac, foreground_mask, group_points, knn_groups, largest_cluster,
+                                 normalise_points, pair_descriptors, prepare_cloud, read_cloud, resize_nearest,
+                                 to_organised, valid_mask, zero_background)
+from edge_app.synthetic3d import generate_set
+
+
+def _cloud(h: int = 6, w: int = 5, seed: int = 0) -> np.ndarray:
+    xyz = np.random.default_rng(seed).uniform(-0.05, 0.05, size=(h, w, 3)).astype(np.float32)
+    xyz[..., 2] += 0.5
+    return xyz
+
+
+def _write_ply(path, xyz: np.ndarray, binary: bool) -> None:
+    flat = xyz.reshape(-1, 3).astype(np.float32)
+    header = ["ply", f"format {'binary_little_endian' if binary else 'ascii'} 1.0", f"element vertex {len(flat)}",
+              "property float x", "property float y", "property float z", "property uchar red", "end_header"]
+    with open(path, "wb") as f:
+        f.write(("\n".join(header) + "\n").encode())
+        if binary:
+            table = np.zeros(len(flat), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1")])
+            table["x"], table["y"], table["z"] = flat.T
+            f.write(table.tobytes())
+        else:
+            f.write("".join(f"{x!r} {y!r} {z!r} 7\n" for x, y, z in flat.tolist()).encode())
+
+
+def _write_pcd(path, xyz: np.ndarray, binary: bool, organised: bool, data: str | None = None) -> None:
+    flat = xyz.reshape(-1, 3).astype(np.float32)
+    width, height = (xyz.shape[1], xyz.shape[0]) if organised else (len(flat), 1)
+    mode = data or ("binary" if binary else "ascii")
+    header = ["# .PCD v0.7", "VERSION 0.7", "FIELDS x y z", "SIZE 4 4 4", "TYPE F F F", "COUNT 1 1 1",
+              f"WIDTH {width}", f"HEIGHT {height}", "VIEWPOINT 0 0 0 1 0 0 0", f"POINTS {len(flat)}", f"DATA {mode}"]
+    with open(path, "wb") as f:
+        f.write(("\n".join(header) + "\n").encode())
+        rows = "".join(f"{x!r} {y!r} {z!r}\n" for x, y, z in flat.tolist())
+        f.write(flat.tobytes() if mode != "ascii" else rows.encode())
+
+
+# --- ingest ---------------------------------------------------------------------------------------------
+
+def test_zero_and_non_finite_points_become_nan():
+    xyz = _cloud()
+    xyz[0, 0] = 0.0
+    xyz[1, 2] = [np.inf, 0.1, 0.5]
+    xyz[2, 3, 1] = np.nan
+    cloud = to_organised(xyz)
+    assert cloud.dtype == np.float32 and cloud.shape == xyz.shape
+    missing = ~valid_mask(cloud)
+    assert missing.sum() == 3 and missing[0, 0] and missing[1, 2] and missing[2, 3]
+    assert np.isnan(cloud[missing]).all()
+    np.testing.assert_array_equal(cloud[~missing], xyz[~missing])
+
+
+@pytest.mark.parametrize("suffix, writer", [
+    (".tiff", lambda p, x: tifffile.imwrite(p, x, photometric="rgb")),
+    (".npy", lambda p, x: np.save(p, x)),
+    (".ply", lambda p, x: _write_ply(p, x, binary=False)),
+    (".ply", lambda p, x: _write_ply(p, x, binary=True)),
+    (".pcd", lambda p, x: _write_pcd(p, x, binary=False, organised=True)),
+    (".pcd", lambda p, x: _write_pcd(p, x, binary=True, organised=True)),
+])
+def test_every_format_reads_into_the_same_organised_cloud(tmp_path, suffix, writer):
+    xyz = _cloud()
+    xyz[3, 1] = 0.0   # MVTec-style missing point
+    path = tmp_path / f"cloud{suffix}"
+    writer(path, xyz)
+    cloud = read_cloud(path, image_shape=(6, 5, 3))
+    assert cloud.shape == (6, 5, 3)
+    assert np.isnan(cloud[3, 1]).all() and valid_mask(cloud).sum() == 29
+    np.testing.assert_allclose(cloud[valid_mask(cloud)], xyz[valid_mask(cloud)], rtol=1e-6)
+
+
+def test_unorganised_pcd_needs_the_image_shape(tmp_path):
+    xyz = _cloud()
+    path = tmp_path / "flat.pcd"
+    _write_pcd(path, xyz, binary=True, organised=False)
+    with pytest.raises(CloudError, match="flat.pcd.*unorganised"):
+        read_cloud(path)
+    np.testing.assert_array_equal(read_cloud(path, image_shape=(6, 5)), xyz)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: np.zeros((6, 5, 3), np.float32), "no valid point"),
+    (lambda: np.full((6, 5, 3), np.nan, np.float32), "no valid point"),
+    (lambda: np.zeros((6, 5, 4), np.float32), r"expected an organised cloud \[H, W, 3\]"),
+    (lambda: np.zeros((0, 5, 3), np.float32), r"expected an organised cloud"),
+    (lambda: _cloud() * np.array([1, 1, 1e6], np.float32), "absurd coordinate"),
+    (lambda: np.array(["a"] * 90).reshape(6, 5, 3), "numeric"),
+])
+def test_bad_clouds_raise_errors_naming_the_file(tmp_path, make, message):
+    path = tmp_path / "part_0042.npy"
+    np.save(path, make())
+    with pytest.raises(CloudError, match=f"part_0042.npy.*{message}"):
+        read_cloud(path)
+
+
+def test_size_mismatch_with_the_paired_image(tmp_path):
+    path = tmp_path / "scan.tiff"
+    tifffile.imwrite(path, _cloud(6, 5), photometric="rgb")
+    with pytest.raises(CloudError, match=r"scan.tiff: cloud is 6x5 but the paired image is 6x6"):
+        read_cloud(path, image_shape=(6, 6, 3))
+    pcd = tmp_path / "scan.pcd"
+    _write_pcd(pcd, _cloud(6, 5), binary=True, organised=True)
+    with pytest.raises(CloudError, match=r"scan.pcd: cloud is 6x5 but the paired image is 5x6"):
+        read_cloud(pcd, image_shape=(5, 6))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a.ply", b"not a ply", "not a PLY"),
+    ("b.ply", b"ply\nformat binary_little_endian 1.0\nelement vertex 10\nproperty float x\nproperty float y\n"
+              b"property float z\nend_header\n" + b"\x00" * 12, "truncated"),
+    ("c.pcd", b"VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 2\nHEIGHT 1\nPOINTS 2\n"
+              b"DATA binary_compressed\n" + b"\x00" * 24, "binary_compressed"),
+    ("d.tiff", b"garbage", "unreadable"),
+    ("e.xyz", b"1 2 3", "unsupported point-cloud format"),
+])
+def test_unreadable_files_raise_errors_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CloudError, match=f"{name}.*{message}"):
+        read_cloud(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CloudError, match="nothere.tiff: no such file"):
+        read_cloud(tmp_path / "nothere.tiff")
+
+
+# --- preprocessing --------------------------------------------------------------------------------------
+
+def _box_on_table(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A 10 mm high box on a tilted table, metres; returns (cloud, true box mask)."""
+    rng = np.random.default_rng(seed)
+    u = (np.arange(size) - size / 2) * 0.001
+    gy, gx = np.meshgrid(u, u, indexing="ij")
+    box = (np.abs(gx) < 0.012) & (np.abs(gy) < 0.008)
+    depth = 0.5 + 0.05 * gx - 0.03 * gy - 0.01 * box + rng.normal(0, 2e-5, gx.shape)
+    return np.stack([gx, gy, depth], axis=-1).astype(np.float32), box
+
+
+def test_ransac_recovers_the_tilted_table_plane():
+    cloud, box = _box_on_table()
+    normal, offset = fit_plane_ransac(cloud[~box], threshold=0.001, iterations=200, seed=1)
+    expected = np.array([0.05, -0.03, -1.0]) / np.linalg.norm([0.05, -0.03, -1.0])
+    assert abs(abs(normal @ expected) - 1) < 1e-6
+    assert np.abs(cloud[~box] @ normal + offset).max() < 1e-4
+
+
+def test_foreground_is_the_part_without_table_or_stray_blob():
+    cloud, box = _box_on_table()
+    cloud[2:5, 40:43] = cloud[2:5, 40:43] - [0, 0, 0.05]   # a floating blob, 50 mm off the table and the box
+    keep = foreground_mask(cloud)
+    np.testing.assert_array_equal(keep, box)
+
+
+def test_largest_cluster_joins_points_closer_than_eps_only():
+    rng = np.random.default_rng(0)
+    big = rng.uniform(0, 0.05, size=(2000, 3))
+    near = big[:50] + [0.0, 0.0, 0.004]        # 4 mm above some big-cluster points: same cluster at eps 6 mm
+    far = rng.uniform(0, 0.01, size=(300, 3)) + [0.2, 0, 0]
+    keep = largest_cluster(np.concatenate([big, near, far]), eps=0.006)
+    assert keep[:2050].all() and not keep[2050:].any()
+
+
+def test_nan_only_regions_are_ignored_and_an_empty_foreground_is_an_error():
+    cloud, box = _box_on_table()
+    holes = cloud.copy()
+    holes[:, :20] = np.nan                                  # scanner shadow over part of the table
+    np.testing.assert_array_equal(foreground_mask(holes), box)
+    no_part = cloud.copy()
+    no_part[box] = np.nan                                   # the part itself is missing: only table remains
+    with pytest.raises(CloudError, match="scan_7: no foreground point"):
+        foreground_mask(no_part, source="scan_7")
+
+
+def test_resize_nearest_follows_torch_indexing():
+    grid = np.arange(6 * 4).reshape(6, 4)
+    out = resize_nearest(grid, 3)
+    np.testing.assert_array_equal(out, grid[[0, 2, 4]][:, [0, 1, 2]])
+    np.testing.assert_array_equal(resize_nearest(grid, 12)[::2, ::3], grid)   # upsampling repeats pixels
+
+
+def test_prepare_cloud_normalises_and_keeps_pixel_ids():
+    cloud, box = _box_on_table(size=64)
+    prepared = prepare_cloud(cloud, size=32)
+    on_grid = resize_nearest(np.where(box[..., None], cloud, np.nan), 32)
+    ids = np.flatnonzero(valid_mask(on_grid))
+    np.testing.assert_array_equal(prepared.pixel_ids, ids)
+    restored = prepared.points.astype(np.float64) * prepared.scale + prepared.centroid
+    np.testing.assert_allclose(restored, on_grid.reshape(-1, 3)[ids], atol=1e-6)
+    assert np.abs(prepared.points.mean(axis=0)).max() < 1e-5
+    assert np.isclose(np.linalg.norm(prepared.points, axis=1).max(), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(prepared.foreground, box)
+
+
+def test_zero_background_blanks_what_the_cloud_removed():
+    image = np.full((4, 4, 3), 200, np.uint8)
+    keep = np.zeros((4, 4), bool)
+    keep[1:3, 1:3] = True
+    out = zero_background(image, keep)
+    assert (out[keep] == 200).all() and (out[~keep] == 0).all()
+    with pytest.raises(ValueError, match="not aligned"):
+        zero_background(image, keep[:3])
+
+
+def test_normalise_rejects_a_degenerate_cloud():
+    with pytest.raises(ValueError, match="no extent"):
+        normalise_points(np.ones((10, 3)))
+
+
+def test_preprocess_params_disable_steps():
+    cloud, box = _box_on_table()
+    keep = foreground_mask(cloud, PreprocessParams(remove_plane=False, keep_largest_cluster=False))
+    assert keep.all()
+
+
+# --- descriptors ----------------------------------------------------------------------------------------
+
+def _surface(size: int = 40, dent: float = 0.0, angle: float = 0.0, seed: int = 0) -> np.ndarray:
+    """Points of a plane (optionally dented at the centre) rotated about the sensor axis."""
+    u = np.linspace(-1, 1, size)
+    gx, gy = [a.ravel() for a in np.meshgrid(u, u)]
+    z = -dent * np.exp(-(gx ** 2 + gy ** 2) / (2 * 0.15 ** 2)) + np.random.default_rng(seed).normal(0, 1e-4, gx.size)
+    c, s = np.cos(angle), np.sin(angle)
+    return np.stack([c * gx - s * gy, s * gx + c * gy, z], axis=1).astype(np.float32)
+
+
+def test_normals_face_the_sensor():
+    normals = estimate_normals(_surface())
+    np.testing.assert_allclose(normals[:, 2], -1.0, atol=1e-3)
+
+
+def test_flat_patches_put_all_mass_in_the_centre_bins_and_histograms_sum_to_one():
+    points = _surface()
+    centre = np.array([820])
+    members = np.argsort(np.linalg.norm(points - points[centre], axis=1))[None, :64]
+    desc = pair_descriptors(points, estimate_normals(points), centre, members)
+    hist = desc.reshape(4, 11)
+    np.testing.assert_allclose(hist.sum(axis=1), 1.0, atol=1e-6)
+    assert (hist[:, 4:7].sum(axis=1) > 0.99).all()
+
+
+def test_descriptors_are_rotation_invariant_and_see_a_dent():
+    def centre_descriptor(points: np.ndarray) -> np.ndarray:
+        centre = np.array([int(np.argmin(np.linalg.norm(points[:, :2], axis=1)))])
+        groups = knn_groups(points, centre, 64)
+        grouping = Grouping(centre, points[centre], groups, np.zeros(1, np.float32))
+        layers = descriptor_layers(points, grouping, normal_neighbours=12)
+        assert [layer.shape for layer in layers] == [(1, 44)] * 3
+        return np.concatenate(layers, axis=1)[0]
+
+    flat = centre_descriptor(_surface())
+    rotated = centre_descriptor(_surface(angle=0.7))
+    dented = centre_descriptor(_surface(dent=0.1))
+    assert np.linalg.norm(flat - rotated) < 0.02
+    assert np.linalg.norm(flat - dented) > 0.5
+
+
+def test_descriptor_scales_are_validated():
+    points = _surface(size=20)
+    grouping = group_points(points, n_groups=8, group_size=16)
+    with pytest.raises(ValueError, match="scales"):
+        descriptor_layers(points, grouping, scales=(0.0, 1.0))
+
+
+def test_synthetic_scan_preprocesses_to_the_part_and_rail():
+    data = generate_set(2, seed=0, size=96)
+    for cloud, image in zip(data.clouds, data.images):
+        keep = foreground_mask(cloud)
+        # The table is dark grey; what is kept is the bright plate / bulge / label and the blue rail.
+        assert (image[keep].mean(axis=1) > 80).mean() > 0.95
+        assert keep.sum() > 0.2 * keep.size
