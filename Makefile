@@ -37,7 +37,8 @@ verify: setup
 
 bench: setup
 	$(BIN)/python bench/bench_scoring.py
-	$(BIN)/python bench/bench_eval.py --data $(DATA)
+	$(BIN)/python bench/bench_line.py --data $(DATA) --link both --rate 4 --find-rate
+	$(BIN)/python bench/bench_3d.py
 
 clean:
 	rm -rf $(VENV) models runs .pytest_cache
