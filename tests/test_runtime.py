@@ -22,6 +22,7 @@ from edge_app.record import Reason, Verdict
 from edge_app.runtime.inspector import Inspector
 from edge_app.runtime.line import Line
 from edge_app.runtime.pool_store import PoolMismatchError
+from edge_app.runtime.status import format_status, line_status
 from edge_app.synthetic import generate_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +74,11 @@ def test_every_part_is_decided_recorded_and_acked_once_over_zeromq(toy_model, tm
     assert {r.verdict for r in rows[4:]} <= {Verdict.ACCEPT, Verdict.REJECT}, [r.detail for r in rows[4:]]
     assert all(r.score is not None and r.features_s > 0 for r in rows[4:])
     assert (tmp_path / "line" / "pools" / "default.npz").is_file()
+    status = line_status(tmp_path / "line")
+    assert status["counters"]["parts"] == 16 and status["counters"]["unacked"] == 0
+    assert status["counters"]["no_verdict_by_reason"] == {"warmup": 4}
+    assert status["pools"]["default"]["size"] >= 4
+    assert "NO_VERDICT 4 (warmup 4)" in format_status(status)
 
 
 def test_serial_link_over_a_pty_pair(toy_model, tmp_path):

@@ -35,8 +35,17 @@ def line_status(storage_dir: str | Path) -> dict:
 
 
 def format_status(status: dict) -> str:
+    """The status as a few aligned lines a technician can read."""
     c = status["counters"]
-    lines = [f"line storage  {status['storage']}", json.dumps(c, indent=2, default=str)]
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(c["no_verdict_by_reason"].items()))
+    lines = [f"line storage  {status['storage']}",
+             f"parts {c['parts']}   OK {c['ok']}   NG {c['ng']}   NO_VERDICT {c['no_verdict']}"
+             + (f" ({reasons})" if reasons else ""),
+             f"acked {c['acked']}   unacked {c['unacked']}   late acks {c['ack_late']}   test parts {c['test_parts']}",
+             f"{'latency ms':<12}{'min':>8}{'median':>8}{'p99':>8}{'max':>8}"]
+    for stage, stats in c["latency"].items():
+        if stats.get("n"):
+            lines.append(f"  {stage:<10}" + "".join(f"{1e3 * stats[k]:8.1f}" for k in ("min", "median", "p99", "max")))
     for name, pool in status["pools"].items():
         age = pool["oldest_age_s"]
         lines.append(f"pool {name:<10} {pool['size']} members"
