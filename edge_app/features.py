@@ -72,6 +72,8 @@ class FeatureEngine:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # Idle ORT threads must not spin: scoring runs on the same cores right after each inference.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = providers or available_providers()
         provider_args = [self._provider_options(p, trt_cache) for p in chosen]
         self.session = ort.InferenceSession(str(self.model_path), options, providers=provider_args)
