@@ -17,6 +17,12 @@ from .scoring.musc import salient_features
 EVICTION_POLICIES = ("fifo", "reservoir")
 
 
+def pool_range(raw_scores: np.ndarray, quantiles: tuple[float, float]) -> tuple[float, float]:
+    """(lo, hi) that map pool members' raw scores to 0 and 1 in streaming normalisation."""
+    lo, hi = np.quantile(raw_scores, quantiles)
+    return float(lo), float(hi)
+
+
 @dataclass
 class PoolScore:
     """One part scored against the pool."""
@@ -95,7 +101,7 @@ class FeaturePool:
         members = np.flatnonzero(keep) if keep is not None else slice(0, self.size)
         pool_raw = self.raw_scores[members]
         score = rescore_one(raw, feature, pool_raw, self.features[members],
-                            (float(pool_raw.min()), float(pool_raw.max())), params.windows)
+                            pool_range(pool_raw, params.pool_quantiles), params.windows)
         return PoolScore(patch.reshape(grid), raw, score, feature, n_refs, float(closeness.min()) / len(query_sets))
 
     def rescore_members(self, grid: tuple[int, int], params: MuscParams) -> None:
@@ -119,7 +125,7 @@ class FeaturePool:
             others = np.delete(np.arange(n), i)
             raw = self.raw_scores[others]
             out.append(rescore_one(float(self.raw_scores[i]), self.features[i], raw, self.features[others],
-                                   (float(raw.min()), float(raw.max())), params.windows))
+                                   pool_range(raw, params.pool_quantiles), params.windows))
         return out
 
     # -- membership ------------------------------------------------------------------------------------------

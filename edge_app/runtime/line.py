@@ -414,7 +414,7 @@ class Line:
                     rp.pool.remove(slots)
                 else:
                     rp.pool.golden[slots] = cmd == "pool_freeze"
-                self.inspector.save_pools()
+                self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
                 return {"changed": int(len(slots)), "size": rp.pool.size,
                         "golden": int(rp.pool.golden[:rp.pool.size].sum())}
             return self._between_parts(change)
@@ -427,7 +427,7 @@ class Line:
             def reseed() -> dict:
                 rp.pool.remove(np.flatnonzero(~rp.pool.golden[:rp.pool.size]))
                 size = admit_prepared(self.inspector, rp.name, prepared)
-                self.inspector.save_pools()
+                self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
                 return {"size": size}
             return self._between_parts(reseed)
         if cmd == "test_fire":

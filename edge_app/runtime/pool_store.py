@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ def save_pool(path: str | Path, state: dict[str, np.ndarray], identity: dict) ->
     """Write ``state`` + ``identity`` to ``path`` atomically (temp file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as handle:
         np.savez(handle, identity=np.array(json.dumps(identity, sort_keys=True)), **state)
         handle.flush()

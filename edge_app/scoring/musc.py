@@ -27,6 +27,10 @@ class MuscParams:
     windows: tuple[int, ...] = DEFAULT_WINDOWS
     salient_layer: int = 1                # layer whose arg-max feature drives RsCon (V2: 2nd of 3)
     rescore_feature: str = "salient"      # salient (RsCon, V2) | image_token (RsCIN, V1)
+    # Streaming normalisation: a part's raw score is mapped by these quantiles of the pool members' raw
+    # scores to 0 and 1 (batch mode uses the batch min and max). Quantiles rather than min/max keep the
+    # scale, and so a calibrated threshold, stable when one extreme member enters or leaves the pool.
+    pool_quantiles: tuple[float, float] = (0.1, 0.9)
 
     def salient_set(self, n_sets: int) -> int:
         per_layer = len(self.degrees) if self.aggregation == "lnamd" else 1
