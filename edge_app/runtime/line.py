@@ -411,6 +411,10 @@ class Line:
             def change() -> dict:
                 slots = self._slots(rp.pool, request)
                 if cmd == "pool_purge":
+                    golden = [rp.pool.part_ids[i] for i in slots if rp.pool.golden[i]]
+                    if golden and not request.get("include_golden"):
+                        raise ControlError(f"golden members are never purged implicitly: {golden}; "
+                                           f"unfreeze them first")
                     rp.pool.remove(slots)
                 else:
                     rp.pool.golden[slots] = cmd == "pool_freeze"
