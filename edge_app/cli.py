@@ -24,9 +24,14 @@ def _blocks(text: str) -> tuple[int, ...]:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a dataset category (MVTec AD / MVTec 3D-AD layout) and print metrics",
-                       description="Without --dataset, a small synthetic inspection set is generated and scored.")
+                       description="Without --dataset, a small synthetic inspection set (with point clouds for "
+                                   "--modality 3d / 2d+3d) is generated and scored.")
     p.add_argument("--dataset", type=Path, help="category folder (e.g. ../shared/data/mvtec_ad/bottle)")
     p.add_argument("--mode", choices=("batch", "stream"), default="batch")
+    p.add_argument("--modality", choices=("2d", "3d", "2d+3d"), default="2d",
+                   help="score images, point clouds (MVTec 3D-AD xyz/*.tiff) or both fused (MuSc-V2)")
+    p.add_argument("--groups", type=int, default=1024, help="3d / 2d+3d: point groups per part")
+    p.add_argument("--group-size", type=int, default=128, help="3d / 2d+3d: points per group")
     p.add_argument("--size", type=int, default=224, help="input resolution (multiple of the patch size)")
     p.add_argument("--pool", type=int, default=40, help="stream mode: rolling pool capacity")
     p.add_argument("--min-pool", type=int, default=10, help="stream mode: pool size before scoring starts")
@@ -49,19 +54,37 @@ def cmd_eval(args) -> int:
 
     dataset = args.dataset
     if dataset is None:
-        from .synthetic import generate_set
-
         dataset = Path(tempfile.mkdtemp(prefix="musc-synthetic-")) / "synthetic_part"
-        generate_set(dataset, n=48, defect_fraction=0.25, seed=args.seed)
+        if args.modality == "2d":
+            from .synthetic import generate_set
+
+            generate_set(dataset, n=48, defect_fraction=0.25, seed=args.seed)
+        else:
+            from .synthetic3d import generate_set as generate_scans
+            from .synthetic3d import write_mvtec3d
+
+            write_mvtec3d(generate_scans(48, seed=args.seed, defect_fraction=0.25, size=args.size), dataset)
         print(f"generated a synthetic inspection set in {dataset}", file=sys.stderr)
         if args.overlays is None:
             args.overlays = Path("runs") / "overlays"
-    settings = EvalSettings(dataset=dataset, mode=args.mode, size=args.size, pool=args.pool, min_pool=args.min_pool,
-                            seed=args.seed, model=args.model, blocks=args.blocks or DEFAULT_BLOCKS,
-                            params=MuscParams(aggregation=args.aggregation, windows=args.rescore,
-                                              rescore_feature=args.rescore_feature), overlays=args.overlays,
-                            threads=args.threads, progress=not args.quiet)
-    report = run_eval(settings)
+    common = dict(dataset=dataset, mode=args.mode, size=args.size, pool=args.pool, min_pool=args.min_pool,
+                  seed=args.seed, model=args.model, blocks=args.blocks or DEFAULT_BLOCKS,
+                  params=MuscParams(aggregation=args.aggregation, windows=args.rescore,
+                                    rescore_feature=args.rescore_feature), overlays=args.overlays,
+                  threads=args.threads, progress=not args.quiet)
+    if args.modality == "2d":
+        report = run_eval(EvalSettings(**common))
+    else:
+        from pydantic import ValidationError
+
+        from .config import ScanSettings
+        from .evaluation.runner3d import Eval3DSettings, run_eval3d
+
+        try:
+            scan = ScanSettings(n_groups=args.groups, group_size=args.group_size)
+        except ValidationError as exc:
+            raise UsageError(f"--groups / --group-size: {exc.errors()[0]['msg']}") from None
+        report = run_eval3d(Eval3DSettings(**common, modality=args.modality, scan=scan))
     print(format_report(report))
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +100,10 @@ def _add_run(sub) -> None:
                        description="Without --config: synthetic parts replayed on a simulated conveyor, inspected "
                                    "by the full runtime and signalled over ZeroMQ to an in-process PLC simulator.")
     p.add_argument("--config", type=Path, help="line config (YAML); see deploy/*.yaml")
-    p.add_argument("--parts", type=int, default=60, help="simulated line: number of parts")
-    p.add_argument("--rate", type=float, default=4.0, help="simulated line: parts per second")
+    p.add_argument("--3d", dest="scans", action="store_true",
+                   help="simulated line: scanned parts (image + point cloud) scored by a 2d+3d recipe")
+    p.add_argument("--parts", type=int, help="simulated line: number of parts (default 60, 40 with --3d)")
+    p.add_argument("--rate", type=float, help="simulated line: parts per second (default 4, 1 with --3d)")
     p.add_argument("--seed", type=int, default=0, help="simulated line: seed of the generated parts")
     p.add_argument("--workdir", type=Path, help="simulated line: where parts, ledger and archive go")
     p.add_argument("--model", type=Path, help="simulated line: feature model (default models/...)")
@@ -87,9 +112,13 @@ def _add_run(sub) -> None:
 
 def cmd_run(args) -> int:
     if args.config is None:
-        from .runtime.simulated import run_simulated_line
+        from .runtime.simulated import run_simulated_line, run_simulated_scan_line
 
-        return run_simulated_line(args.workdir, args.parts, args.rate, args.seed, args.model)
+        if args.scans:
+            return run_simulated_scan_line(args.workdir, args.parts or 40, args.rate or 1.0, args.seed, args.model)
+        return run_simulated_line(args.workdir, args.parts or 60, args.rate or 4.0, args.seed, args.model)
+    if args.scans:
+        raise UsageError("--3d selects the simulated 2D+3D line; with --config, set the recipe's modality instead")
     import signal
 
     from .config import load_config

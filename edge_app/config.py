@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from .links import LinkConfig
 from .record import FailSafe
@@ -66,13 +67,69 @@ class PoolSettings(_Strict):
         return self
 
 
+class ScanPreprocessSettings(_Strict):
+    """Background removal of a scan; distances in the scanner's units (defaults: MVTec 3D-AD's, metres)."""
+
+    remove_plane: bool = Field(True, description="fit the background plane on the image border and drop it")
+    border: int = Field(10, ge=1, description="width in pixels of the border strip the plane is fitted on")
+    plane_threshold: float = Field(0.004, gt=0, description="RANSAC inlier distance")
+    plane_removal: float = Field(0.005, ge=0, description="points closer than this to the plane are background")
+    keep_largest_cluster: bool = Field(True, description="drop everything but the largest connected cluster")
+    cluster_eps: float = Field(0.006, gt=0, description="points closer than this are in the same cluster")
+
+
+class ScanSettings(_Strict):
+    """3D settings of a ``3d`` / ``2d+3d`` recipe (defaults: MuSc-V2's). The cloud is scored on the same
+    ``model.size`` grid as the image, so the two stay pixel-aligned."""
+
+    n_groups: int = Field(1024, ge=8, description="point groups (3D patches) per part")
+    group_size: int = Field(128, ge=8, description="points per group")
+    grouping: Literal["ipg", "knn"] = Field("ipg", description="ipg follows the surface across gaps; knn is plain")
+    normal_neighbours: int = Field(16, ge=3, description="points per normal estimate")
+    scales: Optional[tuple[float, ...]] = Field(None, description=(
+        "descriptor scales in (0, 1], one per 3D layer; default halving down from 1.0, one per 2D layer in "
+        "2d+3d (CAE pairs layers), three (0.25, 0.5, 1.0) in 3d"))
+    blur_sigma: Optional[float] = Field(None, ge=0, description="3D map blur in pixels (default 4 px per 224 px)")
+    zero_background: bool = Field(True, description="black out image pixels off the scanned part before 2D features")
+    preprocess: ScanPreprocessSettings = ScanPreprocessSettings()
+
+    @field_validator("scales")
+    @classmethod
+    def _scales_in_range(cls, value):
+        if value is not None and (not value or any(not 0.0 < s <= 1.0 for s in value)):
+            raise ValueError(f"scales must be a non-empty list of numbers in (0, 1], got {list(value)}")
+        return value
+
+
 class RecipeSettings(_Strict):
     threshold: float = Field(0.5, description="re-scored score at or above which a part is rejected")
     pool: PoolSettings = PoolSettings()
+    modality: Literal["2d", "3d", "2d+3d"] = Field("2d", description=(
+        "what is scored against the pool: the image, the point cloud, or both fused (MuSc-V2)"))
+    scan: Optional[ScanSettings] = Field(None, description="3D settings of a 3d / 2d+3d recipe (default: MuSc-V2's)")
 
+    @model_validator(mode="after")
+    def _scan_fits_modality(self):
+        if self.modality == "2d" and self.scan is not None:
+            raise ValueError("'scan' settings are only used by recipes with modality 3d or 2d+3d")
+        if self.modality != "2d" and self.pool.eviction != "fifo":
+            raise ValueError(f"pool.eviction {self.pool.eviction!r} is not available to {self.modality} recipes "
+                             "(their pool is FIFO)")
+        return self
 
+    @model_serializer(mode="wrap")
+    def _omit_2d_defaults(self, handler):
+        # A 2D recipe dumps as it did before 3D recipes existed, so the config hash of 2D lines is unchanged.
+        data = handler(self)
+        if self.modality == "2d":
+            data.pop("modality", None)
+            data.pop("scan", None)
+        return data
 
-
+    @property
+    def scan_settings(self) -> ScanSettings:
+        """The 3D settings in effect (MuSc-V2 defaults when the recipe gives none)."""
+        return self.scan or ScanSettings()
 
 
 class ArchiveSettings(_Strict):
@@ -118,6 +175,20 @@ class LineConfig(_Strict):
         recipe = self.source.get("recipe", "default")
         if recipe not in self.recipes:
             raise ValueError(f"source.recipe {recipe!r} is not one of recipes {sorted(self.recipes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _source_delivers_clouds(self):
+        recipe = self.source.get("recipe", "default")
+        modality, kind = self.recipes[recipe].modality, self.source.get("type")
+        if modality == "2d":
+            return self
+        if kind == "opencv":
+            raise ValueError(f"source: recipe {recipe!r} scores {modality} but an opencv camera delivers no "
+                             "point clouds (use a zmq source with clouds, or replay with cloud_path)")
+        if kind == "replay" and not self.source.get("cloud_path"):
+            raise ValueError(f"source.cloud_path: recipe {recipe!r} scores {modality}; set where each replayed "
+                             "image's cloud is, e.g. '../xyz/{stem}.tiff'")
         return self
 
     def config_hash(self) -> str:

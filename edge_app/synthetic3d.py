@@ -9,12 +9,16 @@ assembly tolerance).
 
 Lighting is a diffuse dome, so colours are albedo only: geometric defects (dent, bump, cut) are invisible
 in 2D, a stain is invisible in 3D, a burn (dent + discolouration) shows in both. Missing points are NaN.
+``write_mvtec3d`` writes a set as an MVTec 3D-AD tree, so everything that reads real data reads this too.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import cv2
 import numpy as np
+import tifffile
 
 DEFECT_MODALITY = {"dent": "3d", "bump": "3d", "cut": "3d", "stain": "2d", "burn": "both"}
 FIELD_OF_VIEW = 0.1        # metres covered by the grid side
@@ -153,3 +157,25 @@ def generate_set(n: int, seed: int = 0, defect_fraction: float = 1 / 3, size: in
         modalities=tuple("none" if k == "good" else DEFECT_MODALITY[k] for k in kinds),
         gap_bands=np.stack([p.gap_band for p in parts]),
     )
+
+
+def write_mvtec3d(data: SyntheticSet, root: str | Path) -> Path:
+    """Write ``data`` as an MVTec 3D-AD category under ``root`` and return ``root``.
+
+    Layout: ``test/<kind>/rgb/NNN.png``, ``test/<kind>/xyz/NNN.tiff`` (float32 ``[H, W, 3]``, missing points
+    written as ``(0, 0, 0)`` like MVTec's) and ``test/<kind>/gt/NNN.png`` (0 / 255; all zero for good parts),
+    numbered per kind in set order.
+    """
+    root = Path(root)
+    counters: dict[str, int] = {}
+    for image, cloud, mask, kind in zip(data.images, data.clouds, data.masks, data.kinds):
+        index = counters.get(kind, 0)
+        counters[kind] = index + 1
+        folder = root / "test" / kind
+        for sub in ("rgb", "xyz", "gt"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        name = f"{index:03d}"
+        cv2.imwrite(str(folder / "rgb" / f"{name}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(folder / "gt" / f"{name}.png"), mask.astype(np.uint8) * 255)
+        tifffile.imwrite(folder / "xyz" / f"{name}.tiff", np.nan_to_num(cloud, nan=0.0), photometric="rgb")
+    return root

@@ -35,6 +35,19 @@ def cmd_hf(args) -> int:
     return 0
 
 
+def cmd_pointmae(args) -> int:
+    try:
+        from .pointmae import DEFAULT_BLOCKS, export_checkpoint
+    except ImportError as exc:
+        raise ImportError(f"exporting Point-MAE needs PyTorch (pip install -e '.[export]'): {exc}") from exc
+
+    blocks = args.blocks or DEFAULT_BLOCKS
+    out = export_checkpoint(args.checkpoint, args.out, blocks)
+    print(f"wrote {out} (Point-MAE encoder, blocks {list(blocks)}: groups [B, G, M, 3] + centres [B, G, 3] -> "
+          f"tokens [B, G, 384] per block)")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .verify import format_table, load_images, verify_model
 
@@ -78,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--blocks", type=_blocks, default=(3, 6, 9, 12))
     p.set_defaults(func=cmd_hf)
+
+    p = sub.add_parser("pointmae", help="export MuSc-V2's 3D encoder (Point-MAE) from a local checkpoint (no download)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="Point-MAE pre-training .pth, used as is")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--blocks", type=_blocks, help="encoder blocks whose tokens are outputs (default 4,8,12)")
+    p.set_defaults(func=cmd_pointmae)
 
     p = sub.add_parser("verify", help="parity of an exported model against its source; non-zero exit on failure")
     p.add_argument("model", type=Path, nargs="?", default=DEFAULT_OUT)

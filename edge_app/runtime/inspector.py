@@ -1,7 +1,8 @@
 """Per-part inspection: decode -> features -> one-vs-pool scoring -> verdict, and pool admission.
 
 No threads and no I/O beyond the feature engine: the line (``runtime/line.py``) drives it from its worker
-thread, the seed command and tests drive it directly.
+thread, the seed command and tests drive it directly. Recipes with modality ``3d`` / ``2d+3d`` are handed to
+:class:`~edge_app.runtime.multimodal.ScanRecipePool` (same stages, plus the part's point cloud).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..pool import FeaturePool
 from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, PoolTooSmallError, prepare
 from ..sources.base import DecodeError, decode_part
+from .multimodal import ScanRecipePool
 from .pool_store import load_pool, pool_path, save_pool
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,10 @@ class Inspector:
         n_sets = len(self.layer_index) * (len(self.params.degrees) if self.params.aggregation == "lnamd" else 1)
         self.params.salient_set(n_sets)  # fail early on an impossible salient layer
         patches, dim = self.grid[0] * self.grid[1], self.engine.manifest.token_dim
-        self.pools = {name: RecipePool(name, recipe, n_sets, patches, dim)
-                      for name, recipe in config.recipes.items()}
+        self.pools: dict[str, RecipePool | ScanRecipePool] = {
+            name: RecipePool(name, recipe, n_sets, patches, dim) if recipe.modality == "2d" else
+            ScanRecipePool(name, recipe, n_sets, patches, dim, self.engine.size, self.params)
+            for name, recipe in config.recipes.items()}
 
     # -- identity & persistence ----------------------------------------------------------------------------
     def pool_identity(self) -> dict:
@@ -71,10 +75,15 @@ class Inspector:
                 "blocks": list(self.config.model.blocks), "aggregation": self.params.aggregation,
                 "degrees": list(self.params.degrees)}
 
+    def recipe_identity(self, name: str) -> dict:
+        """:meth:`pool_identity`, plus the modality and 3D settings of a 3d / 2d+3d recipe."""
+        rp = self.pools[name]
+        return {**self.pool_identity(), **rp.identity()} if isinstance(rp, ScanRecipePool) else self.pool_identity()
+
     def restore_pools(self) -> dict[str, int]:
         """Load every recipe's stored pool (PoolMismatchError for a foreign one); returns sizes."""
         for name, rp in self.pools.items():
-            load_pool(pool_path(self.config.storage.dir, name), rp.pool, self.pool_identity())
+            load_pool(pool_path(self.config.storage.dir, name), rp.pool, self.recipe_identity(name))
         return {name: rp.pool.size for name, rp in self.pools.items()}
 
     def snapshot_pools(self) -> dict[str, dict[str, np.ndarray]]:
@@ -84,7 +93,7 @@ class Inspector:
 
     def write_pools(self, snapshot: dict[str, dict[str, np.ndarray]]) -> None:
         for name, state in snapshot.items():
-            save_pool(pool_path(self.config.storage.dir, name), state, self.pool_identity())
+            save_pool(pool_path(self.config.storage.dir, name), state, self.recipe_identity(name))
 
     def save_pools(self) -> None:
         self.write_pools(self.snapshot_pools())
@@ -104,6 +113,8 @@ class Inspector:
         rp = self.pools.get(part.recipe)
         if rp is None:
             return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"unknown recipe {part.recipe!r}"), None
+        if isinstance(rp, ScanRecipePool):
+            return rp.inspect(part, self.features, self.grid, self.params)
         t0 = time.monotonic()
         try:
             decode_part(part)
@@ -144,6 +155,8 @@ class Inspector:
         are scored among themselves so each has a raw score and re-scoring feature.
         """
         rp = self.pools.get(part.recipe)
+        if isinstance(rp, ScanRecipePool):
+            return rp.admit(part, prepared, self.grid, self.params, now)
         if rp is None or prepared is None:
             return False
         pool, settings = rp.pool, rp.settings.pool

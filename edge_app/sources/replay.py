@@ -4,10 +4,18 @@ Part ``k`` is captured at ``t0 + k / rate`` on the monotonic clock (``t0`` = sta
 schedule never drifts and never waits for the consumer, as a real conveyor doesn't. A consumer that falls
 behind receives overdue parts at once, stamped with their scheduled capture times.
 
+Image files can be replayed with their scanner frames: ``cloud_path`` says where each image's organised
+point cloud is, relative to the image's folder, with ``{stem}`` (file name without suffix) and ``{name}``
+filled in; ``"../xyz/{stem}.tiff"`` pairs MVTec 3D-AD's ``rgb/000.png`` with ``xyz/000.tiff``. The cloud
+is read into ``PartRecord.cloud``; a missing or unreadable one decides the part NO_VERDICT / SCANNER_ERROR
+naming the file, so the part is still signalled.
+
 >>> source = ReplaySource(ReplayConfig(path="bottle/test", pattern="*/*.png", rate=4.0, shuffle=True, seed=1))
+>>> scans = ReplaySource(ReplayConfig(path="tire/test", pattern="*/rgb/*.png", cloud_path="../xyz/{stem}.tiff"))
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Generator, Iterator
 from contextlib import closing
@@ -18,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..record import PartRecord
+from ..record import PartRecord, Reason, Verdict
 from .base import (
     IMAGE_SUFFIXES,
     FrameSource,
@@ -51,6 +59,7 @@ class ReplayConfig(SourceConfig):
     encoder_counts_per_part: int | None = None   # simulated encoder; None = the line has none
     encoder_start: int = 0
     encoder_rollover: int = 2 ** 32
+    cloud_path: str | None = None   # image files only: e.g. "../xyz/{stem}.tiff", relative to the image's folder
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,6 +79,23 @@ class ReplayConfig(SourceConfig):
         require(isinstance(self.encoder_rollover, int) and self.encoder_rollover > 0, "encoder_rollover",
                 self.encoder_rollover, "an integer > 0")
         require(isinstance(self.seed, int), "seed", self.seed, "an integer")
+        require(self.cloud_path is None or _valid_template(self.cloud_path), "cloud_path", self.cloud_path,
+                "a path template using {stem} or {name}, e.g. '../xyz/{stem}.tiff'")
+
+
+def paired_cloud(image: Path, cloud_path: str) -> Path:
+    """Where the cloud of ``image`` is: the ``cloud_path`` template filled in, relative to the image's folder."""
+    return Path(os.path.normpath(image.parent / cloud_path.format(stem=image.stem, name=image.name)))
+
+
+def _valid_template(template: object) -> bool:
+    if not isinstance(template, str) or not ("{stem}" in template or "{name}" in template):
+        return False
+    try:
+        template.format(stem="000", name="000.png")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
 
 
 class ReplaySource(FrameSource):
@@ -94,6 +120,8 @@ class ReplaySource(FrameSource):
         elif Path(c.path).is_file():
             if c.shuffle:
                 raise SourceConfigError(f"replay source key 'shuffle' is not supported for a video ({c.path!r})")
+            if c.cloud_path is not None:
+                raise SourceConfigError(f"replay source key 'cloud_path' needs image files, not a video ({c.path!r})")
             capture = cv2.VideoCapture(str(c.path))
             opened = capture.isOpened()
             capture.release()
@@ -109,6 +137,8 @@ class ReplaySource(FrameSource):
         t0_mono, t0_utc = time.monotonic(), time.time()
         with closing(self._frames()) as frames:
             for k, (ref, raw, image) in enumerate(islice(frames, c.limit)):
+                # The scan is read with its frame, before the part's capture time comes.
+                cloud, problem = _read_scan(paired_cloud(Path(ref), c.cloud_path)) if c.cloud_path else (None, None)
                 if c.rate is None:
                     mono, utc = time.monotonic(), time.time()
                 else:
@@ -118,8 +148,11 @@ class ReplaySource(FrameSource):
                         return
                 if self._stop.is_set():
                     return
-                yield PartRecord(part_id=ids.next(), recipe=c.recipe, capture_time=utc, capture_monotonic=mono,
-                                 encoder=self._encoder(k), raw=raw, image=image, source_ref=ref)
+                part = PartRecord(part_id=ids.next(), recipe=c.recipe, capture_time=utc, capture_monotonic=mono,
+                                  encoder=self._encoder(k), raw=raw, image=image, source_ref=ref, cloud=cloud)
+                if problem is not None:
+                    part.decide(Verdict.NO_VERDICT, Reason.SCANNER_ERROR, f"part {part.part_id}: {problem}")
+                yield part
 
     def _encoder(self, k: int) -> int | None:
         c = self.config
@@ -139,6 +172,16 @@ class ReplaySource(FrameSource):
                     yield _read_file(self._files[i])
             if not self.config.loop:
                 return
+
+
+def _read_scan(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(organised cloud, None), or (None, why it is unusable, naming the file)."""
+    from ..pointcloud.io import CloudError, read_cloud
+
+    try:
+        return read_cloud(path), None
+    except CloudError as exc:
+        return None, str(exc)
 
 
 def _read_file(path: Path) -> Frame:

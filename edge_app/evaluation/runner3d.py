@@ -1,0 +1,146 @@
+"""``musc-edge eval --modality 3d | 2d+3d``: score an MVTec 3D-AD category (``test/<type>/{rgb,xyz,gt}``) with
+MuSc-V2's 3D or fused 2D+3D scoring, in the batch or stream protocol of :mod:`.runner`, with the same report.
+
+Each cloud is prepared on the ``size x size`` grid of the image (the two stay pixel-aligned); in 2d+3d mode
+the image's pixels off the scanned part are zeroed before the 2D features, as MuSc-V2 does (pitfall 14).
+Stream mode scores through the line's own :class:`~edge_app.runtime.multimodal.ScanPool` (FIFO).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import ScanSettings
+from ..features import FeatureEngine, Features
+from ..pointcloud import read_cloud
+from ..progress import Progress
+from ..runtime.multimodal import (SCAN_MODES, PreparedScan, ScanPool, blur_sigma, fusion_params, prepare_scan,
+                                  scan_params)
+from ..scoring import MuscParams, prepare
+from ..scoring3d import Sample3D, score_batch
+from .datasets import DatasetError, Sample, load_dataset, load_masks, read_image
+from .metrics import compute_metrics
+from .runner import REPORT_KEYS, EvalSettings, select_layers, write_overlays
+
+
+@dataclass
+class Eval3DSettings(EvalSettings):
+    modality: str = "2d+3d"          # 3d | 2d+3d
+    scan: ScanSettings = field(default_factory=ScanSettings)
+
+
+def check_clouds(samples: list[Sample]) -> None:
+    """Every sample must have its ``xyz`` cloud; DatasetError naming the first one without."""
+    missing = [s for s in samples if s.xyz_path is None]
+    if missing:
+        folder = missing[0].path.parent.parent
+        raise DatasetError(f"{folder} has no xyz folder of point clouds for {missing[0].path} "
+                           f"({len(missing)} of {len(samples)} images lack one); 3D scoring needs the MVTec 3D-AD "
+                           "layout test/<type>/{rgb,xyz,gt} with xyz/<id>.tiff")
+
+
+def prepare_samples(settings: Eval3DSettings, samples: list[Sample], engine: FeatureEngine | None,
+                    n_sets: int) -> tuple[list[Sample3D], list[np.ndarray] | None]:
+    """3D samples of every cloud and, in 2d+3d mode, the 2D feature sets ``[N, P, D]`` of the images."""
+    params3d = scan_params(settings.scan, settings.modality, settings.size, n_sets)
+    black_background = settings.scan.zero_background and settings.modality == "2d+3d"
+    samples_3d, chunks, batch = [], [], []
+    with Progress(len(samples), "scans", enabled=settings.progress) as bar:
+        for i, s in enumerate(samples):
+            image = read_image(s.path)
+            cloud = read_cloud(s.xyz_path, image.shape)
+            sample, image = prepare_scan(cloud, image, params3d, black_background, str(s.xyz_path))
+            samples_3d.append(sample)
+            if engine is not None:
+                batch.append(image)
+                if len(batch) == settings.batch_size or i == len(samples) - 1:
+                    chunks.append(engine(batch, settings.batch_size))
+                    batch = []
+            bar.advance()
+    if engine is None:
+        return samples_3d, None
+    features = Features([np.concatenate([c.layers[j] for c in chunks]) for j in range(len(chunks[0].layers))],
+                        np.concatenate([c.image_tokens for c in chunks]), engine.grid)
+    layers = select_layers(features, engine.manifest.blocks, settings.blocks)
+    return samples_3d, prepare(layers, engine.grid, settings.params)
+
+
+def stream_scan_scores(sets: list[np.ndarray] | None, samples_3d: list[Sample3D], grid: tuple[int, int] | None,
+                       pool: ScanPool, order: np.ndarray, params: MuscParams,
+                       progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(maps ``[N, size, size]``, re-scored scores ``[N]``) of samples scored in ``order``, each against
+    ``pool`` (FIFO of the previous ones); the first ``pool.min_size`` are scored among themselves."""
+    n = len(samples_3d)
+    if n < pool.min_size:
+        raise ValueError(f"stream mode needs at least min_pool={pool.min_size} images, the dataset has {n}")
+    maps = np.zeros((n, pool.image_size, pool.image_size), np.float32)
+    scores = np.zeros(n)
+
+    def scan(i: int) -> PreparedScan:
+        return PreparedScan([fs[i] for fs in sets] if sets else [], samples_3d[i])
+
+    warmup = list(order[:pool.min_size])
+    first = score_batch([fs[warmup] for fs in sets] if sets else None, [samples_3d[i] for i in warmup], grid,
+                        pool.image_size, pool.fusion(params))
+    for j, i in enumerate(warmup):
+        maps[i], scores[i] = first.maps[j], first.rescored[j]
+        pool.admit(str(i), scan(i), first.raw[j], first.features[j])
+        progress and progress.advance()
+    for i in order[pool.min_size:]:
+        result = pool.score(scan(i), grid, params)
+        maps[i], scores[i] = result.map, result.score
+        pool.admit(str(i), scan(i), result.raw, result.feature)
+        progress and progress.advance()
+    return maps, scores
+
+
+def run_eval3d(settings: Eval3DSettings) -> dict:
+    """Score a category with 3D or 2D+3D scoring; the report has the 2D runner's schema (REPORT_KEYS)."""
+    if settings.modality not in SCAN_MODES:
+        raise ValueError(f"unknown modality {settings.modality!r}: expected one of {SCAN_MODES}")
+    if settings.mode not in ("batch", "stream"):
+        raise ValueError(f"unknown mode {settings.mode!r}: expected 'batch' or 'stream'")
+    t_start = time.monotonic()
+    samples = load_dataset(settings.dataset)
+    check_clouds(samples)
+    engine = None
+    n_sets, grid = 0, None
+    if settings.modality == "2d+3d":
+        if settings.params.aggregation == "lnamd":
+            raise ValueError("2d+3d pairs 2D layers with 3D layers; aggregation lnamd gives one 2D set per "
+                             "(layer, degree): use snamd")
+        engine = FeatureEngine(settings.model, size=settings.size, threads=settings.threads)
+        n_sets, grid = len(settings.blocks or engine.manifest.blocks), engine.grid
+
+    t0 = time.monotonic()
+    samples_3d, sets = prepare_samples(settings, samples, engine, n_sets)
+    t_features = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    sigma = blur_sigma(settings.scan, settings.size)
+    if settings.mode == "batch":
+        result = score_batch(sets, samples_3d, grid, settings.size,
+                             fusion_params(settings.modality, settings.params, sigma))
+        maps, scores = result.maps, result.rescored
+    else:
+        pool = ScanPool(settings.modality, settings.pool, n_sets, grid[0] * grid[1] if grid else 0,
+                        sets[0].shape[2] if sets else 0, settings.size,
+                        min_size=min(settings.min_pool, settings.pool), sigma=sigma)
+        order = np.random.default_rng(settings.seed).permutation(len(samples))
+        with Progress(len(samples), "scoring", enabled=settings.progress) as bar:
+            maps, scores = stream_scan_scores(sets, samples_3d, grid, pool, order, settings.params, bar)
+    t_scoring = time.monotonic() - t0
+
+    labels = np.array([s.label for s in samples])
+    masks = load_masks(samples, settings.size)
+    metrics = compute_metrics(labels, scores, masks, maps)
+    if settings.overlays:
+        write_overlays(settings.overlays, samples, maps, masks, scores, settings.size)
+    report = {"dataset": str(settings.dataset), "mode": settings.mode, "size": settings.size,
+              "pool": settings.pool if settings.mode == "stream" else None, "n_images": len(samples),
+              "n_anomalous": int(labels.sum()), **metrics,
+              "seconds": {"features": round(t_features, 3), "scoring": round(t_scoring, 3),
+                          "total": round(time.monotonic() - t_start, 3)}}
+    return {key: report[key] for key in REPORT_KEYS}
