@@ -114,6 +114,18 @@ class FeaturePool:
         self.raw_scores[:n] = result.raw
         self.features[:n] = result.features
 
+    def drop_outliers(self, z: float = 3.0) -> int:
+        """Evict members whose raw score is above ``median + z * 1.4826 * MAD`` of the members' (golden
+        members stay). Used when a warm-up pool is first scored: warm-up admits every part, and a defective
+        member would both mask look-alike defects and stretch the normalisation range."""
+        raw = self.raw_scores[:self.size]
+        median = float(np.median(raw))
+        mad = 1.4826 * float(np.median(np.abs(raw - median)))
+        outliers = np.flatnonzero((raw > median + z * max(mad, 1e-12)) & ~self.golden[:self.size])
+        if outliers.size:
+            self.remove(outliers)
+        return int(outliers.size)
+
     def leave_one_out_scores(self, params: MuscParams) -> list[float]:
         """Each member's re-scored score against the rest of the pool, on the scale of live parts' scores
         (streaming RsCon with the other members' raw-score range): what label-free calibration starts from."""

@@ -175,4 +175,6 @@ class Inspector:
                           now=time.time() if now is None else now)
         if slot is not None and warming and pool.size == pool.min_size:  # the pool has just become ready
             pool.rescore_members(self.grid, self.params)
+            if pool.drop_outliers():  # defective warm-up parts out; warm-up goes on until min_size again
+                pool.rescore_members(self.grid, self.params)
         return slot is not None

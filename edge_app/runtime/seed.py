@@ -41,6 +41,8 @@ def admit_prepared(inspector: Inspector, recipe: str, prepared: list[tuple[Path,
         inspector.admit(part, prep)
     if rp.pool.size >= 2:
         rp.pool.rescore_members(inspector.grid, inspector.params)
+        if rp.pool.drop_outliers() and rp.pool.size >= 2:
+            rp.pool.rescore_members(inspector.grid, inspector.params)
     return rp.pool.size
 
 
