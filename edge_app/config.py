@@ -102,7 +102,9 @@ class ScanSettings(_Strict):
 
 
 class RecipeSettings(_Strict):
-    threshold: float = Field(0.5, description="re-scored score at or above which a part is rejected")
+    threshold: float = Field(1.0, description=(
+        "re-scored score at or above which a part is rejected; 1.0 = the 90th percentile of the pool's own "
+        "scores until `musc-calibrate threshold apply` sets a calibrated value"))
     pool: PoolSettings = PoolSettings()
     modality: Literal["2d", "3d", "2d+3d"] = Field("2d", description=(
         "what is scored against the pool: the image, the point cloud, or both fused (MuSc-V2)"))
