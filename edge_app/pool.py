@@ -23,6 +23,31 @@ def pool_range(raw_scores: np.ndarray, quantiles: tuple[float, float]) -> tuple[
     return float(lo), float(hi)
 
 
+def leave_one_out_scores(raw_scores: np.ndarray, features: np.ndarray, params: MuscParams) -> list[float]:
+    """Each member's re-scored score against the other members, on the scale of live parts' scores
+    (streaming RsCon with the others' raw-score range): what label-free calibration starts from."""
+    n = len(raw_scores)
+    if n < 3:
+        raise PoolTooSmallError(f"pool has {n} members; at least 3 are needed for leave-one-out scores")
+    out = []
+    for i in range(n):
+        others = np.delete(np.arange(n), i)
+        raw = raw_scores[others]
+        out.append(rescore_one(float(raw_scores[i]), features[i], raw, features[others],
+                               pool_range(raw, params.pool_quantiles), params.windows))
+    return out
+
+
+def outlier_members(raw_scores: np.ndarray, golden: np.ndarray, z: float = 3.0) -> np.ndarray:
+    """Members whose raw score is above ``median + z * 1.4826 * MAD`` of all members' (golden ones never).
+
+    Used when a warm-up pool is first scored: warm-up admits every part, and a defective member would both
+    mask look-alike defects and stretch the normalisation range."""
+    median = float(np.median(raw_scores))
+    mad = 1.4826 * float(np.median(np.abs(raw_scores - median)))
+    return np.flatnonzero((raw_scores > median + z * max(mad, 1e-12)) & ~golden)
+
+
 @dataclass
 class PoolScore:
     """One part scored against the pool."""
@@ -115,30 +140,14 @@ class FeaturePool:
         self.features[:n] = result.features
 
     def drop_outliers(self, z: float = 3.0) -> int:
-        """Evict members whose raw score is above ``median + z * 1.4826 * MAD`` of the members' (golden
-        members stay). Used when a warm-up pool is first scored: warm-up admits every part, and a defective
-        member would both mask look-alike defects and stretch the normalisation range."""
-        raw = self.raw_scores[:self.size]
-        median = float(np.median(raw))
-        mad = 1.4826 * float(np.median(np.abs(raw - median)))
-        outliers = np.flatnonzero((raw > median + z * max(mad, 1e-12)) & ~self.golden[:self.size])
+        """Evict :func:`outlier_members`; returns how many."""
+        outliers = outlier_members(self.raw_scores[:self.size], self.golden[:self.size], z)
         if outliers.size:
             self.remove(outliers)
         return int(outliers.size)
 
     def leave_one_out_scores(self, params: MuscParams) -> list[float]:
-        """Each member's re-scored score against the rest of the pool, on the scale of live parts' scores
-        (streaming RsCon with the other members' raw-score range): what label-free calibration starts from."""
-        n = self.size
-        if n < 3:
-            raise PoolTooSmallError(f"pool has {n} members; at least 3 are needed for leave-one-out scores")
-        out = []
-        for i in range(n):
-            others = np.delete(np.arange(n), i)
-            raw = self.raw_scores[others]
-            out.append(rescore_one(float(self.raw_scores[i]), self.features[i], raw, self.features[others],
-                                   pool_range(raw, params.pool_quantiles), params.windows))
-        return out
+        return leave_one_out_scores(self.raw_scores[:self.size], self.features[:self.size], params)
 
     # -- membership ------------------------------------------------------------------------------------------
     def nearest_distance(self, query_sets: list[np.ndarray]) -> float:

@@ -20,7 +20,7 @@ import numpy as np
 from ..config import RecipeSettings, ScanSettings
 from ..evaluation.datasets import read_image
 from ..pointcloud import CloudError, PreprocessParams, foreground_mask, read_cloud, to_organised, zero_background
-from ..pool import pool_range
+from ..pool import leave_one_out_scores, outlier_members, pool_range
 from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, PoolTooSmallError, patch_to_sample_distances, rescore_one
 from ..scoring3d import FusionParams, Params3D, Sample3D, prepare_3d, score_batch, score_one
@@ -183,17 +183,14 @@ class ScanPool:
         self.features[:n] = result.features
 
     def leave_one_out_scores(self, params: MuscParams) -> list[float]:
-        """Each member's re-scored score against the rest of the pool, on the scale of live parts' scores."""
-        n = self.size
-        if n < 3:
-            raise PoolTooSmallError(f"pool has {n} members; at least 3 are needed for leave-one-out scores")
-        out = []
-        for i in range(n):
-            others = np.delete(np.arange(n), i)
-            raw = self.raw_scores[others]
-            out.append(rescore_one(float(self.raw_scores[i]), self.features[i], raw, self.features[others],
-                                   pool_range(raw, params.pool_quantiles), params.windows))
-        return out
+        return leave_one_out_scores(self.raw_scores[:self.size], self.features[:self.size], params)
+
+    def drop_outliers(self, z: float = 3.0) -> int:
+        """Evict :func:`edge_app.pool.outlier_members` (warm-up curation); returns how many."""
+        outliers = outlier_members(self.raw_scores[:self.size], self.golden[:self.size], z)
+        if outliers.size:
+            self.remove(outliers)
+        return int(outliers.size)
 
     # -- membership ------------------------------------------------------------------------------------------
     def nearest_distance(self, query_sets: Sequence[np.ndarray]) -> float:
@@ -434,6 +431,8 @@ class ScanRecipePool:
                           now=time.time() if now is None else now)
         if slot is not None and warming and pool.size == pool.min_size:  # the pool has just become ready
             pool.rescore_members(grid, params)
+            if pool.drop_outliers():  # defective warm-up parts out; warm-up goes on until min_size again
+                pool.rescore_members(grid, params)
         return slot is not None
 
 
@@ -452,4 +451,6 @@ def seed_scans(recipe: ScanRecipePool, features: FeatureStage, grid: tuple[int, 
         recipe.admit(part, prepared, grid, params)
     if recipe.pool.size >= 2:
         recipe.pool.rescore_members(grid, params)
+        if recipe.pool.drop_outliers() and recipe.pool.size >= 2:
+            recipe.pool.rescore_members(grid, params)
     return recipe.pool.size
