@@ -1,0 +1,1 @@
+"""The running line (``musc-edge run``): inspector, threads, pools on disk, control socket, calibration."""
