@@ -12,6 +12,7 @@ import re
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -185,9 +186,8 @@ def reference_outputs_model(source: onnx.ModelProto, blocks: tuple[int, ...]) ->
     return model
 
 
-def final_norm_params(source: onnx.ModelProto) -> tuple["np.ndarray", "np.ndarray", float]:
+def final_norm_params(source: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray, float]:
     """(weight, bias, eps) of the source's final LayerNorm."""
-    import numpy as np
     from onnx import numpy_helper
 
     inits = {t.name: t for t in source.graph.initializer}

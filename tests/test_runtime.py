@@ -7,11 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import yaml
 

@@ -16,10 +16,11 @@ from ..config import LineConfig, RecipeSettings
 from ..features import FeatureEngine, Features
 from ..pool import FeaturePool
 from ..record import PartRecord, Reason, Verdict
-from ..scoring import MuscParams, PoolTooSmallError, prepare
+from ..scoring import MuscParams, prepare
 from ..sources.base import DecodeError, decode_part
 from .multimodal import ScanRecipePool
 from .pool_store import load_pool, pool_path, save_pool
+from .verdict import verdict_from_pool
 
 log = logging.getLogger(__name__)
 
@@ -129,24 +130,13 @@ class Inspector:
             log.exception("feature engine failed on part %s", part.part_id)
             part.times.features = time.monotonic() - t1
             return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"), None
-        t2 = time.monotonic()
-        part.times.features = t2 - t1
-        try:
-            result = rp.pool.score(prepared.sets, self.grid, self.params, exclude_part_id=part.part_id)
-        except PoolTooSmallError as exc:
-            part.times.scoring = time.monotonic() - t2
-            return part.decide(Verdict.NO_VERDICT, Reason.WARMUP, str(exc)), prepared
-        except Exception as exc:
-            log.exception("scoring failed on part %s", part.part_id)
-            part.times.scoring = time.monotonic() - t2
-            return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"), None
-        part.times.scoring = time.monotonic() - t2
-        part.raw_score, part.score, part.threshold = result.raw, result.score, rp.threshold
-        part.anomaly_map = result.patch_map
-        prepared.feature, prepared.nearest = result.feature, result.nearest
-        if result.score >= rp.threshold:
-            return part.decide(Verdict.REJECT, Reason.ANOMALY), prepared
-        return part.decide(Verdict.ACCEPT, Reason.OK), prepared
+        part.times.features = time.monotonic() - t1
+        part, prepared, result = verdict_from_pool(
+            part, prepared, rp.threshold,
+            lambda: rp.pool.score(prepared.sets, self.grid, self.params, exclude_part_id=part.part_id))
+        if result is not None:
+            part.anomaly_map, prepared.nearest = result.patch_map, result.nearest
+        return part, prepared
 
     def admit(self, part: PartRecord, prepared: Prepared | None, now: float | None = None) -> bool:
         """Pool admission after a verdict: accepted parts (or all, by config), never near-duplicates.

@@ -27,6 +27,7 @@ from ..scoring3d import FusionParams, Params3D, Sample3D, prepare_3d, score_batc
 from ..scoring3d.map3d import DEFAULT_SIGMA, Propagation
 from ..sources.base import DecodeError, decode_part
 from ..sources.scanner import cloud_problem
+from .verdict import verdict_from_pool
 
 log = logging.getLogger(__name__)
 
@@ -391,24 +392,13 @@ class ScanRecipePool:
             log.exception("feature stage failed on part %s", part.part_id)
             part.times.features = time.monotonic() - t1
             return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"), None
-        t2 = time.monotonic()
-        part.times.features = t2 - t1
-        try:
-            result = self.pool.score(prepared, grid, params, exclude_part_id=part.part_id)
-        except PoolTooSmallError as exc:
-            part.times.scoring = time.monotonic() - t2
-            return part.decide(Verdict.NO_VERDICT, Reason.WARMUP, str(exc)), prepared
-        except Exception as exc:
-            log.exception("scoring failed on part %s", part.part_id)
-            part.times.scoring = time.monotonic() - t2
-            return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"), None
-        part.times.scoring = time.monotonic() - t2
-        part.raw_score, part.score, part.threshold = result.raw, result.score, self.threshold
-        part.anomaly_map = result.map
-        prepared.feature = result.feature
-        if result.score >= self.threshold:
-            return part.decide(Verdict.REJECT, Reason.ANOMALY), prepared
-        return part.decide(Verdict.ACCEPT, Reason.OK), prepared
+        part.times.features = time.monotonic() - t1
+        part, prepared, result = verdict_from_pool(
+            part, prepared, self.threshold,
+            lambda: self.pool.score(prepared, grid, params, exclude_part_id=part.part_id))
+        if result is not None:
+            part.anomaly_map = result.map
+        return part, prepared
 
     def admit(self, part: PartRecord, prepared: PreparedScan | None, grid: tuple[int, int],
               params: MuscParams, now: float | None = None) -> bool:
