@@ -197,3 +197,26 @@ def test_a_pool_from_another_model_is_refused(toy_model, tmp_path):
     raw["model"]["path"] = str(other)
     with pytest.raises(PoolMismatchError, match="model_sha256"):
         Inspector(parse_config(raw)).restore_pools()
+
+
+def test_systemd_gets_ready_watchdog_and_stopping(toy_model, tmp_path, monkeypatch):
+    import socket
+
+    address = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(address)
+    receiver.settimeout(0.1)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    parts = make_parts(tmp_path / "parts", 6)
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
+        run_line(raw_config(toy_model, parts, tmp_path / "line", {"type": "zmq", "endpoint": plc.address}))
+    messages = []
+    while True:
+        try:
+            messages.append(receiver.recv(4096).decode())
+        except socket.timeout:
+            break
+    receiver.close()
+    assert any(m.startswith("READY=1") for m in messages)
+    assert "WATCHDOG=1" in messages
+    assert messages[-1] == "STOPPING=1"

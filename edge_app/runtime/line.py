@@ -31,6 +31,7 @@ from ..sources.base import FrameSource, make_source
 from .calibration_state import Calibration, RejectTiming, load_current
 from .control import ControlError, ControlServer, ensure_token
 from .inspector import Inspector
+from .systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -96,6 +97,7 @@ class Line:
         self._counts_per_s: float | None = None
         self.control: ControlServer | None = None
         self._waiters: dict[int, threading.Event] = {}
+        self.systemd = SystemdNotifier()
         self._stop = threading.Event()
         self._stats_lock = threading.Lock()
         self._deadline_s = config.line.deadline_ms / 1e3
@@ -129,6 +131,7 @@ class Line:
         for t in threads:
             t.start()
         status.start()
+        self.systemd.ready(f"line {self.config.line.name}: pools {self.restored}")
         try:
             self._output_loop()
         finally:
@@ -149,6 +152,7 @@ class Line:
             log.debug("source close raised", exc_info=True)
 
     def _shutdown(self) -> None:
+        self.systemd.stopping()
         if self.control is not None:
             self.control.close()
         self._run_tasks()
@@ -188,6 +192,7 @@ class Line:
 
     def _worker_loop(self) -> None:
         while True:
+            self.systemd.watchdog()  # from the scoring loop itself: a hung engine call stops the pings
             self._run_tasks()
             try:
                 part = self._in.get(timeout=0.05)
