@@ -132,7 +132,10 @@ def cmd_run(args) -> int:
     stats = line.run()
     print(file=sys.stderr)
     print(line.status_line())
-    return 0 if stats.parts else 1
+    if not stats.parts:
+        print(f"musc-edge run: no part was inspected; alarms: {'; '.join(stats.alarms) or 'none'}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_status(sub) -> None:

@@ -27,7 +27,7 @@ from ..config import LineConfig
 from ..ledger import Ledger
 from ..links import RejectLink, open_link
 from ..record import FailSafe, PartRecord, Reason, Verdict
-from ..sources.base import FrameSource, make_source
+from ..sources.base import FrameSource, SourceError, make_source
 from .calibration_state import Calibration, RejectTiming, load_current
 from .control import ControlError, ControlServer, ensure_token
 from .inspector import Inspector
@@ -184,6 +184,8 @@ class Line:
                         self._out.put(("part", part, None))
                     if self._stop.is_set():
                         break
+        except SourceError as exc:  # an expected operational failure (camera unplugged, port gone)
+            self._on_alarm(f"frame source failed: {exc}")
         except Exception as exc:
             log.exception("frame source failed")
             self._on_alarm(f"frame source failed: {exc}")
