@@ -184,6 +184,12 @@ def cmd_pool(args) -> int:
     return 0
 
 
+def _add_doctor(sub) -> None:
+    # Listed for --help only: main() hands `doctor ...` to edge_app.doctor.doctor_main.
+    sub.add_parser("doctor", help="check this device and a line config before going live "
+                                  "(musc-edge doctor --config LINE.yaml)", add_help=False)
+
+
 def _add_plc_sim(sub) -> None:
     # Listed for --help only: main() hands `plc-sim ...` to edge_app.plc_sim.main, which owns its options.
     sub.add_parser("plc-sim", help="PLC simulator: the other end of a serial or ZeroMQ reject link "
@@ -198,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_pool(sub)
     _add_plc_sim(sub)
+    _add_doctor(sub)
     return parser
 
 
@@ -207,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         from .plc_sim import main as plc_sim_main
 
         return plc_sim_main(argv[1:])
+    if argv[:1] == ["doctor"]:
+        from .doctor import doctor_main
+
+        return doctor_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .config import ConfigError
     from .evaluation.datasets import DatasetError
