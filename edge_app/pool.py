@@ -48,6 +48,72 @@ def outlier_members(raw_scores: np.ndarray, golden: np.ndarray, z: float = 3.0) 
     return np.flatnonzero((raw_scores > median + z * max(mad, 1e-12)) & ~golden)
 
 
+class PoolMembers:
+    """Membership bookkeeping shared by the 2D pool and the scan pool: ids, raw scores, re-scoring features,
+    admission order and time, golden flags. Subclasses own the feature storage and the scoring."""
+
+    features: np.ndarray | None
+
+    def _init_members(self, capacity: int, min_size: int) -> None:
+        if capacity < 2:
+            raise ValueError(f"pool capacity must be >= 2, got {capacity}")
+        if not 2 <= min_size <= capacity:
+            raise ValueError(f"pool min_size must be in [2, capacity={capacity}], got {min_size}")
+        self.capacity, self.min_size = capacity, min_size
+        self.raw_scores = np.zeros(capacity, np.float64)
+        self.part_ids: list[str | None] = [None] * capacity
+        self.admitted_seq = np.zeros(capacity, np.int64)
+        self.admitted_time = np.zeros(capacity, np.float64)
+        self.golden = np.zeros(capacity, bool)
+        self.size = 0
+        self.admissions = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.size >= self.min_size
+
+    def _oldest_unfrozen(self) -> int | None:
+        """The slot FIFO eviction replaces: the oldest non-golden member (None if all are golden)."""
+        candidates = np.flatnonzero(~self.golden)
+        if candidates.size == 0:
+            return None
+        return int(candidates[np.argmin(self.admitted_seq[candidates])])
+
+    def _record(self, slot: int, part_id: str, raw_score: float, feature: np.ndarray, now: float,
+                golden: bool) -> None:
+        """Fill a slot's bookkeeping (the subclass has stored its features)."""
+        self.features[slot] = feature
+        self.raw_scores[slot] = raw_score
+        self.part_ids[slot] = part_id
+        self.admitted_seq[slot] = self.admissions
+        self.admitted_time[slot] = now
+        self.golden[slot] = golden
+        self.size = max(self.size, slot + 1)
+
+    def _compact_members(self, keep: np.ndarray) -> None:
+        """Keep only the ``keep`` members' bookkeeping, compacted to the front."""
+        n = len(keep)
+        for name in ("features", "raw_scores", "admitted_seq", "admitted_time", "golden"):
+            arr = getattr(self, name)
+            if arr is not None:
+                arr[:n] = arr[keep]
+        self.part_ids = [self.part_ids[i] for i in keep] + [None] * (self.capacity - n)
+        self.size = n
+
+    def drop_outliers(self, z: float = 3.0) -> int:
+        """Evict :func:`outlier_members` (warm-up curation); returns how many."""
+        outliers = outlier_members(self.raw_scores[:self.size], self.golden[:self.size], z)
+        if outliers.size:
+            self.remove(outliers)
+        return int(outliers.size)
+
+    def leave_one_out_scores(self, params: MuscParams) -> list[float]:
+        return leave_one_out_scores(self.raw_scores[:self.size], self.features[:self.size], params)
+
+    def remove(self, slots: np.ndarray) -> None:
+        raise NotImplementedError
+
+
 @dataclass
 class PoolScore:
     """One part scored against the pool."""
@@ -60,37 +126,24 @@ class PoolScore:
     nearest: float          # mean nearest-patch distance to the closest member (~0: the same part again)
 
 
-class FeaturePool:
+class FeaturePool(PoolMembers):
     """Fixed-capacity pool of prepared feature sets (``n_sets`` x ``[P, D]`` per member)."""
 
     def __init__(self, capacity: int, n_sets: int, patches: int, dim: int, *, min_size: int = 10,
                  eviction: str = "fifo", horizon: int | None = None, seed: int = 0):
-        if capacity < 2:
-            raise ValueError(f"pool capacity must be >= 2, got {capacity}")
-        if not 2 <= min_size <= capacity:
-            raise ValueError(f"pool min_size must be in [2, capacity={capacity}], got {min_size}")
+        self._init_members(capacity, min_size)
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"unknown eviction {eviction!r}: expected one of {EVICTION_POLICIES}")
-        self.capacity, self.n_sets, self.patches, self.dim = capacity, n_sets, patches, dim
-        self.min_size, self.eviction = min_size, eviction
+        self.n_sets, self.patches, self.dim = n_sets, patches, dim
+        self.eviction = eviction
         self.horizon = max(horizon or 5 * capacity, capacity)
         self.rng = np.random.default_rng(seed)
         self.sets16 = np.zeros((n_sets, capacity, patches, dim), np.float16)
         self.work = np.zeros((n_sets, capacity * patches, dim), np.float32)
         self.features = np.zeros((capacity, dim), np.float32)      # re-scoring features
-        self.raw_scores = np.zeros(capacity, np.float64)
-        self.part_ids: list[str | None] = [None] * capacity
-        self.admitted_seq = np.zeros(capacity, np.int64)
-        self.admitted_time = np.zeros(capacity, np.float64)
-        self.golden = np.zeros(capacity, bool)
-        self.size = 0
-        self.admissions = 0
         self._workspace: list[np.ndarray] | None = None
 
     # -- scoring ---------------------------------------------------------------------------------------------
-    @property
-    def ready(self) -> bool:
-        return self.size >= self.min_size
 
     def _workspaces(self) -> list[np.ndarray] | None:
         if self.size != self.capacity:
@@ -139,16 +192,6 @@ class FeaturePool:
         self.raw_scores[:n] = result.raw
         self.features[:n] = result.features
 
-    def drop_outliers(self, z: float = 3.0) -> int:
-        """Evict :func:`outlier_members`; returns how many."""
-        outliers = outlier_members(self.raw_scores[:self.size], self.golden[:self.size], z)
-        if outliers.size:
-            self.remove(outliers)
-        return int(outliers.size)
-
-    def leave_one_out_scores(self, params: MuscParams) -> list[float]:
-        return leave_one_out_scores(self.raw_scores[:self.size], self.features[:self.size], params)
-
     # -- membership ------------------------------------------------------------------------------------------
     def nearest_distance(self, query_sets: list[np.ndarray]) -> float:
         """Mean nearest-patch distance of a part to its closest member (inf for an empty pool).
@@ -165,11 +208,11 @@ class FeaturePool:
     def _slot_to_fill(self) -> int | None:
         if self.size < self.capacity:
             return self.size
+        if self.eviction == "fifo":
+            return self._oldest_unfrozen()
         candidates = np.flatnonzero(~self.golden)
         if candidates.size == 0:
             return None
-        if self.eviction == "fifo":
-            return int(candidates[np.argmin(self.admitted_seq[candidates])])
         # Reservoir over a finite horizon: the n-th arrival enters with probability K / min(n, horizon),
         # so a burst of B similar parts displaces only about B * K / horizon members.
         if self.rng.random() >= self.capacity / min(self.admissions + 1, self.horizon):
@@ -187,13 +230,7 @@ class FeaturePool:
             self.sets16[s, slot] = fs
             # Score against exactly what is persisted, so a restored pool scores identically.
             self.work[s, slot * self.patches:(slot + 1) * self.patches] = self.sets16[s, slot]
-        self.features[slot] = feature
-        self.raw_scores[slot] = raw_score
-        self.part_ids[slot] = part_id
-        self.admitted_seq[slot] = self.admissions
-        self.admitted_time[slot] = now
-        self.golden[slot] = golden
-        self.size = max(self.size, slot + 1)
+        self._record(slot, part_id, raw_score, feature, now, golden)
         return slot
 
     def remove(self, slots: np.ndarray) -> None:
@@ -206,11 +243,7 @@ class FeaturePool:
         self.sets16[:, :n] = self.sets16[:, keep]
         for s in range(self.n_sets):
             self.work[s, :n * self.patches] = self.sets16[s, :n].reshape(-1, self.dim)
-        for name in ("features", "raw_scores", "admitted_seq", "admitted_time", "golden"):
-            arr = getattr(self, name)
-            arr[:n] = arr[keep]
-        self.part_ids = [self.part_ids[i] for i in keep] + [None] * (self.capacity - n)
-        self.size = n
+        self._compact_members(keep)
         self._workspace = None
 
     def state(self) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ import numpy as np
 from ..config import RecipeSettings, ScanSettings
 from ..evaluation.datasets import read_image
 from ..pointcloud import CloudError, PreprocessParams, foreground_mask, read_cloud, to_organised, zero_background
-from ..pool import leave_one_out_scores, outlier_members, pool_range
+from ..pool import PoolMembers, pool_range
 from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, PoolTooSmallError, patch_to_sample_distances, rescore_one
 from ..scoring3d import FusionParams, Params3D, Sample3D, prepare_3d, score_batch, score_one
@@ -106,7 +106,7 @@ def prepare_scan(cloud: np.ndarray, image: np.ndarray, params: Params3D, black_b
         raise CloudError(f"{source}: {exc}") from exc
 
 
-class ScanPool:
+class ScanPool(PoolMembers):
     """Fixed-capacity FIFO pool of scanned parts of one recipe: 2D feature sets and 3D samples.
 
     Admission, capacity, ``min_size``, golden members and same-part exclusion work as in
@@ -122,11 +122,8 @@ class ScanPool:
                  min_size: int = 10, sigma: float = DEFAULT_SIGMA):
         if mode not in SCAN_MODES:
             raise ValueError(f"unknown scan pool mode {mode!r}: expected one of {SCAN_MODES}")
-        if capacity < 2:
-            raise ValueError(f"pool capacity must be >= 2, got {capacity}")
-        if not 2 <= min_size <= capacity:
-            raise ValueError(f"pool min_size must be in [2, capacity={capacity}], got {min_size}")
-        self.mode, self.capacity, self.min_size = mode, capacity, min_size
+        self._init_members(capacity, min_size)
+        self.mode = mode
         self.image_size, self.sigma = image_size, sigma
         self.n_sets = n_sets if mode == "2d+3d" else 0
         self.patches, self.dim = patches, dim
@@ -135,17 +132,6 @@ class ScanPool:
         self.layers: np.ndarray | None = None     # [L, capacity, G, F], shaped by the first member
         self.features: np.ndarray | None = None   # [capacity, F] re-scoring features
         self.geometry: list[Sample3D | None] = [None] * capacity   # members' samples without layers
-        self.raw_scores = np.zeros(capacity, np.float64)
-        self.part_ids: list[str | None] = [None] * capacity
-        self.admitted_seq = np.zeros(capacity, np.int64)
-        self.admitted_time = np.zeros(capacity, np.float64)
-        self.golden = np.zeros(capacity, bool)
-        self.size = 0
-        self.admissions = 0
-
-    @property
-    def ready(self) -> bool:
-        return self.size >= self.min_size
 
     def fusion(self, params: MuscParams) -> FusionParams:
         return fusion_params(self.mode, params, self.sigma)
@@ -183,16 +169,6 @@ class ScanPool:
         self.raw_scores[:n] = result.raw
         self.features[:n] = result.features
 
-    def leave_one_out_scores(self, params: MuscParams) -> list[float]:
-        return leave_one_out_scores(self.raw_scores[:self.size], self.features[:self.size], params)
-
-    def drop_outliers(self, z: float = 3.0) -> int:
-        """Evict :func:`edge_app.pool.outlier_members` (warm-up curation); returns how many."""
-        outliers = outlier_members(self.raw_scores[:self.size], self.golden[:self.size], z)
-        if outliers.size:
-            self.remove(outliers)
-        return int(outliers.size)
-
     # -- membership ------------------------------------------------------------------------------------------
     def nearest_distance(self, query_sets: Sequence[np.ndarray]) -> float:
         """Mean nearest-patch 2D distance of a part to its closest member (inf without 2D or members),
@@ -204,12 +180,7 @@ class ScanPool:
         return float(np.min(closeness)) / len(query_sets)
 
     def _slot_to_fill(self) -> int | None:
-        if self.size < self.capacity:
-            return self.size
-        candidates = np.flatnonzero(~self.golden)
-        if candidates.size == 0:
-            return None
-        return int(candidates[np.argmin(self.admitted_seq[candidates])])
+        return self.size if self.size < self.capacity else self._oldest_unfrozen()
 
     def _shape_for(self, sample: Sample3D, feature_dim: int) -> None:
         """Allocate the 3D arrays from the first member; later members must have the same shapes."""
@@ -240,13 +211,7 @@ class ScanPool:
             self.work[s, slot] = self.sets16[s, slot]
         self.layers[:, slot] = np.stack(sample.layers)
         self.geometry[slot] = _geometry(sample)
-        self.features[slot] = feature
-        self.raw_scores[slot] = raw_score
-        self.part_ids[slot] = part_id
-        self.admitted_seq[slot] = self.admissions
-        self.admitted_time[slot] = now
-        self.golden[slot] = golden
-        self.size = max(self.size, slot + 1)
+        self._record(slot, part_id, raw_score, feature, now, golden)
         return slot
 
     def remove(self, slots: np.ndarray) -> None:
@@ -257,13 +222,8 @@ class ScanPool:
         self.work[:, :n] = self.work[:, keep]
         if self.layers is not None:
             self.layers[:, :n] = self.layers[:, keep]
-            self.features[:n] = self.features[keep]
-        for name in ("raw_scores", "admitted_seq", "admitted_time", "golden"):
-            arr = getattr(self, name)
-            arr[:n] = arr[keep]
-        self.part_ids = [self.part_ids[i] for i in keep] + [None] * (self.capacity - n)
         self.geometry = [self.geometry[i] for i in keep] + [None] * (self.capacity - n)
-        self.size = n
+        self._compact_members(keep)
 
     # -- persistence (edge_app.runtime.pool_store) -------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
