@@ -114,8 +114,6 @@ class Inspector:
         rp = self.pools.get(part.recipe)
         if rp is None:
             return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"unknown recipe {part.recipe!r}"), None
-        if isinstance(rp, ScanRecipePool):
-            return rp.inspect(part, self.features, self.grid, self.params)
         t0 = time.monotonic()
         try:
             decode_part(part)
@@ -124,6 +122,8 @@ class Inspector:
             return part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, str(exc)), None
         t1 = time.monotonic()
         part.times.decode = t1 - t0
+        if isinstance(rp, ScanRecipePool):
+            return rp.inspect(part, self.features, self.grid, self.params)
         try:
             prepared = self.features([part.image])[0]
         except Exception as exc:  # the engine must never take the line down with it

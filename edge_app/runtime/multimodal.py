@@ -25,7 +25,6 @@ from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, PoolTooSmallError, patch_to_sample_distances, rescore_one
 from ..scoring3d import FusionParams, Params3D, Sample3D, prepare_3d, score_batch, score_one
 from ..scoring3d.map3d import DEFAULT_SIGMA, Propagation
-from ..sources.base import DecodeError, decode_part
 from ..sources.scanner import cloud_problem
 from .verdict import verdict_from_pool
 
@@ -334,15 +333,9 @@ class ScanRecipePool:
 
     def inspect(self, part: PartRecord, features: FeatureStage, grid: tuple[int, int],
                 params: MuscParams) -> tuple[PartRecord, PreparedScan | None]:
-        """Fill ``part``'s verdict, reason, scores, map and stage times. Never raises for a bad part."""
-        t0 = time.monotonic()
-        try:
-            decode_part(part)
-        except DecodeError as exc:
-            part.times.decode = time.monotonic() - t0
-            return part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, str(exc)), None
+        """Fill a decoded ``part``'s verdict, reason, scores, map and stage times (the inspector decodes).
+        Never raises for a bad part."""
         t1 = time.monotonic()
-        part.times.decode = t1 - t0
         try:
             prepared = self.prepare(part, features)
         except CloudError as exc:
