@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,6 +36,7 @@ from .systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 _DONE = object()
+RECENT = 10_000  # parts kept for live latency percentiles
 
 
 def signalled_verdict(part: PartRecord, fail_safe: FailSafe) -> Verdict:
@@ -54,12 +56,12 @@ class LineStats:
     acked: int = 0
     late_acks: int = 0
     send_failures: int = 0
-    latencies: list[float] = field(default_factory=list)
-    stages: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in
-                                                                  ("decode", "features", "scoring", "link", "total")})
-    alarms: list[str] = field(default_factory=list)
+    # Recent scored parts only (bounded: a line runs for months); the ledger keeps every part.
+    stages: dict[str, deque] = field(default_factory=lambda: {k: deque(maxlen=RECENT) for k in
+                                                            ("decode", "features", "scoring", "link", "total")})
+    alarms: deque = field(default_factory=lambda: deque(maxlen=100))
 
-    def percentiles(self, values: list[float]) -> dict[str, float]:
+    def percentiles(self, values) -> dict[str, float]:
         if not values:
             return {}
         arr = np.asarray(values) * 1e3
@@ -472,7 +474,7 @@ class Line:
             stats = {"parts": self.stats.parts, "by_verdict": dict(self.stats.by_verdict),
                      "by_reason": dict(self.stats.by_reason), "acked": self.stats.acked,
                      "latency_ms": self.stats.percentiles(self.stats.stages["total"]),
-                     "alarms": list(self.stats.alarms[-10:])}
+                     "alarms": list(self.stats.alarms)[-10:]}
         link = None
         if self.link is not None:
             from dataclasses import asdict

@@ -146,6 +146,6 @@ def summarise(line: Line, stats, plc_counters, truth: dict[str, str] | None = No
                 f"{kind} {sum(r.signalled == 'REJECT' for r in defective if truth[r.source_ref] == kind)}/"
                 f"{sum(truth[r.source_ref] == kind for r in defective)}" for kind in kinds))
     if stats.alarms:
-        lines.append("alarms       " + "; ".join(stats.alarms[-5:]))
+        lines.append("alarms       " + "; ".join(list(stats.alarms)[-5:]))
     lines.append(f"ledger       {line.storage / 'ledger.sqlite'}")
     return "\n".join(lines)
