@@ -21,11 +21,12 @@ def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float | Non
     scaled = np.clip((heat - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
     colour = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
     out = cv2.addWeighted(image.astype(np.uint8), 1.0 - alpha, colour, alpha, 0.0)
-    if caption:
-        scale = max(0.4, w / 640)
-        cv2.putText(out, caption, (8, int(24 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(out, caption, (8, int(24 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
-                    cv2.LINE_AA)
+    if caption:  # white on a dark banner: readable on any heat-map colour, one text call
+        scale = max(0.4, w / 900)
+        banner = int(30 * scale)
+        out[:banner] = (out[:banner] * 0.35).astype(np.uint8)
+        cv2.putText(out, caption, (6, int(21 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+                    max(1, int(round(scale))), cv2.LINE_AA)
     return out
 
 
