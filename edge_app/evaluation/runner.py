@@ -118,13 +118,19 @@ def run_eval(settings: EvalSettings) -> dict:
         raise ValueError(f"unknown mode {settings.mode!r}: expected 'batch' or 'stream'")
     t_scoring = time.monotonic() - t0
 
+    maps = upsample(scored.patch_maps, (settings.size, settings.size))
+    return measure(settings, samples, maps, scored.scores, t_start, t_features, t_scoring)
+
+
+def measure(settings: EvalSettings, samples, maps: np.ndarray, scores: np.ndarray, t_start: float,
+            t_features: float, t_scoring: float) -> dict:
+    """Metrics of full-resolution ``maps`` and image ``scores`` against the samples' ground truth, overlays
+    if asked, and the report dict (REPORT_KEYS, metrics in percent). Shared by 2D and 3D evaluation."""
     labels = np.array([s.label for s in samples])
-    size = (settings.size, settings.size)
     masks = load_masks(samples, settings.size)
-    maps = upsample(scored.patch_maps, size)
-    metrics = compute_metrics(labels, scored.scores, masks, maps)
+    metrics = compute_metrics(labels, scores, masks, maps)
     if settings.overlays:
-        write_overlays(settings.overlays, samples, maps, masks, scored.scores, settings.size)
+        write_overlays(settings.overlays, samples, maps, masks, scores, settings.size)
     report = {"dataset": str(settings.dataset), "mode": settings.mode, "size": settings.size,
               "pool": settings.pool if settings.mode == "stream" else None, "n_images": len(samples),
               "n_anomalous": int(labels.sum()), **metrics,

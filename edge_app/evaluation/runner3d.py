@@ -20,9 +20,8 @@ from ..runtime.multimodal import (SCAN_MODES, PreparedScan, ScanPool, blur_sigma
                                   scan_params)
 from ..scoring import MuscParams, prepare
 from ..scoring3d import Sample3D, score_batch
-from .datasets import DatasetError, Sample, load_dataset, load_masks, read_image
-from .metrics import compute_metrics
-from .runner import REPORT_KEYS, EvalSettings, select_layers, write_overlays
+from .datasets import DatasetError, Sample, load_dataset, read_image
+from .runner import EvalSettings, measure, select_layers
 
 
 @dataclass
@@ -133,14 +132,4 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
             maps, scores = stream_scan_scores(sets, samples_3d, grid, pool, order, settings.params, bar)
     t_scoring = time.monotonic() - t0
 
-    labels = np.array([s.label for s in samples])
-    masks = load_masks(samples, settings.size)
-    metrics = compute_metrics(labels, scores, masks, maps)
-    if settings.overlays:
-        write_overlays(settings.overlays, samples, maps, masks, scores, settings.size)
-    report = {"dataset": str(settings.dataset), "mode": settings.mode, "size": settings.size,
-              "pool": settings.pool if settings.mode == "stream" else None, "n_images": len(samples),
-              "n_anomalous": int(labels.sum()), **metrics,
-              "seconds": {"features": round(t_features, 3), "scoring": round(t_scoring, 3),
-                          "total": round(time.monotonic() - t_start, 3)}}
-    return {key: report[key] for key in REPORT_KEYS}
+    return measure(settings, samples, maps, scores, t_start, t_features, t_scoring)
