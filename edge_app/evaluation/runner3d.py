@@ -16,8 +16,8 @@ from ..config import ScanSettings
 from ..features import FeatureEngine, Features
 from ..pointcloud import read_cloud
 from ..progress import Progress
-from ..runtime.multimodal import (SCAN_MODES, PreparedScan, ScanPool, blur_sigma, fusion_params, prepare_scan,
-                                  scan_params)
+from ..runtime.multimodal import blur_sigma, prepare_scan, scan_params
+from ..scan_pool import SCAN_MODES, PreparedScan, ScanPool, fusion_params
 from ..scoring import MuscParams, prepare
 from ..scoring3d import Sample3D, score_batch
 from .datasets import DatasetError, Sample, load_dataset, read_image
