@@ -20,7 +20,7 @@ from edge_app.pointcloud import read_cloud
 from edge_app.record import PartRecord, Reason, Verdict
 from edge_app.runtime.inspector import Inspector
 from edge_app.runtime.line import Line
-from edge_app.runtime.multimodal import seed_scans
+from edge_app.runtime.recipes.recipe_scan import seed_scans
 from edge_app.runtime.pool_store import PoolMismatchError
 from edge_app.scan_pool import PreparedScan, ScanPool
 from edge_app.runtime.simulated import CLOUD_PATH, SCAN_PATTERN, run_simulated_scan_line, scan_line_config

@@ -3,7 +3,7 @@ MuSc-V2's 3D or fused 2D+3D scoring, in the batch or stream protocol of :mod:`.r
 
 Each cloud is prepared on the ``size x size`` grid of the image (the two stay pixel-aligned); in 2d+3d mode
 the image's pixels off the scanned part are zeroed before the 2D features, as MuSc-V2 does (pitfall 14).
-Stream mode scores through the line's own :class:`~edge_app.runtime.multimodal.ScanPool` (FIFO).
+Stream mode scores through the line's own :class:`~edge_app.scan_pool.ScanPool` (FIFO).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ..config import ScanSettings
 from ..features import FeatureEngine, Features
 from ..pointcloud import read_cloud
 from ..progress import Progress
-from ..runtime.multimodal import blur_sigma, prepare_scan, scan_params
+from ..runtime.recipes.recipe_scan import blur_sigma, prepare_scan, scan_params
 from ..scan_pool import SCAN_MODES, PreparedScan, ScanPool, fusion_params
 from ..scoring import MuscParams, prepare
 from ..scoring3d import Sample3D, score_batch

@@ -2,7 +2,7 @@
 
 No threads and no I/O beyond the feature engine: the line (``runtime/line.py``) drives it from its worker
 thread, the seed command and tests drive it directly. Recipes with modality ``3d`` / ``2d+3d`` are handed to
-:class:`~edge_app.runtime.multimodal.ScanRecipePool` (same stages, plus the part's point cloud).
+:class:`~edge_app.runtime.recipes.recipe_scan.ScanRecipePool` (same stages, plus the part's point cloud).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..pool import FeaturePool
 from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, prepare
 from ..sources.base import DecodeError, decode_part
-from .multimodal import ScanRecipePool
+from .recipes.recipe_scan import ScanRecipePool
 from .pool_store import load_pool, pool_path, save_pool
 from .verdict import verdict_from_pool
 

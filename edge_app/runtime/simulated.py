@@ -19,7 +19,7 @@ from ..synthetic3d import generate_set as generate_scans
 from ..synthetic3d import write_mvtec3d
 from .inspector import Inspector
 from .line import Line
-from .multimodal import REFERENCE_SIZE, seed_scans
+from .recipes.recipe_scan import REFERENCE_SIZE, seed_scans
 from .seed import seed_pool
 
 SCAN_PATTERN, CLOUD_PATH = "*/rgb/*.png", "../xyz/{stem}.tiff"   # MVTec 3D-AD: test/<kind>/{rgb,xyz}/NNN.*

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import RecipeSettings, ScanSettings
-from ..evaluation.datasets import read_image
-from ..pointcloud import CloudError, PreprocessParams, foreground_mask, read_cloud, to_organised, zero_background
-from ..record import PartRecord, Reason, Verdict
-from ..scan_pool import SCAN_MODES, PreparedScan, ScanPool
-from ..scoring import MuscParams
-from ..scoring3d import Params3D, Sample3D, prepare_3d
-from ..scoring3d.map3d import DEFAULT_SIGMA
-from ..sources.scanner import cloud_problem
-from .verdict import verdict_from_pool
+from ...config import RecipeSettings, ScanSettings
+from ...evaluation.datasets import read_image
+from ...pointcloud import CloudError, PreprocessParams, foreground_mask, read_cloud, to_organised, zero_background
+from ...record import PartRecord, Reason, Verdict
+from ...scan_pool import SCAN_MODES, PreparedScan, ScanPool
+from ...scoring import MuscParams
+from ...scoring3d import Params3D, Sample3D, prepare_3d
+from ...scoring3d.map3d import DEFAULT_SIGMA
+from ...sources.scanner import cloud_problem
+from ..verdict import verdict_from_pool
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class ScanRecipePool:
             return False
         if not isinstance(prepared, PreparedScan):
             raise ValueError(f"recipe {self.name!r} scores {self.modality}: its pool needs scans (image + point "
-                             "cloud), not images alone (seed it with edge_app.runtime.multimodal.seed_scans)")
+                             "cloud), not images alone (seed it with edge_app.runtime.recipes.recipe_scan.seed_scans)")
         pool, settings = self.pool, self.settings.pool
         warming = part.reason == Reason.WARMUP
         if not warming and settings.admit == "accepted" and part.verdict != Verdict.ACCEPT:
