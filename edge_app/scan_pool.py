@@ -27,6 +27,7 @@ class PreparedScan:
     sets: list[np.ndarray]             # 2D feature sets [P, D] (empty for a 3d recipe)
     sample: Sample3D
     feature: np.ndarray | None = None  # re-scoring feature, once scored
+    nearest: float | None = None       # distance to the closest member (scoring does not measure it)
 
 
 @dataclass

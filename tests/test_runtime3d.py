@@ -20,7 +20,6 @@ from edge_app.pointcloud import read_cloud
 from edge_app.record import PartRecord, Reason, Verdict
 from edge_app.runtime.inspector import Inspector
 from edge_app.runtime.line import Line
-from edge_app.runtime.recipes.recipe_scan import seed_scans
 from edge_app.runtime.pool_store import PoolMismatchError
 from edge_app.scan_pool import PreparedScan, ScanPool
 from edge_app.runtime.simulated import CLOUD_PATH, SCAN_PATTERN, run_simulated_scan_line, scan_line_config
@@ -45,7 +44,8 @@ def scans_in(test_folder: Path) -> list[tuple[Path, Path]]:
 
 def seeded_inspector(config, recent: Path) -> Inspector:
     inspector = Inspector(config)
-    seed_scans(inspector.pools["default"], inspector.features, inspector.grid, inspector.params, scans_in(recent))
+    recipe = inspector.recipes["default"]
+    recipe.seed(recipe.read_scans(scans_in(recent)))
     return inspector
 
 
@@ -188,7 +188,7 @@ def test_pool_persists_and_a_pool_of_other_scan_settings_is_refused(toy_model, t
     first = seeded_inspector(parse_config(raw), recent)
     first.save_pools()
     again = Inspector(parse_config(raw))
-    assert again.restore_pools() == {"default": first.pools["default"].pool.size} and again.pools["default"].pool.ready
+    assert again.restore_pools() == {"default": first.recipes["default"].pool.size} and again.recipes["default"].pool.ready
     a, b = first.inspect(_part(image, cloud))[0], again.inspect(_part(image, cloud))[0]
     assert a.raw_score == b.raw_score and a.score == b.score
     np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
@@ -198,7 +198,7 @@ def test_pool_persists_and_a_pool_of_other_scan_settings_is_refused(toy_model, t
 
 
 def test_a_2d_image_pool_reseed_is_refused_for_a_scan_recipe(inspector, good_scan):
-    from edge_app.runtime.inspector import Prepared
+    from edge_app.runtime.recipes import Prepared
 
     part = _part(*good_scan).decide(Verdict.NO_VERDICT, Reason.WARMUP, "seed")
     with pytest.raises(ValueError, match="needs scans"):

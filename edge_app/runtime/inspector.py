@@ -1,49 +1,26 @@
-"""Per-part inspection: decode -> features -> one-vs-pool scoring -> verdict, and pool admission.
+"""Per-part inspection: decode -> the part's recipe (features, one-vs-pool scoring, verdict) -> admission.
 
-No threads and no I/O beyond the feature engine: the line (``runtime/line.py``) drives it from its worker
-thread, the seed command and tests drive it directly. Recipes with modality ``3d`` / ``2d+3d`` are handed to
-:class:`~edge_app.runtime.recipes.recipe_scan.ScanRecipePool` (same stages, plus the part's point cloud).
+No threads: the line (``runtime/line.py``) drives it from its worker thread, the seed command and tests drive
+it directly. Its I/O is the feature engine and the pools' files (:meth:`Inspector.restore_pools`,
+:meth:`Inspector.write_pools`). Every recipe, 2D or scan, goes through the same
+:class:`~edge_app.runtime.recipes.Recipe` methods.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import LineConfig, RecipeSettings
+from ..config import LineConfig
 from ..features import FeatureEngine, Features
-from ..pool import FeaturePool
 from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, prepare
 from ..sources.base import DecodeError, decode_part
-from .recipes.recipe_scan import ScanRecipePool
 from .pool_store import load_pool, pool_path, save_pool
-from .verdict import verdict_from_pool
+from .recipes import Recipe, Scoring, make_recipe
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Prepared:
-    """A part's scoring inputs: aggregated feature sets (``[P, D]`` each)."""
-
-    sets: list[np.ndarray]
-    feature: np.ndarray | None = None    # re-scoring feature, once scored
-    nearest: float | None = None         # distance to the closest pool member, once scored
-
-
-class RecipePool:
-    """A recipe's pool with its admission rule and warm-up bookkeeping."""
-
-    def __init__(self, name: str, settings: RecipeSettings, n_sets: int, patches: int, dim: int, seed: int = 0):
-        self.name, self.settings = name, settings
-        ps = settings.pool
-        self.pool = FeaturePool(ps.capacity, n_sets, patches, dim, min_size=ps.min_size, eviction=ps.eviction,
-                                horizon=ps.horizon, seed=seed)
-        self.threshold = settings.threshold
-        self.rejected_duplicates = 0
 
 
 class Inspector:
@@ -64,10 +41,9 @@ class Inspector:
         n_sets = len(self.layer_index) * (len(self.params.degrees) if self.params.aggregation == "lnamd" else 1)
         self.params.salient_set(n_sets)  # fail early on an impossible salient layer
         patches, dim = self.grid[0] * self.grid[1], self.engine.manifest.token_dim
-        self.pools: dict[str, RecipePool | ScanRecipePool] = {
-            name: RecipePool(name, recipe, n_sets, patches, dim) if recipe.modality == "2d" else
-            ScanRecipePool(name, recipe, n_sets, patches, dim, self.engine.size, self.params)
-            for name, recipe in config.recipes.items()}
+        scoring = Scoring(self.features, self.grid, self.params, self.engine.size, self.pool_identity())
+        self.recipes: dict[str, Recipe] = {name: make_recipe(name, settings, scoring, n_sets, patches, dim)
+                                           for name, settings in config.recipes.items()}
 
     # -- identity & persistence ----------------------------------------------------------------------------
     def pool_identity(self) -> dict:
@@ -76,43 +52,45 @@ class Inspector:
                 "blocks": list(self.config.model.blocks), "aggregation": self.params.aggregation,
                 "degrees": list(self.params.degrees)}
 
-    def recipe_identity(self, name: str) -> dict:
-        """:meth:`pool_identity`, plus the modality and 3D settings of a 3d / 2d+3d recipe."""
-        rp = self.pools[name]
-        return {**self.pool_identity(), **rp.identity()} if isinstance(rp, ScanRecipePool) else self.pool_identity()
+    def recipe(self, name: str) -> Recipe:
+        """The recipe called ``name``; ValueError naming the recipes the config has."""
+        if name not in self.recipes:
+            raise ValueError(f"unknown recipe {name!r}: the config has {sorted(self.recipes)}")
+        return self.recipes[name]
 
     def restore_pools(self) -> dict[str, int]:
         """Load every recipe's stored pool (PoolMismatchError for a foreign one); returns sizes."""
-        for name, rp in self.pools.items():
-            load_pool(pool_path(self.config.storage.dir, name), rp.pool, self.recipe_identity(name))
-        return {name: rp.pool.size for name, rp in self.pools.items()}
+        for name, recipe in self.recipes.items():
+            load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity())
+        return {name: recipe.pool.size for name, recipe in self.recipes.items()}
 
     def snapshot_pools(self) -> dict[str, dict[str, np.ndarray]]:
         """Copies of every pool's state (cheap), to be written by :meth:`write_pools` on another thread."""
-        return {name: {k: np.array(v, copy=True) for k, v in rp.pool.state().items()}
-                for name, rp in self.pools.items()}
+        return {name: {k: np.array(v, copy=True) for k, v in recipe.state().items()}
+                for name, recipe in self.recipes.items()}
 
     def write_pools(self, snapshot: dict[str, dict[str, np.ndarray]]) -> None:
         for name, state in snapshot.items():
-            save_pool(pool_path(self.config.storage.dir, name), state, self.recipe_identity(name))
+            save_pool(pool_path(self.config.storage.dir, name), state, self.recipes[name].identity())
 
     def save_pools(self) -> None:
         self.write_pools(self.snapshot_pools())
 
     # -- stages ----------------------------------------------------------------------------------------------
-    def features(self, images: list[np.ndarray]) -> list[Prepared]:
-        """Feature sets of decoded RGB images (one engine call)."""
+    def features(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Each decoded RGB image's aggregated feature sets (``[P, D]`` each), in one engine call."""
         feats: Features = self.engine(images, batch_size=len(images))
         layers = [feats.layers[i] for i in self.layer_index]
         sets = prepare(layers, self.grid, self.params)
-        return [Prepared([fs[i] for fs in sets]) for i in range(len(images))]
+        return [[fs[i] for fs in sets] for i in range(len(images))]
 
-    def inspect(self, part: PartRecord) -> tuple[PartRecord, Prepared | None]:
-        """Fill ``part``'s verdict, reason, scores, map and stage times. Never raises for a bad part."""
+    def inspect(self, part: PartRecord) -> tuple[PartRecord, object | None]:
+        """Fill ``part``'s verdict, reason, scores, map and stage times; also returns what its recipe
+        prepared (for :meth:`admit`). Never raises for a bad part."""
         if part.verdict is not None:  # already decided upstream (e.g. a scanner frame that never came)
             return part, None
-        rp = self.pools.get(part.recipe)
-        if rp is None:
+        recipe = self.recipes.get(part.recipe)
+        if recipe is None:
             return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"unknown recipe {part.recipe!r}"), None
         t0 = time.monotonic()
         try:
@@ -120,51 +98,10 @@ class Inspector:
         except DecodeError as exc:
             part.times.decode = time.monotonic() - t0
             return part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, str(exc)), None
-        t1 = time.monotonic()
-        part.times.decode = t1 - t0
-        if isinstance(rp, ScanRecipePool):
-            return rp.inspect(part, self.features, self.grid, self.params)
-        try:
-            prepared = self.features([part.image])[0]
-        except Exception as exc:  # the engine must never take the line down with it
-            log.exception("feature engine failed on part %s", part.part_id)
-            part.times.features = time.monotonic() - t1
-            return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"), None
-        part.times.features = time.monotonic() - t1
-        part, prepared, result = verdict_from_pool(
-            part, prepared, rp.threshold,
-            lambda: rp.pool.score(prepared.sets, self.grid, self.params, exclude_part_id=part.part_id))
-        if result is not None:
-            part.anomaly_map, prepared.nearest = result.patch_map, result.nearest
-        return part, prepared
+        part.times.decode = time.monotonic() - t0
+        return recipe.inspect(part)
 
-    def admit(self, part: PartRecord, prepared: Prepared | None, now: float | None = None) -> bool:
-        """Pool admission after a verdict: accepted parts (or all, by config), never near-duplicates.
-
-        During warm-up every decodable part is admitted; once the pool reaches its minimum size the members
-        are scored among themselves so each has a raw score and re-scoring feature.
-        """
-        rp = self.pools.get(part.recipe)
-        if isinstance(rp, ScanRecipePool):
-            return rp.admit(part, prepared, self.grid, self.params, now)
-        if rp is None or prepared is None:
-            return False
-        pool, settings = rp.pool, rp.settings.pool
-        warming = part.reason == Reason.WARMUP
-        if not warming and settings.admit == "accepted" and part.verdict != Verdict.ACCEPT:
-            return False
-        if part.test_part:
-            return False
-        nearest = prepared.nearest if prepared.nearest is not None else pool.nearest_distance(prepared.sets)
-        if nearest < settings.near_duplicate_distance:
-            rp.rejected_duplicates += 1
-            return False
-        # Warm-up members get their raw score and re-scoring feature when the pool becomes ready.
-        feature = prepared.feature if prepared.feature is not None else prepared.sets[0][0]
-        slot = pool.admit(part.part_id, prepared.sets, part.raw_score or 0.0, feature,
-                          now=time.time() if now is None else now)
-        if slot is not None and warming and pool.size == pool.min_size:  # the pool has just become ready
-            pool.rescore_members(self.grid, self.params)
-            if pool.drop_outliers():  # defective warm-up parts out; warm-up goes on until min_size again
-                pool.rescore_members(self.grid, self.params)
-        return slot is not None
+    def admit(self, part: PartRecord, prepared: object | None, now: float | None = None) -> bool:
+        """Pool admission after a verdict, by the part's recipe (:meth:`Recipe.admit`)."""
+        recipe = self.recipes.get(part.recipe)
+        return recipe is not None and recipe.admit(part, prepared, now)

@@ -221,7 +221,7 @@ class Line:
 
     def _maybe_persist(self) -> None:
         """Periodic pool persistence: the worker only copies the pools; a writer thread does the disk I/O."""
-        every = min(rp.settings.pool.persist_every_s for rp in self.inspector.pools.values())
+        every = min(rp.settings.pool.persist_every_s for rp in self.inspector.recipes.values())
         if time.monotonic() - self._last_persist < every:
             return
         self._last_persist = time.monotonic()
@@ -339,7 +339,7 @@ class Line:
     # -- calibration and control ---------------------------------------------------------------------------
     def _apply_calibration(self, calibration: Calibration) -> None:
         for name, recipe in calibration.recipes.items():
-            self.inspector.pools[name].threshold = recipe.threshold
+            self.inspector.recipes[name].threshold = recipe.threshold
         self.reject_timing = calibration.reject_timing
         self.dry_run = self.config.line.dry_run or calibration.dry_run
         self.calibration_version = str(calibration.version)
@@ -369,9 +369,9 @@ class Line:
 
     def _recipe_pool(self, request: dict):
         name = request.get("recipe", "default")
-        if name not in self.inspector.pools:
-            raise ControlError(f"unknown recipe {name!r}: this line has {sorted(self.inspector.pools)}")
-        return self.inspector.pools[name]
+        if name not in self.inspector.recipes:
+            raise ControlError(f"unknown recipe {name!r}: this line has {sorted(self.inspector.recipes)}")
+        return self.inspector.recipes[name]
 
     def _slots(self, pool, request: dict):
         if request.get("all"):
@@ -432,14 +432,12 @@ class Line:
                         "golden": int(rp.pool.golden[:rp.pool.size].sum())}
             return self._between_parts(change)
         if cmd == "pool_reseed":
-            from .seed import prepare_folder, admit_prepared
-
             rp = self._recipe_pool(request)
-            prepared = prepare_folder(self.inspector, request.get("folder", ""))  # features off the worker
+            # Read and prepared off the worker, and before the pool changes: a bad folder leaves it as it is.
+            prepared = rp.read_seed(request.get("folder", ""))
 
             def reseed() -> dict:
-                rp.pool.remove(np.flatnonzero(~rp.pool.golden[:rp.pool.size]))
-                size = admit_prepared(self.inspector, rp.name, prepared)
+                size = rp.seed(prepared, replace=True)
                 self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
                 return {"size": size}
             return self._between_parts(reseed)
@@ -461,7 +459,7 @@ class Line:
         """What `musc-calibrate status` shows of a running line."""
         recipes = {}
         now = time.time()
-        for name, rp in self.inspector.pools.items():
+        for name, rp in self.inspector.recipes.items():
             pool = rp.pool
             times = pool.admitted_time[:pool.size]
             recipes[name] = {"threshold": rp.threshold, "pool": {
@@ -502,7 +500,7 @@ class Line:
             text = (f"parts {s.parts:>5} | OK {s.by_verdict['ACCEPT']:>4} NG {s.by_verdict['REJECT']:>4} "
                     f"NV {s.by_verdict['NO_VERDICT']:>3}{' (' + nv + ')' if nv else ''} | "
                     f"acked {s.acked:>5}")
-        pools = " ".join(f"{name} {rp.pool.size}/{rp.pool.capacity}" for name, rp in self.inspector.pools.items())
+        pools = " ".join(f"{name} {rp.pool.size}/{rp.pool.capacity}" for name, rp in self.inspector.recipes.items())
         link = ""
         if self.link is not None:
             h = self.link.health()

@@ -1,4 +1,4 @@
-"""3D and 2D+3D (MuSc-V2) recipes on the line: per-part scan preparation, a pool of scans, inspection, admission.
+"""``3d`` and ``2d+3d`` (MuSc-V2) recipes: each part's scan scored against a :class:`~edge_app.scan_pool.ScanPool`.
 
 A ``3d`` / ``2d+3d`` recipe scores each part's organised cloud (and, fused, its image) one-vs-pool with
 :func:`edge_app.scoring3d.score_one`. The cloud is scored on the ``model.size`` grid of the image, so the
@@ -8,9 +8,7 @@ decides the part NO_VERDICT / SCANNER_ERROR with the reason in ``detail``; it ne
 """
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +16,13 @@ import numpy as np
 from ...config import RecipeSettings, ScanSettings
 from ...evaluation.datasets import read_image
 from ...pointcloud import CloudError, PreprocessParams, foreground_mask, read_cloud, to_organised, zero_background
-from ...record import PartRecord, Reason, Verdict
+from ...progress import Progress
+from ...record import PartRecord
 from ...scan_pool import SCAN_MODES, PreparedScan, ScanPool
-from ...scoring import MuscParams
 from ...scoring3d import Params3D, Sample3D, prepare_3d
 from ...scoring3d.map3d import DEFAULT_SIGMA
-from ...sources.scanner import cloud_problem
-from ..verdict import verdict_from_pool
-
-log = logging.getLogger(__name__)
+from ...sources.scanner import CLOUD_SUFFIXES, cloud_problem
+from .base import Recipe, Scored, Scoring, image_files
 
 REFERENCE_SIZE = 224   # grid side the MuSc-V2 3D defaults (blur sigma) are given for
 
@@ -75,21 +71,20 @@ def prepare_scan(cloud: np.ndarray, image: np.ndarray, params: Params3D, black_b
         raise CloudError(f"{source}: {exc}") from exc
 
 
-FeatureStage = Callable[[list[np.ndarray]], list]   # RGB images -> objects with a ``sets`` attribute
+class ScanRecipe(Recipe):
+    """A ``3d`` / ``2d+3d`` recipe: its :class:`ScanPool` (FIFO) and how a scanned part is prepared."""
 
-
-class ScanRecipePool:
-    """A ``3d`` / ``2d+3d`` recipe: its pool, how its scans are prepared, and its inspection and admission."""
-
-    def __init__(self, name: str, settings: RecipeSettings, n_sets: int, patches: int, dim: int,
-                 image_size: int, params: MuscParams):
+    def __init__(self, name: str, settings: RecipeSettings, scoring: Scoring, n_sets: int, patches: int,
+                 dim: int):
         if settings.modality not in SCAN_MODES:
             raise ValueError(f"recipe {name!r} has modality {settings.modality!r}; a scan pool needs one of "
                              f"{SCAN_MODES}")
+        params, image_size = scoring.params, scoring.image_size
         if settings.modality == "2d+3d" and params.aggregation == "lnamd":
             raise ValueError(f"recipe {name!r}: 2d+3d pairs 2D layers with 3D layers, but scoring.aggregation "
                              "lnamd gives one 2D set per (layer, degree); use snamd")
-        self.name, self.settings, self.modality = name, settings, settings.modality
+        super().__init__(name, settings, scoring)
+        self.modality = settings.modality
         scan = settings.scan_settings
         try:
             self.params3d = scan_params(scan, self.modality, image_size, n_sets)
@@ -102,14 +97,13 @@ class ScanRecipePool:
         ps = settings.pool
         self.pool = ScanPool(self.modality, ps.capacity, n_sets, patches, dim, image_size, min_size=ps.min_size,
                              sigma=blur_sigma(scan, image_size))
-        self.threshold = settings.threshold
-        self.rejected_duplicates = 0
 
     def identity(self) -> dict:
-        """What, besides the feature model, a stored pool of this recipe must have been built with."""
-        return {"modality": self.modality, "scan": self.settings.scan_settings.model_dump(mode="json")}
+        """The feature model's identity, plus the modality and 3D settings."""
+        return {**super().identity(), "modality": self.modality,
+                "scan": self.settings.scan_settings.model_dump(mode="json")}
 
-    def prepare(self, part: PartRecord, features: FeatureStage) -> PreparedScan:
+    def prepare(self, part: PartRecord) -> PreparedScan:
         """Check the part's cloud against its decoded image, prepare it, and compute the 2D sets (2d+3d)."""
         where = f"part {part.part_id}" + (f" ({part.source_ref})" if part.source_ref else "")
         problem = cloud_problem(part.cloud)
@@ -117,72 +111,60 @@ class ScanRecipePool:
             raise CloudError(f"{where}: {problem}")
         cloud = to_organised(part.cloud, where, part.image.shape)
         sample, image = prepare_scan(cloud, part.image, self.params3d, self.black_background, where)
-        sets = features([image])[0].sets if self.modality == "2d+3d" else []
+        sets = self.scoring.features([image])[0] if self.modality == "2d+3d" else []
         return PreparedScan(sets, sample)
 
-    def inspect(self, part: PartRecord, features: FeatureStage, grid: tuple[int, int],
-                params: MuscParams) -> tuple[PartRecord, PreparedScan | None]:
-        """Fill a decoded ``part``'s verdict, reason, scores, map and stage times (the inspector decodes).
-        Never raises for a bad part."""
-        t1 = time.monotonic()
-        try:
-            prepared = self.prepare(part, features)
-        except CloudError as exc:
-            part.times.features = time.monotonic() - t1
-            return part.decide(Verdict.NO_VERDICT, Reason.SCANNER_ERROR, str(exc)), None
-        except Exception as exc:  # the engine must never take the line down with it
-            log.exception("feature stage failed on part %s", part.part_id)
-            part.times.features = time.monotonic() - t1
-            return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"), None
-        part.times.features = time.monotonic() - t1
-        part, prepared, result = verdict_from_pool(
-            part, prepared, self.threshold,
-            lambda: self.pool.score(prepared, grid, params, exclude_part_id=part.part_id))
-        if result is not None:
-            part.anomaly_map = result.map
-        return part, prepared
+    def score(self, prepared: PreparedScan, part_id: str | None = None) -> Scored:
+        result = self.pool.score(prepared, self.scoring.grid, self.scoring.params, exclude_part_id=part_id)
+        return Scored(result.map, result.raw, result.score, result.feature, result.n_refs)
 
-    def admit(self, part: PartRecord, prepared: PreparedScan | None, grid: tuple[int, int],
-              params: MuscParams, now: float | None = None) -> bool:
-        """Pool admission after a verdict, with the rules of the 2D pools (see ``Inspector.admit``)."""
-        if prepared is None:
-            return False
+    def read_seed(self, folder: str | Path, progress: bool = False) -> list[tuple[PartRecord, PreparedScan]]:
+        """The folder's scans (see :func:`scan_files`), read and prepared."""
+        return self.read_scans(scan_files(folder), progress)
+
+    def read_scans(self, scans: Sequence[tuple[Path, Path]],
+                   progress: bool = False) -> list[tuple[PartRecord, PreparedScan]]:
+        """``(image, cloud)`` files read and prepared; a scan that cannot be read or prepared raises naming
+        its file."""
+        out = []
+        with Progress(len(scans), "seeding", enabled=progress) as bar:
+            for image_path, cloud_path in scans:
+                image = read_image(image_path)
+                part = PartRecord(part_id=f"seed:{image_path}", recipe=self.name,
+                                  capture_time=image_path.stat().st_mtime, image=image,
+                                  cloud=read_cloud(cloud_path, image.shape), source_ref=str(image_path))
+                out.append((part, self.prepare(part)))
+                part.image = part.cloud = None  # the prepared scan has what the pool keeps
+                bar.advance()
+        return out
+
+    def _nearest(self, prepared: PreparedScan) -> float:
+        return self.pool.nearest_distance(self._checked(prepared).sets)
+
+    def _store(self, part_id: str, prepared: PreparedScan, raw_score: float, now: float) -> int | None:
+        return self.pool.admit(part_id, self._checked(prepared), raw_score, prepared.feature, now=now)
+
+    def _checked(self, prepared) -> PreparedScan:
         if not isinstance(prepared, PreparedScan):
             raise ValueError(f"recipe {self.name!r} scores {self.modality}: its pool needs scans (image + point "
-                             "cloud), not images alone (seed it with edge_app.runtime.recipes.recipe_scan.seed_scans)")
-        pool, settings = self.pool, self.settings.pool
-        warming = part.reason == Reason.WARMUP
-        if not warming and settings.admit == "accepted" and part.verdict != Verdict.ACCEPT:
-            return False
-        if part.test_part:
-            return False
-        if pool.nearest_distance(prepared.sets) < settings.near_duplicate_distance:
-            self.rejected_duplicates += 1
-            return False
-        slot = pool.admit(part.part_id, prepared, part.raw_score or 0.0, prepared.feature,
-                          now=time.time() if now is None else now)
-        if slot is not None and warming and pool.size == pool.min_size:  # the pool has just become ready
-            pool.rescore_members(grid, params)
-            if pool.drop_outliers():  # defective warm-up parts out; warm-up goes on until min_size again
-                pool.rescore_members(grid, params)
-        return slot is not None
+                             "cloud), not images alone")
+        return prepared
 
 
-def seed_scans(recipe: ScanRecipePool, features: FeatureStage, grid: tuple[int, int], params: MuscParams,
-               scans: Sequence[tuple[Path, Path]]) -> int:
-    """Fill ``recipe``'s pool from ``(image, cloud)`` files of recent unlabeled parts, so a line can start
-    warm: admitted as warm-up members (near-duplicates skipped), then scored among themselves. A scan that
-    cannot be read or prepared raises naming its file. Returns the pool size."""
-    for image_path, cloud_path in scans:
-        image = read_image(image_path)
-        part = PartRecord(part_id=f"seed:{image_path}", recipe=recipe.name,
-                          capture_time=image_path.stat().st_mtime, image=image,
-                          cloud=read_cloud(cloud_path, image.shape), source_ref=str(image_path))
-        prepared = recipe.prepare(part, features)
-        part.decide(Verdict.NO_VERDICT, Reason.WARMUP, "seed")
-        recipe.admit(part, prepared, grid, params)
-    if recipe.pool.size >= 2:
-        recipe.pool.rescore_members(grid, params)
-        if recipe.pool.drop_outliers() and recipe.pool.size >= 2:
-            recipe.pool.rescore_members(grid, params)
-    return recipe.pool.size
+def scan_files(folder: str | Path) -> list[tuple[Path, Path]]:
+    """``(image, cloud)`` pairs under ``folder``: MVTec 3D-AD's ``<..>/rgb/<id>.png`` with ``../xyz/<id>.tiff``
+    when the folder has ``rgb`` folders, else every image with a cloud of the same stem beside it
+    (FileNotFoundError naming the first image without one)."""
+    images = image_files(folder)
+    mvtec = [p for p in images if p.parent.name == "rgb"]
+    pairs = []
+    for image in mvtec or images:
+        candidates = ([image.parent.parent / "xyz" / f"{image.stem}.tiff"] if mvtec else
+                      [image.with_suffix(s) for s in CLOUD_SUFFIXES])
+        cloud = next((c for c in candidates if c.is_file()), None)
+        if cloud is None:
+            raise FileNotFoundError(f"no point cloud for {image} (looked for "
+                                    f"{', '.join(c.name for c in candidates)}); a scan recipe seeds from "
+                                    "image + cloud pairs")
+        pairs.append((image, cloud))
+    return pairs
