@@ -1,9 +1,9 @@
 """``musc-edge eval``: score a dataset category in batch or stream protocol and measure it.
 
 batch  -- every image scored against all others (the papers' transductive protocol).
-stream -- images in a seeded shuffled order; each is scored only against a FIFO pool of the previous
-          ``pool`` images (the line's protocol, through the runtime's own :class:`FeaturePool`); the first
-          ``min_pool`` images are scored among themselves once there are enough of them.
+stream -- images in a seeded shuffled order, each scored only against a FIFO pool of ``pool`` earlier
+          images and admitted by the line's own rules (accepted parts only, no near-duplicates, warm-up
+          outliers dropped): see :mod:`.stream`. The warm-up images are scored among themselves.
 """
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import numpy as np
 
 from ..features import FeatureEngine, Features
 from ..overlay import render_overlay, side_by_side
-from ..pool import FeaturePool
 from ..progress import Progress
+from ..runtime.recipes import Prepared
 from ..scoring import MuscParams, prepare, score_batch, upsample
 from .datasets import load_dataset, load_masks, read_image
 from .metrics import compute_metrics
+from .stream import eval_recipe, stream_scores
 
 # Blocks scored by default: the mid-depth blocks of the default ViT-S/14 localise best (see README).
 DEFAULT_BLOCKS = (6, 9)
@@ -60,32 +61,6 @@ def select_layers(features: Features, model_blocks: tuple[int, ...], blocks: tup
     return [features.layers[model_blocks.index(b)] for b in blocks]
 
 
-def stream_scores(sets: list[np.ndarray], grid: tuple[int, int], order: np.ndarray, capacity: int,
-                  min_pool: int, params: MuscParams, progress: Progress | None = None,
-                  image_tokens: np.ndarray | None = None) -> ScoredSet:
-    """Score samples in ``order``, each against a FIFO pool of the previous ``capacity`` samples."""
-    n, p, d = sets[0].shape
-    if n < min_pool:
-        raise ValueError(f"stream mode needs at least min_pool={min_pool} images, the dataset has {n}")
-    pool = FeaturePool(capacity, len(sets), p, d, min_size=min(min_pool, capacity), eviction="fifo")
-    maps = np.zeros((n, *grid), np.float32)
-    scores = np.zeros(n)
-    warmup = list(order[:pool.min_size])
-    first = score_batch([fs[warmup] for fs in sets], grid, params,
-                        None if image_tokens is None else image_tokens[warmup])
-    for j, i in enumerate(warmup):
-        maps[i], scores[i] = first.patch_maps[j], first.rescored[j]
-        pool.admit(str(i), [fs[i] for fs in sets], first.raw[j], first.features[j])
-        progress and progress.advance()
-    for i in order[pool.min_size:]:
-        member = [fs[i] for fs in sets]
-        result = pool.score(member, grid, params, image_token=None if image_tokens is None else image_tokens[i])
-        maps[i], scores[i] = result.patch_map, result.score
-        pool.admit(str(i), member, result.raw, result.feature)
-        progress and progress.advance()
-    return ScoredSet(maps, scores)
-
-
 def run_eval(settings: EvalSettings) -> dict:
     """Score a category and return the report dict (schema: REPORT_KEYS, metrics in percent)."""
     t_start = time.monotonic()
@@ -111,9 +86,18 @@ def run_eval(settings: EvalSettings) -> dict:
         scored = ScoredSet(result.patch_maps, result.rescored)
     elif settings.mode == "stream":
         order = np.random.default_rng(settings.seed).permutation(len(samples))
+        n, patches, dim = sets[0].shape
+        recipe = eval_recipe("2d", settings.pool, settings.min_pool, settings.params, engine.grid, settings.size,
+                             len(sets), patches, dim)
+        tokens = features.image_tokens
+        prepared = [Prepared([fs[i] for fs in sets], image_token=tokens[i]) for i in range(n)]
+
+        def warmup(idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            first = score_batch([fs[idx] for fs in sets], engine.grid, settings.params, tokens[idx])
+            return first.patch_maps, first.rescored
         with Progress(len(samples), "scoring", enabled=settings.progress) as bar:
-            scored = stream_scores(sets, engine.grid, order, settings.pool, settings.min_pool, settings.params, bar,
-                                   features.image_tokens)
+            streamed = stream_scores(recipe, prepared, order, warmup, bar)
+        scored = ScoredSet(streamed.maps, streamed.scores)
     else:
         raise ValueError(f"unknown mode {settings.mode!r}: expected 'batch' or 'stream'")
     t_scoring = time.monotonic() - t0

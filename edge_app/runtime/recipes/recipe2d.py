@@ -21,6 +21,7 @@ class Prepared:
     sets: list[np.ndarray]
     feature: np.ndarray | None = None    # re-scoring feature, once scored
     nearest: float | None = None         # distance to the closest pool member, once scored
+    image_token: np.ndarray | None = None  # the model's image token, for image_token re-scoring (evaluation)
 
 
 class Recipe2D(Recipe):
@@ -39,7 +40,8 @@ class Recipe2D(Recipe):
         return Prepared(self.scoring.features([part.image])[0])
 
     def score(self, prepared: Prepared, part_id: str | None = None) -> Scored:
-        result = self.pool.score(prepared.sets, self.scoring.grid, self.scoring.params, exclude_part_id=part_id)
+        result = self.pool.score(prepared.sets, self.scoring.grid, self.scoring.params, exclude_part_id=part_id,
+                                 image_token=prepared.image_token)
         return Scored(result.patch_map, result.raw, result.score, result.feature, result.n_refs, result.nearest)
 
     def read_seed(self, folder: str | Path, progress: bool = False,
