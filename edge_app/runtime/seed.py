@@ -11,6 +11,17 @@ from .inspector import Inspector, Prepared
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
+def check_seedable(inspector: Inspector, recipe: str) -> None:
+    """ValueError unless ``recipe`` exists and can be seeded from a folder of images (a 2d recipe); called
+    before anything is removed from a pool, so a refused reseed leaves the pool as it was."""
+    if recipe not in inspector.pools:
+        raise ValueError(f"unknown recipe {recipe!r}: the config has {sorted(inspector.pools)}")
+    modality = inspector.config.recipes[recipe].modality
+    if modality != "2d":
+        raise ValueError(f"recipe {recipe!r} scores {modality}: its pool needs scans (image + point cloud), "
+                         "which a folder of images cannot give; let the line warm up on live parts instead")
+
+
 def prepare_folder(inspector: Inspector, folder: str | Path, batch_size: int = 8,
                    progress: bool = False) -> list[tuple[Path, Prepared]]:
     """Feature sets of the folder's images, sorted by name (no pool is touched)."""
@@ -48,6 +59,5 @@ def admit_prepared(inspector: Inspector, recipe: str, prepared: list[tuple[Path,
 
 def seed_pool(inspector: Inspector, recipe: str, folder: str | Path, progress: bool = True) -> int:
     """Seed ``recipe``'s pool from ``folder``; returns the pool size."""
-    if recipe not in inspector.pools:
-        raise ValueError(f"unknown recipe {recipe!r}: the config has {sorted(inspector.pools)}")
+    check_seedable(inspector, recipe)
     return admit_prepared(inspector, recipe, prepare_folder(inspector, folder, progress=progress))
