@@ -149,7 +149,7 @@ class StorageSettings(_Strict):
     @classmethod
     def _not_a_file(cls, value: Path) -> Path:
         if value.exists() and not value.is_dir():
-            raise ValueError(f"{str(value)!r} exists and is not a folder")
+            raise ValueError("exists and is not a folder")
         return value
 
 
@@ -241,7 +241,10 @@ def parse_config(raw: dict[str, Any], origin: str = "<config>") -> LineConfig:
     try:
         return LineConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = "\n".join(_describe(e) for e in exc.errors())
+        errors = [_describe(e) for e in exc.errors()]
+        if len(errors) == 1:  # one problem, one line
+            raise ConfigError(f"{origin}: invalid line config: {errors[0].strip()}") from None
+        lines = "\n".join(errors)
         raise ConfigError(f"{origin}: invalid line config:\n{lines}") from None
 
 
@@ -253,8 +256,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(  # no mark: the message stays on one line
+                    None, None, f"duplicate key {key!r} at line {key_node.start_mark.line + 1}", None)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -174,14 +175,17 @@ class Line:
         if self.control is not None:
             self.control.close()
         self._run_tasks()
-        self.inspector.save_pools()
+        try:
+            self.inspector.save_pools()
+        except OSError as exc:  # a full disk: the last periodic save stands, and the temp file is gone
+            self._on_alarm(f"pool could not be saved at shutdown: {exc}")
         if self.link is not None:
             deadline = time.monotonic() + 2.0
             while self.link.health().outbox_depth and time.monotonic() < deadline:
                 time.sleep(0.02)
-            self._drain_acks()
+            self._drain_acks_or_alarm()
             self.link.close()
-        self._drain_acks()
+        self._drain_acks_or_alarm()
         if self.archive is not None:
             self.archive.close(timeout=10)
         if self.ledger is not None:
@@ -256,15 +260,20 @@ class Line:
                 self._on_alarm(f"pool could not be saved: {exc}")
 
     def _output_loop(self) -> None:
-        while True:
-            try:
-                item = self._out.get(timeout=0.1)
-            except queue.Empty:
-                self._drain_acks()
-                continue
-            if item[0] == "done":
-                return
-            self._emit(item[1], item[3] if len(item) > 3 else None)
+        try:
+            while True:
+                try:
+                    item = self._out.get(timeout=0.1)
+                except queue.Empty:
+                    self._drain_acks()
+                    continue
+                if item[0] == "done":
+                    return
+                self._emit(item[1], item[3] if len(item) > 3 else None)
+        except sqlite3.Error as exc:  # an ack or link time that cannot be recorded (disk full, I/O error)
+            self._on_alarm(f"ledger update failed, line stopping: {exc}")
+            raise LineStopped(f"the ledger {self.ledger.path} cannot be updated ({exc}); unacknowledged "
+                              "verdicts are re-sent at the next start") from None
 
     def _deadline(self, part: PartRecord) -> float:
         """Monotonic time by which the verdict must reach the PLC (reject timing, else line.deadline_ms)."""
@@ -349,6 +358,12 @@ class Line:
             except queue.Empty:
                 return
             self._record_ack(seq, late, when)
+
+    def _drain_acks_or_alarm(self) -> None:
+        try:
+            self._drain_acks()
+        except sqlite3.Error as exc:  # shutting down anyway: the unrecorded acks mean re-sends next start
+            self._on_alarm(f"acknowledgements could not be recorded: {exc}")
 
     def _record_ack(self, seq: int, late: bool, when: float) -> None:
         self.ledger.mark_acked(seq, late=late, when=when)
