@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..evaluation.datasets import read_image
+from ..mediaio import IMAGE_SUFFIXES, read_image
 from ..progress import Progress
 from ..record import PartRecord, Reason, Verdict
 from .inspector import Inspector, Prepared
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def check_seedable(inspector: Inspector, recipe: str) -> None:
