@@ -129,7 +129,13 @@ def cmd_run(args) -> int:
     line = Line(config, status=_status_printer())
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: line.stop())
-    stats = line.run()
+    from .runtime.line import LineStopped
+
+    try:
+        stats = line.run()
+    except LineStopped as exc:  # e.g. disk full: one clear line, nothing lost, no traceback
+        print(f"\nmusc-edge run: line stopped: {exc}", file=sys.stderr)
+        return 3
     print(file=sys.stderr)
     print(line.status_line())
     if not stats.parts:

@@ -12,6 +12,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 
 from .links import LinkConfig
 from .record import FailSafe
+from .runtime.verdict import MAX_THRESHOLD
 from .scoring import MuscParams
 
 
@@ -102,7 +103,7 @@ class ScanSettings(_Strict):
 
 
 class RecipeSettings(_Strict):
-    threshold: float = Field(1.0, description=(
+    threshold: float = Field(1.0, gt=0, le=MAX_THRESHOLD, allow_inf_nan=False, description=(
         "re-scored score at or above which a part is rejected; 1.0 = the 90th percentile of the pool's own "
         "scores until `musc-calibrate threshold apply` sets a calibrated value"))
     pool: PoolSettings = PoolSettings()
@@ -143,6 +144,13 @@ class ArchiveSettings(_Strict):
 class StorageSettings(_Strict):
     dir: Path = Path("runs/line")
     archive: ArchiveSettings = ArchiveSettings()
+
+    @field_validator("dir")
+    @classmethod
+    def _not_a_file(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError("exists and is not a folder")
+        return value
 
 
 class ControlSettings(_Strict):
@@ -233,8 +241,25 @@ def parse_config(raw: dict[str, Any], origin: str = "<config>") -> LineConfig:
     try:
         return LineConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = "\n".join(_describe(e) for e in exc.errors())
+        errors = [_describe(e) for e in exc.errors()]
+        if len(errors) == 1:  # one problem, one line
+            raise ConfigError(f"{origin}: invalid line config: {errors[0].strip()}") from None
+        lines = "\n".join(errors)
         raise ConfigError(f"{origin}: invalid line config:\n{lines}") from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (YAML itself keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(  # no mark: the message stays on one line
+                    None, None, f"duplicate key {key!r} at line {key_node.start_mark.line + 1}", None)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path) -> LineConfig:
@@ -243,7 +268,7 @@ def load_config(path: str | Path) -> LineConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(raw or {}, str(path))

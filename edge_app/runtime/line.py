@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -29,13 +30,20 @@ from ..ledger import Ledger
 from ..links import RejectLink, open_link
 from ..record import FailSafe, PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, SourceError, make_source
-from .calibration_state import Calibration, RejectTiming, load_current
+from ..sources.fields import PartFieldError, check_part_fields, require_part_id
+from .calibration_state import Authorised, Calibration, CalibrationAuthority, CalibrationError, RejectTiming
 from .control import ControlError, ControlServer, ensure_token
 from .inspector import Inspector
 from .systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 _DONE = object()
+
+
+class LineStopped(RuntimeError):
+    """The line cannot go on without losing something (the ledger cannot be written): nothing was lost,
+    the PLC's inspect window rejects the parts that follow. The message says why, in one line."""
+
 RECENT = 10_000  # parts kept for live latency percentiles
 
 
@@ -82,9 +90,10 @@ class Line:
         self.calibration_version = "0"
         self.dry_run = config.line.dry_run
         self.reject_timing: RejectTiming | None = None
-        calibration = load_current(self.storage, set(config.recipes))
-        if calibration is not None:
-            self._apply_calibration(calibration)
+        self.authority = CalibrationAuthority(self.storage, set(config.recipes), f"runtime:{config.line.name}")
+        self.in_force = self.authority.at_start()   # refuses a current.json that is not audited
+        if self.in_force.calibration is not None:
+            self._apply_calibration(self.in_force.calibration)
         self.model_hash = self.inspector.engine.manifest.model_sha256[:16]
         self.config_hash = config.config_hash()
         self.stats = LineStats()
@@ -114,13 +123,21 @@ class Line:
         """Inspect every part the source delivers; returns the final counters."""
         self.ledger = Ledger(self.storage / "ledger.sqlite")
         control_path = self.config.control.socket or self.storage / "control.sock"
-        self.control = ControlServer(control_path, ensure_token(self.storage), self._handle_control)
+        try:
+            token = ensure_token(self.storage)
+        except OSError as exc:  # e.g. a full disk: no usable token means no changes, never "no token needed"
+            self._on_alarm(f"technician token could not be written ({exc}); the control socket refuses changes")
+            token = ""
+        self.control = ControlServer(control_path, token, self._handle_control)
         # The link is up even in dry-run: dry-run is a calibration switch that can change while running,
         # and heartbeats and test fires still go out.
         self.link = open_link(self.config.link, on_ack=self._on_ack, on_alarm=self._on_alarm,
                               on_alarm_cleared=lambda text: log.info("alarm cleared: %s", text))
         for row in self.ledger.unacked():  # signalled before a crash but never acknowledged
-            self.link.resend(row.seq, row.part_id, Verdict(row.signalled), Reason(row.reason))
+            try:
+                self.link.resend(row.seq, row.part_id, Verdict(row.signalled), Reason(row.reason))
+            except ValueError as exc:  # a field the wire refuses: mark it, so it never blocks a start again
+                self._unsendable(row.seq, row.part_id, str(exc))
         archive = self.config.storage.archive
         if archive.enabled:
             self.archive = RejectArchive(self.storage / "archive", int(archive.quota_mb * 2**20),
@@ -158,14 +175,17 @@ class Line:
         if self.control is not None:
             self.control.close()
         self._run_tasks()
-        self.inspector.save_pools()
+        try:
+            self.inspector.save_pools()
+        except OSError as exc:  # a full disk: the last periodic save stands, and the temp file is gone
+            self._on_alarm(f"pool could not be saved at shutdown: {exc}")
         if self.link is not None:
             deadline = time.monotonic() + 2.0
             while self.link.health().outbox_depth and time.monotonic() < deadline:
                 time.sleep(0.02)
-            self._drain_acks()
+            self._drain_acks_or_alarm()
             self.link.close()
-        self._drain_acks()
+        self._drain_acks_or_alarm()
         if self.archive is not None:
             self.archive.close(timeout=10)
         if self.ledger is not None:
@@ -176,6 +196,7 @@ class Line:
         try:
             with self.source:
                 for part in self.source.parts():
+                    check_part_fields(part, default_recipe=self.source.config.recipe)
                     part.capture_monotonic = part.capture_monotonic or time.monotonic()
                     part.deadline = self._deadline(part)
                     try:
@@ -207,16 +228,17 @@ class Line:
                 self._out.put(("done",))
                 return
             deadline = part.deadline
+            in_force = self.in_force  # read once: the version stamped on the row is the one that decided it
             if time.monotonic() >= deadline:
                 part.decide(Verdict.NO_VERDICT, Reason.DEADLINE, "deadline passed while queued")
-                self._out.put(("part", part, None))
+                self._out.put(("part", part, None, in_force))
                 continue
             part, prepared = self.inspector.inspect(part)
             if time.monotonic() > deadline and part.verdict != Verdict.NO_VERDICT:
                 part.decide(Verdict.NO_VERDICT, Reason.DEADLINE,
                             f"scored {part.verdict.value} after the deadline (score {part.score:.4f})")
             self.inspector.admit(part, prepared)
-            self._out.put(("part", part, prepared))
+            self._out.put(("part", part, prepared, in_force))
             self._maybe_persist()
 
     def _maybe_persist(self) -> None:
@@ -238,15 +260,20 @@ class Line:
                 self._on_alarm(f"pool could not be saved: {exc}")
 
     def _output_loop(self) -> None:
-        while True:
-            try:
-                item = self._out.get(timeout=0.1)
-            except queue.Empty:
-                self._drain_acks()
-                continue
-            if item[0] == "done":
-                return
-            self._emit(item[1])
+        try:
+            while True:
+                try:
+                    item = self._out.get(timeout=0.1)
+                except queue.Empty:
+                    self._drain_acks()
+                    continue
+                if item[0] == "done":
+                    return
+                self._emit(item[1], item[3] if len(item) > 3 else None)
+        except sqlite3.Error as exc:  # an ack or link time that cannot be recorded (disk full, I/O error)
+            self._on_alarm(f"ledger update failed, line stopping: {exc}")
+            raise LineStopped(f"the ledger {self.ledger.path} cannot be updated ({exc}); unacknowledged "
+                              "verdicts are re-sent at the next start") from None
 
     def _deadline(self, part: PartRecord) -> float:
         """Monotonic time by which the verdict must reach the PLC (reject timing, else line.deadline_ms)."""
@@ -267,30 +294,40 @@ class Line:
             return part.capture_monotonic + self._deadline_s
         return part.capture_monotonic + timing.counts / self._counts_per_s - lead
 
-    def _emit(self, part: PartRecord) -> None:
-        """Ledger first (durable), then the PLC, then the archive."""
+    def _emit(self, part: PartRecord, in_force: Authorised | None = None) -> None:
+        """Ledger first (durable), then the PLC, then the archive. No error of one part leaves here,
+        except a ledger that cannot be written (LineStopped): then nothing may be signalled at all."""
+        if in_force is None:  # decided outside the worker (overload, test fire): the version in force now
+            in_force = self.in_force
+        check_part_fields(part)  # the last line of defence: whatever created it, it must fit the ledger and wire
         part.signalled = signalled_verdict(part, self.config.line.fail_safe)
         dry_run = self.dry_run and not part.test_part
         part.times.total = time.monotonic() - part.capture_monotonic
+        version = "0" if in_force.calibration is None else str(in_force.calibration.version)
         try:
             seq = self.ledger.reserve(part, model_hash=self.model_hash, config_hash=self.config_hash,
-                                      calibration_version=self.calibration_version, dry_run=dry_run)
+                                      calibration_version=version, dry_run=dry_run)
         except Exception as exc:
             # Without a durable row nothing may be signalled: stop, and let the PLC's inspect window
             # reject every part that gets no verdict (the documented fail-safe of the wire protocol).
             self._on_alarm(f"ledger write failed, line stopping: {exc}")
-            raise
+            raise LineStopped(f"the ledger {self.ledger.path} cannot be written ({exc}); the line stopped "
+                              f"before part {part.part_id}, nothing signalled was lost") from None
         if self.link is not None and not dry_run:
             deadline = part.deadline or part.capture_monotonic + self._deadline_s
             t0 = time.monotonic()
-            result = self.link.send(seq, part.part_id, part.signalled, part.reason, max(deadline, t0 + 0.05))
+            try:
+                result = self.link.send(seq, part.part_id, part.signalled, part.reason, max(deadline, t0 + 0.05))
+            except ValueError as exc:  # a field the wire refuses (check_part_fields should have caught it)
+                self._unsendable(seq, part.part_id, str(exc))
+                result = None
             part.times.link = time.monotonic() - t0
             part.times.total = time.monotonic() - part.capture_monotonic
             self.ledger.update_link_time(seq, part.times.link, total=part.times.total)
-            if not result.acked:
+            if result is None or not result.acked:
                 with self._stats_lock:
                     self.stats.send_failures += 1
-            part.acked = result.acked
+            part.acked = result is not None and result.acked
         waiter = self._waiters.pop(id(part), None)
         if waiter is not None:
             waiter.set()
@@ -299,8 +336,16 @@ class Line:
             self.archive.submit(part)
         self._count(part)
         if part.verdict == Verdict.NO_VERDICT and self.config.line.fail_safe == FailSafe.STOP_LINE:
-            self._on_alarm(f"line stop requested: part {part.part_id} got no verdict ({part.reason.label})")
+            reason = f"no verdict: part {part.part_id} ({part.reason.label})"
+            self._on_alarm(f"line stop requested: {reason}")
+            if self.link is not None:
+                self.link.send_stop_line(reason)
         part.image = part.raw = None  # free the frame; the ledger and archive have what they need
+
+    def _unsendable(self, seq: int, part_id: str, why: str) -> None:
+        """A row whose signal can never go out: marked in the ledger (never re-sent) and alarmed."""
+        self.ledger.mark_unsendable(seq, why)
+        self._on_alarm(f"verdict seq {seq} (part {part_id[:80]!r}) can never be sent: {why[:200]}")
 
     def _on_ack(self, seq: int, late: bool) -> None:
         # Runs on the link's thread: only the output thread writes the ledger, so hand the ack over.
@@ -313,6 +358,12 @@ class Line:
             except queue.Empty:
                 return
             self._record_ack(seq, late, when)
+
+    def _drain_acks_or_alarm(self) -> None:
+        try:
+            self._drain_acks()
+        except sqlite3.Error as exc:  # shutting down anyway: the unrecorded acks mean re-sends next start
+            self._on_alarm(f"acknowledgements could not be recorded: {exc}")
 
     def _record_ack(self, seq: int, late: bool, when: float) -> None:
         self.ledger.mark_acked(seq, late=late, when=when)
@@ -337,12 +388,15 @@ class Line:
                     s.stages[stage].append(getattr(part.times, stage))
 
     # -- calibration and control ---------------------------------------------------------------------------
-    def _apply_calibration(self, calibration: Calibration) -> None:
+    def _apply_calibration(self, calibration: Calibration, authorised: Authorised | None = None) -> None:
+        """Put ``calibration`` in force (worker thread, between parts, or before the line runs)."""
         for name, recipe in calibration.recipes.items():
             self.inspector.recipes[name].threshold = recipe.threshold
         self.reject_timing = calibration.reject_timing
         self.dry_run = self.config.line.dry_run or calibration.dry_run
         self.calibration_version = str(calibration.version)
+        if authorised is not None:
+            self.in_force = authorised
 
     def _run_tasks(self) -> None:
         """Run queued control changes (worker thread, between two parts)."""
@@ -388,7 +442,7 @@ class Line:
 
     def _handle_control(self, request: dict) -> dict:
         """Control-socket requests; see edge_app/runtime/control.py for the protocol."""
-        from .calibration_state import CalibrationError, parse_calibration
+        from .calibration_state import parse_calibration
 
         cmd = request["cmd"]
         if cmd == "status":
@@ -411,7 +465,12 @@ class Line:
                 raise ControlError(str(exc)) from None
 
             def apply() -> dict:
-                self._apply_calibration(calibration)
+                try:
+                    authorised = self.authority.check_apply(calibration, self.in_force)
+                    self.authority.record_applied(authorised, self.config.line.name)
+                except (CalibrationError, OSError, RuntimeError) as exc:   # RuntimeError: AuditError
+                    raise ControlError(f"apply refused: {exc}") from None
+                self._apply_calibration(calibration, authorised)
                 return {"version": calibration.version}
             return self._between_parts(apply)
         if cmd in ("pool_purge", "pool_freeze", "pool_unfreeze"):
@@ -433,8 +492,10 @@ class Line:
             return self._between_parts(change)
         if cmd == "pool_reseed":
             rp = self._recipe_pool(request)
-            # Read and prepared off the worker, and before the pool changes: a bad folder leaves it as it is.
-            prepared = rp.read_seed(request.get("folder", ""))
+            try:   # read and prepared off the worker, before the pool changes: a bad folder leaves it as it is
+                prepared = rp.read_seed(request.get("folder", ""))
+            except (ValueError, OSError) as exc:
+                raise ControlError(f"reseed refused, the pool is unchanged: {exc}") from None
 
             def reseed() -> dict:
                 size = rp.seed(prepared, replace=True)
@@ -442,7 +503,12 @@ class Line:
                 return {"size": size}
             return self._between_parts(reseed)
         if cmd == "test_fire":
-            part_id = str(request.get("part_id") or f"TEST-{int(time.time())}")
+            try:
+                part_id = require_part_id(request.get("part_id") or f"TEST-{int(time.time())}")
+            except PartFieldError as exc:
+                raise ControlError(f"test fire refused: {exc}") from None
+            if request.get("recipe", "default") not in self.inspector.recipes:
+                raise ControlError(f"test fire refused: unknown recipe {str(request.get('recipe'))[:80]!r}")
             part = PartRecord(part_id=part_id, recipe=request.get("recipe", "default"), capture_time=time.time(),
                               test_part=True)
             part.decide(Verdict.REJECT, Reason.TEST_FIRE, "technician test fire")

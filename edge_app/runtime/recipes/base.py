@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ...config import RecipeSettings
+from ...mediaio import IMAGE_SUFFIXES
 from ...pointcloud import CloudError
 from ...pool import PoolMembers
 from ...record import PartRecord, Reason, Verdict
@@ -28,7 +29,6 @@ from ..verdict import verdict_from_pool
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")   # what :func:`edge_app.evaluation.datasets.read_image` decodes
 
 FeatureStage = Callable[[list[np.ndarray]], list[list[np.ndarray]]]
 """RGB images -> each image's aggregated 2D feature sets (``[P, D]`` each), in one engine call."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ...config import RecipeSettings
-from ...evaluation.datasets import read_image
+from ...mediaio import read_image
 from ...pool import FeaturePool
 from ...progress import Progress
 from ...record import PartRecord

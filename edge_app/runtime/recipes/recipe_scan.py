@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ...config import RecipeSettings, ScanSettings
-from ...evaluation.datasets import read_image
+from ...mediaio import read_image
 from ...pointcloud import CloudError, PreprocessParams, foreground_mask, read_cloud, to_organised, zero_background
 from ...progress import Progress
 from ...record import PartRecord
