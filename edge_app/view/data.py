@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..archive import archive_stem
-from ..ledger import STAGES, Ledger, LedgerReader, LedgerRow
+from ..ledger import STAGES, Ledger, LedgerError, LedgerReader, LedgerRow
 from ..runtime.control import ControlError, request
 from .figures import score_histogram, shift_start
 
@@ -109,6 +109,7 @@ class LineData:
         self.archive_root = options.storage / "archive"
         self._reader: LedgerReader | None = None
         self._conn: sqlite3.Connection | None = None
+        self.ledger_error: str | None = None
         self._buckets = _ShiftBuckets(RATE_BUCKET_S)
 
     # -- ledger ---------------------------------------------------------------------------------------------
@@ -117,8 +118,14 @@ class LineData:
         if self._reader is not None:
             return True
         if not self.ledger_path.is_file():
+            self.ledger_error = f"no ledger at {self.ledger_path} yet: has this line run?"
             return False
-        self._reader = Ledger.open_readonly(self.ledger_path)   # checks the schema version
+        try:
+            self._reader = Ledger.open_readonly(self.ledger_path)   # checks the schema version
+        except LedgerError as exc:   # e.g. the runtime is creating or migrating it right now
+            self.ledger_error = str(exc)
+            return False
+        self.ledger_error = None
         self._conn = sqlite3.connect(f"{self.ledger_path.resolve().as_uri()}?mode=ro", uri=True,
                                      isolation_level=None)
         self._conn.execute("PRAGMA busy_timeout = 2000")
@@ -193,6 +200,7 @@ class LineData:
         page = {"line": live.get("line", self.options.line_name), "now": now, "shift_start": start,
                 "live": _live_health(live), "ledger": self._open()}
         if not page["ledger"]:
+            page["ledger_error"] = self.ledger_error
             return page
         counters = self._reader.counters(since=start)
         parts = counters["parts"]

@@ -145,7 +145,11 @@
     setText("calibration", live.calibration_version ?? "–");
     setText("updated", `updated ${new Date(page.now * 1000).toLocaleTimeString()}`);
     drawHealth(live);
-    if (!page.ledger) return;
+    if (!page.ledger) {
+      flaggedKey = null;
+      $("flagged").replaceChildren(el("p", { class: "empty" }, page.ledger_error || "Waiting for the line's ledger."));
+      return;
+    }
     const c = page.counters;
     setText("parts", c.parts);
     setText("unacked", `${c.unacked} awaiting PLC ack`);
