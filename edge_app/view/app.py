@@ -60,7 +60,8 @@ def _templates() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = lambda value, digits=3: "–" if value is None else f"{value:.{digits}f}"
     env.filters["ms"] = lambda value: "–" if value is None else f"{value:.1f} ms"
-    env.filters["clock"] = lambda epoch: datetime.fromtimestamp(epoch).astimezone().strftime("%H:%M")
+    env.filters["clock"] = lambda epoch, seconds=False: datetime.fromtimestamp(epoch).astimezone().strftime(
+        "%H:%M:%S" if seconds else "%H:%M")
     return env
 
 

@@ -6,9 +6,10 @@
   const SVG = "http://www.w3.org/2000/svg";
   const $ = (id) => document.getElementById(id);
   const num = (x, digits = 3) => (x === null || x === undefined ? "–" : x.toFixed(digits));
-  const ms = (x) => (x === null || x === undefined ? "–" : `${x.toFixed(1)} ms`);
+  const ms = (x) => (x === null || x === undefined ? "–" : x.toFixed(1));
   const pct = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)} %`);
-  const clock = (epoch) => new Date(epoch * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const time = (epoch, parts) => new Date(epoch * 1000).toLocaleTimeString([], { ...parts, hourCycle: "h23" });
+  const clock = (epoch) => time(epoch, { hour: "2-digit", minute: "2-digit" });
   const age = (s) => (s === null || s === undefined ? "–" : s < 90 ? `${s.toFixed(0)} s` : `${(s / 60).toFixed(0)} min`);
 
   function el(tag, attrs = {}, ...children) {
@@ -32,8 +33,8 @@
                         : el("span", { class: "noimg" }, "no image");
     return el("a", { class: `thumb ${rejected ? "ng" : "nv"}`, href: `/part/${part.seq}` }, picture,
       el("span", { class: "cap" }, el("b", {}, part.part_id),
-        el("span", {}, `${rejected ? "NG" : "NO VERDICT"} · ${part.reason}`),
-        el("span", {}, `${num(part.score)} / ${num(part.threshold)}`)));
+        el("span", {}, `${rejected ? "NG" : "NO VERDICT"} · ${part.reason}`
+                       + (part.score === null ? "" : ` · ${num(part.score, 2)}`))));
   }
 
   let flaggedKey = null;
@@ -143,7 +144,7 @@
     setText("run-state", live.running ? (live.dry_run ? "RUNNING · DRY RUN" : "RUNNING") : "NOT RUNNING");
     setText("shift", clock(page.shift_start));
     setText("calibration", live.calibration_version ?? "–");
-    setText("updated", `updated ${new Date(page.now * 1000).toLocaleTimeString()}`);
+    setText("updated", `updated ${time(page.now, { hour: "2-digit", minute: "2-digit", second: "2-digit" })}`);
     drawHealth(live);
     if (!page.ledger) {
       flaggedKey = null;
