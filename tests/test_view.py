@@ -230,6 +230,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_musc_edge_view_serves_on_localhost_by_default(storage):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "edge_app.cli", "view", "--dir", str(storage), "--port", str(port)],
@@ -280,3 +281,53 @@ def test_score_histogram_splits_accepted_and_rejected_and_spans_the_threshold():
     low = score_histogram(scores[:3], np.zeros(3, bool), threshold=2.0, bins=10)
     assert low["lo"] < 0.2 and low["hi"] > 2.0   # threshold above every score still on the chart
     assert score_histogram(np.array([]), np.array([], bool), 1.0)["n"] == 0
+
+
+@pytest.mark.slow
+def test_musc_edge_run_starts_the_view_beside_the_line_and_stops_it_after(toy_model, tmp_path):
+    import json
+    import os
+    import signal
+
+    import yaml
+
+    from edge_app.cli import main
+
+    port = free_port()
+    pages: list[dict] = []
+    returned = threading.Event()
+
+    def watch_then_stop_the_line() -> None:
+        deadline = time.monotonic() + 90
+        while not returned.is_set() and time.monotonic() < deadline \
+                and not any(p["live"]["running"] and p.get("counters") for p in pages):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/live", timeout=5) as reply:
+                    pages.append(json.loads(reply.read()))
+            except OSError:
+                time.sleep(0.3)
+        if not returned.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)   # what systemd sends: `run` stops the line, then the view
+
+    parts = make_parts(tmp_path / "parts", 12)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
+        raw = raw_config(toy_model, parts, tmp_path / "line", {"type": "zmq", "endpoint": plc.address})
+        raw["source"].update(rate=4.0, loop=True, limit=400)
+        raw["view"] = {"enabled": True, "port": port}
+        config = tmp_path / "line.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        watcher = threading.Thread(target=watch_then_stop_the_line, daemon=True)
+        watcher.start()
+        try:
+            assert main(["run", "--config", str(config)]) == 0
+        finally:
+            returned.set()
+            watcher.join(timeout=10)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    live = [p for p in pages if p["live"]["running"] and p.get("counters")]
+    assert live, "the view never showed the running line"
+    assert live[-1]["line"] == "line" and live[-1]["counters"]["parts"] > 0
+    with pytest.raises(OSError):   # the companion process ended with the line
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
