@@ -117,10 +117,24 @@ class OpenView:
             self.page_parts = int(page.text_content("#parts"))
             browser.close()
 
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) the view process has used so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) used so far by the view process and by the browser (Linux /proc):
+        the browser is every other process descending from this one (Playwright's driver, Chromium)."""
+        stats = {}
+        for folder in Path("/proc").glob("[0-9]*"):
+            try:
+                fields = (folder / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:   # gone meanwhile
+                continue
+            stats[int(folder.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        ours, grew = {os.getpid()}, True
+        while grew:
+            found = {pid for pid, (parent, _) in stats.items() if parent in ours} - ours
+            ours |= found
+            grew = bool(found)
+        view = stats.get(self.process.pid, (0, 0.0))[1]
+        browser = sum(cpu for pid, (_, cpu) in stats.items() if pid in ours and pid not in (os.getpid(), self.process.pid))
+        return view, browser
 
     def close(self) -> None:
         self._done.set()
@@ -135,9 +149,9 @@ def compare_with_view(paths: list[str], link: str, rate: float, out: Path, thres
     plain = run(paths, link, rate, out, threshold, pool, limit, quiet=True)
     view = OpenView(out.with_name(out.name + "_view"))
     try:
-        cpu0 = view.cpu_seconds()
+        before = view.cpu_seconds()
         viewed = run(paths, link, rate, out.with_name(out.name + "_view"), threshold, pool, limit, quiet=True)
-        view_cpu = view.cpu_seconds() - cpu0
+        view_cpu, browser_cpu = (b - a for a, b in zip(before, view.cpu_seconds()))
     finally:
         view.close()
     p99 = [r["latency_ms"]["total"].get("p99") for r in (plain, viewed)]   # None: no part was scored
@@ -148,6 +162,7 @@ def compare_with_view(paths: list[str], link: str, rate: float, out: Path, thres
             "p99_ms_with_view": None if p99[1] is None else round(p99[1], 1),
             "p99_ratio": None if None in p99 else round(p99[1] / p99[0], 3),
             "view_cpu_s": round(view_cpu, 2), "view_cpu_share": round(view_cpu / viewed["wall_s"], 4),
+            "browser_cpu_s": round(browser_cpu, 2), "browser_cpu_share": round(browser_cpu / viewed["wall_s"], 4),
             "page_parts_at_end": view.page_parts, "page_was_live": view.page_parts == viewed["ledger_rows"],
             "runs": [plain, viewed]}
 
@@ -188,7 +203,8 @@ def main() -> None:
             print(f"\n== operator view over {link} at {args.rate} parts/s: total p99 {r['p99_ms_without_view']} ms "
                   f"without, {r['p99_ms_with_view']} ms with the view open (ratio {r['p99_ratio']}); "
                   f"page showed {r['page_parts_at_end']} parts at the end (live: {r['page_was_live']}); the view "
-                  f"process used {r['view_cpu_s']} CPU-s ({100 * r['view_cpu_share']:.1f} % of one core)")
+                  f"process used {r['view_cpu_s']} CPU-s ({100 * r['view_cpu_share']:.1f} % of one core), the browser "
+                  f"{r['browser_cpu_s']} CPU-s ({100 * r['browser_cpu_share']:.1f} %)")
             plain, viewed = r["runs"]
             results += [{**plain, "view_open": False}, {**viewed, "view_open": True},
                         {"view": {k: v for k, v in r.items() if k != "runs"}}]
