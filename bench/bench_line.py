@@ -133,7 +133,8 @@ class OpenView:
             ours |= found
             grew = bool(found)
         view = stats.get(self.process.pid, (0, 0.0))[1]
-        browser = sum(cpu for pid, (_, cpu) in stats.items() if pid in ours and pid not in (os.getpid(), self.process.pid))
+        others = ours - {os.getpid(), self.process.pid}
+        browser = sum(cpu for pid, (_, cpu) in stats.items() if pid in others)
         return view, browser
 
     def close(self) -> None:

@@ -153,7 +153,8 @@ def test_archive_images_are_served_by_sequence_number_from_the_archive_only(clie
     for kind in ("image", "overlay"):
         reply = client.get(f"/archive/{row.seq}/{kind}")
         assert reply.status_code == 200 and reply.headers["content-type"] == "image/png"
-        on_disk = next(storage.glob(f"archive/*/*_{row.part_id}_REJECT_anomaly{'_overlay' if kind == 'overlay' else ''}.png"))
+        suffix = "_overlay" if kind == "overlay" else ""
+        on_disk = next(storage.glob(f"archive/*/*_{row.part_id}_REJECT_anomaly{suffix}.png"))
         assert reply.content == on_disk.read_bytes()
     warmup = next(r for r in rows if r.reason == Reason.WARMUP)
     assert client.get(f"/archive/{warmup.seq}/overlay").status_code == 404   # no heat map for a warm-up part
@@ -256,7 +257,8 @@ def test_musc_edge_view_serves_on_localhost_by_default(storage):
 
 
 def test_view_config_is_validated_and_leaves_the_config_hash_alone(tmp_path):
-    raw = {"source": {"type": "replay", "path": str(tmp_path)}, "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:1"}}
+    raw = {"source": {"type": "replay", "path": str(tmp_path)},
+           "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:1"}}
     plain, viewed = parse_config(raw), parse_config({**raw, "view": {"enabled": True, "bind": "0.0.0.0"}})
     assert viewed.view.enabled and viewed.view.bind == "0.0.0.0" and plain.view.bind == "127.0.0.1"
     assert plain.config_hash() == viewed.config_hash()   # the view cannot change a verdict

@@ -63,8 +63,8 @@ def test_the_page_follows_a_running_line_and_shows_a_rejects_overlay(toy_model, 
         page.wait_for_function(f"Number(document.getElementById('parts').textContent) > {first}", timeout=30_000)
         # A scored reject's overlay, loaded (not a broken image), without reloading the page.
         overlay = "#flagged a.thumb.ng img[src$='/overlay']"
-        page.wait_for_function(f"[...document.querySelectorAll(\"{overlay}\")].some(i => i.complete && i.naturalWidth > 0)",
-                               timeout=60_000)
+        loaded = f"[...document.querySelectorAll(\"{overlay}\")].some(i => i.complete && i.naturalWidth > 0)"
+        page.wait_for_function(loaded, timeout=60_000)
         page.wait_for_selector("#histograms svg line.threshold", state="attached")
         assert line.stats.parts < 48, "the line had finished: the page did not follow it live"
         assert page.text_content("#run-state") == "RUNNING"

@@ -7,6 +7,7 @@ are per thread); the web app runs all of its calls on a single worker thread.
 """
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -37,6 +38,11 @@ class ViewOptions:
     histogram_parts: int = 500
     shifts: tuple[str, ...] = ("06:00", "14:00", "22:00")
     control_timeout_s: float = 1.0
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: such a value is shown as missing."""
+    return value if value is None or math.isfinite(value) else None
 
 
 def archive_files(archive_root: Path, row: LedgerRow) -> dict[str, Path]:
@@ -164,12 +170,13 @@ class LineData:
             "seq": row.seq, "part_id": row.part_id, "recipe": row.recipe,
             "captured": datetime.fromtimestamp(row.capture_time).astimezone().isoformat(timespec="seconds"),
             "verdict": row.verdict.value, "reason": row.reason.label, "signalled": row.signalled.value,
-            "score": row.score, "raw_score": row.raw_score, "threshold": row.threshold, "detail": row.detail,
+            "score": _finite(row.score), "raw_score": _finite(row.raw_score), "threshold": _finite(row.threshold),
+            "detail": row.detail,
             "calibration_version": row.calibration_version, "model_hash": row.model_hash,
             "config_hash": row.config_hash, "test_part": row.test_part, "dry_run": row.dry_run,
             "acked": row.acked, "ack_late": row.ack_late, "source_ref": row.source_ref,
-            "latency_ms": {stage: None if getattr(row, f"{stage}_s") is None else 1e3 * getattr(row, f"{stage}_s")
-                           for stage in STAGES},
+            "latency_ms": {stage: _finite(None if seconds is None else 1e3 * seconds)
+                           for stage in STAGES for seconds in [getattr(row, f"{stage}_s")]},
             "images": {kind: f"/archive/{row.seq}/{kind}" for kind in IMAGE_KINDS if kind in files},
         }
 
@@ -187,8 +194,9 @@ class LineData:
         out = {}
         for recipe, values in sorted(by_recipe.items()):
             scores, rejected, row_thresholds = (np.array(column, dtype=float) for column in zip(*values))
-            threshold = thresholds.get(recipe, float(row_thresholds[-1]))
-            out[recipe] = score_histogram(scores, rejected.astype(bool), threshold)
+            threshold = _finite(thresholds.get(recipe, float(row_thresholds[-1])))
+            finite = np.isfinite(scores)
+            out[recipe] = score_histogram(scores[finite], rejected[finite].astype(bool), threshold)
         return out
 
     # -- the whole page -------------------------------------------------------------------------------------

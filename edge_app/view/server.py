@@ -1,7 +1,6 @@
 """Serving the view: options from a line config, uvicorn on the configured address, at low CPU priority."""
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -9,7 +8,6 @@ from pathlib import Path
 from ..config import LineConfig, ViewSettings
 from .data import ViewOptions
 
-log = logging.getLogger(__name__)
 NICENESS = 10   # the view yields the CPU to the line: on a busy device the page refreshes late, parts don't
 
 
