@@ -4,13 +4,18 @@ through the full runtime, signalled to the PLC simulator over a serial pty pair 
 Prints per-stage latency percentiles (decode, features, scoring, link), checks that every part has exactly
 one ledger row and one acknowledged message, and measures the image AUROC of the streamed scores over the
 test images. ``--find-rate`` also searches the highest rate this machine sustains with no NO_VERDICT.
+``--view`` runs the line twice back to back, without and then with the operator view (``musc-edge view``)
+open in headless Chromium, and prints both total p99 latencies and the view process's CPU time.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +75,99 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
     return result
 
 
+class OpenView:
+    """``musc-edge view`` on the line's storage dir, open in headless Chromium (polling) while the line runs.
+
+    The view process starts before the line (it waits for the ledger); at the end the page's part counter
+    must equal the ledger's, which shows the page was live throughout.
+    """
+
+    def __init__(self, storage: Path, port: int = 8751) -> None:
+        shutil.rmtree(storage, ignore_errors=True)
+        self.url = f"http://127.0.0.1:{port}/"
+        self.process = subprocess.Popen([sys.executable, "-m", "edge_app.cli", "view", "--dir", str(storage),
+                                         "--port", str(port)], cwd=ROOT, stderr=subprocess.DEVNULL)
+        self._opened, self._done = threading.Event(), threading.Event()
+        self.page_parts: int | None = None
+        self._thread = threading.Thread(target=self._browse, daemon=True)
+        self._thread.start()
+        if not self._opened.wait(60):
+            self.close()
+            sys.exit("bench_line --view: the page did not open in headless Chromium")
+
+    def _browse(self) -> None:
+        from playwright.sync_api import sync_playwright
+
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+            deadline = time.monotonic() + 30
+            while True:   # the view process may still be importing
+                try:
+                    page.goto(self.url)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.3)
+            self._opened.set()
+            self._done.wait()
+            time.sleep(2.0)   # a couple of refreshes after the last part
+            self.page_parts = int(page.text_content("#parts"))
+            browser.close()
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) used so far by the view process and by the browser (Linux /proc):
+        the browser is every other process descending from this one (Playwright's driver, Chromium)."""
+        stats = {}
+        for folder in Path("/proc").glob("[0-9]*"):
+            try:
+                fields = (folder / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:   # gone meanwhile
+                continue
+            stats[int(folder.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        ours, grew = {os.getpid()}, True
+        while grew:
+            found = {pid for pid, (parent, _) in stats.items() if parent in ours} - ours
+            ours |= found
+            grew = bool(found)
+        view = stats.get(self.process.pid, (0, 0.0))[1]
+        others = ours - {os.getpid(), self.process.pid}
+        browser = sum(cpu for pid, (_, cpu) in stats.items() if pid in others)
+        return view, browser
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=30)
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def compare_with_view(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int,
+                      limit: int | None) -> dict:
+    """The same line run back to back: without, then with the operator view open; both p99s."""
+    plain = run(paths, link, rate, out, threshold, pool, limit, quiet=True)
+    view = OpenView(out.with_name(out.name + "_view"))
+    try:
+        before = view.cpu_seconds()
+        viewed = run(paths, link, rate, out.with_name(out.name + "_view"), threshold, pool, limit, quiet=True)
+        view_cpu, browser_cpu = (b - a for a, b in zip(before, view.cpu_seconds()))
+    finally:
+        view.close()
+    p99 = [r["latency_ms"]["total"].get("p99") for r in (plain, viewed)]   # None: no part was scored
+    if None in p99:
+        print("bench_line --view: a run scored no part (this machine cannot keep up with the rate)", file=sys.stderr)
+    return {"link": link, "rate": rate, "parts": plain["parts"],
+            "p99_ms_without_view": None if p99[0] is None else round(p99[0], 1),
+            "p99_ms_with_view": None if p99[1] is None else round(p99[1], 1),
+            "p99_ratio": None if None in p99 else round(p99[1] / p99[0], 3),
+            "view_cpu_s": round(view_cpu, 2), "view_cpu_share": round(view_cpu / viewed["wall_s"], 4),
+            "browser_cpu_s": round(browser_cpu, 2), "browser_cpu_share": round(browser_cpu / viewed["wall_s"], 4),
+            "page_parts_at_end": view.page_parts, "page_was_live": view.page_parts == viewed["ledger_rows"],
+            "runs": [plain, viewed]}
+
+
 def print_result(r: dict) -> None:
     print(f"\n== bottle line over {r['link']} at {r['rate']} parts/s: {r['parts']} parts in {r['wall_s']} s")
     print(f"ledger rows {r['ledger_rows']}  one row per part: {r['one_row_per_part']}  "
@@ -92,10 +190,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/bottle_line"))
     parser.add_argument("--limit", type=int, help="only the first N parts of the shuffled stream")
     parser.add_argument("--find-rate", action="store_true", help="also find the highest rate with no NO_VERDICT")
+    parser.add_argument("--view", action="store_true", help="run the line twice back to back, without and then "
+                        "with the operator view open in headless Chromium, and compare the total p99 latency")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     paths = bottle_paths(args.data)
     results = []
+    if args.view:
+        for link in (("serial", "zmq") if args.link == "both" else (args.link,)):
+            r = compare_with_view(paths, link, args.rate, args.out, args.threshold, args.pool, args.limit)
+            for run_result in r["runs"]:
+                print_result(run_result)
+            print(f"\n== operator view over {link} at {args.rate} parts/s: total p99 {r['p99_ms_without_view']} ms "
+                  f"without, {r['p99_ms_with_view']} ms with the view open (ratio {r['p99_ratio']}); "
+                  f"page showed {r['page_parts_at_end']} parts at the end (live: {r['page_was_live']}); the view "
+                  f"process used {r['view_cpu_s']} CPU-s ({100 * r['view_cpu_share']:.1f} % of one core), the browser "
+                  f"{r['browser_cpu_s']} CPU-s ({100 * r['browser_cpu_share']:.1f} %)")
+            plain, viewed = r["runs"]
+            results += [{**plain, "view_open": False}, {**viewed, "view_open": True},
+                        {"view": {k: v for k, v in r.items() if k != "runs"}}]
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
     for link in (("serial", "zmq") if args.link == "both" else (args.link,)):
         out = args.out if link == "serial" or args.link != "both" else args.out.with_name(args.out.name + "_zmq")
         results.append(run(paths, link, args.rate, out, args.threshold, args.pool, args.limit))

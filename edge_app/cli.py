@@ -131,11 +131,16 @@ def cmd_run(args) -> int:
         signal.signal(sig, lambda *_: line.stop())
     from .runtime.line import LineStopped
 
+    view = _start_view(args.config) if config.view.enabled else None
     try:
         stats = line.run()
     except LineStopped as exc:  # e.g. disk full: one clear line, nothing lost, no traceback
         print(f"\nmusc-edge run: line stopped: {exc}", file=sys.stderr)
         return 3
+    finally:
+        if view is not None:
+            view.terminate()
+            view.wait(timeout=10)
     print(file=sys.stderr)
     print(line.status_line())
     if not stats.parts:
@@ -166,6 +171,41 @@ def cmd_status(args) -> int:
     status = line_status(storage)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
+
+
+def _add_view(sub) -> None:
+    p = sub.add_parser("view", help="read-only operator view in the browser (counters, rejects, histogram, health)",
+                       description="Serves the line's live counters, recent rejects with their overlays, the score "
+                                   "histogram, latency and link/pool/alarm health. Read-only; a separate process "
+                                   "that reads the ledger, the archive and the control socket.")
+    p.add_argument("--config", type=Path, help="line config (its storage.dir and view: block)")
+    p.add_argument("--dir", type=Path, help="storage directory of the line (instead of --config)")
+    p.add_argument("--bind", help="listen address (default view.bind, 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="listen port (default view.port, 8750)")
+    p.set_defaults(func=cmd_view)
+
+
+def cmd_view(args) -> int:
+    from .config import ViewSettings, load_config
+    from .view.server import options_from_config, serve, view_options
+
+    if (args.config is None) == (args.dir is None):
+        raise UsageError("give exactly one of --config or --dir")
+    if args.config:
+        config = load_config(args.config)
+        settings, options = config.view, options_from_config(config)
+    else:
+        settings = ViewSettings()
+        options = view_options(args.dir, None, settings, args.dir.name)
+    serve(options, bind=args.bind or settings.bind, port=args.port or settings.port, refresh_s=settings.refresh_s)
+    return 0
+
+
+def _start_view(config_path: Path):
+    """The companion view process of ``run`` (a separate process: it can never slow the hot path)."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", "edge_app.cli", "view", "--config", str(config_path)])
 
 
 def _add_pool(sub) -> None:
@@ -208,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_eval(sub)
     _add_status(sub)
+    _add_view(sub)
     _add_pool(sub)
     _add_plc_sim(sub)
     _add_doctor(sub)

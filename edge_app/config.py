@@ -157,6 +157,32 @@ class ControlSettings(_Strict):
     socket: Optional[Path] = Field(None, description="local control socket (default: <storage.dir>/control.sock)")
 
 
+class ViewSettings(_Strict):
+    """The read-only operator view (`musc-edge view`): a separate process, never on the hot path."""
+
+    enabled: bool = Field(False, description="`musc-edge run` also starts the view as a companion process")
+    bind: str = Field("127.0.0.1", description="listen address; an explicit plant-network address (or 0.0.0.0) "
+                                               "opens the view to the plant network")
+    port: int = Field(8750, ge=1, le=65535)
+    refresh_s: float = Field(1.0, ge=0.2, le=60, description="how often an open page fetches fresh figures")
+    recent: int = Field(12, ge=1, le=60, description="rejects and NO_VERDICT parts shown with their overlays")
+    histogram_parts: int = Field(500, ge=10, le=20000, description="the score histogram covers the last N parts")
+    shifts: tuple[str, ...] = Field(("06:00", "14:00", "22:00"), description=(
+        "local start times (HH:MM) of the shifts; counters and the reject rate cover the current shift"))
+
+    @field_validator("shifts")
+    @classmethod
+    def _clock_times(cls, value):
+        if not value:
+            raise ValueError("at least one shift start time is needed")
+        for text in value:
+            hour, _, minute = text.partition(":")
+            if not (hour.isdigit() and minute.isdigit() and len(minute) == 2
+                    and 0 <= int(hour) < 24 and 0 <= int(minute) < 60):
+                raise ValueError(f"shift start times are HH:MM (24 h), got {text!r}")
+        return value
+
+
 class LineConfig(_Strict):
     line: LineSettings = LineSettings()
     model: ModelSettings = ModelSettings()
@@ -166,6 +192,8 @@ class LineConfig(_Strict):
     link: LinkConfig
     storage: StorageSettings = StorageSettings()
     control: ControlSettings = ControlSettings()
+    # Excluded from the dump, hence from config_hash: the view is read-only and cannot change a verdict.
+    view: ViewSettings = Field(ViewSettings(), exclude=True)
 
     @field_validator("recipes")
     @classmethod
