@@ -23,6 +23,8 @@ from edge_app.links.register_transport import RegisterTransport
 
 NAMESPACE = "urn:musc-edge:reject-link"
 _TIMEOUT_S = 5.0
+# Building the standard address space takes asyncua seconds (about 8 s on two busy cores): wait for it.
+_START_TIMEOUT_S = 60.0
 
 # Runtime-written variables: name -> (OPC UA type, register(s) they show).
 RUNTIME_VARIABLES: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -135,7 +137,7 @@ class OpcUaTransport(RegisterTransport):
         thread.start()
         self._loop, self._thread = loop, thread
         try:
-            self._server = asyncio.run_coroutine_threadsafe(self._start(), loop).result(_TIMEOUT_S * 2)
+            self._server = asyncio.run_coroutine_threadsafe(self._start(), loop).result(_START_TIMEOUT_S)
         except Exception as exc:
             self.close()
             raise LinkIOError(f"cannot serve {self.description}: {exc}") from exc
