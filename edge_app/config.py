@@ -11,6 +11,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from .links import LinkConfig
+from .telemetry.config import TelemetrySettings
 from .record import FailSafe
 from .scoring import MuscParams
 
@@ -158,6 +159,7 @@ class LineConfig(_Strict):
     link: LinkConfig
     storage: StorageSettings = StorageSettings()
     control: ControlSettings = ControlSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @field_validator("recipes")
     @classmethod
@@ -215,7 +217,7 @@ def source_settings(raw: dict[str, Any]):
 
 
 def _describe(error: dict) -> str:
-    key = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p in ("replay", "opencv", "zmq", "serial")))
+    key = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p in ("replay", "opencv", "zmq", "serial", "modbus-tcp", "modbus-rtu", "opcua")))
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key (typo?)"

@@ -26,13 +26,14 @@ import numpy as np
 from ..archive import RejectArchive
 from ..config import LineConfig
 from ..ledger import Ledger
-from ..links import RejectLink, open_link
+from ..links import PlantLink, RejectLink, open_link
 from ..record import FailSafe, PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, SourceError, make_source
 from .calibration_state import Calibration, RejectTiming, load_current
 from .control import ControlError, ControlServer, ensure_token
 from .inspector import Inspector
 from .systemd import SystemdNotifier
+from ..telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -108,6 +109,7 @@ class Line:
         self.ledger: Ledger | None = None
         self.link: RejectLink | None = None
         self.archive: RejectArchive | None = None
+        self.telemetry = Telemetry(config.telemetry, config.line.name, self.storage, status=self.control_status)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def run(self) -> LineStats:
@@ -121,6 +123,8 @@ class Line:
                               on_alarm_cleared=lambda text: log.info("alarm cleared: %s", text))
         for row in self.ledger.unacked():  # signalled before a crash but never acknowledged
             self.link.resend(row.seq, row.part_id, Verdict(row.signalled), Reason(row.reason))
+        if isinstance(self.link, PlantLink):  # Modbus / OPC UA show the calibration version with each verdict
+            self.link.set_calibration_version(self.calibration_version)
         archive = self.config.storage.archive
         if archive.enabled:
             self.archive = RejectArchive(self.storage / "archive", int(archive.quota_mb * 2**20),
@@ -170,6 +174,7 @@ class Line:
             self.archive.close(timeout=10)
         if self.ledger is not None:
             self.ledger.close()
+        self.telemetry.close()
 
     # -- threads ---------------------------------------------------------------------------------------------
     def _source_loop(self) -> None:
@@ -298,6 +303,7 @@ class Line:
         if self.archive is not None and not part.test_part:
             self.archive.submit(part)
         self._count(part)
+        self.telemetry.part(part, self.calibration_version)
         if part.verdict == Verdict.NO_VERDICT and self.config.line.fail_safe == FailSafe.STOP_LINE:
             self._on_alarm(f"line stop requested: part {part.part_id} got no verdict ({part.reason.label})")
         part.image = part.raw = None  # free the frame; the ledger and archive have what they need
@@ -316,12 +322,14 @@ class Line:
 
     def _record_ack(self, seq: int, late: bool, when: float) -> None:
         self.ledger.mark_acked(seq, late=late, when=when)
+        self.telemetry.ack(seq, late)
         with self._stats_lock:
             self.stats.acked += 1
             self.stats.late_acks += int(late)
 
     def _on_alarm(self, text: str) -> None:
         log.warning("ALARM: %s", text)
+        self.telemetry.alarm(text)
         with self._stats_lock:
             self.stats.alarms.append(text)
 
@@ -343,6 +351,8 @@ class Line:
         self.reject_timing = calibration.reject_timing
         self.dry_run = self.config.line.dry_run or calibration.dry_run
         self.calibration_version = str(calibration.version)
+        if isinstance(getattr(self, "link", None), PlantLink):
+            self.link.set_calibration_version(self.calibration_version)
 
     def _run_tasks(self) -> None:
         """Run queued control changes (worker thread, between two parts)."""
