@@ -254,3 +254,17 @@ def test_a_port_in_use_is_an_alarm_not_a_crash() -> None:
 def test_bad_modbus_config_names_the_key(raw: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError, match=re.escape(named)):
         parse_link_config(raw)
+
+
+def test_plc_sim_command_plays_the_modbus_plc(capsys) -> None:
+    from edge_app.plc_sim import main as plc_sim_main
+
+    port = free_port()
+    with open_link({"type": "modbus-tcp", "port": port, **FAST}) as link:
+        command = threading.Thread(target=plc_sim_main, args=(
+            ["--link", "modbus-tcp", "--port", str(port), "--duration", "1.5", "--report-every", "0"],))
+        command.start()
+        result = link.send(1, "P-1", Verdict.REJECT, Reason.ANOMALY, _soon(1.4))
+        command.join(10)
+    assert result.acked
+    assert "received=1 " in capsys.readouterr().out
