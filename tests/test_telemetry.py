@@ -2,11 +2,6 @@
 restarted for an outage), a Prometheus scrape over HTTP, and a whole line over a Modbus TCP link."""
 from __future__ import annotations
 
-import json
-import shutil
-import socket
-import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -17,93 +12,22 @@ import pytest
 from edge_app.config import parse_config
 from edge_app.record import PartRecord, Reason, StageTimes, Verdict
 from edge_app.telemetry import MqttSettings, PrometheusSettings, Telemetry, TelemetrySettings
+from edge_app.telemetry.local_broker import CollectingSubscriber, LocalBroker, free_port, mosquitto_binary
 from edge_app.telemetry.mqtt import MqttPublisher
 
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+MOSQUITTO = mosquitto_binary()
 needs_broker = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto not installed (apt-get install -y mosquitto; "
                                                             ".ci/run installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Broker:
-    """A mosquitto on 127.0.0.1:<port> with persistence, so a restart keeps subscribers' queued messages."""
-
-    def __init__(self, folder: Path) -> None:
-        self.port = free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.conf = folder / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                             f"persistence_location {folder}/\nlog_dest none\n")
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Broker:
-        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()                 # SIGTERM: mosquitto saves its persistence file
-            self.process.wait(10)
-            self.process = None
+Broker, Subscriber = LocalBroker, CollectingSubscriber
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
+def broker(tmp_path: Path) -> Iterator[LocalBroker]:
     if MOSQUITTO is None:
         pytest.skip("mosquitto not installed (apt-get install -y mosquitto; .ci/run installs it)")
-    running = Broker(tmp_path / "broker").start()
+    running = LocalBroker(tmp_path / "broker").start()
     yield running
     running.stop()
-
-
-class Subscriber:
-    """A persistent-session QoS 1 subscriber that keeps every payload in arrival order."""
-
-    def __init__(self, port: int, topic: str) -> None:
-        import paho.mqtt.client as mqtt
-
-        self.messages: list[dict[str, Any]] = []
-        self._changed = threading.Condition()
-        self._subscribed = threading.Event()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{port}", clean_session=False)
-        client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
-
-        def on_connect(c, userdata, flags, reason, properties):
-            c.subscribe(topic, qos=1)
-
-        client.on_connect = on_connect
-        client.on_subscribe = lambda *args: self._subscribed.set()
-        client.on_message = self._on_message
-        client.connect("127.0.0.1", port)
-        client.loop_start()
-        self._client = client
-        assert self._subscribed.wait(10), "subscription not confirmed"
-
-    def _on_message(self, client, userdata, message) -> None:
-        with self._changed:
-            self.messages.append(json.loads(message.payload))
-            self._changed.notify_all()
-
-    def wait_for(self, count: int, timeout_s: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: len(self.messages) >= count, timeout_s)
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 def part(n: int, verdict: Verdict = Verdict.ACCEPT, reason: Reason = Reason.OK) -> PartRecord:
