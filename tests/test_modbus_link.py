@@ -145,8 +145,8 @@ def test_a_plc_that_keeps_refusing_raises_an_alarm_until_it_takes_the_verdict() 
 @pytest.mark.parametrize("kind", KINDS)
 def test_plc_silence_delivers_everything_once_in_order_and_reports_late_acks(kind: str) -> None:
     with linked(kind, silent_after=3, silent_for_s=1.0) as (link, sim, events):
-        results = {seq: link.send(seq, f"P-{seq}", Verdict.REJECT, Reason.ANOMALY, _soon(0.15))
-                   for seq in range(1, 9)}
+        results = {seq: link.send(seq, f"P-{seq}", Verdict.REJECT, Reason.ANOMALY, _soon(2.0 if seq <= 3 else 0.15))
+                   for seq in range(1, 9)}                  # the PLC goes silent after taking seq 3
         assert events.wait_acks(8, 8.0)
         assert [r.seq for r in sim.received()] == list(range(1, 9))
         assert sim.counters().out_of_order == 0
