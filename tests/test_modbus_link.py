@@ -268,3 +268,21 @@ def test_plc_sim_command_plays_the_modbus_plc(capsys) -> None:
         command.join(10)
     assert result.acked
     assert "received=1 " in capsys.readouterr().out
+
+
+def test_documented_register_example_matches_the_map() -> None:
+    from pathlib import Path
+
+    from edge_app.links.framing import VerdictCode
+    from edge_app.links.register_map import PublishedVerdict, RegisterImage
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "wire-protocol.md"
+    line = re.search(r"^Modbus registers 0-14:((?: \w+)+)$", doc.read_text(encoding="utf-8"), re.M)
+    assert line, "worked Modbus example not found in docs/wire-protocol.md"
+    image = RegisterImage()
+    image.publish(PublishedVerdict(1234, VerdictCode.REJECT, int(Reason.ANOMALY), 0, "P-0042", 3))
+    registers = image.snapshot()
+    for address, shown in enumerate(line.group(1).split()):
+        if shown not in ("H", "P"):
+            assert registers[address] == int(shown), (address, shown)
+    assert registers[Reg.PART_TEXT:Reg.PART_TEXT + 4] == [0x502D, 0x3030, 0x3432, 0]
