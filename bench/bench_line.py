@@ -105,6 +105,12 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
         "test_image_auroc": round(100 * roc_auc_score(labels, [r.score for r in scored]), 2) if len(set(labels)) == 2 else None,
         "latency_ms": {stage: stats.percentiles(stats.stages[stage]) for stage in stats.stages},
     }
+    # Every signalled part, whatever its reason: the time send() took from the ledger row to the PLC's ACK.
+    link_times = sorted(1000 * r.link_s for r in rows if r.link_s is not None)
+    if link_times:
+        pick = lambda q: round(link_times[min(len(link_times) - 1, int(q * len(link_times)))], 2)  # noqa: E731
+        result["link_latency_ms"] = {"n": len(link_times), "p50": pick(0.5), "p99": pick(0.99),
+                                     "max": round(link_times[-1], 2)}
     if mqtt is not None:
         result["mqtt_outage"] = mqtt
     return result
@@ -167,6 +173,9 @@ def print_result(r: dict) -> None:
     for stage, p in r["latency_ms"].items():
         if p:
             print(f"{stage:<9} {p['min']:7.1f} {p['p50']:7.1f} {p['p99']:7.1f} {p['max']:7.1f}")
+    if "link_latency_ms" in r:
+        print(f"link latency over all {r['link_latency_ms']['n']} signalled parts: p50 {r['link_latency_ms']['p50']} "
+              f"ms  p99 {r['link_latency_ms']['p99']} ms  max {r['link_latency_ms']['max']} ms")
     if "mqtt_outage" in r:
         print(f"MQTT broker outage: {r['mqtt_outage']}")
 

@@ -22,6 +22,7 @@ class ModbusPlcSimulator(PollingPlcSimulator):
     """A Modbus client polling the runtime's server: ``tcp://host:port`` or an RTU serial port."""
 
     def __init__(self, client: Any, address: str, unit_id: int = 1, **options: Any) -> None:
+        options.setdefault("scan_s", 0.01)          # a PLC polling every 10 ms
         super().__init__(**options)
         self._client, self.address, self.unit_id = client, address, unit_id
 

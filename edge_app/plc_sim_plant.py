@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--username", default="plc", help="opcua login")
     parser.add_argument("--password-env", default="MUSC_PLC_PASSWORD", metavar="VAR",
                         help="opcua: environment variable holding the password")
-    parser.add_argument("--scan", type=float, default=0.005, metavar="SECONDS", help="PLC scan period")
+    parser.add_argument("--scan", type=float, metavar="SECONDS",
+                        help="PLC scan period (default: Modbus 0.01, OPC UA 0.02)")
     parser.add_argument("--log", type=Path, help="append every received verdict (once) as a JSON line")
     parser.add_argument("--report-every", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="acknowledge this late")
@@ -55,8 +56,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    options = dict(scan_s=args.scan, delay_s=args.delay, corrupt_rate=args.corrupt_rate, seed=args.seed,
+    options = dict(delay_s=args.delay, corrupt_rate=args.corrupt_rate, seed=args.seed,
                    silent_after=args.silent_after, silent_for_s=args.silent_for, log_path=args.log)
+    if args.scan is not None:
+        options["scan_s"] = args.scan
     pair = None
     try:
         if args.link == "modbus-tcp":
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.refuse:
         sim.refuse_next(args.refuse)
-    print(f"plc-sim: {args.link} PLC scanning {sim.address} every {args.scan * 1000:.0f} ms", flush=True)
+    print(f"plc-sim: {args.link} PLC scanning {sim.address} every {sim.scan_s * 1000:.0f} ms", flush=True)
     end = time.monotonic() + args.duration if args.duration > 0 else float("inf")
     try:
         with sim:
