@@ -1,11 +1,14 @@
 """The line benchmark: MVTec AD bottle (all train/good + test images, seeded shuffle) replayed as a conveyor
-through the full runtime, signalled to the PLC simulator over a serial pty pair and/or ZeroMQ on 127.0.0.1.
+through the full runtime, signalled to the PLC simulator over a serial pty pair, ZeroMQ on 127.0.0.1, Modbus TCP
+on 127.0.0.1, Modbus RTU over a pty pair, or OPC UA on 127.0.0.1.
 
 Prints per-stage latency percentiles (decode, features, scoring, link), checks that every part has exactly
 one ledger row and one acknowledged message, and measures the image AUROC of the streamed scores over the
 test images. ``--find-rate`` also searches the highest rate this machine sustains with no NO_VERDICT.
 ``--view`` runs the line twice back to back, without and then with the operator view (``musc-edge view``)
 open in headless Chromium, and prints both total p99 latencies and the view process's CPU time.
+``--mqtt-outage S`` also publishes every part to a local mosquitto that is stopped for S seconds mid-run, and
+checks that every part's event reached the broker afterwards, in order, once.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from sklearn.metrics import roc_auc_score
@@ -27,6 +31,36 @@ from edge_app.record import Reason, Verdict
 from edge_app.runtime.line import Line
 
 ROOT = Path(__file__).resolve().parents[1]
+LINKS = ("serial", "zmq", "modbus-tcp", "modbus-rtu", "opcua")
+
+
+@contextmanager
+def plc_for(link: str):
+    """The simulated PLC for ``link`` and the line's ``link`` config section pointing at it."""
+    from edge_app.telemetry.local_broker import free_port
+
+    with ExitStack() as stack:
+        if link in ("serial", "zmq"):
+            plc = stack.enter_context(PlcSimulator.on_pty() if link == "serial"
+                                      else PlcSimulator.on_zmq("tcp://127.0.0.1:*"))
+            key = "url" if link == "serial" else "endpoint"
+            yield plc, {"type": link, key: plc.address}
+            return
+        from edge_app.plc_sim_modbus import ModbusPlcSimulator, PtyPair
+
+        if link == "modbus-tcp":
+            port = free_port()
+            yield stack.enter_context(ModbusPlcSimulator.on_tcp("127.0.0.1", port)), {"type": link, "port": port}
+        elif link == "modbus-rtu":
+            pair = stack.enter_context(PtyPair())
+            plc = stack.enter_context(ModbusPlcSimulator.on_rtu(pair.b, parity="N"))
+            yield plc, {"type": link, "port": pair.a, "parity": "N"}
+        else:
+            from edge_app.plc_sim_opcua import OpcUaPlcSimulator
+
+            endpoint = f"opc.tcp://127.0.0.1:{free_port()}/musc-edge/"
+            plc = stack.enter_context(OpcUaPlcSimulator(endpoint, "plc", "bench"))
+            yield plc, {"type": link, "endpoint": endpoint, "users": [{"username": "plc", "password": "bench"}]}
 
 
 def bottle_paths(data: Path) -> list[str]:
@@ -37,11 +71,10 @@ def bottle_paths(data: Path) -> list[str]:
 
 
 def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int, limit: int | None = None,
-        quiet: bool = False) -> dict:
+        quiet: bool = False, mqtt_outage: float = 0.0) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    sim = PlcSimulator.on_pty() if link == "serial" else PlcSimulator.on_zmq("tcp://127.0.0.1:*")
-    with sim as plc:
-        link_cfg = {"type": "serial", "url": plc.address} if link == "serial" else {"type": "zmq", "endpoint": plc.address}
+    with plc_for(link) as (plc, link_cfg), ExitStack() as stack:
+        outage = stack.enter_context(MqttOutage(out / "broker", mqtt_outage)) if mqtt_outage else None
         config = parse_config({
             "line": {"name": f"bottle-{link}", "deadline_ms": 1500, "queue_size": 4},
             "model": {"path": str(ROOT / "models" / "dinov2_vits14_musc.onnx"), "size": 224, "blocks": [6, 9]},
@@ -50,13 +83,17 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
                        **({"limit": limit} if limit else {})},
             "link": {**link_cfg, "heartbeat_interval_s": 1.0},
             "storage": {"dir": str(out), "archive": {"quota_mb": 200}},
+            **({"telemetry": outage.telemetry()} if outage else {}),
         }, "bench_line")
         line = Line(config, status=None if quiet else (lambda text: print("  " + text, file=sys.stderr)))
         t0 = time.monotonic()
+        if outage:
+            outage.schedule()
         stats = line.run()
         wall = time.monotonic() - t0
         received = sorted(v.seq for v in plc.received())
-    rows = line.ledger_rows()
+        rows = line.ledger_rows()
+        mqtt = outage.check(rows) if outage else None
     n = limit or len(paths)
     test = [r for r in rows if "/test/" in (r.source_ref or "")]
     scored = [r for r in test if r.score is not None]
@@ -72,6 +109,14 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
         "test_image_auroc": round(100 * roc_auc_score(labels, [r.score for r in scored]), 2) if len(set(labels)) == 2 else None,
         "latency_ms": {stage: stats.percentiles(stats.stages[stage]) for stage in stats.stages},
     }
+    # Every signalled part, whatever its reason: the time send() took from the ledger row to the PLC's ACK.
+    link_times = sorted(1000 * r.link_s for r in rows if r.link_s is not None)
+    if link_times:
+        pick = lambda q: round(link_times[min(len(link_times) - 1, int(q * len(link_times)))], 2)  # noqa: E731
+        result["link_latency_ms"] = {"n": len(link_times), "p50": pick(0.5), "p99": pick(0.99),
+                                     "max": round(link_times[-1], 2)}
+    if mqtt is not None:
+        result["mqtt_outage"] = mqtt
     return result
 
 
@@ -166,6 +211,51 @@ def compare_with_view(paths: list[str], link: str, rate: float, out: Path, thres
             "browser_cpu_s": round(browser_cpu, 2), "browser_cpu_share": round(browser_cpu / viewed["wall_s"], 4),
             "page_parts_at_end": view.page_parts, "page_was_live": view.page_parts == viewed["ledger_rows"],
             "runs": [plain, viewed]}
+class MqttOutage:
+    """A local mosquitto the line publishes to, stopped for ``seconds`` from 20 s into the run."""
+
+    def __init__(self, folder: Path, seconds: float, start_after_s: float = 20.0) -> None:
+        from edge_app.telemetry.local_broker import CollectingSubscriber, LocalBroker
+
+        self.seconds, self.start_after_s = seconds, start_after_s
+        self.broker = LocalBroker(folder).start()
+        self.subscriber = CollectingSubscriber(self.broker.port, "bench/#")
+        self.window: tuple[float, float] | None = None
+
+    def telemetry(self) -> dict:
+        return {"mqtt": {"enabled": True, "port": self.broker.port, "topic_prefix": "bench"}}
+
+    def schedule(self) -> None:
+        def outage() -> None:
+            time.sleep(self.start_after_s)
+            began = time.monotonic()
+            self.broker.stop()
+            time.sleep(self.seconds)
+            self.broker.start()
+            self.window = (began, time.monotonic())
+
+        threading.Thread(target=outage, daemon=True).start()
+
+    def check(self, rows: list) -> dict:
+        """Wait for every part's event; did each arrive once, in ledger order?"""
+        t0 = time.monotonic()
+        while self.window is None and time.monotonic() - t0 < self.start_after_s + self.seconds + 10:
+            time.sleep(0.1)
+        self.subscriber.wait_for(len(rows), 60.0)
+        events = [m for m in self.subscriber.messages if m.get("kind") == "part"]
+        seqs = [e["seq"] for e in events]
+        return {"outage_s": round(self.window[1] - self.window[0], 1) if self.window else None,
+                "parts": len(rows), "events_received": len(events),
+                "in_order_once": seqs == [r.seq for r in rows],
+                "duplicates": len(seqs) - len(set(seqs)), "drain_s_after_broker_back":
+                round(time.monotonic() - self.window[1], 1) if self.window else None}
+
+    def __enter__(self) -> MqttOutage:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.subscriber.close()
+        self.broker.stop()
 
 
 def print_result(r: dict) -> None:
@@ -178,12 +268,18 @@ def print_result(r: dict) -> None:
     for stage, p in r["latency_ms"].items():
         if p:
             print(f"{stage:<9} {p['min']:7.1f} {p['p50']:7.1f} {p['p99']:7.1f} {p['max']:7.1f}")
+    if "link_latency_ms" in r:
+        print(f"link latency over all {r['link_latency_ms']['n']} signalled parts: p50 {r['link_latency_ms']['p50']} "
+              f"ms  p99 {r['link_latency_ms']['p99']} ms  max {r['link_latency_ms']['max']} ms")
+    if "mqtt_outage" in r:
+        print(f"MQTT broker outage: {r['mqtt_outage']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--link", choices=("serial", "zmq", "both"), default="both")
+    parser.add_argument("--link", choices=(*LINKS, "both", "all"), default="both",
+                        help="both: serial and zmq; all: every link type")
     parser.add_argument("--rate", type=float, default=4.0)
     parser.add_argument("--threshold", type=float, default=1.0)
     parser.add_argument("--pool", type=int, default=40)
@@ -193,6 +289,8 @@ def main() -> None:
     parser.add_argument("--view", action="store_true", help="run the line twice back to back, without and then "
                         "with the operator view open in headless Chromium, and compare the total p99 latency")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--mqtt-outage", type=float, default=0.0, metavar="SECONDS",
+                        help="publish part events to a local mosquitto stopped this long mid-run (needs mosquitto)")
     args = parser.parse_args()
     paths = bottle_paths(args.data)
     results = []
@@ -212,9 +310,11 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
         return
-    for link in (("serial", "zmq") if args.link == "both" else (args.link,)):
-        out = args.out if link == "serial" or args.link != "both" else args.out.with_name(args.out.name + "_zmq")
-        results.append(run(paths, link, args.rate, out, args.threshold, args.pool, args.limit))
+    links = {"both": ("serial", "zmq"), "all": LINKS}.get(args.link, (args.link,))
+    for link in links:
+        out = args.out if link == links[0] else args.out.with_name(f"{args.out.name}_{link}")
+        results.append(run(paths, link, args.rate, out, args.threshold, args.pool, args.limit,
+                           mqtt_outage=args.mqtt_outage))
         print_result(results[-1])
     if args.find_rate:
         rate, best = args.rate, None

@@ -238,7 +238,7 @@ def _add_doctor(sub) -> None:
 
 def _add_plc_sim(sub) -> None:
     # Listed for --help only: main() hands `plc-sim ...` to edge_app.plc_sim.main, which owns its options.
-    sub.add_parser("plc-sim", help="PLC simulator: the other end of a serial or ZeroMQ reject link "
+    sub.add_parser("plc-sim", help="PLC simulator: the other end of a serial, ZeroMQ, Modbus or OPC UA reject link "
                                    "(musc-edge plc-sim --help)", add_help=False)
 
 

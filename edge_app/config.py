@@ -11,6 +11,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from .links import LinkConfig
+from .telemetry.config import TelemetrySettings
 from .record import FailSafe
 from .runtime.verdict import MAX_THRESHOLD
 from .scoring import MuscParams
@@ -194,6 +195,7 @@ class LineConfig(_Strict):
     control: ControlSettings = ControlSettings()
     # Excluded from the dump, hence from config_hash: the view is read-only and cannot change a verdict.
     view: ViewSettings = Field(ViewSettings(), exclude=True)
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @field_validator("recipes")
     @classmethod
@@ -251,7 +253,7 @@ def source_settings(raw: dict[str, Any]):
 
 
 def _describe(error: dict) -> str:
-    key = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p in ("replay", "opencv", "zmq", "serial")))
+    key = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p in ("replay", "opencv", "zmq", "serial", "modbus-tcp", "modbus-rtu", "opcua")))
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key (typo?)"

@@ -27,7 +27,7 @@ import numpy as np
 from ..archive import RejectArchive
 from ..config import LineConfig
 from ..ledger import Ledger
-from ..links import RejectLink, open_link
+from ..links import PlantLink, RejectLink, open_link
 from ..record import FailSafe, PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, SourceError, make_source
 from ..sources.fields import PartFieldError, check_part_fields, require_part_id
@@ -35,6 +35,7 @@ from .calibration_state import Authorised, Calibration, CalibrationAuthority, Ca
 from .control import ControlError, ControlServer, ensure_token
 from .inspector import Inspector
 from .systemd import SystemdNotifier
+from ..telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -117,6 +118,7 @@ class Line:
         self.ledger: Ledger | None = None
         self.link: RejectLink | None = None
         self.archive: RejectArchive | None = None
+        self.telemetry = Telemetry(config.telemetry, config.line.name, self.storage, status=self.control_status)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def run(self) -> LineStats:
@@ -138,6 +140,8 @@ class Line:
                 self.link.resend(row.seq, row.part_id, Verdict(row.signalled), Reason(row.reason))
             except ValueError as exc:  # a field the wire refuses: mark it, so it never blocks a start again
                 self._unsendable(row.seq, row.part_id, str(exc))
+        if isinstance(self.link, PlantLink):  # Modbus / OPC UA show the calibration version with each verdict
+            self.link.set_calibration_version(self.calibration_version)
         archive = self.config.storage.archive
         if archive.enabled:
             self.archive = RejectArchive(self.storage / "archive", int(archive.quota_mb * 2**20),
@@ -190,6 +194,7 @@ class Line:
             self.archive.close(timeout=10)
         if self.ledger is not None:
             self.ledger.close()
+        self.telemetry.close()
 
     # -- threads ---------------------------------------------------------------------------------------------
     def _source_loop(self) -> None:
@@ -335,6 +340,7 @@ class Line:
         if self.archive is not None and not part.test_part:
             self.archive.submit(part)
         self._count(part)
+        self.telemetry.part(part, self.calibration_version)
         if part.verdict == Verdict.NO_VERDICT and self.config.line.fail_safe == FailSafe.STOP_LINE:
             reason = f"no verdict: part {part.part_id} ({part.reason.label})"
             self._on_alarm(f"line stop requested: {reason}")
@@ -367,12 +373,14 @@ class Line:
 
     def _record_ack(self, seq: int, late: bool, when: float) -> None:
         self.ledger.mark_acked(seq, late=late, when=when)
+        self.telemetry.ack(seq, late)
         with self._stats_lock:
             self.stats.acked += 1
             self.stats.late_acks += int(late)
 
     def _on_alarm(self, text: str) -> None:
         log.warning("ALARM: %s", text)
+        self.telemetry.alarm(text)
         with self._stats_lock:
             self.stats.alarms.append(text)
 
@@ -397,6 +405,8 @@ class Line:
         self.calibration_version = str(calibration.version)
         if authorised is not None:
             self.in_force = authorised
+        if isinstance(getattr(self, "link", None), PlantLink):
+            self.link.set_calibration_version(self.calibration_version)
 
     def _run_tasks(self) -> None:
         """Run queued control changes (worker thread, between two parts)."""
