@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .scoring import MuscParams, PoolTooSmallError, rescore_one, score_batch
-from .scoring.msm import interval_k, interval_mean, patch_to_sample_distances
+from .scoring.msm import one_vs_pool, patch_to_sample_distances
 from .scoring.musc import salient_features
 
 EVICTION_POLICIES = ("fifo", "reservoir")
@@ -162,17 +162,9 @@ class FeaturePool(PoolMembers):
         n_refs = self.size if keep is None else int(keep.sum())
         if n_refs < 1 or self.size < self.min_size:
             raise PoolTooSmallError(f"pool has {n_refs} usable members; {self.min_size} needed to score")
-        workspaces = self._workspaces()
-        patch = np.zeros(self.patches, np.float32)
-        closeness = np.zeros(n_refs)
-        for s, query in enumerate(query_sets):
-            dist = patch_to_sample_distances(query, self.work[s, :self.size * self.patches],
-                                             workspaces[s] if workspaces else None)
-            if keep is not None:
-                dist = dist[:, keep]
-            patch += interval_mean(dist, interval_k(n_refs, params.fraction))
-            closeness += dist.mean(axis=0)
-        patch /= len(query_sets)
+        pool_sets = [self.work[s, :self.size * self.patches] for s in range(self.n_sets)]
+        scored = one_vs_pool(query_sets, pool_sets, params.fraction, keep, self._workspaces())
+        patch = scored.patch
         tokens = None if image_token is None else np.asarray(image_token)[None]
         feature = salient_features([q[None] for q in query_sets], patch[None], params, tokens)[0]
         raw = float(patch.max())
@@ -180,7 +172,7 @@ class FeaturePool(PoolMembers):
         pool_raw = self.raw_scores[members]
         score = rescore_one(raw, feature, pool_raw, self.features[members],
                             pool_range(pool_raw, params.pool_quantiles), params.windows)
-        return PoolScore(patch.reshape(grid), raw, score, feature, n_refs, float(closeness.min()) / len(query_sets))
+        return PoolScore(patch.reshape(grid), raw, score, feature, n_refs, float(scored.closeness.min()))
 
     def rescore_members(self, grid: tuple[int, int], params: MuscParams) -> None:
         """Score the members among themselves (batch, leave-one-out): used when a warm-up pool fills, so

@@ -7,6 +7,7 @@ geometric (3D-only) defects are caught through the cloud.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,26 @@ def test_pool_persists_and_a_pool_of_other_scan_settings_is_refused(toy_model, t
     raw["recipes"]["default"]["scan"]["n_groups"] = 200
     with pytest.raises(PoolMismatchError, match="scan"):
         Inspector(parse_config(raw)).restore_pools()
+
+
+def test_a_reseed_without_clouds_fails_before_the_pool_changes_and_one_with_clouds_replaces_it(
+        toy_model, tmp_path, recent):
+    raw = scan_line_config("tcp://127.0.0.1:1", recent, tmp_path / "line", size=SIZE, model=toy_model)
+    recipe = seeded_inspector(parse_config(raw), recent).recipes["default"]
+    before = list(recipe.pool.part_ids[:recipe.pool.size])
+    images = tmp_path / "images"
+    images.mkdir()
+    for image, _ in scans_in(recent)[:3]:
+        shutil.copy(image, images / image.name)
+    with pytest.raises(FileNotFoundError, match="no point cloud"):
+        recipe.seed(recipe.read_seed(images), replace=True)
+    assert recipe.pool.part_ids[:recipe.pool.size] == before and recipe.pool.ready
+    recipe.pool.golden[0] = True
+    assert recipe.seed(recipe.read_seed(recent), replace=True) == recipe.pool.size and recipe.pool.ready
+    members = recipe.pool.part_ids[:recipe.pool.size]
+    # The golden member stays, and its own file, seen again, is refused as its near-duplicate.
+    assert before[0] in members and len(set(members)) == len(members) and recipe.pool.golden[:len(members)].sum() == 1
+    assert recipe.rejected_duplicates >= 1 and all("/rgb/" in pid for pid in members)
 
 
 def test_a_2d_image_pool_reseed_is_refused_for_a_scan_recipe(inspector, good_scan):

@@ -12,8 +12,7 @@ import numpy as np
 
 from .aggregate import DEFAULT_DEGREES, aggregate, l2_normalise
 from .maps import image_scores
-from .msm import DEFAULT_FRACTION, PoolTooSmallError, interval_k, patch_to_sample_distances, score_batch as msm_batch
-from .msm import interval_mean
+from .msm import DEFAULT_FRACTION, PoolTooSmallError, one_vs_pool, score_batch as msm_batch
 from .rescore import DEFAULT_WINDOWS, rescore_batch
 
 
@@ -92,11 +91,7 @@ def score_one(query_sets: list[np.ndarray], pool_sets: list[np.ndarray], grid: t
 
     Returns (patch map ``[h, w]``, raw image score, re-scoring feature ``[F]``).
     """
-    patch = np.zeros(query_sets[0].shape[0], dtype=np.float32)
-    for s, (query, refs) in enumerate(zip(query_sets, pool_sets)):
-        dist = patch_to_sample_distances(query, refs, workspaces[s] if workspaces else None)
-        patch += interval_mean(dist, interval_k(dist.shape[1], params.fraction))
-    patch /= len(query_sets)
+    patch = one_vs_pool(query_sets, pool_sets, params.fraction, workspaces=workspaces).patch
     batch_sets = [q[None] for q in query_sets]
     tokens = None if image_token is None else np.asarray(image_token)[None]
     feature = salient_features(batch_sets, patch[None], params, tokens)[0]
