@@ -343,7 +343,8 @@ class Line:
         if self.archive is not None and not part.test_part:
             self.archive.submit(part)
         self._count(part)
-        if part.verdict == Verdict.NO_VERDICT and self.config.line.fail_safe == FailSafe.STOP_LINE:
+        if part.verdict == Verdict.NO_VERDICT and self.config.line.fail_safe == FailSafe.STOP_LINE \
+                and part.reason != Reason.WARMUP:   # warm-up parts are rejected; the pool is not ready yet
             reason = f"no verdict: part {part.part_id} ({part.reason.label})"
             self._on_alarm(f"line stop requested: {reason}")
             if self.link is not None:
