@@ -232,9 +232,14 @@ def test_row_7_a_hand_edited_current_json_refuses_to_start(toy_model, tmp_path, 
     live = LiveLine(line_config(toy_model, tmp_path / "line", plc.address))
     try:
         commit(live, calibration(1, 0.5))
+        commit(live, calibration(2, 0.7))
     finally:
         live.stop()
-    current = tmp_path / "line" / "calibration" / "current.json"
+    folder = tmp_path / "line" / "calibration"
+    current = folder / "current.json"
+    current.write_bytes((folder / "v0001.json").read_bytes())   # an audited, but older, version copied back
+    with pytest.raises(CalibrationError, match="older than what this line last applied"):
+        Line(parse_config(line_config(toy_model, tmp_path / "line", plc.address)))
     for edit in ({"threshold": 50.0}, ):
         data = json.loads(current.read_text())
         data["recipes"]["default"].update(edit)          # still "version 1"

@@ -91,7 +91,7 @@ class Line:
         self.dry_run = config.line.dry_run
         self.reject_timing: RejectTiming | None = None
         self.authority = CalibrationAuthority(self.storage, set(config.recipes), f"runtime:{config.line.name}")
-        self.in_force = self.authority.at_start()   # refuses a current.json that is not audited
+        self.in_force = self.authority.at_start(config.line.name)   # refuses a current.json that is not audited
         if self.in_force.calibration is not None:
             self._apply_calibration(self.in_force.calibration)
         self.model_hash = self.inspector.engine.manifest.model_sha256[:16]
