@@ -8,7 +8,7 @@ MODEL  := models/dinov2_vits14_musc.onnx
 TORCH_SPEC ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: setup test run eval bench verify clean
+.PHONY: setup test run eval bench soak verify clean
 
 setup: $(VENV)/.installed $(MODEL)
 
@@ -39,6 +39,11 @@ bench: setup
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_line.py --data $(DATA) --link both --rate 4 --find-rate
 	$(BIN)/python bench/bench_3d.py
+
+# Not CI: 10,000 parts with 5 % hostile messages and a kill -9 every few hundred parts (about 20 min).
+SOAK_RATE ?= 10
+soak: setup
+	$(BIN)/python bench/soak.py --parts 10000 --rate $(SOAK_RATE) --hostile 0.05 --kill-every 300
 
 clean:
 	rm -rf $(VENV) models runs .pytest_cache

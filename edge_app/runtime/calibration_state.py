@@ -110,9 +110,11 @@ class CalibrationAuthority:
         self.store = CalibrationStore(storage_dir)
         self.known_recipes, self.who = known_recipes, who
 
-    def at_start(self) -> Authorised:
+    def at_start(self, line: str) -> Authorised:
         """The audited calibration in ``current.json`` (none: the YAML thresholds); CalibrationError
-        with a one-line reason when ``current.json``, its version file and the audit log disagree."""
+        with a one-line reason when ``current.json``, its version file and the audit log disagree, or when
+        it is older than what the line last applied (an old version file copied over it). A calibration
+        staged since the last run is recorded as applied."""
         from calibration.store import StoreError
 
         try:
@@ -121,7 +123,17 @@ class CalibrationAuthority:
             raise CalibrationError(str(exc)) from None
         if calibration is None:
             return Authorised(None)
-        return Authorised(calibration, self._intent_for(calibration, "current.json"))
+        found = Authorised(calibration, self._intent_for(calibration, "current.json"))
+        last = max((r["result_of"] for r in self.store.audit.records()
+                    if r.get("action") == "runtime.applied" and isinstance(r.get("result_of"), int)), default=0)
+        if found.intent_seq < last:
+            raise CalibrationError(f"current.json holds version {calibration.version} (audit record "
+                                   f"{found.intent_seq}), older than what this line last applied (audit record "
+                                   f"{last}); restore it with `musc-calibrate rollback`")
+        if found.intent_seq > last:   # staged while the line was down
+            with self.store.lock():
+                self.record_applied(found, line)
+        return found
 
     def check_apply(self, calibration: Calibration, in_force: Authorised) -> Authorised:
         """``calibration`` with its authorising intent record, or CalibrationError (nothing changes)."""

@@ -30,7 +30,7 @@ from ..ledger import Ledger
 from ..links import PlantLink, RejectLink, open_link
 from ..record import FailSafe, PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, SourceError, make_source
-from ..sources.fields import PartFieldError, check_part_fields, require_part_id
+from ..sources.fields import PartFieldError, check_part_fields, quarantine, require_part_id
 from .calibration_state import Authorised, Calibration, CalibrationAuthority, CalibrationError, RejectTiming
 from .control import ControlError, ControlServer, ensure_token
 from .inspector import Inspector
@@ -92,7 +92,7 @@ class Line:
         self.dry_run = config.line.dry_run
         self.reject_timing: RejectTiming | None = None
         self.authority = CalibrationAuthority(self.storage, set(config.recipes), f"runtime:{config.line.name}")
-        self.in_force = self.authority.at_start()   # refuses a current.json that is not audited
+        self.in_force = self.authority.at_start(config.line.name)   # refuses a current.json that is not audited
         if self.in_force.calibration is not None:
             self._apply_calibration(self.in_force.calibration)
         self.model_hash = self.inspector.engine.manifest.model_sha256[:16]
@@ -309,9 +309,17 @@ class Line:
         dry_run = self.dry_run and not part.test_part
         part.times.total = time.monotonic() - part.capture_monotonic
         version = "0" if in_force.calibration is None else str(in_force.calibration.version)
+        record = lambda: self.ledger.reserve(part, model_hash=self.model_hash,  # noqa: E731
+                                             config_hash=self.config_hash, calibration_version=version,
+                                             dry_run=dry_run)
         try:
-            seq = self.ledger.reserve(part, model_hash=self.model_hash, config_hash=self.config_hash,
-                                      calibration_version=version, dry_run=dry_run)
+            try:
+                seq = record()
+            except (ValueError, TypeError, OverflowError) as exc:  # the part's content, not the storage
+                self._on_alarm(f"part {part.part_id[:80]!r} could not be recorded as it came: {exc}")
+                quarantine(part, f"{type(exc).__name__}: {exc}")
+                part.signalled = signalled_verdict(part, self.config.line.fail_safe)
+                seq = record()
         except Exception as exc:
             # Without a durable row nothing may be signalled: stop, and let the PLC's inspect window
             # reject every part that gets no verdict (the documented fail-safe of the wire protocol).
@@ -341,7 +349,8 @@ class Line:
             self.archive.submit(part)
         self._count(part)
         self.telemetry.part(part, self.calibration_version)
-        if part.verdict == Verdict.NO_VERDICT and self.config.line.fail_safe == FailSafe.STOP_LINE:
+        if part.verdict == Verdict.NO_VERDICT and self.config.line.fail_safe == FailSafe.STOP_LINE \
+                and part.reason != Reason.WARMUP:   # warm-up parts are rejected; the pool is not ready yet
             reason = f"no verdict: part {part.part_id} ({part.reason.label})"
             self._on_alarm(f"line stop requested: {reason}")
             if self.link is not None:

@@ -60,13 +60,25 @@ def safe_part_id(bad: object) -> str:
     return "BAD-" + hashlib.sha256(repr(bad).encode("utf-8", "backslashreplace")).hexdigest()[:12]
 
 
+def _recipe_ok(recipe: object) -> bool:
+    try:
+        return isinstance(recipe, str) and 1 <= len(recipe.encode("utf-8")) <= MAX_RECIPE_BYTES
+    except UnicodeEncodeError:
+        return False
+
+
+def storable_text(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates from JSON) backslash-escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _problems(part: PartRecord) -> list[str]:
     problems = []
     if (problem := part_id_problem(part.part_id)) is not None:
         problems.append(problem)
     recipe = part.recipe
-    if not isinstance(recipe, str) or not 1 <= len(recipe.encode("utf-8", "replace")) <= MAX_RECIPE_BYTES:
-        problems.append(f"recipe {shown(recipe)} must be 1..{MAX_RECIPE_BYTES} bytes")
+    if not _recipe_ok(recipe):
+        problems.append(f"recipe {shown(recipe)} must be 1..{MAX_RECIPE_BYTES} bytes of UTF-8")
     encoder = part.encoder
     if encoder is not None and (isinstance(encoder, bool) or not isinstance(encoder, int)
                                 or not INT64[0] <= encoder <= INT64[1]):
@@ -84,6 +96,10 @@ def check_part_fields(part: PartRecord, *, default_recipe: str | None = None) ->
     """``part`` itself, made safe: every field that does not fit is replaced (id by :func:`safe_part_id`,
     recipe by ``default_recipe``, encoder by None, capture time by now) and the part decided NO_VERDICT
     (decode_error) naming the offending values. A part without problems is returned untouched."""
+    if isinstance(part.source_ref, str):
+        part.source_ref = storable_text(part.source_ref)
+    if isinstance(part.detail, str):
+        part.detail = storable_text(part.detail)
     problems = _problems(part)
     if not problems:
         return part
@@ -91,7 +107,7 @@ def check_part_fields(part: PartRecord, *, default_recipe: str | None = None) ->
         part.part_id = safe_part_id(part.part_id)
     if isinstance(part.source_ref, str):
         part.source_ref = part.source_ref[:SHOWN_CHARS]
-    if not isinstance(part.recipe, str) or not 1 <= len(part.recipe.encode("utf-8", "replace")) <= MAX_RECIPE_BYTES:
+    if not _recipe_ok(part.recipe):
         part.recipe = default_recipe or "default"
     if part.encoder is not None and any(p.startswith("encoder") for p in problems):
         part.encoder = None
@@ -100,4 +116,16 @@ def check_part_fields(part: PartRecord, *, default_recipe: str | None = None) ->
     if not isinstance(part.test_part, bool):
         part.test_part = False
     part.raw = part.image = part.cloud = None
-    return part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, "bad part fields: " + "; ".join(problems))
+    return part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR,
+                       storable_text("bad part fields: " + "; ".join(problems)))
+
+
+def quarantine(part: PartRecord, why: str) -> PartRecord:
+    """Last resort for a part the ledger refused for its content (not for its storage): only safe fields
+    remain, decided NO_VERDICT (decode_error) saying why."""
+    part.part_id = safe_part_id(part.part_id)
+    part.recipe = part.recipe if _recipe_ok(part.recipe) else "default"
+    part.encoder, part.source_ref = None, None
+    part.raw_score = part.score = part.threshold = None
+    part.raw = part.image = part.cloud = None
+    return part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, storable_text(f"unrecordable part: {why}")[:500])
