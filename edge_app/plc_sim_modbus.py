@@ -53,8 +53,11 @@ class ModbusPlcSimulator(PollingPlcSimulator):
     def _read(self) -> PlcView:
         registers = self._checked(self._client.read_holding_registers(0, count=REGISTER_COUNT,
                                                                       device_id=self.unit_id)).registers
+        verdict = decode_verdict(registers)
+        nak_pending = registers[Reg.NAK_CODE] != 0 and \
+            (registers[Reg.NAK_SEQ_HI], registers[Reg.NAK_SEQ_LO]) == tuple(split32(verdict.seq))
         return PlcView(heartbeat=registers[Reg.HEARTBEAT], new_verdict=bool(registers[Reg.NEW_VERDICT]),
-                       verdict=decode_verdict(registers), stop_count=registers[Reg.STOP_COUNT])
+                       verdict=verdict, stop_count=registers[Reg.STOP_COUNT], nak_pending=nak_pending)
 
     def _write_ack(self, seq: int) -> None:
         self._checked(self._client.write_registers(Reg.ACK_SEQ_HI, split32(seq), device_id=self.unit_id))

@@ -223,7 +223,7 @@ def test_stop_line_is_raised_with_its_reason_and_seen_by_the_plc(kind: str) -> N
     with linked(kind) as (link, sim, events):
         assert link.send(1, "P-1", Verdict.NO_VERDICT, Reason.DEADLINE, _soon()).acked
         link.send_stop_line("part P-1 got no verdict")
-        deadline = _soon(3.0)
+        deadline = _soon(10.0)
         while sim.stop_requests < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         registers = link._transport.image.snapshot()

@@ -21,4 +21,4 @@ class PlantLink(RejectLink):
             """Ask the PLC to stop the line: STOP_LINE / StopLine with ``reason``; returns at once."""
             if self._closing:
                 raise LinkClosedError(f"reject link {self._transport.description} is closed")
-            self._transport.send_stop_line(reason)
+            self._transport.raise_stop_line(reason)      # thread-safe; no ACK tracking until then
