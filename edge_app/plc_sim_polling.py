@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Callable, TextIO
 
 from edge_app.links.framing import NakCode, VerdictCode, VerdictFlags
 from edge_app.links.register_map import PublishedVerdict
