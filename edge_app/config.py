@@ -11,9 +11,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from .links import LinkConfig
-from .telemetry.config import TelemetrySettings
 from .record import FailSafe
 from .scoring import MuscParams
+from .telemetry.config import TelemetrySettings
 
 
 class ConfigError(ValueError):

@@ -29,11 +29,11 @@ from ..ledger import Ledger
 from ..links import PlantLink, RejectLink, open_link
 from ..record import FailSafe, PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, SourceError, make_source
+from ..telemetry import Telemetry
 from .calibration_state import Calibration, RejectTiming, load_current
 from .control import ControlError, ControlServer, ensure_token
 from .inspector import Inspector
 from .systemd import SystemdNotifier
-from ..telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 _DONE = object()
