@@ -11,10 +11,10 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from .links import LinkConfig
-from .telemetry.config import TelemetrySettings
 from .record import FailSafe
 from .runtime.verdict import MAX_THRESHOLD
 from .scoring import MuscParams
+from .telemetry.config import TelemetrySettings
 
 
 class ConfigError(ValueError):

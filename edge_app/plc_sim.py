@@ -464,8 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     """``musc-edge plc-sim``: run a simulator until Ctrl-C or --duration; 0 on a clean exit."""
     from edge_app.plc_sim_plant import is_plant_link, main as plant_main   # Modbus / OPC UA: their own options
 
-    if is_plant_link(sys.argv[1:] if argv is None else argv):
-        return plant_main(argv)
+    plant_argv = sys.argv[1:] if argv is None else argv
+    if is_plant_link(plant_argv):
+        return plant_main(plant_argv)
     args = _parser().parse_args(argv)
     if args.link == "serial" and not args.url:
         print("plc-sim: --link serial needs --url (a device, a pyserial URL, or 'pty')", file=sys.stderr)

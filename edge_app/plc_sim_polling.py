@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Callable, TextIO
 
 from edge_app.links.framing import NakCode, VerdictCode, VerdictFlags
 from edge_app.links.register_map import PublishedVerdict
@@ -33,6 +33,7 @@ class PlcView:
     new_verdict: bool
     verdict: PublishedVerdict
     stop_count: int = 0
+    nak_pending: bool = False       # the PLC's last refusal is not yet read by the runtime
 
 
 class PollingPlcSimulator(ABC):
@@ -179,6 +180,8 @@ class PollingPlcSimulator(ABC):
         if not view.new_verdict:
             return
         message = view.verdict
+        if view.nak_pending:
+            return                                  # refuse once per publication: wait for the runtime
         with self._changed:
             refuse = self._refusals > 0
             if refuse:

@@ -2,6 +2,7 @@
 restarted for an outage), a Prometheus scrape over HTTP, and a whole line over a Modbus TCP link."""
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -141,6 +142,10 @@ def test_prometheus_counts_parts_acks_alarms_and_reads_pools_at_scrape_time() ->
         assert metric(text, "musc_pool_oldest_age_seconds", recipe="default") == 120
         assert metric(text, "musc_calibration_version") == 4
         assert metric(text, "musc_link_up") == 1 and metric(text, "musc_alarms_active") == 1
+        dashboard = (Path(__file__).resolve().parents[1] / "deploy" / "grafana-dashboard.json").read_text()
+        used = set(re.findall(r"musc_[a-z_]+", dashboard))
+        assert used and all(f"\n{name}" in text or f"\n{name}{{" in text for name in used), \
+            sorted(name for name in used if f"\n{name}{{" not in text)
     finally:
         telemetry.close()
 

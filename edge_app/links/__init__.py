@@ -16,10 +16,10 @@ from edge_app.links.base import (
     SendResult,
     Transport,
 )
-from edge_app.links.plant_link import PlantLink
-from edge_app.links.serial_link import SerialLinkConfig, SerialTransport
 from edge_app.links.modbus_link import ModbusRtuLinkConfig, ModbusTcpLinkConfig, ModbusTransport
 from edge_app.links.opcua_link import OpcUaLinkConfig, OpcUaTransport
+from edge_app.links.plant_link import PlantLink
+from edge_app.links.serial_link import SerialLinkConfig, SerialTransport
 from edge_app.links.zmq_link import ZmqLinkConfig, ZmqTransport
 
 AnyLinkConfig = Union[SerialLinkConfig, ZmqLinkConfig, ModbusTcpLinkConfig, ModbusRtuLinkConfig, OpcUaLinkConfig]
@@ -48,7 +48,7 @@ def parse_link_config(raw: Mapping[str, Any]) -> AnyLinkConfig:
 
 def _describe(error: Any) -> str:
     loc = [str(part) for part in error["loc"]]
-    if loc and loc[0] in ("serial", "zmq", "modbus-tcp", "modbus-rtu", "opcua"):              # the union member's tag, not a key
+    if loc and loc[0] in ("serial", "zmq", "modbus-tcp", "modbus-rtu", "opcua"):   # the union member's tag
         loc = loc[1:]
     if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
         loc = ["type"]

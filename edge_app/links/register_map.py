@@ -163,12 +163,10 @@ class RegisterImage:
     def publish(self, verdict: PublishedVerdict) -> None:
         """Put a verdict in the block and raise NEW_VERDICT (unless the PLC already acked this seq).
 
-        A stale refusal is cleared first: a NAK only counts for the seq published after it.
+        NAK registers are left alone: the link clears them as it reads each refusal.
         """
         with self._changed:
             v = self._values
-            if join32(v[Reg.NAK_SEQ_HI], v[Reg.NAK_SEQ_LO]) == verdict.seq:
-                v[Reg.NAK_SEQ_HI] = v[Reg.NAK_SEQ_LO] = v[Reg.NAK_CODE] = 0
             v[Reg.SEQ_HI], v[Reg.SEQ_LO] = split32(verdict.seq)
             v[Reg.VERDICT], v[Reg.REASON], v[Reg.FLAGS] = verdict.verdict, verdict.reason, verdict.flags
             v[Reg.PART_HASH_HI], v[Reg.PART_HASH_LO] = split32(part_hash(verdict.part_id))

@@ -63,17 +63,27 @@ class RegisterTransport(Transport):
         if self.serving:
             self.published()
 
-    def send_stop_line(self, reason: str) -> bool:
-        """Raise STOP_LINE, count it in STOP_COUNT and state ``reason``; the PLC echoes STOP_COUNT."""
+    def raise_stop_line(self, reason: str) -> bool:
+        """Raise STOP_LINE, count it in STOP_COUNT and state ``reason``; the PLC echoes STOP_COUNT.
+
+        Idempotent while the PLC has not acknowledged: a repeat keeps STOP_COUNT (only the text follows).
+        """
         if not self.serving:
             raise LinkIOError(f"{self.description} is not open")
-        count = (self.image.snapshot()[Reg.STOP_COUNT] + 1) & 0xFFFF or 1
+        v = self.image.snapshot()
+        waiting = v[Reg.STOP_LINE] == 1 and v[Reg.STOP_ACK] != v[Reg.STOP_COUNT]
+        count = v[Reg.STOP_COUNT] if waiting else (v[Reg.STOP_COUNT] + 1) & 0xFFFF or 1
         text = part_text_registers(str(reason) or "stop requested")
         self.image.update({Reg.STOP_LINE: 1, Reg.STOP_COUNT: count, Reg.LINE_STATE: LineState.STOP_REQUESTED,
                            **{Reg.STOP_TEXT + i: value for i, value in enumerate(text)}})
-        self._in_flight = (STOP_LINE_TYPE, 0)
         self.published()
         return self.plc_connected()
+
+    def send_stop_line(self, reason: str) -> bool:
+        """The link worker's stop-line exchange: raise it, then :meth:`read` waits for STOP_ACK."""
+        sent = self.raise_stop_line(reason)
+        self._in_flight = (STOP_LINE_TYPE, 0)
+        return sent
 
     def write(self, body: bytes) -> bool:
         if not self.serving:

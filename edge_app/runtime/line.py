@@ -35,7 +35,6 @@ from .calibration_state import Authorised, Calibration, CalibrationAuthority, Ca
 from .control import ControlError, ControlServer, ensure_token
 from .inspector import Inspector
 from .systemd import SystemdNotifier
-from ..telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 _DONE = object()
