@@ -19,6 +19,7 @@ from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, prepare
 from ..sources.base import DecodeError, decode_part
 from .multimodal import ScanRecipePool
+from .pool_guard import PoolGuard
 from .pool_store import load_pool, pool_path, save_pool
 from .verdict import verdict_from_pool
 
@@ -44,6 +45,7 @@ class RecipePool:
                                 horizon=ps.horizon, seed=seed)
         self.threshold = settings.threshold
         self.rejected_duplicates = 0
+        self.guard = PoolGuard(settings.guard)
 
 
 class Inspector:
@@ -51,6 +53,7 @@ class Inspector:
 
     def __init__(self, config: LineConfig, engine: FeatureEngine | None = None):
         self.config = config
+        self.on_alarm = lambda text: log.warning("ALARM: %s", text)   # the line routes it to its alarm path
         self.engine = engine or FeatureEngine(config.model.path, size=config.model.size,
                                               threads=config.model.threads)
         self.params: MuscParams = config.scoring.params()
@@ -145,6 +148,8 @@ class Inspector:
         are scored among themselves so each has a raw score and re-scoring feature.
         """
         rp = self.pools.get(part.recipe)
+        if rp is not None and (alarm := rp.guard.observe(part, prepared)):
+            self.on_alarm(f"recipe {rp.name}: {alarm}")
         if isinstance(rp, ScanRecipePool):
             return rp.admit(part, prepared, self.grid, self.params, now)
         if rp is None or prepared is None:
@@ -158,6 +163,8 @@ class Inspector:
         nearest = prepared.nearest if prepared.nearest is not None else pool.nearest_distance(prepared.sets)
         if nearest < settings.near_duplicate_distance:
             rp.rejected_duplicates += 1
+            return False
+        if not rp.guard.allow_admission(part, prepared):  # a look-alike of a recent reject
             return False
         # Warm-up members get their raw score and re-scoring feature when the pool becomes ready.
         feature = prepared.feature if prepared.feature is not None else prepared.sets[0][0]

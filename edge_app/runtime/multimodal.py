@@ -26,6 +26,7 @@ from ..scoring import MuscParams, PoolTooSmallError, patch_to_sample_distances, 
 from ..scoring3d import FusionParams, Params3D, Sample3D, prepare_3d, score_batch, score_one
 from ..scoring3d.map3d import DEFAULT_SIGMA, Propagation
 from ..sources.scanner import cloud_problem
+from .pool_guard import PoolGuard
 from .verdict import verdict_from_pool
 
 log = logging.getLogger(__name__)
@@ -315,6 +316,7 @@ class ScanRecipePool:
                              sigma=blur_sigma(scan, image_size))
         self.threshold = settings.threshold
         self.rejected_duplicates = 0
+        self.guard = PoolGuard(settings.guard)
 
     def identity(self) -> dict:
         """What, besides the feature model, a stored pool of this recipe must have been built with."""
@@ -369,6 +371,8 @@ class ScanRecipePool:
             return False
         if pool.nearest_distance(prepared.sets) < settings.near_duplicate_distance:
             self.rejected_duplicates += 1
+            return False
+        if not self.guard.allow_admission(part, prepared):  # a look-alike of a recent reject
             return False
         slot = pool.admit(part.part_id, prepared, part.raw_score or 0.0, prepared.feature,
                           now=time.time() if now is None else now)
