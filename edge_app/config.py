@@ -74,10 +74,14 @@ class PoolGuardSettings(_Strict):
     window: int = Field(60, ge=2, description="recent parts in which look-alike rejects are counted")
     memory: int = Field(200, ge=1, description="parts for which a reject keeps its look-alikes out of the pool")
     alarm_rejects: int = Field(5, ge=2, description="look-alike rejects within the window that raise the alarm")
+    min_partners: int = Field(2, ge=1, description="other rejects in the window a reject must look like to count")
     top_patches: int = Field(3, ge=1, description="most anomalous patches that make a part's signature")
     reach: int = Field(1, ge=0, description="patches two signatures may be apart and still be at the same place")
-    lookalike_distance: float = Field(0.3, gt=0, le=2, description=(
-        "feature distance (sqrt(2 - 2 cos)) under which two anomalous patches at the same place look alike"))
+    lookalike_distance: float = Field(0.2, gt=0, le=2, description=(
+        "feature distance (sqrt(2 - 2 cos)) at or under which two anomalous patches at the same place look alike"))
+    lookalike_ratio: float = Field(0.7, gt=0, description=(
+        "... and at or under this fraction of the parts' anomaly (map value of the hottest patch): closer to "
+        "each other than to the pool"))
 
 
 class ScanPreprocessSettings(_Strict):

@@ -25,14 +25,14 @@ class Parts:
         self.rng = np.random.default_rng(seed)
         self.count = 0
 
-    def make(self, verdict: Verdict, defect: tuple[tuple[int, int], np.ndarray] | None = None):
+    def make(self, verdict: Verdict, defect: tuple[tuple[int, int], np.ndarray] | None = None, heat: float = 1.0):
         sets = [unit(self.rng.normal(size=(SIDE * SIDE, DIM))).astype(np.float32) for _ in range(2)]
-        amap = self.rng.uniform(0, 0.2, size=(SIDE, SIDE)).astype(np.float32)
+        amap = self.rng.uniform(0, 0.02, size=(SIDE, SIDE)).astype(np.float32)
         if defect is not None:
             (r, c), look = defect
-            amap[r, c] = 1.0
+            amap[r, c] = heat
             for s in sets:
-                s[r * SIDE + c] = unit(look + 0.05 * self.rng.normal(size=DIM))
+                s[r * SIDE + c] = unit(look + 0.02 * self.rng.normal(size=DIM))
         self.count += 1
         part = PartRecord(part_id=f"p{self.count}", recipe="default", capture_time=float(self.count))
         part.decide(verdict, Reason.OK if verdict == Verdict.ACCEPT else Reason.ANOMALY)
@@ -76,9 +76,21 @@ def test_lookalikes_must_share_the_place_and_the_look():
     assert lookalike_distance(a, other, reach=1) > 0.8
 
 
+@pytest.mark.parametrize("heat, alarmed", [(0.05, False), (1.0, True)])
+def test_rejects_must_be_closer_to_each_other_than_to_the_pool(heat, alarmed):
+    """Good parts rejected near a low threshold share places (a reflection), but they are about as far from
+    each other as from the pool (their anomaly): no alarm, no refusal. A true defect is far from the pool."""
+    parts = Parts()
+    guard = PoolGuard(PoolGuardSettings(alarm_rejects=3, lookalike_distance=1.0, lookalike_ratio=0.7))
+    look = ((3, 3), parts.look())
+    texts = [feed(guard, *parts.make(Verdict.REJECT, look, heat=heat)) for _ in range(10)]
+    assert any(texts) == alarmed
+    assert guard.allow_admission(*parts.make(Verdict.ACCEPT, look, heat=heat)) != alarmed
+
+
 def test_recurring_defect_raises_the_alarm_and_its_lookalikes_are_refused():
     parts = Parts()
-    guard = PoolGuard(PoolGuardSettings(window=30, alarm_rejects=4))
+    guard = PoolGuard(PoolGuardSettings(window=30, alarm_rejects=4, min_partners=2))
     scratch = ((1, 6), parts.look())
     for _ in range(20):
         assert feed(guard, *parts.make(Verdict.ACCEPT)) is None
@@ -89,7 +101,7 @@ def test_recurring_defect_raises_the_alarm_and_its_lookalikes_are_refused():
             alarms.append((i, text))
     assert len(alarms) == 1 and guard.active
     first, text = alarms[0]
-    assert first == 9       # the 4th look-alike reject (parts 0, 3, 6, 9 of the run)
+    assert first == 9       # the 4th look-alike reject (parts 0, 3, 6, 9 of the run): 3 partners each
     assert "recurring defect" in text and "(1, 6)" in text
     # A look-alike that slipped under the threshold is accepted but kept out of the pool ...
     slipped, prep = parts.make(Verdict.ACCEPT, scratch)

@@ -2,17 +2,22 @@
 
 MuSc scores a part against recent parts, so a defect that repeats (the same scratch from a damaged guide
 rail on every third part) can leak into the pool and teach it that the scratch is normal: once a few
-look-alikes are members, the next one finds its twin among the references and is accepted. The first
+look-alikes are members, the next one finds its twins among the references and is accepted. The first
 look-alikes are still rejected, and they carry the signal that moves first: *rejects that look like each
-other at the same place*. Random defects differ in look and place; a recurring one repeats both.
+other at the same place, closer to each other than to anything in the pool*. Random defects differ in
+look and place; a recurring one repeats both. (Good parts rejected near a low threshold also share places
+-- a reflection, a seam -- but their patches are as far from each other as from the pool.)
 
-Each scored part gets a :class:`Signature`: the positions and feature vectors of its most anomalous
-patches. The guard keeps the signatures of recent rejects and
+Each scored part gets a :class:`Signature`: the positions, feature vectors and anomaly (map values) of its
+most anomalous patches. Two signatures look alike when a patch of each lies within ``reach`` patches of
+the other, at feature distance <= ``lookalike_distance`` and <= ``lookalike_ratio`` x the smaller anomaly
+of the two parts. The guard keeps the signatures of recent rejects and
 
-- refuses pool admission to an accepted part whose signature matches a recent reject's (a look-alike
-  that slipped under the threshold must not become a reference), and
-- raises a drift alarm when ``alarm_rejects`` rejects within the last ``window`` parts match each other
-  (a recurring defect), naming where it is and the reject rate, and again when it clears.
+- refuses pool admission to an accepted part that looks like a recent reject (a look-alike that slipped
+  under the threshold must not become a reference), and
+- raises a drift alarm when ``alarm_rejects`` rejects within the last ``window`` parts each look like at
+  least ``min_partners`` others (a recurring defect), naming where it is and the reject rate; it says so
+  again when the alarm clears.
 
 Pure bookkeeping on numpy arrays, no I/O: the inspector calls :meth:`PoolGuard.observe` for every decided
 part and :meth:`PoolGuard.allow_admission` before admitting one, and routes alarm texts to the line's
@@ -36,6 +41,7 @@ class Signature:
 
     positions: np.ndarray   # [m, 2] (row, col) on the patch grid, hottest first
     vectors: np.ndarray     # [m, D] unit norm
+    anomaly: float          # map value of the hottest patch (its distance to the pool, in map units)
 
 
 def signature(anomaly_map: np.ndarray, sets: Sequence[np.ndarray], top: int) -> Signature | None:
@@ -57,7 +63,7 @@ def signature(anomaly_map: np.ndarray, sets: Sequence[np.ndarray], top: int) -> 
     idx = idx[np.argsort(-flat[idx])]          # hottest first
     vectors = np.concatenate([np.asarray(s[idx], np.float32) for s in sets], axis=1)
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return Signature(np.stack(np.unravel_index(idx, grid.shape), axis=1), vectors)
+    return Signature(np.stack(np.unravel_index(idx, grid.shape), axis=1), vectors, float(flat[idx[0]]))
 
 
 def lookalike_distance(a: Signature, b: Signature, reach: int) -> float:
@@ -72,9 +78,9 @@ def lookalike_distance(a: Signature, b: Signature, reach: int) -> float:
 
 @dataclass
 class _Reject:
-    index: int               # the part's position in the stream
+    index: int                                            # the part's position in the stream
     sig: Signature
-    matched: bool = False    # looks like another reject in the window
+    partners: list[int] = field(default_factory=list)    # indices of the rejects it looks like
 
 
 @dataclass
@@ -123,7 +129,8 @@ class PoolGuard:
                 entry = _Reject(index, sig)
                 for other in self._rejects:
                     if other.index > index - s.window and self._alike(sig, other.sig):
-                        other.matched = entry.matched = True
+                        other.partners.append(index)
+                        entry.partners.append(other.index)
                 self._rejects.append(entry)
         return self._update_alarm(index)
 
@@ -141,12 +148,15 @@ class PoolGuard:
         return False
 
     def recurring(self) -> list[_Reject]:
-        """Rejects within the window that look like another one."""
+        """Rejects within the window that look like at least ``min_partners`` others in it."""
         first = self.stats.observed - self.settings.window
-        return [r for r in self._rejects if r.matched and r.index >= first]
+        return [r for r in self._rejects if r.index >= first
+                and sum(p >= first for p in r.partners) >= self.settings.min_partners]
 
     def _alike(self, a: Signature, b: Signature) -> bool:
-        return lookalike_distance(a, b, self.settings.reach) <= self.settings.lookalike_distance
+        s = self.settings
+        limit = min(s.lookalike_distance, s.lookalike_ratio * min(a.anomaly, b.anomaly))
+        return lookalike_distance(a, b, s.reach) <= limit
 
     def _update_alarm(self, index: int) -> str | None:
         s = self.settings
