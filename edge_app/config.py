@@ -69,6 +69,23 @@ class PoolSettings(_Strict):
         return self
 
 
+class PoolGuardSettings(_Strict):
+    """Pool guard (edge_app/runtime/pool_guard.py): keeps a recurring defect from becoming normal."""
+
+    enabled: bool = True
+    window: int = Field(60, ge=2, description="recent parts in which look-alike rejects are counted")
+    memory: int = Field(200, ge=1, description="parts for which a reject keeps its look-alikes out of the pool")
+    alarm_rejects: int = Field(5, ge=2, description="look-alike rejects within the window that raise the alarm")
+    min_partners: int = Field(2, ge=1, description="other rejects in the window a reject must look like to count")
+    top_patches: int = Field(3, ge=1, description="most anomalous patches that make a part's signature")
+    reach: int = Field(1, ge=0, description="patches two signatures may be apart and still be at the same place")
+    lookalike_distance: float = Field(0.2, gt=0, le=2, description=(
+        "feature distance (sqrt(2 - 2 cos)) at or under which two anomalous patches at the same place look alike"))
+    lookalike_ratio: float = Field(0.7, gt=0, description=(
+        "... and at or under this fraction of the parts' anomaly (map value of the hottest patch): closer to "
+        "each other than to the pool"))
+
+
 class ScanPreprocessSettings(_Strict):
     """Background removal of a scan; distances in the scanner's units (defaults: MVTec 3D-AD's, metres)."""
 
@@ -108,6 +125,7 @@ class RecipeSettings(_Strict):
         "re-scored score at or above which a part is rejected; 1.0 = the 90th percentile of the pool's own "
         "scores until `musc-calibrate threshold apply` sets a calibrated value"))
     pool: PoolSettings = PoolSettings()
+    guard: PoolGuardSettings = PoolGuardSettings()
     modality: Literal["2d", "3d", "2d+3d"] = Field("2d", description=(
         "what is scored against the pool: the image, the point cloud, or both fused (MuSc-V2)"))
     scan: Optional[ScanSettings] = Field(None, description="3D settings of a 3d / 2d+3d recipe (default: MuSc-V2's)")
@@ -125,6 +143,8 @@ class RecipeSettings(_Strict):
     def _omit_2d_defaults(self, handler):
         # A 2D recipe dumps as it did before 3D recipes existed, so the config hash of 2D lines is unchanged.
         data = handler(self)
+        if self.guard == PoolGuardSettings():  # nor does the guard's, until it is tuned
+            data.pop("guard", None)
         if self.modality == "2d":
             data.pop("modality", None)
             data.pop("scan", None)

@@ -28,6 +28,7 @@ class Inspector:
 
     def __init__(self, config: LineConfig, engine: FeatureEngine | None = None):
         self.config = config
+        self.on_alarm = lambda text: log.warning("ALARM: %s", text)   # the line routes it to its alarm path
         self.engine = engine or FeatureEngine(config.model.path, size=config.model.size,
                                               threads=config.model.threads)
         self.params: MuscParams = config.scoring.params()
@@ -104,4 +105,8 @@ class Inspector:
     def admit(self, part: PartRecord, prepared: object | None, now: float | None = None) -> bool:
         """Pool admission after a verdict, by the part's recipe (:meth:`Recipe.admit`)."""
         recipe = self.recipes.get(part.recipe)
-        return recipe is not None and recipe.admit(part, prepared, now)
+        if recipe is None:
+            return False
+        if alarm := recipe.guard.observe(part, prepared):
+            self.on_alarm(f"recipe {recipe.name}: {alarm}")
+        return recipe.admit(part, prepared, now)

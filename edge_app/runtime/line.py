@@ -86,6 +86,7 @@ class Line:
         self.storage = Path(config.storage.dir)
         self.storage.mkdir(parents=True, exist_ok=True)
         self.inspector = inspector or Inspector(config)
+        self.inspector.on_alarm = self._on_alarm
         self.source = source or make_source(config.source)
         self.calibration_version = "0"
         self.dry_run = config.line.dry_run

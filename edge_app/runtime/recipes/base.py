@@ -25,6 +25,7 @@ from ...pointcloud import CloudError
 from ...pool import PoolMembers
 from ...record import PartRecord, Reason, Verdict
 from ...scoring import MuscParams
+from ..pool_guard import PoolGuard
 from ..verdict import verdict_from_pool
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Recipe(ABC):
         self.name, self.settings, self.scoring = name, settings, scoring
         self.threshold = settings.threshold
         self.rejected_duplicates = 0
+        self.guard = PoolGuard(settings.guard)
 
     # -- identity & persistence ----------------------------------------------------------------------------
     def identity(self) -> dict:
@@ -145,6 +147,8 @@ class Recipe(ABC):
         nearest = prepared.nearest if prepared.nearest is not None else self._nearest(prepared)
         if nearest < settings.near_duplicate_distance:
             self.rejected_duplicates += 1
+            return False
+        if not self.guard.allow_admission(part, prepared):  # a look-alike of a recent reject
             return False
         slot = self._store(part.part_id, prepared, part.raw_score or 0.0, time.time() if now is None else now)
         if slot is not None and warming and self.pool.size == self.pool.min_size:  # the pool has just become ready
