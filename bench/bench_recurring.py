@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 from calibration.thresholds import fit_threshold
 from edge_app.config import parse_config
 from edge_app.evaluation.datasets import read_image
-from edge_app.record import PartRecord, Verdict
+from edge_app.record import PartRecord
 from edge_app.runtime.inspector import Inspector
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -215,7 +215,8 @@ class LineConfig(_Strict):
     control: ControlSettings = ControlSettings()
     # Excluded from the dump, hence from config_hash: the view is read-only and cannot change a verdict.
     view: ViewSettings = Field(ViewSettings(), exclude=True)
-    telemetry: TelemetrySettings = TelemetrySettings()
+    # Excluded from config_hash like the view: telemetry reports verdicts, it cannot change one.
+    telemetry: TelemetrySettings = Field(TelemetrySettings(), exclude=True)
 
     @field_validator("recipes")
     @classmethod

@@ -142,10 +142,10 @@ def test_admission_takes_accepted_parts_only_never_test_parts_nor_near_duplicate
     assert part.verdict == Verdict.ACCEPT and r.admit(part, prepared) and r.pool.size == size + 1
     twin, prepared = scored_part(r, "twin", good[5])     # the same part seen again
     assert twin.verdict == Verdict.ACCEPT and not r.admit(twin, prepared) and r.rejected_duplicates == 1
-    r.threshold = -1e9                                   # everything rejected
     part, prepared = scored_part(r, "bad", good[6])
-    assert part.verdict == Verdict.REJECT and not r.admit(part, prepared)
-    r.threshold = 1e9
+    part.decide(Verdict.REJECT, Reason.ANOMALY)          # rejected (a threshold must be positive and finite)
+    assert not r.admit(part, prepared)
+    r.threshold = 1e6                                    # everything accepted
     test, prepared = scored_part(r, "test", good[6])
     test.test_part = True
     assert not r.admit(test, prepared) and r.pool.size == size + 1

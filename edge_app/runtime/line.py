@@ -31,6 +31,7 @@ from ..links import PlantLink, RejectLink, open_link
 from ..record import FailSafe, PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, SourceError, make_source
 from ..sources.fields import PartFieldError, check_part_fields, quarantine, require_part_id
+from ..telemetry import Telemetry
 from .calibration_state import Authorised, Calibration, CalibrationAuthority, CalibrationError, RejectTiming
 from .control import ControlError, ControlServer, ensure_token
 from .inspector import Inspector
