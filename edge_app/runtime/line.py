@@ -31,6 +31,7 @@ from ..record import FailSafe, PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, SourceError, make_source
 from .calibration_state import Calibration, RejectTiming, load_current
 from .control import ControlError, ControlServer, ensure_token
+from .deadline import DeadlineClock
 from .inspector import Inspector
 from .systemd import SystemdNotifier
 
@@ -82,6 +83,7 @@ class Line:
         self.calibration_version = "0"
         self.dry_run = config.line.dry_run
         self.reject_timing: RejectTiming | None = None
+        self._clock = DeadlineClock(config.line.deadline_ms / 1e3)
         calibration = load_current(self.storage, set(config.recipes))
         if calibration is not None:
             self._apply_calibration(calibration)
@@ -95,8 +97,6 @@ class Line:
         self._acks: queue.Queue = queue.Queue()
         self._tasks: queue.Queue = queue.Queue()       # control changes, run by the worker between parts
         self._persist: queue.Queue = queue.Queue(maxsize=1)  # pool snapshots for the writer thread
-        self._speed: tuple[float, float] | None = None  # (encoder, monotonic) of the last part, for counts/s
-        self._counts_per_s: float | None = None
         self.control: ControlServer | None = None
         self._waiters: dict[int, threading.Event] = {}
         self.systemd = SystemdNotifier()
@@ -250,22 +250,7 @@ class Line:
 
     def _deadline(self, part: PartRecord) -> float:
         """Monotonic time by which the verdict must reach the PLC (reject timing, else line.deadline_ms)."""
-        timing = self.reject_timing
-        if timing is None:
-            return part.capture_monotonic + self._deadline_s
-        lead = timing.actuator_lead_ms / 1e3
-        if timing.mode == "time":
-            return part.capture_monotonic + timing.delay_ms / 1e3 - lead
-        # Encoder mode: counts to the ejector over the conveyor speed measured from recent parts' stamps.
-        if part.encoder is not None:
-            if self._speed is not None and part.capture_monotonic > self._speed[1]:
-                rate = (part.encoder - self._speed[0]) / (part.capture_monotonic - self._speed[1])
-                if rate > 0:
-                    self._counts_per_s = rate if self._counts_per_s is None else 0.8 * self._counts_per_s + 0.2 * rate
-            self._speed = (part.encoder, part.capture_monotonic)
-        if self._counts_per_s is None:
-            return part.capture_monotonic + self._deadline_s
-        return part.capture_monotonic + timing.counts / self._counts_per_s - lead
+        return self._clock.deadline(part.capture_monotonic, part.encoder)
 
     def _emit(self, part: PartRecord) -> None:
         """Ledger first (durable), then the PLC, then the archive."""
@@ -340,7 +325,7 @@ class Line:
     def _apply_calibration(self, calibration: Calibration) -> None:
         for name, recipe in calibration.recipes.items():
             self.inspector.recipes[name].threshold = recipe.threshold
-        self.reject_timing = calibration.reject_timing
+        self.reject_timing = self._clock.timing = calibration.reject_timing
         self.dry_run = self.config.line.dry_run or calibration.dry_run
         self.calibration_version = str(calibration.version)
 
