@@ -21,6 +21,7 @@ import numpy as np
 
 from edge_app.config import ConfigError, LineConfig, load_config
 from edge_app.ledger import Ledger, LedgerError, LedgerReader, LedgerRow
+from edge_app.runtime import commands
 from edge_app.runtime.calibration_state import Calibration, CalibrationError, parse_calibration
 from edge_app.runtime.control import ControlError, request
 
@@ -73,7 +74,7 @@ class LineContext:
     def status(self) -> dict:
         """The running line's status (UsageError when it is not running)."""
         if self._status is None:
-            self._status = self.request({"cmd": "status"})
+            self._status = self.request({"cmd": commands.STATUS})
         return self._status
 
     def running(self) -> bool:
@@ -257,7 +258,7 @@ class Candidate:
 def _calibration_scores(ctx: LineContext, args) -> tuple[np.ndarray, str]:
     if args.source == "pool":
         try:
-            reply = ctx.request({"cmd": "pool_scores", "recipe": args.recipe})
+            reply = ctx.request({"cmd": commands.POOL_SCORES, "recipe": args.recipe})
         except LineNotRunning as exc:
             raise UsageError(f"{exc} (a stopped line can be calibrated from its ledger: --from ledger)") from None
         except UsageError as exc:
@@ -427,7 +428,7 @@ def _delivery(ctx: LineContext, stage: bool) -> tuple[str, Callable[[dict], dict
     token = technician_token(ctx.storage, create=stage)
     if stage:
         return token, None
-    return token, lambda payload: ctx.request({"cmd": "apply", "calibration": payload}, token=token)
+    return token, lambda payload: ctx.request({"cmd": commands.APPLY, "calibration": payload}, token=token)
 
 
 def _baseline(ctx: LineContext) -> Calibration:
@@ -580,10 +581,10 @@ def cmd_versions(args) -> int:
 def cmd_pool_inspect(args) -> int:
     ctx = _context(args)
     ctx.check_recipe(args.recipe)
-    members = ctx.request({"cmd": "pool_inspect", "recipe": args.recipe})["members"]
+    members = ctx.request({"cmd": commands.POOL_INSPECT, "recipe": args.recipe})["members"]
     loo = None
     if len(members) >= 3:
-        loo = ctx.request({"cmd": "pool_scores", "recipe": args.recipe})["scores"]
+        loo = ctx.request({"cmd": commands.POOL_SCORES, "recipe": args.recipe})["scores"]
     if args.json:
         _print_json({"recipe": args.recipe, "members": members, "leave_one_out_scores": loo})
         return 0
@@ -611,8 +612,7 @@ def _selection(args, members: list[dict]) -> dict:
             raise UsageError(f"golden members are never purged: {', '.join(golden)} (`pool unfreeze` them first)")
         return {"part_ids": args.part_ids}
     if getattr(args, "highest", None):
-        ordinary = sorted((m for m in members if not m["golden"]), key=lambda m: -m["raw_score"])
-        return {"part_ids": [m["part_id"] for m in ordinary[:args.highest]]}
+        return {"highest": args.highest}
     if getattr(args, "lowest", None):
         return {"lowest": args.lowest}
     return {"all": True}
@@ -622,9 +622,9 @@ def _pool_change(ctx: LineContext, args, cmd: str, extra: dict) -> dict:
     reason = _require_reason(args)
     ctx.check_recipe(args.recipe)
     token, _ = _delivery(ctx, stage=False)
-    members = ctx.request({"cmd": "pool_inspect", "recipe": args.recipe})["members"]
+    members = ctx.request({"cmd": commands.POOL_INSPECT, "recipe": args.recipe})["members"]
     payload = {"cmd": cmd, "recipe": args.recipe, **extra}
-    if cmd != "pool_reseed":
+    if cmd != commands.POOL_RESEED:
         payload.update(_selection(args, members))
     before = {"size": len(members), "golden": sum(m["golden"] for m in members)}
     print(f"pool {args.recipe}: {cmd.replace('pool_', '')} "
@@ -639,7 +639,7 @@ def _pool_change(ctx: LineContext, args, cmd: str, extra: dict) -> dict:
 
 def cmd_pool_change(args) -> int:
     ctx = _context(args)
-    cmd = {"purge": "pool_purge", "freeze": "pool_freeze", "unfreeze": "pool_unfreeze"}[args.pool_action]
+    cmd = commands.POOL_CHANGES[args.pool_action]
     reply = _pool_change(ctx, args, cmd, {})
     print(f"done: {reply['changed']} member(s) changed; pool now {reply['size']} members, {reply['golden']} golden")
     capacity = ctx.status()["recipes"][args.recipe]["pool"]["capacity"]
@@ -654,7 +654,7 @@ def cmd_pool_reseed(args) -> int:
     if not folder.is_dir():
         raise UsageError(f"reseed folder not found: {folder}")
     print("every non-golden member is replaced by the folder's images (golden members stay)")
-    reply = _pool_change(ctx, args, "pool_reseed", {"folder": str(folder)})
+    reply = _pool_change(ctx, args, commands.POOL_RESEED, {"folder": str(folder)})
     print(f"done: pool now {reply['size']} members")
     return 0
 
@@ -681,7 +681,7 @@ def cmd_timing_dry_run(args) -> int:
     else:
         print("dry-run off: verdicts are signalled to the PLC again")
     code = change_calibration(ctx, args, "timing.dry-run", lambda raw: {**raw, "dry_run": on})
-    if not on and not args.stage and ctx.request({"cmd": "status"})["dry_run"]:
+    if not on and not args.stage and ctx.request({"cmd": commands.STATUS})["dry_run"]:
         print("warning: the line still runs dry because its config sets line.dry_run: true")
     return code
 
@@ -693,7 +693,7 @@ def cmd_timing_test_fire(args) -> int:
     token, _ = _delivery(ctx, stage=False)
     part_id = args.part_id or f"TEST-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"sending REJECT (reason TEST_FIRE) for marked test part {part_id}: the ejector should fire")
-    payload = {"cmd": "test_fire", "part_id": part_id, "recipe": args.recipe}
+    payload = {"cmd": commands.TEST_FIRE, "part_id": part_id, "recipe": args.recipe}
     with ctx.store.lock():
         _, reply = ctx.store.audit.record_change(
             who=who(), action="timing.test-fire", target=f"part {part_id}", old=None, new=payload, reason=reason,

@@ -29,6 +29,7 @@ from ..ledger import Ledger
 from ..links import RejectLink, open_link
 from ..record import FailSafe, PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, SourceError, make_source
+from . import commands
 from .calibration_state import Calibration, RejectTiming, load_current
 from .control import ControlError, ControlServer, ensure_token
 from .deadline import DeadlineClock
@@ -358,87 +359,89 @@ class Line:
             raise ControlError(f"unknown recipe {name!r}: this line has {sorted(self.inspector.recipes)}")
         return self.inspector.recipes[name]
 
-    def _slots(self, pool, request: dict):
-        if request.get("all"):
-            return np.flatnonzero(~pool.golden[:pool.size]) if not request.get("include_golden") else np.arange(pool.size)
-        if "lowest" in request:
-            order = np.argsort(pool.raw_scores[:pool.size])
-            return order[:int(request["lowest"])]
-        wanted = set(request.get("part_ids") or [])
-        slots = [i for i, pid in enumerate(pool.part_ids[:pool.size]) if pid in wanted]
-        missing = wanted - {pool.part_ids[i] for i in slots}
-        if missing:
-            raise ControlError(f"not pool members: {sorted(missing)}")
-        return np.array(slots, int)
-
     def _handle_control(self, request: dict) -> dict:
-        """Control-socket requests; see edge_app/runtime/control.py for the protocol."""
+        """Control-socket requests, by command name (``runtime/commands.py``; protocol in ``control.py``)."""
+        handlers = {commands.STATUS: lambda _: self.control_status(), commands.POOL_INSPECT: self._pool_inspect,
+                    commands.POOL_SCORES: self._pool_scores, commands.APPLY: self._apply,
+                    commands.POOL_PURGE: self._pool_change, commands.POOL_FREEZE: self._pool_change,
+                    commands.POOL_UNFREEZE: self._pool_change, commands.POOL_RESEED: self._pool_reseed,
+                    commands.TEST_FIRE: self._test_fire}
+        handler = handlers.get(request["cmd"])
+        if handler is None:
+            raise ControlError(f"unknown command {request['cmd']!r}")
+        return handler(request)
+
+    def _pool_inspect(self, request: dict) -> dict:
+        rp = self._recipe_pool(request)
+        pool = rp.pool
+        return {"recipe": rp.name, "members": [
+            {"slot": i, "part_id": pool.part_ids[i], "raw_score": float(pool.raw_scores[i]),
+             "admitted_time": float(pool.admitted_time[i]), "golden": bool(pool.golden[i])}
+            for i in range(pool.size)]}
+
+    def _pool_scores(self, request: dict) -> dict:
+        rp = self._recipe_pool(request)
+        return {"recipe": rp.name, "threshold": rp.threshold,
+                "scores": self._between_parts(lambda: rp.pool.leave_one_out_scores(self.inspector.params))}
+
+    def _apply(self, request: dict) -> dict:
         from .calibration_state import CalibrationError, parse_calibration
 
-        cmd = request["cmd"]
-        if cmd == "status":
-            return self.control_status()
-        if cmd == "pool_inspect":
-            rp = self._recipe_pool(request)
+        try:
+            calibration = parse_calibration(request.get("calibration") or {}, set(self.config.recipes))
+        except CalibrationError as exc:
+            raise ControlError(str(exc)) from None
+
+        def apply() -> dict:
+            self._apply_calibration(calibration)
+            return {"version": calibration.version}
+        return self._between_parts(apply)
+
+    def _pool_change(self, request: dict) -> dict:
+        """Purge, freeze or unfreeze the members the request selects (:func:`commands.select_members`)."""
+        cmd, rp = request["cmd"], self._recipe_pool(request)
+
+        def change() -> dict:
             pool = rp.pool
-            return {"recipe": rp.name, "members": [
-                {"slot": i, "part_id": pool.part_ids[i], "raw_score": float(pool.raw_scores[i]),
-                 "admitted_time": float(pool.admitted_time[i]), "golden": bool(pool.golden[i])}
-                for i in range(pool.size)]}
-        if cmd == "pool_scores":
-            rp = self._recipe_pool(request)
-            return {"recipe": rp.name, "threshold": rp.threshold,
-                    "scores": self._between_parts(lambda: rp.pool.leave_one_out_scores(self.inspector.params))}
-        if cmd == "apply":
             try:
-                calibration = parse_calibration(request.get("calibration") or {}, set(self.config.recipes))
-            except CalibrationError as exc:
+                slots = commands.select_members(pool.part_ids, pool.raw_scores, pool.golden, request)
+            except commands.SelectionError as exc:
                 raise ControlError(str(exc)) from None
+            if cmd == commands.POOL_PURGE:
+                golden = [pool.part_ids[i] for i in slots if pool.golden[i]]
+                if golden and not request.get("include_golden"):
+                    raise ControlError(f"golden members are never purged implicitly: {golden}; "
+                                       f"unfreeze them first")
+                pool.remove(slots)
+            else:
+                pool.golden[slots] = cmd == commands.POOL_FREEZE
+            self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
+            return {"changed": int(len(slots)), "size": pool.size, "golden": int(pool.golden[:pool.size].sum())}
+        return self._between_parts(change)
 
-            def apply() -> dict:
-                self._apply_calibration(calibration)
-                return {"version": calibration.version}
-            return self._between_parts(apply)
-        if cmd in ("pool_purge", "pool_freeze", "pool_unfreeze"):
-            rp = self._recipe_pool(request)
+    def _pool_reseed(self, request: dict) -> dict:
+        rp = self._recipe_pool(request)
+        # Read and prepared off the worker, and before the pool changes: a bad folder leaves it as it is.
+        prepared = rp.read_seed(request.get("folder", ""))
 
-            def change() -> dict:
-                slots = self._slots(rp.pool, request)
-                if cmd == "pool_purge":
-                    golden = [rp.pool.part_ids[i] for i in slots if rp.pool.golden[i]]
-                    if golden and not request.get("include_golden"):
-                        raise ControlError(f"golden members are never purged implicitly: {golden}; "
-                                           f"unfreeze them first")
-                    rp.pool.remove(slots)
-                else:
-                    rp.pool.golden[slots] = cmd == "pool_freeze"
-                self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
-                return {"changed": int(len(slots)), "size": rp.pool.size,
-                        "golden": int(rp.pool.golden[:rp.pool.size].sum())}
-            return self._between_parts(change)
-        if cmd == "pool_reseed":
-            rp = self._recipe_pool(request)
-            # Read and prepared off the worker, and before the pool changes: a bad folder leaves it as it is.
-            prepared = rp.read_seed(request.get("folder", ""))
+        def reseed() -> dict:
+            size = rp.seed(prepared, replace=True)
+            self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
+            return {"size": size}
+        return self._between_parts(reseed)
 
-            def reseed() -> dict:
-                size = rp.seed(prepared, replace=True)
-                self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
-                return {"size": size}
-            return self._between_parts(reseed)
-        if cmd == "test_fire":
-            part_id = str(request.get("part_id") or f"TEST-{int(time.time())}")
-            part = PartRecord(part_id=part_id, recipe=request.get("recipe", "default"), capture_time=time.time(),
-                              test_part=True)
-            part.decide(Verdict.REJECT, Reason.TEST_FIRE, "technician test fire")
-            part.deadline = time.monotonic() + self._deadline_s
-            done = threading.Event()
-            self._waiters[id(part)] = done
-            self._out.put(("part", part, None))
-            if not done.wait(30):
-                raise ControlError("the test fire was queued but not signalled within 30 s")
-            return {"part_id": part_id, "seq": part.seq, "acked": part.acked}
-        raise ControlError(f"unknown command {cmd!r}")
+    def _test_fire(self, request: dict) -> dict:
+        part_id = str(request.get("part_id") or f"TEST-{int(time.time())}")
+        part = PartRecord(part_id=part_id, recipe=request.get("recipe", "default"), capture_time=time.time(),
+                          test_part=True)
+        part.decide(Verdict.REJECT, Reason.TEST_FIRE, "technician test fire")
+        part.deadline = time.monotonic() + self._deadline_s
+        done = threading.Event()
+        self._waiters[id(part)] = done
+        self._out.put(("part", part, None))
+        if not done.wait(30):
+            raise ControlError("the test fire was queued but not signalled within 30 s")
+        return {"part_id": part_id, "seq": part.seq, "acked": part.acked}
 
     def control_status(self) -> dict:
         """What `musc-calibrate status` shows of a running line."""
