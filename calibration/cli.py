@@ -13,96 +13,27 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from edge_app.config import ConfigError, LineConfig, load_config
-from edge_app.ledger import Ledger, LedgerError, LedgerReader, LedgerRow
+from edge_app.config import ConfigError, load_config
+from edge_app.ledger import LedgerError, LedgerReader, LedgerRow
 from edge_app.runtime import commands
 from edge_app.runtime.calibration_state import Calibration, CalibrationError, parse_calibration
-from edge_app.runtime.control import ControlError, request
 
 from .audit import AuditError
+from .client import LineContext, LineNotRunning, UsageError
+from .render import age, describe_change, histogram, pct, print_json
 from .roles import RoleError, technician_token, who
 from .shadow import SCORED, ShadowReport, shadow_thresholds
-from .store import CalibrationStore, StoreError
+from .store import StoreError
 from .thresholds import METHODS, MIN_SCORES, Refinement, ThresholdError, ThresholdFit, fit_threshold, \
     refine_with_labels, reject_rate
 
 CALIBRATION_ACTIONS = ("threshold.apply", "rollback", "timing.set", "timing.dry-run")
-
-
-class UsageError(Exception):
-    """Bad input or an impossible request: printed as one line, exit code 2, nothing changed."""
-
-
-class LineNotRunning(UsageError):
-    """Nothing listens on the line's control socket."""
-
-
-# -- the line being calibrated ---------------------------------------------------------------------------------
-@dataclass
-class LineContext:
-    """A line's storage folder, control socket and (when given) config."""
-
-    storage: Path
-    socket: Path
-    config: LineConfig | None = None
-    store: CalibrationStore = field(init=False)
-    _status: dict | None = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        self.store = CalibrationStore(self.storage)
-
-    def request(self, payload: dict, *, token: str | None = None, timeout: float = 90.0) -> dict:
-        """One control request; UsageError when the line is not running or refuses."""
-        if token is not None:
-            payload = {**payload, "token": token}
-        try:
-            reply = request(self.socket, payload, timeout=timeout)
-        except ControlError as exc:
-            raise LineNotRunning(str(exc)) from None
-        except OSError as exc:   # e.g. no permission on the socket: the line may well be running
-            raise UsageError(f"cannot talk to the line on {self.socket}: {exc.strerror or exc}") from None
-        if not reply.get("ok"):
-            raise UsageError(f"the line refused '{payload['cmd']}': {reply.get('error')}")
-        return reply
-
-    def status(self) -> dict:
-        """The running line's status (UsageError when it is not running)."""
-        if self._status is None:
-            self._status = self.request({"cmd": commands.STATUS})
-        return self._status
-
-    def running(self) -> bool:
-        """Whether a line answers (UsageError when the socket exists but cannot be used)."""
-        try:
-            self.status()
-        except LineNotRunning:
-            return False
-        return True
-
-    def recipes(self) -> set[str] | None:
-        if self.config is not None:
-            return set(self.config.recipes)
-        return set(self.status()["recipes"]) if self.running() else None
-
-    def check_recipe(self, recipe: str) -> None:
-        known = self.recipes()
-        if known is not None and recipe not in known:
-            raise UsageError(f"unknown recipe {recipe!r}: this line has {sorted(known)}")
-
-    def ledger(self) -> LedgerReader:
-        try:
-            return Ledger.open_readonly(self.storage / "ledger.sqlite")
-        except LedgerError as exc:
-            raise UsageError(f"{exc}: has this line run yet?") from None
-
-    def has_ledger(self) -> bool:
-        return (self.storage / "ledger.sqlite").is_file()
 
 
 def _context(args) -> LineContext:
@@ -122,65 +53,6 @@ def recent_scored(reader: LedgerReader, recipe: str, last: int) -> list[LedgerRo
             and not r.test_part]
 
 
-# -- formatting ------------------------------------------------------------------------------------------------
-def _pct(value: float) -> str:
-    return f"{100 * value:6.2f} %"
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} s"
-
-
-def histogram(scores: np.ndarray, threshold: float, bins: int = 10, width: int = 40) -> list[str]:
-    """A terminal histogram of ``scores`` with the threshold's bin marked; the top 2 % of scores beyond the
-    threshold share one overflow line so a few extreme parts do not squash the rest."""
-    scores = np.asarray(scores, np.float64)
-    lo = min(float(scores.min()), threshold)
-    hi = max(float(np.quantile(scores, 0.98)), threshold)
-    if hi <= lo:
-        hi = lo + 1e-6
-    edges = np.linspace(lo, hi, bins + 1)
-    counts = np.histogram(np.minimum(scores, hi), edges)[0]
-    overflow = int(np.count_nonzero(scores > hi))
-    counts[-1] -= overflow
-    mark = min(int(np.searchsorted(edges, threshold, side="right")) - 1, bins - 1)
-    top = max(int(counts.max()), overflow, 1)
-    lines = [f"  {edges[i]:9.4f} .. {edges[i + 1]:9.4f} |{'#' * round(width * c / top):<{width}}| {c:>5}"
-             + ("  <- threshold" if i == mark else "") for i, c in enumerate(counts)]
-    if overflow:
-        lines.append(f"  {'above':>9}    {hi:9.4f} |{'#' * round(width * overflow / top):<{width}}| {overflow:>5}")
-    return lines
-
-
-def _flatten(value, prefix: str = "") -> dict[str, object]:
-    if isinstance(value, dict):
-        out: dict[str, object] = {}
-        for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
-
-
-def describe_change(old: dict | None, new: dict) -> list[str]:
-    """``key: old -> new`` for every setting that differs (version and file hashes left out)."""
-    before, after = _flatten(old or {}), _flatten(new)
-    keys = [k for k in dict.fromkeys([*before, *after]) if k not in ("version", "file_sha256")]
-    def shown(value) -> str:
-        return f"{value:.6g}" if isinstance(value, float) else str(value)
-    return [f"{k}: {shown(before.get(k, '-'))} -> {shown(after.get(k, '-'))}" for k in keys
-            if before.get(k) != after.get(k)]
-
-
-def _print_json(value) -> None:
-    print(json.dumps(value, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
-
-
-# -- status ----------------------------------------------------------------------------------------------------
 def cmd_status(args) -> int:
     ctx = _context(args)
     try:
@@ -197,7 +69,7 @@ def cmd_status(args) -> int:
     except StoreError as exc:
         stored_note = f"INVALID: {exc}"
     if args.json:
-        _print_json({**status, "current_json_version": stored_note, "recent_scores": scores})
+        print_json({**status, "current_json_version": stored_note, "recent_scores": scores})
         return 0
     timing = status["reject_timing"]
     if timing is None:
@@ -222,7 +94,7 @@ def cmd_status(args) -> int:
               f"max {latency['max']:.0f}")
     link = status["link"]
     if link:
-        print(f"link: {'up' if link['connected'] else 'DOWN'}  last ack {_age(link['last_ack_age_s'])} ago  "
+        print(f"link: {'up' if link['connected'] else 'DOWN'}  last ack {age(link['last_ack_age_s'])} ago  "
               f"outbox {link['outbox_depth']}  retries {link['retries']}  naks {link['naks']}"
               + (f"  ALARMS: {'; '.join(link['alarms'])}" if link["alarms"] else ""))
     for alarm in stats["alarms"]:
@@ -231,11 +103,11 @@ def cmd_status(args) -> int:
         pool = recipe["pool"]
         print(f"\nrecipe {name}: threshold {recipe['threshold']:.4f}")
         print(f"  pool {pool['size']}/{pool['capacity']} members (scores from {pool['min_size']}), "
-              f"{pool['golden']} golden, newest {_age(pool['newest_age_s'])}, oldest {_age(pool['oldest_age_s'])}")
+              f"{pool['golden']} golden, newest {age(pool['newest_age_s'])}, oldest {age(pool['oldest_age_s'])}")
         recent = scores.get(name) or []
         if recent:
             above = reject_rate(np.asarray(recent), recipe["threshold"])
-            print(f"  last {len(recent)} scored parts: {_pct(above).strip()} at or above the threshold")
+            print(f"  last {len(recent)} scored parts: {pct(above).strip()} at or above the threshold")
             print("\n".join(histogram(np.asarray(recent), recipe["threshold"])))
     return 0
 
@@ -331,18 +203,18 @@ def expected_rates(ctx: LineContext, cand: Candidate, last: int) -> list[tuple[s
     """(what, at the current threshold, at the candidate) rows of the expected-reject-rate table."""
     rows = []
     if cand.fit is not None:
-        now = "-" if cand.current is None else _pct(cand.fit.false_reject_rate(cand.current))
-        rows.append(("modelled false-reject rate, good parts", now, _pct(cand.fit.false_reject_rate(cand.threshold))))
+        now = "-" if cand.current is None else pct(cand.fit.false_reject_rate(cand.current))
+        rows.append(("modelled false-reject rate, good parts", now, pct(cand.fit.false_reject_rate(cand.threshold))))
         if cand.source != "ledger":
-            now = "-" if cand.current is None else _pct(reject_rate(cand.scores, cand.current))
-            rows.append(("rejected among the calibration scores", now, _pct(reject_rate(cand.scores, cand.threshold))))
+            now = "-" if cand.current is None else pct(reject_rate(cand.scores, cand.current))
+            rows.append(("rejected among the calibration scores", now, pct(reject_rate(cand.scores, cand.threshold))))
     if ctx.has_ledger():
         with ctx.ledger() as reader:
             recent = [r.score for r in recent_scored(reader, cand.recipe, last)]
         if recent:
-            now = "-" if cand.current is None else _pct(reject_rate(np.asarray(recent), cand.current))
+            now = "-" if cand.current is None else pct(reject_rate(np.asarray(recent), cand.current))
             rows.append((f"rejected among the last {len(recent)} scored parts", now,
-                         _pct(reject_rate(np.asarray(recent), cand.threshold))))
+                         pct(reject_rate(np.asarray(recent), cand.threshold))))
     return rows
 
 
@@ -368,7 +240,7 @@ def cmd_threshold_suggest(args) -> int:
     ctx = _context(args)
     cand = candidate(ctx, args)
     if args.json:
-        _print_json({"recipe": cand.recipe, "threshold": cand.threshold, "current": cand.current,
+        print_json({"recipe": cand.recipe, "threshold": cand.threshold, "current": cand.current,
                      "source": cand.source, "described": cand.described, "fit": None if cand.fit is None else {
                          k: v for k, v in asdict(cand.fit).items() if k != "sorted_scores"},
                      "refinement": cand.refinement and asdict(cand.refinement),
@@ -396,7 +268,7 @@ def cmd_threshold_shadow(args) -> int:
     with ctx.ledger() as reader:
         report = shadow_thresholds(list(reversed(reader.recent(args.last))), {cand.recipe: cand.threshold})
     if args.json:
-        _print_json({"recipe": cand.recipe, "threshold": cand.threshold, "current": cand.current,
+        print_json({"recipe": cand.recipe, "threshold": cand.threshold, "current": cand.current,
                      "report": asdict(report)})
         return 0
     _print_candidate(ctx, cand, args.last)
@@ -564,7 +436,7 @@ def cmd_versions(args) -> int:
                         "reason": record.get("reason"), "current": version == current_version,
                         "running": str(version) == str(running), "settings": settings})
     if args.json:
-        _print_json(listing)
+        print_json(listing)
         return 0
     if not listing:
         print("no calibration versions yet: the line runs the thresholds of its config")
@@ -586,7 +458,7 @@ def cmd_pool_inspect(args) -> int:
     if len(members) >= 3:
         loo = ctx.request({"cmd": commands.POOL_SCORES, "recipe": args.recipe})["scores"]
     if args.json:
-        _print_json({"recipe": args.recipe, "members": members, "leave_one_out_scores": loo})
+        print_json({"recipe": args.recipe, "members": members, "leave_one_out_scores": loo})
         return 0
     now = time.time()
     recipe = ctx.status()["recipes"][args.recipe]
@@ -595,7 +467,7 @@ def cmd_pool_inspect(args) -> int:
     print(f"  {'slot':>4}  {'part id':<28} {'age':>9} {'raw score':>10} {'score (loo)':>12}  golden")
     for i, member in enumerate(members):
         score = "-" if loo is None else f"{loo[i]:.4f}"
-        print(f"  {member['slot']:>4}  {member['part_id']:<28} {_age(now - member['admitted_time']):>9} "
+        print(f"  {member['slot']:>4}  {member['part_id']:<28} {age(now - member['admitted_time']):>9} "
               f"{member['raw_score']:>10.4f} {score:>12}  {'yes' if member['golden'] else ''}")
     return 0
 
@@ -721,7 +593,7 @@ def cmd_audit_log(args) -> int:
     ctx = _context(args)
     records = ctx.store.audit.records()[-args.last:]
     if args.json:
-        _print_json(records)
+        print_json(records)
         return 0
     if not records:
         print("the audit log is empty: nothing has been changed on this line")
@@ -739,7 +611,7 @@ def cmd_audit_verify(args) -> int:
     except AuditError as exc:
         problems.append(str(exc))
     if args.json:
-        _print_json({"ok": not problems, "records": result.records, "head_sha256": result.head_sha256,
+        print_json({"ok": not problems, "records": result.records, "head_sha256": result.head_sha256,
                      "problems": problems})
     elif problems:
         print(f"audit log {ctx.store.audit.path}: FAILED verification")
