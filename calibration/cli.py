@@ -26,15 +26,12 @@ from edge_app.runtime.calibration_state import Calibration, CalibrationError, pa
 
 from .audit import AuditError
 from .client import LineContext, LineNotRunning, UsageError
+from .decisions import calibrate, pool_selection, previous_version
 from .render import age, describe_change, histogram, pct, print_json
 from .roles import RoleError, technician_token, who
 from .shadow import SCORED, ShadowReport, shadow_thresholds
 from .store import StoreError
-from .thresholds import METHODS, MIN_SCORES, Refinement, ThresholdError, ThresholdFit, fit_threshold, \
-    refine_with_labels, reject_rate
-
-CALIBRATION_ACTIONS = ("threshold.apply", "rollback", "timing.set", "timing.dry-run")
-
+from .thresholds import METHODS, MIN_SCORES, Refinement, ThresholdError, ThresholdFit, reject_rate
 
 def _context(args) -> LineContext:
     if (args.config is None) == (args.storage is None):
@@ -189,14 +186,9 @@ def candidate(ctx: LineContext, args) -> Candidate:
             raise UsageError(f"--threshold must be a finite number, got {args.threshold}")
         return Candidate(args.recipe, args.threshold, current, "given")
     scores, described = _calibration_scores(ctx, args)
-    fit = fit_threshold(scores, args.target_frr, args.method)
-    found = Candidate(args.recipe, fit.threshold, current, args.source, described, fit, scores=scores)
     good, bad = _labelled(ctx, args.good, args.recipe), _labelled(ctx, args.bad, args.recipe)
-    if good or bad:
-        margin = fit.scale if fit.scale > 0 else max(float(np.std(scores)), 1e-6)
-        found.refinement = refine_with_labels(fit.threshold, good, bad, 0.25 * margin)
-        found.threshold = found.refinement.threshold
-    return found
+    fit, refinement, threshold = calibrate(scores, args.target_frr, args.method, good, bad)
+    return Candidate(args.recipe, threshold, current, args.source, described, fit, refinement, scores=scores)
 
 
 def expected_rates(ctx: LineContext, cand: Candidate, last: int) -> list[tuple[str, str, str]]:
@@ -370,17 +362,6 @@ def cmd_threshold_apply(args) -> int:
     return change_calibration(ctx, args, "threshold.apply", edit)
 
 
-def previous_version(records: list[dict], current: int) -> int | None:
-    """The version in force before ``current``, from the last successful change that put ``current`` in force."""
-    succeeded = {r["result_of"] for r in records if r.get("result_of") and "ok" in (r.get("new") or {})}
-    for record in reversed(records):
-        new, old = record.get("new") or {}, record.get("old") or {}
-        if (record.get("action") in CALIBRATION_ACTIONS and record.get("seq") in succeeded
-                and new.get("version") == current and "version" in old):
-            return int(old["version"])
-    return None
-
-
 def cmd_rollback(args) -> int:
     ctx = _context(args)
     reason = _require_reason(args)
@@ -472,24 +453,6 @@ def cmd_pool_inspect(args) -> int:
     return 0
 
 
-def _selection(args, members: list[dict]) -> dict:
-    """The members a pool change acts on, as the control request expects them."""
-    if args.part_ids:
-        known = {m["part_id"] for m in members}
-        unknown = [p for p in args.part_ids if p not in known]
-        if unknown:
-            raise UsageError(f"not members of pool {args.recipe!r}: {', '.join(unknown)} (see `pool inspect`)")
-        golden = [m["part_id"] for m in members if m["golden"] and m["part_id"] in args.part_ids]
-        if golden and args.pool_action == "purge":
-            raise UsageError(f"golden members are never purged: {', '.join(golden)} (`pool unfreeze` them first)")
-        return {"part_ids": args.part_ids}
-    if getattr(args, "highest", None):
-        return {"highest": args.highest}
-    if getattr(args, "lowest", None):
-        return {"lowest": args.lowest}
-    return {"all": True}
-
-
 def _pool_change(ctx: LineContext, args, cmd: str, extra: dict) -> dict:
     reason = _require_reason(args)
     ctx.check_recipe(args.recipe)
@@ -497,7 +460,8 @@ def _pool_change(ctx: LineContext, args, cmd: str, extra: dict) -> dict:
     members = ctx.request({"cmd": commands.POOL_INSPECT, "recipe": args.recipe})["members"]
     payload = {"cmd": cmd, "recipe": args.recipe, **extra}
     if cmd != commands.POOL_RESEED:
-        payload.update(_selection(args, members))
+        payload.update(pool_selection(members, args.pool_action, args.recipe, args.part_ids,
+                                      getattr(args, "highest", None), getattr(args, "lowest", None)))
     before = {"size": len(members), "golden": sum(m["golden"] for m in members)}
     print(f"pool {args.recipe}: {cmd.replace('pool_', '')} "
           + json.dumps({k: v for k, v in payload.items() if k not in ("cmd", "recipe")}))
