@@ -64,13 +64,6 @@ def patch_to_sample_distances(query: np.ndarray, refs: np.ndarray,
     return _cos_to_dist(best)
 
 
-def score_against_pool(query: np.ndarray, refs: np.ndarray, fraction: float = DEFAULT_FRACTION,
-                       workspace: np.ndarray | None = None) -> np.ndarray:
-    """One-vs-pool MSM for one feature set: patch scores ``[P]`` of ``query [P, D]`` against ``refs``."""
-    dist = patch_to_sample_distances(query, refs, workspace)
-    return interval_mean(dist, interval_k(dist.shape[1], fraction))
-
-
 @dataclass
 class OneVsPool:
     """One sample's MSM against a pool, over all its feature sets."""
