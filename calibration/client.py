@@ -5,15 +5,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_app.config import LineConfig
+from edge_app.errors import UsageError
 from edge_app.ledger import Ledger, LedgerError, LedgerReader
 from edge_app.runtime import commands
 from edge_app.runtime.control import ControlError, request
 
 from .store import CalibrationStore
-
-
-class UsageError(Exception):
-    """Bad input or an impossible request: printed as one line, exit code 2, nothing changed."""
 
 
 class LineNotRunning(UsageError):
