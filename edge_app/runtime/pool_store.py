@@ -5,10 +5,15 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from ..pool import FeaturePool
+
+class Restorable(Protocol):
+    """A pool, or a recipe: anything that restores itself from a stored state."""
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None: ...
 
 
 class PoolMismatchError(RuntimeError):
@@ -31,8 +36,9 @@ def save_pool(path: str | Path, state: dict[str, np.ndarray], identity: dict) ->
     os.replace(tmp, path)
 
 
-def load_pool(path: str | Path, pool: FeaturePool, identity: dict) -> bool:
-    """Restore ``pool`` from ``path``; False when there is no stored pool. Refuses a foreign pool."""
+def load_pool(path: str | Path, pool: Restorable, identity: dict) -> bool:
+    """Restore ``pool`` (a pool, or a recipe) from ``path``; False when there is no stored pool. Refuses a
+    pool stored with another ``identity``."""
     path = Path(path)
     if not path.is_file():
         return False
