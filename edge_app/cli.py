@@ -7,12 +7,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .errors import UsageError
 from .manifest import ManifestError
 from .scoring import MuscParams, PoolTooSmallError
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def _blocks(text: str) -> tuple[int, ...]:

@@ -19,9 +19,10 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from .commands import READ_ONLY
+
 log = logging.getLogger(__name__)
 
-READ_ONLY = {"status", "pool_inspect", "pool_scores"}
 MAX_REQUEST = 1 << 20
 MIN_TOKEN_CHARS = 16
 

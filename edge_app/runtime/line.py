@@ -32,8 +32,10 @@ from ..record import FailSafe, PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, SourceError, make_source
 from ..sources.fields import PartFieldError, check_part_fields, quarantine, require_part_id
 from ..telemetry import Telemetry
+from . import commands
 from .calibration_state import Authorised, Calibration, CalibrationAuthority, CalibrationError, RejectTiming
 from .control import ControlError, ControlServer, ensure_token
+from .deadline import DeadlineClock
 from .inspector import Inspector
 from .systemd import SystemdNotifier
 
@@ -92,6 +94,7 @@ class Line:
         self.calibration_version = "0"
         self.dry_run = config.line.dry_run
         self.reject_timing: RejectTiming | None = None
+        self._clock = DeadlineClock(config.line.deadline_ms / 1e3)
         self.authority = CalibrationAuthority(self.storage, set(config.recipes), f"runtime:{config.line.name}")
         self.in_force = self.authority.at_start(config.line.name)   # refuses a current.json that is not audited
         if self.in_force.calibration is not None:
@@ -106,8 +109,6 @@ class Line:
         self._acks: queue.Queue = queue.Queue()
         self._tasks: queue.Queue = queue.Queue()       # control changes, run by the worker between parts
         self._persist: queue.Queue = queue.Queue(maxsize=1)  # pool snapshots for the writer thread
-        self._speed: tuple[float, float] | None = None  # (encoder, monotonic) of the last part, for counts/s
-        self._counts_per_s: float | None = None
         self.control: ControlServer | None = None
         self._waiters: dict[int, threading.Event] = {}
         self.systemd = SystemdNotifier()
@@ -283,22 +284,7 @@ class Line:
 
     def _deadline(self, part: PartRecord) -> float:
         """Monotonic time by which the verdict must reach the PLC (reject timing, else line.deadline_ms)."""
-        timing = self.reject_timing
-        if timing is None:
-            return part.capture_monotonic + self._deadline_s
-        lead = timing.actuator_lead_ms / 1e3
-        if timing.mode == "time":
-            return part.capture_monotonic + timing.delay_ms / 1e3 - lead
-        # Encoder mode: counts to the ejector over the conveyor speed measured from recent parts' stamps.
-        if part.encoder is not None:
-            if self._speed is not None and part.capture_monotonic > self._speed[1]:
-                rate = (part.encoder - self._speed[0]) / (part.capture_monotonic - self._speed[1])
-                if rate > 0:
-                    self._counts_per_s = rate if self._counts_per_s is None else 0.8 * self._counts_per_s + 0.2 * rate
-            self._speed = (part.encoder, part.capture_monotonic)
-        if self._counts_per_s is None:
-            return part.capture_monotonic + self._deadline_s
-        return part.capture_monotonic + timing.counts / self._counts_per_s - lead
+        return self._clock.deadline(part.capture_monotonic, part.encoder)
 
     def _emit(self, part: PartRecord, in_force: Authorised | None = None) -> None:
         """Ledger first (durable), then the PLC, then the archive. No error of one part leaves here,
@@ -410,7 +396,7 @@ class Line:
         """Put ``calibration`` in force (worker thread, between parts, or before the line runs)."""
         for name, recipe in calibration.recipes.items():
             self.inspector.recipes[name].threshold = recipe.threshold
-        self.reject_timing = calibration.reject_timing
+        self.reject_timing = self._clock.timing = calibration.reject_timing
         self.dry_run = self.config.line.dry_run or calibration.dry_run
         self.calibration_version = str(calibration.version)
         if authorised is not None:
@@ -447,99 +433,101 @@ class Line:
             raise ControlError(f"unknown recipe {name!r}: this line has {sorted(self.inspector.recipes)}")
         return self.inspector.recipes[name]
 
-    def _slots(self, pool, request: dict):
-        if request.get("all"):
-            return np.flatnonzero(~pool.golden[:pool.size]) if not request.get("include_golden") else np.arange(pool.size)
-        if "lowest" in request:
-            order = np.argsort(pool.raw_scores[:pool.size])
-            return order[:int(request["lowest"])]
-        wanted = set(request.get("part_ids") or [])
-        slots = [i for i, pid in enumerate(pool.part_ids[:pool.size]) if pid in wanted]
-        missing = wanted - {pool.part_ids[i] for i in slots}
-        if missing:
-            raise ControlError(f"not pool members: {sorted(missing)}")
-        return np.array(slots, int)
-
     def _handle_control(self, request: dict) -> dict:
-        """Control-socket requests; see edge_app/runtime/control.py for the protocol."""
+        """Control-socket requests, by command name (``runtime/commands.py``; protocol in ``control.py``)."""
+        handlers = {commands.STATUS: lambda _: self.control_status(), commands.POOL_INSPECT: self._pool_inspect,
+                    commands.POOL_SCORES: self._pool_scores, commands.APPLY: self._apply,
+                    commands.POOL_PURGE: self._pool_change, commands.POOL_FREEZE: self._pool_change,
+                    commands.POOL_UNFREEZE: self._pool_change, commands.POOL_RESEED: self._pool_reseed,
+                    commands.TEST_FIRE: self._test_fire}
+        handler = handlers.get(request["cmd"])
+        if handler is None:
+            raise ControlError(f"unknown command {request['cmd']!r}")
+        return handler(request)
+
+    def _pool_inspect(self, request: dict) -> dict:
+        rp = self._recipe_pool(request)
+        pool = rp.pool
+        return {"recipe": rp.name, "members": [
+            {"slot": i, "part_id": pool.part_ids[i], "raw_score": float(pool.raw_scores[i]),
+             "admitted_time": float(pool.admitted_time[i]), "golden": bool(pool.golden[i])}
+            for i in range(pool.size)]}
+
+    def _pool_scores(self, request: dict) -> dict:
+        rp = self._recipe_pool(request)
+        return {"recipe": rp.name, "threshold": rp.threshold,
+                "scores": self._between_parts(lambda: rp.pool.leave_one_out_scores(self.inspector.params))}
+
+    def _apply(self, request: dict) -> dict:
         from .calibration_state import parse_calibration
 
-        cmd = request["cmd"]
-        if cmd == "status":
-            return self.control_status()
-        if cmd == "pool_inspect":
-            rp = self._recipe_pool(request)
+        try:
+            calibration = parse_calibration(request.get("calibration") or {}, set(self.config.recipes))
+        except CalibrationError as exc:
+            raise ControlError(str(exc)) from None
+
+        def apply() -> dict:
+            try:
+                authorised = self.authority.check_apply(calibration, self.in_force)
+                self.authority.record_applied(authorised, self.config.line.name)
+            except (CalibrationError, OSError, RuntimeError) as exc:   # RuntimeError: AuditError
+                raise ControlError(f"apply refused: {exc}") from None
+            self._apply_calibration(calibration, authorised)
+            return {"version": calibration.version}
+        return self._between_parts(apply)
+
+    def _pool_change(self, request: dict) -> dict:
+        """Purge, freeze or unfreeze the members the request selects (:func:`commands.select_members`)."""
+        cmd, rp = request["cmd"], self._recipe_pool(request)
+
+        def change() -> dict:
             pool = rp.pool
-            return {"recipe": rp.name, "members": [
-                {"slot": i, "part_id": pool.part_ids[i], "raw_score": float(pool.raw_scores[i]),
-                 "admitted_time": float(pool.admitted_time[i]), "golden": bool(pool.golden[i])}
-                for i in range(pool.size)]}
-        if cmd == "pool_scores":
-            rp = self._recipe_pool(request)
-            return {"recipe": rp.name, "threshold": rp.threshold,
-                    "scores": self._between_parts(lambda: rp.pool.leave_one_out_scores(self.inspector.params))}
-        if cmd == "apply":
             try:
-                calibration = parse_calibration(request.get("calibration") or {}, set(self.config.recipes))
-            except CalibrationError as exc:
+                slots = commands.select_members(pool.part_ids, pool.raw_scores, pool.golden, request)
+            except commands.SelectionError as exc:
                 raise ControlError(str(exc)) from None
+            if cmd == commands.POOL_PURGE:
+                golden = [pool.part_ids[i] for i in slots if pool.golden[i]]
+                if golden and not request.get("include_golden"):
+                    raise ControlError(f"golden members are never purged implicitly: {golden}; "
+                                       f"unfreeze them first")
+                pool.remove(slots)
+            else:
+                pool.golden[slots] = cmd == commands.POOL_FREEZE
+            self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
+            return {"changed": int(len(slots)), "size": pool.size, "golden": int(pool.golden[:pool.size].sum())}
+        return self._between_parts(change)
 
-            def apply() -> dict:
-                try:
-                    authorised = self.authority.check_apply(calibration, self.in_force)
-                    self.authority.record_applied(authorised, self.config.line.name)
-                except (CalibrationError, OSError, RuntimeError) as exc:   # RuntimeError: AuditError
-                    raise ControlError(f"apply refused: {exc}") from None
-                self._apply_calibration(calibration, authorised)
-                return {"version": calibration.version}
-            return self._between_parts(apply)
-        if cmd in ("pool_purge", "pool_freeze", "pool_unfreeze"):
-            rp = self._recipe_pool(request)
+    def _pool_reseed(self, request: dict) -> dict:
+        rp = self._recipe_pool(request)
+        try:   # read and prepared off the worker, before the pool changes: a bad folder leaves it as it is
+            prepared = rp.read_seed(request.get("folder", ""))
+        except (ValueError, OSError) as exc:
+            raise ControlError(f"reseed refused, the pool is unchanged: {exc}") from None
 
-            def change() -> dict:
-                slots = self._slots(rp.pool, request)
-                if cmd == "pool_purge":
-                    golden = [rp.pool.part_ids[i] for i in slots if rp.pool.golden[i]]
-                    if golden and not request.get("include_golden"):
-                        raise ControlError(f"golden members are never purged implicitly: {golden}; "
-                                           f"unfreeze them first")
-                    rp.pool.remove(slots)
-                else:
-                    rp.pool.golden[slots] = cmd == "pool_freeze"
-                self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
-                return {"changed": int(len(slots)), "size": rp.pool.size,
-                        "golden": int(rp.pool.golden[:rp.pool.size].sum())}
-            return self._between_parts(change)
-        if cmd == "pool_reseed":
-            rp = self._recipe_pool(request)
-            try:   # read and prepared off the worker, before the pool changes: a bad folder leaves it as it is
-                prepared = rp.read_seed(request.get("folder", ""))
-            except (ValueError, OSError) as exc:
-                raise ControlError(f"reseed refused, the pool is unchanged: {exc}") from None
+        def reseed() -> dict:
+            size = rp.seed(prepared, replace=True)
+            self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
+            return {"size": size}
+        return self._between_parts(reseed)
 
-            def reseed() -> dict:
-                size = rp.seed(prepared, replace=True)
-                self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
-                return {"size": size}
-            return self._between_parts(reseed)
-        if cmd == "test_fire":
-            try:
-                part_id = require_part_id(request.get("part_id") or f"TEST-{int(time.time())}")
-            except PartFieldError as exc:
-                raise ControlError(f"test fire refused: {exc}") from None
-            if request.get("recipe", "default") not in self.inspector.recipes:
-                raise ControlError(f"test fire refused: unknown recipe {str(request.get('recipe'))[:80]!r}")
-            part = PartRecord(part_id=part_id, recipe=request.get("recipe", "default"), capture_time=time.time(),
-                              test_part=True)
-            part.decide(Verdict.REJECT, Reason.TEST_FIRE, "technician test fire")
-            part.deadline = time.monotonic() + self._deadline_s
-            done = threading.Event()
-            self._waiters[id(part)] = done
-            self._out.put(("part", part, None))
-            if not done.wait(30):
-                raise ControlError("the test fire was queued but not signalled within 30 s")
-            return {"part_id": part_id, "seq": part.seq, "acked": part.acked}
-        raise ControlError(f"unknown command {cmd!r}")
+    def _test_fire(self, request: dict) -> dict:
+        try:
+            part_id = require_part_id(request.get("part_id") or f"TEST-{int(time.time())}")
+        except PartFieldError as exc:
+            raise ControlError(f"test fire refused: {exc}") from None
+        if request.get("recipe", "default") not in self.inspector.recipes:
+            raise ControlError(f"test fire refused: unknown recipe {str(request.get('recipe'))[:80]!r}")
+        part = PartRecord(part_id=part_id, recipe=request.get("recipe", "default"), capture_time=time.time(),
+                          test_part=True)
+        part.decide(Verdict.REJECT, Reason.TEST_FIRE, "technician test fire")
+        part.deadline = time.monotonic() + self._deadline_s
+        done = threading.Event()
+        self._waiters[id(part)] = done
+        self._out.put(("part", part, None))
+        if not done.wait(30):
+            raise ControlError("the test fire was queued but not signalled within 30 s")
+        return {"part_id": part_id, "seq": part.seq, "acked": part.acked}
 
     def control_status(self) -> dict:
         """What `musc-calibrate status` shows of a running line."""

@@ -5,10 +5,15 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from ..pool import FeaturePool
+
+class Restorable(Protocol):
+    """A pool, or a recipe: anything that restores itself from a stored state."""
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None: ...
 
 
 class PoolMismatchError(RuntimeError):
@@ -46,9 +51,10 @@ def remove_temp_files(path: str | Path) -> list[Path]:
     return left
 
 
-def load_pool(path: str | Path, pool: FeaturePool, identity: dict) -> bool:
-    """Restore ``pool`` from ``path``; False when there is no stored pool. Refuses a foreign pool.
-    Temp files of an interrupted save (kill -9, full disk) are removed first."""
+def load_pool(path: str | Path, pool: Restorable, identity: dict) -> bool:
+    """Restore ``pool`` (a pool, or a recipe) from ``path``; False when there is no stored pool. Refuses a
+    pool stored with another ``identity``. Temp files of an interrupted save (kill -9, full disk) are
+    removed first."""
     path = Path(path)
     remove_temp_files(path)
     if not path.is_file():

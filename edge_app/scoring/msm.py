@@ -1,7 +1,7 @@
 """Mutual Scoring Mechanism (MSM), batch and one-vs-pool.
 
 A patch's distance to a sample is its best match over *all* of that sample's patches; its score is the
-mean of its lowest ``fraction`` of those distances over the reference samples (algorithm.md 2.3). Features
+mean of its lowest ``fraction`` of those distances over the reference samples (MuSc, ICLR 2024; ``_MSM.py``). Features
 are unit vectors, so distances come from one matrix product: ``d = sqrt(2 - 2 cos)``.
 """
 from __future__ import annotations
@@ -64,13 +64,6 @@ def patch_to_sample_distances(query: np.ndarray, refs: np.ndarray,
     return _cos_to_dist(best)
 
 
-def score_against_pool(query: np.ndarray, refs: np.ndarray, fraction: float = DEFAULT_FRACTION,
-                       workspace: np.ndarray | None = None) -> np.ndarray:
-    """One-vs-pool MSM for one feature set: patch scores ``[P]`` of ``query [P, D]`` against ``refs``."""
-    dist = patch_to_sample_distances(query, refs, workspace)
-    return interval_mean(dist, interval_k(dist.shape[1], fraction))
-
-
 @dataclass
 class OneVsPool:
     """One sample's MSM against a pool, over all its feature sets."""
@@ -84,7 +77,7 @@ def one_vs_pool(query_sets: list[np.ndarray], pool_sets: list[np.ndarray], fract
     """One-vs-pool MSM: ``query_sets[s]`` is ``[P, D]``, ``pool_sets[s]`` is ``[K, P, D]`` (or flat).
 
     ``keep`` (``[K]`` bool) leaves references out (a part is never scored against itself); ``workspaces``
-    (one ``[P, K*P]`` float32 per set) are reused for the similarity matrices. MuSc (ICLR 2024) §3.3.
+    (one ``[P, K*P]`` float32 per set) are reused for the similarity matrices. MuSc (ICLR 2024), MSM.
     """
     patch = np.zeros(query_sets[0].shape[0], dtype=np.float32)
     closeness = None

@@ -18,7 +18,7 @@ from .rescore import DEFAULT_WINDOWS, rescore_batch
 
 @dataclass(frozen=True)
 class MuscParams:
-    """Scoring hyper-parameters (defaults: MuSc-V2, algorithm.md section 3)."""
+    """Scoring hyper-parameters (defaults: MuSc-V2's ``configs/muscv2.yaml``)."""
 
     aggregation: str = "snamd"            # snamd (V2, unit-norm weights) | snamd-raw | lnamd (V1) | none
     degrees: tuple[int, ...] = DEFAULT_DEGREES

@@ -58,7 +58,7 @@ def prepare_scan(cloud: np.ndarray, image: np.ndarray, params: Params3D, black_b
     """(3D sample, image for the 2D features) of one organised cloud (NaN = missing) and its RGB image.
 
     With ``black_background`` the image's pixels off the scanned part are zeroed, as MuSc-V2 preprocesses
-    MVTec 3D-AD (algorithm.md pitfall 14). Any unusable cloud raises :class:`CloudError` naming ``source``.
+    MVTec 3D-AD (MuSc-V2 code, ``datasets/``). Any unusable cloud raises :class:`CloudError` naming ``source``.
     """
     try:
         sample = prepare_3d(cloud, params, source)
