@@ -33,7 +33,7 @@ from edge_app.runtime.verdict import verdict_from_pool
 from edge_app.sources.base import DecodeError, decode_part
 from edge_app.sources.fields import safe_part_id
 
-from .hostile import (LiveLine, assert_one_row_and_ack_each, header, line_config, png, png_declaring, wait_for)
+from .hostile import LiveLine, assert_one_row_and_ack_each, line_config, png, png_declaring, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
