@@ -195,7 +195,7 @@ class Line:
         try:
             with self.source:
                 for part in self.source.parts():
-                    check_part_fields(part, default_recipe=self.source.config.recipe)
+                    check_part_fields(part, default_recipe=self.config.source.get("recipe", "default"))
                     part.capture_monotonic = part.capture_monotonic or time.monotonic()
                     part.deadline = self._deadline(part)
                     try:
