@@ -50,7 +50,7 @@ bench: setup
 
 # Not CI: 10,000 parts with 5 % hostile messages and a kill -9 every few hundred parts (about 20 min).
 SOAK_RATE ?= 10
-soak: setup
+soak: $(VENV)/.installed
 	$(BIN)/python bench/soak.py --parts 10000 --rate $(SOAK_RATE) --hostile 0.05 --kill-every 300
 
 clean:

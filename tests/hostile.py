@@ -2,7 +2,6 @@
 control socket open. The toy feature model keeps it fast; the tests assert bookkeeping and safety."""
 from __future__ import annotations
 
-import json
 import struct
 import threading
 import time
@@ -100,10 +99,6 @@ class LiveLine:
         if self.error is not None:
             raise self.error
         return self.line.ledger_rows()
-
-
-def header(**fields) -> bytes:
-    return json.dumps(fields).encode()
 
 
 def assert_one_row_and_ack_each(rows, plc: PlcSimulator) -> None:

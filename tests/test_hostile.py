@@ -335,6 +335,17 @@ def test_row_10_stop_line_reaches_the_plc_on_both_links(toy_model, tmp_path, lin
         assert sim.counters().stop_lines >= 1
 
 
+def test_row_10_a_stop_request_is_repeated_until_the_plc_acknowledges_it():
+    from edge_app.links import open_link
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as sim:
+        sim.silence(1.0)                                    # the cable is out for a second
+        with open_link({"type": "zmq", "endpoint": sim.address}) as link:
+            link.send_stop_line("silent PLC")
+            wait_for(lambda: link.health().stop_lines_acked == 1, 15, "the STOP_LINE ack")
+            assert link.health().stop_lines_sent >= 2
+        assert sim.stop_reasons() == ["silent PLC"]
+
+
 def test_row_10_plc_sim_prints_the_stop_request(tmp_path):
     import socket
 

@@ -41,13 +41,12 @@ from .systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 _DONE = object()
+RECENT = 10_000  # parts kept for live latency percentiles
 
 
 class LineStopped(RuntimeError):
     """The line cannot go on without losing something (the ledger cannot be written): nothing was lost,
     the PLC's inspect window rejects the parts that follow. The message says why, in one line."""
-
-RECENT = 10_000  # parts kept for live latency percentiles
 
 
 def signalled_verdict(part: PartRecord, fail_safe: FailSafe) -> Verdict:
@@ -203,7 +202,7 @@ class Line:
         try:
             with self.source:
                 for part in self.source.parts():
-                    check_part_fields(part, default_recipe=self.source.config.recipe)
+                    check_part_fields(part, default_recipe=self.config.source.get("recipe", "default"))
                     part.capture_monotonic = part.capture_monotonic or time.monotonic()
                     part.deadline = self._deadline(part)
                     try:
@@ -293,12 +292,15 @@ class Line:
             in_force = self.in_force
         check_part_fields(part)  # the last line of defence: whatever created it, it must fit the ledger and wire
         part.signalled = signalled_verdict(part, self.config.line.fail_safe)
-        dry_run = self.dry_run and not part.test_part
+        calibration = in_force.calibration   # version, threshold and dry-run of one snapshot, taken together
+        dry_run = (self.config.line.dry_run or (calibration is not None and calibration.dry_run)) \
+            and not part.test_part
         part.times.total = time.monotonic() - part.capture_monotonic
-        version = "0" if in_force.calibration is None else str(in_force.calibration.version)
-        record = lambda: self.ledger.reserve(part, model_hash=self.model_hash,  # noqa: E731
-                                             config_hash=self.config_hash, calibration_version=version,
-                                             dry_run=dry_run)
+        version = "0" if calibration is None else str(calibration.version)
+
+        def record() -> int:
+            return self.ledger.reserve(part, model_hash=self.model_hash, config_hash=self.config_hash,
+                                       calibration_version=version, dry_run=dry_run)
         try:
             try:
                 seq = record()

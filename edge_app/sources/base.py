@@ -26,9 +26,7 @@ from .. import mediaio
 from ..mediaio import (  # noqa: F401  (re-exported: the sources' names for the shared I/O layer)
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
-    JPEG_EOI,
     JPEG_SOI,
-    PNG_IEND_CHUNK,
     PNG_SIGNATURE,
     MediaError,
     pixel_budget_problem,
