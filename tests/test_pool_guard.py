@@ -113,7 +113,7 @@ def test_recurring_defect_raises_the_alarm_and_its_lookalikes_are_refused():
     assert guard.allow_admission(good, prep)
     odd, prep = parts.make(Verdict.ACCEPT, ((6, 1), parts.look()))
     assert guard.allow_admission(odd, prep)
-    assert guard.stats.refused == 1
+    assert guard.stats.refused_lookalikes == 1
 
 
 def test_lookalikes_are_refused_before_the_alarm():
@@ -181,3 +181,36 @@ def test_parts_without_a_verdict_or_2d_features_are_ignored_safely():
     assert feed(guard, scan_only, SimpleNamespace(sets=[])) is None
     assert guard.allow_admission(scan_only, SimpleNamespace(sets=[]))
     assert feed(guard, scan_only, None) is None
+
+
+def test_parts_above_the_pools_own_range_are_not_admitted():
+    """With a calibrated threshold above 1, an accepted part scoring above the pool's range would stretch it."""
+    parts = Parts()
+    guard = PoolGuard(PoolGuardSettings(admit_below=1.5))
+    typical, atypical, warming = (parts.make(Verdict.ACCEPT) for _ in range(3))
+    typical[0].score, atypical[0].score, warming[0].score = 1.2, 1.5, None
+    assert guard.allow_admission(*typical) and guard.allow_admission(*warming)
+    assert not guard.allow_admission(*atypical)
+    assert guard.stats.refused_atypical == 1
+    assert PoolGuard(PoolGuardSettings(admit_below=None)).allow_admission(*atypical)
+
+
+def test_bank_lookup_agrees_with_the_pairwise_distance():
+    parts = Parts(seed=5)
+    settings = PoolGuardSettings(lookalike_distance=0.6, lookalike_ratio=2.0, memory=1000, top_patches=2)
+    guard = PoolGuard(settings)
+    looks = [parts.look() for _ in range(3)]
+
+    def random_part(verdict):
+        place = (int(parts.rng.integers(3)), int(parts.rng.integers(3)))
+        return parts.make(verdict, (place, looks[int(parts.rng.integers(3))]), heat=float(parts.rng.uniform(0.2, 1)))
+    for _ in range(40):
+        feed(guard, *random_part(Verdict.REJECT))
+    for _ in range(20):
+        part, prep = random_part(Verdict.ACCEPT)
+        sig = signature(part.anomaly_map, prep.sets, settings.top_patches)
+        expected = [lookalike_distance(sig, r.sig, settings.reach)
+                    <= min(settings.lookalike_distance, settings.lookalike_ratio * min(sig.anomaly, r.sig.anomaly))
+                    for r in guard._rejects]
+        assert guard.lookalikes(sig).tolist() == expected
+        assert any(expected) and not all(expected)
