@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edge_app.config import PoolGuardSettings
+from edge_app.config import PoolGuardSettings, parse_config
 from edge_app.record import PartRecord, Reason, Verdict
+from edge_app.runtime.inspector import Inspector, Prepared
 from edge_app.runtime.pool_guard import PoolGuard, lookalike_distance, signature
 
 SIDE, DIM = 8, 16
@@ -21,26 +22,28 @@ class Parts:
     """Synthetic scored parts: random unit patch features, a flat low map, and optionally a defect: a hot
     patch at a given place with a given look (feature direction)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, side: int = SIDE, dim: int = DIM, n_sets: int = 2):
         self.rng = np.random.default_rng(seed)
+        self.side, self.dim, self.n_sets = side, dim, n_sets
         self.count = 0
 
     def make(self, verdict: Verdict, defect: tuple[tuple[int, int], np.ndarray] | None = None, heat: float = 1.0):
-        sets = [unit(self.rng.normal(size=(SIDE * SIDE, DIM))).astype(np.float32) for _ in range(2)]
-        amap = self.rng.uniform(0, 0.02, size=(SIDE, SIDE)).astype(np.float32)
+        side = self.side
+        sets = [unit(self.rng.normal(size=(side * side, self.dim))).astype(np.float32) for _ in range(self.n_sets)]
+        amap = self.rng.uniform(0, 0.02, size=(side, side)).astype(np.float32)
         if defect is not None:
             (r, c), look = defect
             amap[r, c] = heat
             for s in sets:
-                s[r * SIDE + c] = unit(look + 0.02 * self.rng.normal(size=DIM))
+                s[r * side + c] = unit(look + 0.02 * self.rng.normal(size=self.dim))
         self.count += 1
         part = PartRecord(part_id=f"p{self.count}", recipe="default", capture_time=float(self.count))
         part.decide(verdict, Reason.OK if verdict == Verdict.ACCEPT else Reason.ANOMALY)
-        part.anomaly_map = amap
-        return part, SimpleNamespace(sets=sets)
+        part.anomaly_map, part.score = amap, 0.5
+        return part, Prepared(sets)
 
     def look(self) -> np.ndarray:
-        return unit(self.rng.normal(size=DIM))
+        return unit(self.rng.normal(size=self.dim))
 
 
 def feed(guard: PoolGuard, part, prepared) -> str | None:
@@ -214,3 +217,25 @@ def test_bank_lookup_agrees_with_the_pairwise_distance():
                     for r in guard._rejects]
         assert guard.lookalikes(sig).tolist() == expected
         assert any(expected) and not all(expected)
+
+
+def test_the_inspector_raises_the_alarm_and_keeps_lookalikes_out_of_the_pool(toy_model, tmp_path):
+    config = parse_config({
+        "model": {"path": str(toy_model)},
+        "recipes": {"default": {"pool": {"capacity": 30, "min_size": 2}, "guard": {"alarm_rejects": 3}}},
+        "source": {"type": "replay", "paths": ["unused.png"]},
+        "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:1"}, "storage": {"dir": str(tmp_path)}}, "test")
+    inspector = Inspector(config)
+    alarms: list[str] = []
+    inspector.on_alarm = alarms.append
+    pool = inspector.pools["default"].pool
+    parts = Parts(side=inspector.grid[0], dim=inspector.engine.manifest.token_dim, n_sets=pool.n_sets)
+    scratch = ((2, 7), parts.look())
+    assert all(inspector.admit(*parts.make(Verdict.ACCEPT)) for _ in range(5))
+    for _ in range(3):
+        assert not inspector.admit(*parts.make(Verdict.REJECT, scratch))
+    assert len(alarms) == 1 and alarms[0].startswith("recipe default: recurring defect")
+    size = pool.size
+    assert not inspector.admit(*parts.make(Verdict.ACCEPT, scratch))    # slipped under the threshold
+    assert inspector.admit(*parts.make(Verdict.ACCEPT))
+    assert pool.size == size + 1
