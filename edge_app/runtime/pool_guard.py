@@ -29,6 +29,7 @@ alarm path.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -84,7 +85,7 @@ def lookalike_distance(a: Signature, b: Signature, reach: int) -> float:
 class _Reject:
     index: int                                            # the part's position in the stream
     sig: Signature
-    partners: list[int] = field(default_factory=list)    # indices of the rejects it looks like
+    partners: list[int] = field(default_factory=list)    # indices of the rejects it looks like, ascending
 
 
 @dataclass
@@ -162,8 +163,9 @@ class PoolGuard:
     def recurring(self) -> list[_Reject]:
         """Rejects within the window that look like at least ``min_partners`` others in it."""
         first = self.stats.observed - self.settings.window
-        return [r for r in self._rejects if r.index >= first
-                and sum(p >= first for p in r.partners) >= self.settings.min_partners]
+        need = self.settings.min_partners
+        return [r for r in self._rejects if r.index >= first and len(r.partners) >= need
+                and len(r.partners) - bisect_left(r.partners, first) >= need]
 
     def lookalikes(self, sig: Signature) -> np.ndarray:
         """Which remembered rejects (oldest first) ``sig`` looks like: :func:`lookalike_distance` within
