@@ -28,6 +28,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
 from sklearn.metrics import roc_auc_score
 
 from calibration.thresholds import fit_threshold
@@ -132,10 +133,10 @@ class FeatureCache:
         return cached
 
 
-def make_inspector(model: Path, pool: int, guard: bool, engine=None) -> Inspector:
+def make_inspector(model: Path, pool: int, guard: dict, engine=None) -> Inspector:
     config = parse_config({
         "model": {"path": str(model), "size": 224, "blocks": [6, 9]},
-        "recipes": {"default": {"pool": {"capacity": pool, "min_size": 10}, "guard": {"enabled": guard}}},
+        "recipes": {"default": {"pool": {"capacity": pool, "min_size": 10}, "guard": guard}},
         "source": {"type": "replay", "paths": ["unused.png"]},
         "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:1"},
         "storage": {"dir": "/tmp/bench_recurring"}}, "bench_recurring")
@@ -167,7 +168,9 @@ def run_stream(inspector: Inspector, cache: FeatureCache, stream: list[StreamPar
         in_pool_max = max(in_pool_max, sum(stream[int(m[1:])].kind == "recurring" for m in members))
         if (i + 1) % 50 == 0:
             print(f"  {label}: {i + 1}/{len(stream)} parts, {time.monotonic() - t0:.0f} s", file=sys.stderr)
-    return {"rows": rows, "alarms": alarms, "threshold": threshold, "refused": rp.guard.stats.refused,
+    stats = rp.guard.stats
+    return {"rows": rows, "alarms": alarms, "threshold": threshold,
+            "refused": {"lookalikes": stats.refused_lookalikes, "atypical": stats.refused_atypical},
             "recurring_in_pool_max": in_pool_max}
 
 
@@ -219,6 +222,8 @@ def main() -> None:
                         "label-free at the onset, as `musc-calibrate threshold suggest`)")
     parser.add_argument("--target-frr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guard", action="append", default=[], metavar="KEY=VALUE",
+                        help="a pool guard setting (recipes.*.guard in the line config) for the guarded runs")
     parser.add_argument("--skip-normal", action="store_true", help="only the recurring-defect runs")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--cache", type=Path, help="keep computed features in this file (reruns skip the model)")
@@ -227,22 +232,25 @@ def main() -> None:
     if not bottle.is_dir():
         sys.exit(f"bench_recurring: no data at {bottle}")
     cache = FeatureCache.load(args.cache) if args.cache and args.cache.is_file() else FeatureCache()
-    engine = make_inspector(args.model, args.pool, guard=False).engine
+    off_settings = {"enabled": False}
+    on_settings = {"enabled": True, **{k: yaml.safe_load(v) for k, v in (g.split("=", 1) for g in args.guard)}}
+    engine = make_inspector(args.model, args.pool, off_settings).engine
     t0 = time.monotonic()
     stream = recurring_stream(bottle, args.defect, args.source, args.onset, args.share, args.seed)
-    off = run_stream(make_inspector(args.model, args.pool, False, engine), cache, stream, args.onset,
+    off = run_stream(make_inspector(args.model, args.pool, off_settings, engine), cache, stream, args.onset,
                      args.threshold, args.target_frr, "recurring, no guard")
-    on = run_stream(make_inspector(args.model, args.pool, True, engine), cache, stream, args.onset,
+    on = run_stream(make_inspector(args.model, args.pool, on_settings, engine), cache, stream, args.onset,
                     off["threshold"], args.target_frr, "recurring, guard")
     results = {"stream": {"parts": len(stream), "onset": args.onset, "share": args.share, "defect": args.defect,
                           "source": args.source, "pool": args.pool, "seed": args.seed},
+               "guard_settings": on_settings,
                "recurring": {"no_guard": recurring_figures(off, args.onset),
                              "guard": recurring_figures(on, args.onset)}}
     if not args.skip_normal:
         normal = normal_stream(bottle, args.seed)
-        n_off = run_stream(make_inspector(args.model, args.pool, False, engine), cache, normal, args.onset,
+        n_off = run_stream(make_inspector(args.model, args.pool, off_settings, engine), cache, normal, args.onset,
                            args.threshold, args.target_frr, "normal line, no guard")
-        n_on = run_stream(make_inspector(args.model, args.pool, True, engine), cache, normal, args.onset,
+        n_on = run_stream(make_inspector(args.model, args.pool, on_settings, engine), cache, normal, args.onset,
                           n_off["threshold"], args.target_frr, "normal line, guard")
         results["normal"] = {"parts": len(normal), "no_guard": normal_figures(n_off, normal),
                              "guard": normal_figures(n_on, normal), "verdicts_differ": verdicts_differ(n_off, n_on)}
@@ -264,7 +272,8 @@ def print_results(r: dict) -> None:
     for name, f in r["recurring"].items():
         print(f"{name:<10} {f['threshold']:9.3f} {f['recall']:7.1f} {f['recall_first_half']:8.1f} "
               f"{f['recall_second_half']:8.1f} {f['false_reject_rate_after_onset']:6.1f} "
-              f"{str(f['alarm_part']):>8} {f['refused_admissions']:7d} {f['recurring_members_in_pool_max']:7d}")
+              f"{str(f['alarm_part']):>8} {sum(f['refused_admissions'].values()):7d} "
+              f"{f['recurring_members_in_pool_max']:7d}")
     guard = r["recurring"]["guard"]
     if guard["alarm"]:
         print(f"alarm at part {guard['alarm_part']} (after {guard['recurring_parts_before_alarm']} recurring "

@@ -73,6 +73,9 @@ class PoolGuardSettings(_Strict):
     """Pool guard (edge_app/runtime/pool_guard.py): keeps a recurring defect from becoming normal."""
 
     enabled: bool = True
+    admit_below: Optional[float] = Field(1.5, description=(
+        "parts scoring at or above this on the pool's own scale (1.0 = the members' 90th percentile) are not "
+        "admitted: they would stretch the pool's score range and lower every score (null: no limit)"))
     window: int = Field(60, ge=2, description="recent parts in which look-alike rejects are counted")
     memory: int = Field(200, ge=1, description="parts for which a reject keeps its look-alikes out of the pool")
     alarm_rejects: int = Field(5, ge=2, description="look-alike rejects within the window that raise the alarm")

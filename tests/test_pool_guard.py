@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edge_app.config import PoolGuardSettings
+from edge_app.config import PoolGuardSettings, parse_config
 from edge_app.record import PartRecord, Reason, Verdict
+from edge_app.runtime.inspector import Inspector, Prepared
 from edge_app.runtime.pool_guard import PoolGuard, lookalike_distance, signature
 
 SIDE, DIM = 8, 16
@@ -21,26 +22,28 @@ class Parts:
     """Synthetic scored parts: random unit patch features, a flat low map, and optionally a defect: a hot
     patch at a given place with a given look (feature direction)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, side: int = SIDE, dim: int = DIM, n_sets: int = 2):
         self.rng = np.random.default_rng(seed)
+        self.side, self.dim, self.n_sets = side, dim, n_sets
         self.count = 0
 
     def make(self, verdict: Verdict, defect: tuple[tuple[int, int], np.ndarray] | None = None, heat: float = 1.0):
-        sets = [unit(self.rng.normal(size=(SIDE * SIDE, DIM))).astype(np.float32) for _ in range(2)]
-        amap = self.rng.uniform(0, 0.02, size=(SIDE, SIDE)).astype(np.float32)
+        side = self.side
+        sets = [unit(self.rng.normal(size=(side * side, self.dim))).astype(np.float32) for _ in range(self.n_sets)]
+        amap = self.rng.uniform(0, 0.02, size=(side, side)).astype(np.float32)
         if defect is not None:
             (r, c), look = defect
             amap[r, c] = heat
             for s in sets:
-                s[r * SIDE + c] = unit(look + 0.02 * self.rng.normal(size=DIM))
+                s[r * side + c] = unit(look + 0.02 * self.rng.normal(size=self.dim))
         self.count += 1
         part = PartRecord(part_id=f"p{self.count}", recipe="default", capture_time=float(self.count))
         part.decide(verdict, Reason.OK if verdict == Verdict.ACCEPT else Reason.ANOMALY)
-        part.anomaly_map = amap
-        return part, SimpleNamespace(sets=sets)
+        part.anomaly_map, part.score = amap, 0.5
+        return part, Prepared(sets)
 
     def look(self) -> np.ndarray:
-        return unit(self.rng.normal(size=DIM))
+        return unit(self.rng.normal(size=self.dim))
 
 
 def feed(guard: PoolGuard, part, prepared) -> str | None:
@@ -113,7 +116,7 @@ def test_recurring_defect_raises_the_alarm_and_its_lookalikes_are_refused():
     assert guard.allow_admission(good, prep)
     odd, prep = parts.make(Verdict.ACCEPT, ((6, 1), parts.look()))
     assert guard.allow_admission(odd, prep)
-    assert guard.stats.refused == 1
+    assert guard.stats.refused_lookalikes == 1
 
 
 def test_lookalikes_are_refused_before_the_alarm():
@@ -181,3 +184,58 @@ def test_parts_without_a_verdict_or_2d_features_are_ignored_safely():
     assert feed(guard, scan_only, SimpleNamespace(sets=[])) is None
     assert guard.allow_admission(scan_only, SimpleNamespace(sets=[]))
     assert feed(guard, scan_only, None) is None
+
+
+def test_parts_above_the_pools_own_range_are_not_admitted():
+    """With a calibrated threshold above 1, an accepted part scoring above the pool's range would stretch it."""
+    parts = Parts()
+    guard = PoolGuard(PoolGuardSettings(admit_below=1.5))
+    typical, atypical, warming = (parts.make(Verdict.ACCEPT) for _ in range(3))
+    typical[0].score, atypical[0].score, warming[0].score = 1.2, 1.5, None
+    assert guard.allow_admission(*typical) and guard.allow_admission(*warming)
+    assert not guard.allow_admission(*atypical)
+    assert guard.stats.refused_atypical == 1
+    assert PoolGuard(PoolGuardSettings(admit_below=None)).allow_admission(*atypical)
+
+
+def test_bank_lookup_agrees_with_the_pairwise_distance():
+    parts = Parts(seed=5)
+    settings = PoolGuardSettings(lookalike_distance=0.6, lookalike_ratio=2.0, memory=1000, top_patches=2)
+    guard = PoolGuard(settings)
+    looks = [parts.look() for _ in range(3)]
+
+    def random_part(verdict):
+        place = (int(parts.rng.integers(3)), int(parts.rng.integers(3)))
+        return parts.make(verdict, (place, looks[int(parts.rng.integers(3))]), heat=float(parts.rng.uniform(0.2, 1)))
+    for _ in range(40):
+        feed(guard, *random_part(Verdict.REJECT))
+    for _ in range(20):
+        part, prep = random_part(Verdict.ACCEPT)
+        sig = signature(part.anomaly_map, prep.sets, settings.top_patches)
+        expected = [lookalike_distance(sig, r.sig, settings.reach)
+                    <= min(settings.lookalike_distance, settings.lookalike_ratio * min(sig.anomaly, r.sig.anomaly))
+                    for r in guard._rejects]
+        assert guard.lookalikes(sig).tolist() == expected
+        assert any(expected) and not all(expected)
+
+
+def test_the_inspector_raises_the_alarm_and_keeps_lookalikes_out_of_the_pool(toy_model, tmp_path):
+    config = parse_config({
+        "model": {"path": str(toy_model)},
+        "recipes": {"default": {"pool": {"capacity": 30, "min_size": 2}, "guard": {"alarm_rejects": 3}}},
+        "source": {"type": "replay", "paths": ["unused.png"]},
+        "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:1"}, "storage": {"dir": str(tmp_path)}}, "test")
+    inspector = Inspector(config)
+    alarms: list[str] = []
+    inspector.on_alarm = alarms.append
+    pool = inspector.pools["default"].pool
+    parts = Parts(side=inspector.grid[0], dim=inspector.engine.manifest.token_dim, n_sets=pool.n_sets)
+    scratch = ((2, 7), parts.look())
+    assert all(inspector.admit(*parts.make(Verdict.ACCEPT)) for _ in range(5))
+    for _ in range(3):
+        assert not inspector.admit(*parts.make(Verdict.REJECT, scratch))
+    assert len(alarms) == 1 and alarms[0].startswith("recipe default: recurring defect")
+    size = pool.size
+    assert not inspector.admit(*parts.make(Verdict.ACCEPT, scratch))    # slipped under the threshold
+    assert inspector.admit(*parts.make(Verdict.ACCEPT))
+    assert pool.size == size + 1

@@ -14,7 +14,11 @@ the other, at feature distance <= ``lookalike_distance`` and <= ``lookalike_rati
 of the two parts. The guard keeps the signatures of recent rejects and
 
 - refuses pool admission to an accepted part that looks like a recent reject (a look-alike that slipped
-  under the threshold must not become a reference), and
+  under the threshold must not become a reference),
+- refuses pool admission to an accepted part scoring at or above ``admit_below`` on the pool's own scale
+  (1.0 = the members' 90th percentile): with a calibrated threshold well above 1, atypical parts would
+  otherwise enter, stretch the pool's score range and so lower every score -- the recurring defect's
+  included, until it passes with no look-alike in the pool at all, and
 - raises a drift alarm when ``alarm_rejects`` rejects within the last ``window`` parts each look like at
   least ``min_partners`` others (a recurring defect), naming where it is and the reject rate; it says so
   again when the alarm clears.
@@ -25,6 +29,7 @@ alarm path.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -80,7 +85,7 @@ def lookalike_distance(a: Signature, b: Signature, reach: int) -> float:
 class _Reject:
     index: int                                            # the part's position in the stream
     sig: Signature
-    partners: list[int] = field(default_factory=list)    # indices of the rejects it looks like
+    partners: list[int] = field(default_factory=list)    # indices of the rejects it looks like, ascending
 
 
 @dataclass
@@ -89,7 +94,8 @@ class GuardStats:
 
     observed: int = 0
     rejects: int = 0
-    refused: int = 0                      # admissions refused as look-alikes of recent rejects
+    refused_lookalikes: int = 0           # admissions refused as look-alikes of recent rejects
+    refused_atypical: int = 0             # admissions refused for a score at or above admit_below
     alarms: int = 0
     alarm_parts: list[int] = field(default_factory=list)   # stream positions at which the alarm was raised
 
@@ -103,6 +109,7 @@ class PoolGuard:
         self.active = False                   # the recurring-defect alarm is raised
         self._recent: deque[bool] = deque(maxlen=settings.window)    # reject flags of recent parts
         self._rejects: deque[_Reject] = deque()                        # rejects within `memory` parts
+        self._bank: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # their signatures, stacked
         self._last: tuple[str, Signature | None] | None = None         # the part just observed
 
     @property
@@ -123,40 +130,60 @@ class PoolGuard:
         self._recent.append(rejected)
         while self._rejects and self._rejects[0].index <= index - s.memory:
             self._rejects.popleft()
+            self._bank = None
         if rejected:
             self.stats.rejects += 1
             if sig is not None:
                 entry = _Reject(index, sig)
-                for other in self._rejects:
-                    if other.index > index - s.window and self._alike(sig, other.sig):
+                for other, alike in zip(self._rejects, self.lookalikes(sig)):
+                    if alike and other.index > index - s.window:
                         other.partners.append(index)
                         entry.partners.append(other.index)
                 self._rejects.append(entry)
+                self._bank = None
         return self._update_alarm(index)
 
     def allow_admission(self, part: PartRecord, prepared) -> bool:
-        """False for a part that looks like a recent reject (counted in ``stats.refused``)."""
+        """False for a part that scores above the pool's own range or looks like a recent reject."""
         if not self.enabled:
             return True
+        ceiling = self.settings.admit_below
+        if ceiling is not None and part.score is not None and part.score >= ceiling:
+            self.stats.refused_atypical += 1
+            return False
         if self._last is not None and self._last[0] == part.part_id:
             sig = self._last[1]
         else:
             sig = signature(part.anomaly_map, getattr(prepared, "sets", None) or [], self.settings.top_patches)
-        if sig is None or not any(self._alike(sig, r.sig) for r in self._rejects):
+        if sig is None or not self.lookalikes(sig).any():
             return True
-        self.stats.refused += 1
+        self.stats.refused_lookalikes += 1
         return False
 
     def recurring(self) -> list[_Reject]:
         """Rejects within the window that look like at least ``min_partners`` others in it."""
         first = self.stats.observed - self.settings.window
-        return [r for r in self._rejects if r.index >= first
-                and sum(p >= first for p in r.partners) >= self.settings.min_partners]
+        need = self.settings.min_partners
+        return [r for r in self._rejects if r.index >= first and len(r.partners) >= need
+                and len(r.partners) - bisect_left(r.partners, first) >= need]
 
-    def _alike(self, a: Signature, b: Signature) -> bool:
+    def lookalikes(self, sig: Signature) -> np.ndarray:
+        """Which remembered rejects (oldest first) ``sig`` looks like: :func:`lookalike_distance` within
+        ``lookalike_distance`` and ``lookalike_ratio`` x the smaller anomaly, for all of them at once."""
+        if not self._rejects:
+            return np.zeros(0, bool)
+        if self._bank is None:
+            self._bank = (np.stack([r.sig.positions for r in self._rejects]),   # [R, m, 2]
+                          np.stack([r.sig.vectors for r in self._rejects]),     # [R, m, D]
+                          np.array([r.sig.anomaly for r in self._rejects]))     # [R]
+        positions, vectors, anomaly = self._bank
         s = self.settings
-        limit = min(s.lookalike_distance, s.lookalike_ratio * min(a.anomaly, b.anomaly))
-        return lookalike_distance(a, b, s.reach) <= limit
+        r, m, dim = vectors.shape
+        near = np.abs(positions[:, :, None, :] - sig.positions[None, None, :, :]).max(axis=3) <= s.reach
+        cos = (vectors.reshape(r * m, dim) @ sig.vectors.T).reshape(r, m, -1)
+        best = np.where(near, np.clip(cos, -1.0, 1.0), -np.inf).max(axis=(1, 2))
+        dist = np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0))     # inf where no pair is near in place
+        return dist <= np.minimum(s.lookalike_distance, s.lookalike_ratio * np.minimum(sig.anomaly, anomaly))
 
     def _update_alarm(self, index: int) -> str | None:
         s = self.settings
