@@ -127,7 +127,7 @@ def test_row_4_apply_of_a_non_finite_threshold_over_the_socket_is_refused(live, 
     calibration = {"version": 1, "recipes": {"default": {"threshold": threshold}}}
     reply = live.control({"cmd": "apply", "calibration": calibration})   # json.dumps writes NaN / Infinity
     assert not reply["ok"] and "threshold" in reply["error"]
-    assert live.line.inspector.pools["default"].threshold == 1.0
+    assert live.line.inspector.recipes["default"].threshold == 1.0
 
 
 class _Scored:
@@ -220,7 +220,7 @@ def test_row_6_apply_needs_an_audited_newer_version_and_the_runtime_records_what
     assert not replayed["ok"] and "replay" in replayed["error"]
     same = live.control({"cmd": "apply", "calibration": calibration(2, 0.7).model_dump()})
     assert not same["ok"] and "replay" in same["error"]
-    assert live.line.calibration_version == "2" and live.line.inspector.pools["default"].threshold == 0.7
+    assert live.line.calibration_version == "2" and live.line.inspector.recipes["default"].threshold == 0.7
     records = CalibrationStore(live.storage).audit.records()
     applied = [r for r in records if r["action"] == "runtime.applied"]
     assert [r["new"]["version"] for r in applied] == [1, 2]
@@ -374,11 +374,15 @@ def test_row_11_reseed_of_a_2d3d_recipe_is_refused_before_the_pool_changes(toy_m
     raw = line_config(toy_model, tmp_path / "line", plc.address)
     raw["recipes"]["default"]["modality"] = "2d+3d"
     line = Line(parse_config(raw))
-    pool = line.inspector.pools["default"].pool
+    pool = line.inspector.recipes["default"].pool
     before = pool.size
     from edge_app.runtime.control import ControlError
-    with pytest.raises(ControlError, match="reseed refused, the pool is unchanged: .*needs scans"):
-        line._handle_control({"cmd": "pool_reseed", "recipe": "default", "folder": str(tmp_path)})
+    images = tmp_path / "images"   # images without their point clouds: a scan pool cannot be seeded from them
+    images.mkdir()
+    for i in range(2):
+        (images / f"{i}.png").write_bytes(png(i))
+    with pytest.raises(ControlError, match="reseed refused, the pool is unchanged: no point cloud for"):
+        line._handle_control({"cmd": "pool_reseed", "recipe": "default", "folder": str(images)})
     assert pool.size == before
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from edge_app.config import PoolGuardSettings, parse_config
 from edge_app.record import PartRecord, Reason, Verdict
-from edge_app.runtime.inspector import Inspector, Prepared
+from edge_app.runtime.inspector import Inspector
+from edge_app.runtime.recipes.recipe2d import Prepared
 from edge_app.runtime.pool_guard import PoolGuard, lookalike_distance, signature
 
 SIDE, DIM = 8, 16
@@ -228,7 +229,7 @@ def test_the_inspector_raises_the_alarm_and_keeps_lookalikes_out_of_the_pool(toy
     inspector = Inspector(config)
     alarms: list[str] = []
     inspector.on_alarm = alarms.append
-    pool = inspector.pools["default"].pool
+    pool = inspector.recipes["default"].pool
     parts = Parts(side=inspector.grid[0], dim=inspector.engine.manifest.token_dim, n_sets=pool.n_sets)
     scratch = ((2, 7), parts.look())
     assert all(inspector.admit(*parts.make(Verdict.ACCEPT)) for _ in range(5))
