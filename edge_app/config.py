@@ -36,6 +36,10 @@ class ModelSettings(_Strict):
     size: int = Field(224, ge=14)
     blocks: tuple[int, ...] = (6, 9)
     threads: Optional[int] = Field(None, ge=1)
+    fit: Literal["tile", "pad", "squash"] = Field("tile", description=(
+        "non-square frames: tile the long side at model scale, pad (letterbox) or squash (see README)"))
+    frame: Optional[tuple[int, int]] = Field(None, description=(
+        "camera frame (height, width); needed to tile or pad non-square frames (unset: square frames)"))
 
 
 class ScoringSettings(_Strict):
