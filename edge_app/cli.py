@@ -47,6 +47,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--rescore", type=_blocks, default=(1,), metavar="WINDOWS",
                    help="RsCon windows, e.g. 1,7 (MuSc-V2); default 1 = normalisation only")
     p.add_argument("--rescore-feature", choices=("salient", "image_token"), default="salient")
+    p.add_argument("--image-top", type=int, default=1, metavar="K",
+                   help="image score: max of the map (1, default) or mean of its K highest patch scores")
     p.add_argument("--report", type=Path, help="write the metrics JSON here")
     p.add_argument("--overlays", type=Path, help="write heat-map overlays into this folder")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
@@ -78,7 +80,8 @@ def cmd_eval(args) -> int:
     common = dict(dataset=dataset, mode=args.mode, size=args.size, pool=args.pool, min_pool=args.min_pool,
                   seed=args.seed, model=args.model, blocks=args.blocks or DEFAULT_BLOCKS,
                   params=MuscParams(aggregation=args.aggregation, windows=args.rescore,
-                                    rescore_feature=args.rescore_feature), overlays=args.overlays,
+                                    rescore_feature=args.rescore_feature, image_top=args.image_top),
+                  overlays=args.overlays,
                   threads=args.threads, progress=not args.quiet, fit=args.fit)
     if args.modality == "2d":
         report = run_eval(EvalSettings(**common))
@@ -122,7 +125,7 @@ def _eval_suite(args) -> int:
                             min_pool=args.min_pool, seed=args.seed, model=args.model,
                             blocks=args.blocks or DEFAULT_BLOCKS,
                             params=MuscParams(aggregation=args.aggregation, windows=args.rescore,
-                                              rescore_feature=args.rescore_feature),
+                                              rescore_feature=args.rescore_feature, image_top=args.image_top),
                             threads=args.threads, progress=not args.quiet)
     modalities = (args.modality,) if args.modality else ("2d", "3d", "2d+3d")
     report = run_suite(SuiteSettings(args.suite, template, scan, modalities))

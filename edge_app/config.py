@@ -47,10 +47,12 @@ class ScoringSettings(_Strict):
     fraction: float = Field(0.3, gt=0, le=1)
     windows: tuple[int, ...] = Field((1,), description="RsCon windows; [1, 7] is MuSc-V2 (off by default, see README)")
     salient_layer: int = Field(1, ge=0)
+    image_top: int = Field(1, ge=1, description="image score: max of the map (1) or mean of the top-k patch "
+                                                "scores (see README: helps thin defects, hurts tiny ones)")
 
     def params(self) -> MuscParams:
         return MuscParams(aggregation=self.aggregation, fraction=self.fraction, windows=self.windows,
-                          salient_layer=self.salient_layer)
+                          salient_layer=self.salient_layer, image_top=self.image_top)
 
 
 class PoolSettings(_Strict):

@@ -109,7 +109,8 @@ def run_suite(settings: SuiteSettings) -> dict:
     t = settings.template
     return {"suite": str(root),
             "settings": {"mode": t.mode, "size": t.size, "fit": t.fit, "blocks": list(t.blocks),
-                         "aggregation": t.params.aggregation, "pool": t.pool if t.mode == "stream" else None},
+                         "aggregation": t.params.aggregation, "image_top": t.params.image_top,
+                         "pool": t.pool if t.mode == "stream" else None},
             "runs": runs, "summary": summarise(runs), "seconds": round(time.monotonic() - t_start, 3)}
 
 
