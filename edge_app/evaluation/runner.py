@@ -4,6 +4,10 @@ batch  -- every image scored against all others (the papers' transductive protoc
 stream -- images in a seeded shuffled order; each is scored only against a FIFO pool of the previous
           ``pool`` images (the line's protocol, through the runtime's own :class:`FeaturePool`); the first
           ``min_pool`` images are scored among themselves once there are enough of them.
+
+Images keep their aspect (``fit``, :mod:`edge_app.geometry`): a category gets one window plan from its median
+image shape, each image is scored as the concatenated patches of its windows, and the maps are stitched back
+and measured at the scaled image's shape (``size x size`` for square images, as before).
 """
 from __future__ import annotations
 
