@@ -41,6 +41,13 @@ class ModelSettings(_Strict):
     frame: Optional[tuple[int, int]] = Field(None, description=(
         "camera frame (height, width); needed to tile or pad non-square frames (unset: square frames)"))
 
+    @field_validator("frame")
+    @classmethod
+    def _frame_positive(cls, value):
+        if value is not None and min(value) < 1:
+            raise ValueError(f"frame sides must be positive pixels, got {list(value)}")
+        return value
+
 
 class ScoringSettings(_Strict):
     aggregation: Literal["snamd", "snamd-raw", "lnamd", "none"] = "snamd"

@@ -56,3 +56,13 @@ def test_tiled_pools_are_not_mistaken_for_square_ones(toy_model, tmp_path):
     tiled = inspector_for(toy_model, tmp_path, "tile").pool_identity()
     squashed = inspector_for(toy_model, tmp_path, "squash").pool_identity()
     assert tiled != squashed and "input" not in squashed
+
+
+def test_a_bad_frame_is_refused_naming_the_key(toy_model, tmp_path):
+    from edge_app.config import ConfigError
+
+    with pytest.raises(ConfigError, match="frame"):
+        parse_config({"model": {"path": str(toy_model), "frame": [0, 100]},
+                      "recipes": {"default": {"threshold": 1.0}},
+                      "source": {"type": "replay", "path": str(tmp_path), "pattern": "*.png"},
+                      "link": {"type": "zmq"}, "storage": {"dir": str(tmp_path / "store")}})
