@@ -38,6 +38,17 @@ class ModelSettings(_Strict):
     size: int = Field(224, ge=14)
     blocks: tuple[int, ...] = (6, 9)
     threads: Optional[int] = Field(None, ge=1)
+    fit: Literal["tile", "pad", "squash"] = Field("tile", description=(
+        "non-square frames: tile the long side at model scale, pad (letterbox) or squash (see README)"))
+    frame: Optional[tuple[int, int]] = Field(None, description=(
+        "camera frame (height, width); needed to tile or pad non-square frames (unset: square frames)"))
+
+    @field_validator("frame")
+    @classmethod
+    def _frame_positive(cls, value):
+        if value is not None and min(value) < 1:
+            raise ValueError(f"frame sides must be positive pixels, got {list(value)}")
+        return value
 
 
 class ScoringSettings(_Strict):
@@ -45,10 +56,12 @@ class ScoringSettings(_Strict):
     fraction: float = Field(0.3, gt=0, le=1)
     windows: tuple[int, ...] = Field((1,), description="RsCon windows; [1, 7] is MuSc-V2 (off by default, see README)")
     salient_layer: int = Field(1, ge=0)
+    image_top: int = Field(1, ge=1, description="image score: max of the map (1) or mean of the top-k patch "
+                                                "scores (see README: helps thin defects, hurts tiny ones)")
 
     def params(self) -> MuscParams:
         return MuscParams(aggregation=self.aggregation, fraction=self.fraction, windows=self.windows,
-                          salient_layer=self.salient_layer)
+                          salient_layer=self.salient_layer, image_top=self.image_top)
 
 
 class PoolSettings(_Strict):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scoring import MuscParams, PoolTooSmallError, rescore_one, score_batch
+from .scoring import MuscParams, PoolTooSmallError, image_scores, rescore_one, score_batch
 from .scoring.msm import one_vs_pool, patch_to_sample_distances
 from .scoring.musc import salient_features
 
@@ -167,7 +167,7 @@ class FeaturePool(PoolMembers):
         patch = scored.patch
         tokens = None if image_token is None else np.asarray(image_token)[None]
         feature = salient_features([q[None] for q in query_sets], patch[None], params, tokens)[0]
-        raw = float(patch.max())
+        raw = float(image_scores(patch[None], params.image_top)[0])
         members = np.flatnonzero(keep) if keep is not None else slice(0, self.size)
         pool_raw = self.raw_scores[members]
         score = rescore_one(raw, feature, pool_raw, self.features[members],

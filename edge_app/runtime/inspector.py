@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import LineConfig
 from ..features import FeatureEngine, Features
+from ..geometry import plan_input, stitch, windows
 from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, prepare
 from ..sources.base import DecodeError, decode_part
@@ -38,20 +39,33 @@ class Inspector:
             raise ValueError(f"model.blocks {missing} are not outputs of {self.engine.model_path} "
                              f"(it has {list(model_blocks)})")
         self.layer_index = [model_blocks.index(b) for b in config.model.blocks]
-        self.grid = self.engine.grid
+        # Aspect-preserving input: a part is scored as the concatenated patches of its windows (self.grid stacks
+        # the window grids); its map is stitched back to the frame's geometry.
+        frame = config.model.frame or (self.engine.size, self.engine.size)
+        self.plan = plan_input(frame, self.engine.size, self.engine.manifest.patch_size, config.model.fit)
+        if self.plan.scaled != (self.engine.size, self.engine.size) and \
+                any(r.modality != "2d" for r in config.recipes.values()):
+            raise ValueError(f"model.frame {list(frame)} is not square: 3d / 2d+3d recipes score square frames "
+                             "pixel-aligned with their clouds; set model.fit 'squash'")
+        self._warned_shape = False
+        self.grid = self.plan.stacked_grid
         n_sets = len(self.layer_index) * (len(self.params.degrees) if self.params.aggregation == "lnamd" else 1)
         self.params.salient_set(n_sets)  # fail early on an impossible salient layer
         patches, dim = self.grid[0] * self.grid[1], self.engine.manifest.token_dim
-        scoring = Scoring(self.features, self.grid, self.params, self.engine.size, self.pool_identity())
+        scoring = Scoring(self.features, self.grid, self.params, self.engine.size, self.pool_identity(),
+                          self.frame_map)
         self.recipes: dict[str, Recipe] = {name: make_recipe(name, settings, scoring, n_sets, patches, dim)
                                            for name, settings in config.recipes.items()}
 
     # -- identity & persistence ----------------------------------------------------------------------------
     def pool_identity(self) -> dict:
         """What a stored pool must have been built with to be reusable."""
-        return {"model_sha256": self.engine.manifest.model_sha256, "size": self.config.model.size,
-                "blocks": list(self.config.model.blocks), "aggregation": self.params.aggregation,
-                "degrees": list(self.params.degrees)}
+        identity = {"model_sha256": self.engine.manifest.model_sha256, "size": self.config.model.size,
+                    "blocks": list(self.config.model.blocks), "aggregation": self.params.aggregation,
+                    "degrees": list(self.params.degrees)}
+        if self.plan.scaled != (self.engine.size, self.engine.size):   # square frames keep their old identity
+            identity["input"] = {"scaled": list(self.plan.scaled), "windows": [list(o) for o in self.plan.origins]}
+        return identity
 
     def recipe(self, name: str) -> Recipe:
         """The recipe called ``name``; ValueError naming the recipes the config has."""
@@ -79,11 +93,25 @@ class Inspector:
 
     # -- stages ----------------------------------------------------------------------------------------------
     def features(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:
-        """Each decoded RGB image's aggregated feature sets (``[P, D]`` each), in one engine call."""
-        feats: Features = self.engine(images, batch_size=len(images))
+        """Each decoded RGB image's aggregated feature sets (``[P, D]`` each; the patches of all its windows),
+        in one engine call over all their windows."""
+        plan, t = self.plan, self.plan.n_windows
+        if t == 1 and not self._warned_shape and images and not _near_square(images[0].shape, plan.source):
+            self._warned_shape = True
+            log.warning("frames are %dx%d but model.frame is %s: they are squashed into the model input; set "
+                        "model.frame to tile them", images[0].shape[1], images[0].shape[0], self.config.model.frame)
+        cut = [w for image in images for w in windows(image, plan)] if plan.n_windows > 1 or \
+            plan.scaled != (self.engine.size, self.engine.size) else images
+        feats: Features = self.engine(cut, batch_size=len(cut))
         layers = [feats.layers[i] for i in self.layer_index]
-        sets = prepare(layers, self.grid, self.params)
+        sets = [fs.reshape(len(images), t * fs.shape[1], fs.shape[2])
+                for fs in prepare(layers, plan.window_grid, self.params)]
         return [[fs[i] for fs in sets] for i in range(len(images))]
+
+    def frame_map(self, patch_map: np.ndarray) -> np.ndarray:
+        """A part's scored patch map (``self.grid``) as a patch map of its frame (same aspect as the frame)."""
+        th, tw = self.plan.window_grid
+        return stitch(patch_map.reshape(self.plan.n_windows, th, tw), self.plan)
 
     def inspect(self, part: PartRecord) -> tuple[PartRecord, object | None]:
         """Fill ``part``'s verdict, reason, scores, map and stage times; also returns what its recipe
@@ -110,3 +138,8 @@ class Inspector:
         if alarm := recipe.guard.observe(part, prepared):
             self.on_alarm(f"recipe {recipe.name}: {alarm}")
         return recipe.admit(part, prepared, now)
+
+
+def _near_square(shape: tuple[int, ...], planned: tuple[int, int], tolerance: float = 0.15) -> bool:
+    """Whether a frame's aspect is within ``tolerance`` of the planned frame's."""
+    return abs((shape[0] / shape[1]) / (planned[0] / planned[1]) - 1) <= tolerance

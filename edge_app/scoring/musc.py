@@ -30,6 +30,7 @@ class MuscParams:
     # scores to 0 and 1 (batch mode uses the batch min and max). Quantiles rather than min/max keep the
     # scale, and so a calibrated threshold, stable when one extreme member enters or leaves the pool.
     pool_quantiles: tuple[float, float] = (0.1, 0.9)
+    image_top: int = 1                    # image score: max of the map (1) or mean of its top-k patches
 
     def salient_set(self, n_sets: int) -> int:
         per_layer = len(self.degrees) if self.aggregation == "lnamd" else 1
@@ -79,7 +80,7 @@ def score_batch(sets: list[np.ndarray], grid: tuple[int, int], params: MuscParam
         raise PoolTooSmallError(f"batch scoring needs at least 2 samples, got {n}")
     patch = np.mean([msm_batch(fs, params.fraction) for fs in sets], axis=0)
     maps = patch.reshape(n, *grid)
-    raw = image_scores(maps)
+    raw = image_scores(maps, params.image_top)
     feats = salient_features(sets, patch, params, image_tokens)
     return BatchScores(maps, raw, rescore_batch(raw, feats, params.windows), feats)
 
@@ -95,4 +96,4 @@ def score_one(query_sets: list[np.ndarray], pool_sets: list[np.ndarray], grid: t
     batch_sets = [q[None] for q in query_sets]
     tokens = None if image_token is None else np.asarray(image_token)[None]
     feature = salient_features(batch_sets, patch[None], params, tokens)[0]
-    return patch.reshape(grid), float(patch.max()), feature
+    return patch.reshape(grid), float(image_scores(patch[None], params.image_top)[0]), feature

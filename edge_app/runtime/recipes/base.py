@@ -44,6 +44,7 @@ class Scoring:
     params: MuscParams
     image_size: int              # model.size: side of the image (and of a scan's grid)
     model_identity: dict         # what a stored pool must have been built with (feature model, aggregation)
+    frame_map: Callable[[np.ndarray], np.ndarray] = lambda patch_map: patch_map   # scored map -> frame's geometry
 
 
 @dataclass

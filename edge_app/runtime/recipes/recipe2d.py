@@ -42,7 +42,8 @@ class Recipe2D(Recipe):
     def score(self, prepared: Prepared, part_id: str | None = None) -> Scored:
         result = self.pool.score(prepared.sets, self.scoring.grid, self.scoring.params, exclude_part_id=part_id,
                                  image_token=prepared.image_token)
-        return Scored(result.patch_map, result.raw, result.score, result.feature, result.n_refs, result.nearest)
+        return Scored(self.scoring.frame_map(result.patch_map), result.raw, result.score, result.feature,
+                      result.n_refs, result.nearest)
 
     def read_seed(self, folder: str | Path, progress: bool = False,
                   batch_size: int = 8) -> list[tuple[PartRecord, Prepared]]:
