@@ -94,5 +94,6 @@ def test_eval_passes_the_image_score_rule_through_both_protocols(toy_model, synt
         reports = [run_eval(EvalSettings(synthetic_parts, mode=mode, model=toy_model, pool=10, min_pool=5,
                                          blocks=(6, 9), params=MuscParams(image_top=k), progress=False))
                    for k in (1, 8)]
-        assert reports[0]["pixel_ap"] == reports[1]["pixel_ap"]          # same maps
+        if mode == "batch":   # in stream mode the verdicts decide admission, so the pools (and maps) differ
+            assert reports[0]["pixel_ap"] == reports[1]["pixel_ap"]      # same maps
         assert reports[0]["image_ap"] != reports[1]["image_ap"]          # other image scores
