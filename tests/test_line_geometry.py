@@ -66,3 +66,12 @@ def test_a_bad_frame_is_refused_naming_the_key(toy_model, tmp_path):
                       "recipes": {"default": {"threshold": 1.0}},
                       "source": {"type": "replay", "path": str(tmp_path), "pattern": "*.png"},
                       "link": {"type": "zmq"}, "storage": {"dir": str(tmp_path / "store")}})
+
+
+def test_frames_unlike_model_frame_are_scored_but_said_so(toy_model, tmp_path, caplog):
+    inspector = inspector_for(toy_model, tmp_path, "tile")
+    square = np.zeros((SIZE, SIZE, 3), np.uint8)
+    with caplog.at_level("WARNING"):
+        prepared = inspector.features([square, square])
+    assert len(prepared) == 2 and prepared[0].sets[0].shape[0] == inspector.grid[0] * inspector.grid[1]
+    assert "model.frame" in caplog.text

@@ -96,10 +96,11 @@ class Inspector:
         """Each decoded RGB image's aggregated feature sets (``[P, D]`` each; the patches of all its windows),
         in one engine call over all their windows."""
         plan, t = self.plan, self.plan.n_windows
-        if t == 1 and not self._warned_shape and images and not _near_square(images[0].shape, plan.source):
+        if not self._warned_shape and images and not _same_aspect(images[0].shape, plan.source):
             self._warned_shape = True
-            log.warning("frames are %dx%d but model.frame is %s: they are squashed into the model input; set "
-                        "model.frame to tile them", images[0].shape[1], images[0].shape[0], self.config.model.frame)
+            log.warning("frames are %dx%d but model.frame is %s: they are stretched to that aspect; set "
+                        "model.frame to the camera's [height, width]", images[0].shape[1], images[0].shape[0],
+                        self.config.model.frame)
         cut = [w for image in images for w in windows(image, plan)] if plan.n_windows > 1 or \
             plan.scaled != (self.engine.size, self.engine.size) else images
         feats: Features = self.engine(cut, batch_size=len(cut))
@@ -140,6 +141,6 @@ class Inspector:
         return recipe.admit(part, prepared, now)
 
 
-def _near_square(shape: tuple[int, ...], planned: tuple[int, int], tolerance: float = 0.15) -> bool:
+def _same_aspect(shape: tuple[int, ...], planned: tuple[int, int], tolerance: float = 0.15) -> bool:
     """Whether a frame's aspect is within ``tolerance`` of the planned frame's."""
     return abs((shape[0] / shape[1]) / (planned[0] / planned[1]) - 1) <= tolerance
