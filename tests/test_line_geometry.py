@@ -73,5 +73,5 @@ def test_frames_unlike_model_frame_are_scored_but_said_so(toy_model, tmp_path, c
     square = np.zeros((SIZE, SIZE, 3), np.uint8)
     with caplog.at_level("WARNING"):
         prepared = inspector.features([square, square])
-    assert len(prepared) == 2 and prepared[0].sets[0].shape[0] == inspector.grid[0] * inspector.grid[1]
+    assert len(prepared) == 2 and prepared[0][0].shape[0] == inspector.grid[0] * inspector.grid[1]
     assert "model.frame" in caplog.text
