@@ -42,30 +42,40 @@ def _bins(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.floor(FPFH_BINS * (values - lo) / (hi - lo)), 0, FPFH_BINS - 1).astype(np.int64)
 
 
+def _dot(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> np.ndarray:
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
+def _cross(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    return a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]
+
+
 def spfh(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     """``[N, 33]`` simplified point feature histograms over ``neighbours [N, k]`` (self first, skipped);
-    each 11-bin histogram sums to 100."""
+    each 11-bin histogram sums to 100. Vector components are kept as separate ``[N, k-1]`` arrays."""
     n, k = neighbours.shape
     pts, nrm = points.astype(np.float32, copy=False), normals.astype(np.float32, copy=False)
     dst = neighbours[:, 1:]
-    dp = pts[dst] - pts[:, None, :]                                         # [N, k-1, 3]
-    length = np.sqrt(np.einsum("ijk,ijk->ij", dp, dp))
-    dp /= np.maximum(length, 1e-30)[..., None]
-    n1 = np.broadcast_to(nrm[:, None, :], dp.shape)
-    n2 = nrm[dst]
-    angle1 = np.einsum("ijk,ijk->ij", n1, dp)
-    angle2 = np.einsum("ijk,ijk->ij", n2, dp)
+    dp = tuple(pts[dst, i] - pts[:, i, None] for i in range(3))
+    length = np.sqrt(_dot(dp, dp))
+    inv = 1.0 / np.maximum(length, 1e-30)
+    dp = tuple(c * inv for c in dp)
+    n1 = tuple(np.broadcast_to(nrm[:, i, None], dst.shape) for i in range(3))
+    n2 = tuple(nrm[dst, i] for i in range(3))
+    angle1, angle2 = _dot(n1, dp), _dot(n2, dp)
     # The Darboux frame sits on the point whose normal makes the smaller angle with the joining line.
-    swap = (np.abs(angle1) < np.abs(angle2))[..., None]
-    u = np.where(swap, n2, n1)
-    other = np.where(swap, n1, n2)
-    phi = np.where(swap[..., 0], -angle2, angle1)
-    v = np.cross(np.where(swap, -dp, dp), u)
-    v_norm = np.sqrt(np.einsum("ijk,ijk->ij", v, v))
+    swap = np.abs(angle1) < np.abs(angle2)
+    u = tuple(np.where(swap, b, a) for a, b in zip(n1, n2))
+    other = tuple(np.where(swap, a, b) for a, b in zip(n1, n2))
+    phi = np.where(swap, -angle2, angle1)
+    sign = np.where(swap, np.float32(-1), np.float32(1))
+    v = _cross(tuple(c * sign for c in dp), u)
+    v_norm = np.sqrt(_dot(v, v))
     degenerate = (v_norm == 0) | (length == 0)
-    v /= np.maximum(v_norm, 1e-30)[..., None]
-    alpha = np.einsum("ijk,ijk->ij", v, other)
-    theta = np.arctan2(np.einsum("ijk,ijk->ij", np.cross(u, v), other), np.einsum("ijk,ijk->ij", u, other))
+    inv = 1.0 / np.maximum(v_norm, 1e-30)
+    v = tuple(c * inv for c in v)
+    alpha = _dot(v, other)
+    theta = np.arctan2(_dot(_cross(u, v), other), _dot(u, other))
     rows = np.repeat(np.arange(n) * FPFH_DIM, k - 1)
     keep = ~degenerate.ravel()
     hist = np.zeros(n * FPFH_DIM)
