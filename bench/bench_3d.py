@@ -1,9 +1,11 @@
-"""Per-stage timings of the MuSc-V2 3D / 2D+3D path for one part (prints figures; asserts nothing).
+"""Per-stage timings of the 3D / 2D+3D path for one part (prints figures; asserts nothing).
 
-A synthetic 224x224 scan goes through preprocessing, grouping (FPS + kNN + curvature + IPG, G=1024, M=128),
-descriptors, SNAMD-3D and the map set-up; it is then scored one-vs-pool against a pool of prepared scans:
-3D MSM alone, 2D MSM (random unit features, DINO ViT-B/8 shapes: 28x28 x 768), CAE on those distance
-matrices, and the 3D map. Three layers per modality, as MuSc-V2.
+Default (``--tokens fpfh``): preprocessing (plane, cluster, resize), kNN, normals, SPFH/FPFH descriptors,
+pooling to the 28 x 28 patch grid (with the box-mean layers) and the map set-up; then one-vs-pool scoring:
+3D MSM alone, 2D MSM (random unit features, DINO ViT-B/8 shapes: 28x28 x 768), CAE, fusion and the 3D map.
+``--tokens groups``: MuSc-V2's FPS/IPG groups with group descriptors and SNAMD-3D instead. ``--cloud`` takes
+a real organised scan (an MVTec 3D-AD ``xyz/NNN.tiff``) instead of a synthetic one. 2D feature extraction is
+not included (about 100 ms per part at 224 px, see bench_scoring.py).
 """
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ import time
 
 import numpy as np
 
-from edge_app.pointcloud import descriptor_layers, group_points, prepare_cloud
+from scipy.spatial import cKDTree
+
+from edge_app.pointcloud import box_degrees, descriptor_layers, group_points, pool_to_grid, prepare_cloud, read_cloud
+from edge_app.pointcloud.fpfh import fpfh, knn, pca_normals, spfh
 from edge_app.scoring import l2_normalise, patch_to_sample_distances
-from edge_app.scoring3d import (FusionParams, Params3D, cae, centre_map, euclidean_sample_distances, prepare_3d,
-                                projection, sample_from_tokens, score_one, stack_layers)
+from edge_app.scoring3d import (FusionParams, Params3D, cae, centre_map, euclidean_sample_distances, fpfh_sample,
+                                prepare_3d, projection, sample_from_tokens, score_one, stack_layers)
 from edge_app.synthetic3d import generate_set
 
 SIZE, GRID_2D, DIM_2D, LAYERS = 224, (28, 28), 768, 3
@@ -37,24 +42,48 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--grouping", choices=("ipg", "knn"), default="ipg")
+    parser.add_argument("--tokens", choices=("fpfh", "groups"), default="fpfh")
+    parser.add_argument("--cloud", help="a real organised scan (.tiff) to time instead of a synthetic one")
     args = parser.parse_args()
-    params = Params3D(size=SIZE, grouping=args.grouping)
+    params = Params3D(size=SIZE, grouping=args.grouping, tokens=args.tokens)
     data = generate_set(args.pool + 1, seed=0, size=SIZE)
-    cloud = data.clouds[0]
+    clouds = data.clouds if args.cloud is None else [read_cloud(args.cloud)] * (args.pool + 1)
+    cloud = clouds[0]
 
     rows = []
     t, prepared = timeit(lambda: prepare_cloud(cloud, SIZE, params.preprocess), args.repeat)
     rows.append(("preprocess (plane, cluster, resize, normalise)", t))
-    t, grouping = timeit(lambda: group_points(prepared.points, params.n_groups, params.group_size, params.grouping,
-                                              params.k_iter, params.tau, params.seed), args.repeat)
-    rows.append((f"grouping ({params.grouping}, FPS + kNN + curvature)", t))
-    t, tokens = timeit(lambda: descriptor_layers(prepared.points, grouping, params.scales,
-                                                 normal_neighbours=params.normal_neighbours), args.repeat)
-    rows.append(("descriptors (normals + 3 scales)", t))
-    t, query = timeit(lambda: sample_from_tokens(prepared, grouping, tokens, params.degrees, params.tau), args.repeat)
-    rows.append(("SNAMD-3D + map set-up", t))
+    if args.tokens == "fpfh":
+        pts = prepared.points
+        t, (dist2, index) = timeit(lambda: knn(pts, params.fpfh_neighbours, cKDTree(pts)), args.repeat)
+        rows.append((f"kNN ({params.fpfh_neighbours} nearest, KD-tree)", t))
+        sensor = -prepared.centroid / prepared.scale
+        t, normals = timeit(lambda: pca_normals(pts, index[:, :params.fpfh_normal_neighbours], sensor), args.repeat)
+        rows.append((f"normals (PCA of {params.fpfh_normal_neighbours} nearest)", t))
+        t, _ = timeit(lambda: spfh(pts, normals, index), args.repeat)
+        rows.append(("SPFH (Darboux angles, histograms)", t))
+        t, per_point = timeit(lambda: fpfh(pts, params.fpfh_normal_neighbours, params.fpfh_neighbours, sensor),
+                              args.repeat)
+        rows.append(("FPFH end to end (kNN + normals + SPFH + mixing)", t))
+        t, _ = timeit(lambda: box_degrees(pool_to_grid(per_point, prepared.pixel_ids, SIZE, SIZE // params.patch_pixels),
+                                          params.patch_degrees), args.repeat)
+        rows.append((f"pooling to the patch grid + box layers {params.patch_degrees}", t))
+        t, query = timeit(lambda: fpfh_sample(prepared, params), args.repeat)
+        rows.append(("3D sample end to end (FPFH + pooling + map set-up)", t))
+    else:
+        t, grouping = timeit(lambda: group_points(prepared.points, params.n_groups, params.group_size,
+                                                  params.grouping, params.k_iter, params.tau, params.seed), args.repeat)
+        rows.append((f"grouping ({params.grouping}, FPS + kNN + curvature)", t))
+        t, tokens = timeit(lambda: descriptor_layers(prepared.points, grouping, params.scales,
+                                                     normal_neighbours=params.normal_neighbours), args.repeat)
+        rows.append(("descriptors (normals + 3 scales)", t))
+        t, query = timeit(lambda: sample_from_tokens(prepared, grouping, tokens, params.degrees, params.tau),
+                          args.repeat)
+        rows.append(("SNAMD-3D + map set-up", t))
+    t, _ = timeit(lambda: prepare_3d(cloud, params), args.repeat)
+    rows.append(("prepare_3d end to end (all of the above)", t))
 
-    pool_3d = stack_layers([prepare_3d(c, params) for c in data.clouds[1:]])
+    pool_3d = stack_layers([prepare_3d(c, params) for c in clouds[1:]])
     rng = np.random.default_rng(0)
     p = GRID_2D[0] * GRID_2D[1]
     query_2d = [l2_normalise(rng.normal(size=(p, DIM_2D))).astype(np.float32) for _ in range(LAYERS)]
@@ -69,13 +98,13 @@ def main() -> None:
     rows.append((f"CAE, {LAYERS} layers", t))
     t, _ = timeit(lambda: centre_map(d3[0].mean(axis=1), query.propagation), args.repeat)
     rows.append(("3D map (3-NN propagation + blur)", t))
-    for mode in ("3d", "2d+3d"):
-        fusion = FusionParams(mode=mode)
+    for mode, normalise in (("3d", False), ("2d+3d", False), ("2d+3d", True)):
+        fusion = FusionParams(mode=mode, normalise=normalise)
         t, _ = timeit(lambda fusion=fusion: score_one(query_2d, query, pool_2d, pool_3d, GRID_2D, SIZE, fusion),
                       args.repeat)
-        rows.append((f"score_one end to end, mode {mode}", t))
+        rows.append((f"score_one end to end, mode {mode}" + (", normalised" if normalise else ""), t))
 
-    print(f"3D / 2D+3D path, one part: {SIZE}x{SIZE}, G={query.centres.shape[0]}, "
+    print(f"3D / 2D+3D path ({args.tokens} tokens), one part: {SIZE}x{SIZE}, G={query.centres.shape[0]}, "
           f"M={query.group_pixels.shape[1]}, {len(prepared.points)} foreground points, pool {args.pool} "
           f"(numpy on CPU, median of {args.repeat})")
     for name, ms in rows:

@@ -117,6 +117,14 @@ class ScanSettings(_Strict):
     """3D settings of a ``3d`` / ``2d+3d`` recipe (defaults: MuSc-V2's). The cloud is scored on the same
     ``model.size`` grid as the image, so the two stay pixel-aligned."""
 
+    tokens: Literal["fpfh", "groups"] = Field("fpfh", description=(
+        "3D patch tokens: fpfh = per-point FPFH pooled to a square patch grid (best on real scans); "
+        "groups = MuSc-V2's FPS/IPG point groups with hand-crafted group descriptors"))
+    patch_pixels: int = Field(8, ge=1, description="fpfh: patch side in pixels (model.size must be a multiple)")
+    patch_degrees: Optional[tuple[int, ...]] = Field(None, description=(
+        "fpfh: box size in patches of each 3D layer; default 1, 3, 5, ... one per layer (see scales)"))
+    fpfh_neighbours: int = Field(100, ge=4, description="fpfh: nearest points per FPFH histogram")
+    fpfh_normal_neighbours: int = Field(30, ge=3, description="fpfh: nearest points per normal estimate")
     n_groups: int = Field(1024, ge=8, description="point groups (3D patches) per part")
     group_size: int = Field(128, ge=8, description="points per group")
     grouping: Literal["ipg", "knn"] = Field("ipg", description="ipg follows the surface across gaps; knn is plain")

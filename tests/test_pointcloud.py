@@ -278,3 +278,62 @@ def test_synthetic_scan_preprocesses_to_the_part_and_rail():
         # The table is dark grey; what is kept is the bright plate / bulge / label and the blue rail.
         assert (image[keep].mean(axis=1) > 80).mean() > 0.95
         assert keep.sum() > 0.2 * keep.size
+
+
+# --- per-point FPFH and the patch grid ------------------------------------------------------------------
+
+def _bumpy_surface(n: int = 900, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(-1, 1, size=(n, 2))
+    z = 0.3 * np.exp(-4 * (xy ** 2).sum(axis=1)) + 5.0          # a bump, 5 units in front of the camera
+    return np.column_stack([xy, z]).astype(np.float32)
+
+
+def test_fpfh_histograms_are_normalised_and_flat_surfaces_have_one_bin_per_angle():
+    from edge_app.pointcloud import FPFH_DIM, fpfh
+
+    feats = fpfh(_bumpy_surface(), normal_neighbours=12, fpfh_neighbours=30)
+    assert feats.shape == (900, FPFH_DIM)
+    np.testing.assert_allclose(feats.reshape(-1, 3, 11).sum(axis=2), 200.0, rtol=1e-4)   # own 100 + mixed 100
+    flat = np.column_stack([_bumpy_surface()[:, :2], np.full(900, 5.0, np.float32)])
+    per_angle = fpfh(flat, 12, 30).reshape(-1, 3, 11).max(axis=2)
+    assert (per_angle > 199.0).all()              # every pair has the same (zero) angles on a plane
+
+
+def test_fpfh_is_rotation_invariant():
+    from edge_app.pointcloud import fpfh
+
+    points = _bumpy_surface()
+    angle = 0.7
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]], np.float32)
+    centre = points.mean(axis=0)
+    turned = (points - centre) @ rot.T + centre
+    a = fpfh(points, 12, 30, sensor=np.zeros(3))
+    b = fpfh(turned, 12, 30, sensor=np.zeros(3))
+    assert np.abs(a - b).mean() < 0.05 * np.abs(a).mean()
+
+
+def test_patch_pooling_counts_background_as_zero_and_the_map_weights_interpolate():
+    from edge_app.pointcloud import bilinear_weights, box_degrees, covered_pixels, pool_to_grid
+
+    size, grid = 16, 4
+    pixel_ids = np.array([0, 1, 16, 17, 5 * 16 + 5])           # a full 2x2 corner of patch 0, one pixel of patch 5
+    features = np.ones((5, 2), np.float32)
+    tokens = pool_to_grid(features, pixel_ids, size, grid)
+    assert tokens.shape == (4, 4, 2)
+    assert tokens[0, 0, 0] == pytest.approx(4 / 16) and tokens[1, 1, 0] == pytest.approx(1 / 16)
+    assert tokens.sum() == pytest.approx(5 * 2 / 16)
+    layers = box_degrees(tokens, (1, 3))
+    assert [layer.shape for layer in layers] == [(16, 2), (16, 2)]
+    assert layers[1].reshape(4, 4, 2)[0, 0, 0] == pytest.approx((4 + 1) / 16 / 9)
+    support = covered_pixels(pixel_ids, size, grid)
+    assert len(support) == 2 * 16 and set(pixel_ids) <= set(support)
+    index, weight = bilinear_weights(np.arange(size * size), size, grid)
+    np.testing.assert_allclose(weight.sum(axis=1), 1.0, rtol=1e-6)
+    ramp = np.arange(grid, dtype=np.float32)[None, :].repeat(grid, 0).ravel()     # value = patch column
+    cols = np.arange(size * size) % size
+    interior = (cols >= 2) & (cols < size - 2)
+    np.testing.assert_allclose((ramp[index] * weight).sum(axis=1)[interior], ((cols + 0.5) / 4 - 0.5)[interior],
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="whole number"):
+        pool_to_grid(features, pixel_ids, 15, grid)

@@ -25,7 +25,8 @@ from edge_app.synthetic3d import generate_set
 
 SIZE, PATCH = 112, 8
 GRID = (SIZE // PATCH, SIZE // PATCH)
-PARAMS_3D = Params3D(size=SIZE, n_groups=256, group_size=32, normal_neighbours=8)   # 224-grid defaults, halved
+# The fusion tests score MuSc-V2's group tokens (224-grid defaults, halved); FPFH patch tokens have their own.
+PARAMS_3D = Params3D(size=SIZE, tokens="groups", n_groups=256, group_size=32, normal_neighbours=8)
 SIGMA = 2.0                                                                            # 4 px at 224
 
 
@@ -228,11 +229,25 @@ def test_pools_too_small_and_mismatched_inputs(small):
         score_batch(sets_2d, [replace(s, layers=s.layers[:2]) for s in samples], grid, 64)
 
 
-def test_sample_geometry_is_consistent(small):
-    sample = small[0][0]
+def test_sample_geometry_is_consistent():
+    cloud = generate_set(1, seed=2, size=64).clouds[0]
+    sample = prepare_3d(cloud, Params3D(size=64, tokens="groups", n_groups=48, group_size=16, normal_neighbours=6))
     assert sample.centres.shape == (48, 3) and sample.group_pixels.shape == (48, 16)
     np.testing.assert_array_equal(sample.group_pixels[:, 0], sample.centre_pixels)   # a centre is its own 1st NN
     assert len(sample.layers) == 3 and sample.size == 64
+
+
+def test_fpfh_tokens_are_patches_of_the_grid(small):
+    sample = small[0][0]
+    assert sample.centres.shape == (64, 3) and sample.group_pixels.shape == (64, 64)   # 8 x 8 patches of 8 px
+    assert all((sample.group_pixels == c).any(axis=1)[i] for i, c in enumerate(sample.centre_pixels))
+    assert len(sample.layers) == 3 and sample.layers[0].shape == (64, 33) and sample.size == 64
+    # the map covers the patches the part touches: every foreground pixel, and no patch without one
+    fg = foreground_mask(generate_set(7, seed=2, defect_fraction=0.3, size=64).clouds[0])
+    on_grid = np.zeros(64 * 64, bool)
+    on_grid[sample.propagation.pixel_ids] = True
+    assert on_grid.reshape(64, 64)[fg].all() and not (on_grid.reshape(8, 8, 8, 8).any(axis=(1, 3)) &
+                                                      (np.stack(sample.layers[0]).sum(axis=1) == 0).reshape(8, 8)).any()
 
 
 def test_unusable_clouds_are_named():
@@ -243,6 +258,8 @@ def test_unusable_clouds_are_named():
     sparse[30:33, 30:33] = cloud[30:33, 30:33]          # the part is almost all missing: 9 points left
     sparse[0, :] = cloud[0, :]
     with pytest.raises(CloudError, match="scan_3: too few foreground points to group"):
+        prepare_3d(sparse, Params3D(size=64, tokens="groups"), "scan_3")
+    with pytest.raises(CloudError, match="scan_3: too few foreground points for FPFH"):
         prepare_3d(sparse, Params3D(size=64), "scan_3")
 
 
@@ -295,6 +312,15 @@ def test_fusion_beats_either_modality_on_all_defects(line):
     assert au["2d+3d"] > max(au["2d"], au["3d"])
     assert pixel["2d+3d"] >= 0.95
     assert pixel["2d+3d"] > max(pixel["2d"], pixel["3d"])
+
+
+def test_fpfh_patch_tokens_find_the_geometric_defects(line):
+    data, _, _ = line
+    samples = [prepare_3d(cloud, Params3D(size=SIZE)) for cloud in data.clouds]
+    scores = score_batch(None, samples, None, SIZE, FusionParams(mode="3d", sigma=SIGMA))
+    au, pixel = _image_auroc(data, scores, "3d"), roc_auc_score(data.masks.ravel(), scores.maps.ravel())
+    print(f"FPFH patch tokens: 3D-only defects image AUROC {au:.3f}, pixel AUROC (all defects) {pixel:.3f}")
+    assert au >= 0.95
 
 
 def test_ipg_lowers_false_positives_at_the_discontinuity(line):

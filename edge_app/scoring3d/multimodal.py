@@ -17,9 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..pointcloud.descriptors import DEFAULT_SCALES, NORMAL_NEIGHBOURS, descriptor_layers
+from ..pointcloud.fpfh import FPFH_NEIGHBOURS, fpfh
+from ..pointcloud.fpfh import NORMAL_NEIGHBOURS as FPFH_NORMAL_NEIGHBOURS
 from ..pointcloud.io import CloudError
-from ..pointcloud.ipg import (CURVATURE_THRESHOLD, DEFAULT_GROUP_SIZE, DEFAULT_GROUPS, DEFAULT_K_ITER, Grouping,
+from ..pointcloud.ipg import (CURVATURE_THRESHOLD, DEFAULT_GROUP_SIZE, DEFAULT_GROUPS, DEFAULT_K_ITER, MIN_POINTS,
+                              Grouping,
                               group_points)
+from ..pointcloud.patches import bilinear_weights, box_degrees, cell_centres, covered_pixels, pool_to_grid
 from ..pointcloud.preprocess import PreparedCloud, PreprocessParams, prepare_cloud
 from ..scoring.aggregate import DEFAULT_DEGREES, l2_normalise
 from ..scoring.maps import upsample
@@ -31,13 +35,31 @@ from .map3d import DEFAULT_SIGMA, Propagation, centre_map, propagation
 from .snamd3d import nearest_centres, snamd3d
 
 MODES = ("2d", "3d", "2d+3d")
+TOKENS = ("fpfh", "groups")
+DEFAULT_PATCH_PIXELS = 8   # 28 x 28 patches at 224 px, the 3D-AD FPFH baseline's grid
+DEFAULT_PATCH_DEGREES = (1, 3, 5)
+
+
+def patch_degrees(layers: int) -> tuple[int, ...]:
+    """Default box sizes of ``layers`` FPFH layers: 1, 3, 5, ... patches."""
+    return tuple(2 * i + 1 for i in range(layers))
 
 
 @dataclass(frozen=True)
 class Params3D:
-    """How a cloud becomes a :class:`Sample3D` (defaults: MuSc-V2 sizes, descriptor tokens)."""
+    """How a cloud becomes a :class:`Sample3D`.
+
+    ``tokens`` ``fpfh`` (default): per-point FPFH pooled over ``patch_pixels`` square patches, one layer per
+    ``patch_degrees`` box size (the known training-free baseline, measured best on real scans);
+    ``groups``: MuSc-V2's FPS/IPG groups with hand-crafted group descriptors at ``scales`` and SNAMD-3D.
+    """
 
     size: int = 224
+    tokens: str = "fpfh"
+    patch_pixels: int = DEFAULT_PATCH_PIXELS
+    patch_degrees: tuple[int, ...] = DEFAULT_PATCH_DEGREES
+    fpfh_neighbours: int = FPFH_NEIGHBOURS
+    fpfh_normal_neighbours: int = FPFH_NORMAL_NEIGHBOURS
     n_groups: int = DEFAULT_GROUPS
     group_size: int = DEFAULT_GROUP_SIZE
     grouping: str = "ipg"                  # ipg | knn
@@ -48,6 +70,10 @@ class Params3D:
     normal_neighbours: int = NORMAL_NEIGHBOURS
     seed: int = 0
     preprocess: PreprocessParams = PreprocessParams()
+
+    def __post_init__(self) -> None:
+        if self.tokens not in TOKENS:
+            raise ValueError(f"unknown 3D tokens {self.tokens!r}: expected one of {TOKENS}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +102,7 @@ class FusionParams:
     salient_layer: int = 1                 # 0-based; 1 = block 8 of blocks (4, 8, 12)
     sigma: float = DEFAULT_SIGMA           # 3D map blur, pixels at the 224 grid
     quantise_3d: bool = False              # reproduce the official 8-bit blur quirk
+    normalise: bool = False                # 2d+3d: each modality in units of the part's own typical score
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -111,9 +138,41 @@ def sample_from_tokens(cloud: PreparedCloud, grouping: Grouping, tokens: Sequenc
                     grouping.curvature, layers, prop)
 
 
+def fpfh_sample(cloud: PreparedCloud, params: Params3D) -> Sample3D:
+    """A :class:`Sample3D` whose "groups" are the cells of a square patch grid holding pooled FPFH.
+
+    Every cell is a token (empty ones are zeros and match other parts' empty cells), so all parts of a
+    grid have the same G. The map interpolates cell scores bilinearly over the cells the part touches.
+    """
+    size = cloud.size
+    if params.patch_pixels < 1 or size % params.patch_pixels:
+        raise ValueError(f"a {size}x{size} grid is not a whole number of {params.patch_pixels}-pixel patches")
+    grid = size // params.patch_pixels
+    if len(cloud.points) < MIN_POINTS:
+        raise ValueError(f"too few foreground points for FPFH: {len(cloud.points)} < {MIN_POINTS}")
+    sensor = -cloud.centroid / cloud.scale     # the camera, in the normalised frame of the points
+    per_point = fpfh(cloud.points, params.fpfh_normal_neighbours, params.fpfh_neighbours, sensor=sensor)
+    layers = box_degrees(pool_to_grid(per_point, cloud.pixel_ids, size, grid), params.patch_degrees)
+    centre_pixels = cell_centres(size, grid)
+    rows, cols = np.divmod(centre_pixels, size)
+    centres = np.stack([cols / size - 0.5, rows / size - 0.5, np.zeros(len(rows))], axis=1).astype(np.float32)
+    cell = size // grid
+    offsets = (np.arange(cell)[:, None] * size + np.arange(cell)[None, :]).ravel()
+    group_pixels = (centre_pixels - (cell // 2) * (size + 1))[:, None] + offsets[None, :]
+    support = covered_pixels(cloud.pixel_ids, size, grid)
+    index, weight = bilinear_weights(support, size, grid)
+    return Sample3D(centres, centre_pixels, group_pixels, np.zeros(len(centres), np.float32), tuple(layers),
+                    Propagation(index, weight, support, size))
+
+
 def prepare_3d(cloud: np.ndarray, params: Params3D = Params3D(), source: str = "<cloud>") -> Sample3D:
-    """Organised cloud ``[H, W, 3]`` (NaN = missing) -> :class:`Sample3D` with descriptor tokens."""
+    """Organised cloud ``[H, W, 3]`` (NaN = missing) -> :class:`Sample3D` with ``params.tokens`` tokens."""
     prepared = prepare_cloud(cloud, params.size, params.preprocess, source)
+    if params.tokens == "fpfh":
+        try:
+            return fpfh_sample(prepared, params)
+        except ValueError as exc:
+            raise CloudError(f"{source}: {exc}") from exc
     try:
         grouping = group_points(prepared.points, params.n_groups, params.group_size, params.grouping,
                                 params.k_iter, params.tau, params.seed)
@@ -208,6 +267,18 @@ def _check_size(size: int, grid: tuple[int, int] | None, p: int | None, samples:
         raise ValueError(f"3D samples were prepared for a {sorted(bad)} grid but scoring uses {size}x{size}")
 
 
+def typical_score(scores: np.ndarray) -> np.ndarray:
+    """``[N]`` median of each row of ``scores [N, P]`` over its non-zero entries (cells off the part score 0).
+
+    A part's median patch score is its typical distance to the pool: it carries what the whole part shares
+    (pose, lighting, the descriptors' units), not the defect, so scores divided by it are dimensionless and
+    the 2D and 3D maps can be summed on a common scale.
+    """
+    masked = np.where(scores > 0, scores, np.nan)
+    typical = np.nanmedian(masked, axis=1) if np.isfinite(masked).any() else np.ones(len(scores))
+    return np.where(np.isfinite(typical) & (typical > 0), typical, 1.0).astype(np.float32)
+
+
 def _salient_feature(parts: list[np.ndarray]) -> np.ndarray:
     """Concatenation of unit salient features, scaled to unit norm."""
     return np.concatenate([l2_normalise(p) for p in parts], axis=-1) / np.sqrt(len(parts))
@@ -248,6 +319,9 @@ def score_batch(sets_2d: Sequence[np.ndarray] | None, samples_3d: Sequence[Sampl
     parts = []
     rows = np.arange(n)
     salient = _salient_index(params, n_layers)
+    if fused and params.normalise:
+        patch_2d /= typical_score(patch_2d)[:, None]
+        centre_3d /= typical_score(centre_3d)[:, None]
     if patch_2d is not None:
         patch_2d /= n_layers
         maps += upsample(patch_2d.reshape(n, *grid), (size, size))
@@ -303,6 +377,9 @@ def score_one(query_2d: Sequence[np.ndarray] | None, query_3d: Sample3D | None,
     final = np.zeros((size, size), dtype=np.float32)
     parts = []
     salient = _salient_index(params, n_layers)
+    if proj is not None and params.normalise:
+        patch_2d /= typical_score(patch_2d[None])[0]
+        centre_3d /= typical_score(centre_3d[None])[0]
     if use_2d:
         patch_2d /= n_layers
         final += upsample(patch_2d.reshape(grid), (size, size))

@@ -19,7 +19,7 @@ from ...pointcloud import CloudError, PreprocessParams, foreground_mask, read_cl
 from ...progress import Progress
 from ...record import PartRecord
 from ...scan_pool import SCAN_MODES, PreparedScan, ScanPool
-from ...scoring3d import Params3D, Sample3D, prepare_3d
+from ...scoring3d import Params3D, Sample3D, patch_degrees, prepare_3d
 from ...scoring3d.map3d import DEFAULT_SIGMA
 from ...sources.scanner import CLOUD_SUFFIXES, cloud_problem
 from .base import Recipe, Scored, Scoring, image_files
@@ -40,8 +40,12 @@ def descriptor_scales(scan: ScanSettings, modality: str, n_2d_sets: int) -> tupl
 def scan_params(scan: ScanSettings, modality: str, size: int, n_2d_sets: int) -> Params3D:
     """How a recipe's clouds become :class:`Sample3D` on a ``size x size`` grid."""
     pre = scan.preprocess
+    scales = descriptor_scales(scan, modality, n_2d_sets)
     return Params3D(size=size, n_groups=scan.n_groups, group_size=scan.group_size, grouping=scan.grouping,
-                    scales=descriptor_scales(scan, modality, n_2d_sets), normal_neighbours=scan.normal_neighbours,
+                    tokens=scan.tokens, patch_pixels=scan.patch_pixels,
+                    patch_degrees=scan.patch_degrees or patch_degrees(len(scales)),
+                    fpfh_neighbours=scan.fpfh_neighbours, fpfh_normal_neighbours=scan.fpfh_normal_neighbours,
+                    scales=scales, normal_neighbours=scan.normal_neighbours,
                     preprocess=PreprocessParams(border=pre.border, plane_threshold=pre.plane_threshold,
                                                 plane_removal=pre.plane_removal, cluster_eps=pre.cluster_eps,
                                                 remove_plane=pre.remove_plane,
