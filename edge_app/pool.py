@@ -130,7 +130,7 @@ class FeaturePool(PoolMembers):
     """Fixed-capacity pool of prepared feature sets (``n_sets`` x ``[P, D]`` per member)."""
 
     def __init__(self, capacity: int, n_sets: int, patches: int, dim: int, *, min_size: int = 10,
-                 eviction: str = "fifo", horizon: int | None = None, seed: int = 0):
+                 eviction: str = "fifo", horizon: int | None = None, seed: int = 0, scorer: str = "numpy"):
         self._init_members(capacity, min_size)
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"unknown eviction {eviction!r}: expected one of {EVICTION_POLICIES}")
@@ -142,6 +142,15 @@ class FeaturePool(PoolMembers):
         self.work = np.zeros((n_sets, capacity * patches, dim), np.float32)
         self.features = np.zeros((capacity, dim), np.float32)      # re-scoring features
         self._workspace: list[np.ndarray] | None = None
+        # MSM backend: numpy here, or an ONNX Runtime graph (edge_app/scoring/onnx_msm.py); "auto" times them.
+        if scorer == "auto":
+            from .scoring.onnx_msm import choose_backend
+
+            scorer = choose_backend(n_sets, patches, dim, capacity)[0]
+        from .scoring.onnx_msm import make_scorer
+
+        self.scorer_name = scorer
+        self.scorer = make_scorer(scorer, n_sets, patches, dim, capacity)
 
     # -- scoring ---------------------------------------------------------------------------------------------
 
@@ -162,17 +171,22 @@ class FeaturePool(PoolMembers):
         n_refs = self.size if keep is None else int(keep.sum())
         if n_refs < 1 or self.size < self.min_size:
             raise PoolTooSmallError(f"pool has {n_refs} usable members; {self.min_size} needed to score")
-        workspaces = self._workspaces()
-        patch = np.zeros(self.patches, np.float32)
-        closeness = np.zeros(n_refs)
-        for s, query in enumerate(query_sets):
-            dist = patch_to_sample_distances(query, self.work[s, :self.size * self.patches],
-                                             workspaces[s] if workspaces else None)
-            if keep is not None:
-                dist = dist[:, keep]
-            patch += interval_mean(dist, interval_k(n_refs, params.fraction))
-            closeness += dist.mean(axis=0)
-        patch /= len(query_sets)
+        k = interval_k(n_refs, params.fraction)
+        if self.scorer is not None:
+            fast = self.scorer.score(query_sets, self, k)
+            dists = fast.dists
+        else:
+            workspaces = self._workspaces()
+            dists = [patch_to_sample_distances(query, self.work[s, :self.size * self.patches],
+                                               workspaces[s] if workspaces else None)
+                     for s, query in enumerate(query_sets)]
+        if keep is not None:
+            dists = [dist[:, keep] for dist in dists]
+        if self.scorer is not None and keep is None:
+            patch = fast.patch  # the graph's own interval mean over the sets
+        else:
+            patch = np.mean([interval_mean(dist, k) for dist in dists], axis=0).astype(np.float32)
+        closeness = np.sum([dist.mean(axis=0) for dist in dists], axis=0)
         tokens = None if image_token is None else np.asarray(image_token)[None]
         feature = salient_features([q[None] for q in query_sets], patch[None], params, tokens)[0]
         raw = float(patch.max())
