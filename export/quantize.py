@@ -21,7 +21,7 @@ import numpy as np
 from edge_app.features import preprocess
 from edge_app.manifest import Manifest, load_manifest, sha256_of, write_manifest
 
-QUANT_FORMATS = ("qdq", "qoperator")
+QUANT_FORMATS = ("qdq", "qoperator")  # dynamic mode always writes QOperator (MatMulInteger) graphs
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
@@ -29,6 +29,7 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 class QuantSettings:
     """How an INT8 model is made (recorded in its manifest)."""
 
+    mode: str = "static"                 # static (calibrated activation ranges) | dynamic (ranges per image)
     quant_format: str = "qdq"            # qdq (QuantizeLinear/DequantizeLinear pairs) | qoperator (QLinear ops)
     op_types: tuple[str, ...] = ("MatMul",)
     per_channel: bool = True
@@ -38,6 +39,8 @@ class QuantSettings:
     calibration_images: int = 0          # filled in by quantize_int8
 
     def validate(self) -> None:
+        if self.mode not in ("static", "dynamic"):
+            raise ValueError(f"unknown quantization mode {self.mode!r}: expected 'static' or 'dynamic'")
         if self.quant_format not in QUANT_FORMATS:
             raise ValueError(f"unknown quantization format {self.quant_format!r}: expected one of {QUANT_FORMATS}")
         if self.method not in CALIBRATION_METHODS:
@@ -91,18 +94,21 @@ def variant_manifest(parent: Manifest, out_path: Path, precision: str, quantizat
 
 def quantize_int8(model_path: str | Path, out_path: str | Path, images: list[np.ndarray], size: int = 224,
                   settings: QuantSettings = QuantSettings()) -> Manifest:
-    """Static INT8 quantization of an exported fp32 feature model, calibrated on ``images`` (RGB uint8)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """INT8 quantization of an exported fp32 feature model; static mode is calibrated on ``images`` (RGB uint8).
+
+    Dynamic mode measures each activation's range per image at run time (no calibration set, a little
+    slower, closer to fp32); measured on bottle in the README/issue notes."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     settings.validate()
-    if not images:
-        raise ValueError("INT8 calibration needs at least one image")
+    if not images and settings.mode == "static":
+        raise ValueError("static INT8 calibration needs at least one image")
     model_path, out_path = Path(model_path), Path(out_path)
     parent = load_manifest(model_path)
     if parent.precision != "fp32":
         raise ValueError(f"{model_path} is already {parent.precision}; quantize the fp32 model")
-    batch = preprocess(images, size, parent)
+    batch = preprocess(images, size, parent) if images else np.zeros((0, 3, size, size), np.float32)
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[settings.method]
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,14 +117,19 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, images: list[np.
         # Shape inference + graph optimisation first, as ONNX Runtime recommends before quantization.
         quant_pre_process(str(model_path), str(prepped), skip_symbolic_shape=True)
         exclude = activation_products(prepped) if settings.weights_only else []
-        quantize_static(
-            str(prepped), str(out_path.with_suffix(".onnx.tmp")), _Batches(parent.input_name, batch),
-            quant_format=QuantFormat.QDQ if settings.quant_format == "qdq" else QuantFormat.QOperator,
-            op_types_to_quantize=list(settings.op_types), per_channel=settings.per_channel,
-            reduce_range=settings.reduce_range, activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8, calibrate_method=method,
-            nodes_to_exclude=exclude,
-            extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False})
+        target = str(out_path.with_suffix(".onnx.tmp"))
+        if settings.mode == "dynamic":
+            quantize_dynamic(str(prepped), target, op_types_to_quantize=list(settings.op_types),
+                             per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+        else:
+            quantize_static(
+                str(prepped), target, _Batches(parent.input_name, batch),
+                quant_format=QuantFormat.QDQ if settings.quant_format == "qdq" else QuantFormat.QOperator,
+                op_types_to_quantize=list(settings.op_types), per_channel=settings.per_channel,
+                reduce_range=settings.reduce_range, activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude,
+                extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False})
     out_path.with_suffix(".onnx.tmp").replace(out_path)
     from dataclasses import asdict, replace
 

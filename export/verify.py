@@ -156,7 +156,7 @@ class ModelScores:
 
 def score_category(model_path: str | Path, paths: list[str], labels_test_mask: np.ndarray, blocks: tuple[int, ...],
                    size: int = 224, pool: int = 40, min_pool: int = 10, seed: int = 0,
-                   progress: bool = True) -> ModelScores:
+                   progress: bool = True, scorer: str = "numpy") -> ModelScores:
     """Features of every image through ``model_path``, then batch and stream MuSc scores (default params)."""
     import cv2
 
@@ -183,7 +183,7 @@ def score_category(model_path: str | Path, paths: list[str], labels_test_mask: n
     test = np.flatnonzero(labels_test_mask)
     batch = score_batch([fs[test] for fs in sets], engine.grid, params).rescored
     order = np.random.default_rng(seed).permutation(len(paths))
-    stream = stream_scores(sets, engine.grid, order, pool, min_pool, params).scores
+    stream = stream_scores(sets, engine.grid, order, pool, min_pool, params, scorer=scorer).scores
     warmup = np.zeros(len(paths), bool)
     warmup[order[:min(min_pool, pool)]] = True
     return ModelScores(batch, stream, warmup)
@@ -211,11 +211,13 @@ class Agreement:
 
 def verdict_agreement(model_path: str | Path, parent_path: str | Path, category: str | Path,
                       blocks: tuple[int, ...] = (6, 9), size: int = 224, pool: int = 40,
-                      target_frr: float = 0.01, threshold: float | None = None, progress: bool = True) -> Agreement:
+                      target_frr: float = 0.01, threshold: float | None = None, progress: bool = True,
+                      scorer: str = "numpy") -> Agreement:
     """Score a category's line stream with both models; compare verdicts at the parent's calibrated threshold.
 
     The threshold is the label-free one ``musc-calibrate`` would suggest from the parent's stream scores
-    (Gumbel fit, ``target_frr``) unless given. Warm-up parts count too (they are scored in batch).
+    (Gumbel fit, ``target_frr``) unless given. Warm-up parts count too (they are scored in batch). The
+    parent is scored with numpy fp32, the variant's stream with ``scorer`` (what its line will run).
     """
     from sklearn.metrics import roc_auc_score
 
@@ -224,7 +226,7 @@ def verdict_agreement(model_path: str | Path, parent_path: str | Path, category:
     paths, labels = line_stream(category)
     is_test = np.array(["/test/" in p for p in paths])
     ref = score_category(parent_path, paths, is_test, blocks, size, pool, progress=progress)
-    var = score_category(model_path, paths, is_test, blocks, size, pool, progress=progress)
+    var = score_category(model_path, paths, is_test, blocks, size, pool, progress=progress, scorer=scorer)
     if threshold is None:
         threshold = fit_threshold(ref.stream[~ref.warmup], target_frr).threshold
     same = (ref.stream >= threshold) == (var.stream >= threshold)

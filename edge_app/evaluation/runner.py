@@ -62,12 +62,13 @@ def select_layers(features: Features, model_blocks: tuple[int, ...], blocks: tup
 
 def stream_scores(sets: list[np.ndarray], grid: tuple[int, int], order: np.ndarray, capacity: int,
                   min_pool: int, params: MuscParams, progress: Progress | None = None,
-                  image_tokens: np.ndarray | None = None) -> ScoredSet:
+                  image_tokens: np.ndarray | None = None, scorer: str = "numpy") -> ScoredSet:
     """Score samples in ``order``, each against a FIFO pool of the previous ``capacity`` samples."""
     n, p, d = sets[0].shape
     if n < min_pool:
         raise ValueError(f"stream mode needs at least min_pool={min_pool} images, the dataset has {n}")
-    pool = FeaturePool(capacity, len(sets), p, d, min_size=min(min_pool, capacity), eviction="fifo")
+    pool = FeaturePool(capacity, len(sets), p, d, min_size=min(min_pool, capacity), eviction="fifo",
+                       scorer=scorer)
     maps = np.zeros((n, *grid), np.float32)
     scores = np.zeros(n)
     warmup = list(order[:pool.min_size])

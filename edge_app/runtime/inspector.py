@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import LineConfig, RecipeSettings
-from ..features import FeatureEngine, Features
+from ..features import FeatureEngine, Features, select_model
 from ..pool import FeaturePool
 from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, prepare
@@ -37,11 +37,12 @@ class Prepared:
 class RecipePool:
     """A recipe's pool with its admission rule and warm-up bookkeeping."""
 
-    def __init__(self, name: str, settings: RecipeSettings, n_sets: int, patches: int, dim: int, seed: int = 0):
+    def __init__(self, name: str, settings: RecipeSettings, n_sets: int, patches: int, dim: int, seed: int = 0,
+                 scorer: str = "numpy"):
         self.name, self.settings = name, settings
         ps = settings.pool
         self.pool = FeaturePool(ps.capacity, n_sets, patches, dim, min_size=ps.min_size, eviction=ps.eviction,
-                                horizon=ps.horizon, seed=seed)
+                                horizon=ps.horizon, seed=seed, scorer=scorer)
         self.threshold = settings.threshold
         self.rejected_duplicates = 0
 
@@ -51,8 +52,9 @@ class Inspector:
 
     def __init__(self, config: LineConfig, engine: FeatureEngine | None = None):
         self.config = config
-        self.engine = engine or FeatureEngine(config.model.path, size=config.model.size,
-                                              threads=config.model.threads)
+        self.engine = engine or FeatureEngine(
+            select_model(config.model.path, config.model.blocks, config.model.precision),
+            size=config.model.size, threads=config.model.threads)
         self.params: MuscParams = config.scoring.params()
         model_blocks = self.engine.manifest.blocks
         missing = [b for b in config.model.blocks if b not in model_blocks]
@@ -65,7 +67,8 @@ class Inspector:
         self.params.salient_set(n_sets)  # fail early on an impossible salient layer
         patches, dim = self.grid[0] * self.grid[1], self.engine.manifest.token_dim
         self.pools: dict[str, RecipePool | ScanRecipePool] = {
-            name: RecipePool(name, recipe, n_sets, patches, dim) if recipe.modality == "2d" else
+            name: RecipePool(name, recipe, n_sets, patches, dim, scorer=config.scoring.backend)
+            if recipe.modality == "2d" else
             ScanRecipePool(name, recipe, n_sets, patches, dim, self.engine.size, self.params)
             for name, recipe in config.recipes.items()}
 
