@@ -23,6 +23,7 @@ from .pool_store import load_pool, pool_path, save_pool
 from .verdict import verdict_from_pool
 
 log = logging.getLogger(__name__)
+NOT_EXTRACTED = object()  # inspect(): extract() has not run for this part
 
 
 @dataclass
@@ -110,30 +111,51 @@ class Inspector:
         sets = prepare(layers, self.grid, self.params)
         return [Prepared([fs[i] for fs in sets]) for i in range(len(images))]
 
-    def inspect(self, part: PartRecord) -> tuple[PartRecord, Prepared | None]:
-        """Fill ``part``'s verdict, reason, scores, map and stage times. Never raises for a bad part."""
+    def extract(self, part: PartRecord) -> Prepared | None:
+        """Decode and features of a part: the stages the line runs one part ahead of scoring.
+
+        A bad part gets its NO_VERDICT here. Returns None for a decided part and for a 3d / 2d+3d recipe
+        (decoded only: its pool runs the rest). Never raises for a bad part."""
         if part.verdict is not None:  # already decided upstream (e.g. a scanner frame that never came)
-            return part, None
+            return None
         rp = self.pools.get(part.recipe)
         if rp is None:
-            return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"unknown recipe {part.recipe!r}"), None
+            part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"unknown recipe {part.recipe!r}")
+            return None
         t0 = time.monotonic()
         try:
             decode_part(part)
         except DecodeError as exc:
             part.times.decode = time.monotonic() - t0
-            return part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, str(exc)), None
+            part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, str(exc))
+            return None
         t1 = time.monotonic()
         part.times.decode = t1 - t0
         if isinstance(rp, ScanRecipePool):
-            return rp.inspect(part, self.features, self.grid, self.params)
+            return None
         try:
             prepared = self.features([part.image])[0]
         except Exception as exc:  # the engine must never take the line down with it
             log.exception("feature engine failed on part %s", part.part_id)
             part.times.features = time.monotonic() - t1
-            return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"), None
+            part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}")
+            return None
         part.times.features = time.monotonic() - t1
+        return prepared
+
+    def inspect(self, part: PartRecord, extracted: Prepared | None | object = NOT_EXTRACTED
+                ) -> tuple[PartRecord, Prepared | None]:
+        """Fill ``part``'s verdict, reason, scores, map and stage times. Never raises for a bad part.
+
+        ``extracted`` is what :meth:`extract` returned for this part when it ran ahead (the line's prefetch)."""
+        if extracted is NOT_EXTRACTED:
+            extracted = self.extract(part)
+        if part.verdict is not None:
+            return part, None
+        rp = self.pools[part.recipe]
+        if isinstance(rp, ScanRecipePool):
+            return rp.inspect(part, self.features, self.grid, self.params)
+        prepared = extracted
         part, prepared, result = verdict_from_pool(
             part, prepared, rp.threshold,
             lambda: rp.pool.score(prepared.sets, self.grid, self.params, exclude_part_id=part.part_id))
