@@ -154,16 +154,13 @@ class ModelScores:
     warmup: np.ndarray       # [n] True for the parts scored in the warm-up batch
 
 
-def score_category(model_path: str | Path, paths: list[str], labels_test_mask: np.ndarray, blocks: tuple[int, ...],
-                   size: int = 224, pool: int = 40, min_pool: int = 10, seed: int = 0,
-                   progress: bool = True, scorer: str = "numpy") -> ModelScores:
-    """Features of every image through ``model_path``, then batch and stream MuSc scores (default params)."""
+def category_features(model_path: str | Path, paths: list[str], blocks: tuple[int, ...], size: int = 224,
+                      progress: bool = True) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """Patch tokens ``[N, P, D]`` of ``blocks`` for every image, through ``model_path``; and the patch grid."""
     import cv2
 
-    from edge_app.evaluation.runner import stream_scores
     from edge_app.features import FeatureEngine
     from edge_app.progress import Progress
-    from edge_app.scoring import MuscParams, prepare, score_batch
 
     engine = FeatureEngine(model_path, size=size)
     missing = [b for b in blocks if b not in engine.manifest.blocks]
@@ -178,15 +175,49 @@ def score_category(model_path: str | Path, paths: list[str], labels_test_mask: n
             for j, i in enumerate(index):
                 layers[j].append(feats.layers[i])
             bar.advance(len(images))
+    return [np.concatenate(chunks) for chunks in layers], engine.grid
+
+
+def score_features(layers: list[np.ndarray], grid: tuple[int, int], is_test: np.ndarray, pool: int = 40,
+                   min_pool: int = 10, seed: int = 0, scorer: str = "numpy") -> ModelScores:
+    """Batch scores of the test images and stream scores of every part (default MuSc params)."""
+    from edge_app.evaluation.runner import stream_scores
+    from edge_app.scoring import MuscParams, prepare, score_batch
+
     params = MuscParams()
-    sets = prepare([np.concatenate(chunks) for chunks in layers], engine.grid, params)
-    test = np.flatnonzero(labels_test_mask)
-    batch = score_batch([fs[test] for fs in sets], engine.grid, params).rescored
-    order = np.random.default_rng(seed).permutation(len(paths))
-    stream = stream_scores(sets, engine.grid, order, pool, min_pool, params, scorer=scorer).scores
-    warmup = np.zeros(len(paths), bool)
+    sets = prepare(layers, grid, params)
+    test = np.flatnonzero(is_test)
+    batch = score_batch([fs[test] for fs in sets], grid, params).rescored
+    order = np.random.default_rng(seed).permutation(len(sets[0]))
+    stream = stream_scores(sets, grid, order, pool, min_pool, params, scorer=scorer).scores
+    warmup = np.zeros(len(sets[0]), bool)
     warmup[order[:min(min_pool, pool)]] = True
     return ModelScores(batch, stream, warmup)
+
+
+def score_category(model_path: str | Path, paths: list[str], is_test: np.ndarray, blocks: tuple[int, ...],
+                   size: int = 224, pool: int = 40, min_pool: int = 10, seed: int = 0,
+                   progress: bool = True, scorer: str = "numpy") -> ModelScores:
+    """Features of every image through ``model_path``, then batch and stream MuSc scores (default params)."""
+    layers, grid = category_features(model_path, paths, blocks, size, progress)
+    return score_features(layers, grid, is_test, pool, min_pool, seed, scorer)
+
+
+def compare_scores(ref: ModelScores, var: ModelScores, labels: np.ndarray, is_test: np.ndarray, paths: list[str],
+                   threshold: float | None = None, target_frr: float = 0.01) -> "Agreement":
+    """Verdicts at the parent's calibrated threshold (label-free Gumbel fit unless given) and AUROCs."""
+    from sklearn.metrics import roc_auc_score
+
+    from calibration.thresholds import fit_threshold
+
+    if threshold is None:
+        threshold = fit_threshold(ref.stream[~ref.warmup], target_frr).threshold
+    same = (ref.stream >= threshold) == (var.stream >= threshold)
+    truth = labels[is_test]
+    auroc = lambda scores: 100 * float(roc_auc_score(truth, scores))
+    return Agreement(len(paths), float(threshold), int(same.sum()), (auroc(ref.batch), auroc(var.batch)),
+                     (auroc(ref.stream[is_test]), auroc(var.stream[is_test])),
+                     [paths[i] for i in np.flatnonzero(~same)])
 
 
 @dataclass
@@ -219,22 +250,11 @@ def verdict_agreement(model_path: str | Path, parent_path: str | Path, category:
     (Gumbel fit, ``target_frr``) unless given. Warm-up parts count too (they are scored in batch). The
     parent is scored with numpy fp32, the variant's stream with ``scorer`` (what its line will run).
     """
-    from sklearn.metrics import roc_auc_score
-
-    from calibration.thresholds import fit_threshold
-
     paths, labels = line_stream(category)
     is_test = np.array(["/test/" in p for p in paths])
     ref = score_category(parent_path, paths, is_test, blocks, size, pool, progress=progress)
     var = score_category(model_path, paths, is_test, blocks, size, pool, progress=progress, scorer=scorer)
-    if threshold is None:
-        threshold = fit_threshold(ref.stream[~ref.warmup], target_frr).threshold
-    same = (ref.stream >= threshold) == (var.stream >= threshold)
-    truth = labels[is_test]
-    auroc = lambda scores: 100 * float(roc_auc_score(truth, scores))
-    return Agreement(len(paths), float(threshold), int(same.sum()), (auroc(ref.batch), auroc(var.batch)),
-                     (auroc(ref.stream[is_test]), auroc(var.stream[is_test])),
-                     [paths[i] for i in np.flatnonzero(~same)])
+    return compare_scores(ref, var, labels, is_test, paths, threshold, target_frr)
 
 
 def format_agreement(a: Agreement) -> str:

@@ -101,3 +101,18 @@ def test_cut_export_verifies_against_the_source(tmp_path, source_model, capsys):
     assert "image_token" in capsys.readouterr().out
     features = FeatureEngine(out)(load_images(None, 1))
     assert len(features.layers) == len(manifest.blocks) and features.image_tokens.shape == (1, 384)
+
+
+@pytest.mark.slow
+def test_stream_gate_reports_verdict_agreement(toy_int8, synthetic_parts, capsys):
+    parent, int8 = toy_int8
+    # The fp32 scoring graph on the parent's own features: every verdict and AUROC identical to numpy's.
+    assert export_main(["verify", str(parent), "--parent", str(parent), "--count", "1", "--stream",
+                        str(synthetic_parts), "--pool", "12", "--scorer", "onnx-fp32", "--size", "112"]) == 0
+    out = capsys.readouterr().out
+    assert "48 parts" in out and "(100.00 %)" in out and "(+0.00)" in out and "PASSED" in out
+    code = export_main(["verify", str(int8), "--parent", str(parent), "--count", "1", "--stream",
+                        str(synthetic_parts), "--pool", "12", "--scorer", "onnx-int8", "--size", "112"])
+    out = capsys.readouterr().out
+    assert "same verdict for" in out and "image AUROC stream" in out
+    assert code == (0 if "verdicts agree" in out else 1)

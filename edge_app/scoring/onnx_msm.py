@@ -49,8 +49,9 @@ def build_msm_graph(n_sets: int, patches: int, dim: int, precision: str = "fp32"
     nodes, inputs, outputs, inits = [], [], [], []
     inits += [h.make_tensor("shape_pnq", T.INT64, [3], [P, -1, P]), h.make_tensor("one", T.FLOAT, [], [1.0]),
               h.make_tensor("minus_one", T.FLOAT, [], [-1.0]), h.make_tensor("two", T.FLOAT, [], [2.0]),
-              h.make_tensor("zero", T.FLOAT, [], [0.0]), h.make_tensor("n_sets", T.FLOAT, [], [float(n_sets)]),
-              h.make_tensor("u8_zero_point", T.UINT8, [1], [128]), h.make_tensor("unit", T.FLOAT, [1], [1.0])]
+              h.make_tensor("zero", T.FLOAT, [], [0.0]), h.make_tensor("n_sets", T.FLOAT, [], [float(n_sets)])]
+    if precision == "int8":
+        inits += [h.make_tensor("u8_zero_point", T.UINT8, [1], [128]), h.make_tensor("unit", T.FLOAT, [1], [1.0])]
     inputs.append(h.make_tensor_value_info("k", T.INT64, [1]))
     interval = []
     for s in range(n_sets):
