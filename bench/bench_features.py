@@ -87,8 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--today", type=Path, default=ROOT / "models" / "dinov2_vits14_musc.onnx",
                         help="today's fp32 model (all 12 blocks)")
-    parser.add_argument("--cut", type=Path, default=ROOT / "models" / "dinov2_vits14_musc_b9.onnx")
-    parser.add_argument("--int8", type=Path, default=ROOT / "models" / "dinov2_vits14_musc_b9_int8.onnx")
+    parser.add_argument("--cut", type=Path, default=ROOT / "models" / "dinov2_vits14_musc_cut.onnx")
+    parser.add_argument("--int8", type=Path, default=ROOT / "models" / "dinov2_vits14_musc_cut_int8.onnx")
     parser.add_argument("--pool", type=int, default=40)
     parser.add_argument("--repeat", type=int, default=15)
     args = parser.parse_args()
