@@ -32,14 +32,16 @@ def bottle_paths(data: Path) -> list[str]:
 
 
 def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int, limit: int | None = None,
-        quiet: bool = False) -> dict:
+        quiet: bool = False, model: Path = ROOT / "models" / "dinov2_vits14_musc.onnx", precision: str = "fp32",
+        scorer: str = "auto") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     sim = PlcSimulator.on_pty() if link == "serial" else PlcSimulator.on_zmq("tcp://127.0.0.1:*")
     with sim as plc:
         link_cfg = {"type": "serial", "url": plc.address} if link == "serial" else {"type": "zmq", "endpoint": plc.address}
         config = parse_config({
             "line": {"name": f"bottle-{link}", "deadline_ms": 1500, "queue_size": 4},
-            "model": {"path": str(ROOT / "models" / "dinov2_vits14_musc.onnx"), "size": 224, "blocks": [6, 9]},
+            "model": {"path": str(model), "size": 224, "blocks": [6, 9], "precision": precision},
+            "scoring": {"backend": scorer},
             "recipes": {"default": {"threshold": threshold, "pool": {"capacity": pool, "min_size": 10}}},
             "source": {"type": "replay", "paths": paths, "rate": rate, "shuffle": True, "seed": 0,
                        **({"limit": limit} if limit else {})},
@@ -93,17 +95,23 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="only the first N parts of the shuffled stream")
     parser.add_argument("--find-rate", action="store_true", help="also find the highest rate with no NO_VERDICT")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "dinov2_vits14_musc.onnx",
+                        help="feature model, or a folder to pick the --precision model covering blocks 6, 9 from")
+    parser.add_argument("--precision", choices=("fp32", "int8", "fp16"), default="fp32")
+    parser.add_argument("--scorer", choices=("auto", "numpy", "onnx-fp32", "onnx-int8"), default="auto")
     args = parser.parse_args()
     paths = bottle_paths(args.data)
     results = []
     for link in (("serial", "zmq") if args.link == "both" else (args.link,)):
         out = args.out if link == "serial" or args.link != "both" else args.out.with_name(args.out.name + "_zmq")
-        results.append(run(paths, link, args.rate, out, args.threshold, args.pool, args.limit))
+        results.append(run(paths, link, args.rate, out, args.threshold, args.pool, args.limit,
+                           model=args.model, precision=args.precision, scorer=args.scorer))
         print_result(results[-1])
     if args.find_rate:
         rate, best = args.rate, None
         while rate <= 20:
-            r = run(paths, "zmq", rate, args.out.with_name("rate_probe"), args.threshold, args.pool, limit=120, quiet=True)
+            r = run(paths, "zmq", rate, args.out.with_name("rate_probe"), args.threshold, args.pool, limit=120, quiet=True,
+                    model=args.model, precision=args.precision, scorer=args.scorer)
             ok = not r["no_verdict_after_warmup"]
             print(f"rate {rate:4.1f} parts/s: {'no NO_VERDICT' if ok else r['no_verdict_after_warmup']}")
             if not ok:

@@ -134,6 +134,9 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, images: list[np.
     from dataclasses import asdict, replace
 
     recorded = asdict(replace(settings, calibration_images=len(images)))
+    if settings.mode == "dynamic":  # no calibration, and always MatMulInteger (QOperator) nodes
+        for key in ("quant_format", "method", "calibration_images"):
+            recorded.pop(key)
     manifest = variant_manifest(parent, out_path, "int8", {**recorded, "op_types": list(settings.op_types),
                                                            "size": size})
     write_manifest(out_path, manifest)
