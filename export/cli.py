@@ -44,7 +44,8 @@ def cmd_quantize(args) -> int:
             print("note: this CPU has no VNNI; INT8 may be no faster than fp32 here", file=sys.stderr)
         settings = QuantSettings(mode=args.mode, quant_format=args.format, op_types=tuple(args.ops.split(",")),
                                  per_channel=not args.per_tensor, method=args.method,
-                                 weights_only=not args.all_matmuls)
+                                 weights_only=not args.all_matmuls,
+                                 keep_fp32=tuple(x for x in args.keep_fp32.split(",") if x))
         images = load_images(args.calibration, args.count) if args.mode == "static" else []
         manifest = quantize_int8(args.model, args.out, images, args.size, settings)
     print(f"wrote {args.out} ({manifest.precision}, blocks {list(manifest.blocks)}, {manifest.quantization}); "
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
     p.add_argument("--all-matmuls", action="store_true",
                    help="also quantize activation x activation products (attention); default: weights only")
+    p.add_argument("--keep-fp32", default="", help="comma-separated node-name parts kept in fp32 "
+                                                   "(e.g. mlp/fc2: the MLP outputs, where ViT outliers are)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("hf", help="export a local Hugging Face DINOv2 or CLIP vision checkpoint (no download)")

@@ -36,6 +36,7 @@ class QuantSettings:
     method: str = "minmax"
     reduce_range: bool = False           # 7-bit weights: only for CPUs without VNNI (u8s8 overflow)
     weights_only: bool = True            # skip activation x activation products (attention QK^T and AV)
+    keep_fp32: tuple[str, ...] = ()      # nodes whose name contains one of these stay fp32 (e.g. "mlp/fc2")
     calibration_images: int = 0          # filled in by quantize_int8
 
     def validate(self) -> None:
@@ -82,6 +83,12 @@ def activation_products(model_path: str | Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(x in weights for x in n.input)]
 
 
+def node_names(model_path: str | Path) -> list[str]:
+    import onnx
+
+    return [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node]
+
+
 def variant_manifest(parent: Manifest, out_path: Path, precision: str, quantization: dict) -> Manifest:
     """The parent's manifest for a derived model: same contract, new bytes, precision and lineage recorded."""
     from dataclasses import replace
@@ -117,6 +124,7 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, images: list[np.
         # Shape inference + graph optimisation first, as ONNX Runtime recommends before quantization.
         quant_pre_process(str(model_path), str(prepped), skip_symbolic_shape=True)
         exclude = activation_products(prepped) if settings.weights_only else []
+        exclude += [name for name in node_names(prepped) if any(part in name for part in settings.keep_fp32)]
         target = str(out_path.with_suffix(".onnx.tmp"))
         if settings.mode == "dynamic":
             quantize_dynamic(str(prepped), target, op_types_to_quantize=list(settings.op_types),
@@ -138,7 +146,7 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, images: list[np.
         for key in ("quant_format", "method", "calibration_images"):
             recorded.pop(key)
     manifest = variant_manifest(parent, out_path, "int8", {**recorded, "op_types": list(settings.op_types),
-                                                           "size": size})
+                                                           "keep_fp32": list(settings.keep_fp32), "size": size})
     write_manifest(out_path, manifest)
     return manifest
 
