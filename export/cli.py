@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
     p.add_argument("--all-matmuls", action="store_true",
                    help="also quantize activation x activation products (attention); default: weights only")
-    p.add_argument("--keep-fp32", default="", help="comma-separated node-name parts kept in fp32 "
-                                                   "(e.g. mlp/fc2: the MLP outputs, where ViT outliers are)")
+    p.add_argument("--keep-fp32", default="", help="comma-separated node-name parts kept in fp32 (e.g. mlp/fc2); "
+                                                   "'edges': the first and last transformer block")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("hf", help="export a local Hugging Face DINOv2 or CLIP vision checkpoint (no download)")

