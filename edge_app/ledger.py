@@ -87,9 +87,14 @@ def _add_dry_run_v2(conn: sqlite3.Connection) -> None:
         BEGIN SELECT RAISE(ABORT, 'ledger rows are append-only: only ack and link fields may change'); END""")
 
 
+def _add_unsendable_v3(conn: sqlite3.Connection) -> None:
+    """v3: ``unsendable`` says why a row's signal can never go out (it is then not re-sent at start)."""
+    conn.execute("ALTER TABLE parts ADD COLUMN unsendable TEXT")
+
+
 # MIGRATIONS[i] takes a database from schema version i to i + 1 (version 0 = empty file).
 Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: tuple[Migration, ...] = (_create_v1, _add_dry_run_v2)
+MIGRATIONS: tuple[Migration, ...] = (_create_v1, _add_dry_run_v2, _add_unsendable_v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -150,6 +155,7 @@ class LedgerRow:
     acked_time: float | None
     ack_late: bool
     dry_run: bool            # decided in dry-run mode: recorded, never signalled
+    unsendable: str | None = None   # why the signal can never go out (alarmed; never re-sent)
 
 
 _ROW_COLUMNS = ", ".join(LedgerRow.__dataclass_fields__)
@@ -296,7 +302,7 @@ class LedgerReader:
 
     def unacked(self) -> list[LedgerRow]:
         """Rows whose signal the PLC has not acknowledged, oldest first (re-delivery after a restart)."""
-        return self._rows("WHERE acked = 0 AND dry_run = 0 ORDER BY seq", ())
+        return self._rows("WHERE acked = 0 AND dry_run = 0 AND unsendable IS NULL ORDER BY seq", ())
 
     def recent(self, n: int) -> list[LedgerRow]:
         """The ``n`` newest rows, newest first."""
@@ -424,6 +430,14 @@ class Ledger(LedgerReader):
             "changed = (SELECT MAX(changed) + 1 FROM parts) WHERE seq = ? AND acked = 0",
             (float(when), int(late), seq))
         if cursor.rowcount == 0 and self.get(seq) is None:
+            raise KeyError(f"ledger {self.path}: no row with seq {seq}")
+
+    def mark_unsendable(self, seq: int, why: str) -> None:
+        """Record that ``seq``'s signal can never be sent (a field the wire refuses): it is not re-sent."""
+        cursor = self._conn.execute(
+            "UPDATE parts SET unsendable = ?, changed = (SELECT MAX(changed) + 1 FROM parts) WHERE seq = ?",
+            (why[:500], seq))
+        if cursor.rowcount == 0:
             raise KeyError(f"ledger {self.path}: no row with seq {seq}")
 
     def update_link_time(self, seq: int, seconds: float, *, total: float | None = None) -> None:

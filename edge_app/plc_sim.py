@@ -37,6 +37,7 @@ from edge_app.links.framing import (
     decode_body,
     encode_body,
     nak_frame,
+    parse_stop_line,
     parse_verdict,
     stream_frame,
 )
@@ -59,6 +60,7 @@ class SimCounters:
     naks_sent: int = 0
     ignored_while_silent: int = 0
     corrupted_replies: int = 0      # replies deliberately damaged (corrupt_rate)
+    stop_lines: int = 0             # STOP_LINE requests received (repeats included)
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,8 @@ class PlcSimulator:
         self._counters = SimCounters()
         self._received: list[ReceivedVerdict] = []
         self._last_heartbeat: int | None = None
+        self._stop_reasons: list[str] = []
+        self.on_stop_line: Callable[[str], None] | None = None   # called (sim thread) per new stop reason
         self._silent_until = time.monotonic() + silent_for_s if silent_after == 0 else 0.0
         self._refusals, self._refusal_code = 0, NakCode.BUSY
         self._changed = threading.Condition()
@@ -294,6 +298,11 @@ class PlcSimulator:
         with self._changed:
             return list(self._received)
 
+    def stop_reasons(self) -> list[str]:
+        """Reasons of the line stops received, in order (a repeated request is listed once)."""
+        with self._changed:
+            return list(self._stop_reasons)
+
     def wait_for(self, condition: Callable[[SimCounters], bool], timeout_s: float) -> bool:
         """Block until ``condition(counters)`` holds; False if ``timeout_s`` passes first."""
         with self._changed:
@@ -338,6 +347,19 @@ class PlcSimulator:
                     self._refusals -= 1
                     return nak_frame(frame.seq, frame.type, self._refusal_code)
             self._take_verdict(frame)
+        elif frame.type is MessageType.STOP_LINE:
+            reason = parse_stop_line(frame)
+            with self._changed:
+                self._counters.stop_lines += 1
+                new = not self._stop_reasons or self._stop_reasons[-1] != reason
+                if new:
+                    self._stop_reasons.append(reason)
+                    if self._log is not None:
+                        self._log.write(json.dumps({"stop_line": reason, "received_utc": datetime.now(
+                            timezone.utc).isoformat(timespec="milliseconds")}) + "\n")
+                        self._log.flush()
+            if new and self.on_stop_line is not None:
+                self.on_stop_line(reason)
         elif frame.type is MessageType.HEARTBEAT:
             with self._changed:
                 self._counters.heartbeats += 1
@@ -440,6 +462,11 @@ def _counter_line(counters: SimCounters) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``musc-edge plc-sim``: run a simulator until Ctrl-C or --duration; 0 on a clean exit."""
+    from edge_app.plc_sim_plant import is_plant_link, main as plant_main   # Modbus / OPC UA: their own options
+
+    plant_argv = sys.argv[1:] if argv is None else argv
+    if is_plant_link(plant_argv):
+        return plant_main(plant_argv)
     args = _parser().parse_args(argv)
     if args.link == "serial" and not args.url:
         print("plc-sim: --link serial needs --url (a device, a pyserial URL, or 'pty')", file=sys.stderr)
@@ -457,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plc-sim: {exc}", file=sys.stderr)
         return 2
     print(f"plc-sim: {args.link} PLC listening on {sim.address}", flush=True)
+    sim.on_stop_line = lambda reason: print(f"plc-sim: STOP LINE requested: {reason}", flush=True)
     end = time.monotonic() + args.duration if args.duration > 0 else float("inf")
     with sim:
         try:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scoring import MuscParams, PoolTooSmallError, rescore_one, score_batch
-from .scoring.msm import interval_k, interval_mean, patch_to_sample_distances
+from .scoring import MuscParams, PoolTooSmallError, image_scores, rescore_one, score_batch
+from .scoring.msm import one_vs_pool, patch_to_sample_distances
 from .scoring.musc import salient_features
 
 EVICTION_POLICIES = ("fifo", "reservoir")
@@ -171,30 +171,20 @@ class FeaturePool(PoolMembers):
         n_refs = self.size if keep is None else int(keep.sum())
         if n_refs < 1 or self.size < self.min_size:
             raise PoolTooSmallError(f"pool has {n_refs} usable members; {self.min_size} needed to score")
-        k = interval_k(n_refs, params.fraction)
-        if self.scorer is not None:
-            fast = self.scorer.score(query_sets, self, k)
-            dists = fast.dists
+        if self.scorer is not None:  # the ONNX Runtime graph (edge_app/scoring/onnx_msm.py)
+            scored = self.scorer.one_vs_pool(query_sets, self, params.fraction, keep)
         else:
-            workspaces = self._workspaces()
-            dists = [patch_to_sample_distances(query, self.work[s, :self.size * self.patches],
-                                               workspaces[s] if workspaces else None)
-                     for s, query in enumerate(query_sets)]
-        if keep is not None:
-            dists = [dist[:, keep] for dist in dists]
-        if self.scorer is not None and keep is None:
-            patch = fast.patch  # the graph's own interval mean over the sets
-        else:
-            patch = np.mean([interval_mean(dist, k) for dist in dists], axis=0).astype(np.float32)
-        closeness = np.sum([dist.mean(axis=0) for dist in dists], axis=0)
+            pool_sets = [self.work[s, :self.size * self.patches] for s in range(self.n_sets)]
+            scored = one_vs_pool(query_sets, pool_sets, params.fraction, keep, self._workspaces())
+        patch = scored.patch
         tokens = None if image_token is None else np.asarray(image_token)[None]
         feature = salient_features([q[None] for q in query_sets], patch[None], params, tokens)[0]
-        raw = float(patch.max())
+        raw = float(image_scores(patch[None], params.image_top)[0])
         members = np.flatnonzero(keep) if keep is not None else slice(0, self.size)
         pool_raw = self.raw_scores[members]
         score = rescore_one(raw, feature, pool_raw, self.features[members],
                             pool_range(pool_raw, params.pool_quantiles), params.windows)
-        return PoolScore(patch.reshape(grid), raw, score, feature, n_refs, float(closeness.min()) / len(query_sets))
+        return PoolScore(patch.reshape(grid), raw, score, feature, n_refs, float(scored.closeness.min()))
 
     def rescore_members(self, grid: tuple[int, int], params: MuscParams) -> None:
         """Score the members among themselves (batch, leave-one-out): used when a warm-up pool fills, so

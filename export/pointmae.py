@@ -1,6 +1,6 @@
 """Export the Point-MAE encoder used by MuSc-V2's 3D branch to ONNX, from a user's local checkpoint.
 
-Architecture (algorithm.md 2.1): mini-PointNet token embedding (per point 3 -> 128 -> 256, max-pool,
+Architecture (MuSc-V2's ``point_transformer.py``): mini-PointNet token embedding (per point 3 -> 128 -> 256, max-pool,
 concatenate with the per-point features, 512 -> 512 -> 384, max-pool), position MLP 3 -> 128 -> 384 on the
 group centre added before every block, 12 pre-norm transformer blocks (width 384, 6 heads, MLP x4, no qkv
 bias); each requested block's output goes through the final LayerNorm.

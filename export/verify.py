@@ -180,18 +180,31 @@ def category_features(model_path: str | Path, paths: list[str], blocks: tuple[in
 
 def score_features(layers: list[np.ndarray], grid: tuple[int, int], is_test: np.ndarray, pool: int = 40,
                    min_pool: int = 10, seed: int = 0, scorer: str = "numpy") -> ModelScores:
-    """Batch scores of the test images and stream scores of every part (default MuSc params)."""
-    from edge_app.evaluation.runner import stream_scores
+    """Batch scores of the test images, and stream scores of every part in a seeded order against a FIFO
+    pool of the previous ``pool`` parts (every part admitted; the first ``min_pool`` scored in batch)."""
+    from edge_app.pool import FeaturePool
     from edge_app.scoring import MuscParams, prepare, score_batch
 
     params = MuscParams()
     sets = prepare(layers, grid, params)
+    n, p, d = sets[0].shape
     test = np.flatnonzero(is_test)
     batch = score_batch([fs[test] for fs in sets], grid, params).rescored
-    order = np.random.default_rng(seed).permutation(len(sets[0]))
-    stream = stream_scores(sets, grid, order, pool, min_pool, params, scorer=scorer).scores
-    warmup = np.zeros(len(sets[0]), bool)
-    warmup[order[:min(min_pool, pool)]] = True
+    order = np.random.default_rng(seed).permutation(n)
+    fifo = FeaturePool(pool, len(sets), p, d, min_size=min(min_pool, pool), eviction="fifo", scorer=scorer)
+    stream = np.zeros(n)
+    warmup_ids = order[:fifo.min_size]
+    first = score_batch([fs[warmup_ids] for fs in sets], grid, params)
+    for j, i in enumerate(warmup_ids):
+        stream[i] = first.rescored[j]
+        fifo.admit(str(i), [fs[i] for fs in sets], first.raw[j], first.features[j])
+    for i in order[fifo.min_size:]:
+        member = [fs[i] for fs in sets]
+        result = fifo.score(member, grid, params)
+        stream[i] = result.score
+        fifo.admit(str(i), member, result.raw, result.feature)
+    warmup = np.zeros(n, bool)
+    warmup[warmup_ids] = True
     return ModelScores(batch, stream, warmup)
 
 

@@ -136,8 +136,9 @@ def test_calibrate_apply_live_rollback_and_audit(running_line, capsys):
     assert code == 0 and "OK" in out, out
     audit = storage / "calibration" / "audit.jsonl"
     lines = audit.read_text().splitlines()
-    assert [json.loads(x)["action"] for x in lines] == ["baseline", "threshold.apply", "threshold.apply",
-                                                       "rollback", "rollback"]
+    # Each live change: the technician's intent, the runtime's own record of what it applied, the result.
+    assert [json.loads(x)["action"] for x in lines] == ["baseline", "threshold.apply", "runtime.applied",
+                                                       "threshold.apply", "rollback", "runtime.applied", "rollback"]
     edited = json.loads(lines[1])
     edited["reason"] = "someone else's reason"
     lines[1] = json.dumps(edited, sort_keys=True, separators=(",", ":"))

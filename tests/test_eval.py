@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from edge_app.cli import main
@@ -75,3 +76,24 @@ def test_bottle_stream_pool_40_meets_the_foundation_targets(default_model, bottl
                                    params=MuscParams(), progress=False))
     assert report["image_auroc"] >= 99.0
     assert report["pixel_auroc"] >= 97.0
+
+
+def test_image_score_is_the_max_or_the_mean_of_the_top_k_patches():
+    from edge_app.scoring import image_scores
+
+    maps = np.zeros((2, 4, 4), np.float32)
+    maps[0, 1, 1] = 1.0                                     # one hot patch: a speck
+    maps[1, 2, :] = 0.6                                     # a thin line of four warm patches
+    assert image_scores(maps).tolist() == pytest.approx([1.0, 0.6])
+    assert image_scores(maps, top=4).tolist() == pytest.approx([0.25, 0.6])   # the line outranks the speck
+    assert image_scores(maps, top=100).tolist() == pytest.approx([1 / 16, 2.4 / 16])
+
+
+def test_eval_passes_the_image_score_rule_through_both_protocols(toy_model, synthetic_parts):
+    for mode in ("batch", "stream"):
+        reports = [run_eval(EvalSettings(synthetic_parts, mode=mode, model=toy_model, pool=10, min_pool=5,
+                                         blocks=(6, 9), params=MuscParams(image_top=k), progress=False))
+                   for k in (1, 8)]
+        if mode == "batch":   # in stream mode the verdicts decide admission, so the pools (and maps) differ
+            assert reports[0]["pixel_ap"] == reports[1]["pixel_ap"]      # same maps
+        assert reports[0]["image_ap"] != reports[1]["image_ap"]          # other image scores

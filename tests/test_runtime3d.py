@@ -7,6 +7,7 @@ geometric (3D-only) defects are caught through the cloud.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ from edge_app.pointcloud import read_cloud
 from edge_app.record import PartRecord, Reason, Verdict
 from edge_app.runtime.inspector import Inspector
 from edge_app.runtime.line import Line
-from edge_app.runtime.multimodal import PreparedScan, ScanPool, seed_scans
 from edge_app.runtime.pool_store import PoolMismatchError
+from edge_app.scan_pool import PreparedScan, ScanPool
 from edge_app.runtime.simulated import CLOUD_PATH, SCAN_PATTERN, run_simulated_scan_line, scan_line_config
 from edge_app.scoring import MuscParams, PoolTooSmallError
 from edge_app.scoring3d import Params3D, prepare_3d
@@ -44,7 +45,8 @@ def scans_in(test_folder: Path) -> list[tuple[Path, Path]]:
 
 def seeded_inspector(config, recent: Path) -> Inspector:
     inspector = Inspector(config)
-    seed_scans(inspector.pools["default"], inspector.features, inspector.grid, inspector.params, scans_in(recent))
+    recipe = inspector.recipes["default"]
+    recipe.seed(recipe.read_scans(scans_in(recent)))
     return inspector
 
 
@@ -187,7 +189,7 @@ def test_pool_persists_and_a_pool_of_other_scan_settings_is_refused(toy_model, t
     first = seeded_inspector(parse_config(raw), recent)
     first.save_pools()
     again = Inspector(parse_config(raw))
-    assert again.restore_pools() == {"default": first.pools["default"].pool.size} and again.pools["default"].pool.ready
+    assert again.restore_pools() == {"default": first.recipes["default"].pool.size} and again.recipes["default"].pool.ready
     a, b = first.inspect(_part(image, cloud))[0], again.inspect(_part(image, cloud))[0]
     assert a.raw_score == b.raw_score and a.score == b.score
     np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
@@ -196,8 +198,28 @@ def test_pool_persists_and_a_pool_of_other_scan_settings_is_refused(toy_model, t
         Inspector(parse_config(raw)).restore_pools()
 
 
+def test_a_reseed_without_clouds_fails_before_the_pool_changes_and_one_with_clouds_replaces_it(
+        toy_model, tmp_path, recent):
+    raw = scan_line_config("tcp://127.0.0.1:1", recent, tmp_path / "line", size=SIZE, model=toy_model)
+    recipe = seeded_inspector(parse_config(raw), recent).recipes["default"]
+    before = list(recipe.pool.part_ids[:recipe.pool.size])
+    images = tmp_path / "images"
+    images.mkdir()
+    for image, _ in scans_in(recent)[:3]:
+        shutil.copy(image, images / image.name)
+    with pytest.raises(FileNotFoundError, match="no point cloud"):
+        recipe.seed(recipe.read_seed(images), replace=True)
+    assert recipe.pool.part_ids[:recipe.pool.size] == before and recipe.pool.ready
+    recipe.pool.golden[0] = True
+    assert recipe.seed(recipe.read_seed(recent), replace=True) == recipe.pool.size and recipe.pool.ready
+    members = recipe.pool.part_ids[:recipe.pool.size]
+    # The golden member stays, and its own file, seen again, is refused as its near-duplicate.
+    assert before[0] in members and len(set(members)) == len(members) and recipe.pool.golden[:len(members)].sum() == 1
+    assert recipe.rejected_duplicates >= 1 and all("/rgb/" in pid for pid in members)
+
+
 def test_a_2d_image_pool_reseed_is_refused_for_a_scan_recipe(inspector, good_scan):
-    from edge_app.runtime.inspector import Prepared
+    from edge_app.runtime.recipes import Prepared
 
     part = _part(*good_scan).decide(Verdict.NO_VERDICT, Reason.WARMUP, "seed")
     with pytest.raises(ValueError, match="needs scans"):

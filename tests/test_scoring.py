@@ -7,7 +7,7 @@ import pytest
 from edge_app.scoring import (MuscParams, PoolTooSmallError, interval_k, l2_normalise, prepare, rescore_batch,
                               rescore_one, score_batch, score_one, snamd, upsample)
 from edge_app.scoring.aggregate import box_mean, lnamd
-from edge_app.scoring.msm import patch_to_sample_distances, score_against_pool
+from edge_app.scoring.msm import one_vs_pool, patch_to_sample_distances
 from edge_app.scoring.msm import score_batch as msm_batch
 
 GRID = (4, 4)
@@ -20,6 +20,11 @@ def normal_parts(n: int, seed: int = 0, noise: float = 0.05) -> np.ndarray:
     prototypes = l2_normalise(rng.normal(size=(6, DIM)))
     picks = rng.integers(0, len(prototypes), size=(n, GRID[0] * GRID[1]))
     return l2_normalise(prototypes[picks] + noise * rng.normal(size=(n, GRID[0] * GRID[1], DIM)))
+
+
+def score_against_pool(query: np.ndarray, refs: np.ndarray, fraction: float = 0.3) -> np.ndarray:
+    """One-vs-pool MSM patch scores of one feature set."""
+    return one_vs_pool([query], [refs], fraction).patch
 
 
 def test_injected_odd_patch_gets_the_top_score():

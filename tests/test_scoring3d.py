@@ -3,7 +3,7 @@ synthetic 2D+3D parts.
 
 The 2D features here are a cheap deterministic stand-in for a ViT: per-patch soft colour histograms (three
 bin counts as three "layers"), unit-normalised, on the patch grid of an 8-pixel patch, with no SWPooling
-(with real DINO tokens, whose norms are ~30, SWPooling is close to the identity; algorithm.md 2.4 caveat).
+(with real DINO tokens, whose norms are ~30, SWPooling is close to the identity; MuSc-V2 SWPooling).
 Colour histograms see stains but are blind to geometry, like a ViT under dome lighting.
 """
 from __future__ import annotations

@@ -92,11 +92,13 @@ def _read_checked(path: str | Path) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """A complete PNG/JPEG file as an RGB uint8 ``[H, W, 3]`` array (grey images are replicated)."""
-    image = cv2.imdecode(_read_checked(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DatasetError(f"cannot decode image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    """A complete PNG/JPEG/BMP file as an RGB uint8 ``[H, W, 3]`` array (edge_app/mediaio.py)."""
+    from ..mediaio import MediaError, read_image as read_media
+
+    try:
+        return read_media(path)
+    except MediaError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def read_mask(path: str | Path, size: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics as reported by MuSc / MuSc-V2 (algorithm.md 2.9).
+"""Anomaly-detection metrics as reported by MuSc / MuSc-V2 (their code's ``utils/metrics.py``).
 
 Image level: AUROC, AP and F1-max of one score per image. Pixel level: the same three over every pixel of
 every image, plus PRO (area under the per-region-overlap curve up to FPR 0.3, FPR axis rescaled to [0, 1]).

@@ -1,9 +1,13 @@
 """``musc-edge eval``: score a dataset category in batch or stream protocol and measure it.
 
 batch  -- every image scored against all others (the papers' transductive protocol).
-stream -- images in a seeded shuffled order; each is scored only against a FIFO pool of the previous
-          ``pool`` images (the line's protocol, through the runtime's own :class:`FeaturePool`); the first
-          ``min_pool`` images are scored among themselves once there are enough of them.
+stream -- images in a seeded shuffled order, each scored only against a FIFO pool of ``pool`` earlier
+          images and admitted by the line's own rules (accepted parts only, no near-duplicates, warm-up
+          outliers dropped): see :mod:`.stream`. The warm-up images are scored among themselves.
+
+Images keep their aspect (``fit``, :mod:`edge_app.geometry`): a category gets one window plan from its median
+image shape, each image is scored as the concatenated patches of its windows, and the maps are stitched back
+and measured at the scaled image's shape (``size x size`` for square images, as before).
 """
 from __future__ import annotations
 
@@ -14,12 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from ..features import FeatureEngine, Features
+from ..geometry import InputPlan, plan_for, stitch, to_image, windows
 from ..overlay import render_overlay, side_by_side
-from ..pool import FeaturePool
 from ..progress import Progress
-from ..scoring import MuscParams, prepare, score_batch, upsample
-from .datasets import load_dataset, load_masks, read_image
+from ..runtime.recipes import Prepared
+from ..scoring import MuscParams, prepare, score_batch
+from .datasets import Sample, load_dataset, read_image
 from .metrics import compute_metrics
+from .stream import eval_recipe, stream_scores
 
 # Blocks scored by default: the mid-depth blocks of the default ViT-S/14 localise best (see README).
 DEFAULT_BLOCKS = (6, 9)
@@ -32,6 +38,7 @@ class EvalSettings:
     dataset: Path
     mode: str = "batch"              # batch | stream
     size: int = 224
+    fit: str = "tile"                # tile | pad | squash: how non-square images meet the square input
     pool: int = 40                   # stream: pool capacity K
     min_pool: int = 10               # stream: members needed before scoring starts
     seed: int = 0
@@ -60,31 +67,46 @@ def select_layers(features: Features, model_blocks: tuple[int, ...], blocks: tup
     return [features.layers[model_blocks.index(b)] for b in blocks]
 
 
-def stream_scores(sets: list[np.ndarray], grid: tuple[int, int], order: np.ndarray, capacity: int,
-                  min_pool: int, params: MuscParams, progress: Progress | None = None,
-                  image_tokens: np.ndarray | None = None, scorer: str = "numpy") -> ScoredSet:
-    """Score samples in ``order``, each against a FIFO pool of the previous ``capacity`` samples."""
-    n, p, d = sets[0].shape
-    if n < min_pool:
-        raise ValueError(f"stream mode needs at least min_pool={min_pool} images, the dataset has {n}")
-    pool = FeaturePool(capacity, len(sets), p, d, min_size=min(min_pool, capacity), eviction="fifo",
-                       scorer=scorer)
-    maps = np.zeros((n, *grid), np.float32)
-    scores = np.zeros(n)
-    warmup = list(order[:pool.min_size])
-    first = score_batch([fs[warmup] for fs in sets], grid, params,
-                        None if image_tokens is None else image_tokens[warmup])
-    for j, i in enumerate(warmup):
-        maps[i], scores[i] = first.patch_maps[j], first.rescored[j]
-        pool.admit(str(i), [fs[i] for fs in sets], first.raw[j], first.features[j])
-        progress and progress.advance()
-    for i in order[pool.min_size:]:
-        member = [fs[i] for fs in sets]
-        result = pool.score(member, grid, params, image_token=None if image_tokens is None else image_tokens[i])
-        maps[i], scores[i] = result.patch_map, result.score
-        pool.admit(str(i), member, result.raw, result.feature)
-        progress and progress.advance()
-    return ScoredSet(maps, scores)
+def image_shape(path: Path) -> tuple[int, int]:
+    """(height, width) of a PNG from its header (the loader has already checked the file)."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+
+
+def category_plan(samples: list[Sample], size: int, patch: int, fit: str) -> InputPlan:
+    """The input plan of a category: from its images' median shape, one plan for all (equal patch counts)."""
+    return plan_for([image_shape(s.path) for s in samples], size, patch, fit)
+
+
+def window_features(engine: FeatureEngine, samples: list[Sample], plan: InputPlan, batch_size: int,
+                    progress: bool) -> Features:
+    """Features of every window of every sample: layers ``[N * n_windows, P, D]`` (sample-major), image tokens
+    ``[N, D]`` (the mean over a sample's windows)."""
+    chunks = []
+    per_batch = max(1, batch_size // plan.n_windows)
+    with Progress(len(samples), "features", enabled=progress) as bar:
+        for start in range(0, len(samples), per_batch):
+            batch = [w for s in samples[start:start + per_batch] for w in windows(read_image(s.path), plan)]
+            chunks.append(engine(batch, batch_size))
+            bar.advance(len(batch) // plan.n_windows)
+    tokens = np.concatenate([c.image_tokens for c in chunks])
+    return Features([np.concatenate([c.layers[j] for c in chunks]) for j in range(len(chunks[0].layers))],
+                    tokens.reshape(len(samples), plan.n_windows, -1).mean(axis=1), engine.grid)
+
+
+def sample_sets(layers: list[np.ndarray], plan: InputPlan, params: MuscParams) -> list[np.ndarray]:
+    """Aggregated feature sets ``[N, n_windows * P, D]``: each window aggregated on its own grid, then a
+    sample's windows concatenated (scored as one sample; its patch map has ``plan.stacked_grid``)."""
+    t = plan.n_windows
+    sets = prepare(layers, plan.window_grid, params)
+    return [fs.reshape(fs.shape[0] // t, t * fs.shape[1], fs.shape[2]) for fs in sets]
+
+
+def image_maps(patch_maps: np.ndarray, plan: InputPlan, shape: tuple[int, int]) -> np.ndarray:
+    """``[N, *plan.stacked_grid]`` patch maps -> ``[N, *shape]`` maps in the image's own geometry."""
+    th, tw = plan.window_grid
+    return to_image(stitch(patch_maps.reshape(len(patch_maps), plan.n_windows, th, tw), plan), shape)
 
 
 def run_eval(settings: EvalSettings) -> dict:
@@ -92,46 +114,70 @@ def run_eval(settings: EvalSettings) -> dict:
     t_start = time.monotonic()
     samples = load_dataset(settings.dataset)
     engine = FeatureEngine(settings.model, size=settings.size, threads=settings.threads)
+    plan = category_plan(samples, settings.size, engine.manifest.patch_size, settings.fit)
 
     t0 = time.monotonic()
-    chunks = []
-    with Progress(len(samples), "features", enabled=settings.progress) as bar:
-        for start in range(0, len(samples), settings.batch_size):
-            batch = [read_image(s.path) for s in samples[start:start + settings.batch_size]]
-            chunks.append(engine(batch, settings.batch_size))
-            bar.advance(len(batch))
-    features = Features([np.concatenate([c.layers[j] for c in chunks]) for j in range(len(chunks[0].layers))],
-                        np.concatenate([c.image_tokens for c in chunks]), engine.grid)
+    features = window_features(engine, samples, plan, settings.batch_size, settings.progress)
     t_features = time.monotonic() - t0
 
     t0 = time.monotonic()
     layers = select_layers(features, engine.manifest.blocks, settings.blocks)
-    sets = prepare(layers, engine.grid, settings.params)
+    sets = sample_sets(layers, plan, settings.params)
+    grid = plan.stacked_grid
     if settings.mode == "batch":
-        result = score_batch(sets, engine.grid, settings.params, features.image_tokens)
+        result = score_batch(sets, grid, settings.params, features.image_tokens)
         scored = ScoredSet(result.patch_maps, result.rescored)
     elif settings.mode == "stream":
         order = np.random.default_rng(settings.seed).permutation(len(samples))
+        n, patches, dim = sets[0].shape
+        recipe = eval_recipe("2d", settings.pool, settings.min_pool, settings.params, grid, settings.size,
+                             len(sets), patches, dim)
+        tokens = features.image_tokens
+        prepared = [Prepared([fs[i] for fs in sets], image_token=tokens[i]) for i in range(n)]
+
+        def warmup(idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            first = score_batch([fs[idx] for fs in sets], grid, settings.params, tokens[idx])
+            return first.patch_maps, first.rescored
         with Progress(len(samples), "scoring", enabled=settings.progress) as bar:
-            scored = stream_scores(sets, engine.grid, order, settings.pool, settings.min_pool, settings.params, bar,
-                                   features.image_tokens)
+            streamed = stream_scores(recipe, prepared, order, warmup, bar)
+        scored = ScoredSet(streamed.maps, streamed.scores)
     else:
         raise ValueError(f"unknown mode {settings.mode!r}: expected 'batch' or 'stream'")
     t_scoring = time.monotonic() - t0
 
-    maps = upsample(scored.patch_maps, (settings.size, settings.size))
+    maps = image_maps(scored.patch_maps, plan, plan.scaled)
     return measure(settings, samples, maps, scored.scores, t_start, t_features, t_scoring)
+
+
+def load_masks_at(samples: list[Sample], shape: tuple[int, int]) -> np.ndarray:
+    """``[N, H, W]`` bool ground truth at ``shape`` (area-resized, > half the mask's peak; any non-zero id of
+    MVTec 3D-AD counts); all False where a sample has no mask."""
+    import cv2
+
+    h, w = shape
+    masks = np.zeros((len(samples), h, w), dtype=bool)
+    for i, sample in enumerate(samples):
+        if sample.mask_path is None:
+            continue
+        mask = read_image(sample.mask_path)[..., 0].astype(np.float32)
+        peak = float(mask.max())
+        if peak > 0:
+            shrinking = h * w < mask.size
+            masks[i] = cv2.resize(mask, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR) \
+                > 0.5 * peak
+    return masks
 
 
 def measure(settings: EvalSettings, samples, maps: np.ndarray, scores: np.ndarray, t_start: float,
             t_features: float, t_scoring: float) -> dict:
-    """Metrics of full-resolution ``maps`` and image ``scores`` against the samples' ground truth, overlays
-    if asked, and the report dict (REPORT_KEYS, metrics in percent). Shared by 2D and 3D evaluation."""
+    """Metrics of ``maps`` ``[N, H, W]`` (any aspect: the masks are brought to it) and image ``scores`` against
+    the samples' ground truth, overlays if asked, and the report dict (REPORT_KEYS, metrics in percent).
+    Shared by 2D and 3D evaluation."""
     labels = np.array([s.label for s in samples])
-    masks = load_masks(samples, settings.size)
+    masks = load_masks_at(samples, maps.shape[1:])
     metrics = compute_metrics(labels, scores, masks, maps)
     if settings.overlays:
-        write_overlays(settings.overlays, samples, maps, masks, scores, settings.size)
+        write_overlays(settings.overlays, samples, maps, masks, scores)
     report = {"dataset": str(settings.dataset), "mode": settings.mode, "size": settings.size,
               "pool": settings.pool if settings.mode == "stream" else None, "n_images": len(samples),
               "n_anomalous": int(labels.sum()), **metrics,
@@ -140,15 +186,15 @@ def measure(settings: EvalSettings, samples, maps: np.ndarray, scores: np.ndarra
     return {key: report[key] for key in REPORT_KEYS}
 
 
-def write_overlays(folder: Path, samples, maps: np.ndarray, masks: np.ndarray, scores: np.ndarray,
-                   size: int) -> None:
-    """One [image | heat map | ground truth] PNG per sample, all on one colour scale."""
+def write_overlays(folder: Path, samples, maps: np.ndarray, masks: np.ndarray, scores: np.ndarray) -> None:
+    """One [image | heat map | ground truth] PNG per sample at the maps' geometry, all on one colour scale."""
     import cv2
 
     folder.mkdir(parents=True, exist_ok=True)
     lo, hi = np.percentile(maps, [1.0, 99.9])
+    h, w = maps.shape[1:]
     for sample, amap, mask, score in zip(samples, maps, masks, scores):
-        image = cv2.resize(read_image(sample.path), (size, size), interpolation=cv2.INTER_AREA)
+        image = cv2.resize(read_image(sample.path), (w, h), interpolation=cv2.INTER_AREA)
         over = render_overlay(image, amap, lo, hi, caption=f"{score:.3f}")
         name = f"{sample.defect_type}_{Path(sample.path).stem}.png"
         cv2.imwrite(str(folder / name), cv2.cvtColor(side_by_side(image, over, mask), cv2.COLOR_RGB2BGR))

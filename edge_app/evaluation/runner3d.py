@@ -3,7 +3,7 @@ MuSc-V2's 3D or fused 2D+3D scoring, in the batch or stream protocol of :mod:`.r
 
 Each cloud is prepared on the ``size x size`` grid of the image (the two stay pixel-aligned); in 2d+3d mode
 the image's pixels off the scanned part are zeroed before the 2D features, as MuSc-V2 does (pitfall 14).
-Stream mode scores through the line's own :class:`~edge_app.runtime.multimodal.ScanPool` (FIFO).
+Stream mode scores through the line's own scan recipe and admission rules (:mod:`.stream`).
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from ..config import ScanSettings
 from ..features import FeatureEngine, Features
 from ..pointcloud import read_cloud
 from ..progress import Progress
-from ..runtime.multimodal import (SCAN_MODES, PreparedScan, ScanPool, blur_sigma, fusion_params, prepare_scan,
-                                  scan_params)
-from ..scoring import MuscParams, prepare
+from ..runtime.recipes.recipe_scan import blur_sigma, prepare_scan, scan_params
+from ..scan_pool import SCAN_MODES, PreparedScan, fusion_params
+from ..scoring import prepare
 from ..scoring3d import Sample3D, score_batch
 from .datasets import DatasetError, Sample, load_dataset, read_image
 from .runner import EvalSettings, measure, select_layers
+from .stream import eval_recipe, stream_scores
 
 
 @dataclass
@@ -66,35 +67,6 @@ def prepare_samples(settings: Eval3DSettings, samples: list[Sample], engine: Fea
     return samples_3d, prepare(layers, engine.grid, settings.params)
 
 
-def stream_scan_scores(sets: list[np.ndarray] | None, samples_3d: list[Sample3D], grid: tuple[int, int] | None,
-                       pool: ScanPool, order: np.ndarray, params: MuscParams,
-                       progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(maps ``[N, size, size]``, re-scored scores ``[N]``) of samples scored in ``order``, each against
-    ``pool`` (FIFO of the previous ones); the first ``pool.min_size`` are scored among themselves."""
-    n = len(samples_3d)
-    if n < pool.min_size:
-        raise ValueError(f"stream mode needs at least min_pool={pool.min_size} images, the dataset has {n}")
-    maps = np.zeros((n, pool.image_size, pool.image_size), np.float32)
-    scores = np.zeros(n)
-
-    def scan(i: int) -> PreparedScan:
-        return PreparedScan([fs[i] for fs in sets] if sets else [], samples_3d[i])
-
-    warmup = list(order[:pool.min_size])
-    first = score_batch([fs[warmup] for fs in sets] if sets else None, [samples_3d[i] for i in warmup], grid,
-                        pool.image_size, pool.fusion(params))
-    for j, i in enumerate(warmup):
-        maps[i], scores[i] = first.maps[j], first.rescored[j]
-        pool.admit(str(i), scan(i), first.raw[j], first.features[j])
-        progress and progress.advance()
-    for i in order[pool.min_size:]:
-        result = pool.score(scan(i), grid, params)
-        maps[i], scores[i] = result.map, result.score
-        pool.admit(str(i), scan(i), result.raw, result.feature)
-        progress and progress.advance()
-    return maps, scores
-
-
 def run_eval3d(settings: Eval3DSettings) -> dict:
     """Score a category with 3D or 2D+3D scoring; the report has the 2D runner's schema (REPORT_KEYS)."""
     if settings.modality not in SCAN_MODES:
@@ -124,12 +96,19 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
                              fusion_params(settings.modality, settings.params, sigma))
         maps, scores = result.maps, result.rescored
     else:
-        pool = ScanPool(settings.modality, settings.pool, n_sets, grid[0] * grid[1] if grid else 0,
-                        sets[0].shape[2] if sets else 0, settings.size,
-                        min_size=min(settings.min_pool, settings.pool), sigma=sigma)
+        recipe = eval_recipe(settings.modality, settings.pool, settings.min_pool, settings.params, grid,
+                             settings.size, n_sets, grid[0] * grid[1] if grid else 0,
+                             sets[0].shape[2] if sets else 0, settings.scan)
+        prepared = [PreparedScan([fs[i] for fs in sets] if sets else [], s) for i, s in enumerate(samples_3d)]
+
+        def warmup(idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            first = score_batch([fs[idx] for fs in sets] if sets else None, [samples_3d[i] for i in idx], grid,
+                                settings.size, fusion_params(settings.modality, settings.params, sigma))
+            return first.maps, first.rescored
         order = np.random.default_rng(settings.seed).permutation(len(samples))
         with Progress(len(samples), "scoring", enabled=settings.progress) as bar:
-            maps, scores = stream_scan_scores(sets, samples_3d, grid, pool, order, settings.params, bar)
+            streamed = stream_scores(recipe, prepared, order, warmup, bar)
+        maps, scores = streamed.maps, streamed.scores
     t_scoring = time.monotonic() - t0
 
     return measure(settings, samples, maps, scores, t_start, t_features, t_scoring)

@@ -1,4 +1,4 @@
-"""Reject links: verdicts to the PLC over serial or ZeroMQ, picked by the config's ``type``."""
+"""Reject links: verdicts to the PLC over serial, ZeroMQ, Modbus or OPC UA, picked by the config's ``type``."""
 from __future__ import annotations
 
 from typing import Annotated, Any, Mapping, Union
@@ -16,20 +16,29 @@ from edge_app.links.base import (
     SendResult,
     Transport,
 )
+from edge_app.links.modbus_link import ModbusRtuLinkConfig, ModbusTcpLinkConfig, ModbusTransport
+from edge_app.links.opcua_link import OpcUaLinkConfig, OpcUaTransport
+from edge_app.links.plant_link import PlantLink
 from edge_app.links.serial_link import SerialLinkConfig, SerialTransport
 from edge_app.links.zmq_link import ZmqLinkConfig, ZmqTransport
 
-LinkConfig = Annotated[Union[SerialLinkConfig, ZmqLinkConfig], Field(discriminator="type")]
+AnyLinkConfig = Union[SerialLinkConfig, ZmqLinkConfig, ModbusTcpLinkConfig, ModbusRtuLinkConfig, OpcUaLinkConfig]
+LinkConfig = Annotated[AnyLinkConfig, Field(discriminator="type")]
+_TRANSPORTS: dict[type, type[Transport]] = {
+    SerialLinkConfig: SerialTransport, ZmqLinkConfig: ZmqTransport, ModbusTcpLinkConfig: ModbusTransport,
+    ModbusRtuLinkConfig: ModbusTransport, OpcUaLinkConfig: OpcUaTransport,
+}
 _LINK_CONFIG = TypeAdapter(LinkConfig)
 
 __all__ = [
     "LinkClosedError", "LinkConfig", "LinkHealth", "LinkIOError", "LinkSettings", "RejectLink",
+    "ModbusRtuLinkConfig", "ModbusTcpLinkConfig", "OpcUaLinkConfig", "PlantLink",
     "SendResult", "SerialLinkConfig", "SerialTransport", "Transport", "ZmqLinkConfig", "ZmqTransport",
     "open_link", "parse_link_config",
 ]
 
 
-def parse_link_config(raw: Mapping[str, Any]) -> SerialLinkConfig | ZmqLinkConfig:
+def parse_link_config(raw: Mapping[str, Any]) -> AnyLinkConfig:
     """Validate a ``link`` config section; ValueError names the offending key and value."""
     try:
         return _LINK_CONFIG.validate_python(dict(raw))
@@ -39,7 +48,7 @@ def parse_link_config(raw: Mapping[str, Any]) -> SerialLinkConfig | ZmqLinkConfi
 
 def _describe(error: Any) -> str:
     loc = [str(part) for part in error["loc"]]
-    if loc and loc[0] in ("serial", "zmq"):              # the union member's tag, not a key
+    if loc and loc[0] in ("serial", "zmq", "modbus-tcp", "modbus-rtu", "opcua"):   # the union member's tag
         loc = loc[1:]
     if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
         loc = ["type"]
@@ -51,13 +60,12 @@ def _describe(error: Any) -> str:
     return f"link.{'.'.join(loc)}: {error['msg']} (got {shown!r})"
 
 
-def open_link(config: SerialLinkConfig | ZmqLinkConfig | Mapping[str, Any], *,
+def open_link(config: AnyLinkConfig | Mapping[str, Any], *,
               on_ack: AckCallback | None = None, on_alarm: AlarmCallback | None = None,
               on_alarm_cleared: AlarmCallback | None = None) -> RejectLink:
     """A running RejectLink for ``config`` (a validated model or a raw mapping with ``type``)."""
-    if not isinstance(config, (SerialLinkConfig, ZmqLinkConfig)):
+    if not isinstance(config, tuple(_TRANSPORTS)):
         config = parse_link_config(config)
-    transport: Transport = SerialTransport(config) if isinstance(config, SerialLinkConfig) \
-        else ZmqTransport(config)
-    return RejectLink(transport, config, on_ack=on_ack, on_alarm=on_alarm,
-                      on_alarm_cleared=on_alarm_cleared)
+    transport = _TRANSPORTS[type(config)](config)
+    link_class = PlantLink if isinstance(transport, (ModbusTransport, OpcUaTransport)) else RejectLink
+    return link_class(transport, config, on_ack=on_ack, on_alarm=on_alarm, on_alarm_cleared=on_alarm_cleared)

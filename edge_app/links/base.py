@@ -29,6 +29,7 @@ from edge_app.links.framing import (
     encode_body,
     heartbeat_frame,
     reply_target,
+    stop_line_frame,
     verdict_frame,
 )
 from edge_app.record import Reason, Verdict
@@ -76,7 +77,15 @@ class LinkSettings(BaseModel):
 
 
 class Transport(ABC):
-    """Moves message bodies (see framing.py) to and from the PLC. Used by one thread at a time."""
+    """Moves message bodies (see framing.py) to and from the PLC. Used by one thread at a time.
+
+    Every link type implements five primitives: ``open``, ``close``, ``write`` and ``read`` of message
+    bodies, and ``send_stop_line(reason)``: tell the PLC to stop the conveyor now (``fail_safe: stop_line``).
+    A framed transport writes a STOP_LINE body (``framing.stop_line_frame(0, reason)``, seq 0), which the
+    PLC acknowledges like any message; a transport with its own data model (a Modbus coil, an OPC UA
+    variable) sets its stop signal there and returns True once it is written. It is repeated until
+    acknowledged, so it must be idempotent.
+    """
 
     description: str
 
@@ -95,6 +104,11 @@ class Transport(ABC):
     @abstractmethod
     def read(self, timeout_s: float) -> list[bytes | FrameError]:
         """Bodies received within ``timeout_s`` (returns as soon as any arrive); [] on timeout."""
+
+    @abstractmethod
+    def send_stop_line(self, reason: str) -> bool:
+        """Transmit the line-stop request with ``reason`` (see the class docstring); False when the PLC
+        cannot be reached right now (counts as a failed try); LinkIOError when the transport broke."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,8 @@ class LinkHealth:
     bad_frames: int = 0               # replies that failed CRC or framing
     heartbeats_sent: int = 0
     heartbeats_acked: int = 0
+    stop_lines_sent: int = 0          # STOP_LINE transmissions
+    stop_lines_acked: int = 0         # line stops the PLC acknowledged
 
 
 @dataclass(frozen=True)
@@ -159,6 +175,8 @@ class _Counters:
     bad_frames: int = 0
     heartbeats_sent: int = 0
     heartbeats_acked: int = 0
+    stop_lines_sent: int = 0
+    stop_lines_acked: int = 0
 
 
 class RejectLink:
@@ -193,6 +211,9 @@ class RejectLink:
         self._reopen_backoff = self._settings.backoff_initial_s
         self._reopen_at = now
         self._open = False
+        self._stop_reason: str | None = None        # a line stop waiting for the PLC's ACK
+        self._stop_due = now
+        self._stop_backoff = self._settings.backoff_initial_s
         self._try_open()
         self._worker = threading.Thread(target=self._run, name=f"reject-link {transport.description}",
                                         daemon=True)
@@ -232,6 +253,20 @@ class RejectLink:
         """
         self._enqueue(seq, part_id, verdict, reason, time.monotonic(), resend=True)
 
+    def send_stop_line(self, reason: str) -> None:
+        """Ask the PLC to stop the line (STOP_LINE), ahead of any verdict; returns at once.
+
+        Repeated with backoff until the PLC acknowledges it (``health().stop_lines_acked``); a newer
+        request replaces a pending one's reason.
+        """
+        with self._lock:
+            if self._closing:
+                raise LinkClosedError(f"reject link {self._transport.description} is closed")
+            self._stop_reason = str(reason) or "stop requested"
+            self._stop_due = time.monotonic()
+            self._stop_backoff = self._settings.backoff_initial_s
+            self._wake.notify()
+
     def health(self) -> LinkHealth:
         """A consistent snapshot of the link's state and counters."""
         now = time.monotonic()
@@ -247,6 +282,7 @@ class RejectLink:
                 transmissions=c.transmissions, retries=c.retries, acked=c.acked,
                 late_acks=c.late_acks, naks=c.naks, bad_frames=c.bad_frames,
                 heartbeats_sent=c.heartbeats_sent, heartbeats_acked=c.heartbeats_acked,
+                stop_lines_sent=c.stop_lines_sent, stop_lines_acked=c.stop_lines_acked,
             )
 
     def close(self) -> None:
@@ -318,12 +354,16 @@ class RejectLink:
                     return self._raise_silence_alarm
                 if not self._open:
                     job, due = self._try_open, self._reopen_at
+                elif self._stop_reason is not None and self._stop_due <= now:
+                    job, due = self._deliver_stop_line, self._stop_due
                 elif self._outbox and self._outbox[0].next_due <= self._heartbeat_due:
                     job, due = self._deliver_head, self._outbox[0].next_due
                 else:
                     job, due = self._heartbeat, self._heartbeat_due
                 if due <= now:
                     return job
+                if self._stop_reason is not None:
+                    due = min(due, self._stop_due)
                 if ALARM_PLC_SILENT not in self._alarms:
                     due = min(due, self._last_rx + silence_s)
                 self._wake.wait(due - now)
@@ -373,6 +413,23 @@ class RejectLink:
             if self._on_ack is not None:
                 _call_safely(self._on_ack, message.seq, late)
 
+    def _deliver_stop_line(self) -> None:
+        with self._lock:
+            reason = self._stop_reason
+            if reason is None:
+                return
+            self._counters.stop_lines_sent += 1
+        frame = stop_line_frame(0, reason)
+        if self._exchange(frame, send=lambda: self._transport.send_stop_line(reason)).acked:
+            with self._lock:
+                self._counters.stop_lines_acked += 1
+                if self._stop_reason == reason:
+                    self._stop_reason = None
+            return
+        with self._lock:
+            self._stop_due = time.monotonic() + self._stop_backoff
+            self._stop_backoff = min(2 * self._stop_backoff, self._settings.backoff_max_s)
+
     def _heartbeat(self) -> None:
         with self._lock:
             self._heartbeat_counter = (self._heartbeat_counter + 1) & MAX_SEQ
@@ -389,10 +446,10 @@ class RejectLink:
                     head = self._outbox[0]
                     head.next_due, head.backoff = time.monotonic(), self._settings.backoff_initial_s
 
-    def _exchange(self, frame: Frame) -> _Outcome:
-        """Transmit ``frame`` and wait up to ack_timeout_s for its reply."""
+    def _exchange(self, frame: Frame, send: Callable[[], bool] | None = None) -> _Outcome:
+        """Transmit ``frame`` (by ``send()`` when given) and wait up to ack_timeout_s for its reply."""
         try:
-            sent = self._transport.write(encode_body(frame))
+            sent = send() if send is not None else self._transport.write(encode_body(frame))
             with self._lock:
                 self._counters.transmissions += 1
             error = None if sent else f"PLC not reachable on {self._transport.description}"

@@ -33,6 +33,7 @@ _MAX_ENCODED_BYTES = MAX_BODY_BYTES + MAX_BODY_BYTES // 254 + 2
 class MessageType(IntEnum):
     VERDICT = 0x01      # runtime -> PLC: a part's verdict
     HEARTBEAT = 0x02    # runtime -> PLC: liveness, seq = heartbeat counter
+    STOP_LINE = 0x03    # runtime -> PLC: stop the conveyor now; seq = stop counter, payload = reason (UTF-8)
     ACK = 0x06          # PLC -> runtime: payload = type being acknowledged
     NAK = 0x15          # PLC -> runtime: payload = type being refused, NakCode
 
@@ -199,6 +200,17 @@ def parse_verdict(frame: Frame) -> VerdictMessage:
 def heartbeat_frame(counter: int, pending: int) -> Frame:
     """A HEARTBEAT message; ``pending`` = verdicts waiting for an ack (saturates at 65535)."""
     return Frame(MessageType.HEARTBEAT, counter & MAX_SEQ, struct.pack(">H", min(pending, 0xFFFF)))
+
+
+def stop_line_frame(counter: int, reason: str) -> Frame:
+    """A STOP_LINE message; ``reason`` is cut to 255 bytes of UTF-8 (at a character boundary)."""
+    text = reason.encode("utf-8", "replace")[:255].decode("utf-8", "ignore").encode("utf-8")
+    return Frame(MessageType.STOP_LINE, counter & MAX_SEQ, text)
+
+
+def parse_stop_line(frame: Frame) -> str:
+    """The reason of a STOP_LINE frame (undecodable bytes replaced, never an error: stopping matters more)."""
+    return frame.payload.decode("utf-8", "replace")
 
 
 def ack_frame(seq: int, acked_type: MessageType) -> Frame:

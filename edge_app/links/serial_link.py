@@ -8,7 +8,7 @@ import serial
 from pydantic import Field
 
 from edge_app.links.base import LinkIOError, LinkSettings, Transport
-from edge_app.links.framing import FrameError, StreamDeframer, stream_frame
+from edge_app.links.framing import FrameError, StreamDeframer, encode_body, stop_line_frame, stream_frame
 
 _POLL_S = 0.01      # longest single blocking read, so close() and deadlines are honoured promptly
 
@@ -65,6 +65,9 @@ class SerialTransport(Transport):
         except (serial.SerialException, OSError) as exc:
             raise LinkIOError(f"write to {self._config.url} failed: {exc}") from exc
         return True
+
+    def send_stop_line(self, reason: str) -> bool:
+        return self.write(encode_body(stop_line_frame(0, reason)))
 
     def read(self, timeout_s: float) -> list[bytes | FrameError]:
         port = self._require_port()

@@ -8,7 +8,7 @@ import zmq
 from pydantic import Field
 
 from edge_app.links.base import LinkIOError, LinkSettings, Transport
-from edge_app.links.framing import FrameError
+from edge_app.links.framing import FrameError, encode_body, stop_line_frame
 
 
 class ZmqLinkConfig(LinkSettings):
@@ -64,6 +64,9 @@ class ZmqTransport(Transport):
         except zmq.ZMQError as exc:
             raise LinkIOError(f"send to {self._config.endpoint} failed: {exc}") from exc
         return True
+
+    def send_stop_line(self, reason: str) -> bool:
+        return self.write(encode_body(stop_line_frame(0, reason)))
 
     def read(self, timeout_s: float) -> list[bytes | FrameError]:
         sock = self._require_socket()

@@ -1,6 +1,6 @@
 """Point grouping for 3D patch features: farthest-point centres, curvature, plain kNN and IPG groups.
 
-IPG (Iterative Point Grouping, MuSc-V2, algorithm.md 2.5): a centre whose neighbourhood is flat
+IPG (Iterative Point Grouping, MuSc-V2, ``_IPG.py``): a centre whose neighbourhood is flat
 (surface variation < tau) gets its plain M-NN group; a curved / edge centre starts from its ``k_iter``
 nearest points and grows by repeatedly adding the candidates (from its 2M-NN) closest to the current
 members, so the group follows the surface instead of swallowing a nearby disconnected one.

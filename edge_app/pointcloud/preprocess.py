@@ -1,4 +1,4 @@
-"""Organised-cloud preprocessing for MuSc-V2 3D scoring (algorithm.md pitfalls 14 and 16).
+"""Organised-cloud preprocessing for MuSc-V2 3D scoring (as MuSc-V2's code prepares MVTec 3D-AD).
 
 Order, as in the official MVTec 3D-AD preprocessing: fit the background plane by RANSAC on the image-border
 strip and drop points near it; keep the largest spatially connected cluster; nearest-neighbour resize of

@@ -3,14 +3,22 @@
 ``<storage>/calibration/current.json`` is written by ``musc-calibrate`` (atomically, with an audit record)
 and read by the runtime at start and on ``apply`` through the control socket. Every ledger row carries
 the version it was decided with.
+
+Authority lives in the runtime (:class:`CalibrationAuthority`): a calibration is put in force only when the
+audit chain verifies, its ``vNNNN.json`` holds exactly it, and an audit *intent* record newer than the one
+behind the calibration in force authorises it (so a replayed, invented or hand-edited version is refused);
+the runtime then writes its own audit record of what it applied.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .verdict import MAX_THRESHOLD
 
 
 class CalibrationError(ValueError):
@@ -41,7 +49,8 @@ class RejectTiming(BaseModel):
 class RecipeCalibration(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    threshold: float = Field(..., description="re-scored score at or above which a part is rejected")
+    threshold: float = Field(..., gt=0, le=MAX_THRESHOLD, allow_inf_nan=False,
+                             description="re-scored score at or above which a part is rejected")
 
 
 class Calibration(BaseModel):
@@ -82,3 +91,90 @@ def load_current(storage_dir: str | Path, known_recipes: set[str] | None = None)
     except json.JSONDecodeError as exc:
         raise CalibrationError(f"{path} is not valid JSON ({exc}); restore it with `musc-calibrate rollback`") from None
     return parse_calibration(raw, known_recipes, str(path))
+
+
+@dataclass(frozen=True)
+class Authorised:
+    """A calibration and the audit intent record (its ``seq``) that put it in force; seq 0 = none (YAML)."""
+
+    calibration: Calibration | None
+    intent_seq: int = 0
+
+
+class CalibrationAuthority:
+    """The runtime's own check of what it is asked to run, against the version files and the audit chain."""
+
+    def __init__(self, storage_dir: str | Path, known_recipes: set[str], who: str) -> None:
+        from calibration.store import CalibrationStore
+
+        self.store = CalibrationStore(storage_dir)
+        self.known_recipes, self.who = known_recipes, who
+
+    def at_start(self, line: str) -> Authorised:
+        """The audited calibration in ``current.json`` (none: the YAML thresholds); CalibrationError
+        with a one-line reason when ``current.json``, its version file and the audit log disagree, or when
+        it is older than what the line last applied (an old version file copied over it). A calibration
+        staged since the last run is recorded as applied."""
+        from calibration.store import StoreError
+
+        try:
+            calibration = self.store.current(self.known_recipes)
+        except StoreError as exc:
+            raise CalibrationError(str(exc)) from None
+        if calibration is None:
+            return Authorised(None)
+        found = Authorised(calibration, self._intent_for(calibration, "current.json"))
+        last = max((r["result_of"] for r in self.store.audit.records()
+                    if r.get("action") == "runtime.applied" and isinstance(r.get("result_of"), int)), default=0)
+        if found.intent_seq < last:
+            raise CalibrationError(f"current.json holds version {calibration.version} (audit record "
+                                   f"{found.intent_seq}), older than what this line last applied (audit record "
+                                   f"{last}); restore it with `musc-calibrate rollback`")
+        if found.intent_seq > last:   # staged while the line was down
+            with self.store.lock():
+                self.record_applied(found, line)
+        return found
+
+    def check_apply(self, calibration: Calibration, in_force: Authorised) -> Authorised:
+        """``calibration`` with its authorising intent record, or CalibrationError (nothing changes)."""
+        stored = self.store.version_path(calibration.version)
+        from calibration.store import calibration_bytes
+
+        if not stored.is_file() or stored.read_bytes() != calibration_bytes(calibration):
+            raise CalibrationError(f"version {calibration.version} is not the stored {stored.name}: a calibration "
+                                   "reaches the line only through `musc-calibrate` (which stores and audits it)")
+        seq = self._intent_for(calibration, f"version {calibration.version}")
+        if seq <= in_force.intent_seq:
+            raise CalibrationError(f"version {calibration.version} is authorised by audit record {seq}, not newer "
+                                   f"than record {in_force.intent_seq} behind the calibration in force: a replay")
+        return Authorised(calibration, seq)
+
+    def record_applied(self, applied: Authorised, line: str) -> None:
+        """The runtime's own audit record of the calibration it has just put in force."""
+        c = applied.calibration
+        self.store.audit.append(
+            who=self.who, action="runtime.applied", target=f"calibration v{c.version:04d}", old=None,
+            new={"version": c.version, "thresholds": {k: r.threshold for k, r in c.recipes.items()},
+                 "dry_run": c.dry_run, "line": line}, reason="in force on the running line", result_of=applied.intent_seq)
+
+    def _intent_for(self, calibration: Calibration, what: str) -> int:
+        """Seq of the newest intent record that stored or brought back exactly this version file."""
+        from calibration.audit import AuditError
+        from calibration.store import file_sha256
+
+        check = self.store.audit.verify()
+        if not check.ok:
+            raise CalibrationError(f"{what}: the audit log does not verify ({check.problems[0]}); "
+                                   "run `musc-calibrate audit verify`")
+        try:
+            records = self.store.audit.records()
+        except AuditError as exc:
+            raise CalibrationError(str(exc)) from None
+        sha = file_sha256(self.store.version_path(calibration.version).read_bytes())
+        target = f"calibration v{calibration.version:04d}"
+        seqs = [r["seq"] for r in records if r.get("result_of") is None and r.get("target") == target
+                and isinstance(r.get("new"), dict) and r["new"].get("file_sha256") == sha]
+        if not seqs:
+            raise CalibrationError(f"{what}: calibration version {calibration.version} was never recorded in the "
+                                   "audit log; restore an audited version with `musc-calibrate rollback`")
+        return seqs[-1]

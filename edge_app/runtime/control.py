@@ -4,7 +4,8 @@ One request per connection: a JSON object with ``cmd``; one JSON reply with ``ok
 (``status``, ``pool_inspect``) are open to anyone who can reach the socket; commands that change the
 line need ``token``: the content of ``<storage>/calibration/technician.token`` (mode 0640: give the
 technician group read access to grant the role). Changes run on the worker thread *between two parts*
-and the reply comes once they are in force.
+and the reply comes once they are in force. A token shorter than :data:`MIN_TOKEN_CHARS` (an empty file
+left by a full disk, a hand-written "1234") refuses every change: no token is never the same as any token.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from .commands import READ_ONLY
+
 log = logging.getLogger(__name__)
 
-READ_ONLY = {"status", "pool_inspect", "pool_scores"}
 MAX_REQUEST = 1 << 20
+MIN_TOKEN_CHARS = 16
 
 
 class ControlError(RuntimeError):
@@ -33,14 +36,19 @@ def token_path(storage_dir: str | Path) -> Path:
 
 
 def ensure_token(storage_dir: str | Path) -> str:
-    """The technician token, created (random, mode 0640) if the line has none yet."""
+    """The technician token, created (random, mode 0640) if the line has none yet or only an unusable one
+    (shorter than MIN_TOKEN_CHARS). Written atomically: a full disk raises OSError and leaves no empty file."""
+    from calibration.audit import atomic_write
+
     path = token_path(storage_dir)
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(16) + "\n")
-    return path.read_text().strip()
+    if path.is_file():
+        token = path.read_text().strip()
+        if len(token) >= MIN_TOKEN_CHARS:
+            return token
+        log.warning("technician token %s is unusable (%d characters); writing a new one", path, len(token))
+    token = secrets.token_hex(16)
+    atomic_write(path, (token + "\n").encode(), mode=0o640)
+    return token
 
 
 class ControlServer:
@@ -92,7 +100,8 @@ class ControlServer:
     def dispatch(self, request) -> dict:
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             return {"ok": False, "error": "a request is a JSON object with a string 'cmd'"}
-        if request["cmd"] not in READ_ONLY and not hmac.compare_digest(str(request.get("token", "")), self._token):
+        if request["cmd"] not in READ_ONLY and (len(self._token) < MIN_TOKEN_CHARS or not hmac.compare_digest(
+                str(request.get("token", "")).encode(), self._token.encode())):
             return {"ok": False, "error": f"'{request['cmd']}' changes the line and needs the technician role "
                                           f"(the token file is not readable for this user)", "denied": True}
         try:

@@ -1,51 +1,28 @@
-"""Per-part inspection: decode -> features -> one-vs-pool scoring -> verdict, and pool admission.
+"""Per-part inspection: decode -> the part's recipe (features, one-vs-pool scoring, verdict) -> admission.
 
-No threads and no I/O beyond the feature engine: the line (``runtime/line.py``) drives it from its worker
-thread, the seed command and tests drive it directly. Recipes with modality ``3d`` / ``2d+3d`` are handed to
-:class:`~edge_app.runtime.multimodal.ScanRecipePool` (same stages, plus the part's point cloud).
+No threads: the line (``runtime/line.py``) drives it from its worker thread, the seed command and tests drive
+it directly. Its I/O is the feature engine and the pools' files (:meth:`Inspector.restore_pools`,
+:meth:`Inspector.write_pools`). Every recipe, 2D or scan, goes through the same
+:class:`~edge_app.runtime.recipes.Recipe` methods.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import LineConfig, RecipeSettings
+from ..config import LineConfig
 from ..features import FeatureEngine, Features, select_model
-from ..pool import FeaturePool
+from ..geometry import plan_input, stitch, windows
 from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, prepare
 from ..sources.base import DecodeError, decode_part
-from .multimodal import ScanRecipePool
 from .pool_store import load_pool, pool_path, save_pool
-from .verdict import verdict_from_pool
+from .recipes import Recipe, Scoring, make_recipe
 
 log = logging.getLogger(__name__)
 NOT_EXTRACTED = object()  # inspect(): extract() has not run for this part
-
-
-@dataclass
-class Prepared:
-    """A part's scoring inputs: aggregated feature sets (``[P, D]`` each)."""
-
-    sets: list[np.ndarray]
-    feature: np.ndarray | None = None    # re-scoring feature, once scored
-    nearest: float | None = None         # distance to the closest pool member, once scored
-
-
-class RecipePool:
-    """A recipe's pool with its admission rule and warm-up bookkeeping."""
-
-    def __init__(self, name: str, settings: RecipeSettings, n_sets: int, patches: int, dim: int, seed: int = 0,
-                 scorer: str = "numpy"):
-        self.name, self.settings = name, settings
-        ps = settings.pool
-        self.pool = FeaturePool(ps.capacity, n_sets, patches, dim, min_size=ps.min_size, eviction=ps.eviction,
-                                horizon=ps.horizon, seed=seed, scorer=scorer)
-        self.threshold = settings.threshold
-        self.rejected_duplicates = 0
 
 
 class Inspector:
@@ -53,6 +30,7 @@ class Inspector:
 
     def __init__(self, config: LineConfig, engine: FeatureEngine | None = None):
         self.config = config
+        self.on_alarm = lambda text: log.warning("ALARM: %s", text)   # the line routes it to its alarm path
         self.engine = engine or FeatureEngine(
             select_model(config.model.path, config.model.blocks, config.model.precision),
             size=config.model.size, threads=config.model.threads)
@@ -63,63 +41,87 @@ class Inspector:
             raise ValueError(f"model.blocks {missing} are not outputs of {self.engine.model_path} "
                              f"(it has {list(model_blocks)})")
         self.layer_index = [model_blocks.index(b) for b in config.model.blocks]
-        self.grid = self.engine.grid
+        # Aspect-preserving input: a part is scored as the concatenated patches of its windows (self.grid stacks
+        # the window grids); its map is stitched back to the frame's geometry.
+        frame = config.model.frame or (self.engine.size, self.engine.size)
+        self.plan = plan_input(frame, self.engine.size, self.engine.manifest.patch_size, config.model.fit)
+        if self.plan.scaled != (self.engine.size, self.engine.size) and \
+                any(r.modality != "2d" for r in config.recipes.values()):
+            raise ValueError(f"model.frame {list(frame)} is not square: 3d / 2d+3d recipes score square frames "
+                             "pixel-aligned with their clouds; set model.fit 'squash'")
+        self._warned_shape = False
+        self.grid = self.plan.stacked_grid
         n_sets = len(self.layer_index) * (len(self.params.degrees) if self.params.aggregation == "lnamd" else 1)
         self.params.salient_set(n_sets)  # fail early on an impossible salient layer
         patches, dim = self.grid[0] * self.grid[1], self.engine.manifest.token_dim
-        self.pools: dict[str, RecipePool | ScanRecipePool] = {
-            name: RecipePool(name, recipe, n_sets, patches, dim, scorer=config.scoring.backend)
-            if recipe.modality == "2d" else
-            ScanRecipePool(name, recipe, n_sets, patches, dim, self.engine.size, self.params)
-            for name, recipe in config.recipes.items()}
+        scoring = Scoring(self.features, self.grid, self.params, self.engine.size, self.pool_identity(),
+                          self.frame_map, scorer=config.scoring.backend)
+        self.recipes: dict[str, Recipe] = {name: make_recipe(name, settings, scoring, n_sets, patches, dim)
+                                           for name, settings in config.recipes.items()}
 
     # -- identity & persistence ----------------------------------------------------------------------------
     def pool_identity(self) -> dict:
         """What a stored pool must have been built with to be reusable."""
-        return {"model_sha256": self.engine.manifest.model_sha256, "size": self.config.model.size,
-                "blocks": list(self.config.model.blocks), "aggregation": self.params.aggregation,
-                "degrees": list(self.params.degrees)}
+        identity = {"model_sha256": self.engine.manifest.model_sha256, "size": self.config.model.size,
+                    "blocks": list(self.config.model.blocks), "aggregation": self.params.aggregation,
+                    "degrees": list(self.params.degrees)}
+        if self.plan.scaled != (self.engine.size, self.engine.size):   # square frames keep their old identity
+            identity["input"] = {"scaled": list(self.plan.scaled), "windows": [list(o) for o in self.plan.origins]}
+        return identity
 
-    def recipe_identity(self, name: str) -> dict:
-        """:meth:`pool_identity`, plus the modality and 3D settings of a 3d / 2d+3d recipe."""
-        rp = self.pools[name]
-        return {**self.pool_identity(), **rp.identity()} if isinstance(rp, ScanRecipePool) else self.pool_identity()
+    def recipe(self, name: str) -> Recipe:
+        """The recipe called ``name``; ValueError naming the recipes the config has."""
+        if name not in self.recipes:
+            raise ValueError(f"unknown recipe {name!r}: the config has {sorted(self.recipes)}")
+        return self.recipes[name]
 
     def restore_pools(self) -> dict[str, int]:
         """Load every recipe's stored pool (PoolMismatchError for a foreign one); returns sizes."""
-        for name, rp in self.pools.items():
-            load_pool(pool_path(self.config.storage.dir, name), rp.pool, self.recipe_identity(name))
-        return {name: rp.pool.size for name, rp in self.pools.items()}
+        for name, recipe in self.recipes.items():
+            load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity())
+        return {name: recipe.pool.size for name, recipe in self.recipes.items()}
 
     def snapshot_pools(self) -> dict[str, dict[str, np.ndarray]]:
         """Copies of every pool's state (cheap), to be written by :meth:`write_pools` on another thread."""
-        return {name: {k: np.array(v, copy=True) for k, v in rp.pool.state().items()}
-                for name, rp in self.pools.items()}
+        return {name: {k: np.array(v, copy=True) for k, v in recipe.state().items()}
+                for name, recipe in self.recipes.items()}
 
     def write_pools(self, snapshot: dict[str, dict[str, np.ndarray]]) -> None:
         for name, state in snapshot.items():
-            save_pool(pool_path(self.config.storage.dir, name), state, self.recipe_identity(name))
+            save_pool(pool_path(self.config.storage.dir, name), state, self.recipes[name].identity())
 
     def save_pools(self) -> None:
         self.write_pools(self.snapshot_pools())
 
     # -- stages ----------------------------------------------------------------------------------------------
-    def features(self, images: list[np.ndarray]) -> list[Prepared]:
-        """Feature sets of decoded RGB images (one engine call)."""
-        feats: Features = self.engine(images, batch_size=len(images))
+    def features(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Each decoded RGB image's aggregated feature sets (``[P, D]`` each; the patches of all its windows),
+        in one engine call over all their windows."""
+        plan, t = self.plan, self.plan.n_windows
+        if t == 1 and not self._warned_shape and images and not _near_square(images[0].shape, plan.source):
+            self._warned_shape = True
+            log.warning("frames are %dx%d but model.frame is %s: they are squashed into the model input; set "
+                        "model.frame to tile them", images[0].shape[1], images[0].shape[0], self.config.model.frame)
+        cut = [w for image in images for w in windows(image, plan)] if plan.n_windows > 1 or \
+            plan.scaled != (self.engine.size, self.engine.size) else images
+        feats: Features = self.engine(cut, batch_size=len(cut))
         layers = [feats.layers[i] for i in self.layer_index]
-        sets = prepare(layers, self.grid, self.params)
-        return [Prepared([fs[i] for fs in sets]) for i in range(len(images))]
+        sets = [fs.reshape(len(images), t * fs.shape[1], fs.shape[2])
+                for fs in prepare(layers, plan.window_grid, self.params)]
+        return [[fs[i] for fs in sets] for i in range(len(images))]
 
-    def extract(self, part: PartRecord) -> Prepared | None:
-        """Decode and features of a part: the stages the line runs one part ahead of scoring.
+    def frame_map(self, patch_map: np.ndarray) -> np.ndarray:
+        """A part's scored patch map (``self.grid``) as a patch map of its frame (same aspect as the frame)."""
+        th, tw = self.plan.window_grid
+        return stitch(patch_map.reshape(self.plan.n_windows, th, tw), self.plan)
 
-        A bad part gets its NO_VERDICT here. Returns None for a decided part and for a 3d / 2d+3d recipe
-        (decoded only: its pool runs the rest). Never raises for a bad part."""
+    def extract(self, part: PartRecord) -> object | None:
+        """Decode and prepare (features) a part: the stages the line runs one part ahead of scoring. A bad
+        part gets its NO_VERDICT here and None is returned. Never raises for a bad part."""
         if part.verdict is not None:  # already decided upstream (e.g. a scanner frame that never came)
             return None
-        rp = self.pools.get(part.recipe)
-        if rp is None:
+        recipe = self.recipes.get(part.recipe)
+        if recipe is None:
             part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"unknown recipe {part.recipe!r}")
             return None
         t0 = time.monotonic()
@@ -129,67 +131,29 @@ class Inspector:
             part.times.decode = time.monotonic() - t0
             part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, str(exc))
             return None
-        t1 = time.monotonic()
-        part.times.decode = t1 - t0
-        if isinstance(rp, ScanRecipePool):
-            return None
-        try:
-            prepared = self.features([part.image])[0]
-        except Exception as exc:  # the engine must never take the line down with it
-            log.exception("feature engine failed on part %s", part.part_id)
-            part.times.features = time.monotonic() - t1
-            part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}")
-            return None
-        part.times.features = time.monotonic() - t1
-        return prepared
+        part.times.decode = time.monotonic() - t0
+        return recipe.extract(part)
 
-    def inspect(self, part: PartRecord, extracted: Prepared | None | object = NOT_EXTRACTED
-                ) -> tuple[PartRecord, Prepared | None]:
-        """Fill ``part``'s verdict, reason, scores, map and stage times. Never raises for a bad part.
-
-        ``extracted`` is what :meth:`extract` returned for this part when it ran ahead (the line's prefetch)."""
+    def inspect(self, part: PartRecord, extracted: object | None = NOT_EXTRACTED) -> tuple[PartRecord, object | None]:
+        """Fill ``part``'s verdict, reason, scores, map and stage times; also returns what its recipe
+        prepared (for :meth:`admit`). Never raises for a bad part. ``extracted``: what :meth:`extract`
+        returned for this part when the line ran it ahead."""
         if extracted is NOT_EXTRACTED:
             extracted = self.extract(part)
-        if part.verdict is not None:
+        if part.verdict is not None or extracted is None:
             return part, None
-        rp = self.pools[part.recipe]
-        if isinstance(rp, ScanRecipePool):
-            return rp.inspect(part, self.features, self.grid, self.params)
-        prepared = extracted
-        part, prepared, result = verdict_from_pool(
-            part, prepared, rp.threshold,
-            lambda: rp.pool.score(prepared.sets, self.grid, self.params, exclude_part_id=part.part_id))
-        if result is not None:
-            part.anomaly_map, prepared.nearest = result.patch_map, result.nearest
-        return part, prepared
+        return self.recipes[part.recipe].decide(part, extracted)
 
-    def admit(self, part: PartRecord, prepared: Prepared | None, now: float | None = None) -> bool:
-        """Pool admission after a verdict: accepted parts (or all, by config), never near-duplicates.
+    def admit(self, part: PartRecord, prepared: object | None, now: float | None = None) -> bool:
+        """Pool admission after a verdict, by the part's recipe (:meth:`Recipe.admit`)."""
+        recipe = self.recipes.get(part.recipe)
+        if recipe is None:
+            return False
+        if alarm := recipe.guard.observe(part, prepared):
+            self.on_alarm(f"recipe {recipe.name}: {alarm}")
+        return recipe.admit(part, prepared, now)
 
-        During warm-up every decodable part is admitted; once the pool reaches its minimum size the members
-        are scored among themselves so each has a raw score and re-scoring feature.
-        """
-        rp = self.pools.get(part.recipe)
-        if isinstance(rp, ScanRecipePool):
-            return rp.admit(part, prepared, self.grid, self.params, now)
-        if rp is None or prepared is None:
-            return False
-        pool, settings = rp.pool, rp.settings.pool
-        warming = part.reason == Reason.WARMUP
-        if not warming and settings.admit == "accepted" and part.verdict != Verdict.ACCEPT:
-            return False
-        if part.test_part:
-            return False
-        nearest = prepared.nearest if prepared.nearest is not None else pool.nearest_distance(prepared.sets)
-        if nearest < settings.near_duplicate_distance:
-            rp.rejected_duplicates += 1
-            return False
-        # Warm-up members get their raw score and re-scoring feature when the pool becomes ready.
-        feature = prepared.feature if prepared.feature is not None else prepared.sets[0][0]
-        slot = pool.admit(part.part_id, prepared.sets, part.raw_score or 0.0, feature,
-                          now=time.time() if now is None else now)
-        if slot is not None and warming and pool.size == pool.min_size:  # the pool has just become ready
-            pool.rescore_members(self.grid, self.params)
-            if pool.drop_outliers():  # defective warm-up parts out; warm-up goes on until min_size again
-                pool.rescore_members(self.grid, self.params)
-        return slot is not None
+
+def _near_square(shape: tuple[int, ...], planned: tuple[int, int], tolerance: float = 0.15) -> bool:
+    """Whether a frame's aspect is within ``tolerance`` of the planned frame's."""
+    return abs((shape[0] / shape[1]) / (planned[0] / planned[1]) - 1) <= tolerance

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -27,17 +28,26 @@ import numpy as np
 from ..archive import RejectArchive
 from ..config import LineConfig
 from ..ledger import Ledger
-from ..links import RejectLink, open_link
+from ..links import PlantLink, RejectLink, open_link
 from ..record import FailSafe, PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, SourceError, make_source
-from .calibration_state import Calibration, RejectTiming, load_current
+from ..sources.fields import PartFieldError, check_part_fields, quarantine, require_part_id
+from ..telemetry import Telemetry
+from . import commands
+from .calibration_state import Authorised, Calibration, CalibrationAuthority, CalibrationError, RejectTiming
 from .control import ControlError, ControlServer, ensure_token
+from .deadline import DeadlineClock
 from .inspector import Inspector
 from .systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 _DONE = object()
 RECENT = 10_000  # parts kept for live latency percentiles
+
+
+class LineStopped(RuntimeError):
+    """The line cannot go on without losing something (the ledger cannot be written): nothing was lost,
+    the PLC's inspect window rejects the parts that follow. The message says why, in one line."""
 
 
 def signalled_verdict(part: PartRecord, fail_safe: FailSafe) -> Verdict:
@@ -79,13 +89,16 @@ class Line:
         self.storage = Path(config.storage.dir)
         self.storage.mkdir(parents=True, exist_ok=True)
         self.inspector = inspector or Inspector(config)
+        self.inspector.on_alarm = self._on_alarm
         self.source = source or make_source(config.source)
         self.calibration_version = "0"
         self.dry_run = config.line.dry_run
         self.reject_timing: RejectTiming | None = None
-        calibration = load_current(self.storage, set(config.recipes))
-        if calibration is not None:
-            self._apply_calibration(calibration)
+        self._clock = DeadlineClock(config.line.deadline_ms / 1e3)
+        self.authority = CalibrationAuthority(self.storage, set(config.recipes), f"runtime:{config.line.name}")
+        self.in_force = self.authority.at_start(config.line.name)   # refuses a current.json that is not audited
+        if self.in_force.calibration is not None:
+            self._apply_calibration(self.in_force.calibration)
         self.model_hash = self.inspector.engine.manifest.model_sha256[:16]
         self.config_hash = config.config_hash()
         self.stats = LineStats()
@@ -97,8 +110,6 @@ class Line:
         self._acks: queue.Queue = queue.Queue()
         self._tasks: queue.Queue = queue.Queue()       # control changes, run by the worker between parts
         self._persist: queue.Queue = queue.Queue(maxsize=1)  # pool snapshots for the writer thread
-        self._speed: tuple[float, float] | None = None  # (encoder, monotonic) of the last part, for counts/s
-        self._counts_per_s: float | None = None
         self.control: ControlServer | None = None
         self._waiters: dict[int, threading.Event] = {}
         self.systemd = SystemdNotifier()
@@ -110,19 +121,30 @@ class Line:
         self.ledger: Ledger | None = None
         self.link: RejectLink | None = None
         self.archive: RejectArchive | None = None
+        self.telemetry = Telemetry(config.telemetry, config.line.name, self.storage, status=self.control_status)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def run(self) -> LineStats:
         """Inspect every part the source delivers; returns the final counters."""
         self.ledger = Ledger(self.storage / "ledger.sqlite")
         control_path = self.config.control.socket or self.storage / "control.sock"
-        self.control = ControlServer(control_path, ensure_token(self.storage), self._handle_control)
+        try:
+            token = ensure_token(self.storage)
+        except OSError as exc:  # e.g. a full disk: no usable token means no changes, never "no token needed"
+            self._on_alarm(f"technician token could not be written ({exc}); the control socket refuses changes")
+            token = ""
+        self.control = ControlServer(control_path, token, self._handle_control)
         # The link is up even in dry-run: dry-run is a calibration switch that can change while running,
         # and heartbeats and test fires still go out.
         self.link = open_link(self.config.link, on_ack=self._on_ack, on_alarm=self._on_alarm,
                               on_alarm_cleared=lambda text: log.info("alarm cleared: %s", text))
         for row in self.ledger.unacked():  # signalled before a crash but never acknowledged
-            self.link.resend(row.seq, row.part_id, Verdict(row.signalled), Reason(row.reason))
+            try:
+                self.link.resend(row.seq, row.part_id, Verdict(row.signalled), Reason(row.reason))
+            except ValueError as exc:  # a field the wire refuses: mark it, so it never blocks a start again
+                self._unsendable(row.seq, row.part_id, str(exc))
+        if isinstance(self.link, PlantLink):  # Modbus / OPC UA show the calibration version with each verdict
+            self.link.set_calibration_version(self.calibration_version)
         archive = self.config.storage.archive
         if archive.enabled:
             self.archive = RejectArchive(self.storage / "archive", int(archive.quota_mb * 2**20),
@@ -161,24 +183,29 @@ class Line:
         if self.control is not None:
             self.control.close()
         self._run_tasks()
-        self.inspector.save_pools()
+        try:
+            self.inspector.save_pools()
+        except OSError as exc:  # a full disk: the last periodic save stands, and the temp file is gone
+            self._on_alarm(f"pool could not be saved at shutdown: {exc}")
         if self.link is not None:
             deadline = time.monotonic() + 2.0
             while self.link.health().outbox_depth and time.monotonic() < deadline:
                 time.sleep(0.02)
-            self._drain_acks()
+            self._drain_acks_or_alarm()
             self.link.close()
-        self._drain_acks()
+        self._drain_acks_or_alarm()
         if self.archive is not None:
             self.archive.close(timeout=10)
         if self.ledger is not None:
             self.ledger.close()
+        self.telemetry.close()
 
     # -- threads ---------------------------------------------------------------------------------------------
     def _source_loop(self) -> None:
         try:
             with self.source:
                 for part in self.source.parts():
+                    check_part_fields(part, default_recipe=self.config.source.get("recipe", "default"))
                     part.capture_monotonic = part.capture_monotonic or time.monotonic()
                     part.deadline = self._deadline(part)
                     try:
@@ -221,21 +248,22 @@ class Line:
                 self._out.put(("done",))
                 return
             deadline = part.deadline
+            in_force = self.in_force  # read once: the version stamped on the row is the one that decided it
             if time.monotonic() >= deadline:
                 part.decide(Verdict.NO_VERDICT, Reason.DEADLINE, "deadline passed while queued")
-                self._out.put(("part", part, None))
+                self._out.put(("part", part, None, in_force))
                 continue
             part, prepared = self.inspector.inspect(part, extracted)
             if time.monotonic() > deadline and part.verdict != Verdict.NO_VERDICT:
                 part.decide(Verdict.NO_VERDICT, Reason.DEADLINE,
                             f"scored {part.verdict.value} after the deadline (score {part.score:.4f})")
             self.inspector.admit(part, prepared)
-            self._out.put(("part", part, prepared))
+            self._out.put(("part", part, prepared, in_force))
             self._maybe_persist()
 
     def _maybe_persist(self) -> None:
         """Periodic pool persistence: the worker only copies the pools; a writer thread does the disk I/O."""
-        every = min(rp.settings.pool.persist_every_s for rp in self.inspector.pools.values())
+        every = min(rp.settings.pool.persist_every_s for rp in self.inspector.recipes.values())
         if time.monotonic() - self._last_persist < every:
             return
         self._last_persist = time.monotonic()
@@ -252,59 +280,70 @@ class Line:
                 self._on_alarm(f"pool could not be saved: {exc}")
 
     def _output_loop(self) -> None:
-        while True:
-            try:
-                item = self._out.get(timeout=0.1)
-            except queue.Empty:
-                self._drain_acks()
-                continue
-            if item[0] == "done":
-                return
-            self._emit(item[1])
+        try:
+            while True:
+                try:
+                    item = self._out.get(timeout=0.1)
+                except queue.Empty:
+                    self._drain_acks()
+                    continue
+                if item[0] == "done":
+                    return
+                self._emit(item[1], item[3] if len(item) > 3 else None)
+        except sqlite3.Error as exc:  # an ack or link time that cannot be recorded (disk full, I/O error)
+            self._on_alarm(f"ledger update failed, line stopping: {exc}")
+            raise LineStopped(f"the ledger {self.ledger.path} cannot be updated ({exc}); unacknowledged "
+                              "verdicts are re-sent at the next start") from None
 
     def _deadline(self, part: PartRecord) -> float:
         """Monotonic time by which the verdict must reach the PLC (reject timing, else line.deadline_ms)."""
-        timing = self.reject_timing
-        if timing is None:
-            return part.capture_monotonic + self._deadline_s
-        lead = timing.actuator_lead_ms / 1e3
-        if timing.mode == "time":
-            return part.capture_monotonic + timing.delay_ms / 1e3 - lead
-        # Encoder mode: counts to the ejector over the conveyor speed measured from recent parts' stamps.
-        if part.encoder is not None:
-            if self._speed is not None and part.capture_monotonic > self._speed[1]:
-                rate = (part.encoder - self._speed[0]) / (part.capture_monotonic - self._speed[1])
-                if rate > 0:
-                    self._counts_per_s = rate if self._counts_per_s is None else 0.8 * self._counts_per_s + 0.2 * rate
-            self._speed = (part.encoder, part.capture_monotonic)
-        if self._counts_per_s is None:
-            return part.capture_monotonic + self._deadline_s
-        return part.capture_monotonic + timing.counts / self._counts_per_s - lead
+        return self._clock.deadline(part.capture_monotonic, part.encoder)
 
-    def _emit(self, part: PartRecord) -> None:
-        """Ledger first (durable), then the PLC, then the archive."""
+    def _emit(self, part: PartRecord, in_force: Authorised | None = None) -> None:
+        """Ledger first (durable), then the PLC, then the archive. No error of one part leaves here,
+        except a ledger that cannot be written (LineStopped): then nothing may be signalled at all."""
+        if in_force is None:  # decided outside the worker (overload, test fire): the version in force now
+            in_force = self.in_force
+        check_part_fields(part)  # the last line of defence: whatever created it, it must fit the ledger and wire
         part.signalled = signalled_verdict(part, self.config.line.fail_safe)
-        dry_run = self.dry_run and not part.test_part
+        calibration = in_force.calibration   # version, threshold and dry-run of one snapshot, taken together
+        dry_run = (self.config.line.dry_run or (calibration is not None and calibration.dry_run)) \
+            and not part.test_part
         part.times.total = time.monotonic() - part.capture_monotonic
+        version = "0" if calibration is None else str(calibration.version)
+
+        def record() -> int:
+            return self.ledger.reserve(part, model_hash=self.model_hash, config_hash=self.config_hash,
+                                       calibration_version=version, dry_run=dry_run)
         try:
-            seq = self.ledger.reserve(part, model_hash=self.model_hash, config_hash=self.config_hash,
-                                      calibration_version=self.calibration_version, dry_run=dry_run)
+            try:
+                seq = record()
+            except (ValueError, TypeError, OverflowError) as exc:  # the part's content, not the storage
+                self._on_alarm(f"part {part.part_id[:80]!r} could not be recorded as it came: {exc}")
+                quarantine(part, f"{type(exc).__name__}: {exc}")
+                part.signalled = signalled_verdict(part, self.config.line.fail_safe)
+                seq = record()
         except Exception as exc:
             # Without a durable row nothing may be signalled: stop, and let the PLC's inspect window
             # reject every part that gets no verdict (the documented fail-safe of the wire protocol).
             self._on_alarm(f"ledger write failed, line stopping: {exc}")
-            raise
+            raise LineStopped(f"the ledger {self.ledger.path} cannot be written ({exc}); the line stopped "
+                              f"before part {part.part_id}, nothing signalled was lost") from None
         if self.link is not None and not dry_run:
             deadline = part.deadline or part.capture_monotonic + self._deadline_s
             t0 = time.monotonic()
-            result = self.link.send(seq, part.part_id, part.signalled, part.reason, max(deadline, t0 + 0.05))
+            try:
+                result = self.link.send(seq, part.part_id, part.signalled, part.reason, max(deadline, t0 + 0.05))
+            except ValueError as exc:  # a field the wire refuses (check_part_fields should have caught it)
+                self._unsendable(seq, part.part_id, str(exc))
+                result = None
             part.times.link = time.monotonic() - t0
             part.times.total = time.monotonic() - part.capture_monotonic
             self.ledger.update_link_time(seq, part.times.link, total=part.times.total)
-            if not result.acked:
+            if result is None or not result.acked:
                 with self._stats_lock:
                     self.stats.send_failures += 1
-            part.acked = result.acked
+            part.acked = result is not None and result.acked
         waiter = self._waiters.pop(id(part), None)
         if waiter is not None:
             waiter.set()
@@ -312,9 +351,19 @@ class Line:
         if self.archive is not None and not part.test_part:
             self.archive.submit(part)
         self._count(part)
-        if part.verdict == Verdict.NO_VERDICT and self.config.line.fail_safe == FailSafe.STOP_LINE:
-            self._on_alarm(f"line stop requested: part {part.part_id} got no verdict ({part.reason.label})")
+        self.telemetry.part(part, self.calibration_version)
+        if part.verdict == Verdict.NO_VERDICT and self.config.line.fail_safe == FailSafe.STOP_LINE \
+                and part.reason != Reason.WARMUP:   # warm-up parts are rejected; the pool is not ready yet
+            reason = f"no verdict: part {part.part_id} ({part.reason.label})"
+            self._on_alarm(f"line stop requested: {reason}")
+            if self.link is not None:
+                self.link.send_stop_line(reason)
         part.image = part.raw = None  # free the frame; the ledger and archive have what they need
+
+    def _unsendable(self, seq: int, part_id: str, why: str) -> None:
+        """A row whose signal can never go out: marked in the ledger (never re-sent) and alarmed."""
+        self.ledger.mark_unsendable(seq, why)
+        self._on_alarm(f"verdict seq {seq} (part {part_id[:80]!r}) can never be sent: {why[:200]}")
 
     def _on_ack(self, seq: int, late: bool) -> None:
         # Runs on the link's thread: only the output thread writes the ledger, so hand the ack over.
@@ -328,14 +377,22 @@ class Line:
                 return
             self._record_ack(seq, late, when)
 
+    def _drain_acks_or_alarm(self) -> None:
+        try:
+            self._drain_acks()
+        except sqlite3.Error as exc:  # shutting down anyway: the unrecorded acks mean re-sends next start
+            self._on_alarm(f"acknowledgements could not be recorded: {exc}")
+
     def _record_ack(self, seq: int, late: bool, when: float) -> None:
         self.ledger.mark_acked(seq, late=late, when=when)
+        self.telemetry.ack(seq, late)
         with self._stats_lock:
             self.stats.acked += 1
             self.stats.late_acks += int(late)
 
     def _on_alarm(self, text: str) -> None:
         log.warning("ALARM: %s", text)
+        self.telemetry.alarm(text)
         with self._stats_lock:
             self.stats.alarms.append(text)
 
@@ -351,12 +408,17 @@ class Line:
                     s.stages[stage].append(getattr(part.times, stage))
 
     # -- calibration and control ---------------------------------------------------------------------------
-    def _apply_calibration(self, calibration: Calibration) -> None:
+    def _apply_calibration(self, calibration: Calibration, authorised: Authorised | None = None) -> None:
+        """Put ``calibration`` in force (worker thread, between parts, or before the line runs)."""
         for name, recipe in calibration.recipes.items():
-            self.inspector.pools[name].threshold = recipe.threshold
-        self.reject_timing = calibration.reject_timing
+            self.inspector.recipes[name].threshold = recipe.threshold
+        self.reject_timing = self._clock.timing = calibration.reject_timing
         self.dry_run = self.config.line.dry_run or calibration.dry_run
         self.calibration_version = str(calibration.version)
+        if authorised is not None:
+            self.in_force = authorised
+        if isinstance(getattr(self, "link", None), PlantLink):
+            self.link.set_calibration_version(self.calibration_version)
 
     def _run_tasks(self) -> None:
         """Run queued control changes (worker thread, between two parts)."""
@@ -383,99 +445,111 @@ class Line:
 
     def _recipe_pool(self, request: dict):
         name = request.get("recipe", "default")
-        if name not in self.inspector.pools:
-            raise ControlError(f"unknown recipe {name!r}: this line has {sorted(self.inspector.pools)}")
-        return self.inspector.pools[name]
-
-    def _slots(self, pool, request: dict):
-        if request.get("all"):
-            return np.flatnonzero(~pool.golden[:pool.size]) if not request.get("include_golden") else np.arange(pool.size)
-        if "lowest" in request:
-            order = np.argsort(pool.raw_scores[:pool.size])
-            return order[:int(request["lowest"])]
-        wanted = set(request.get("part_ids") or [])
-        slots = [i for i, pid in enumerate(pool.part_ids[:pool.size]) if pid in wanted]
-        missing = wanted - {pool.part_ids[i] for i in slots}
-        if missing:
-            raise ControlError(f"not pool members: {sorted(missing)}")
-        return np.array(slots, int)
+        if name not in self.inspector.recipes:
+            raise ControlError(f"unknown recipe {name!r}: this line has {sorted(self.inspector.recipes)}")
+        return self.inspector.recipes[name]
 
     def _handle_control(self, request: dict) -> dict:
-        """Control-socket requests; see edge_app/runtime/control.py for the protocol."""
-        from .calibration_state import CalibrationError, parse_calibration
+        """Control-socket requests, by command name (``runtime/commands.py``; protocol in ``control.py``)."""
+        handlers = {commands.STATUS: lambda _: self.control_status(), commands.POOL_INSPECT: self._pool_inspect,
+                    commands.POOL_SCORES: self._pool_scores, commands.APPLY: self._apply,
+                    commands.POOL_PURGE: self._pool_change, commands.POOL_FREEZE: self._pool_change,
+                    commands.POOL_UNFREEZE: self._pool_change, commands.POOL_RESEED: self._pool_reseed,
+                    commands.TEST_FIRE: self._test_fire}
+        handler = handlers.get(request["cmd"])
+        if handler is None:
+            raise ControlError(f"unknown command {request['cmd']!r}")
+        return handler(request)
 
-        cmd = request["cmd"]
-        if cmd == "status":
-            return self.control_status()
-        if cmd == "pool_inspect":
-            rp = self._recipe_pool(request)
-            pool = rp.pool
-            return {"recipe": rp.name, "members": [
-                {"slot": i, "part_id": pool.part_ids[i], "raw_score": float(pool.raw_scores[i]),
-                 "admitted_time": float(pool.admitted_time[i]), "golden": bool(pool.golden[i])}
-                for i in range(pool.size)]}
-        if cmd == "pool_scores":
-            rp = self._recipe_pool(request)
-            return {"recipe": rp.name, "threshold": rp.threshold,
-                    "scores": self._between_parts(lambda: rp.pool.leave_one_out_scores(self.inspector.params))}
-        if cmd == "apply":
+    def _pool_inspect(self, request: dict) -> dict:
+        rp = self._recipe_pool(request)
+        pool = rp.pool
+        return {"recipe": rp.name, "members": [
+            {"slot": i, "part_id": pool.part_ids[i], "raw_score": float(pool.raw_scores[i]),
+             "admitted_time": float(pool.admitted_time[i]), "golden": bool(pool.golden[i])}
+            for i in range(pool.size)]}
+
+    def _pool_scores(self, request: dict) -> dict:
+        rp = self._recipe_pool(request)
+        return {"recipe": rp.name, "threshold": rp.threshold,
+                "scores": self._between_parts(lambda: rp.pool.leave_one_out_scores(self.inspector.params))}
+
+    def _apply(self, request: dict) -> dict:
+        from .calibration_state import parse_calibration
+
+        try:
+            calibration = parse_calibration(request.get("calibration") or {}, set(self.config.recipes))
+        except CalibrationError as exc:
+            raise ControlError(str(exc)) from None
+
+        def apply() -> dict:
             try:
-                calibration = parse_calibration(request.get("calibration") or {}, set(self.config.recipes))
-            except CalibrationError as exc:
+                authorised = self.authority.check_apply(calibration, self.in_force)
+                self.authority.record_applied(authorised, self.config.line.name)
+            except (CalibrationError, OSError, RuntimeError) as exc:   # RuntimeError: AuditError
+                raise ControlError(f"apply refused: {exc}") from None
+            self._apply_calibration(calibration, authorised)
+            return {"version": calibration.version}
+        return self._between_parts(apply)
+
+    def _pool_change(self, request: dict) -> dict:
+        """Purge, freeze or unfreeze the members the request selects (:func:`commands.select_members`)."""
+        cmd, rp = request["cmd"], self._recipe_pool(request)
+
+        def change() -> dict:
+            pool = rp.pool
+            try:
+                slots = commands.select_members(pool.part_ids, pool.raw_scores, pool.golden, request)
+            except commands.SelectionError as exc:
                 raise ControlError(str(exc)) from None
+            if cmd == commands.POOL_PURGE:
+                golden = [pool.part_ids[i] for i in slots if pool.golden[i]]
+                if golden and not request.get("include_golden"):
+                    raise ControlError(f"golden members are never purged implicitly: {golden}; "
+                                       f"unfreeze them first")
+                pool.remove(slots)
+            else:
+                pool.golden[slots] = cmd == commands.POOL_FREEZE
+            self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
+            return {"changed": int(len(slots)), "size": pool.size, "golden": int(pool.golden[:pool.size].sum())}
+        return self._between_parts(change)
 
-            def apply() -> dict:
-                self._apply_calibration(calibration)
-                return {"version": calibration.version}
-            return self._between_parts(apply)
-        if cmd in ("pool_purge", "pool_freeze", "pool_unfreeze"):
-            rp = self._recipe_pool(request)
+    def _pool_reseed(self, request: dict) -> dict:
+        rp = self._recipe_pool(request)
+        try:   # read and prepared off the worker, before the pool changes: a bad folder leaves it as it is
+            prepared = rp.read_seed(request.get("folder", ""))
+        except (ValueError, OSError) as exc:
+            raise ControlError(f"reseed refused, the pool is unchanged: {exc}") from None
 
-            def change() -> dict:
-                slots = self._slots(rp.pool, request)
-                if cmd == "pool_purge":
-                    golden = [rp.pool.part_ids[i] for i in slots if rp.pool.golden[i]]
-                    if golden and not request.get("include_golden"):
-                        raise ControlError(f"golden members are never purged implicitly: {golden}; "
-                                           f"unfreeze them first")
-                    rp.pool.remove(slots)
-                else:
-                    rp.pool.golden[slots] = cmd == "pool_freeze"
-                self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
-                return {"changed": int(len(slots)), "size": rp.pool.size,
-                        "golden": int(rp.pool.golden[:rp.pool.size].sum())}
-            return self._between_parts(change)
-        if cmd == "pool_reseed":
-            from .seed import prepare_folder, admit_prepared
+        def reseed() -> dict:
+            size = rp.seed(prepared, replace=True)
+            self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
+            return {"size": size}
+        return self._between_parts(reseed)
 
-            rp = self._recipe_pool(request)
-            prepared = prepare_folder(self.inspector, request.get("folder", ""))  # features off the worker
-
-            def reseed() -> dict:
-                rp.pool.remove(np.flatnonzero(~rp.pool.golden[:rp.pool.size]))
-                size = admit_prepared(self.inspector, rp.name, prepared)
-                self._persist.put(self.inspector.snapshot_pools())  # in order, by the writer thread
-                return {"size": size}
-            return self._between_parts(reseed)
-        if cmd == "test_fire":
-            part_id = str(request.get("part_id") or f"TEST-{int(time.time())}")
-            part = PartRecord(part_id=part_id, recipe=request.get("recipe", "default"), capture_time=time.time(),
-                              test_part=True)
-            part.decide(Verdict.REJECT, Reason.TEST_FIRE, "technician test fire")
-            part.deadline = time.monotonic() + self._deadline_s
-            done = threading.Event()
-            self._waiters[id(part)] = done
-            self._out.put(("part", part, None))
-            if not done.wait(30):
-                raise ControlError("the test fire was queued but not signalled within 30 s")
-            return {"part_id": part_id, "seq": part.seq, "acked": part.acked}
-        raise ControlError(f"unknown command {cmd!r}")
+    def _test_fire(self, request: dict) -> dict:
+        try:
+            part_id = require_part_id(request.get("part_id") or f"TEST-{int(time.time())}")
+        except PartFieldError as exc:
+            raise ControlError(f"test fire refused: {exc}") from None
+        if request.get("recipe", "default") not in self.inspector.recipes:
+            raise ControlError(f"test fire refused: unknown recipe {str(request.get('recipe'))[:80]!r}")
+        part = PartRecord(part_id=part_id, recipe=request.get("recipe", "default"), capture_time=time.time(),
+                          test_part=True)
+        part.decide(Verdict.REJECT, Reason.TEST_FIRE, "technician test fire")
+        part.deadline = time.monotonic() + self._deadline_s
+        done = threading.Event()
+        self._waiters[id(part)] = done
+        self._out.put(("part", part, None))
+        if not done.wait(30):
+            raise ControlError("the test fire was queued but not signalled within 30 s")
+        return {"part_id": part_id, "seq": part.seq, "acked": part.acked}
 
     def control_status(self) -> dict:
         """What `musc-calibrate status` shows of a running line."""
         recipes = {}
         now = time.time()
-        for name, rp in self.inspector.pools.items():
+        for name, rp in self.inspector.recipes.items():
             pool = rp.pool
             times = pool.admitted_time[:pool.size]
             recipes[name] = {"threshold": rp.threshold, "pool": {
@@ -516,7 +590,7 @@ class Line:
             text = (f"parts {s.parts:>5} | OK {s.by_verdict['ACCEPT']:>4} NG {s.by_verdict['REJECT']:>4} "
                     f"NV {s.by_verdict['NO_VERDICT']:>3}{' (' + nv + ')' if nv else ''} | "
                     f"acked {s.acked:>5}")
-        pools = " ".join(f"{name} {rp.pool.size}/{rp.pool.capacity}" for name, rp in self.inspector.pools.items())
+        pools = " ".join(f"{name} {rp.pool.size}/{rp.pool.capacity}" for name, rp in self.inspector.recipes.items())
         link = ""
         if self.link is not None:
             h = self.link.health()

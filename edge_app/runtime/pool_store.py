@@ -5,10 +5,15 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from ..pool import FeaturePool
+
+class Restorable(Protocol):
+    """A pool, or a recipe: anything that restores itself from a stored state."""
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None: ...
 
 
 class PoolMismatchError(RuntimeError):
@@ -24,16 +29,34 @@ def save_pool(path: str | Path, state: dict[str, np.ndarray], identity: dict) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, identity=np.array(json.dumps(identity, sort_keys=True)), **state)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, identity=np.array(json.dumps(identity, sort_keys=True)), **state)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # a full disk must not also keep a half-written copy on it
+        raise
 
 
-def load_pool(path: str | Path, pool: FeaturePool, identity: dict) -> bool:
-    """Restore ``pool`` from ``path``; False when there is no stored pool. Refuses a foreign pool."""
+def remove_temp_files(path: str | Path) -> list[Path]:
+    """Delete the temp files a killed writer of ``path`` left behind (``<name>.<pid>.<thread>.tmp``)."""
     path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    left = sorted(path.parent.glob(f"{path.name}.*.tmp"))
+    for stale in left:
+        stale.unlink(missing_ok=True)
+    return left
+
+
+def load_pool(path: str | Path, pool: Restorable, identity: dict) -> bool:
+    """Restore ``pool`` (a pool, or a recipe) from ``path``; False when there is no stored pool. Refuses a
+    pool stored with another ``identity``. Temp files of an interrupted save (kill -9, full disk) are
+    removed first."""
+    path = Path(path)
+    remove_temp_files(path)
     if not path.is_file():
         return False
     with np.load(path, allow_pickle=False) as data:

@@ -19,7 +19,7 @@ from ..synthetic3d import generate_set as generate_scans
 from ..synthetic3d import write_mvtec3d
 from .inspector import Inspector
 from .line import Line
-from .multimodal import REFERENCE_SIZE, seed_scans
+from .recipes.recipe_scan import REFERENCE_SIZE
 from .seed import seed_pool
 
 SCAN_PATTERN, CLOUD_PATH = "*/rgb/*.png", "../xyz/{stem}.tiff"   # MVTec 3D-AD: test/<kind>/{rgb,xyz}/NNN.*
@@ -107,7 +107,7 @@ def run_simulated_scan_line(workdir: Path | None = None, parts: int = 40, rate: 
         print(f"simulated 2D+3D line in {workdir}: {parts} scanned parts at {rate}/s, PLC simulator on "
               f"{plc.address}", file=sys.stderr)
         scans = [(p, paired_cloud(p, CLOUD_PATH)) for p in sorted(recent.glob(SCAN_PATTERN))]
-        pool = seed_scans(inspector.pools["default"], inspector.features, inspector.grid, inspector.params, scans)
+        pool = inspector.recipes["default"].seed(inspector.recipes["default"].read_scans(scans))
         print(f"pool seeded from {pool} recent unlabeled scans", file=sys.stderr)
         line = Line(config, inspector=inspector, status=_status_printer())
         stats = line.run()

@@ -1,12 +1,12 @@
 """Pure-numpy MuSc / MuSc-V2 numerics: no I/O, no framework; testable, benchmarkable, portable."""
 from .aggregate import aggregate, l2_normalise, lnamd, snamd
 from .maps import image_scores, upsample
-from .msm import PoolTooSmallError, interval_k, interval_mean, patch_to_sample_distances, score_against_pool
+from .msm import OneVsPool, PoolTooSmallError, interval_k, interval_mean, one_vs_pool, patch_to_sample_distances
 from .musc import BatchScores, MuscParams, prepare, salient_features, score_batch, score_one
 from .rescore import rescore_batch, rescore_one
 
 __all__ = [
-    "BatchScores", "MuscParams", "PoolTooSmallError", "aggregate", "image_scores", "interval_k",
-    "interval_mean", "l2_normalise", "lnamd", "patch_to_sample_distances", "prepare", "rescore_batch",
-    "rescore_one", "salient_features", "score_against_pool", "score_batch", "score_one", "snamd", "upsample",
+    "BatchScores", "MuscParams", "OneVsPool", "PoolTooSmallError", "aggregate", "image_scores", "interval_k",
+    "interval_mean", "l2_normalise", "lnamd", "one_vs_pool", "patch_to_sample_distances", "prepare", "rescore_batch",
+    "rescore_one", "salient_features", "score_batch", "score_one", "snamd", "upsample",
 ]

@@ -1,7 +1,7 @@
 """Patch-feature aggregation: LNAMD (MuSc) and SNAMD with similarity-weighted pooling (MuSc-V2).
 
 Inputs are token grids ``[N, h, w, D]`` (one layer, CLS removed). Outputs are unit-norm feature sets
-``[N, h*w, D]`` ready for mutual scoring. Pure numpy; see ``shared/docs/algorithm.md`` sections 2.2 and 2.4.
+``[N, h*w, D]`` ready for mutual scoring. Pure numpy; MuSc's LNAMD (``_LNAMD.py``), MuSc-V2's SNAMD (``_SNAMD.py``).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def snamd(grid: np.ndarray, degrees: tuple[int, ...] = DEFAULT_DEGREES, unit_tok
 
     ``unit_tokens`` (default) L2-normalises the tokens first, as MuSc-V2 does for 3D tokens, so distances lie
     in [0, 2] and the weights in [e^-2, 1]. On raw post-LayerNorm ViT tokens (norms 45-90 for ViT-S/14) the
-    weights underflow to ~0 and the pooling collapses to the identity (algorithm.md 2.4, caveat); with unit
+    weights underflow to ~0 and the pooling collapses to the identity (MuSc-V2 SWPooling); with unit
     tokens it really pools similar neighbours. Measured on MVTec AD bottle (blocks 6 and 9, batch): pixel AP
     87.0 vs 81.9 at 448 px, image AUROC 99.8 vs 98.7. ``unit_tokens=False`` is the official code's behaviour.
     """

@@ -31,7 +31,12 @@ def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return ry @ maps.astype(np.float32, copy=False) @ rx.T
 
 
-def image_scores(patch_maps: np.ndarray) -> np.ndarray:
-    """Max of each map. For bilinear align-corners upsampling the max of the full-resolution map is
-    attained on the patch grid, so this equals the max of the upsampled map without computing it."""
-    return patch_maps.reshape(patch_maps.shape[0], -1).max(axis=1)
+def image_scores(patch_maps: np.ndarray, top: int = 1) -> np.ndarray:
+    """Max of each map (``top`` 1), or the mean of its ``top`` highest patch scores. For bilinear align-corners
+    upsampling the max of the full-resolution map is attained on the patch grid, so the max equals the max of
+    the upsampled map without computing it."""
+    flat = patch_maps.reshape(patch_maps.shape[0], -1)
+    if top <= 1:
+        return flat.max(axis=1)
+    top = min(top, flat.shape[1])
+    return np.partition(flat, flat.shape[1] - top, axis=1)[:, flat.shape[1] - top:].mean(axis=1)

@@ -1,12 +1,13 @@
 """Mutual Scoring Mechanism (MSM), batch and one-vs-pool.
 
 A patch's distance to a sample is its best match over *all* of that sample's patches; its score is the
-mean of its lowest ``fraction`` of those distances over the reference samples (algorithm.md 2.3). Features
+mean of its lowest ``fraction`` of those distances over the reference samples (MuSc, ICLR 2024; ``_MSM.py``). Features
 are unit vectors, so distances come from one matrix product: ``d = sqrt(2 - 2 cos)``.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,11 +67,31 @@ def patch_to_sample_distances(query: np.ndarray, refs: np.ndarray,
     return _cos_to_dist(best)
 
 
-def score_against_pool(query: np.ndarray, refs: np.ndarray, fraction: float = DEFAULT_FRACTION,
-                       workspace: np.ndarray | None = None) -> np.ndarray:
-    """One-vs-pool MSM for one feature set: patch scores ``[P]`` of ``query [P, D]`` against ``refs``."""
-    dist = patch_to_sample_distances(query, refs, workspace)
-    return interval_mean(dist, interval_k(dist.shape[1], fraction))
+@dataclass
+class OneVsPool:
+    """One sample's MSM against a pool, over all its feature sets."""
+
+    patch: np.ndarray       # [P] patch scores, mean over the feature sets
+    closeness: np.ndarray   # [K] mean patch distance to each reference (about 0 for the same part again)
+
+
+def one_vs_pool(query_sets: list[np.ndarray], pool_sets: list[np.ndarray], fraction: float = DEFAULT_FRACTION,
+                keep: np.ndarray | None = None, workspaces: list[np.ndarray] | None = None) -> OneVsPool:
+    """One-vs-pool MSM: ``query_sets[s]`` is ``[P, D]``, ``pool_sets[s]`` is ``[K, P, D]`` (or flat).
+
+    ``keep`` (``[K]`` bool) leaves references out (a part is never scored against itself); ``workspaces``
+    (one ``[P, K*P]`` float32 per set) are reused for the similarity matrices. MuSc (ICLR 2024), MSM.
+    """
+    patch = np.zeros(query_sets[0].shape[0], dtype=np.float32)
+    closeness = None
+    for s, (query, refs) in enumerate(zip(query_sets, pool_sets)):
+        dist = patch_to_sample_distances(query, refs, workspaces[s] if workspaces else None)
+        if keep is not None:
+            dist = dist[:, keep]
+        patch += interval_mean(dist, interval_k(dist.shape[1], fraction))
+        closeness = dist.mean(axis=0, dtype=np.float64) + (0.0 if closeness is None else closeness)
+    patch /= len(query_sets)
+    return OneVsPool(patch, closeness / len(query_sets))
 
 
 def batch_distances(features: np.ndarray, chunk: int = 8) -> np.ndarray:

@@ -12,14 +12,13 @@ import numpy as np
 
 from .aggregate import DEFAULT_DEGREES, aggregate, l2_normalise
 from .maps import image_scores
-from .msm import DEFAULT_FRACTION, PoolTooSmallError, interval_k, patch_to_sample_distances, score_batch as msm_batch
-from .msm import interval_mean
+from .msm import DEFAULT_FRACTION, PoolTooSmallError, one_vs_pool, score_batch as msm_batch
 from .rescore import DEFAULT_WINDOWS, rescore_batch
 
 
 @dataclass(frozen=True)
 class MuscParams:
-    """Scoring hyper-parameters (defaults: MuSc-V2, algorithm.md section 3)."""
+    """Scoring hyper-parameters (defaults: MuSc-V2's ``configs/muscv2.yaml``)."""
 
     aggregation: str = "snamd"            # snamd (V2, unit-norm weights) | snamd-raw | lnamd (V1) | none
     degrees: tuple[int, ...] = DEFAULT_DEGREES
@@ -31,6 +30,7 @@ class MuscParams:
     # scores to 0 and 1 (batch mode uses the batch min and max). Quantiles rather than min/max keep the
     # scale, and so a calibrated threshold, stable when one extreme member enters or leaves the pool.
     pool_quantiles: tuple[float, float] = (0.1, 0.9)
+    image_top: int = 1                    # image score: max of the map (1) or mean of its top-k patches
 
     def salient_set(self, n_sets: int) -> int:
         per_layer = len(self.degrees) if self.aggregation == "lnamd" else 1
@@ -80,7 +80,7 @@ def score_batch(sets: list[np.ndarray], grid: tuple[int, int], params: MuscParam
         raise PoolTooSmallError(f"batch scoring needs at least 2 samples, got {n}")
     patch = np.mean([msm_batch(fs, params.fraction) for fs in sets], axis=0)
     maps = patch.reshape(n, *grid)
-    raw = image_scores(maps)
+    raw = image_scores(maps, params.image_top)
     feats = salient_features(sets, patch, params, image_tokens)
     return BatchScores(maps, raw, rescore_batch(raw, feats, params.windows), feats)
 
@@ -92,12 +92,8 @@ def score_one(query_sets: list[np.ndarray], pool_sets: list[np.ndarray], grid: t
 
     Returns (patch map ``[h, w]``, raw image score, re-scoring feature ``[F]``).
     """
-    patch = np.zeros(query_sets[0].shape[0], dtype=np.float32)
-    for s, (query, refs) in enumerate(zip(query_sets, pool_sets)):
-        dist = patch_to_sample_distances(query, refs, workspaces[s] if workspaces else None)
-        patch += interval_mean(dist, interval_k(dist.shape[1], params.fraction))
-    patch /= len(query_sets)
+    patch = one_vs_pool(query_sets, pool_sets, params.fraction, workspaces=workspaces).patch
     batch_sets = [q[None] for q in query_sets]
     tokens = None if image_token is None else np.asarray(image_token)[None]
     feature = salient_features(batch_sets, patch[None], params, tokens)[0]
-    return patch.reshape(grid), float(patch.max()), feature
+    return patch.reshape(grid), float(image_scores(patch[None], params.image_top)[0]), feature

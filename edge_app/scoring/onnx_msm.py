@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .msm import patch_to_sample_distances
+from .msm import OneVsPool, interval_k, interval_mean, patch_to_sample_distances
 
 PRECISIONS = ("fp32", "int8")
 BACKENDS = ("numpy", "onnx-fp32", "onnx-int8")
@@ -166,10 +166,21 @@ class PoolScorer:
         return PoolScore(patch, dists)
 
 
+    def one_vs_pool(self, query_sets: list[np.ndarray], pool, fraction: float,
+                    keep: np.ndarray | None = None) -> OneVsPool:
+        """:func:`edge_app.scoring.msm.one_vs_pool` through the graph; ``keep`` leaves members out."""
+        n_refs = pool.size if keep is None else int(keep.sum())
+        k = interval_k(n_refs, fraction)
+        result = self.score(query_sets, pool, k)
+        dists = result.dists if keep is None else [d[:, keep] for d in result.dists]
+        patch = result.patch if keep is None else \
+            np.mean([interval_mean(d, k) for d in dists], axis=0).astype(np.float32)
+        closeness = np.sum([d.mean(axis=0, dtype=np.float64) for d in dists], axis=0) / len(dists)
+        return OneVsPool(patch, closeness)
+
+
 def numpy_score(query_sets: list[np.ndarray], pool, k: int) -> PoolScore:
     """The reference: what :class:`PoolScorer` computes, in numpy."""
-    from .msm import interval_mean
-
     dists = [patch_to_sample_distances(q, pool.work[s, :pool.size * pool.patches]) for s, q in enumerate(query_sets)]
     return PoolScore(np.mean([interval_mean(d, k) for d in dists], axis=0).astype(np.float32), dists)
 

@@ -1,8 +1,8 @@
 """Image-level re-scoring over a similarity graph: RsCIN (MuSc) / RsCon (MuSc-V2), batch and streaming.
 
-Batch (algorithm.md 2.8): min-max normalise the scores over the batch, then for each window k average
+Batch (MuSc-V2 RsCon, ``_RsCon.py``): min-max normalise the scores over the batch, then for each window k average
 each sample's score with its k most similar samples (itself included), weighted by similarity, and
-average over the windows. Streaming (algorithm.md 7.4): the batch min-max is replaced by statistics of
+average over the windows. Streaming (this project's one-vs-pool form): the batch min-max is replaced by statistics of
 the pool's own scores, and the new sample is blended with its nearest pool members.
 """
 from __future__ import annotations

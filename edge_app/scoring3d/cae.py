@@ -1,4 +1,4 @@
-"""CAE: cross-modal anomaly enhancement of the 2D and 3D distance matrices (MuSc-V2, algorithm.md 2.6).
+"""CAE: cross-modal anomaly enhancement of the 2D and 3D distance matrices (MuSc-V2, ``_MSM.py``).
 
 Works per query sample and layer on ``D2 [P, K]`` (patch-to-reference-sample distances) and ``D3 [G, K]``
 (group-to-reference-sample distances), before the interval average. The organised cloud is pixel-aligned

@@ -1,4 +1,4 @@
-"""3D anomaly map: group-centre scores -> foreground points -> pixel grid -> Gaussian blur (algorithm.md 2.7).
+"""3D anomaly map: group-centre scores -> foreground points -> pixel grid -> Gaussian blur (MuSc-V2, ``muscv2.py``).
 
 Points get the 3-NN inverse-squared-distance average of the centre scores (PointNet++ feature
 propagation, ``w = 1 / (d^2 + 1e-8)``), are scattered to their pixels (background 0) and the map is blurred

@@ -4,7 +4,7 @@ Per layer, MSM distances per modality (2D through the core's unit-vector shortcu
 SNAMD-3D features are not unit-norm; in 2D+3D mode both enhanced by CAE), interval average, mean over
 layers. The 2D patch map is upsampled bilinearly to ``size x size``, the 3D centre scores are propagated to
 pixels and blurred; the final map is their plain sum, the image score its max. Re-scoring (RsCon) uses
-the concatenated "anomaly-salient" features [2D; 3D] of the salient layer (algorithm.md 1.3, 2.6-2.8).
+the concatenated "anomaly-salient" features [2D; 3D] of the salient layer (MuSc-V2 pipeline, ``muscv2.py``).
 
 2D inputs are unit-norm patch features ``[P, D]`` per layer on an ``h x w`` grid for a ``size x size``
 input (raster order), e.g. from :func:`edge_app.scoring.prepare`. 3D inputs are :class:`Sample3D`.

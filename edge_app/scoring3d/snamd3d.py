@@ -1,4 +1,4 @@
-"""SNAMD-3D: similarity-weighted pooling over neighbouring group centres, gated by curvature (algorithm.md 2.4).
+"""SNAMD-3D: similarity-weighted pooling over neighbouring group centres, gated by curvature (MuSc-V2, ``_SNAMD.py``).
 
 Per layer: L2-normalise the tokens; the neighbourhood of degree r is the r nearest centres (the centre
 itself first); weights ``exp(-||f(h) - f(g)||)``; weighted means ``z^r`` for r in {1, 3, 5}. A flat group

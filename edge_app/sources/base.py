@@ -20,17 +20,18 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-import cv2
 import numpy as np
 
+from .. import mediaio
+from ..mediaio import (  # noqa: F401  (re-exported: the sources' names for the shared I/O layer)
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    JPEG_SOI,
+    PNG_SIGNATURE,
+    MediaError,
+    pixel_budget_problem,
+)
 from ..record import PartRecord
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-JPEG_SOI = b"\xff\xd8\xff"
-JPEG_EOI = b"\xff\xd9"
-_JPEG_TAIL = 64  # bytes searched for EOI: some cameras pad a JPEG with zeros after the marker
 
 # Implementations by config "type": (module, class). Imported on demand; they import this module.
 SOURCE_TYPES = {
@@ -90,6 +91,7 @@ class SourceConfig:
     part_prefix: str = "part"
     part_digits: int = 6
     part_start: int = 1             # counter value of the first generated part id
+    max_pixels: int = DEFAULT_MAX_PIXELS   # frames whose header declares more are refused before decoding
 
     def __post_init__(self) -> None:
         require(isinstance(self.recipe, str) and self.recipe != "", "recipe", self.recipe, "a non-empty string")
@@ -98,6 +100,13 @@ class SourceConfig:
                 "an integer >= 1")
         require(_is_int(self.part_start) and self.part_start >= 0, "part_start", self.part_start,
                 "an integer >= 0")
+        require(_is_int(self.max_pixels) and 0 < self.max_pixels <= mediaio.HARD_MAX_PIXELS, "max_pixels",
+                self.max_pixels, f"an integer in 1..{mediaio.HARD_MAX_PIXELS}")
+
+    def over_budget(self, raw: bytes) -> bytes:
+        """``raw``, or an UndecodableFrame when its header declares more than ``max_pixels``."""
+        problem = None if isinstance(raw, UndecodableFrame) else pixel_budget_problem(raw, self.max_pixels)
+        return raw if problem is None else UndecodableFrame(raw[:64], problem)
 
     def part_ids(self) -> PartIds:
         return PartIds(self.part_prefix, self.part_digits, self.part_start)
@@ -275,38 +284,22 @@ class FrameSource(Device):
 
 def frame_to_rgb(frame: np.ndarray, where: str) -> np.ndarray:
     """An OpenCV frame (gray, BGR or BGRA, uint8) as RGB uint8 ``[H, W, 3]``; 3-channel frames in place."""
-    if frame.dtype != np.uint8:
-        raise DecodeError(f"{where}: expected 8-bit pixels, got {frame.dtype}")
-    if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 1):
-        return cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
-    if frame.ndim == 3 and frame.shape[2] == 3:
-        return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB, dst=frame)
-    if frame.ndim == 3 and frame.shape[2] == 4:
-        return cv2.cvtColor(frame, cv2.COLOR_BGRA2RGB)
-    raise DecodeError(f"{where}: expected 1, 3 or 4 channels, got an array of shape {frame.shape}")
+    try:
+        return mediaio.frame_to_rgb(frame, where)
+    except MediaError as exc:
+        raise DecodeError(str(exc)) from None
 
 
-def decode_image(raw: bytes, where: str) -> np.ndarray:
-    """PNG/JPEG/BMP bytes -> RGB uint8 ``[H, W, 3]``; ``DecodeError`` naming ``where`` otherwise."""
+def decode_image(raw: bytes, where: str, max_pixels: int = mediaio.HARD_MAX_PIXELS) -> np.ndarray:
+    """PNG/JPEG/BMP bytes -> RGB uint8 ``[H, W, 3]`` (edge_app/mediaio.py); ``DecodeError`` naming ``where``
+    otherwise. Sources hold frames to their own ``max_pixels`` when the part is created; this is the
+    last, hard limit."""
     if isinstance(raw, UndecodableFrame):
         raise DecodeError(f"{where}: {raw.reason}")
-    if len(raw) == 0:
-        raise DecodeError(f"{where}: empty frame (0 bytes)")
-    if raw.startswith(PNG_SIGNATURE):
-        if not raw.endswith(PNG_IEND_CHUNK):
-            raise DecodeError(f"{where}: truncated PNG ({len(raw)} bytes, no IEND chunk at the end)")
-        kind = "PNG"
-    elif raw.startswith(JPEG_SOI):
-        if not raw[-_JPEG_TAIL:].rstrip(b"\x00").endswith(JPEG_EOI):
-            raise DecodeError(f"{where}: truncated JPEG ({len(raw)} bytes, no EOI marker at the end)")
-        kind = "JPEG"
-    else:
-        kind = "image"
-    frame = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if frame is None:
-        detail = "corrupt" if kind != "image" else "unrecognised format, not PNG/JPEG/BMP"
-        raise DecodeError(f"{where}: cannot decode {len(raw)}-byte {kind} ({detail})")
-    return frame_to_rgb(frame, where)
+    try:
+        return mediaio.decode_image(raw, where, max_pixels)
+    except MediaError as exc:
+        raise DecodeError(str(exc)) from None
 
 
 def check_image(image: np.ndarray, where: str) -> np.ndarray:

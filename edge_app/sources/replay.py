@@ -149,7 +149,8 @@ class ReplaySource(FrameSource):
                 if self._stop.is_set():
                     return
                 part = PartRecord(part_id=ids.next(), recipe=c.recipe, capture_time=utc, capture_monotonic=mono,
-                                  encoder=self._encoder(k), raw=raw, image=image, source_ref=ref, cloud=cloud)
+                                  encoder=self._encoder(k), raw=None if raw is None else c.over_budget(raw),
+                                  image=image, source_ref=ref, cloud=cloud)
                 if problem is not None:
                     part.decide(Verdict.NO_VERDICT, Reason.SCANNER_ERROR, f"part {part.part_id}: {problem}")
                 yield part

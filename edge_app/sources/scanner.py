@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ..record import PartRecord, Reason, Verdict
-from .base import Device, PartIds, SourceConfigError, SourceError, glob_files
+from .base import Device, PartIds, SourceConfigError, glob_files
 
 logger = logging.getLogger(__name__)
 
-CLOUD_SUFFIXES = (".npy", ".tiff", ".tif")
+CLOUD_SUFFIXES = (".npy", ".tiff", ".tif", ".ply", ".pcd")   # what edge_app/pointcloud/io.py reads
 
 
 def normalize_cloud(cloud: np.ndarray, zero_is_missing: bool = False) -> np.ndarray:
@@ -65,7 +65,9 @@ class ScannerSource(Device):
 
 
 class FolderScanner(ScannerSource):
-    """Replays ``.npy`` (and, with ``tifffile``, MVTec-style ``.tiff``) clouds from a folder or a list.
+    """Replays clouds (``.npy``, MVTec-style ``.tiff``, ``.ply``, ``.pcd``) from a folder or a list, read by
+    edge_app/pointcloud/io.py: ``[H, W, 3]`` float32, and ``(0, 0, 0)`` and non-finite points are missing
+    (NaN) whatever ``zero_is_missing`` says (kept for callers that still pass it).
 
     Part ids come from ``part_ids`` in file order, so a replayed image source with the same id settings and
     the parallel file list (``rgb/000.png`` ... beside ``xyz/000.tiff`` ...) pairs part for part.
@@ -99,25 +101,13 @@ class FolderScanner(ScannerSource):
             yield self._part_ids.next(), self._load(path)
 
     def _load(self, path: Path) -> np.ndarray | None:
+        from ..pointcloud.io import CloudError, read_cloud   # the one cloud reader (formats, NaN = missing)
+
         try:
-            if path.suffix.lower() == ".npy":
-                cloud = np.load(path, allow_pickle=False)
-            else:
-                cloud = _read_tiff(path)
-        except (OSError, ValueError) as exc:
-            logger.warning("FolderScanner cannot read %s: %s", path, exc)
-            return None
-        if cloud.ndim == 3 and cloud.shape[2] == 3 and np.issubdtype(cloud.dtype, np.floating):
-            return normalize_cloud(cloud, self._zero_is_missing)
-        return cloud  # wrong shape: PairingBuffer reports it through cloud_problem
-
-
-def _read_tiff(path: Path) -> np.ndarray:
-    try:
-        import tifffile
-    except ImportError as exc:
-        raise SourceError(f"reading {str(path)!r} needs the 'tifffile' package (pip install tifffile)") from exc
-    return tifffile.imread(path)
+            return read_cloud(path)
+        except CloudError as exc:
+            logger.warning("FolderScanner cannot use %s: %s", path, exc)
+            return None   # the part gets its NO_VERDICT (scanner_error) through cloud_problem
 
 
 class PairingBuffer:

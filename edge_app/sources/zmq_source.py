@@ -31,6 +31,7 @@ import zmq
 
 from ..record import PartRecord, Reason, Verdict
 from .base import (
+    DEFAULT_MAX_PIXELS,
     JPEG_SOI,
     PNG_SIGNATURE,
     FrameSource,
@@ -38,8 +39,10 @@ from .base import (
     SourceConfig,
     SourceError,
     UndecodableFrame,
+    pixel_budget_problem,
     require,
 )
+from .fields import LATEST_CAPTURE_S, check_part_fields, shown
 
 logger = logging.getLogger(__name__)
 
@@ -118,25 +121,27 @@ class ZmqSource(FrameSource):
             mono, utc = time.monotonic(), time.time()
             try:
                 record = parse_message(frames, part_ids=ids, recipe=c.recipe, received_monotonic=mono,
-                                       received_utc=utc)
+                                       received_utc=utc, max_pixels=c.max_pixels)
             except HeaderError as exc:
                 self.unreadable_headers += 1
                 logger.warning("ZeroMQ source %s dropped a message with an unreadable header (%s); %d so far",
                                self.endpoint, exc, self.unreadable_headers)
                 continue
             self.received += 1
-            if isinstance(record.raw, UndecodableFrame) or record.reason is Reason.SCANNER_ERROR:
+            if isinstance(record.raw, UndecodableFrame) or record.reason is not None:
                 self.malformed += 1
             yield record
 
 
 def parse_message(frames: Sequence[Any], *, part_ids: PartIds, recipe: str, received_monotonic: float,
-                  received_utc: float) -> PartRecord:
+                  received_utc: float, max_pixels: int = DEFAULT_MAX_PIXELS) -> PartRecord:
     """One ``[header, image, (cloud)]`` message (bytes or ``zmq.Frame`` parts) as a ``PartRecord``.
 
     ``capture_monotonic`` is the arrival instant minus the header's capture age (clamped at 0), so time
     spent in transport counts against the part's deadline. Raises ``HeaderError`` only when the header is
-    not a JSON object; every other defect is recorded on the part (see the module docstring).
+    not a JSON object; every other defect is recorded on the part (see the module docstring), and a field
+    that would not fit the wire or the ledger (a 65-byte id, an encoder beyond int64, a capture time in
+    the year 3000) is replaced and the part decided NO_VERDICT (decode_error) by ``check_part_fields``.
     """
     header = _read_header(frames[0] if frames else b"")
     problems: list[str] = []
@@ -147,11 +152,11 @@ def parse_message(frames: Sequence[Any], *, part_ids: PartIds, recipe: str, rece
             return default
         if ok(value):
             return value
-        problems.append(f"header {key!r} must be {expected}, got {value!r}")
+        problems.append(f"header {key!r} must be {expected}, got {shown(value)}")
         return default
 
     part_id = field("part_id", lambda v: isinstance(v, str) and v != "", "a non-empty string") or part_ids.next()
-    capture_time = field("capture_time", _is_number, "a number (UTC epoch seconds)", received_utc)
+    capture_time = field("capture_time", _is_capture_time, "UTC epoch seconds", received_utc)
     record = PartRecord(
         part_id=part_id,
         recipe=field("recipe", lambda v: isinstance(v, str) and v != "", "a non-empty string", recipe),
@@ -159,13 +164,15 @@ def parse_message(frames: Sequence[Any], *, part_ids: PartIds, recipe: str, rece
         capture_monotonic=received_monotonic - max(0.0, received_utc - capture_time),
         encoder=field("encoder", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
         test_part=field("test_part", lambda v: isinstance(v, bool), "true or false", False),
-        source_ref=f"zmq:{part_id}",
+        source_ref=f"zmq:{part_id}"[:80],
     )
+    if check_part_fields(record, default_recipe=recipe).verdict is not None:
+        return record     # a field that fits neither wire nor ledger: decided, nothing more to read
     if not 2 <= len(frames) <= 3:
         problems.append(f"message has {len(frames)} part(s), expected [header, image] or [header, image, cloud]")
     payload = frames[1] if len(frames) > 1 else b""
     if not problems:
-        record.raw, record.image = _image(header, payload, problems)
+        record.raw, record.image = _image(header, payload, problems, max_pixels)
     if problems:
         record.raw = UndecodableFrame(bytes(payload) if record.raw is None else record.raw,
                                       "malformed ZeroMQ frame: " + "; ".join(problems))
@@ -188,8 +195,8 @@ def _read_header(frame: Any) -> dict:
     return header
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+def _is_capture_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= LATEST_CAPTURE_S
 
 
 def _shape(value: Any) -> tuple[int, int, int] | None:
@@ -199,7 +206,8 @@ def _shape(value: Any) -> tuple[int, int, int] | None:
     return None
 
 
-def _image(header: dict, payload: Any, problems: list[str]) -> tuple[bytes | None, np.ndarray | None]:
+def _image(header: dict, payload: Any, problems: list[str],
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes | None, np.ndarray | None]:
     """(raw, image) for the image frame; appends to ``problems`` instead when it does not match the header."""
     encoding = header.get("encoding")
     if encoding not in ENCODINGS:
@@ -209,12 +217,18 @@ def _image(header: dict, payload: Any, problems: list[str]) -> tuple[bytes | Non
         raw = bytes(payload)
         if raw and not raw.startswith(ENCODING_MAGIC[encoding]):
             problems.append(f"header says encoding {encoding!r} but the image bytes do not start like one")
+        elif (too_large := pixel_budget_problem(raw, max_pixels)) is not None:
+            problems.append(too_large)
+            return raw[:64], None
         return raw, None
     shape = _shape(header.get("shape"))
     if shape is None:
         problems.append(f"header 'shape' must be [H, W, 3] for raw pixels, got {header.get('shape')!r}")
         return None, None
     size = memoryview(payload).nbytes
+    if shape[0] * shape[1] > max_pixels:
+        problems.append(f"raw image of {shape[1]} x {shape[0]} pixels is over the pixel budget of {max_pixels}")
+        return None, None
     if size != shape[0] * shape[1] * 3:
         problems.append(f"raw image has {size} bytes, header shape {list(shape)} needs {shape[0] * shape[1] * 3}")
         return None, None

@@ -1,0 +1,78 @@
+"""The running line as ``musc-calibrate`` sees it: its storage, its control socket, its config."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_app.config import LineConfig
+from edge_app.errors import UsageError
+from edge_app.ledger import Ledger, LedgerError, LedgerReader
+from edge_app.runtime import commands
+from edge_app.runtime.control import ControlError, request
+
+from .store import CalibrationStore
+
+
+class LineNotRunning(UsageError):
+    """Nothing listens on the line's control socket."""
+
+
+@dataclass
+class LineContext:
+    """A line's storage folder, control socket and (when given) config."""
+
+    storage: Path
+    socket: Path
+    config: LineConfig | None = None
+    store: CalibrationStore = field(init=False)
+    _status: dict | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.store = CalibrationStore(self.storage)
+
+    def request(self, payload: dict, *, token: str | None = None, timeout: float = 90.0) -> dict:
+        """One control request; UsageError when the line is not running or refuses."""
+        if token is not None:
+            payload = {**payload, "token": token}
+        try:
+            reply = request(self.socket, payload, timeout=timeout)
+        except ControlError as exc:
+            raise LineNotRunning(str(exc)) from None
+        except OSError as exc:   # e.g. no permission on the socket: the line may well be running
+            raise UsageError(f"cannot talk to the line on {self.socket}: {exc.strerror or exc}") from None
+        if not reply.get("ok"):
+            raise UsageError(f"the line refused '{payload['cmd']}': {reply.get('error')}")
+        return reply
+
+    def status(self) -> dict:
+        """The running line's status (UsageError when it is not running)."""
+        if self._status is None:
+            self._status = self.request({"cmd": commands.STATUS})
+        return self._status
+
+    def running(self) -> bool:
+        """Whether a line answers (UsageError when the socket exists but cannot be used)."""
+        try:
+            self.status()
+        except LineNotRunning:
+            return False
+        return True
+
+    def recipes(self) -> set[str] | None:
+        if self.config is not None:
+            return set(self.config.recipes)
+        return set(self.status()["recipes"]) if self.running() else None
+
+    def check_recipe(self, recipe: str) -> None:
+        known = self.recipes()
+        if known is not None and recipe not in known:
+            raise UsageError(f"unknown recipe {recipe!r}: this line has {sorted(known)}")
+
+    def ledger(self) -> LedgerReader:
+        try:
+            return Ledger.open_readonly(self.storage / "ledger.sqlite")
+        except LedgerError as exc:
+            raise UsageError(f"{exc}: has this line run yet?") from None
+
+    def has_ledger(self) -> bool:
+        return (self.storage / "ledger.sqlite").is_file()

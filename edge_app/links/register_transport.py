@@ -1,0 +1,132 @@
+"""Transports that publish into a data model the PLC polls (Modbus registers, OPC UA variables).
+
+:class:`RejectLink` speaks in messages: it writes a VERDICT or HEARTBEAT body and waits for the
+ACK/NAK body. A :class:`RegisterTransport` turns each written message into an update of its
+:class:`RegisterImage` and each PLC write of ACK_SEQ / NAK_SEQ / HEARTBEAT_ECHO / STOP_ACK into the
+reply the link waits for, so retries, ordering, deadlines, heartbeats, silence alarms and re-delivery
+after a restart stay the link's, identical for every transport. Subclasses serve the image.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+
+from edge_app.links.base import LinkIOError, Transport
+from edge_app.links.framing import (
+    FrameError,
+    MessageType,
+    NakCode,
+    ack_frame,
+    decode_body,
+    encode_body,
+    nak_frame,
+    parse_verdict,
+)
+from edge_app.links.register_map import (
+    LineState,
+    PublishedVerdict,
+    Reg,
+    RegisterImage,
+    calibration_register,
+    join32,
+    part_text_registers,
+)
+
+# The framed links' STOP_LINE message type (0x03, added with the stop-line primitive).
+STOP_LINE_TYPE = int(getattr(MessageType, "STOP_LINE", 0x03))
+
+
+class RegisterTransport(Transport):
+    """Frames in, register updates out; PLC writes in, ACK/NAK bodies out. Subclasses serve ``image``."""
+
+    def __init__(self) -> None:
+        self.image = RegisterImage()
+        self._calibration = calibration_register(0)
+        self._in_flight: tuple[int, int] | None = None      # (message type, seq) awaiting the PLC
+
+    @property
+    @abstractmethod
+    def serving(self) -> bool:
+        """The server is up (open() succeeded and close() was not called)."""
+
+    def plc_connected(self) -> bool:
+        """False when the transport knows no PLC is connected (a write then counts as a failed try)."""
+        return True
+
+    def published(self) -> None:
+        """Called after every change of the runtime's registers: push them to the PLC's view."""
+
+    # ------------------------------------------------------------------ runtime side
+
+    def set_calibration_version(self, version: str | int) -> None:
+        self._calibration = calibration_register(version)
+        self.image.update({Reg.CALIBRATION: self._calibration})
+        if self.serving:
+            self.published()
+
+    def raise_stop_line(self, reason: str) -> bool:
+        """Raise STOP_LINE, count it in STOP_COUNT and state ``reason``; the PLC echoes STOP_COUNT.
+
+        Idempotent while the PLC has not acknowledged: a repeat keeps STOP_COUNT (only the text follows).
+        """
+        if not self.serving:
+            raise LinkIOError(f"{self.description} is not open")
+        v = self.image.snapshot()
+        waiting = v[Reg.STOP_LINE] == 1 and v[Reg.STOP_ACK] != v[Reg.STOP_COUNT]
+        count = v[Reg.STOP_COUNT] if waiting else (v[Reg.STOP_COUNT] + 1) & 0xFFFF or 1
+        text = part_text_registers(str(reason) or "stop requested")
+        self.image.update({Reg.STOP_LINE: 1, Reg.STOP_COUNT: count, Reg.LINE_STATE: LineState.STOP_REQUESTED,
+                           **{Reg.STOP_TEXT + i: value for i, value in enumerate(text)}})
+        self.published()
+        return self.plc_connected()
+
+    def send_stop_line(self, reason: str) -> bool:
+        """The link worker's stop-line exchange: raise it, then :meth:`read` waits for STOP_ACK."""
+        sent = self.raise_stop_line(reason)
+        self._in_flight = (STOP_LINE_TYPE, 0)
+        return sent
+
+    def write(self, body: bytes) -> bool:
+        if not self.serving:
+            raise LinkIOError(f"{self.description} is not open")
+        frame = decode_body(body)
+        if frame.type is MessageType.VERDICT:
+            message = parse_verdict(frame)
+            self.image.publish(PublishedVerdict(message.seq, frame.payload[1], int(message.reason),
+                                                message.flags, message.part_id, self._calibration))
+        elif frame.type is MessageType.HEARTBEAT:
+            pending = int.from_bytes(frame.payload[:2], "big")
+            self.image.update({Reg.HEARTBEAT: frame.seq & 0xFFFF, Reg.PENDING: pending})
+        elif frame.type == STOP_LINE_TYPE:
+            return self.send_stop_line(frame.payload.decode("utf-8", "replace"))
+        else:
+            raise ValueError(f"{frame.type.name} is not sent to a PLC")
+        self._in_flight = (int(frame.type), frame.seq)
+        self.published()
+        return self.plc_connected()
+
+    def read(self, timeout_s: float) -> list[bytes | FrameError]:
+        in_flight = self._in_flight
+        if in_flight is None or not self.serving:
+            return []
+        kind, seq = in_flight
+
+        def reply(v: list[int]) -> bytes | None:
+            """The PLC's answer to the message in flight, from the registers it writes (under the lock)."""
+            if kind == MessageType.HEARTBEAT:
+                answered = v[Reg.HEARTBEAT_ECHO] == seq & 0xFFFF
+            elif kind == STOP_LINE_TYPE:
+                answered = v[Reg.STOP_COUNT] != 0 and v[Reg.STOP_ACK] == v[Reg.STOP_COUNT]
+            else:
+                answered = join32(v[Reg.ACK_SEQ_HI], v[Reg.ACK_SEQ_LO]) == seq
+                if not answered and join32(v[Reg.NAK_SEQ_HI], v[Reg.NAK_SEQ_LO]) == seq and v[Reg.NAK_CODE]:
+                    code = v[Reg.NAK_CODE]
+                    v[Reg.NAK_SEQ_HI] = v[Reg.NAK_SEQ_LO] = v[Reg.NAK_CODE] = 0     # one NAK, one refusal
+                    known = code in NakCode._value2member_map_
+                    return encode_body(nak_frame(seq, kind, NakCode(code) if known else NakCode.BAD_FORMAT))
+            return encode_body(ack_frame(seq, kind)) if answered else None       # type: ignore[arg-type]
+
+        body = self.image.wait_for_plc(reply, timeout_s)
+        if body is None:
+            return []
+        self.published()                    # NEW_VERDICT / NAK registers may have been cleared
+        return [body]

@@ -1,0 +1,119 @@
+"""PLC simulator for the OPC UA link: an asyncua client scanning the runtime's MuscEdge object.
+
+Each scan reads Heartbeat, NewVerdict, LastVerdict and StopCount in one Read service call, then
+writes HeartbeatEcho, AckSeq (or NakCode + NakSeq), StopAck as docs/wire-protocol.md describes.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from edge_app.links.framing import NakCode
+from edge_app.links.opcua_link import NAMESPACE
+from edge_app.links.register_map import PublishedVerdict
+from edge_app.plc_sim_polling import PlcView, PollingPlcSimulator
+
+_TIMEOUT_S = 5.0            # one request
+_CONNECT_TIMEOUT_S = 30.0   # log in and load the VerdictRecord type: slow on a busy machine
+
+
+class OpcUaPlcSimulator(PollingPlcSimulator):
+    """Logs in to the runtime's OPC UA server at ``endpoint`` as ``username``/``password``.
+
+    Scans every 20 ms by default: an OPC UA client's read is heavier than a Modbus poll.
+    """
+
+    def __init__(self, endpoint: str, username: str, password: str, **options: Any) -> None:
+        options.setdefault("scan_s", 0.02)
+        super().__init__(**options)
+        self.address, self._username, self._password = endpoint, username, password
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="plc-sim opcua loop", daemon=True)
+        self._loop_thread.start()
+        self._client: Any = None
+        self._nodes: dict[str, Any] = {}
+
+    def _call(self, coroutine: Any, timeout_s: float = _TIMEOUT_S) -> Any:
+        try:
+            return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            raise ConnectionError(f"OPC UA request to {self.address} timed out") from exc
+        except Exception as exc:
+            if isinstance(exc, (OSError, ConnectionError)):
+                raise
+            raise ConnectionError(f"OPC UA request to {self.address} failed: {exc!r}") from exc
+
+    async def _open(self) -> None:
+        from asyncua import Client
+
+        client = Client(self.address, timeout=_TIMEOUT_S)
+        client.set_user(self._username)
+        client.set_password(self._password)
+        await client.connect()
+        try:
+            await client.load_data_type_definitions()
+            idx = await client.get_namespace_index(NAMESPACE)
+            names = ("Heartbeat", "NewVerdict", "LastVerdict", "StopCount", "AckSeq", "HeartbeatEcho",
+                     "NakSeq", "NakCode", "StopAck")
+            self._nodes = {name: client.get_node(f"ns={idx};s=MuscEdge.{name}") for name in names}
+        except Exception:
+            await client.disconnect()
+            raise
+        self._client = client
+
+    async def _close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.disconnect()
+            except Exception:
+                pass                                  # the server is gone already
+
+    def _connect(self) -> None:
+        self._call(self._open(), _CONNECT_TIMEOUT_S)
+
+    def _disconnect(self) -> None:
+        if self._loop.is_running():
+            try:
+                self._call(self._close())
+            except ConnectionError:
+                self._client = None
+
+    def stop(self) -> None:
+        super().stop()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(_TIMEOUT_S)
+
+    def _read(self) -> PlcView:
+        async def read() -> list[Any]:
+            n = self._nodes
+            return await self._client.read_values([n["Heartbeat"], n["NewVerdict"], n["LastVerdict"], n["StopCount"]])
+
+        heartbeat, new, record, stop_count = self._call(read())
+        verdict = PublishedVerdict(seq=record.Seq, verdict=record.Verdict, reason=record.Reason, flags=record.Flags,
+                                   part_id=record.PartId or "", calibration=record.CalibrationVersion)
+        return PlcView(heartbeat=int(heartbeat), new_verdict=bool(new), verdict=verdict, stop_count=int(stop_count))
+
+    def _write(self, values: dict[str, tuple[int, str]]) -> None:
+        from asyncua import ua
+
+        async def write() -> None:
+            nodes = [self._nodes[name] for name in values]
+            variants = [ua.DataValue(ua.Variant(value, getattr(ua.VariantType, kind)))
+                        for value, kind in values.values()]
+            await self._client.write_values(nodes, variants)
+
+        self._call(write())
+
+    def _write_ack(self, seq: int) -> None:
+        self._write({"AckSeq": (seq, "UInt32")})
+
+    def _write_nak(self, seq: int, code: NakCode) -> None:
+        self._write({"NakCode": (int(code), "UInt16"), "NakSeq": (seq, "UInt32")})
+
+    def _write_heartbeat_echo(self, counter: int) -> None:
+        self._write({"HeartbeatEcho": (counter, "UInt32")})
+
+    def _write_stop_ack(self, count: int) -> None:
+        self._write({"StopAck": (count, "UInt32")})

@@ -1,0 +1,116 @@
+"""``musc-edge plc-sim --link modbus-tcp|modbus-rtu|opcua``: the PLC side of the plant-protocol links.
+
+The runtime is the server in all three (docs/wire-protocol.md), so the simulated PLC is the client:
+it connects to the runtime's port, serial device or endpoint and scans, as a PLC would.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+PLANT_LINKS = ("modbus-tcp", "modbus-rtu", "opcua")
+
+
+def is_plant_link(argv: list[str]) -> bool:
+    """True when ``argv`` asks for one of :data:`PLANT_LINKS` (``--link X`` or ``--link=X``)."""
+    for i, arg in enumerate(argv):
+        if arg == "--link" and i + 1 < len(argv):
+            return argv[i + 1] in PLANT_LINKS
+        if arg.startswith("--link="):
+            return arg.split("=", 1)[1] in PLANT_LINKS
+    return False
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musc-edge plc-sim",
+                                     description="Play the PLC (a Modbus or OPC UA client) against the runtime's "
+                                                 "server (docs/wire-protocol.md).")
+    parser.add_argument("--link", choices=PLANT_LINKS, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="modbus-tcp: the runtime's address")
+    parser.add_argument("--port", help="modbus-tcp: TCP port (default 502); modbus-rtu: serial device, or 'pty' "
+                                       "to create a pty pair and print the end for the runtime's link.port")
+    parser.add_argument("--unit-id", type=int, default=1, help="modbus-rtu: the runtime's slave address")
+    parser.add_argument("--baudrate", type=int, default=19200)
+    parser.add_argument("--parity", choices=("N", "E", "O"), default="E", help="modbus-rtu (a pty needs N)")
+    parser.add_argument("--endpoint", default="opc.tcp://127.0.0.1:4840/musc-edge/", help="opcua: server endpoint")
+    parser.add_argument("--username", default="plc", help="opcua login")
+    parser.add_argument("--password-env", default="MUSC_PLC_PASSWORD", metavar="VAR",
+                        help="opcua: environment variable holding the password")
+    parser.add_argument("--scan", type=float, metavar="SECONDS",
+                        help="PLC scan period (default: Modbus 0.01, OPC UA 0.02)")
+    parser.add_argument("--log", type=Path, help="append every received verdict (once) as a JSON line")
+    parser.add_argument("--report-every", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="acknowledge this late")
+    parser.add_argument("--corrupt-rate", type=float, default=0.0, help="share of acks written damaged, 0..1")
+    parser.add_argument("--refuse", type=int, default=0, metavar="N", help="NAK (busy) the first N verdicts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--silent-after", type=int, metavar="N", help="stop scanning after N verdicts")
+    parser.add_argument("--silent-for", type=float, default=5.0, metavar="SECONDS")
+    parser.add_argument("--duration", type=float, default=0.0, metavar="SECONDS", help="0: until Ctrl-C")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    options = dict(delay_s=args.delay, corrupt_rate=args.corrupt_rate, seed=args.seed,
+                   silent_after=args.silent_after, silent_for_s=args.silent_for, log_path=args.log)
+    if args.scan is not None:
+        options["scan_s"] = args.scan
+    pair = None
+    try:
+        if args.link == "modbus-tcp":
+            from edge_app.plc_sim_modbus import ModbusPlcSimulator
+
+            sim = ModbusPlcSimulator.on_tcp(args.host, int(args.port or 502), **options)
+        elif args.link == "modbus-rtu":
+            from edge_app.plc_sim_modbus import ModbusPlcSimulator, PtyPair
+
+            if not args.port:
+                print("plc-sim: --link modbus-rtu needs --port (a serial device or 'pty')", file=sys.stderr)
+                return 2
+            port = args.port
+            if port == "pty":
+                pair = PtyPair()
+                port = pair.b
+                print(f"plc-sim: runtime end of the pty pair: {pair.a} (link.port; parity N)", flush=True)
+            sim = ModbusPlcSimulator.on_rtu(port, unit_id=args.unit_id, baudrate=args.baudrate,
+                                            parity="N" if pair else args.parity, **options)
+        else:
+            from edge_app.plc_sim_opcua import OpcUaPlcSimulator
+
+            password = os.environ.get(args.password_env)
+            if password is None:
+                print(f"plc-sim: set {args.password_env} to the OPC UA password of {args.username!r}",
+                      file=sys.stderr)
+                return 2
+            sim = OpcUaPlcSimulator(args.endpoint, args.username, password, **options)
+    except (ValueError, OSError) as exc:
+        print(f"plc-sim: {exc}", file=sys.stderr)
+        return 2
+    if args.refuse:
+        sim.refuse_next(args.refuse)
+    print(f"plc-sim: {args.link} PLC scanning {sim.address} every {sim.scan_s * 1000:.0f} ms", flush=True)
+    end = time.monotonic() + args.duration if args.duration > 0 else float("inf")
+    try:
+        with sim:
+            try:
+                while (left := end - time.monotonic()) > 0:
+                    time.sleep(min(left, args.report_every if args.report_every > 0 else 1.0))
+                    if args.report_every > 0:
+                        print(f"plc-sim: {_counters(sim)}", flush=True)
+            except KeyboardInterrupt:
+                pass
+        print(f"plc-sim: final {_counters(sim)}", flush=True)
+    finally:
+        if pair is not None:
+            pair.close()
+    return 0
+
+
+def _counters(sim) -> str:
+    counters = asdict(sim.counters()) | {"stop_requests": sim.stop_requests, "link_errors": sim.link_errors}
+    return " ".join(f"{key}={value}" for key, value in counters.items())

@@ -1,0 +1,68 @@
+"""``2d`` recipes: each part's image scored one-vs-pool against a :class:`~edge_app.pool.FeaturePool`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...config import RecipeSettings
+from ...mediaio import read_image
+from ...pool import FeaturePool
+from ...progress import Progress
+from ...record import PartRecord
+from .base import Recipe, Scored, Scoring, image_files
+
+
+@dataclass
+class Prepared:
+    """A part's scoring inputs: aggregated feature sets (``[P, D]`` each)."""
+
+    sets: list[np.ndarray]
+    feature: np.ndarray | None = None    # re-scoring feature, once scored
+    nearest: float | None = None         # distance to the closest pool member, once scored
+    image_token: np.ndarray | None = None  # the model's image token, for image_token re-scoring (evaluation)
+
+
+class Recipe2D(Recipe):
+    """A ``2d`` recipe: its :class:`FeaturePool` (FIFO or reservoir) and how an image is prepared."""
+
+    modality = "2d"
+
+    def __init__(self, name: str, settings: RecipeSettings, scoring: Scoring, n_sets: int, patches: int, dim: int,
+                 seed: int = 0):
+        super().__init__(name, settings, scoring)
+        ps = settings.pool
+        self.pool = FeaturePool(ps.capacity, n_sets, patches, dim, min_size=ps.min_size, eviction=ps.eviction,
+                                horizon=ps.horizon, seed=seed, scorer=scoring.scorer)
+
+    def prepare(self, part: PartRecord) -> Prepared:
+        return Prepared(self.scoring.features([part.image])[0])
+
+    def score(self, prepared: Prepared, part_id: str | None = None) -> Scored:
+        result = self.pool.score(prepared.sets, self.scoring.grid, self.scoring.params, exclude_part_id=part_id,
+                                 image_token=prepared.image_token)
+        return Scored(self.scoring.frame_map(result.patch_map), result.raw, result.score, result.feature,
+                      result.n_refs, result.nearest)
+
+    def read_seed(self, folder: str | Path, progress: bool = False,
+                  batch_size: int = 8) -> list[tuple[PartRecord, Prepared]]:
+        """Feature sets of the folder's images (sorted by name), a batch per engine call."""
+        paths = image_files(folder)
+        out = []
+        with Progress(len(paths), "seeding", enabled=progress) as bar:
+            for start in range(0, len(paths), batch_size):
+                chunk = paths[start:start + batch_size]
+                sets = self.scoring.features([read_image(p) for p in chunk])
+                out += [(PartRecord(part_id=f"seed:{p.name}", recipe=self.name, capture_time=p.stat().st_mtime,
+                                    source_ref=str(p)), Prepared(s)) for p, s in zip(chunk, sets)]
+                bar.advance(len(chunk))
+        return out
+
+    def _nearest(self, prepared: Prepared) -> float:
+        return self.pool.nearest_distance(prepared.sets)
+
+    def _store(self, part_id: str, prepared: Prepared, raw_score: float, now: float) -> int | None:
+        # Warm-up members get their raw score and re-scoring feature when the pool becomes ready.
+        feature = prepared.feature if prepared.feature is not None else prepared.sets[0][0]
+        return self.pool.admit(part_id, prepared.sets, raw_score, feature, now=now)

@@ -1,0 +1,170 @@
+"""``3d`` and ``2d+3d`` (MuSc-V2) recipes: each part's scan scored against a :class:`~edge_app.scan_pool.ScanPool`.
+
+A ``3d`` / ``2d+3d`` recipe scores each part's organised cloud (and, fused, its image) one-vs-pool with
+:func:`edge_app.scoring3d.score_one`. The cloud is scored on the ``model.size`` grid of the image, so the
+two stay pixel-aligned for CAE and the summed map. Every problem with the cloud (missing, not ``[H, W, 3]``,
+no valid point, a size other than the image's, absurd coordinates, nothing left after background removal)
+decides the part NO_VERDICT / SCANNER_ERROR with the reason in ``detail``; it never raises.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ...config import RecipeSettings, ScanSettings
+from ...mediaio import read_image
+from ...pointcloud import CloudError, PreprocessParams, foreground_mask, read_cloud, to_organised, zero_background
+from ...progress import Progress
+from ...record import PartRecord
+from ...scan_pool import SCAN_MODES, PreparedScan, ScanPool
+from ...scoring3d import Params3D, Sample3D, prepare_3d
+from ...scoring3d.map3d import DEFAULT_SIGMA
+from ...sources.scanner import CLOUD_SUFFIXES, cloud_problem
+from .base import Recipe, Scored, Scoring, image_files
+
+REFERENCE_SIZE = 224   # grid side the MuSc-V2 3D defaults (blur sigma) are given for
+
+
+def descriptor_scales(scan: ScanSettings, modality: str, n_2d_sets: int) -> tuple[float, ...]:
+    """The 3D layers' descriptor scales: explicit, or halving down from 1.0, one per 2D set (2d+3d) or three."""
+    count = n_2d_sets if modality == "2d+3d" else 3
+    scales = scan.scales or tuple(2.0 ** -(count - 1 - i) for i in range(count))
+    if modality == "2d+3d" and len(scales) != n_2d_sets:
+        raise ValueError(f"scan.scales gives {len(scales)} 3D layers but the 2D side has {n_2d_sets} feature "
+                         "sets (model.blocks); 2d+3d pairs them layer by layer")
+    return tuple(scales)
+
+
+def scan_params(scan: ScanSettings, modality: str, size: int, n_2d_sets: int) -> Params3D:
+    """How a recipe's clouds become :class:`Sample3D` on a ``size x size`` grid."""
+    pre = scan.preprocess
+    return Params3D(size=size, n_groups=scan.n_groups, group_size=scan.group_size, grouping=scan.grouping,
+                    scales=descriptor_scales(scan, modality, n_2d_sets), normal_neighbours=scan.normal_neighbours,
+                    preprocess=PreprocessParams(border=pre.border, plane_threshold=pre.plane_threshold,
+                                                plane_removal=pre.plane_removal, cluster_eps=pre.cluster_eps,
+                                                remove_plane=pre.remove_plane,
+                                                keep_largest_cluster=pre.keep_largest_cluster))
+
+
+def blur_sigma(scan: ScanSettings, size: int) -> float:
+    """3D map blur in pixels: the recipe's, or MuSc-V2's 4 px per 224 px."""
+    return scan.blur_sigma if scan.blur_sigma is not None else DEFAULT_SIGMA * size / REFERENCE_SIZE
+
+
+def prepare_scan(cloud: np.ndarray, image: np.ndarray, params: Params3D, black_background: bool,
+                 source: str) -> tuple[Sample3D, np.ndarray]:
+    """(3D sample, image for the 2D features) of one organised cloud (NaN = missing) and its RGB image.
+
+    With ``black_background`` the image's pixels off the scanned part are zeroed, as MuSc-V2 preprocesses
+    MVTec 3D-AD (MuSc-V2 code, ``datasets/``). Any unusable cloud raises :class:`CloudError` naming ``source``.
+    """
+    try:
+        sample = prepare_3d(cloud, params, source)
+        if not black_background:
+            return sample, image
+        return sample, zero_background(image, foreground_mask(cloud, params.preprocess, source))
+    except CloudError:
+        raise
+    except ValueError as exc:  # degenerate geometry (e.g. every point identical) is a scanner problem too
+        raise CloudError(f"{source}: {exc}") from exc
+
+
+class ScanRecipe(Recipe):
+    """A ``3d`` / ``2d+3d`` recipe: its :class:`ScanPool` (FIFO) and how a scanned part is prepared."""
+
+    def __init__(self, name: str, settings: RecipeSettings, scoring: Scoring, n_sets: int, patches: int,
+                 dim: int):
+        if settings.modality not in SCAN_MODES:
+            raise ValueError(f"recipe {name!r} has modality {settings.modality!r}; a scan pool needs one of "
+                             f"{SCAN_MODES}")
+        params, image_size = scoring.params, scoring.image_size
+        if settings.modality == "2d+3d" and params.aggregation == "lnamd":
+            raise ValueError(f"recipe {name!r}: 2d+3d pairs 2D layers with 3D layers, but scoring.aggregation "
+                             "lnamd gives one 2D set per (layer, degree); use snamd")
+        super().__init__(name, settings, scoring)
+        self.modality = settings.modality
+        scan = settings.scan_settings
+        try:
+            self.params3d = scan_params(scan, self.modality, image_size, n_sets)
+        except ValueError as exc:
+            raise ValueError(f"recipes.{name}.{exc}") from None
+        if not 0 <= params.salient_layer < len(self.params3d.scales):
+            raise ValueError(f"scoring.salient_layer {params.salient_layer} is out of range for recipe {name!r} "
+                             f"with {len(self.params3d.scales)} 3D layers")
+        self.black_background = scan.zero_background and self.modality == "2d+3d"
+        ps = settings.pool
+        self.pool = ScanPool(self.modality, ps.capacity, n_sets, patches, dim, image_size, min_size=ps.min_size,
+                             sigma=blur_sigma(scan, image_size))
+
+    def identity(self) -> dict:
+        """The feature model's identity, plus the modality and 3D settings."""
+        return {**super().identity(), "modality": self.modality,
+                "scan": self.settings.scan_settings.model_dump(mode="json")}
+
+    def prepare(self, part: PartRecord) -> PreparedScan:
+        """Check the part's cloud against its decoded image, prepare it, and compute the 2D sets (2d+3d)."""
+        where = f"part {part.part_id}" + (f" ({part.source_ref})" if part.source_ref else "")
+        problem = cloud_problem(part.cloud)
+        if problem is not None:
+            raise CloudError(f"{where}: {problem}")
+        cloud = to_organised(part.cloud, where, part.image.shape)
+        sample, image = prepare_scan(cloud, part.image, self.params3d, self.black_background, where)
+        sets = self.scoring.features([image])[0] if self.modality == "2d+3d" else []
+        return PreparedScan(sets, sample)
+
+    def score(self, prepared: PreparedScan, part_id: str | None = None) -> Scored:
+        result = self.pool.score(prepared, self.scoring.grid, self.scoring.params, exclude_part_id=part_id)
+        return Scored(result.map, result.raw, result.score, result.feature, result.n_refs)
+
+    def read_seed(self, folder: str | Path, progress: bool = False) -> list[tuple[PartRecord, PreparedScan]]:
+        """The folder's scans (see :func:`scan_files`), read and prepared."""
+        return self.read_scans(scan_files(folder), progress)
+
+    def read_scans(self, scans: Sequence[tuple[Path, Path]],
+                   progress: bool = False) -> list[tuple[PartRecord, PreparedScan]]:
+        """``(image, cloud)`` files read and prepared; a scan that cannot be read or prepared raises naming
+        its file."""
+        out = []
+        with Progress(len(scans), "seeding", enabled=progress) as bar:
+            for image_path, cloud_path in scans:
+                image = read_image(image_path)
+                part = PartRecord(part_id=f"seed:{image_path}", recipe=self.name,
+                                  capture_time=image_path.stat().st_mtime, image=image,
+                                  cloud=read_cloud(cloud_path, image.shape), source_ref=str(image_path))
+                out.append((part, self.prepare(part)))
+                part.image = part.cloud = None  # the prepared scan has what the pool keeps
+                bar.advance()
+        return out
+
+    def _nearest(self, prepared: PreparedScan) -> float:
+        return self.pool.nearest_distance(self._checked(prepared).sets)
+
+    def _store(self, part_id: str, prepared: PreparedScan, raw_score: float, now: float) -> int | None:
+        return self.pool.admit(part_id, self._checked(prepared), raw_score, prepared.feature, now=now)
+
+    def _checked(self, prepared) -> PreparedScan:
+        if not isinstance(prepared, PreparedScan):
+            raise ValueError(f"recipe {self.name!r} scores {self.modality}: its pool needs scans (image + point "
+                             "cloud), not images alone")
+        return prepared
+
+
+def scan_files(folder: str | Path) -> list[tuple[Path, Path]]:
+    """``(image, cloud)`` pairs under ``folder``: MVTec 3D-AD's ``<..>/rgb/<id>.png`` with ``../xyz/<id>.tiff``
+    when the folder has ``rgb`` folders, else every image with a cloud of the same stem beside it
+    (FileNotFoundError naming the first image without one)."""
+    images = image_files(folder)
+    mvtec = [p for p in images if p.parent.name == "rgb"]
+    pairs = []
+    for image in mvtec or images:
+        candidates = ([image.parent.parent / "xyz" / f"{image.stem}.tiff"] if mvtec else
+                      [image.with_suffix(s) for s in CLOUD_SUFFIXES])
+        cloud = next((c for c in candidates if c.is_file()), None)
+        if cloud is None:
+            raise FileNotFoundError(f"no point cloud for {image} (looked for "
+                                    f"{', '.join(c.name for c in candidates)}); a scan recipe seeds from "
+                                    "image + cloud pairs")
+        pairs.append((image, cloud))
+    return pairs

@@ -1,0 +1,39 @@
+"""Serving the view: options from a line config, uvicorn on the configured address, at low CPU priority."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ..config import LineConfig, ViewSettings
+from .data import ViewOptions
+
+NICENESS = 10   # the view yields the CPU to the line: on a busy device the page refreshes late, parts don't
+
+
+def view_options(storage: Path, control_socket: Path | None, settings: ViewSettings, line_name: str) -> ViewOptions:
+    """What the view reads and shows for a line whose files lie in ``storage``."""
+    return ViewOptions(line_name=line_name, storage=Path(storage),
+                       control_socket=Path(control_socket or Path(storage) / "control.sock"),
+                       recent=settings.recent, histogram_parts=settings.histogram_parts, shifts=settings.shifts)
+
+
+def options_from_config(config: LineConfig) -> ViewOptions:
+    return view_options(config.storage.dir, config.control.socket, config.view, config.line.name)
+
+
+def serve(options: ViewOptions, *, bind: str, port: int, refresh_s: float) -> None:
+    """Serve the view until interrupted (blocks)."""
+    import uvicorn
+
+    from .app import create_app
+
+    try:
+        os.nice(NICENESS)
+    except OSError:   # not permitted: serve at normal priority
+        pass
+    where = "this machine only" if bind in ("127.0.0.1", "localhost", "::1") else "the network"
+    print(f"musc-edge view: line {options.line_name!r} ({options.storage}) on http://{bind}:{port}/ "
+          f"(read-only, reachable from {where})", file=sys.stderr)
+    uvicorn.run(create_app(options, refresh_s=refresh_s), host=bind, port=port, log_level="warning",
+                access_log=False, server_header=False)
