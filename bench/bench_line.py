@@ -71,13 +71,15 @@ def bottle_paths(data: Path) -> list[str]:
 
 
 def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int, limit: int | None = None,
-        quiet: bool = False, mqtt_outage: float = 0.0) -> dict:
+        quiet: bool = False, mqtt_outage: float = 0.0, model: Path = ROOT / "models" / "dinov2_vits14_musc.onnx",
+        precision: str = "fp32", scorer: str = "auto") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     with plc_for(link) as (plc, link_cfg), ExitStack() as stack:
         outage = stack.enter_context(MqttOutage(out / "broker", mqtt_outage)) if mqtt_outage else None
         config = parse_config({
             "line": {"name": f"bottle-{link}", "deadline_ms": 1500, "queue_size": 4},
-            "model": {"path": str(ROOT / "models" / "dinov2_vits14_musc.onnx"), "size": 224, "blocks": [6, 9]},
+            "model": {"path": str(model), "size": 224, "blocks": [6, 9], "precision": precision},
+            "scoring": {"backend": scorer},
             "recipes": {"default": {"threshold": threshold, "pool": {"capacity": pool, "min_size": 10}}},
             "source": {"type": "replay", "paths": paths, "rate": rate, "shuffle": True, "seed": 0,
                        **({"limit": limit} if limit else {})},
@@ -289,6 +291,10 @@ def main() -> None:
     parser.add_argument("--view", action="store_true", help="run the line twice back to back, without and then "
                         "with the operator view open in headless Chromium, and compare the total p99 latency")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "dinov2_vits14_musc.onnx",
+                        help="feature model, or a folder to pick the --precision model covering blocks 6, 9 from")
+    parser.add_argument("--precision", choices=("fp32", "int8", "fp16"), default="fp32")
+    parser.add_argument("--scorer", choices=("auto", "numpy", "onnx-fp32", "onnx-int8"), default="auto")
     parser.add_argument("--mqtt-outage", type=float, default=0.0, metavar="SECONDS",
                         help="publish part events to a local mosquitto stopped this long mid-run (needs mosquitto)")
     args = parser.parse_args()
@@ -314,12 +320,14 @@ def main() -> None:
     for link in links:
         out = args.out if link == links[0] else args.out.with_name(f"{args.out.name}_{link}")
         results.append(run(paths, link, args.rate, out, args.threshold, args.pool, args.limit,
-                           mqtt_outage=args.mqtt_outage))
+                           mqtt_outage=args.mqtt_outage, model=args.model, precision=args.precision,
+                           scorer=args.scorer))
         print_result(results[-1])
     if args.find_rate:
         rate, best = args.rate, None
         while rate <= 20:
-            r = run(paths, "zmq", rate, args.out.with_name("rate_probe"), args.threshold, args.pool, limit=120, quiet=True)
+            r = run(paths, "zmq", rate, args.out.with_name("rate_probe"), args.threshold, args.pool, limit=120, quiet=True,
+                    model=args.model, precision=args.precision, scorer=args.scorer)
             ok = not r["no_verdict_after_warmup"]
             print(f"rate {rate:4.1f} parts/s: {'no NO_VERDICT' if ok else r['no_verdict_after_warmup']}")
             if not ok:

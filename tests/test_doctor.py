@@ -189,3 +189,11 @@ def test_install_script_parses():
     done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "set -euo pipefail" in script.read_text()
+
+
+def test_scoring_backend_is_timed_and_reported(line_yaml):
+    check = by_name(run_checks(line_yaml({"type": "zmq", "endpoint": "tcp://127.0.0.1:5557"})), "scoring backend")
+    assert check.status == "ok"
+    chosen = check.detail.split(" ")[0]
+    assert chosen in ("numpy", "onnx-fp32") and "(auto;" in check.detail
+    assert all(f"{name} " in check.detail for name in ("numpy", "onnx-fp32", "onnx-int8"))

@@ -155,3 +155,16 @@ def test_upsample_aligns_corners_and_keeps_the_maximum():
     assert up[0, 0, 0] == 0 and up[0, 0, -1] == 1 and up[0, -1, 0] == 2 and up[0, -1, -1] == 3
     assert up[0, 1, 2] == pytest.approx(1.5)
     assert up.max() == maps.max()
+
+
+def test_batch_msm_in_bounded_memory_gives_the_same_scores():
+    from edge_app.scoring import msm
+
+    rng = np.random.default_rng(7)
+    feats = (lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True))(rng.normal(size=(23, 16, 8))).astype(np.float32)
+    whole = msm.score_batch(feats, 0.3)
+    n, p = feats.shape[:2]
+    chunked = msm.score_batch(feats, 0.3, memory_bytes=3 * p * n * 4 * 5)   # 5 queries at a time
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(msm.score_batch_chunked(feats, msm.interval_k(n - 1), queries=1, refs=3), whole,
+                               rtol=1e-6, atol=1e-6)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from ..config import LineConfig
-from ..features import FeatureEngine, Features
+from ..features import FeatureEngine, Features, select_model
 from ..geometry import plan_input, stitch, windows
 from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, prepare
@@ -22,6 +22,7 @@ from .pool_store import load_pool, pool_path, save_pool
 from .recipes import Recipe, Scoring, make_recipe
 
 log = logging.getLogger(__name__)
+NOT_EXTRACTED = object()  # inspect(): extract() has not run for this part
 
 
 class Inspector:
@@ -30,8 +31,9 @@ class Inspector:
     def __init__(self, config: LineConfig, engine: FeatureEngine | None = None):
         self.config = config
         self.on_alarm = lambda text: log.warning("ALARM: %s", text)   # the line routes it to its alarm path
-        self.engine = engine or FeatureEngine(config.model.path, size=config.model.size,
-                                              threads=config.model.threads)
+        self.engine = engine or FeatureEngine(
+            select_model(config.model.path, config.model.blocks, config.model.precision),
+            size=config.model.size, threads=config.model.threads)
         self.params: MuscParams = config.scoring.params()
         model_blocks = self.engine.manifest.blocks
         missing = [b for b in config.model.blocks if b not in model_blocks]
@@ -53,7 +55,7 @@ class Inspector:
         self.params.salient_set(n_sets)  # fail early on an impossible salient layer
         patches, dim = self.grid[0] * self.grid[1], self.engine.manifest.token_dim
         scoring = Scoring(self.features, self.grid, self.params, self.engine.size, self.pool_identity(),
-                          self.frame_map)
+                          self.frame_map, scorer=config.scoring.backend)
         self.recipes: dict[str, Recipe] = {name: make_recipe(name, settings, scoring, n_sets, patches, dim)
                                            for name, settings in config.recipes.items()}
 
@@ -114,22 +116,34 @@ class Inspector:
         th, tw = self.plan.window_grid
         return stitch(patch_map.reshape(self.plan.n_windows, th, tw), self.plan)
 
-    def inspect(self, part: PartRecord) -> tuple[PartRecord, object | None]:
-        """Fill ``part``'s verdict, reason, scores, map and stage times; also returns what its recipe
-        prepared (for :meth:`admit`). Never raises for a bad part."""
+    def extract(self, part: PartRecord) -> object | None:
+        """Decode and prepare (features) a part: the stages the line runs one part ahead of scoring. A bad
+        part gets its NO_VERDICT here and None is returned. Never raises for a bad part."""
         if part.verdict is not None:  # already decided upstream (e.g. a scanner frame that never came)
-            return part, None
+            return None
         recipe = self.recipes.get(part.recipe)
         if recipe is None:
-            return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"unknown recipe {part.recipe!r}"), None
+            part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"unknown recipe {part.recipe!r}")
+            return None
         t0 = time.monotonic()
         try:
             decode_part(part)
         except DecodeError as exc:
             part.times.decode = time.monotonic() - t0
-            return part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, str(exc)), None
+            part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, str(exc))
+            return None
         part.times.decode = time.monotonic() - t0
-        return recipe.inspect(part)
+        return recipe.extract(part)
+
+    def inspect(self, part: PartRecord, extracted: object | None = NOT_EXTRACTED) -> tuple[PartRecord, object | None]:
+        """Fill ``part``'s verdict, reason, scores, map and stage times; also returns what its recipe
+        prepared (for :meth:`admit`). Never raises for a bad part. ``extracted``: what :meth:`extract`
+        returned for this part when the line ran it ahead."""
+        if extracted is NOT_EXTRACTED:
+            extracted = self.extract(part)
+        if part.verdict is not None or extracted is None:
+            return part, None
+        return self.recipes[part.recipe].decide(part, extracted)
 
     def admit(self, part: PartRecord, prepared: object | None, now: float | None = None) -> bool:
         """Pool admission after a verdict, by the part's recipe (:meth:`Recipe.admit`)."""

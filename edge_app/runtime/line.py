@@ -4,8 +4,9 @@ Threads and their contracts:
 - *source*: pulls parts at the line's pace and stamps each with its deadline; when the engine queue is
   full the part gets NO_VERDICT (overload) on the spot and goes straight to the output stage. Nothing is
   dropped: every part reaches the output stage exactly once.
-- *worker*: one part at a time through the inspector (decode, features, scoring, verdict) and pool
-  admission; a part whose deadline has passed gets NO_VERDICT (deadline).
+- *prefetch*: decode and features of the next part while the worker scores this one (one part ahead).
+- *worker*: one part at a time through the rest of the inspector (scoring, verdict) and pool admission;
+  a part whose deadline has passed gets NO_VERDICT (deadline).
 - *output*: applies the fail-safe policy, writes the ledger row durably (its row id is the wire sequence
   number), *then* signals the PLC within the part's deadline, records acks (also late ones, reported by
   the link), and hands rejects to the archive. It is the only thread that writes the ledger.
@@ -104,6 +105,7 @@ class Line:
         self._status = status
         self._status_every = status_every_s
         self._in: queue.Queue = queue.Queue(maxsize=config.line.queue_size)
+        self._ready: queue.Queue = queue.Queue(maxsize=1)  # (part, its features) extracted ahead of scoring
         self._out: queue.Queue = queue.Queue()
         self._acks: queue.Queue = queue.Queue()
         self._tasks: queue.Queue = queue.Queue()       # control changes, run by the worker between parts
@@ -148,6 +150,7 @@ class Line:
             self.archive = RejectArchive(self.storage / "archive", int(archive.quota_mb * 2**20),
                                          accepted_fraction=archive.sample_accepted, no_verdict_fraction=1.0)
         threads = [threading.Thread(target=self._source_loop, name="source", daemon=True),
+                   threading.Thread(target=self._prefetch_loop, name="prefetch", daemon=True),
                    threading.Thread(target=self._worker_loop, name="worker", daemon=True)]
         persist = threading.Thread(target=self._persist_loop, name="pool-writer", daemon=True)
         persist.start()
@@ -221,12 +224,23 @@ class Line:
         finally:
             self._in.put(_DONE)
 
+    def _prefetch_loop(self) -> None:
+        """Decode and features of part n+1 while part n is scored and signalled; order is kept."""
+        while True:
+            part = self._in.get()
+            if part is _DONE:
+                self._ready.put((_DONE, None))
+                return
+            # A part already late is not worked on: the worker gives it its NO_VERDICT (deadline).
+            extracted = self.inspector.extract(part) if time.monotonic() < part.deadline else None
+            self._ready.put((part, extracted))
+
     def _worker_loop(self) -> None:
         while True:
             self.systemd.watchdog()  # from the scoring loop itself: a hung engine call stops the pings
             self._run_tasks()
             try:
-                part = self._in.get(timeout=0.05)
+                part, extracted = self._ready.get(timeout=0.05)
             except queue.Empty:
                 continue
             if part is _DONE:
@@ -239,7 +253,7 @@ class Line:
                 part.decide(Verdict.NO_VERDICT, Reason.DEADLINE, "deadline passed while queued")
                 self._out.put(("part", part, None, in_force))
                 continue
-            part, prepared = self.inspector.inspect(part)
+            part, prepared = self.inspector.inspect(part, extracted)
             if time.monotonic() > deadline and part.verdict != Verdict.NO_VERDICT:
                 part.decide(Verdict.NO_VERDICT, Reason.DEADLINE,
                             f"scored {part.verdict.value} after the deadline (score {part.score:.4f})")

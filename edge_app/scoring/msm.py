@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_FRACTION = 0.3
+# Above this many bytes for the [N, P, N] distance array, batch MSM scores queries in chunks instead
+# (exact, twice the matrix products): a 1,000-image category at 224 px would need 1 GB per feature set.
+BATCH_MEMORY_BYTES = 256 * 2**20
 
 
 class PoolTooSmallError(ValueError):
@@ -114,10 +117,40 @@ def batch_distances(features: np.ndarray, chunk: int = 8) -> np.ndarray:
     return dist
 
 
-def score_batch(features: np.ndarray, fraction: float = DEFAULT_FRACTION) -> np.ndarray:
-    """Batch MSM for one feature set ``[N, P, D]``: patch scores ``[N, P]``, each sample vs all others."""
-    n = features.shape[0]
-    dist = batch_distances(features)
+def score_batch(features: np.ndarray, fraction: float = DEFAULT_FRACTION,
+                memory_bytes: int = BATCH_MEMORY_BYTES) -> np.ndarray:
+    """Batch MSM for one feature set ``[N, P, D]``: patch scores ``[N, P]``, each sample vs all others.
+
+    Small batches compute each pair once (:func:`batch_distances`); when the ``[N, P, N]`` distances
+    would exceed ``memory_bytes`` the queries are scored in chunks that fit (same numbers)."""
+    n, p, _ = features.shape
+    if n < 2:
+        raise PoolTooSmallError(f"batch scoring needs at least 2 samples, got {n}")
     k = interval_k(n - 1, fraction)
-    # The inf self-distance sorts last, so the k smallest never include it.
-    return interval_mean(dist, k)
+    if n * p * n * 4 <= memory_bytes:
+        # The inf self-distance sorts last, so the k smallest never include it.
+        return interval_mean(batch_distances(features), k)
+    return score_batch_chunked(features, k, max(1, memory_bytes // (3 * p * n * 4)))
+
+
+def score_batch_chunked(features: np.ndarray, k: int, queries: int, refs: int = 8) -> np.ndarray:
+    """Batch MSM in bounded memory: ``queries`` samples at a time against ``refs`` references at a time.
+
+    Peak extra memory is about ``queries * P * N`` distances plus one ``[queries * P, refs * P]``
+    similarity block, independent of how many chunks there are."""
+    n, p, d = features.shape
+    flat = features.reshape(n * p, d)
+    scores = np.empty((n, p), np.float32)
+    for start in range(0, n, queries):
+        stop = min(start + queries, n)
+        block = flat[start * p:stop * p]
+        best = np.empty((stop - start, p, n), np.float32)
+        for r0 in range(0, n, refs):
+            r1 = min(r0 + refs, n)
+            sim = (block @ flat[r0 * p:r1 * p].T).reshape(stop - start, p, r1 - r0, p)
+            best[:, :, r0:r1] = sim.max(axis=3)
+        dist = _cos_to_dist(best)
+        own = np.arange(start, stop)
+        dist[own - start, :, own] = np.inf
+        scores[start:stop] = interval_mean(dist, k)
+    return scores

@@ -45,6 +45,7 @@ class Scoring:
     image_size: int              # model.size: side of the image (and of a scan's grid)
     model_identity: dict         # what a stored pool must have been built with (feature model, aggregation)
     frame_map: Callable[[np.ndarray], np.ndarray] = lambda patch_map: patch_map   # scored map -> frame's geometry
+    scorer: str = "numpy"        # one-vs-pool MSM backend of 2D pools (scoring.backend; see scoring/onnx_msm.py)
 
 
 @dataclass
@@ -112,18 +113,26 @@ class Recipe(ABC):
         """Fill a decoded ``part``'s verdict, reason, scores, map and stage times. Never raises for a bad
         part: an unusable scan is SCANNER_ERROR, a failing engine or scorer ENGINE_ERROR, a pool still
         warming up WARMUP."""
+        prepared = self.extract(part)
+        return (part, None) if prepared is None else self.decide(part, prepared)
+
+    def extract(self, part: PartRecord) -> Any | None:
+        """A decoded part's prepared inputs (the stage the line runs one part ahead of scoring); None, with
+        the part's NO_VERDICT decided, when it cannot be prepared."""
         t0 = time.monotonic()
         try:
             prepared = self.prepare(part)
         except CloudError as exc:
             part.times.features = time.monotonic() - t0
-            return part.decide(Verdict.NO_VERDICT, Reason.SCANNER_ERROR, str(exc)), None
+            part.decide(Verdict.NO_VERDICT, Reason.SCANNER_ERROR, str(exc))
+            return None
         except Exception as exc:  # the engine must never take the line down with it
             log.exception("feature stage failed on part %s", part.part_id)
             part.times.features = time.monotonic() - t0
-            return part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"), None
+            part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}")
+            return None
         part.times.features = time.monotonic() - t0
-        return self.decide(part, prepared)
+        return prepared
 
     def decide(self, part: PartRecord, prepared: Any) -> tuple[PartRecord, Any | None]:
         """Score a prepared part against the pool and turn the score into its verdict."""
