@@ -33,7 +33,7 @@
                         : el("span", { class: "noimg" }, "no image");
     return el("a", { class: `thumb ${rejected ? "ng" : "nv"}`, href: `/part/${part.seq}` }, picture,
       el("span", { class: "cap" }, el("b", {}, part.part_id),
-        el("span", {}, `${rejected ? "NG" : "NO VERDICT"} · ${part.reason}`
+        el("span", {}, `${rejected ? "NG" : "NV"} · ${part.reason}`
                        + (part.score === null ? "" : ` · ${num(part.score, 2)}`))));
   }
 
