@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_app.config import LineConfig
+from edge_app.config import LineConfig, load_config
 from edge_app.errors import UsageError
-from edge_app.ledger import Ledger, LedgerError, LedgerReader
+from edge_app.ledger import Ledger, LedgerError, LedgerReader, LedgerRow
 from edge_app.runtime import commands
 from edge_app.runtime.control import ControlError, request
 
+from .shadow import SCORED
 from .store import CalibrationStore
 
 
@@ -29,6 +30,17 @@ class LineContext:
 
     def __post_init__(self) -> None:
         self.store = CalibrationStore(self.storage)
+
+    @classmethod
+    def open(cls, config: Path | None, storage: Path | None, socket: Path | None) -> LineContext:
+        """The line named by exactly one of a config file or a storage folder (``socket`` overrides theirs)."""
+        if (config is None) == (storage is None):
+            raise UsageError("give exactly one of --config LINE.yaml or --storage DIR")
+        if config is not None:
+            loaded = load_config(config)
+            return cls(loaded.storage.dir, Path(socket or loaded.control.socket or loaded.storage.dir / "control.sock"),
+                       loaded)
+        return cls(storage, socket or storage / "control.sock")
 
     def request(self, payload: dict, *, token: str | None = None, timeout: float = 90.0) -> dict:
         """One control request; UsageError when the line is not running or refuses."""
@@ -76,3 +88,18 @@ class LineContext:
 
     def has_ledger(self) -> bool:
         return (self.storage / "ledger.sqlite").is_file()
+
+    def recent_scores(self, recipe: str, last: int) -> list[float]:
+        """Scores of the scored parts of ``recipe`` among the ``last`` newest ledger rows, oldest first (none
+        without a ledger)."""
+        if not self.has_ledger():
+            return []
+        with self.ledger() as reader:
+            return [r.score for r in recent_scored(reader, recipe, last)]
+
+
+def recent_scored(reader: LedgerReader, recipe: str, last: int) -> list[LedgerRow]:
+    """Scored, non-test parts of ``recipe`` among the ``last`` newest ledger rows, oldest first."""
+    rows = reader.recent(last)
+    return [r for r in reversed(rows) if r.recipe == recipe and r.reason in SCORED and r.score is not None
+            and not r.test_part]

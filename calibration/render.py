@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .thresholds import reject_rate
+
+if TYPE_CHECKING:
+    from .decisions import Candidate
+    from .shadow import ShadowReport
 
 
 def pct(value: float) -> str:
@@ -64,4 +71,130 @@ def print_json(value) -> None:
     print(json.dumps(value, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
 
 
-# -- status ----------------------------------------------------------------------------------------------------
+def status(status: dict, stored_note, scores: dict[str, list[float]]) -> list[str]:
+    """``musc-calibrate status``: calibration, counters, latency, link, alarms, pools and recent scores."""
+    timing = status["reject_timing"]
+    if timing is None:
+        timing_text = "line.deadline_ms (no reject timing calibrated)"
+    else:
+        distance = f"{timing['delay_ms']:g} ms" if timing["mode"] == "time" else f"{timing['counts']} counts"
+        timing_text = f"{timing['mode']} mode, {distance}, actuator lead {timing['actuator_lead_ms']:g} ms"
+    lines = [f"line {status['line']}: RUNNING   calibration v{status['calibration_version']}   "
+             f"dry-run {'ON (verdicts are logged, NOT signalled)' if status['dry_run'] else 'off'}"]
+    if stored_note is not None and str(stored_note) != str(status["calibration_version"]):
+        lines.append(f"  note: current.json is {stored_note}; the line runs v{status['calibration_version']}")
+    lines.append(f"reject timing: {timing_text}")
+    stats = status["stats"]
+    verdicts = stats["by_verdict"]
+    reasons = " ".join(f"{k}={v}" for k, v in sorted(stats["by_reason"].items()))
+    lines.append(f"parts {stats['parts']}: OK {verdicts['ACCEPT']}  NG {verdicts['REJECT']}  NO_VERDICT "
+                 f"{verdicts['NO_VERDICT']}{f' ({reasons})' if reasons else ''}  acked {stats['acked']}   "
+                 f"queue {status['queue_depth']}")
+    latency = stats["latency_ms"]
+    if latency:
+        lines.append(f"latency ms: min {latency['min']:.0f}  p50 {latency['p50']:.0f}  p99 {latency['p99']:.0f}  "
+                     f"max {latency['max']:.0f}")
+    link = status["link"]
+    if link:
+        lines.append(f"link: {'up' if link['connected'] else 'DOWN'}  last ack {age(link['last_ack_age_s'])} ago  "
+                     f"outbox {link['outbox_depth']}  retries {link['retries']}  naks {link['naks']}"
+                     + (f"  ALARMS: {'; '.join(link['alarms'])}" if link["alarms"] else ""))
+    lines += [f"alarm: {alarm}" for alarm in stats["alarms"]]
+    for name, recipe in status["recipes"].items():
+        pool = recipe["pool"]
+        lines.append(f"\nrecipe {name}: threshold {recipe['threshold']:.4f}")
+        lines.append(f"  pool {pool['size']}/{pool['capacity']} members (scores from {pool['min_size']}), "
+                     f"{pool['golden']} golden, newest {age(pool['newest_age_s'])}, oldest {age(pool['oldest_age_s'])}")
+        recent = scores.get(name) or []
+        if recent:
+            above = reject_rate(np.asarray(recent), recipe["threshold"])
+            lines.append(f"  last {len(recent)} scored parts: {pct(above).strip()} at or above the threshold")
+            lines += histogram(np.asarray(recent), recipe["threshold"])
+    return lines
+
+
+def candidate(cand: Candidate, table: list[tuple[str, str, str]]) -> list[str]:
+    """A threshold candidate: how it was calibrated, and the expected-reject-rate table."""
+    lines = []
+    current = "none" if cand.current is None else f"{cand.current:.4f}"
+    if cand.fit is not None:
+        fit = cand.fit
+        lines.append(f"recipe {cand.recipe}: calibrated from {cand.described}, method {fit.method}, target "
+                     f"false-reject rate {100 * fit.target_frr:g} %")
+        lines.append(f"  good-part model: location {fit.location:.4f}, scale {fit.scale:.4f}; about "
+                     f"{100 * fit.outlier_fraction:.1f} % of the scores lie above it (possible defects)")
+        if cand.refinement is not None:
+            lines.append(f"  confirmed parts: {cand.refinement.explanation}")
+    lines.append(f"  threshold {cand.threshold:.4f}   (now {current})")
+    if table:
+        lines.append(f"  {'expected':<42} {'now':>9} {'new':>9}")
+        lines += [f"  {what:<42} {now:>9} {new:>9}" for what, now, new in table]
+    return lines
+
+
+def candidate_json(cand: Candidate, table: list[tuple[str, str, str]]) -> dict:
+    return {"recipe": cand.recipe, "threshold": cand.threshold, "current": cand.current, "source": cand.source,
+            "described": cand.described,
+            "fit": None if cand.fit is None else {k: v for k, v in asdict(cand.fit).items() if k != "sorted_scores"},
+            "refinement": cand.refinement and asdict(cand.refinement), "expected": table}
+
+
+def shadow(report: ShadowReport, show: int) -> list[str]:
+    """The verdicts a candidate threshold would change, at most ``show`` listed per direction."""
+    lines = [f"  of the last {report.rows} ledger rows, {report.scored} were scored: rejected {report.rejected_now} "
+             f"-> {report.rejected_candidate} with the candidate; {report.changed} verdict(s) would change"]
+    for title, flips in (("ACCEPT -> REJECT", report.newly_rejected), ("REJECT -> ACCEPT", report.newly_accepted)):
+        lines += [f"    {title}  {flip.part_id:<24} score {flip.score:.4f}  (threshold {flip.old_threshold:.4f} -> "
+                  f"{flip.new_threshold:.4f})  {flip.source_ref or ''}" for flip in flips[:show]]
+        if len(flips) > show:
+            lines.append(f"    ... and {len(flips) - show} more {title}")
+    return lines
+
+
+def outcome(version: int, reply: dict) -> str:
+    """How a calibration change reached the line."""
+    if reply.get("staged"):
+        return f"staged: current.json is now v{version}; the line takes it at its next start"
+    return f"in force: the line switched to v{version} between two parts and acknowledged it"
+
+
+def versions(listing: list[dict]) -> list[str]:
+    """One line per stored calibration version (and its reason), flagged where it is current or running."""
+    if not listing:
+        return ["no calibration versions yet: the line runs the thresholds of its config"]
+    lines = []
+    for item in listing:
+        flags = " ".join(f for f, on in (("[current.json]", item["current"]), ("[running]", item["running"])) if on)
+        thresholds = ", ".join(f"{k} {v['threshold']:.4f}" for k, v in item["settings"].get("recipes", {}).items())
+        lines.append(f"v{item['version']:04d}  {item['created'] or '-':<24} {item['who'] or '-':<20} {thresholds}  "
+                     f"{flags}")
+        if item["reason"]:
+            lines.append(f"       {item['reason']}")
+    return lines
+
+
+def pool(recipe: str, members: list[dict], loo: list[float] | None, running: dict, now: float) -> list[str]:
+    """A pool's members: slot, part id, age, raw and leave-one-out score, golden flag."""
+    lines = [f"pool {recipe}: {len(members)}/{running['pool']['capacity']} members, "
+             f"{sum(m['golden'] for m in members)} golden, threshold {running['threshold']:.4f}",
+             f"  {'slot':>4}  {'part id':<28} {'age':>9} {'raw score':>10} {'score (loo)':>12}  golden"]
+    for i, member in enumerate(members):
+        score = "-" if loo is None else f"{loo[i]:.4f}"
+        lines.append(f"  {member['slot']:>4}  {member['part_id']:<28} {age(now - member['admitted_time']):>9} "
+                     f"{member['raw_score']:>10.4f} {score:>12}  {'yes' if member['golden'] else ''}")
+    return lines
+
+
+def audit_record(record: dict) -> str:
+    """One audit record: who, when, what, old -> new, why (a result record in one line)."""
+    if record.get("result_of") is not None:
+        new = record.get("new") or {}
+        result = "ok" if "ok" in new else f"FAILED: {new.get('failed')}"
+        return f"#{record['seq']:<4} {record['time']}  result of #{record['result_of']}: {result}"
+    head = (f"#{record['seq']:<4} {record['time']}  {record['who']}  {record['action']}  {record['target']}  "
+            f"reason: {record['reason']}")
+    old, new = record.get("old"), record.get("new")
+    if isinstance(new, dict) and "file_sha256" in new:
+        lines = describe_change(old if isinstance(old, dict) else None, new)
+        return head + "".join(f"\n        {line}" for line in lines)
+    return head + f"\n        {json.dumps(old)} -> {json.dumps(new)}"

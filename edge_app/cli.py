@@ -19,6 +19,19 @@ def _blocks(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block numbers, got {text!r}") from exc
 
 
+def _at_least(low: int):
+    """An argparse type: a whole number >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a number >= {low}, got {value}")
+        return value
+    return parse
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a dataset category (MVTec AD / MVTec 3D-AD layout) and print metrics",
                        description="Without --dataset, a small synthetic inspection set (with point clouds for "
@@ -32,11 +45,11 @@ def _add_eval(sub) -> None:
                         "with --suite, default: every modality a category has")
     p.add_argument("--groups", type=int, default=1024, help="3d / 2d+3d: point groups per part")
     p.add_argument("--group-size", type=int, default=128, help="3d / 2d+3d: points per group")
-    p.add_argument("--size", type=int, default=224, help="input resolution (multiple of the patch size)")
+    p.add_argument("--size", type=_at_least(1), default=224, help="input resolution (multiple of the patch size)")
     p.add_argument("--fit", choices=("tile", "pad", "squash"), default="tile",
                    help="non-square images: tile the long side at full scale, pad (letterbox), or squash")
-    p.add_argument("--pool", type=int, default=40, help="stream mode: rolling pool capacity")
-    p.add_argument("--min-pool", type=int, default=10, help="stream mode: pool size before scoring starts")
+    p.add_argument("--pool", type=_at_least(2), default=40, help="stream mode: rolling pool capacity")
+    p.add_argument("--min-pool", type=_at_least(2), default=10, help="stream mode: pool size before scoring starts")
     p.add_argument("--seed", type=int, default=0, help="stream mode: shuffle seed")
     p.add_argument("--model", type=Path, help="feature model (.onnx with manifest); default models/...")
     p.add_argument("--blocks", type=_blocks, default=(), help="blocks to score, e.g. 6,9 (default: scoring default)")
@@ -44,7 +57,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--rescore", type=_blocks, default=(1,), metavar="WINDOWS",
                    help="RsCon windows, e.g. 1,7 (MuSc-V2); default 1 = normalisation only")
     p.add_argument("--rescore-feature", choices=("salient", "image_token"), default="salient")
-    p.add_argument("--image-top", type=int, default=1, metavar="K",
+    p.add_argument("--image-top", type=_at_least(1), default=1, metavar="K",
                    help="image score: max of the map (1, default) or mean of its K highest patch scores")
     p.add_argument("--report", type=Path, help="write the metrics JSON here")
     p.add_argument("--overlays", type=Path, help="write heat-map overlays into this folder")
@@ -294,6 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """What bad input (options, config, data, model files) raises: shown as one line, exit code 2."""
+    from .config import ConfigError
+    from .evaluation.datasets import DatasetError
+    from .evaluation.metrics import MetricsError
+    from .mediaio import MediaError
+    from .pointcloud import CloudError
+    from .runtime.calibration_state import CalibrationError
+    from .runtime.pool_store import PoolMismatchError
+    from .sources.base import SourceConfigError
+
+    return (UsageError, ConfigError, DatasetError, MetricsError, MediaError, CloudError, CalibrationError,
+            SourceConfigError, ManifestError, PoolMismatchError, PoolTooSmallError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plc-sim"]:
@@ -305,14 +333,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return doctor_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .evaluation.datasets import DatasetError
-    from .runtime.pool_store import PoolMismatchError
-
     try:
         return args.func(args)
-    except (UsageError, ConfigError, DatasetError, ManifestError, PoolMismatchError, PoolTooSmallError,
-            FileNotFoundError, ValueError) as exc:
+    except _input_errors() as exc:   # anything else is a bug: it ends with its traceback
         print(f"musc-edge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .errors import UsageError
 from .manifest import Manifest, ManifestError, load_manifest
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -60,11 +61,11 @@ class Features:
 def preprocess(images: list[np.ndarray], size: int, manifest: Manifest) -> np.ndarray:
     """RGB uint8 ``[H, W, 3]`` images -> normalised float32 ``[N, 3, size, size]``."""
     if size % manifest.patch_size:
-        raise ValueError(f"input size {size} is not a multiple of the patch size {manifest.patch_size}")
+        raise UsageError(f"input size {size} is not a multiple of the patch size {manifest.patch_size}")
     pre = manifest.preprocessing
     interp = _INTERPOLATION.get(pre.resize)
     if interp is None:
-        raise ValueError(f"manifest asks for unknown resize {pre.resize!r}")
+        raise ManifestError(f"manifest asks for unknown resize {pre.resize!r}")
     mean = np.asarray(pre.mean, dtype=np.float32)
     std = np.asarray(pre.std, dtype=np.float32)
     batch = np.empty((len(images), 3, size, size), dtype=np.float32)
@@ -96,7 +97,7 @@ class FeatureEngine:
         self.manifest = load_manifest(self.model_path)
         self.size = size
         if size % self.manifest.patch_size:
-            raise ValueError(f"input size {size} is not a multiple of the patch size {self.manifest.patch_size}")
+            raise UsageError(f"input size {size} is not a multiple of the patch size {self.manifest.patch_size}")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -10,6 +10,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .errors import UsageError
+
 DEFECT_KINDS = ("scratch", "stain", "chip")
 
 
@@ -79,9 +81,9 @@ def generate_set(root: str | Path, n: int = 48, defect_fraction: float = 0.25, s
                  size: int = 256) -> Path:
     """Write ``n`` parts as an MVTec-AD-style category under ``root`` and return ``root``."""
     if n < 2:
-        raise ValueError(f"a synthetic set needs at least 2 parts, got {n}")
+        raise UsageError(f"a synthetic set needs at least 2 parts, got {n}")
     if not 0.0 <= defect_fraction < 1.0:
-        raise ValueError(f"defect_fraction must be in [0, 1), got {defect_fraction}")
+        raise UsageError(f"defect_fraction must be in [0, 1), got {defect_fraction}")
     root = Path(root)
     rng = np.random.default_rng(seed)
     n_bad = int(round(n * defect_fraction))

@@ -1,11 +1,19 @@
-"""musc-calibrate's decisions on plain values: pool selections, calibrated thresholds, rollback targets."""
+"""musc-calibrate's decisions on plain values: pool selections, calibrated thresholds, rollback targets,
+change preconditions, reject timing, confirmed parts and the expected-rate table."""
 from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from calibration.client import UsageError
-from calibration.decisions import calibrate, pool_selection, previous_version
+from calibration.decisions import (Candidate, calibrate, check_delivery, expected_rates, given_threshold,
+                                   labelled_scores, ledger_calibration_scores, pool_calibration_scores,
+                                   pool_selection, previous_version, reject_timing, require_reason,
+                                   rollback_target, version_creators)
+from calibration.thresholds import MIN_SCORES, fit_threshold
+from edge_app.errors import UsageError
 
 MEMBERS = [{"part_id": "a", "golden": False}, {"part_id": "b", "golden": True}, {"part_id": "c", "golden": False}]
 
@@ -42,3 +50,87 @@ def test_rollback_target_is_the_version_before_the_last_successful_change():
     assert previous_version(records, 2) == 1
     assert previous_version(records, 1) == 0
     assert previous_version(records, 7) is None
+
+
+RECORDS = [
+    {"seq": 1, "action": "threshold.apply", "old": {"version": 0}, "new": {"version": 1, "file_sha256": "a"}},
+    {"seq": 2, "result_of": 1, "new": {"ok": True}},
+    {"seq": 3, "action": "rollback", "old": {"version": 1}, "new": {"version": 0, "file_sha256": "b"}},
+    {"seq": 4, "result_of": 3, "new": {"ok": True}},
+    {"seq": 5, "action": "rollback", "old": {"version": 0}, "new": {"version": 1, "file_sha256": "a"}},
+]
+
+
+def test_rollback_goes_to_the_version_asked_for_or_the_one_before_and_never_to_itself():
+    assert rollback_target(None, 1, RECORDS[:2]) == 0
+    assert rollback_target(3, 1, RECORDS) == 3
+    assert rollback_target(2, None, RECORDS) == 2           # current.json unreadable: only an explicit target
+    with pytest.raises(UsageError, match="give --to N: the version in force is unknown"):
+        rollback_target(None, None, RECORDS)
+    with pytest.raises(UsageError, match="no earlier version is recorded before v5"):
+        rollback_target(None, 5, RECORDS)
+    with pytest.raises(UsageError, match="version 1 is already in force"):
+        rollback_target(1, 1, RECORDS)
+
+
+def test_a_version_is_credited_to_the_record_that_first_wrote_it():
+    created = version_creators(RECORDS)
+    assert {v: r["seq"] for v, r in created.items()} == {1: 1, 0: 3}
+
+
+def test_a_change_needs_a_reason_and_the_right_line_state():
+    assert require_reason("  new batch of caps ") == "new batch of caps"
+    for reason in (None, "", "   "):
+        with pytest.raises(UsageError, match="needs --reason"):
+            require_reason(reason)
+    sock = Path("/run/line/control.sock")
+    check_delivery(stage=False, running=True, socket=sock)
+    check_delivery(stage=True, running=False, socket=sock)
+    with pytest.raises(UsageError, match="the line is running .*without --stage"):
+        check_delivery(stage=True, running=True, socket=sock)
+    with pytest.raises(UsageError, match="no running line answers on /run/line/control.sock.*--stage"):
+        check_delivery(stage=False, running=False, socket=sock)
+
+
+def test_reject_timing_is_time_or_encoder_mode_never_both():
+    assert reject_timing(120.0, None, 5.0) == {"mode": "time", "delay_ms": 120.0, "actuator_lead_ms": 5.0}
+    assert reject_timing(None, 800, 0.0) == {"mode": "encoder", "counts": 800, "actuator_lead_ms": 0.0}
+    for delay, counts in ((None, None), (120.0, 800)):
+        with pytest.raises(UsageError, match="exactly one of --delay-ms"):
+            reject_timing(delay, counts, 0.0)
+
+
+def test_calibration_scores_are_refused_below_the_minimum_and_a_typed_threshold_must_be_finite():
+    scores, described = pool_calibration_scores(np.ones(MIN_SCORES), "r")
+    assert scores.size == MIN_SCORES and described == f"{MIN_SCORES} pool members' leave-one-out scores"
+    with pytest.raises(UsageError, match=f"pool 'r' is too small.*{MIN_SCORES - 1} members"):
+        pool_calibration_scores(np.ones(MIN_SCORES - 1), "r")
+    with pytest.raises(UsageError, match="only 3 scored parts of recipe 'r' among the last 50"):
+        ledger_calibration_scores([0.1, 0.2, 0.3], "r", 50)
+    assert given_threshold(0.5) == 0.5
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="--threshold must be a finite number"):
+            given_threshold(bad)
+
+
+def test_confirmed_parts_need_a_ledger_score_for_the_recipe():
+    row = lambda score, recipe="r": SimpleNamespace(score=score, recipe=recipe)   # noqa: E731
+    assert labelled_scores({"p1": [row(0.9), row(0.4)]}, "r", Path("l.sqlite")) == {"p1": 0.4}   # newest row
+    with pytest.raises(UsageError, match="unknown part id\\(s\\) p2: not in the ledger l.sqlite"):
+        labelled_scores({"p1": [row(0.4)], "p2": []}, "r", Path("l.sqlite"))
+    with pytest.raises(UsageError, match="part\\(s\\) p1, p3 have no score for recipe 'r'"):
+        labelled_scores({"p1": [row(None)], "p3": [row(0.2, "other")]}, "r", Path("l.sqlite"))
+
+
+def test_expected_rates_compare_the_current_threshold_with_the_candidate():
+    scores = np.linspace(0.0, 1.0, 101)
+    fit = fit_threshold(scores, 0.05, "empirical")
+    cand = Candidate("r", 0.9, 0.5, "pool", fit=fit, scores=scores)
+    rows = dict((what, (now, new)) for what, now, new in expected_rates(cand, [0.1, 0.6, 0.95, 0.2]))
+    assert rows["rejected among the calibration scores"] == (" 50.50 %", " 10.89 %")
+    assert rows["rejected among the last 4 scored parts"] == (" 50.00 %", " 25.00 %")
+    # Ledger-calibrated: the calibration scores are the recent parts, so they are not listed twice.
+    ledger = Candidate("r", 0.9, None, "ledger", fit=fit, scores=scores)
+    table = expected_rates(ledger, [])
+    assert [what for what, _, _ in table] == ["modelled false-reject rate, good parts"] and table[0][1] == "-"
+    assert expected_rates(Candidate("r", 0.9, 0.5, "given"), []) == []

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
 from ..features import FeatureEngine, Features
 from ..geometry import InputPlan, plan_for, stitch, to_image, windows
 from ..overlay import render_overlay, side_by_side
@@ -63,7 +64,7 @@ def select_layers(features: Features, model_blocks: tuple[int, ...], blocks: tup
         return list(features.layers)
     missing = [b for b in blocks if b not in model_blocks]
     if missing:
-        raise ValueError(f"blocks {missing} are not outputs of this model (it has {list(model_blocks)})")
+        raise UsageError(f"blocks {missing} are not outputs of this model (it has {list(model_blocks)})")
     return [features.layers[model_blocks.index(b)] for b in blocks]
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ScanSettings
+from ..errors import UsageError
 from ..features import FeatureEngine, Features
 from ..pointcloud import read_cloud
 from ..progress import Progress
@@ -80,7 +81,7 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
     n_sets, grid = 0, None
     if settings.modality == "2d+3d":
         if settings.params.aggregation == "lnamd":
-            raise ValueError("2d+3d pairs 2D layers with 3D layers; aggregation lnamd gives one 2D set per "
+            raise UsageError("2d+3d pairs 2D layers with 3D layers; aggregation lnamd gives one 2D set per "
                              "(layer, degree): use snamd")
         engine = FeatureEngine(settings.model, size=settings.size, threads=settings.threads)
         n_sets, grid = len(settings.blocks or engine.manifest.blocks), engine.grid

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..config import PoolSettings, RecipeSettings, ScanSettings
+from ..errors import UsageError
 from ..progress import Progress
 from ..record import PartRecord, Reason, Verdict
 from ..runtime.recipes import Recipe, Scoring, make_recipe
@@ -52,7 +53,7 @@ def stream_scores(recipe: Recipe, prepared: Sequence[Any], order: np.ndarray, wa
     """Score ``prepared`` parts (what ``recipe.prepare`` makes) in ``order`` through ``recipe``'s pool."""
     n, pool = len(prepared), recipe.pool
     if n < pool.min_size:
-        raise ValueError(f"stream mode needs at least min_pool={pool.min_size} images, the dataset has {n}")
+        raise UsageError(f"stream mode needs at least min_pool={pool.min_size} images, the dataset has {n}")
     admitted, step = 0, 0
     warmup: list[int] = []
     while not pool.ready and step < n:
@@ -64,7 +65,7 @@ def stream_scores(recipe: Recipe, prepared: Sequence[Any], order: np.ndarray, wa
         step += 1
         progress and progress.advance()
     if not pool.ready:
-        raise ValueError(f"the pool holds {pool.size} parts after all {n} (min_size {pool.min_size}): too many "
+        raise UsageError(f"the pool holds {pool.size} parts after all {n} (min_size {pool.min_size}): too many "
                          "near-duplicates or outliers to warm up")
     first_maps, first_scores = warmup_scores(warmup)
     maps = np.zeros((n, *first_maps.shape[1:]), np.float32)

@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 
-from ..config import LineConfig
+from ..config import ConfigError, LineConfig
+from ..errors import UsageError
 from ..features import FeatureEngine, Features, select_model
 from ..geometry import plan_input, stitch, windows
 from ..record import PartRecord, Reason, Verdict
@@ -38,7 +39,7 @@ class Inspector:
         model_blocks = self.engine.manifest.blocks
         missing = [b for b in config.model.blocks if b not in model_blocks]
         if missing:
-            raise ValueError(f"model.blocks {missing} are not outputs of {self.engine.model_path} "
+            raise ConfigError(f"model.blocks {missing} are not outputs of {self.engine.model_path} "
                              f"(it has {list(model_blocks)})")
         self.layer_index = [model_blocks.index(b) for b in config.model.blocks]
         # Aspect-preserving input: a part is scored as the concatenated patches of its windows (self.grid stacks
@@ -47,12 +48,15 @@ class Inspector:
         self.plan = plan_input(frame, self.engine.size, self.engine.manifest.patch_size, config.model.fit)
         if self.plan.scaled != (self.engine.size, self.engine.size) and \
                 any(r.modality != "2d" for r in config.recipes.values()):
-            raise ValueError(f"model.frame {list(frame)} is not square: 3d / 2d+3d recipes score square frames "
+            raise ConfigError(f"model.frame {list(frame)} is not square: 3d / 2d+3d recipes score square frames "
                              "pixel-aligned with their clouds; set model.fit 'squash'")
         self._warned_shape = False
         self.grid = self.plan.stacked_grid
         n_sets = len(self.layer_index) * (len(self.params.degrees) if self.params.aggregation == "lnamd" else 1)
-        self.params.salient_set(n_sets)  # fail early on an impossible salient layer
+        try:
+            self.params.salient_set(n_sets)  # fail early on an impossible salient layer
+        except ValueError as exc:
+            raise ConfigError(f"scoring.{exc} (model.blocks)") from None
         patches, dim = self.grid[0] * self.grid[1], self.engine.manifest.token_dim
         scoring = Scoring(self.features, self.grid, self.params, self.engine.size, self.pool_identity(),
                           self.frame_map, scorer=config.scoring.backend)
@@ -70,9 +74,9 @@ class Inspector:
         return identity
 
     def recipe(self, name: str) -> Recipe:
-        """The recipe called ``name``; ValueError naming the recipes the config has."""
+        """The recipe called ``name``; UsageError naming the recipes the config has."""
         if name not in self.recipes:
-            raise ValueError(f"unknown recipe {name!r}: the config has {sorted(self.recipes)}")
+            raise UsageError(f"unknown recipe {name!r}: the config has {sorted(self.recipes)}")
         return self.recipes[name]
 
     def restore_pools(self) -> dict[str, int]:

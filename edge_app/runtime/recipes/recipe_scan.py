@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import RecipeSettings, ScanSettings
+from ...config import ConfigError, RecipeSettings, ScanSettings
+from ...errors import UsageError
 from ...mediaio import read_image
 from ...pointcloud import CloudError, PreprocessParams, foreground_mask, read_cloud, to_organised, zero_background
 from ...progress import Progress
@@ -32,7 +33,7 @@ def descriptor_scales(scan: ScanSettings, modality: str, n_2d_sets: int) -> tupl
     count = n_2d_sets if modality == "2d+3d" else 3
     scales = scan.scales or tuple(2.0 ** -(count - 1 - i) for i in range(count))
     if modality == "2d+3d" and len(scales) != n_2d_sets:
-        raise ValueError(f"scan.scales gives {len(scales)} 3D layers but the 2D side has {n_2d_sets} feature "
+        raise ConfigError(f"scan.scales gives {len(scales)} 3D layers but the 2D side has {n_2d_sets} feature "
                          "sets (model.blocks); 2d+3d pairs them layer by layer")
     return tuple(scales)
 
@@ -81,11 +82,11 @@ class ScanRecipe(Recipe):
     def __init__(self, name: str, settings: RecipeSettings, scoring: Scoring, n_sets: int, patches: int,
                  dim: int):
         if settings.modality not in SCAN_MODES:
-            raise ValueError(f"recipe {name!r} has modality {settings.modality!r}; a scan pool needs one of "
+            raise ConfigError(f"recipe {name!r} has modality {settings.modality!r}; a scan pool needs one of "
                              f"{SCAN_MODES}")
         params, image_size = scoring.params, scoring.image_size
         if settings.modality == "2d+3d" and params.aggregation == "lnamd":
-            raise ValueError(f"recipe {name!r}: 2d+3d pairs 2D layers with 3D layers, but scoring.aggregation "
+            raise ConfigError(f"recipe {name!r}: 2d+3d pairs 2D layers with 3D layers, but scoring.aggregation "
                              "lnamd gives one 2D set per (layer, degree); use snamd")
         super().__init__(name, settings, scoring)
         self.modality = settings.modality
@@ -93,9 +94,9 @@ class ScanRecipe(Recipe):
         try:
             self.params3d = scan_params(scan, self.modality, image_size, n_sets)
         except ValueError as exc:
-            raise ValueError(f"recipes.{name}.{exc}") from None
+            raise ConfigError(f"recipes.{name}.{exc}") from None
         if not 0 <= params.salient_layer < len(self.params3d.scales):
-            raise ValueError(f"scoring.salient_layer {params.salient_layer} is out of range for recipe {name!r} "
+            raise ConfigError(f"scoring.salient_layer {params.salient_layer} is out of range for recipe {name!r} "
                              f"with {len(self.params3d.scales)} 3D layers")
         self.black_background = scan.zero_background and self.modality == "2d+3d"
         ps = settings.pool
@@ -150,7 +151,7 @@ class ScanRecipe(Recipe):
 
     def _checked(self, prepared) -> PreparedScan:
         if not isinstance(prepared, PreparedScan):
-            raise ValueError(f"recipe {self.name!r} scores {self.modality}: its pool needs scans (image + point "
+            raise UsageError(f"recipe {self.name!r} scores {self.modality}: its pool needs scans (image + point "
                              "cloud), not images alone")
         return prepared
 
