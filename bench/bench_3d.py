@@ -2,7 +2,8 @@
 
 Default (``--tokens fpfh``): preprocessing (plane, cluster, resize), kNN, normals, SPFH/FPFH descriptors,
 pooling to the 28 x 28 patch grid (with the box-mean layers) and the map set-up; then one-vs-pool scoring:
-3D MSM alone, 2D MSM (random unit features, DINO ViT-B/8 shapes: 28x28 x 768), CAE, fusion and the 3D map.
+3D MSM alone, 2D MSM (random unit features in the default model's shapes, 16x16 x 384, two layers; --vit-b8
+for MuSc-V2's 28x28 x 768, three), CAE, fusion and the 3D map.
 ``--tokens groups``: MuSc-V2's FPS/IPG groups with group descriptors and SNAMD-3D instead. ``--cloud`` takes
 a real organised scan (an MVTec 3D-AD ``xyz/NNN.tiff``) instead of a synthetic one. 2D feature extraction is
 not included (about 100 ms per part at 224 px, see bench_scoring.py).
@@ -23,7 +24,10 @@ from edge_app.scoring3d import (FusionParams, Params3D, cae, centre_map, euclide
                                 prepare_3d, projection, sample_from_tokens, score_one, stack_layers)
 from edge_app.synthetic3d import generate_set
 
-SIZE, GRID_2D, DIM_2D, LAYERS = 224, (28, 28), 768, 3
+SIZE = 224
+# 2D side as the app's defaults score it: DINOv2 ViT-S/14 at 224 px (16 x 16 x 384), blocks 6 and 9
+# (--vit-b8 for MuSc-V2's DINO ViT-B/8: 28 x 28 x 768, three blocks).
+DEFAULT_2D, VIT_B8 = ((16, 16), 384, 2), ((28, 28), 768, 3)
 
 
 def timeit(fn, repeat: int) -> tuple[float, object]:
@@ -43,9 +47,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--grouping", choices=("ipg", "knn"), default="ipg")
     parser.add_argument("--tokens", choices=("fpfh", "groups"), default="fpfh")
+    parser.add_argument("--vit-b8", action="store_true", help="2D shapes of MuSc-V2's ViT-B/8 (3 layers)")
     parser.add_argument("--cloud", help="a real organised scan (.tiff) to time instead of a synthetic one")
     args = parser.parse_args()
-    params = Params3D(size=SIZE, grouping=args.grouping, tokens=args.tokens)
+    grid_2d, dim_2d, layers = VIT_B8 if args.vit_b8 else DEFAULT_2D
+    params = Params3D(size=SIZE, grouping=args.grouping, tokens=args.tokens, scales=(0.25, 0.5, 1.0)[-layers:],
+                      patch_degrees=(1, 3, 5)[:layers])
     data = generate_set(args.pool + 1, seed=0, size=SIZE)
     clouds = data.clouds if args.cloud is None else [read_cloud(args.cloud)] * (args.pool + 1)
     cloud = clouds[0]
@@ -85,22 +92,22 @@ def main() -> None:
 
     pool_3d = stack_layers([prepare_3d(c, params) for c in clouds[1:]])
     rng = np.random.default_rng(0)
-    p = GRID_2D[0] * GRID_2D[1]
-    query_2d = [l2_normalise(rng.normal(size=(p, DIM_2D))).astype(np.float32) for _ in range(LAYERS)]
-    pool_2d = [l2_normalise(rng.normal(size=(args.pool, p, DIM_2D))).astype(np.float32) for _ in range(LAYERS)]
+    p = grid_2d[0] * grid_2d[1]
+    query_2d = [l2_normalise(rng.normal(size=(p, dim_2d))).astype(np.float32) for _ in range(layers)]
+    pool_2d = [l2_normalise(rng.normal(size=(args.pool, p, dim_2d))).astype(np.float32) for _ in range(layers)]
 
     t, d3 = timeit(lambda: [euclidean_sample_distances(q, r) for q, r in zip(query.layers, pool_3d)], args.repeat)
-    rows.append((f"3D MSM distances, {LAYERS} layers", t))
+    rows.append((f"3D MSM distances, {layers} layers", t))
     t, d2 = timeit(lambda: [patch_to_sample_distances(q, r) for q, r in zip(query_2d, pool_2d)], args.repeat)
-    rows.append((f"2D MSM distances, {LAYERS} layers (784 x 768)", t))
-    proj = projection(query.centre_pixels, SIZE, GRID_2D)
+    rows.append((f"2D MSM distances, {layers} layers ({p} x {dim_2d})", t))
+    proj = projection(query.centre_pixels, SIZE, grid_2d)
     t, _ = timeit(lambda: [cae(a, b, proj) for a, b in zip(d2, d3)], args.repeat)
-    rows.append((f"CAE, {LAYERS} layers", t))
+    rows.append((f"CAE, {layers} layers", t))
     t, _ = timeit(lambda: centre_map(d3[0].mean(axis=1), query.propagation), args.repeat)
     rows.append(("3D map (3-NN propagation + blur)", t))
     for mode, normalise in (("3d", False), ("2d+3d", False), ("2d+3d", True)):
         fusion = FusionParams(mode=mode, normalise=normalise)
-        t, _ = timeit(lambda fusion=fusion: score_one(query_2d, query, pool_2d, pool_3d, GRID_2D, SIZE, fusion),
+        t, _ = timeit(lambda fusion=fusion: score_one(query_2d, query, pool_2d, pool_3d, grid_2d, SIZE, fusion),
                       args.repeat)
         rows.append((f"score_one end to end, mode {mode}" + (", normalised" if normalise else ""), t))
 
