@@ -17,12 +17,12 @@ import numpy as np
 
 from scipy.spatial import cKDTree
 
-from edge_app.pointcloud import box_degrees, descriptor_layers, group_points, pool_to_grid, prepare_cloud, read_cloud
-from edge_app.pointcloud.fpfh import fpfh, knn, pca_normals, spfh
-from edge_app.scoring import l2_normalise, patch_to_sample_distances
-from edge_app.scoring3d import (FusionParams, Params3D, cae, centre_map, euclidean_sample_distances, fpfh_sample,
+from musc_edge.edge.pointcloud import box_degrees, descriptor_layers, group_points, pool_to_grid, prepare_cloud, read_cloud
+from musc_edge.edge.pointcloud.fpfh import fpfh, knn, pca_normals, spfh
+from musc_edge.edge.scoring import l2_normalise, patch_to_sample_distances
+from musc_edge.edge.scoring3d import (FusionParams, Params3D, cae, centre_map, euclidean_sample_distances, fpfh_sample,
                                 prepare_3d, projection, sample_from_tokens, score_one, stack_layers)
-from edge_app.synthetic3d import generate_set
+from musc_edge.edge.synthetic3d import generate_set
 
 SIZE = 224
 # 2D side as the app's defaults score it: DINOv2 ViT-S/14 at 224 px (16 x 16 x 384), blocks 6 and 9

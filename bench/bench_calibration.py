@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.shadow import SCORED
-from calibration.thresholds import METHODS, ThresholdError, fit_threshold, reject_rate
-from edge_app.ledger import Ledger, LedgerError
+from musc_edge.calibration.shadow import SCORED
+from musc_edge.calibration.thresholds import METHODS, ThresholdError, fit_threshold, reject_rate
+from musc_edge.edge.ledger import Ledger, LedgerError
 
 FRR_WINDOW = (0.005, 0.03)
 MIN_DEFECT_REJECTION = 0.90

@@ -57,16 +57,16 @@ def sample_image() -> np.ndarray:
 
 
 def feature_runs(models: dict[str, Path], size: int) -> dict[str, callable]:
-    from edge_app.features import FeatureEngine
+    from musc_edge.edge.features import FeatureEngine
 
     image = sample_image()
     return {name: (lambda e=FeatureEngine(path, size=size): e([image])) for name, path in models.items()}
 
 
 def scoring_runs(pool_size: int, n_sets: int, patches: int = 256, dim: int = 384) -> dict[str, callable]:
-    from edge_app.pool import FeaturePool
-    from edge_app.scoring import MuscParams
-    from edge_app.scoring.onnx_msm import BACKENDS
+    from musc_edge.edge.pool import FeaturePool
+    from musc_edge.edge.scoring import MuscParams
+    from musc_edge.edge.scoring.onnx_msm import BACKENDS
 
     rng = np.random.default_rng(0)
     unit = lambda: (lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32))(
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=40)
     parser.add_argument("--repeat", type=int, default=15)
     args = parser.parse_args()
-    from edge_app.manifest import load_manifest
+    from musc_edge.edge.manifest import load_manifest
 
     peak = fp32_peak_gflops()
     models = {"fp32 12 blocks (today)": args.today, "fp32 cut": args.cut, "int8 cut": args.int8}

@@ -12,7 +12,7 @@ import time
 import cv2
 import numpy as np
 
-from edge_app.geometry import plan_input, stitch, windows
+from musc_edge.edge.geometry import plan_input, stitch, windows
 
 
 def timeit(fn, repeat: int) -> float:

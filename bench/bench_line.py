@@ -25,10 +25,10 @@ from pathlib import Path
 
 from sklearn.metrics import roc_auc_score
 
-from edge_app.config import parse_config
-from edge_app.plc_sim import PlcSimulator
-from edge_app.record import Reason, Verdict
-from edge_app.runtime.line import Line
+from musc_edge.edge.config import parse_config
+from musc_edge.edge.plc_sim import PlcSimulator
+from musc_edge.edge.record import Reason, Verdict
+from musc_edge.edge.runtime.line import Line
 
 ROOT = Path(__file__).resolve().parents[1]
 LINKS = ("serial", "zmq", "modbus-tcp", "modbus-rtu", "opcua")
@@ -37,7 +37,7 @@ LINKS = ("serial", "zmq", "modbus-tcp", "modbus-rtu", "opcua")
 @contextmanager
 def plc_for(link: str):
     """The simulated PLC for ``link`` and the line's ``link`` config section pointing at it."""
-    from edge_app.telemetry.local_broker import free_port
+    from musc_edge.edge.telemetry.local_broker import free_port
 
     with ExitStack() as stack:
         if link in ("serial", "zmq"):
@@ -46,7 +46,7 @@ def plc_for(link: str):
             key = "url" if link == "serial" else "endpoint"
             yield plc, {"type": link, key: plc.address}
             return
-        from edge_app.plc_sim_modbus import ModbusPlcSimulator, PtyPair
+        from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator, PtyPair
 
         if link == "modbus-tcp":
             port = free_port()
@@ -56,7 +56,7 @@ def plc_for(link: str):
             plc = stack.enter_context(ModbusPlcSimulator.on_rtu(pair.b, parity="N"))
             yield plc, {"type": link, "port": pair.a, "parity": "N"}
         else:
-            from edge_app.plc_sim_opcua import OpcUaPlcSimulator
+            from musc_edge.edge.plc_sim_opcua import OpcUaPlcSimulator
 
             endpoint = f"opc.tcp://127.0.0.1:{free_port()}/musc-edge/"
             plc = stack.enter_context(OpcUaPlcSimulator(endpoint, "plc", "bench"))
@@ -132,7 +132,7 @@ class OpenView:
     def __init__(self, storage: Path, port: int = 8751) -> None:
         shutil.rmtree(storage, ignore_errors=True)
         self.url = f"http://127.0.0.1:{port}/"
-        self.process = subprocess.Popen([sys.executable, "-m", "edge_app.cli", "view", "--dir", str(storage),
+        self.process = subprocess.Popen([sys.executable, "-m", "musc_edge.edge.cli", "view", "--dir", str(storage),
                                          "--port", str(port)], cwd=ROOT, stderr=subprocess.DEVNULL)
         self._opened, self._done = threading.Event(), threading.Event()
         self.page_parts: int | None = None
@@ -217,7 +217,7 @@ class MqttOutage:
     """A local mosquitto the line publishes to, stopped for ``seconds`` from 20 s into the run."""
 
     def __init__(self, folder: Path, seconds: float, start_after_s: float = 20.0) -> None:
-        from edge_app.telemetry.local_broker import CollectingSubscriber, LocalBroker
+        from musc_edge.edge.telemetry.local_broker import CollectingSubscriber, LocalBroker
 
         self.seconds, self.start_after_s = seconds, start_after_s
         self.broker = LocalBroker(folder).start()

@@ -31,11 +31,11 @@ import numpy as np
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from calibration.thresholds import fit_threshold
-from edge_app.config import parse_config
-from edge_app.evaluation.datasets import read_image
-from edge_app.record import PartRecord
-from edge_app.runtime.inspector import Inspector
+from musc_edge.calibration.thresholds import fit_threshold
+from musc_edge.edge.config import parse_config
+from musc_edge.edge.evaluation.datasets import read_image
+from musc_edge.edge.record import PartRecord
+from musc_edge.edge.runtime.inspector import Inspector
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,9 @@ import argparse
 import numpy as np
 
 from bench_features import fp32_peak_gflops, interleaved
-from edge_app.pool import FeaturePool
-from edge_app.scoring import MuscParams, l2_normalise, prepare
-from edge_app.scoring.onnx_msm import BACKENDS
+from musc_edge.edge.pool import FeaturePool
+from musc_edge.edge.scoring import MuscParams, l2_normalise, prepare
+from musc_edge.edge.scoring.onnx_msm import BACKENDS
 
 
 def bench(grid: int, layers: int, pool_size: int, repeat: int, peak: float, dim: int = 384) -> None:

@@ -37,11 +37,11 @@ import zmq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_app.ledger import Ledger  # noqa: E402
-from edge_app.plc_sim import PlcSimulator  # noqa: E402
-from edge_app.record import Reason, Verdict  # noqa: E402
-from edge_app.sources.fields import safe_part_id  # noqa: E402
-from edge_app.sources.zmq_source import send_frame  # noqa: E402
+from musc_edge.edge.ledger import Ledger  # noqa: E402
+from musc_edge.edge.plc_sim import PlcSimulator  # noqa: E402
+from musc_edge.edge.record import Reason, Verdict  # noqa: E402
+from musc_edge.edge.sources.fields import safe_part_id  # noqa: E402
+from musc_edge.edge.sources.zmq_source import send_frame  # noqa: E402
 from tests.hostile import png_declaring  # noqa: E402
 from tests.toymodel import build_toy_model  # noqa: E402
 
@@ -119,7 +119,7 @@ class Runtime:
         t0 = time.monotonic()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "edge_app.cli", "run", "--config", str(self.config)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "musc_edge.edge.cli", "run", "--config", str(self.config)],
                                          env=env, stdout=log, stderr=subprocess.STDOUT)
         while not self._ready():
             if self.proc.poll() is not None:
@@ -131,7 +131,7 @@ class Runtime:
         return time.monotonic() - t0
 
     def _ready(self) -> bool:
-        from edge_app.runtime.control import ControlError, request
+        from musc_edge.edge.runtime.control import ControlError, request
         try:
             return bool(request(self.storage / "control.sock", {"cmd": "status"}, timeout=2).get("ok"))
         except (ControlError, OSError, ValueError):

@@ -15,10 +15,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from edge_app.config import ConfigError
-from edge_app.ledger import LedgerError
-from edge_app.runtime import commands
-from edge_app.runtime.calibration_state import CalibrationError
+from musc_edge.edge.config import ConfigError
+from musc_edge.edge.ledger import LedgerError
+from musc_edge.edge.runtime import commands
+from musc_edge.edge.runtime.calibration_state import CalibrationError
 
 from . import operations, render
 from .audit import AuditError

@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_app.config import LineConfig, load_config
-from edge_app.errors import UsageError
-from edge_app.ledger import Ledger, LedgerError, LedgerReader, LedgerRow
-from edge_app.runtime import commands
-from edge_app.runtime.control import ControlError, request
+from musc_edge.edge.config import LineConfig, load_config
+from musc_edge.edge.errors import UsageError
+from musc_edge.edge.ledger import Ledger, LedgerError, LedgerReader, LedgerRow
+from musc_edge.edge.runtime import commands
+from musc_edge.edge.runtime.control import ControlError, request
 
 from .shadow import SCORED
 from .store import CalibrationStore

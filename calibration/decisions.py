@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_app.errors import UsageError
-from edge_app.ledger import LedgerRow
+from musc_edge.edge.errors import UsageError
+from musc_edge.edge.ledger import LedgerRow
 
 from .render import pct
 from .thresholds import MIN_SCORES, Refinement, ThresholdFit, fit_threshold, refine_with_labels, reject_rate
@@ -30,7 +30,7 @@ def calibrate(scores: np.ndarray, target_frr: float, method: str, good: dict[str
 def pool_selection(members: list[dict], action: str, recipe: str, part_ids: list[str] | None = None,
                    highest: int | None = None, lowest: int | None = None) -> dict:
     """The members a pool change acts on, as the control request expects them (the line resolves
-    ``highest`` / ``lowest`` / ``all`` with :func:`edge_app.runtime.commands.select_members`). Named members
+    ``highest`` / ``lowest`` / ``all`` with :func:`musc_edge.edge.runtime.commands.select_members`). Named members
     must be in the pool, and golden ones are never purged."""
     if part_ids:
         known = {m["part_id"] for m in members}

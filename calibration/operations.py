@@ -1,5 +1,5 @@
 """What ``musc-calibrate`` does to a line: gathers the values a decision needs from the line's storage and
-control socket, decides (:mod:`calibration.decisions`), and records and delivers changes. No argparse; what a
+control socket, decides (:mod:`musc_edge.calibration.decisions`), and records and delivers changes. No argparse; what a
 change is about to do is shown through ``show`` before it is made."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-from edge_app.runtime import commands
-from edge_app.runtime.calibration_state import Calibration, CalibrationError, parse_calibration
+from musc_edge.edge.runtime import commands
+from musc_edge.edge.runtime.calibration_state import Calibration, CalibrationError, parse_calibration
 
 from . import render
 from .audit import AuditError, Verification

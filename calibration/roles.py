@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from edge_app.runtime.control import MIN_TOKEN_CHARS, ensure_token, token_path
+from musc_edge.edge.runtime.control import MIN_TOKEN_CHARS, ensure_token, token_path
 
 
 class RoleError(PermissionError):

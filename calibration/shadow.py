@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_app.ledger import LedgerRow
-from edge_app.record import Reason, Verdict
+from musc_edge.edge.ledger import LedgerRow
+from musc_edge.edge.record import Reason, Verdict
 
 SCORED = (Reason.OK, Reason.ANOMALY)
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from edge_app.runtime.calibration_state import Calibration, CalibrationError, calibration_dir, parse_calibration
+from musc_edge.edge.runtime.calibration_state import Calibration, CalibrationError, calibration_dir, parse_calibration
 
 from .audit import AuditLog, atomic_write
 

@@ -257,7 +257,7 @@ def _start_view(config_path: Path):
     """The companion view process of ``run`` (a separate process: it can never slow the hot path)."""
     import subprocess
 
-    return subprocess.Popen([sys.executable, "-m", "edge_app.cli", "view", "--config", str(config_path)])
+    return subprocess.Popen([sys.executable, "-m", "musc_edge.edge.cli", "view", "--config", str(config_path)])
 
 
 def _add_pool(sub) -> None:
@@ -283,13 +283,13 @@ def cmd_pool(args) -> int:
 
 
 def _add_doctor(sub) -> None:
-    # Listed for --help only: main() hands `doctor ...` to edge_app.doctor.doctor_main.
+    # Listed for --help only: main() hands `doctor ...` to musc_edge.edge.doctor.doctor_main.
     sub.add_parser("doctor", help="check this device and a line config before going live "
                                   "(musc-edge doctor --config LINE.yaml)", add_help=False)
 
 
 def _add_plc_sim(sub) -> None:
-    # Listed for --help only: main() hands `plc-sim ...` to edge_app.plc_sim.main, which owns its options.
+    # Listed for --help only: main() hands `plc-sim ...` to musc_edge.edge.plc_sim.main, which owns its options.
     sub.add_parser("plc-sim", help="PLC simulator: the other end of a serial, ZeroMQ, Modbus or OPC UA reject link "
                                    "(musc-edge plc-sim --help)", add_help=False)
 

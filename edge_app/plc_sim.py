@@ -25,7 +25,7 @@ from typing import Any, Callable, TextIO
 import serial
 import zmq
 
-from edge_app.links.framing import (
+from musc_edge.edge.links.framing import (
     MAX_SEQ,
     Frame,
     FrameError,
@@ -41,7 +41,7 @@ from edge_app.links.framing import (
     parse_verdict,
     stream_frame,
 )
-from edge_app.record import Reason
+from musc_edge.edge.record import Reason
 
 _POLL_S = 0.02
 Route = Any     # where a reply goes: a ZeroMQ peer identity, or None on a byte stream
@@ -462,7 +462,7 @@ def _counter_line(counters: SimCounters) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``musc-edge plc-sim``: run a simulator until Ctrl-C or --duration; 0 on a clean exit."""
-    from edge_app.plc_sim_plant import is_plant_link, main as plant_main   # Modbus / OPC UA: their own options
+    from musc_edge.edge.plc_sim_plant import is_plant_link, main as plant_main   # Modbus / OPC UA: their own options
 
     plant_argv = sys.argv[1:] if argv is None else argv
     if is_plant_link(plant_argv):

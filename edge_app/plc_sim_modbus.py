@@ -13,9 +13,9 @@ import threading
 import tty
 from typing import Any
 
-from edge_app.links.framing import NakCode
-from edge_app.links.register_map import Reg, decode_verdict, split32
-from edge_app.plc_sim_polling import PlcView, PollingPlcSimulator
+from musc_edge.edge.links.framing import NakCode
+from musc_edge.edge.links.register_map import Reg, decode_verdict, split32
+from musc_edge.edge.plc_sim_polling import PlcView, PollingPlcSimulator
 
 
 class ModbusPlcSimulator(PollingPlcSimulator):

@@ -9,10 +9,10 @@ import asyncio
 import threading
 from typing import Any
 
-from edge_app.links.framing import NakCode
-from edge_app.links.opcua_link import NAMESPACE
-from edge_app.links.register_map import PublishedVerdict
-from edge_app.plc_sim_polling import PlcView, PollingPlcSimulator
+from musc_edge.edge.links.framing import NakCode
+from musc_edge.edge.links.opcua_link import NAMESPACE
+from musc_edge.edge.links.register_map import PublishedVerdict
+from musc_edge.edge.plc_sim_polling import PlcView, PollingPlcSimulator
 
 _TIMEOUT_S = 5.0            # one request
 _CONNECT_TIMEOUT_S = 30.0   # log in and load the VerdictRecord type: slow on a busy machine

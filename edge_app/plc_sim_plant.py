@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     pair = None
     try:
         if args.link == "modbus-tcp":
-            from edge_app.plc_sim_modbus import ModbusPlcSimulator
+            from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator
 
             sim = ModbusPlcSimulator.on_tcp(args.host, int(args.port or 502), **options)
         elif args.link == "modbus-rtu":
-            from edge_app.plc_sim_modbus import ModbusPlcSimulator, PtyPair
+            from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator, PtyPair
 
             if not args.port:
                 print("plc-sim: --link modbus-rtu needs --port (a serial device or 'pty')", file=sys.stderr)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             sim = ModbusPlcSimulator.on_rtu(port, unit_id=args.unit_id, baudrate=args.baudrate,
                                             parity="N" if pair else args.parity, **options)
         else:
-            from edge_app.plc_sim_opcua import OpcUaPlcSimulator
+            from musc_edge.edge.plc_sim_opcua import OpcUaPlcSimulator
 
             password = os.environ.get(args.password_env)
             if password is None:

@@ -19,10 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, TextIO
 
-from edge_app.links.framing import NakCode, VerdictCode, VerdictFlags
-from edge_app.links.register_map import PublishedVerdict
-from edge_app.plc_sim import ReceivedVerdict, SimCounters, _reason_label, _seq_after
-from edge_app.record import Reason
+from musc_edge.edge.links.framing import NakCode, VerdictCode, VerdictFlags
+from musc_edge.edge.links.register_map import PublishedVerdict
+from musc_edge.edge.plc_sim import ReceivedVerdict, SimCounters, _reason_label, _seq_after
+from musc_edge.edge.record import Reason
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class PlcView:
 class PollingPlcSimulator(ABC):
     """Plays a polling PLC in a background thread. Use as a context manager (starts it).
 
-    Options as :class:`edge_app.plc_sim.PlcSimulator`; ``scan_s`` is the PLC's scan period.
+    Options as :class:`musc_edge.edge.plc_sim.PlcSimulator`; ``scan_s`` is the PLC's scan period.
     """
 
     def __init__(self, *, scan_s: float = 0.005, delay_s: float = 0.0, corrupt_rate: float = 0.0,

@@ -1,6 +1,6 @@
 """Pool of scanned parts (``3d`` / ``2d+3d`` recipes): 2D feature sets and 3D samples, one-vs-pool scoring.
 
-The scan counterpart of :class:`edge_app.pool.FeaturePool`; both share :class:`edge_app.pool.PoolMembers`.
+The scan counterpart of :class:`musc_edge.edge.pool.FeaturePool`; both share :class:`musc_edge.edge.pool.PoolMembers`.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class ScanPool(PoolMembers):
     """Fixed-capacity FIFO pool of scanned parts of one recipe: 2D feature sets and 3D samples.
 
     Admission, capacity, ``min_size``, golden members and same-part exclusion work as in
-    :class:`edge_app.pool.FeaturePool` (FIFO eviction only). 2D sets are kept in float16 (what is persisted)
+    :class:`musc_edge.edge.pool.FeaturePool` (FIFO eviction only). 2D sets are kept in float16 (what is persisted)
     with a float32 working copy, so a restored pool scores identically; 3D layers stay float32. A member
     keeps what scoring reads of its 3D sample (layers, centres, centre pixels, curvature, map propagation);
     group member pixels are dropped. Near-duplicates are measured on the 2D sets only: hand-crafted 3D
@@ -113,7 +113,7 @@ class ScanPool(PoolMembers):
     # -- membership ------------------------------------------------------------------------------------------
     def nearest_distance(self, query_sets: Sequence[np.ndarray]) -> float:
         """Mean nearest-patch 2D distance of a part to its closest member (inf without 2D or members),
-        on the same scale as :meth:`edge_app.pool.FeaturePool.nearest_distance`."""
+        on the same scale as :meth:`musc_edge.edge.pool.FeaturePool.nearest_distance`."""
         if self.size == 0 or not query_sets:
             return float("inf")
         closeness = sum(patch_to_sample_distances(q, self.work[s, :self.size]).mean(axis=0)
@@ -166,7 +166,7 @@ class ScanPool(PoolMembers):
         self.geometry = [self.geometry[i] for i in keep] + [None] * (self.capacity - n)
         self._compact_members(keep)
 
-    # -- persistence (edge_app.runtime.pool_store) -------------------------------------------------------------
+    # -- persistence (musc_edge.edge.runtime.pool_store) -------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to persist; the members' propagations are concatenated, with per-member point counts."""
         n = self.size

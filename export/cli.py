@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edge_app.manifest import ManifestError
+from musc_edge.edge.manifest import ManifestError
 
 DEFAULT_OUT = Path("models") / "dinov2_vits14_musc.onnx"
 DEFAULT_MIN_COS = 0.9999          # an fp32 export against its source
@@ -14,7 +14,7 @@ DEFAULT_VARIANT_MIN_COS = 0.99    # a reduced-precision model against its fp32 p
 
 def _blocks(text: str) -> tuple[int, ...]:
     if text == "scored":  # what a line scores by default (model.blocks): the cut follows the configuration
-        from edge_app.config import ModelSettings
+        from musc_edge.edge.config import ModelSettings
 
         return tuple(ModelSettings().blocks)
     try:

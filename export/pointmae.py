@@ -5,7 +5,7 @@ concatenate with the per-point features, 512 -> 512 -> 384, max-pool), position 
 group centre added before every block, 12 pre-norm transformer blocks (width 384, 6 heads, MLP x4, no qkv
 bias); each requested block's output goes through the final LayerNorm.
 
-Grouping (FPS, kNN, IPG) is not exportable and stays outside the graph (``edge_app.pointcloud``): the graph
+Grouping (FPS, kNN, IPG) is not exportable and stays outside the graph (``musc_edge.edge.pointcloud``): the graph
 takes ``groups [B, G, M, 3]`` (member coordinates relative to their centre) and ``centres [B, G, 3]`` and
 returns ``tokens_block{b} [B, G, 384]`` for each chosen block. Checkpoints are never downloaded.
 """

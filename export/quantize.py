@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_app.features import preprocess
-from edge_app.manifest import Manifest, load_manifest, sha256_of, write_manifest
+from musc_edge.edge.features import preprocess
+from musc_edge.edge.manifest import Manifest, load_manifest, sha256_of, write_manifest
 
 QUANT_FORMATS = ("qdq", "qoperator")  # dynamic mode always writes QOperator (MatMulInteger) graphs
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")

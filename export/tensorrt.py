@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_app.manifest import load_manifest
+from musc_edge.edge.manifest import load_manifest
 
 
 class TensorRTUnavailable(ImportError):
@@ -117,7 +117,7 @@ def verify_engine(model_path: str | Path, engine_path: str | Path, size: int = 2
     """Parity of the engine against ONNX Runtime (CPU) on seeded synthetic parts, per output."""
     import onnxruntime as ort
 
-    from edge_app.features import preprocess
+    from musc_edge.edge.features import preprocess
 
     from .verify import compare, load_images
 

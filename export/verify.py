@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_app.features import preprocess
-from edge_app.manifest import Manifest, load_manifest
+from musc_edge.edge.features import preprocess
+from musc_edge.edge.manifest import Manifest, load_manifest
 
 
 @dataclass
@@ -76,7 +76,7 @@ def load_images(folder: str | Path | None, count: int, seed: int = 0) -> list[np
     import cv2
 
     if folder is None:
-        from edge_app.synthetic import render_part
+        from musc_edge.edge.synthetic import render_part
 
         rng = np.random.default_rng(seed)
         return [render_part(rng, 256)[0] for _ in range(count)]
@@ -122,7 +122,7 @@ def format_table(rows: list[ParityRow]) -> str:
 def variant_parity(model_path: str | Path, parent_path: str | Path, images: list[np.ndarray], size: int = 224,
                    min_cos: float = 0.99) -> list[ParityRow]:
     """Token cosine per block of a reduced-precision model against its fp32 parent, on the same images."""
-    from edge_app.features import FeatureEngine
+    from musc_edge.edge.features import FeatureEngine
 
     ours, parent = FeatureEngine(model_path, size=size), FeatureEngine(parent_path, size=size)
     if not ours.manifest.covers(parent.manifest.blocks) and not parent.manifest.covers(ours.manifest.blocks):
@@ -159,8 +159,8 @@ def category_features(model_path: str | Path, paths: list[str], blocks: tuple[in
     """Patch tokens ``[N, P, D]`` of ``blocks`` for every image, through ``model_path``; and the patch grid."""
     import cv2
 
-    from edge_app.features import FeatureEngine
-    from edge_app.progress import Progress
+    from musc_edge.edge.features import FeatureEngine
+    from musc_edge.edge.progress import Progress
 
     engine = FeatureEngine(model_path, size=size)
     missing = [b for b in blocks if b not in engine.manifest.blocks]
@@ -182,8 +182,8 @@ def score_features(layers: list[np.ndarray], grid: tuple[int, int], is_test: np.
                    min_pool: int = 10, seed: int = 0, scorer: str = "numpy") -> ModelScores:
     """Batch scores of the test images, and stream scores of every part in a seeded order against a FIFO
     pool of the previous ``pool`` parts (every part admitted; the first ``min_pool`` scored in batch)."""
-    from edge_app.pool import FeaturePool
-    from edge_app.scoring import MuscParams, prepare, score_batch
+    from musc_edge.edge.pool import FeaturePool
+    from musc_edge.edge.scoring import MuscParams, prepare, score_batch
 
     params = MuscParams()
     sets = prepare(layers, grid, params)
@@ -221,7 +221,7 @@ def compare_scores(ref: ModelScores, var: ModelScores, labels: np.ndarray, is_te
     """Verdicts at the parent's calibrated threshold (label-free Gumbel fit unless given) and AUROCs."""
     from sklearn.metrics import roc_auc_score
 
-    from calibration.thresholds import fit_threshold
+    from musc_edge.calibration.thresholds import fit_threshold
 
     if threshold is None:
         threshold = fit_threshold(ref.stream[~ref.warmup], target_frr).threshold

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_app.synthetic import generate_set
+from musc_edge.edge.synthetic import generate_set
 
 from .toymodel import build_toy_model
 

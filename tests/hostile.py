@@ -11,11 +11,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_app.config import parse_config
-from edge_app.plc_sim import PlcSimulator
-from edge_app.runtime.control import request, token_path
-from edge_app.runtime.line import Line
-from edge_app.sources.zmq_source import ZmqFramePusher
+from musc_edge.edge.config import parse_config
+from musc_edge.edge.plc_sim import PlcSimulator
+from musc_edge.edge.runtime.control import request, token_path
+from musc_edge.edge.runtime.line import Line
+from musc_edge.edge.sources.zmq_source import ZmqFramePusher
 
 
 def png(seed: int, size: int = 64) -> bytes:

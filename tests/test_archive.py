@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_app.archive import RejectArchive, archive_stem, parse_archive_name
-from edge_app.record import PartRecord, Reason, Verdict
+from musc_edge.edge.archive import RejectArchive, archive_stem, parse_archive_name
+from musc_edge.edge.record import PartRecord, Reason, Verdict
 
 DAY = 86_400.0
 T0 = 1_778_284_800.0   # 2026-05-09 00:00:00 UTC

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.audit import AuditError, AuditLog
-from calibration.cli import main
-from calibration.shadow import shadow_thresholds, verdict_changes
-from calibration.store import CalibrationStore, StoreError
-from calibration.thresholds import ThresholdError, fit_threshold, refine_with_labels
-from edge_app.ledger import Ledger
-from edge_app.record import PartRecord, Reason, Verdict
-from edge_app.runtime.calibration_state import Calibration, load_current
-from edge_app.runtime.control import ControlServer, ensure_token
+from musc_edge.calibration.audit import AuditError, AuditLog
+from musc_edge.calibration.cli import main
+from musc_edge.calibration.shadow import shadow_thresholds, verdict_changes
+from musc_edge.calibration.store import CalibrationStore, StoreError
+from musc_edge.calibration.thresholds import ThresholdError, fit_threshold, refine_with_labels
+from musc_edge.edge.ledger import Ledger
+from musc_edge.edge.record import PartRecord, Reason, Verdict
+from musc_edge.edge.runtime.calibration_state import Calibration, load_current
+from musc_edge.edge.runtime.control import ControlServer, ensure_token
 
 
 def gumbel_tail(threshold: float, mu: float, beta: float) -> float:
@@ -225,7 +225,7 @@ class FakeLine:
         self.server = ControlServer(storage / "control.sock", ensure_token(storage), self.handle)
 
     def handle(self, request: dict) -> dict:
-        from edge_app.runtime.control import ControlError
+        from musc_edge.edge.runtime.control import ControlError
 
         if request["cmd"] == "status":
             return {"line": "fake", "calibration_version": self.version, "dry_run": False, "reject_timing": None,

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from calibration.decisions import (Candidate, calibrate, check_delivery, expected_rates, given_threshold,
+from musc_edge.calibration.decisions import (Candidate, calibrate, check_delivery, expected_rates, given_threshold,
                                    labelled_scores, ledger_calibration_scores, pool_calibration_scores,
                                    pool_selection, previous_version, reject_timing, require_reason,
                                    rollback_target, version_creators)
-from calibration.thresholds import MIN_SCORES, fit_threshold
-from edge_app.errors import UsageError
+from musc_edge.calibration.thresholds import MIN_SCORES, fit_threshold
+from musc_edge.edge.errors import UsageError
 
 MEMBERS = [{"part_id": "a", "golden": False}, {"part_id": "b", "golden": True}, {"part_id": "c", "golden": False}]
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from calibration.cli import main
-from edge_app.config import parse_config
-from edge_app.ledger import Ledger
-from edge_app.plc_sim import PlcSimulator
-from edge_app.record import Reason, Verdict
-from edge_app.runtime.control import request
-from edge_app.runtime.line import Line
-from edge_app.synthetic import generate_set
+from musc_edge.calibration.cli import main
+from musc_edge.edge.config import parse_config
+from musc_edge.edge.ledger import Ledger
+from musc_edge.edge.plc_sim import PlcSimulator
+from musc_edge.edge.record import Reason, Verdict
+from musc_edge.edge.runtime.control import request
+from musc_edge.edge.runtime.line import Line
+from musc_edge.edge.synthetic import generate_set
 
 CONFIG_THRESHOLD = 5.0   # far above any score: before calibration every scored part is accepted
 

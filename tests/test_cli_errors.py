@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_app.cli import main
-from edge_app.synthetic import generate_set
+from musc_edge.edge.cli import main
+from musc_edge.edge.synthetic import generate_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,11 +46,11 @@ def test_a_synthetic_run_with_too_few_parts_is_a_usage_error(capsys):
 
 def test_an_internal_value_error_ends_with_its_traceback(toy_model, small_set):
     # A bug inside the evaluation (here: a ValueError where none is expected) must not pass for bad input.
-    script = ("import sys, edge_app.evaluation.runner as runner\n"
+    script = ("import sys, musc_edge.edge.evaluation.runner as runner\n"
               "def broken(*args, **kwargs):\n"
               "    raise ValueError('an internal bug')\n"
               "runner.select_layers = broken\n"
-              "from edge_app.cli import main\n"
+              "from musc_edge.edge.cli import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", script, "eval", "--dataset", str(small_set), "--model",

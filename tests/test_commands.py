@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_app.runtime.commands import SelectionError, select_members
+from musc_edge.edge.runtime.commands import SelectionError, select_members
 
 IDS = ["a", "b", "c", "d", "e", None, None]
 RAW = np.array([0.5, 0.9, 0.1, 0.7, 0.3, 0.0, 0.0])

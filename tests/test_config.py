@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_app.config import ConfigError, load_config, parse_config
+from musc_edge.edge.config import ConfigError, load_config, parse_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 MINIMAL = {"source": {"type": "replay", "path": "frames"}, "link": {"type": "zmq"}}

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_app.evaluation.datasets import (MVTEC_3D_AD, MVTEC_AD, DatasetError, detect_layout, load_dataset,
+from musc_edge.edge.evaluation.datasets import (MVTEC_3D_AD, MVTEC_AD, DatasetError, detect_layout, load_dataset,
                                           load_masks, read_image, read_mask)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

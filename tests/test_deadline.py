@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge_app.runtime.calibration_state import RejectTiming
-from edge_app.runtime.deadline import DeadlineClock
+from musc_edge.edge.runtime.calibration_state import RejectTiming
+from musc_edge.edge.runtime.deadline import DeadlineClock
 
 
 def test_without_reject_timing_the_line_budget_applies():

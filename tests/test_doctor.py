@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge_app import doctor
-from edge_app.doctor import Check, doctor_main, run_checks
+from musc_edge.edge import doctor
+from musc_edge.edge.doctor import Check, doctor_main, run_checks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,10 +59,10 @@ def test_table_lists_every_check_and_exit_code_follows_failures(monkeypatch, toy
 
 
 def test_cpu_only_onnxruntime_is_a_warning_not_a_failure(monkeypatch):
-    monkeypatch.setattr("edge_app.features.available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr("musc_edge.edge.features.available_providers", lambda: ["CPUExecutionProvider"])
     check = doctor.check_providers()
     assert check.status == "warn" and "CPUExecutionProvider" in check.detail and check.hint
-    monkeypatch.setattr("edge_app.features.available_providers",
+    monkeypatch.setattr("musc_edge.edge.features.available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert doctor.check_providers().status == "ok"
 

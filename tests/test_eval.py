@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from edge_app.cli import main
-from edge_app.evaluation.runner import REPORT_KEYS, EvalSettings, run_eval
-from edge_app.scoring import MuscParams
+from musc_edge.edge.cli import main
+from musc_edge.edge.evaluation.runner import REPORT_KEYS, EvalSettings, run_eval
+from musc_edge.edge.scoring import MuscParams
 
 
 def test_report_schema_and_overlays(toy_model, synthetic_parts, tmp_path, capsys):
@@ -43,7 +43,7 @@ def test_batch_and_stream_protocols_score_every_image(toy_model, synthetic_parts
     (lambda root: [p.unlink() for p in (root / "test").glob("*/*.png")], "test"),
 ])
 def test_bad_datasets_exit_2_naming_the_problem(toy_model, tmp_path, capsys, damage, message):
-    from edge_app.synthetic import generate_set
+    from musc_edge.edge.synthetic import generate_set
 
     root = generate_set(tmp_path / "part", n=12, defect_fraction=0.25, seed=1, size=128)
     damage(root)
@@ -79,7 +79,7 @@ def test_bottle_stream_pool_40_meets_the_foundation_targets(default_model, bottl
 
 
 def test_image_score_is_the_max_or_the_mean_of_the_top_k_patches():
-    from edge_app.scoring import image_scores
+    from musc_edge.edge.scoring import image_scores
 
     maps = np.zeros((2, 4, 4), np.float32)
     maps[0, 1, 1] = 1.0                                     # one hot patch: a speck

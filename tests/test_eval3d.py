@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from edge_app.cli import main
-from edge_app.config import ScanSettings
-from edge_app.evaluation.datasets import load_dataset, read_mask
-from edge_app.evaluation.runner import REPORT_KEYS
-from edge_app.evaluation.runner3d import Eval3DSettings, run_eval3d
-from edge_app.pointcloud import read_cloud
-from edge_app.synthetic3d import generate_set, write_mvtec3d
+from musc_edge.edge.cli import main
+from musc_edge.edge.config import ScanSettings
+from musc_edge.edge.evaluation.datasets import load_dataset, read_mask
+from musc_edge.edge.evaluation.runner import REPORT_KEYS
+from musc_edge.edge.evaluation.runner3d import Eval3DSettings, run_eval3d
+from musc_edge.edge.pointcloud import read_cloud
+from musc_edge.edge.synthetic3d import generate_set, write_mvtec3d
 
 SIZE = 112
 SCAN = ScanSettings(n_groups=256, group_size=32, normal_neighbours=8)      # MuSc-V2's groups scaled to 112 px
@@ -106,8 +106,8 @@ def test_the_shared_tire_category_has_no_clouds_and_says_so(tire, capsys):
 def test_musc_export_pointmae_writes_the_requested_blocks(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     ort = pytest.importorskip("onnxruntime")
-    from export.cli import main as export_main
-    from export.pointmae import PointMAEEncoder
+    from musc_edge.export.cli import main as export_main
+    from musc_edge.export.pointmae import PointMAEEncoder
 
     torch.manual_seed(0)
     state = {f"module.MAE_encoder.{k}": torch.randn_like(v) * 0.05 if v.dtype.is_floating_point else v

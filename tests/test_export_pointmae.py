@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from export.pointmae import (CheckpointError, PointMAEEncoder, build_encoder, export_checkpoint,  # noqa: E402
+from musc_edge.export.pointmae import (CheckpointError, PointMAEEncoder, build_encoder, export_checkpoint,  # noqa: E402
                              load_encoder_state)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_app.geometry import plan_for, plan_input, stitch, to_image, windows
+from musc_edge.edge.geometry import plan_for, plan_input, stitch, to_image, windows
 
 SIZE, PATCH = 224, 14
 T = SIZE // PATCH

@@ -20,18 +20,18 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration.store import CalibrationStore, calibration_bytes
-from edge_app.config import ConfigError, load_config, parse_config
-from edge_app.ledger import Ledger
-from edge_app.plc_sim import PlcSimulator
-from edge_app.record import PartRecord, Reason, Verdict
-from edge_app.runtime.calibration_state import Calibration, CalibrationError
-from edge_app.runtime.control import ControlServer, ensure_token, token_path
-from edge_app.runtime.inspector import Inspector
-from edge_app.runtime.line import Line, LineStopped
-from edge_app.runtime.verdict import verdict_from_pool
-from edge_app.sources.base import DecodeError, decode_part
-from edge_app.sources.fields import safe_part_id
+from musc_edge.calibration.store import CalibrationStore, calibration_bytes
+from musc_edge.edge.config import ConfigError, load_config, parse_config
+from musc_edge.edge.ledger import Ledger
+from musc_edge.edge.plc_sim import PlcSimulator
+from musc_edge.edge.record import PartRecord, Reason, Verdict
+from musc_edge.edge.runtime.calibration_state import Calibration, CalibrationError
+from musc_edge.edge.runtime.control import ControlServer, ensure_token, token_path
+from musc_edge.edge.runtime.inspector import Inspector
+from musc_edge.edge.runtime.line import Line, LineStopped
+from musc_edge.edge.runtime.verdict import verdict_from_pool
+from musc_edge.edge.sources.base import DecodeError, decode_part
+from musc_edge.edge.sources.fields import safe_part_id
 
 from .hostile import LiveLine, assert_one_row_and_ack_each, line_config, png, png_declaring, wait_for
 
@@ -174,14 +174,14 @@ def test_row_5_token_is_written_atomically_and_an_empty_one_is_replaced(tmp_path
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("calibration.audit.os.fsync", full)
+    monkeypatch.setattr("musc_edge.calibration.audit.os.fsync", full)
     with pytest.raises(OSError, match="No space"):
         ensure_token(tmp_path)
     assert not path.exists() and not list(path.parent.glob("*.tmp"))
 
 
 def test_row_5_a_line_whose_token_cannot_be_written_refuses_changes(toy_model, tmp_path, plc, monkeypatch):
-    monkeypatch.setattr("edge_app.runtime.line.ensure_token", lambda storage: (_ for _ in ()).throw(
+    monkeypatch.setattr("musc_edge.edge.runtime.line.ensure_token", lambda storage: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, "No space left on device")))
     live = LiveLine(line_config(toy_model, tmp_path / "line", plc.address))
     try:
@@ -193,7 +193,7 @@ def test_row_5_a_line_whose_token_cannot_be_written_refuses_changes(toy_model, t
 
 
 def request_without_token(live: LiveLine) -> dict:
-    from edge_app.runtime.control import request
+    from musc_edge.edge.runtime.control import request
     return request(live.storage / "control.sock", {"cmd": "pool_purge", "all": True, "token": ""})
 
 
@@ -253,7 +253,7 @@ def test_row_7_a_hand_edited_current_json_refuses_to_start(toy_model, tmp_path, 
         Line(parse_config(line_config(toy_model, tmp_path / "line", plc.address)))
     config = tmp_path / "line.yaml"
     config.write_text(yaml.safe_dump(line_config(toy_model, tmp_path / "line", plc.address)))
-    done = subprocess.run([sys.executable, "-m", "edge_app.cli", "run", "--config", str(config)],
+    done = subprocess.run([sys.executable, "-m", "musc_edge.edge.cli", "run", "--config", str(config)],
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, timeout=120)
     err = done.stderr.decode()
     assert done.returncode == 2 and "Traceback" not in err and "audit log" in err, err
@@ -293,7 +293,7 @@ def test_row_9_a_decompression_bomb_is_refused_on_its_header_before_decoding(liv
     assert len(bomb) < 10_000
     decoded = []
     real = __import__("cv2").imdecode
-    monkeypatch.setattr("edge_app.mediaio.cv2.imdecode", lambda *a: decoded.append(1) or real(*a))
+    monkeypatch.setattr("musc_edge.edge.mediaio.cv2.imdecode", lambda *a: decoded.append(1) or real(*a))
     live.send(bomb, part_id="bomb")
     live.send(png(1), part_id="after")
     live.wait_parts(2)
@@ -307,7 +307,7 @@ def test_row_9_a_decompression_bomb_is_refused_on_its_header_before_decoding(liv
 def test_row_9_every_format_is_held_to_the_budget_also_past_the_source():
     import cv2
 
-    from edge_app.mediaio import declared_size
+    from musc_edge.edge.mediaio import declared_size
     for suffix in (".png", ".jpg", ".bmp"):
         data = cv2.imencode(suffix, np.zeros((30, 50, 3), np.uint8))[1].tobytes()
         assert declared_size(data) == (30, 50), suffix
@@ -336,7 +336,7 @@ def test_row_10_stop_line_reaches_the_plc_on_both_links(toy_model, tmp_path, lin
 
 
 def test_row_10_a_stop_request_is_repeated_until_the_plc_acknowledges_it():
-    from edge_app.links import open_link
+    from musc_edge.edge.links import open_link
     with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as sim:
         sim.silence(1.0)                                    # the cable is out for a second
         with open_link({"type": "zmq", "endpoint": sim.address}) as link:
@@ -349,12 +349,12 @@ def test_row_10_a_stop_request_is_repeated_until_the_plc_acknowledges_it():
 def test_row_10_plc_sim_prints_the_stop_request(tmp_path):
     import socket
 
-    from edge_app.links import open_link
+    from musc_edge.edge.links import open_link
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     endpoint = f"tcp://127.0.0.1:{port}"
-    sim = subprocess.Popen([sys.executable, "-m", "edge_app.cli", "plc-sim", "--link", "zmq", "--endpoint", endpoint,
+    sim = subprocess.Popen([sys.executable, "-m", "musc_edge.edge.cli", "plc-sim", "--link", "zmq", "--endpoint", endpoint,
                             "--duration", "4", "--report-every", "0"], env={"PYTHONPATH": str(ROOT)},
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -376,7 +376,7 @@ def test_row_11_reseed_of_a_2d3d_recipe_is_refused_before_the_pool_changes(toy_m
     line = Line(parse_config(raw))
     pool = line.inspector.recipes["default"].pool
     before = pool.size
-    from edge_app.runtime.control import ControlError
+    from musc_edge.edge.runtime.control import ControlError
     images = tmp_path / "images"   # images without their point clouds: a scan pool cannot be seeded from them
     images.mkdir()
     for i in range(2):
@@ -410,7 +410,7 @@ def test_row_12_disk_full_stops_the_line_with_one_line_and_loses_nothing(live, p
 
 def test_row_12_pool_temp_files_are_removed_at_start_and_not_left_by_a_failed_save(toy_model, tmp_path, plc,
                                                                                    monkeypatch):
-    from edge_app.runtime import pool_store
+    from musc_edge.edge.runtime import pool_store
     pools = tmp_path / "line" / "pools"
     pools.mkdir(parents=True)
     stale = pools / "default.npz.4242.1.tmp"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_app.plc_sim import PlcSimulator
+from musc_edge.edge.plc_sim import PlcSimulator
 
 from .hostile import LiveLine, assert_one_row_and_ack_each, line_config, png, png_declaring, wait_for
 

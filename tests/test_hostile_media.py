@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_app.evaluation.datasets import DatasetError, read_image as dataset_image
-from edge_app.mediaio import (HARD_MAX_PIXELS, MediaError, decode_image, declared_size, pixel_budget_problem,
+from musc_edge.edge.evaluation.datasets import DatasetError, read_image as dataset_image
+from musc_edge.edge.mediaio import (HARD_MAX_PIXELS, MediaError, decode_image, declared_size, pixel_budget_problem,
                               read_image, truncation)
-from edge_app.sources.base import SourceConfigError, make_source
+from musc_edge.edge.sources.base import SourceConfigError, make_source
 
 from .hostile import png_declaring
 
@@ -76,13 +76,13 @@ def test_source_pixel_budget_is_a_checked_config_key(tmp_path):
     source = make_source({"type": "replay", "path": str(tmp_path), "rate": None, "max_pixels": 100})
     with source:
         [part] = list(source.parts())
-    from edge_app.sources.base import DecodeError, decode_part
+    from musc_edge.edge.sources.base import DecodeError, decode_part
     with pytest.raises(DecodeError, match="over the pixel budget of 0.0001 MP"):
         decode_part(part)
 
 
 def test_seeding_reads_bmp_like_every_other_format(tmp_path):
-    from edge_app.mediaio import IMAGE_SUFFIXES
-    from edge_app.runtime import seed
+    from musc_edge.edge.mediaio import IMAGE_SUFFIXES
+    from musc_edge.edge.runtime import seed
     assert seed.IMAGE_SUFFIXES is IMAGE_SUFFIXES and ".bmp" in IMAGE_SUFFIXES
     assert seed.read_image is read_image

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_app.pointcloud import (farthest_point_sampling, group_points, grow_groups, knn_groups, relative_groups,
+from musc_edge.edge.pointcloud import (farthest_point_sampling, group_points, grow_groups, knn_groups, relative_groups,
                                  surface_variation)
 
 

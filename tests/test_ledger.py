@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_app.ledger import MIGRATIONS, SCHEMA_VERSION, Ledger, LedgerError, apply_migrations
-from edge_app.record import PartRecord, Reason, StageTimes, Verdict
+from musc_edge.edge.ledger import MIGRATIONS, SCHEMA_VERSION, Ledger, LedgerError, apply_migrations
+from musc_edge.edge.record import PartRecord, Reason, StageTimes, Verdict
 
 HASHES = dict(model_hash="model-sha", config_hash="config-sha", calibration_version="cal-3")
 
@@ -61,8 +61,8 @@ def test_storage_is_wal_with_full_sync(tmp_path: Path) -> None:
 
 _KILLED_WRITER = """
 import sys, time
-from edge_app.ledger import Ledger
-from edge_app.record import PartRecord, Reason, Verdict
+from musc_edge.edge.ledger import Ledger
+from musc_edge.edge.record import PartRecord, Reason, Verdict
 ledger = Ledger(sys.argv[1])
 i = 0
 while True:

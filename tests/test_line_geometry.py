@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_app.config import parse_config
-from edge_app.record import PartRecord, Reason
-from edge_app.runtime.inspector import Inspector
-from edge_app.synthetic import render_part
+from musc_edge.edge.config import parse_config
+from musc_edge.edge.record import PartRecord, Reason
+from musc_edge.edge.runtime.inspector import Inspector
+from musc_edge.edge.synthetic import render_part
 
 SIZE = 112
 FRAME = (280, SIZE)   # tall 1:2.5 frames: synthetic parts stacked (windows overlap)
@@ -59,7 +59,7 @@ def test_tiled_pools_are_not_mistaken_for_square_ones(toy_model, tmp_path):
 
 
 def test_a_bad_frame_is_refused_naming_the_key(toy_model, tmp_path):
-    from edge_app.config import ConfigError
+    from musc_edge.edge.config import ConfigError
 
     with pytest.raises(ConfigError, match="frame"):
         parse_config({"model": {"path": str(toy_model), "frame": [0, 100]},

@@ -10,8 +10,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from edge_app.links import LinkClosedError, RejectLink, open_link, parse_link_config
-from edge_app.links.framing import (
+from musc_edge.edge.links import LinkClosedError, RejectLink, open_link, parse_link_config
+from musc_edge.edge.links.framing import (
     Frame,
     FrameError,
     MessageType,
@@ -30,8 +30,8 @@ from edge_app.links.framing import (
     stream_frame,
     verdict_frame,
 )
-from edge_app.plc_sim import PlcSimulator
-from edge_app.record import Reason, Verdict
+from musc_edge.edge.plc_sim import PlcSimulator
+from musc_edge.edge.record import Reason, Verdict
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "wire-protocol.md"
 FAST = dict(ack_timeout_s=0.05, heartbeat_interval_s=0.1, silence_alarm_s=0.3,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 
-from edge_app.evaluation.metrics import METRIC_KEYS, MetricsError, binary_metrics, compute_metrics, pro_score
+from musc_edge.edge.evaluation.metrics import METRIC_KEYS, MetricsError, binary_metrics, compute_metrics, pro_score
 
 IMAGE_CASES = {
     # name: (labels, scores, (auroc, ap, f1max) in percent)

@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("pymodbus")
 
-from edge_app.links import PlantLink, open_link, parse_link_config  # noqa: E402
-from edge_app.links.framing import NakCode  # noqa: E402
-from edge_app.links.register_map import REGISTER_COUNT, Reg, join32, part_hash, part_text  # noqa: E402
-from edge_app.plc_sim_modbus import ModbusPlcSimulator, PtyPair  # noqa: E402
-from edge_app.record import Reason, Verdict  # noqa: E402
+from musc_edge.edge.links import PlantLink, open_link, parse_link_config  # noqa: E402
+from musc_edge.edge.links.framing import NakCode  # noqa: E402
+from musc_edge.edge.links.register_map import REGISTER_COUNT, Reg, join32, part_hash, part_text  # noqa: E402
+from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator, PtyPair  # noqa: E402
+from musc_edge.edge.record import Reason, Verdict  # noqa: E402
 
 FAST = dict(ack_timeout_s=0.1, heartbeat_interval_s=0.1, silence_alarm_s=0.5,
             backoff_initial_s=0.05, backoff_max_s=0.2)
@@ -260,7 +260,7 @@ def test_bad_modbus_config_names_the_key(raw: dict[str, Any], named: str) -> Non
 
 
 def test_plc_sim_command_plays_the_modbus_plc(capsys) -> None:
-    from edge_app.plc_sim import main as plc_sim_main
+    from musc_edge.edge.plc_sim import main as plc_sim_main
 
     port = free_port()
     with open_link({"type": "modbus-tcp", "port": port, **FAST}) as link:
@@ -276,8 +276,8 @@ def test_plc_sim_command_plays_the_modbus_plc(capsys) -> None:
 def test_documented_register_example_matches_the_map() -> None:
     from pathlib import Path
 
-    from edge_app.links.framing import VerdictCode
-    from edge_app.links.register_map import PublishedVerdict, RegisterImage
+    from musc_edge.edge.links.framing import VerdictCode
+    from musc_edge.edge.links.register_map import PublishedVerdict, RegisterImage
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "wire-protocol.md"
     line = re.search(r"^Modbus registers 0-14:((?: \w+)+)$", doc.read_text(encoding="utf-8"), re.M)

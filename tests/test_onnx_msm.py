@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_app.pool import FeaturePool
-from edge_app.scoring import l2_normalise
-from edge_app.scoring.msm import interval_k
-from edge_app.scoring.onnx_msm import PoolScorer, numpy_score, quantize_rows
+from musc_edge.edge.pool import FeaturePool
+from musc_edge.edge.scoring import l2_normalise
+from musc_edge.edge.scoring.msm import interval_k
+from musc_edge.edge.scoring.onnx_msm import PoolScorer, numpy_score, quantize_rows
 
 P, D = 16, 32
 
@@ -60,7 +60,7 @@ def test_quantize_rows_round_trip():
 
 @pytest.mark.parametrize("backend, tol", [("onnx-fp32", 1e-5), ("onnx-int8", 2e-2)])
 def test_pool_scores_the_same_through_any_backend(backend, tol):
-    from edge_app.scoring import MuscParams
+    from musc_edge.edge.scoring import MuscParams
 
     rng = np.random.default_rng(3)
     pools = {name: FeaturePool(8, 2, P, D, min_size=3, scorer=name) for name in ("numpy", backend)}
@@ -78,7 +78,7 @@ def test_pool_scores_the_same_through_any_backend(backend, tol):
 
 
 def test_auto_backend_is_timed_and_chosen_once():
-    from edge_app.scoring.onnx_msm import EXACT_BACKENDS, choose_backend
+    from musc_edge.edge.scoring.onnx_msm import EXACT_BACKENDS, choose_backend
 
     name, times = choose_backend(2, P, D, 4, repeat=2)
     assert name in EXACT_BACKENDS and set(times) == set(EXACT_BACKENDS) and name == min(times, key=times.get)

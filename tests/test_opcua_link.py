@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("asyncua")
 
-from edge_app.links import PlantLink, open_link, parse_link_config  # noqa: E402
-from edge_app.links.framing import NakCode  # noqa: E402
-from edge_app.links.opcua_link import NAMESPACE  # noqa: E402
-from edge_app.plc_sim_opcua import OpcUaPlcSimulator  # noqa: E402
-from edge_app.record import Reason, Verdict  # noqa: E402
+from musc_edge.edge.links import PlantLink, open_link, parse_link_config  # noqa: E402
+from musc_edge.edge.links.framing import NakCode  # noqa: E402
+from musc_edge.edge.links.opcua_link import NAMESPACE  # noqa: E402
+from musc_edge.edge.plc_sim_opcua import OpcUaPlcSimulator  # noqa: E402
+from musc_edge.edge.record import Reason, Verdict  # noqa: E402
 from tests.test_modbus_link import FAST, Events  # noqa: E402
 
 pytestmark = pytest.mark.slow

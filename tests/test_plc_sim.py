@@ -11,8 +11,8 @@ import pytest
 import serial
 import zmq
 
-from edge_app.links import open_link
-from edge_app.links.framing import (
+from musc_edge.edge.links import open_link
+from musc_edge.edge.links.framing import (
     Frame,
     MessageType,
     NakCode,
@@ -27,8 +27,8 @@ from edge_app.links.framing import (
     stream_frame,
     verdict_frame,
 )
-from edge_app.plc_sim import PlcSimulator, main
-from edge_app.record import Reason, Verdict
+from musc_edge.edge.plc_sim import PlcSimulator, main
+from musc_edge.edge.record import Reason, Verdict
 
 
 class SerialPeer:

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from edge_app.pointcloud import (CloudError, Grouping, PreprocessParams, descriptor_layers, estimate_normals,
+from musc_edge.edge.pointcloud import (CloudError, Grouping, PreprocessParams, descriptor_layers, estimate_normals,
                                  fit_plane_ransac, foreground_mask, group_points, knn_groups, largest_cluster,
                                  normalise_points, pair_descriptors, prepare_cloud, read_cloud, resize_nearest,
                                  to_organised, valid_mask, zero_background)
-from edge_app.synthetic3d import generate_set
+from musc_edge.edge.synthetic3d import generate_set
 
 
 def _cloud(h: int = 6, w: int = 5, seed: int = 0) -> np.ndarray:
@@ -290,7 +290,7 @@ def _bumpy_surface(n: int = 900, seed: int = 0) -> np.ndarray:
 
 
 def test_fpfh_histograms_are_normalised_and_flat_surfaces_have_one_bin_per_angle():
-    from edge_app.pointcloud import FPFH_DIM, fpfh
+    from musc_edge.edge.pointcloud import FPFH_DIM, fpfh
 
     feats = fpfh(_bumpy_surface(), normal_neighbours=12, fpfh_neighbours=30)
     assert feats.shape == (900, FPFH_DIM)
@@ -301,7 +301,7 @@ def test_fpfh_histograms_are_normalised_and_flat_surfaces_have_one_bin_per_angle
 
 
 def test_fpfh_is_rotation_invariant():
-    from edge_app.pointcloud import fpfh
+    from musc_edge.edge.pointcloud import fpfh
 
     points = _bumpy_surface()
     angle = 0.7
@@ -314,7 +314,7 @@ def test_fpfh_is_rotation_invariant():
 
 
 def test_patch_pooling_counts_background_as_zero_and_the_map_weights_interpolate():
-    from edge_app.pointcloud import bilinear_weights, box_degrees, covered_pixels, pool_to_grid
+    from musc_edge.edge.pointcloud import bilinear_weights, box_degrees, covered_pixels, pool_to_grid
 
     size, grid = 16, 4
     pixel_ids = np.array([0, 1, 16, 17, 5 * 16 + 5])           # a full 2x2 corner of patch 0, one pixel of patch 5

@@ -1,14 +1,14 @@
-"""The 2D pool (edge_app.pool) and the admission policy every recipe shares, on synthetic unit features."""
+"""The 2D pool (musc_edge.edge.pool) and the admission policy every recipe shares, on synthetic unit features."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edge_app.config import PoolSettings, RecipeSettings
-from edge_app.pool import FeaturePool, outlier_members
-from edge_app.record import PartRecord, Reason, Verdict
-from edge_app.runtime.recipes import Prepared, Recipe2D, Scoring
-from edge_app.scoring import MuscParams, PoolTooSmallError, l2_normalise, score_one
+from musc_edge.edge.config import PoolSettings, RecipeSettings
+from musc_edge.edge.pool import FeaturePool, outlier_members
+from musc_edge.edge.record import PartRecord, Reason, Verdict
+from musc_edge.edge.runtime.recipes import Prepared, Recipe2D, Scoring
+from musc_edge.edge.scoring import MuscParams, PoolTooSmallError, l2_normalise, score_one
 
 GRID = (4, 4)
 P, D, N_SETS = 16, 8, 2

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edge_app.config import PoolGuardSettings, parse_config
-from edge_app.record import PartRecord, Reason, Verdict
-from edge_app.runtime.inspector import Inspector
-from edge_app.runtime.recipes.recipe2d import Prepared
-from edge_app.runtime.pool_guard import PoolGuard, lookalike_distance, signature
+from musc_edge.edge.config import PoolGuardSettings, parse_config
+from musc_edge.edge.record import PartRecord, Reason, Verdict
+from musc_edge.edge.runtime.inspector import Inspector
+from musc_edge.edge.runtime.recipes.recipe2d import Prepared
+from musc_edge.edge.runtime.pool_guard import PoolGuard, lookalike_distance, signature
 
 SIDE, DIM = 8, 16
 

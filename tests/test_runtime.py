@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge_app.config import parse_config
-from edge_app.ledger import Ledger
-from edge_app.plc_sim import PlcSimulator
-from edge_app.record import Reason, Verdict
-from edge_app.runtime.inspector import Inspector
-from edge_app.runtime.line import Line
-from edge_app.runtime.pool_store import PoolMismatchError
-from edge_app.runtime.status import format_status, line_status
-from edge_app.synthetic import generate_set
+from musc_edge.edge.config import parse_config
+from musc_edge.edge.ledger import Ledger
+from musc_edge.edge.plc_sim import PlcSimulator
+from musc_edge.edge.record import Reason, Verdict
+from musc_edge.edge.runtime.inspector import Inspector
+from musc_edge.edge.runtime.line import Line
+from musc_edge.edge.runtime.pool_store import PoolMismatchError
+from musc_edge.edge.runtime.status import format_status, line_status
+from musc_edge.edge.synthetic import generate_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_sigkill_then_restart_restores_pool_and_ledger_and_resends(toy_model, tm
         config_path = tmp_path / "line.yaml"
         config_path.write_text(yaml.safe_dump(raw))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "edge_app.cli", "run", "--config", str(config_path)]
+        cmd = [sys.executable, "-m", "musc_edge.edge.cli", "run", "--config", str(config_path)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             assert plc.wait_for(lambda c: c.received >= 15, timeout_s=60), proc.stderr.read1(4096) if proc.poll() else ""

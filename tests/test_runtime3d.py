@@ -14,21 +14,21 @@ import numpy as np
 import pytest
 import tifffile
 
-from edge_app.config import ConfigError, parse_config
-from edge_app.evaluation.datasets import read_image
-from edge_app.plc_sim import PlcSimulator
-from edge_app.pointcloud import read_cloud
-from edge_app.record import PartRecord, Reason, Verdict
-from edge_app.runtime.inspector import Inspector
-from edge_app.runtime.line import Line
-from edge_app.runtime.pool_store import PoolMismatchError
-from edge_app.scan_pool import PreparedScan, ScanPool
-from edge_app.runtime.simulated import CLOUD_PATH, SCAN_PATTERN, run_simulated_scan_line, scan_line_config
-from edge_app.scoring import MuscParams, PoolTooSmallError
-from edge_app.scoring3d import Params3D, prepare_3d
-from edge_app.sources import ReplayConfig, ReplaySource, SourceConfigError
-from edge_app.sources.replay import paired_cloud
-from edge_app.synthetic3d import DEFECT_MODALITY, generate_set, write_mvtec3d
+from musc_edge.edge.config import ConfigError, parse_config
+from musc_edge.edge.evaluation.datasets import read_image
+from musc_edge.edge.plc_sim import PlcSimulator
+from musc_edge.edge.pointcloud import read_cloud
+from musc_edge.edge.record import PartRecord, Reason, Verdict
+from musc_edge.edge.runtime.inspector import Inspector
+from musc_edge.edge.runtime.line import Line
+from musc_edge.edge.runtime.pool_store import PoolMismatchError
+from musc_edge.edge.scan_pool import PreparedScan, ScanPool
+from musc_edge.edge.runtime.simulated import CLOUD_PATH, SCAN_PATTERN, run_simulated_scan_line, scan_line_config
+from musc_edge.edge.scoring import MuscParams, PoolTooSmallError
+from musc_edge.edge.scoring3d import Params3D, prepare_3d
+from musc_edge.edge.sources import ReplayConfig, ReplaySource, SourceConfigError
+from musc_edge.edge.sources.replay import paired_cloud
+from musc_edge.edge.synthetic3d import DEFECT_MODALITY, generate_set, write_mvtec3d
 
 from .test_runtime import assert_each_part_once
 
@@ -219,7 +219,7 @@ def test_a_reseed_without_clouds_fails_before_the_pool_changes_and_one_with_clou
 
 
 def test_a_2d_image_pool_reseed_is_refused_for_a_scan_recipe(inspector, good_scan):
-    from edge_app.runtime.recipes import Prepared
+    from musc_edge.edge.runtime.recipes import Prepared
 
     part = _part(*good_scan).decide(Verdict.NO_VERDICT, Reason.WARMUP, "seed")
     with pytest.raises(ValueError, match="needs scans"):

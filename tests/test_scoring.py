@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_app.scoring import (MuscParams, PoolTooSmallError, interval_k, l2_normalise, prepare, rescore_batch,
+from musc_edge.edge.scoring import (MuscParams, PoolTooSmallError, interval_k, l2_normalise, prepare, rescore_batch,
                               rescore_one, score_batch, score_one, snamd, upsample)
-from edge_app.scoring.aggregate import box_mean, lnamd
-from edge_app.scoring.msm import one_vs_pool, patch_to_sample_distances
-from edge_app.scoring.msm import score_batch as msm_batch
+from musc_edge.edge.scoring.aggregate import box_mean, lnamd
+from musc_edge.edge.scoring.msm import one_vs_pool, patch_to_sample_distances
+from musc_edge.edge.scoring.msm import score_batch as msm_batch
 
 GRID = (4, 4)
 DIM = 16
@@ -158,7 +158,7 @@ def test_upsample_aligns_corners_and_keeps_the_maximum():
 
 
 def test_batch_msm_in_bounded_memory_gives_the_same_scores():
-    from edge_app.scoring import msm
+    from musc_edge.edge.scoring import msm
 
     rng = np.random.default_rng(7)
     feats = (lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True))(rng.normal(size=(23, 16, 8))).astype(np.float32)

@@ -16,12 +16,12 @@ from scipy.spatial.distance import cdist
 from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
-from edge_app.pointcloud import CloudError, foreground_mask, zero_background
-from edge_app.scoring import PoolTooSmallError, l2_normalise, rescore_batch
-from edge_app.scoring3d import (FusionParams, Params3D, adaptive_pool_matrix, batch_euclidean_distances, cae,
+from musc_edge.edge.pointcloud import CloudError, foreground_mask, zero_background
+from musc_edge.edge.scoring import PoolTooSmallError, l2_normalise, rescore_batch
+from musc_edge.edge.scoring3d import (FusionParams, Params3D, adaptive_pool_matrix, batch_euclidean_distances, cae,
                                 centre_map, euclidean_sample_distances, histogram_match, nearest_centres,
                                 prepare_3d, projection, propagation, score_batch, score_one, snamd3d, stack_layers)
-from edge_app.synthetic3d import generate_set
+from musc_edge.edge.synthetic3d import generate_set
 
 SIZE, PATCH = 112, 8
 GRID = (SIZE // PATCH, SIZE // PATCH)

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_app.record import PartRecord, Reason, Verdict
-from edge_app.sources import (
+from musc_edge.edge.record import PartRecord, Reason, Verdict
+from musc_edge.edge.sources import (
     DecodeError,
     FolderScanner,
     OpenCVCameraConfig,

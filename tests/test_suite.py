@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
-from edge_app.cli import main
-from edge_app.evaluation.suite import category_modalities, find_categories
-from edge_app.synthetic import generate_set
-from edge_app.synthetic3d import generate_set as generate_scans
-from edge_app.synthetic3d import write_mvtec3d
+from musc_edge.edge.cli import main
+from musc_edge.edge.evaluation.suite import category_modalities, find_categories
+from musc_edge.edge.synthetic import generate_set
+from musc_edge.edge.synthetic3d import generate_set as generate_scans
+from musc_edge.edge.synthetic3d import write_mvtec3d
 
 SIZE = 112
 

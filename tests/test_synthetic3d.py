@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_app.pointcloud import valid_mask
-from edge_app.synthetic3d import DEFECT_MODALITY, generate_set, render_part
+from musc_edge.edge.pointcloud import valid_mask
+from musc_edge.edge.synthetic3d import DEFECT_MODALITY, generate_set, render_part
 
 SIZE = 96
 

@@ -10,11 +10,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from edge_app.config import parse_config
-from edge_app.record import PartRecord, Reason, StageTimes, Verdict
-from edge_app.telemetry import MqttSettings, PrometheusSettings, Telemetry, TelemetrySettings
-from edge_app.telemetry.local_broker import CollectingSubscriber, LocalBroker, free_port, mosquitto_binary
-from edge_app.telemetry.mqtt import MqttPublisher
+from musc_edge.edge.config import parse_config
+from musc_edge.edge.record import PartRecord, Reason, StageTimes, Verdict
+from musc_edge.edge.telemetry import MqttSettings, PrometheusSettings, Telemetry, TelemetrySettings
+from musc_edge.edge.telemetry.local_broker import CollectingSubscriber, LocalBroker, free_port, mosquitto_binary
+from musc_edge.edge.telemetry.mqtt import MqttPublisher
 
 MOSQUITTO = mosquitto_binary()
 needs_broker = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto not installed (apt-get install -y mosquitto; "
@@ -50,7 +50,7 @@ def test_a_broker_outage_loses_nothing_and_events_arrive_in_order_once(broker: B
     subscriber = Subscriber(broker.port, "musc-edge/line-a/#")
     publisher = MqttPublisher(mqtt_settings(broker), "line-a", tmp_path / "outbox.sqlite")
     try:
-        from edge_app.telemetry.events import part_event
+        from musc_edge.edge.telemetry.events import part_event
 
         for n in range(1, 11):
             publisher.publish("part", part_event(part(n), "line-a", "3"))
@@ -165,7 +165,7 @@ def test_telemetry_is_off_by_default_and_its_keys_are_checked() -> None:
 @needs_broker
 @pytest.mark.slow
 def test_a_line_over_modbus_publishes_one_event_per_part_in_order(toy_model, tmp_path, broker) -> None:
-    from edge_app.plc_sim_modbus import ModbusPlcSimulator
+    from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator
     from tests.test_runtime import make_parts, raw_config, run_line
 
     port = free_port()

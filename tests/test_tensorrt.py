@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from export.cli import main as export_main
-from export.tensorrt import TensorRTUnavailable, build_engine, check_engine_key, engine_key
+from musc_edge.export.cli import main as export_main
+from musc_edge.export.tensorrt import TensorRTUnavailable, build_engine, check_engine_key, engine_key
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -37,7 +37,7 @@ def test_without_tensorrt_the_build_says_why(default_model, capsys):
 @pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed (it ships with JetPack on the device); "
                                          "engines are built and checked on the Jetson")
 def test_engine_matches_onnx_runtime(default_model, tmp_path):
-    from export.tensorrt import verify_engine
+    from musc_edge.export.tensorrt import verify_engine
 
     engine = build_engine(default_model, tmp_path / "m.engine", size=224, fp16=True)
     rows = verify_engine(default_model, engine, size=224, count=2, min_cos=0.999)

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from edge_app.config import ConfigError, ViewSettings, parse_config
-from edge_app.ledger import Ledger
-from edge_app.plc_sim import PlcSimulator
-from edge_app.record import PartRecord, Reason, Verdict
-from edge_app.runtime.line import Line
-from edge_app.view.app import create_app
-from edge_app.view.figures import score_histogram, shift_start
-from edge_app.view.server import view_options
+from musc_edge.edge.config import ConfigError, ViewSettings, parse_config
+from musc_edge.edge.ledger import Ledger
+from musc_edge.edge.plc_sim import PlcSimulator
+from musc_edge.edge.record import PartRecord, Reason, Verdict
+from musc_edge.edge.runtime.line import Line
+from musc_edge.edge.view.app import create_app
+from musc_edge.edge.view.figures import score_histogram, shift_start
+from musc_edge.edge.view.server import view_options
 
 from .test_runtime import make_parts, raw_config
 
@@ -234,7 +234,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_musc_edge_view_serves_on_localhost_by_default(storage):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edge_app.cli", "view", "--dir", str(storage), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "musc_edge.edge.cli", "view", "--dir", str(storage), "--port", str(port)],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         banner = proc.stderr.readline()
@@ -252,7 +252,7 @@ def test_musc_edge_view_serves_on_localhost_by_default(storage):
         proc.terminate()
         proc.wait(timeout=10)
     with pytest.raises(SystemExit):
-        from edge_app.cli import build_parser
+        from musc_edge.edge.cli import build_parser
         build_parser().parse_args(["view", "--port", "x"])
 
 
@@ -293,7 +293,7 @@ def test_musc_edge_run_starts_the_view_beside_the_line_and_stops_it_after(toy_mo
 
     import yaml
 
-    from edge_app.cli import main
+    from musc_edge.edge.cli import main
 
     port = free_port()
     pages: list[dict] = []

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 import uvicorn
 
-from edge_app.view.app import create_app
+from musc_edge.edge.view.app import create_app
 
 from .test_view import options, running_line
 

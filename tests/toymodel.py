@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_app.manifest import Preprocessing
-from export.manifest_builder import save_with_manifest
+from musc_edge.edge.manifest import Preprocessing
+from musc_edge.export.manifest_builder import save_with_manifest
 
 BLOCKS = (3, 6, 9, 12)
 

@@ -5,7 +5,7 @@ stream -- images in a seeded shuffled order, each scored only against a FIFO poo
           images and admitted by the line's own rules (accepted parts only, no near-duplicates, warm-up
           outliers dropped): see :mod:`.stream`. The warm-up images are scored among themselves.
 
-Images keep their aspect (``fit``, :mod:`edge_app.geometry`): a category gets one window plan from its median
+Images keep their aspect (``fit``, :mod:`musc_edge.edge.geometry`): a category gets one window plan from its median
 image shape, each image is scored as the concatenated patches of its windows, and the maps are stitched back
 and measured at the scaled image's shape (``size x size`` for square images, as before).
 """

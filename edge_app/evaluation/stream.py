@@ -5,7 +5,7 @@ warm-up member, exactly as on the line (near-duplicates refused; when the pool f
 size its members are scored among themselves and outliers dropped, and warm-up goes on until it is full
 enough again). The line gives warm-up parts no verdict; here they are scored among themselves in the batch
 protocol, so every image has a score. After warm-up each part is scored against the pool and decided with
-the recipe's threshold, then admitted by :meth:`~edge_app.runtime.recipes.Recipe.admit`: accepted parts
+the recipe's threshold, then admitted by :meth:`~musc_edge.edge.runtime.recipes.Recipe.admit`: accepted parts
 only, never near-duplicates. Used by both 2D (:mod:`.runner`) and 3D (:mod:`.runner3d`) evaluation.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Mapping, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from edge_app.links.base import (
+from musc_edge.edge.links.base import (
     AckCallback,
     AlarmCallback,
     LinkClosedError,
@@ -16,11 +16,11 @@ from edge_app.links.base import (
     SendResult,
     Transport,
 )
-from edge_app.links.modbus_link import ModbusRtuLinkConfig, ModbusTcpLinkConfig, ModbusTransport
-from edge_app.links.opcua_link import OpcUaLinkConfig, OpcUaTransport
-from edge_app.links.plant_link import PlantLink
-from edge_app.links.serial_link import SerialLinkConfig, SerialTransport
-from edge_app.links.zmq_link import ZmqLinkConfig, ZmqTransport
+from musc_edge.edge.links.modbus_link import ModbusRtuLinkConfig, ModbusTcpLinkConfig, ModbusTransport
+from musc_edge.edge.links.opcua_link import OpcUaLinkConfig, OpcUaTransport
+from musc_edge.edge.links.plant_link import PlantLink
+from musc_edge.edge.links.serial_link import SerialLinkConfig, SerialTransport
+from musc_edge.edge.links.zmq_link import ZmqLinkConfig, ZmqTransport
 
 AnyLinkConfig = Union[SerialLinkConfig, ZmqLinkConfig, ModbusTcpLinkConfig, ModbusRtuLinkConfig, OpcUaLinkConfig]
 LinkConfig = Annotated[AnyLinkConfig, Field(discriminator="type")]

@@ -18,7 +18,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge_app.links.framing import (
+from musc_edge.edge.links.framing import (
     MAX_SEQ,
     Frame,
     FrameError,
@@ -32,7 +32,7 @@ from edge_app.links.framing import (
     stop_line_frame,
     verdict_frame,
 )
-from edge_app.record import Reason, Verdict
+from musc_edge.edge.record import Reason, Verdict
 
 log = logging.getLogger(__name__)
 

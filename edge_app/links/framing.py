@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from edge_app.record import Reason, Verdict
+from musc_edge.edge.record import Reason, Verdict
 
 PROTOCOL_VERSION = 1
 MAX_PART_ID_BYTES = 64
@@ -166,7 +166,7 @@ def verdict_frame(seq: int, part_id: str, verdict: Verdict, reason: Reason, flag
     if not part_bytes or len(part_bytes) > MAX_PART_ID_BYTES:
         raise ValueError(f"part_id {part_id!r} must be 1..{MAX_PART_ID_BYTES} bytes of UTF-8")
     if not isinstance(verdict, Verdict):
-        raise ValueError(f"verdict {verdict!r} is not an edge_app.record.Verdict")
+        raise ValueError(f"verdict {verdict!r} is not a musc_edge.edge.record.Verdict")
     reason = _reason(reason)
     return Frame(MessageType.VERDICT, seq, bytes((flags, VerdictCode.of(verdict), reason)) + part_bytes)
 
@@ -175,7 +175,7 @@ def _reason(reason: Reason | int) -> Reason:
     try:
         return Reason(reason)
     except ValueError:
-        raise ValueError(f"reason {reason!r} is not an edge_app.record.Reason code") from None
+        raise ValueError(f"reason {reason!r} is not a musc_edge.edge.record.Reason code") from None
 
 
 def parse_verdict(frame: Frame) -> VerdictMessage:

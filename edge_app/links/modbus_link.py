@@ -14,9 +14,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from edge_app.links.base import LinkIOError, LinkSettings
-from edge_app.links.register_map import REGISTER_COUNT, LineState, Reg
-from edge_app.links.register_transport import RegisterTransport
+from musc_edge.edge.links.base import LinkIOError, LinkSettings
+from musc_edge.edge.links.register_map import REGISTER_COUNT, LineState, Reg
+from musc_edge.edge.links.register_transport import RegisterTransport
 
 _START_TIMEOUT_S = 5.0
 

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from edge_app.links.base import LinkIOError, LinkSettings
-from edge_app.links.register_map import Reg, join32, part_text, split32
-from edge_app.links.register_transport import RegisterTransport
+from musc_edge.edge.links.base import LinkIOError, LinkSettings
+from musc_edge.edge.links.register_map import Reg, join32, part_text, split32
+from musc_edge.edge.links.register_transport import RegisterTransport
 
 NAMESPACE = "urn:musc-edge:reject-link"
 _TIMEOUT_S = 5.0

@@ -1,8 +1,8 @@
 """The reject link for transports with a data model the PLC reads (Modbus, OPC UA)."""
 from __future__ import annotations
 
-from edge_app.links.base import RejectLink
-from edge_app.links.register_transport import RegisterTransport
+from musc_edge.edge.links.base import RejectLink
+from musc_edge.edge.links.register_transport import RegisterTransport
 
 
 class PlantLink(RejectLink):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
-from edge_app.links.base import LinkIOError, Transport
-from edge_app.links.framing import (
+from musc_edge.edge.links.base import LinkIOError, Transport
+from musc_edge.edge.links.framing import (
     FrameError,
     MessageType,
     NakCode,
@@ -21,7 +21,7 @@ from edge_app.links.framing import (
     nak_frame,
     parse_verdict,
 )
-from edge_app.links.register_map import (
+from musc_edge.edge.links.register_map import (
     LineState,
     PublishedVerdict,
     Reg,

@@ -7,8 +7,8 @@ from typing import Literal
 import serial
 from pydantic import Field
 
-from edge_app.links.base import LinkIOError, LinkSettings, Transport
-from edge_app.links.framing import FrameError, StreamDeframer, encode_body, stop_line_frame, stream_frame
+from musc_edge.edge.links.base import LinkIOError, LinkSettings, Transport
+from musc_edge.edge.links.framing import FrameError, StreamDeframer, encode_body, stop_line_frame, stream_frame
 
 _POLL_S = 0.01      # longest single blocking read, so close() and deadlines are honoured promptly
 

@@ -7,8 +7,8 @@ from typing import Literal
 import zmq
 from pydantic import Field
 
-from edge_app.links.base import LinkIOError, LinkSettings, Transport
-from edge_app.links.framing import FrameError, encode_body, stop_line_frame
+from musc_edge.edge.links.base import LinkIOError, LinkSettings, Transport
+from musc_edge.edge.links.framing import FrameError, encode_body, stop_line_frame
 
 
 class ZmqLinkConfig(LinkSettings):

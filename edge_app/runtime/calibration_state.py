@@ -105,7 +105,7 @@ class CalibrationAuthority:
     """The runtime's own check of what it is asked to run, against the version files and the audit chain."""
 
     def __init__(self, storage_dir: str | Path, known_recipes: set[str], who: str) -> None:
-        from calibration.store import CalibrationStore
+        from musc_edge.calibration.store import CalibrationStore
 
         self.store = CalibrationStore(storage_dir)
         self.known_recipes, self.who = known_recipes, who
@@ -115,7 +115,7 @@ class CalibrationAuthority:
         with a one-line reason when ``current.json``, its version file and the audit log disagree, or when
         it is older than what the line last applied (an old version file copied over it). A calibration
         staged since the last run is recorded as applied."""
-        from calibration.store import StoreError
+        from musc_edge.calibration.store import StoreError
 
         try:
             calibration = self.store.current(self.known_recipes)
@@ -138,7 +138,7 @@ class CalibrationAuthority:
     def check_apply(self, calibration: Calibration, in_force: Authorised) -> Authorised:
         """``calibration`` with its authorising intent record, or CalibrationError (nothing changes)."""
         stored = self.store.version_path(calibration.version)
-        from calibration.store import calibration_bytes
+        from musc_edge.calibration.store import calibration_bytes
 
         if not stored.is_file() or stored.read_bytes() != calibration_bytes(calibration):
             raise CalibrationError(f"version {calibration.version} is not the stored {stored.name}: a calibration "
@@ -159,8 +159,8 @@ class CalibrationAuthority:
 
     def _intent_for(self, calibration: Calibration, what: str) -> int:
         """Seq of the newest intent record that stored or brought back exactly this version file."""
-        from calibration.audit import AuditError
-        from calibration.store import file_sha256
+        from musc_edge.calibration.audit import AuditError
+        from musc_edge.calibration.store import file_sha256
 
         check = self.store.audit.verify()
         if not check.ok:

@@ -3,7 +3,7 @@
 No threads: the line (``runtime/line.py``) drives it from its worker thread, the seed command and tests drive
 it directly. Its I/O is the feature engine and the pools' files (:meth:`Inspector.restore_pools`,
 :meth:`Inspector.write_pools`). Every recipe, 2D or scan, goes through the same
-:class:`~edge_app.runtime.recipes.Recipe` methods.
+:class:`~musc_edge.edge.runtime.recipes.Recipe` methods.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ summary also says how many defects were caught and how many good parts were reje
 
 The 2D+3D variant (``musc-edge run --3d``) replays synthetic scanned parts (RGB + organised cloud, MVTec 3D-AD
 layout) through a ``2d+3d`` recipe; its summary breaks the catches down by defect kind, whose visibility
-differs per modality (``edge_app.synthetic3d.DEFECT_MODALITY``)."""
+differs per modality (``musc_edge.edge.synthetic3d.DEFECT_MODALITY``)."""
 from __future__ import annotations
 
 import sys

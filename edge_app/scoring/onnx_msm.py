@@ -1,6 +1,6 @@
 """One-vs-pool MSM as an ONNX graph, run by ONNX Runtime (fp32 or INT8 here, CUDA/TensorRT on a Jetson).
 
-The graph does what :func:`edge_app.scoring.msm.patch_to_sample_distances` and ``interval_mean`` do, for
+The graph does what :func:`musc_edge.edge.scoring.msm.patch_to_sample_distances` and ``interval_mean`` do, for
 every feature set of a part in one session call::
 
     sim[s]   = query[s] @ refs[s]^T                      # [P, N*Q] similarity MatMul
@@ -107,7 +107,7 @@ class PoolScore:
 
 
 class PoolScorer:
-    """ONNX Runtime MSM over one :class:`~edge_app.pool.FeaturePool` (its flat float32 ``work`` copy)."""
+    """ONNX Runtime MSM over one :class:`~musc_edge.edge.pool.FeaturePool` (its flat float32 ``work`` copy)."""
 
     def __init__(self, n_sets: int, patches: int, dim: int, capacity: int, precision: str = "fp32",
                  providers: list[str] | None = None, threads: int | None = None):
@@ -168,7 +168,7 @@ class PoolScorer:
 
     def one_vs_pool(self, query_sets: list[np.ndarray], pool, fraction: float,
                     keep: np.ndarray | None = None) -> OneVsPool:
-        """:func:`edge_app.scoring.msm.one_vs_pool` through the graph; ``keep`` leaves members out."""
+        """:func:`musc_edge.edge.scoring.msm.one_vs_pool` through the graph; ``keep`` leaves members out."""
         n_refs = pool.size if keep is None else int(keep.sum())
         k = interval_k(n_refs, fraction)
         result = self.score(query_sets, pool, k)

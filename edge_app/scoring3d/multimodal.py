@@ -7,7 +7,7 @@ pixels and blurred; the final map is their plain sum, the image score its max. R
 the concatenated "anomaly-salient" features [2D; 3D] of the salient layer (MuSc-V2 pipeline, ``muscv2.py``).
 
 2D inputs are unit-norm patch features ``[P, D]`` per layer on an ``h x w`` grid for a ``size x size``
-input (raster order), e.g. from :func:`edge_app.scoring.prepare`. 3D inputs are :class:`Sample3D`.
+input (raster order), e.g. from :func:`musc_edge.edge.scoring.prepare`. 3D inputs are :class:`Sample3D`.
 """
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def euclidean_sample_distances(query: np.ndarray, refs: np.ndarray) -> np.ndarra
     """``[G, K]`` exact L2 distance of each query group to its nearest group in each of ``refs [K, G', F]``.
 
     SNAMD-3D features are not unit-norm (flat groups are pooled, pitfall 9), so the unit-vector shortcut
-    of :func:`edge_app.scoring.msm.patch_to_sample_distances` does not apply. One matrix product of
+    of :func:`musc_edge.edge.scoring.msm.patch_to_sample_distances` does not apply. One matrix product of
     augmented vectors still gives ``|b|^2 - 2 a.b`` for all pairs; ``|a|^2`` is added after the minimum.
     """
     k = refs.shape[0]

@@ -1,6 +1,6 @@
 """What every frame source shares: the lifecycle and timing contract, part ids, config parsing, decoding.
 
-A source turns triggers or received frames into :class:`~edge_app.record.PartRecord` objects. Decoding is
+A source turns triggers or received frames into :class:`~musc_edge.edge.record.PartRecord` objects. Decoding is
 a separate, separately timed stage: sources hand over encoded bytes in ``record.raw`` where they receive
 them, and :func:`decode_part` fills ``record.image``.
 
@@ -35,9 +35,9 @@ from ..record import PartRecord
 
 # Implementations by config "type": (module, class). Imported on demand; they import this module.
 SOURCE_TYPES = {
-    "replay": ("edge_app.sources.replay", "ReplaySource"),
-    "opencv": ("edge_app.sources.opencv_camera", "OpenCVCameraSource"),
-    "zmq": ("edge_app.sources.zmq_source", "ZmqSource"),
+    "replay": ("musc_edge.edge.sources.replay", "ReplaySource"),
+    "opencv": ("musc_edge.edge.sources.opencv_camera", "OpenCVCameraSource"),
+    "zmq": ("musc_edge.edge.sources.zmq_source", "ZmqSource"),
 }
 
 

@@ -1,5 +1,5 @@
 """Telemetry for the plant, off by default: a Prometheus endpoint and MQTT events with a durable outbox."""
-from edge_app.telemetry.config import MqttSettings, PrometheusSettings, TelemetrySettings
-from edge_app.telemetry.hub import Telemetry
+from musc_edge.edge.telemetry.config import MqttSettings, PrometheusSettings, TelemetrySettings
+from musc_edge.edge.telemetry.hub import Telemetry
 
 __all__ = ["MqttSettings", "PrometheusSettings", "Telemetry", "TelemetrySettings"]

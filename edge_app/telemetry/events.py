@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from edge_app.record import PartRecord
+from musc_edge.edge.record import PartRecord
 
 STAGES = ("decode", "features", "scoring", "link", "total")
 

@@ -5,9 +5,9 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_app.record import PartRecord
-from edge_app.telemetry.config import TelemetrySettings
-from edge_app.telemetry.events import alarm_event, part_event
+from musc_edge.edge.record import PartRecord
+from musc_edge.edge.telemetry.config import TelemetrySettings
+from musc_edge.edge.telemetry.events import alarm_event, part_event
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class Telemetry:
         self.line = line
         self.prometheus = self.mqtt = None
         if settings.prometheus.enabled:
-            from edge_app.telemetry.prometheus import PrometheusExporter
+            from musc_edge.edge.telemetry.prometheus import PrometheusExporter
 
             try:
                 self.prometheus = PrometheusExporter(settings.prometheus, line, status)
@@ -28,7 +28,7 @@ class Telemetry:
                 log.error("telemetry: no Prometheus endpoint on %s:%s: %s", settings.prometheus.host,
                           settings.prometheus.port, exc)
         if settings.mqtt.enabled:
-            from edge_app.telemetry.mqtt import MqttPublisher
+            from musc_edge.edge.telemetry.mqtt import MqttPublisher
 
             outbox = settings.mqtt.outbox or Path(storage) / "telemetry-outbox.sqlite"
             self.mqtt = MqttPublisher(settings.mqtt, line, outbox)

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_app.telemetry.config import MqttSettings
-from edge_app.telemetry.outbox import Outbox
+from musc_edge.edge.telemetry.config import MqttSettings
+from musc_edge.edge.telemetry.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from edge_app.record import PartRecord
-from edge_app.telemetry.config import PrometheusSettings
-from edge_app.telemetry.events import STAGES
+from musc_edge.edge.record import PartRecord
+from musc_edge.edge.telemetry.config import PrometheusSettings
+from musc_edge.edge.telemetry.events import STAGES
 
 # Per-stage latency buckets, seconds: a part takes ~0.1 s, a deadline is a few hundred ms.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)

@@ -29,7 +29,7 @@ RATE_BUCKET_S = 900.0    # the shift's reject-rate chart has one bar per 15 minu
 
 @dataclass(frozen=True)
 class ViewOptions:
-    """What the view shows; mirrors ``view:`` of the line config (edge_app.config.ViewSettings)."""
+    """What the view shows; mirrors ``view:`` of the line config (musc_edge.edge.config.ViewSettings)."""
 
     line_name: str
     storage: Path

@@ -1,6 +1,6 @@
 """One recipe protocol for 2D, 3D and 2D+3D: identity, prepare, inspect, admit, seed, persist.
 
-A recipe owns one pool (:class:`edge_app.pool.FeaturePool` for images, :class:`edge_app.scan_pool.ScanPool`
+A recipe owns one pool (:class:`musc_edge.edge.pool.FeaturePool` for images, :class:`musc_edge.edge.scan_pool.ScanPool`
 for scans) and everything that differs between feature kinds: how a decoded part is prepared, how it is
 scored against the pool, and how its files are read for seeding. What must be the same for every kind lives
 here, once: the verdict rule, the admission policy (accepted parts only, never near-duplicates, warm-up
@@ -78,7 +78,7 @@ class Recipe(ABC):
         return dict(self.scoring.model_identity)
 
     def state(self) -> dict[str, np.ndarray]:
-        """The pool's arrays to persist (see :mod:`edge_app.runtime.pool_store`)."""
+        """The pool's arrays to persist (see :mod:`musc_edge.edge.runtime.pool_store`)."""
         return self.pool.state()
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
@@ -88,12 +88,12 @@ class Recipe(ABC):
     @abstractmethod
     def prepare(self, part: PartRecord) -> Any:
         """A decoded part's scoring inputs (an object with ``sets``, ``feature`` and ``nearest``). Raises
-        :class:`~edge_app.pointcloud.CloudError` for an unusable scan, anything else for an engine failure."""
+        :class:`~musc_edge.edge.pointcloud.CloudError` for an unusable scan, anything else for an engine failure."""
 
     @abstractmethod
     def score(self, prepared: Any, part_id: str | None = None) -> Scored:
         """One-vs-pool score of a prepared part, excluding members with its own ``part_id``. Raises
-        :class:`~edge_app.scoring.PoolTooSmallError` while the pool is warming up."""
+        :class:`~musc_edge.edge.scoring.PoolTooSmallError` while the pool is warming up."""
 
     @abstractmethod
     def read_seed(self, folder: str | Path, progress: bool = False) -> list[tuple[PartRecord, Any]]:

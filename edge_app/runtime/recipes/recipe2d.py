@@ -1,4 +1,4 @@
-"""``2d`` recipes: each part's image scored one-vs-pool against a :class:`~edge_app.pool.FeaturePool`."""
+"""``2d`` recipes: each part's image scored one-vs-pool against a :class:`~musc_edge.edge.pool.FeaturePool`."""
 from __future__ import annotations
 
 from dataclasses import dataclass

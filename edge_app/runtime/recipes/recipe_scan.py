@@ -1,7 +1,7 @@
-"""``3d`` and ``2d+3d`` (MuSc-V2) recipes: each part's scan scored against a :class:`~edge_app.scan_pool.ScanPool`.
+"""``3d`` and ``2d+3d`` (MuSc-V2) recipes: each part's scan scored against a :class:`~musc_edge.edge.scan_pool.ScanPool`.
 
 A ``3d`` / ``2d+3d`` recipe scores each part's organised cloud (and, fused, its image) one-vs-pool with
-:func:`edge_app.scoring3d.score_one`. The cloud is scored on the ``model.size`` grid of the image, so the
+:func:`musc_edge.edge.scoring3d.score_one`. The cloud is scored on the ``model.size`` grid of the image, so the
 two stay pixel-aligned for CAE and the summed map. Every problem with the cloud (missing, not ``[H, W, 3]``,
 no valid point, a size other than the image's, absurd coordinates, nothing left after background removal)
 decides the part NO_VERDICT / SCANNER_ERROR with the reason in ``detail``; it never raises.
