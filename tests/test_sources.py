@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from pathlib import Path
@@ -14,11 +13,8 @@ import pytest
 from musc_edge.edge.record import PartRecord, Reason, Verdict
 from musc_edge.edge.sources import (
     DecodeError,
-    FolderScanner,
     OpenCVCameraConfig,
     OpenCVCameraSource,
-    PairingBuffer,
-    PartIds,
     ReplayConfig,
     ReplaySource,
     SourceConfigError,
@@ -346,88 +342,6 @@ def test_zmq_endpoint_in_use_is_a_clear_error():
     with _zmq_source() as first:
         with pytest.raises(SourceError, match="endpoint='tcp://127.0.0.1:"):
             ZmqSource(ZmqSourceConfig(endpoint=first.endpoint)).open()
-
-
-# ---------------------------------------------------------------- scanner pairing
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _part(part_id: str) -> PartRecord:
-    return PartRecord(part_id=part_id, recipe="r", capture_time=0.0, raw=b"x")
-
-
-def _cloud() -> np.ndarray:
-    return RNG.normal(size=(4, 5, 3)).astype(np.float32)
-
-
-def test_pairing_matches_in_either_order():
-    buffer = PairingBuffer(timeout_s=0.5)
-    cloud_a, cloud_b = _cloud(), _cloud()
-    assert buffer.add_part(_part("a")) == []
-    [paired_a] = buffer.add_cloud("a", cloud_a)
-    assert buffer.add_cloud("b", cloud_b) == []
-    [paired_b] = buffer.add_part(_part("b"))
-    assert paired_a.cloud is cloud_a and paired_b.cloud is cloud_b
-    assert paired_a.verdict is None and paired_b.verdict is None and buffer.waiting == (0, 0)
-
-
-def test_pairing_timeout_and_unusable_clouds_flag_scanner_error():
-    clock = FakeClock()
-    buffer = PairingBuffer(timeout_s=0.5, clock=clock)
-    buffer.add_part(_part("late"))
-    buffer.add_cloud("orphan", _cloud())
-    clock.now += 0.4
-    assert buffer.expire() == []
-    clock.now += 0.2
-    [late] = buffer.expire()
-    assert (late.verdict, late.reason, late.cloud) == (Verdict.NO_VERDICT, Reason.SCANNER_ERROR, None)
-    assert "within 0.5 s" in late.detail and buffer.waiting == (0, 0) and buffer.orphan_clouds == 1
-    nan_cloud = np.full((4, 5, 3), np.nan, np.float32)
-    for part_id, cloud, why in [("nan", nan_cloud, "no valid point"), ("failed", None, "no cloud"),
-                                ("flat", np.zeros((4, 5), np.float32), r"not \[H, W, 3\]")]:
-        buffer.add_part(_part(part_id))
-        [part] = buffer.add_cloud(part_id, cloud)
-        assert part.reason is Reason.SCANNER_ERROR and part.cloud is None
-        assert part_id in part.detail and re.search(why, part.detail)
-    assert buffer.missing_clouds == 4
-
-
-def test_pairing_is_bounded_and_flushes():
-    buffer = PairingBuffer(timeout_s=10.0, capacity=2)
-    assert buffer.add_part(_part("1")) == [] and buffer.add_part(_part("2")) == []
-    [evicted] = buffer.add_part(_part("3"))
-    assert evicted.part_id == "1" and "buffer full" in evicted.detail
-    for i in range(3):
-        buffer.add_cloud(f"c{i}", _cloud())
-    assert buffer.orphan_clouds == 1 and buffer.waiting == (2, 2)
-    assert sorted(p.part_id for p in buffer.flush()) == ["2", "3"]
-    assert buffer.waiting == (0, 0) and buffer.orphan_clouds == 3
-
-
-def test_folder_scanner_pairs_with_replayed_images(tmp_path, image_folder):
-    folder, _ = image_folder
-    scans = tmp_path / "xyz"
-    scans.mkdir()
-    clouds = [_cloud() for _ in range(6)]
-    clouds[1][2, 3] = 0.0  # a missing point, MVTec-style
-    for i, cloud in enumerate(clouds):
-        np.save(scans / f"{i:03d}.npy", cloud)
-    buffer = PairingBuffer()
-    ready = [r for part in _drain(ReplaySource(ReplayConfig(path=str(folder), rate=None)))
-             for r in buffer.add_part(part)]
-    with FolderScanner(scans, zero_is_missing=True, part_ids=PartIds("part", 6)) as scanner:
-        for part_id, cloud in scanner.clouds():
-            ready += buffer.add_cloud(part_id, cloud)
-    assert [r.part_id for r in ready] == [f"part{i:06d}" for i in range(1, 7)]
-    assert all(r.verdict is None and Path(r.source_ref).stem == f"{i:03d}" for i, r in enumerate(ready))
-    assert np.isnan(ready[1].cloud[2, 3]).all() and np.array_equal(ready[0].cloud, clouds[0])
 
 
 # ---------------------------------------------------------------- real data

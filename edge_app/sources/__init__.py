@@ -20,12 +20,12 @@ from .base import (
 )
 from .opencv_camera import OpenCVCameraConfig, OpenCVCameraSource
 from .replay import ReplayConfig, ReplaySource
-from .scanner import FolderScanner, PairingBuffer, ScannerSource, cloud_problem, normalize_cloud
+from .scanner import cloud_problem, normalize_cloud
 from .zmq_source import ZmqFramePusher, ZmqSource, ZmqSourceConfig, parse_message, send_frame
 
 __all__ = [
-    "DecodeError", "FolderScanner", "FrameSource", "OpenCVCameraConfig", "OpenCVCameraSource", "PairingBuffer",
-    "PartIds", "ReplayConfig", "ReplaySource", "ScannerSource", "SourceConfig", "SourceConfigError",
+    "DecodeError", "FrameSource", "OpenCVCameraConfig", "OpenCVCameraSource", "PartIds", "ReplayConfig",
+    "ReplaySource", "SourceConfig", "SourceConfigError",
     "SourceError", "SourceNotOpenError", "UndecodableFrame", "ZmqFramePusher", "ZmqSource", "ZmqSourceConfig",
     "cloud_problem", "decode_image", "decode_part", "make_source", "normalize_cloud", "parse_message",
     "send_frame", "source_config",

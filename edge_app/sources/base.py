@@ -276,11 +276,6 @@ class FrameSource(Device):
     @abstractmethod
     def _iterate(self) -> Iterator[PartRecord]: ...
 
-    @staticmethod
-    def find() -> list[dict]:
-        """Devices this kind of source could open; empty where discovery means nothing."""
-        return []
-
 
 def frame_to_rgb(frame: np.ndarray, where: str) -> np.ndarray:
     """An OpenCV frame (gray, BGR or BGRA, uint8) as RGB uint8 ``[H, W, 3]``; 3-channel frames in place."""

@@ -14,7 +14,6 @@ import queue
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -148,20 +147,3 @@ class OpenCVCameraSource(FrameSource):
         except DecodeError as exc:
             record.raw = UndecodableFrame(b"", str(exc))
         return record
-
-    @staticmethod
-    def find(max_index: int = 8) -> list[dict]:
-        """Cameras OpenCV can open: ``/dev/video*`` where that exists, else indices ``0..max_index-1``."""
-        nodes = [p.name[len("video"):] for p in Path("/dev").glob("video*")]
-        indices = sorted(int(n) for n in nodes if n.isdigit()) if Path("/dev").is_dir() else range(max_index)
-        found = []
-        for index in indices:
-            capture = cv2.VideoCapture(index)
-            if capture.isOpened():
-                found.append({"type": "opencv", "device": index,
-                              "width": int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
-                              "height": int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-                              "fps": float(capture.get(cv2.CAP_PROP_FPS)),
-                              "backend": capture.getBackendName()})
-            capture.release()
-        return found
