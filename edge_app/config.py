@@ -215,7 +215,7 @@ class ViewSettings(_Strict):
     bind: str = Field("127.0.0.1", description="listen address; an explicit plant-network address (or 0.0.0.0) "
                                                "opens the view to the plant network")
     port: int = Field(8750, ge=1, le=65535)
-    refresh_s: float = Field(1.0, ge=0.2, le=60, description="how often an open page fetches fresh figures")
+    refresh_s: float = Field(2.0, ge=0.2, le=60, description="how often an open page fetches fresh figures")
     recent: int = Field(12, ge=1, le=60, description="rejects and NO_VERDICT parts shown with their overlays")
     histogram_parts: int = Field(500, ge=10, le=20000, description="the score histogram covers the last N parts")
     shifts: tuple[str, ...] = Field(("06:00", "14:00", "22:00"), description=(

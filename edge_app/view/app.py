@@ -65,7 +65,7 @@ def _templates() -> jinja2.Environment:
     return env
 
 
-def create_app(options: ViewOptions, refresh_s: float = 1.0) -> Starlette:
+def create_app(options: ViewOptions, refresh_s: float = 2.0) -> Starlette:
     """The operator view of the line described by ``options``; pages poll every ``refresh_s`` seconds."""
     data = LineData(options)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="view-data")
