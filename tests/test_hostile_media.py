@@ -82,7 +82,11 @@ def test_source_pixel_budget_is_a_checked_config_key(tmp_path):
 
 
 def test_seeding_reads_bmp_like_every_other_format(tmp_path):
-    from musc_edge.edge.mediaio import IMAGE_SUFFIXES
-    from musc_edge.edge.runtime import seed
-    assert seed.IMAGE_SUFFIXES is IMAGE_SUFFIXES and ".bmp" in IMAGE_SUFFIXES
-    assert seed.read_image is read_image
+    from musc_edge.edge.runtime.recipes import recipe2d
+    from musc_edge.edge.runtime.recipes.base import image_files
+    pixels = np.random.default_rng(0).integers(0, 255, (16, 20, 3), dtype=np.uint8)
+    for suffix in (".bmp", ".png", ".jpg"):
+        cv2.imwrite(str(tmp_path / f"part{suffix}"), pixels)
+    assert sorted(p.suffix for p in image_files(tmp_path)) == [".bmp", ".jpg", ".png"]
+    assert recipe2d.read_image is read_image                    # the seed reader decodes through mediaio
+    assert np.array_equal(read_image(tmp_path / "part.bmp")[..., ::-1], pixels)   # RGB out, BGR written
