@@ -186,7 +186,50 @@ class PtySimPort(StreamSimPort):
         os.close(self._slave)
 
 
-class PlcSimulator:
+class SimControls:
+    """The fault and inspection controls every PLC simulator offers its tests and benches. A simulator sets
+    ``_changed`` (a Condition guarding the rest), ``_counters``, ``_received``, ``_refusals``,
+    ``_refusal_code`` and ``_silent_until``, and has ``start()`` / ``stop()``."""
+
+    _changed: threading.Condition
+    _counters: SimCounters
+    _received: list[ReceivedVerdict]
+    _refusals: int
+    _refusal_code: NakCode
+    _silent_until: float
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def refuse_next(self, count: int, code: NakCode = NakCode.BUSY) -> None:
+        """Answer the next ``count`` verdicts with NAK ``code`` instead of taking them."""
+        with self._changed:
+            self._refusals, self._refusal_code = count, code
+
+    def silence(self, seconds: float) -> None:
+        """Ignore everything received for ``seconds`` from now (0 answers again at once)."""
+        with self._changed:
+            self._silent_until = time.monotonic() + seconds
+
+    def counters(self) -> SimCounters:
+        with self._changed:
+            return replace(self._counters)
+
+    def received(self) -> list[ReceivedVerdict]:
+        """Distinct verdicts in arrival order."""
+        with self._changed:
+            return list(self._received)
+
+    def wait_for(self, condition: Callable[[SimCounters], bool], timeout_s: float) -> bool:
+        """Block until ``condition(counters)`` holds; False if ``timeout_s`` passes first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: condition(self._counters), timeout_s)
+
+
+class PlcSimulator(SimControls):
     """Plays the PLC on one port in a background thread. Use as a context manager (starts it).
 
     ``silent_after`` verdicts (then ``silent_for_s`` seconds) and :meth:`silence` make it ignore
@@ -273,40 +316,10 @@ class PlcSimulator:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> PlcSimulator:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def refuse_next(self, count: int, code: NakCode = NakCode.BUSY) -> None:
-        """Answer the next ``count`` verdicts with NAK ``code`` instead of taking them."""
-        with self._changed:
-            self._refusals, self._refusal_code = count, code
-
-    def silence(self, seconds: float) -> None:
-        """Ignore everything received for ``seconds`` from now (0 answers again at once)."""
-        with self._changed:
-            self._silent_until = time.monotonic() + seconds
-
-    def counters(self) -> SimCounters:
-        with self._changed:
-            return replace(self._counters)
-
-    def received(self) -> list[ReceivedVerdict]:
-        """Distinct verdicts in arrival order."""
-        with self._changed:
-            return list(self._received)
-
     def stop_reasons(self) -> list[str]:
         """Reasons of the line stops received, in order (a repeated request is listed once)."""
         with self._changed:
             return list(self._stop_reasons)
-
-    def wait_for(self, condition: Callable[[SimCounters], bool], timeout_s: float) -> bool:
-        """Block until ``condition(counters)`` holds; False if ``timeout_s`` passes first."""
-        with self._changed:
-            return self._changed.wait_for(lambda: condition(self._counters), timeout_s)
 
     # ----------------------------------------------------------------------------- protocol
 

@@ -14,14 +14,14 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from musc_edge.edge.links.framing import NakCode, VerdictCode, VerdictFlags
 from musc_edge.edge.links.register_map import PublishedVerdict
-from musc_edge.edge.plc_sim import ReceivedVerdict, SimCounters, _reason_label, _seq_after
+from musc_edge.edge.plc_sim import ReceivedVerdict, SimControls, SimCounters, _reason_label, _seq_after
 from musc_edge.edge.record import Reason
 
 
@@ -36,7 +36,7 @@ class PlcView:
     nak_pending: bool = False       # the PLC's last refusal is not yet read by the runtime
 
 
-class PollingPlcSimulator(ABC):
+class PollingPlcSimulator(SimControls, ABC):
     """Plays a polling PLC in a background thread. Use as a context manager (starts it).
 
     Options as :class:`musc_edge.edge.plc_sim.PlcSimulator`; ``scan_s`` is the PLC's scan period.
@@ -113,32 +113,6 @@ class PollingPlcSimulator(ABC):
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    def __enter__(self) -> PollingPlcSimulator:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def refuse_next(self, count: int, code: NakCode = NakCode.BUSY) -> None:
-        with self._changed:
-            self._refusals, self._refusal_code = count, code
-
-    def silence(self, seconds: float) -> None:
-        with self._changed:
-            self._silent_until = time.monotonic() + seconds
-
-    def counters(self) -> SimCounters:
-        with self._changed:
-            return replace(self._counters)
-
-    def received(self) -> list[ReceivedVerdict]:
-        with self._changed:
-            return list(self._received)
-
-    def wait_for(self, condition: Callable[[SimCounters], bool], timeout_s: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: condition(self._counters), timeout_s)
 
     # ------------------------------------------------------------------ the scan
 

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from musc_edge.edge.links.base import LinkIOError, LinkSettings
 from musc_edge.edge.links.register_map import REGISTER_COUNT, LineState, Reg
-from musc_edge.edge.links.register_transport import RegisterTransport
+from musc_edge.edge.links.register_transport import RegisterTransport, stop_server_loop
 
 _START_TIMEOUT_S = 5.0
 
@@ -96,16 +96,7 @@ class ModbusTransport(RegisterTransport):
         self._in_flight = None
         if loop is None:
             return
-        if server is not None:
-            try:
-                asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(_START_TIMEOUT_S)
-            except Exception:
-                pass                                  # already gone; the loop stops below either way
-        loop.call_soon_threadsafe(loop.stop)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(_START_TIMEOUT_S)
-        if not loop.is_running():
-            loop.close()
+        stop_server_loop(loop, thread, None if server is None else server.shutdown(), _START_TIMEOUT_S)
         self._clients = 0
 
     @property

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from musc_edge.edge.links.base import LinkIOError, LinkSettings
 from musc_edge.edge.links.register_map import Reg, join32, part_text, split32
-from musc_edge.edge.links.register_transport import RegisterTransport
+from musc_edge.edge.links.register_transport import RegisterTransport, stop_server_loop
 
 NAMESPACE = "urn:musc-edge:reject-link"
 _TIMEOUT_S = 5.0
@@ -199,16 +199,7 @@ class OpcUaTransport(RegisterTransport):
         self._in_flight = None
         if loop is None:
             return
-        if server is not None:
-            try:
-                asyncio.run_coroutine_threadsafe(server.stop(), loop).result(_TIMEOUT_S)
-            except Exception:
-                pass                                  # already gone; the loop stops below either way
-        loop.call_soon_threadsafe(loop.stop)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(_TIMEOUT_S)
-        if not loop.is_running():
-            loop.close()
+        stop_server_loop(loop, thread, None if server is None else server.stop(), _TIMEOUT_S)
 
     # ------------------------------------------------------------------ runtime -> variables
 

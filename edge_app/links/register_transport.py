@@ -8,7 +8,10 @@ after a restart stay the link's, identical for every transport. Subclasses serve
 """
 from __future__ import annotations
 
+import asyncio
+import threading
 from abc import abstractmethod
+from collections.abc import Coroutine
 
 from musc_edge.edge.links.base import LinkIOError, Transport
 from musc_edge.edge.links.framing import (
@@ -130,3 +133,19 @@ class RegisterTransport(Transport):
             return []
         self.published()                    # NEW_VERDICT / NAK registers may have been cleared
         return [body]
+
+
+def stop_server_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread | None,
+                     stop: Coroutine | None, timeout_s: float) -> None:
+    """Stop a server that runs on its own asyncio ``loop`` in ``thread`` (how the Modbus and OPC UA
+    transports serve): await ``stop`` on the loop, then stop the loop and join its thread."""
+    if stop is not None:
+        try:
+            asyncio.run_coroutine_threadsafe(stop, loop).result(timeout_s)
+        except Exception:
+            pass                                  # already gone; the loop stops below either way
+    loop.call_soon_threadsafe(loop.stop)
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout_s)
+    if not loop.is_running():
+        loop.close()
