@@ -227,7 +227,9 @@ def test_stop_line_is_raised_with_its_reason_and_seen_by_the_plc(kind: str) -> N
         assert link.send(1, "P-1", Verdict.NO_VERDICT, Reason.DEADLINE, _soon()).acked
         link.send_stop_line("part P-1 got no verdict")
         deadline = _soon(10.0)
-        while sim.stop_requests < 1 and time.monotonic() < deadline:
+        acked = lambda regs: regs[Reg.STOP_ACK] == regs[Reg.STOP_COUNT]   # noqa: E731  the PLC's write-back
+        while not (sim.stop_requests >= 1 and acked(link._transport.image.snapshot())) \
+                and time.monotonic() < deadline:   # the PLC sees the request, then writes STOP_ACK (RTU: a frame later)
             time.sleep(0.01)
         registers = link._transport.image.snapshot()
         assert sim.stop_requests == 1
