@@ -189,7 +189,8 @@ class PtySimPort(StreamSimPort):
 class SimControls:
     """The fault and inspection controls every PLC simulator offers its tests and benches. A simulator sets
     ``_changed`` (a Condition guarding the rest), ``_counters``, ``_received``, ``_refusals``,
-    ``_refusal_code`` and ``_silent_until``, and has ``start()`` / ``stop()``."""
+    ``_refusal_code``, ``_silent_until``, ``_seen``, ``_dedup_window`` and ``_highest_seq``, and has
+    ``start()`` / ``stop()``."""
 
     _changed: threading.Condition
     _counters: SimCounters
@@ -197,6 +198,9 @@ class SimControls:
     _refusals: int
     _refusal_code: NakCode
     _silent_until: float
+    _seen: OrderedDict
+    _dedup_window: int
+    _highest_seq: int | None
 
     def __enter__(self):
         return self.start()
@@ -227,6 +231,21 @@ class SimControls:
         """Block until ``condition(counters)`` holds; False if ``timeout_s`` passes first."""
         with self._changed:
             return self._changed.wait_for(lambda: condition(self._counters), timeout_s)
+
+    def _note_seq(self, seq: int) -> bool:
+        """Record a verdict's sequence number (the caller holds ``_changed``): False for a duplicate, which is
+        counted and dropped; one behind the highest seen so far is counted out of order."""
+        if seq in self._seen:
+            self._counters.duplicates += 1
+            return False
+        self._seen[seq] = None
+        if len(self._seen) > self._dedup_window:
+            self._seen.popitem(last=False)
+        if self._highest_seq is None or _seq_after(seq, self._highest_seq):
+            self._highest_seq = seq
+        else:
+            self._counters.out_of_order += 1
+        return True
 
 
 class PlcSimulator(SimControls):
@@ -387,16 +406,8 @@ class PlcSimulator(SimControls):
     def _take_verdict(self, frame: Frame) -> None:
         message = parse_verdict(frame)
         with self._changed:
-            if message.seq in self._seen:
-                self._counters.duplicates += 1
+            if not self._note_seq(message.seq):
                 return
-            self._seen[message.seq] = None
-            if len(self._seen) > self._dedup_window:
-                self._seen.popitem(last=False)
-            if self._highest_seq is None or _seq_after(message.seq, self._highest_seq):
-                self._highest_seq = message.seq
-            else:
-                self._counters.out_of_order += 1
             record = ReceivedVerdict(
                 seq=message.seq, part_id=message.part_id, verdict=message.verdict.value,
                 reason=int(message.reason), reason_label=_reason_label(message.reason),

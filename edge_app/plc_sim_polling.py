@@ -21,7 +21,7 @@ from typing import TextIO
 
 from musc_edge.edge.links.framing import NakCode, VerdictCode, VerdictFlags
 from musc_edge.edge.links.register_map import PublishedVerdict
-from musc_edge.edge.plc_sim import ReceivedVerdict, SimControls, SimCounters, _reason_label, _seq_after
+from musc_edge.edge.plc_sim import ReceivedVerdict, SimControls, SimCounters, _reason_label
 from musc_edge.edge.record import Reason
 
 
@@ -179,16 +179,8 @@ class PollingPlcSimulator(SimControls, ABC):
 
     def _take(self, message: PublishedVerdict) -> None:
         with self._changed:
-            if message.seq in self._seen:
-                self._counters.duplicates += 1
+            if not self._note_seq(message.seq):
                 return
-            self._seen[message.seq] = None
-            if len(self._seen) > self._dedup_window:
-                self._seen.popitem(last=False)
-            if self._highest_seq is None or _seq_after(message.seq, self._highest_seq):
-                self._highest_seq = message.seq
-            else:
-                self._counters.out_of_order += 1
             try:
                 verdict = VerdictCode(message.verdict).to_verdict().value
             except ValueError:
