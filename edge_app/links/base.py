@@ -267,6 +267,10 @@ class RejectLink:
             self._stop_backoff = self._settings.backoff_initial_s
             self._wake.notify()
 
+    def set_calibration_version(self, version: str | int) -> None:
+        """Show ``version`` with the verdicts published from now on. Framed links carry none (the ledger has
+        it); links whose PLC reads a data model (Modbus, OPC UA: ``PlantLink``) override this."""
+
     def health(self) -> LinkHealth:
         """A consistent snapshot of the link's state and counters."""
         now = time.monotonic()

@@ -28,7 +28,7 @@ import numpy as np
 from ..archive import RejectArchive
 from ..config import LineConfig
 from ..ledger import Ledger
-from ..links import PlantLink, RejectLink, open_link
+from ..links import RejectLink, open_link
 from ..record import FailSafe, PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, SourceError, make_source
 from ..sources.fields import PartFieldError, check_part_fields, quarantine, require_part_id
@@ -143,8 +143,7 @@ class Line:
                 self.link.resend(row.seq, row.part_id, Verdict(row.signalled), Reason(row.reason))
             except ValueError as exc:  # a field the wire refuses: mark it, so it never blocks a start again
                 self._unsendable(row.seq, row.part_id, str(exc))
-        if isinstance(self.link, PlantLink):  # Modbus / OPC UA show the calibration version with each verdict
-            self.link.set_calibration_version(self.calibration_version)
+        self.link.set_calibration_version(self.calibration_version)   # shown with each verdict by Modbus / OPC UA
         archive = self.config.storage.archive
         if archive.enabled:
             self.archive = RejectArchive(self.storage / "archive", int(archive.quota_mb * 2**20),
@@ -417,7 +416,7 @@ class Line:
         self.calibration_version = str(calibration.version)
         if authorised is not None:
             self.in_force = authorised
-        if isinstance(getattr(self, "link", None), PlantLink):
+        if getattr(self, "link", None) is not None:   # None before the link opens (the start-up calibration)
             self.link.set_calibration_version(self.calibration_version)
 
     def _run_tasks(self) -> None:
