@@ -10,6 +10,7 @@ import numpy as np
 
 from .errors import UsageError
 from .manifest import Manifest, ManifestError, load_manifest
+from .specialise import specialised_model
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 DEFAULT_MODEL = Path("models") / "dinov2_vits14_musc.onnx"
@@ -105,7 +106,9 @@ class FeatureEngine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = providers or available_providers()
         provider_args = [self._provider_options(p, trt_cache) for p in chosen]
-        self.session = ort.InferenceSession(str(self.model_path), options, providers=provider_args)
+        # The positional embedding is resized for this input size once, here, not on every inference.
+        model = specialised_model(self.model_path, size) or str(self.model_path)
+        self.session = ort.InferenceSession(model, options, providers=provider_args)
         self.providers = self.session.get_providers()
         names = [o.name for o in self.session.get_outputs()]
         missing = [n for n in self.manifest.outputs if n not in names]

@@ -41,7 +41,7 @@ def test_reject_is_written_with_overlay_and_a_replayable_name(tmp_path: Path) ->
     files = archived_files(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in files] == [
         "2026-05-09/20260509T010203.456Z_lot7-p-17_REJECT_anomaly.png",
-        "2026-05-09/20260509T010203.456Z_lot7-p-17_REJECT_anomaly_overlay.png"]
+        "2026-05-09/20260509T010203.456Z_lot7-p-17_REJECT_anomaly_overlay.jpg"]
     saved = cv2.imread(str(files[0]), cv2.IMREAD_UNCHANGED)[..., ::-1]
     np.testing.assert_array_equal(saved, image)   # lossless and in RGB order
     overlay = cv2.imread(str(files[1]))[..., ::-1]

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,31 @@ def test_systemd_gets_ready_watchdog_and_stopping(toy_model, tmp_path, monkeypat
     assert any(m.startswith("READY=1") for m in messages)
     assert "WATCHDOG=1" in messages
     assert messages[-1] == "STOPPING=1"
+
+
+def test_parts_extracted_side_by_side_are_decided_in_arrival_order_and_a_faulty_extraction_is_one_no_verdict(
+        toy_model, tmp_path, monkeypatch):
+    """Three extract workers, extraction times shuffled so later parts often finish first, and one extraction
+    that raises: every part still gets one row in the order the source delivered it, and only that part fails."""
+    parts = make_parts(tmp_path / "parts", 20)
+    original, calls = Inspector.extract, []
+
+    def uneven(self, part):
+        calls.append(part.part_id)
+        time.sleep(0.03 * (len(calls) % 3 == 1))   # every third part takes longer than the two after it
+        if len(calls) == 12:
+            raise RuntimeError("engine fault on this part")
+        return original(self, part)
+
+    monkeypatch.setattr(Inspector, "extract", uneven)
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
+        raw = raw_config(toy_model, parts, tmp_path / "line", {"type": "zmq", "endpoint": plc.address},
+                         extract_workers=3)
+        raw["source"]["rate"] = 40.0
+        _, rows = run_line(raw)
+        assert_each_part_once(rows, 20, plc)
+    assert [r.capture_time for r in rows] == sorted(r.capture_time for r in rows)
+    failed = [r for r in rows if r.reason == Reason.ENGINE_ERROR]
+    assert [r.part_id for r in failed] == [calls[11]] and "engine fault on this part" in failed[0].detail
+    assert all(r.verdict in (Verdict.ACCEPT, Verdict.REJECT) for r in rows
+               if r.reason not in (Reason.WARMUP, Reason.ENGINE_ERROR, Reason.OVERLOAD, Reason.DEADLINE))

@@ -150,11 +150,10 @@ def test_part_page_shows_score_threshold_reason_and_calibration(client, rows):
 
 def test_archive_images_are_served_by_sequence_number_from_the_archive_only(client, rows, storage):
     row = next(r for r in reversed(rows) if r.reason == Reason.ANOMALY)
-    for kind in ("image", "overlay"):
+    for kind, suffix, mime in (("image", ".png", "image/png"), ("overlay", "_overlay.jpg", "image/jpeg")):
         reply = client.get(f"/archive/{row.seq}/{kind}")
-        assert reply.status_code == 200 and reply.headers["content-type"] == "image/png"
-        suffix = "_overlay" if kind == "overlay" else ""
-        on_disk = next(storage.glob(f"archive/*/*_{row.part_id}_REJECT_anomaly{suffix}.png"))
+        assert reply.status_code == 200 and reply.headers["content-type"] == mime
+        on_disk = next(storage.glob(f"archive/*/*_{row.part_id}_REJECT_anomaly{suffix}"))
         assert reply.content == on_disk.read_bytes()
     warmup = next(r for r in rows if r.reason == Reason.WARMUP)
     assert client.get(f"/archive/{warmup.seq}/overlay").status_code == 404   # no heat map for a warm-up part

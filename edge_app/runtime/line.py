@@ -4,7 +4,9 @@ Threads and their contracts:
 - *source*: pulls parts at the line's pace and stamps each with its deadline; when the engine queue is
   full the part gets NO_VERDICT (overload) on the spot and goes straight to the output stage. Nothing is
   dropped: every part reaches the output stage exactly once.
-- *prefetch*: decode and features of the next part while the worker scores this one (one part ahead).
+- *prefetch*: hands each part to ``line.extract_workers`` extract threads (decode and features, side by side)
+  and queues its pending result in arrival order, so the worker scores parts in the order they came while
+  the next ones are extracted.
 - *worker*: one part at a time through the rest of the inspector (scoring, verdict) and pool admission;
   a part whose deadline has passed gets NO_VERDICT (deadline).
 - *output*: applies the fail-safe policy, writes the ledger row durably (its row id is the wire sequence
@@ -19,11 +21,13 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..archive import RejectArchive
 from ..config import LineConfig
@@ -105,7 +109,8 @@ class Line:
         self._status = status
         self._status_every = status_every_s
         self._in: queue.Queue = queue.Queue(maxsize=config.line.queue_size)
-        self._ready: queue.Queue = queue.Queue(maxsize=1)  # (part, its features) extracted ahead of scoring
+        # (part, future of its extraction) in arrival order; bounded so at most a few parts run ahead of scoring
+        self._ready: queue.Queue = queue.Queue(maxsize=config.line.extract_workers)
         self._out: queue.Queue = queue.Queue()
         self._acks: queue.Queue = queue.Queue()
         self._tasks: queue.Queue = queue.Queue()       # control changes, run by the worker between parts
@@ -126,6 +131,12 @@ class Line:
     # -- lifecycle -------------------------------------------------------------------------------------------
     def run(self) -> LineStats:
         """Inspect every part the source delivers; returns the final counters."""
+        # numpy's BLAS (admission, the pool guard, warm-up scoring) stays on one thread: its idle workers spin,
+        # and the cores are already shared out between the extract workers and the scorer.
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._run()
+
+    def _run(self) -> LineStats:
         self.ledger = Ledger(self.storage / "ledger.sqlite")
         control_path = self.config.control.socket or self.storage / "control.sock"
         try:
@@ -147,7 +158,8 @@ class Line:
         archive = self.config.storage.archive
         if archive.enabled:
             self.archive = RejectArchive(self.storage / "archive", int(archive.quota_mb * 2**20),
-                                         accepted_fraction=archive.sample_accepted, no_verdict_fraction=1.0)
+                                         accepted_fraction=archive.sample_accepted, no_verdict_fraction=1.0,
+                                         image_format=archive.image_format)
         threads = [threading.Thread(target=self._source_loop, name="source", daemon=True),
                    threading.Thread(target=self._prefetch_loop, name="prefetch", daemon=True),
                    threading.Thread(target=self._worker_loop, name="worker", daemon=True)]
@@ -224,28 +236,38 @@ class Line:
             self._in.put(_DONE)
 
     def _prefetch_loop(self) -> None:
-        """Decode and features of part n+1 while part n is scored and signalled; order is kept."""
-        while True:
-            part = self._in.get()
-            if part is _DONE:
-                self._ready.put((_DONE, None))
-                return
-            # A part already late is not worked on: the worker gives it its NO_VERDICT (deadline).
-            extracted = self.inspector.extract(part) if time.monotonic() < part.deadline else None
-            self._ready.put((part, extracted))
+        """Extract (decode, features) the next parts on the extract threads while earlier ones are scored and
+        signalled; their pending results are queued in arrival order."""
+        with ThreadPoolExecutor(self.config.line.extract_workers, thread_name_prefix="extract") as extract:
+            while True:
+                part = self._in.get()
+                if part is _DONE:
+                    self._ready.put((_DONE, None))
+                    return
+                self._ready.put((part, extract.submit(self._extract, part)))
+
+    def _extract(self, part: PartRecord) -> object | None:
+        # A part already late is not worked on: the worker gives it its NO_VERDICT (deadline).
+        return self.inspector.extract(part) if time.monotonic() < part.deadline else None
 
     def _worker_loop(self) -> None:
         while True:
             self.systemd.watchdog()  # from the scoring loop itself: a hung engine call stops the pings
             self._run_tasks()
             try:
-                part, extracted = self._ready.get(timeout=0.05)
+                part, pending = self._ready.get(timeout=0.05)
             except queue.Empty:
                 continue
             if part is _DONE:
                 self._run_tasks()
                 self._out.put(("done",))
                 return
+            try:
+                extracted = pending.result()
+            except Exception as exc:  # extract() decides bad parts itself; this is a fault in the engine
+                log.exception("extraction failed for part %s", part.part_id)
+                part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"extraction failed: {exc}")
+                extracted = None
             deadline = part.deadline
             in_force = self.in_force  # read once: the version stamped on the row is the one that decided it
             if time.monotonic() >= deadline:
