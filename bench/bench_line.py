@@ -5,8 +5,9 @@ on 127.0.0.1, Modbus RTU over a pty pair, or OPC UA on 127.0.0.1.
 Prints per-stage latency percentiles (decode, features, scoring, link), checks that every part has exactly
 one ledger row and one acknowledged message, and measures the image AUROC of the streamed scores over the
 test images. ``--find-rate`` also searches the highest rate this machine sustains with no NO_VERDICT.
-``--view`` runs the line twice back to back, without and then with the operator view (``musc-edge view``)
-open in headless Chromium, and prints both total p99 latencies and the view process's CPU time.
+``--view`` runs pairs of line runs, without and with the operator view (``musc-edge view``) open in headless
+Chromium (at nice 10, as deploy/operator-kiosk.sh starts a panel), and prints the p99 latencies of both sides
+and the CPU time of the view process and of the browser.
 ``--mqtt-outage S`` also publishes every part to a local mosquitto that is stopped for S seconds mid-run, and
 checks that every part's event reached the broker afterwards, in order, once.
 """
@@ -72,7 +73,7 @@ def bottle_paths(data: Path) -> list[str]:
 
 def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int, limit: int | None = None,
         quiet: bool = False, mqtt_outage: float = 0.0, model: Path = ROOT / "models" / "dinov2_vits14_musc.onnx",
-        precision: str = "fp32", scorer: str = "auto") -> dict:
+        precision: str = "fp32", scorer: str = "auto", keep_totals: bool = False) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     with plc_for(link) as (plc, link_cfg), ExitStack() as stack:
         outage = stack.enter_context(MqttOutage(out / "broker", mqtt_outage)) if mqtt_outage else None
@@ -111,6 +112,8 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
         "test_image_auroc": round(100 * roc_auc_score(labels, [r.score for r in scored]), 2) if len(set(labels)) == 2 else None,
         "latency_ms": {stage: stats.percentiles(stats.stages[stage]) for stage in stats.stages},
     }
+    if keep_totals:   # every part's capture-to-ack latency, for --view to pool over runs
+        result["totals_ms"] = [1000 * t for t in stats.stages["total"]]
     # Every signalled part, whatever its reason: the time send() took from the ledger row to the PLC's ACK.
     link_times = sorted(1000 * r.link_s for r in rows if r.link_s is not None)
     if link_times:
@@ -129,8 +132,9 @@ class OpenView:
     must equal the ledger's, which shows the page was live throughout.
     """
 
-    def __init__(self, storage: Path, port: int = 8751) -> None:
+    def __init__(self, storage: Path, port: int = 8751, browser_nice: int = 10) -> None:
         shutil.rmtree(storage, ignore_errors=True)
+        self.browser_nice = browser_nice
         self.url = f"http://127.0.0.1:{port}/"
         self.process = subprocess.Popen([sys.executable, "-m", "musc_edge.edge.cli", "view", "--dir", str(storage),
                                          "--port", str(port)], cwd=ROOT, stderr=subprocess.DEVNULL)
@@ -148,6 +152,8 @@ class OpenView:
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, headless=True)
+            for pid in self._browser_pids():   # as deploy/operator-kiosk.sh starts a panel on the device
+                os.setpriority(os.PRIO_PROCESS, pid, self.browser_nice)
             page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
             deadline = time.monotonic() + 30
             while True:   # the view process may still be importing
@@ -164,9 +170,9 @@ class OpenView:
             self.page_parts = int(page.text_content("#parts"))
             browser.close()
 
-    def cpu_seconds(self) -> tuple[float, float]:
-        """CPU time (user + system) used so far by the view process and by the browser (Linux /proc):
-        the browser is every other process descending from this one (Playwright's driver, Chromium)."""
+    @staticmethod
+    def _processes() -> dict[int, tuple[int, float]]:
+        """{pid: (parent pid, CPU seconds used)} of every process (Linux /proc)."""
         stats = {}
         for folder in Path("/proc").glob("[0-9]*"):
             try:
@@ -174,15 +180,23 @@ class OpenView:
             except OSError:   # gone meanwhile
                 continue
             stats[int(folder.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        return stats
+
+    def _browser_pids(self, stats: dict | None = None) -> set[int]:
+        """Every process descending from this one but the view (Playwright's driver, Chromium)."""
+        stats = self._processes() if stats is None else stats
         ours, grew = {os.getpid()}, True
         while grew:
             found = {pid for pid, (parent, _) in stats.items() if parent in ours} - ours
             ours |= found
             grew = bool(found)
-        view = stats.get(self.process.pid, (0, 0.0))[1]
-        others = ours - {os.getpid(), self.process.pid}
-        browser = sum(cpu for pid, (_, cpu) in stats.items() if pid in others)
-        return view, browser
+        return ours - {os.getpid(), self.process.pid}
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) used so far by the view process and by the browser."""
+        stats = self._processes()
+        browser = sum(stats[pid][1] for pid in self._browser_pids(stats))
+        return stats.get(self.process.pid, (0, 0.0))[1], browser
 
     def close(self) -> None:
         self._done.set()
@@ -191,28 +205,50 @@ class OpenView:
         self.process.wait(timeout=10)
 
 
+def pooled_p99(runs: list[dict]) -> float | None:
+    """p99 of the capture-to-ack latency over the parts of all ``runs`` together (ms)."""
+    totals = sorted(t for r in runs for t in r["totals_ms"])
+    return round(totals[min(len(totals) - 1, int(0.99 * len(totals)))], 1) if totals else None
+
+
 def compare_with_view(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int,
-                      limit: int | None) -> dict:
-    """The same line run back to back: without, then with the operator view open; both p99s."""
-    plain = run(paths, link, rate, out, threshold, pool, limit, quiet=True)
-    view = OpenView(out.with_name(out.name + "_view"))
-    try:
-        before = view.cpu_seconds()
-        viewed = run(paths, link, rate, out.with_name(out.name + "_view"), threshold, pool, limit, quiet=True)
-        view_cpu, browser_cpu = (b - a for a, b in zip(before, view.cpu_seconds()))
-    finally:
-        view.close()
-    p99 = [r["latency_ms"]["total"].get("p99") for r in (plain, viewed)]   # None: no part was scored
+                      limit: int | None, pairs: int = 2, browser_nice: int = 10, **line) -> dict:
+    """``pairs`` pairs of the same line run, one without and one with the operator view open in headless
+    Chromium, the order alternating (without first, then with first, ...) so a drift in the machine's speed
+    falls on both sides. The p99s compared are over the parts of all runs of each side together: one run's
+    p99 is its third-slowest part of 292, too few to tell a 10 % difference from chance."""
+    plain, viewed, view_cpu, browser_cpu, page_live = [], [], 0.0, 0.0, []
+    for pair in range(pairs):
+        for with_view in ((False, True) if pair % 2 == 0 else (True, False)):
+            if not with_view:
+                plain.append(run(paths, link, rate, out, threshold, pool, limit, quiet=True, keep_totals=True, **line))
+                continue
+            view = OpenView(out.with_name(out.name + "_view"), browser_nice=browser_nice)
+            try:
+                before = view.cpu_seconds()
+                viewed.append(run(paths, link, rate, out.with_name(out.name + "_view"), threshold, pool, limit,
+                                  quiet=True, keep_totals=True, **line))
+                used = [b - a for a, b in zip(before, view.cpu_seconds())]
+                view_cpu, browser_cpu = view_cpu + used[0], browser_cpu + used[1]
+            finally:
+                view.close()
+            page_live.append(view.page_parts == viewed[-1]["ledger_rows"])
+    p99 = [pooled_p99(side) for side in (plain, viewed)]   # None: no part was scored
     if None in p99:
         print("bench_line --view: a run scored no part (this machine cannot keep up with the rate)", file=sys.stderr)
-    return {"link": link, "rate": rate, "parts": plain["parts"],
-            "p99_ms_without_view": None if p99[0] is None else round(p99[0], 1),
-            "p99_ms_with_view": None if p99[1] is None else round(p99[1], 1),
+    wall = sum(r["wall_s"] for r in viewed)
+    for r in plain + viewed:
+        r.pop("totals_ms")
+    return {"link": link, "rate": rate, "parts": plain[0]["parts"], "pairs": pairs, "browser_nice": browser_nice,
+            "p99_ms_without_view": p99[0], "p99_ms_with_view": p99[1],
             "p99_ratio": None if None in p99 else round(p99[1] / p99[0], 3),
-            "view_cpu_s": round(view_cpu, 2), "view_cpu_share": round(view_cpu / viewed["wall_s"], 4),
-            "browser_cpu_s": round(browser_cpu, 2), "browser_cpu_share": round(browser_cpu / viewed["wall_s"], 4),
-            "page_parts_at_end": view.page_parts, "page_was_live": view.page_parts == viewed["ledger_rows"],
-            "runs": [plain, viewed]}
+            "p99_ms_per_run_without": [r["latency_ms"]["total"].get("p99") for r in plain],
+            "p99_ms_per_run_with": [r["latency_ms"]["total"].get("p99") for r in viewed],
+            "view_cpu_s": round(view_cpu, 2), "view_cpu_share": round(view_cpu / wall, 4),
+            "browser_cpu_s": round(browser_cpu, 2), "browser_cpu_share": round(browser_cpu / wall, 4),
+            "page_was_live": all(page_live), "runs": plain + viewed}
+
+
 class MqttOutage:
     """A local mosquitto the line publishes to, stopped for ``seconds`` from 20 s into the run."""
 
@@ -290,6 +326,9 @@ def main() -> None:
     parser.add_argument("--find-rate", action="store_true", help="also find the highest rate with no NO_VERDICT")
     parser.add_argument("--view", action="store_true", help="run the line twice back to back, without and then "
                         "with the operator view open in headless Chromium, and compare the total p99 latency")
+    parser.add_argument("--view-pairs", type=int, default=2, help="--view: pairs of runs (without / with the view)")
+    parser.add_argument("--browser-nice", type=int, default=10, help="--view: niceness of the headless browser "
+                        "(10, as deploy/operator-kiosk.sh starts a panel on the device; 0 for a plain browser)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "dinov2_vits14_musc.onnx",
                         help="feature model, or a folder to pick the --precision model covering blocks 6, 9 from")
@@ -302,16 +341,18 @@ def main() -> None:
     results = []
     if args.view:
         for link in (("serial", "zmq") if args.link == "both" else (args.link,)):
-            r = compare_with_view(paths, link, args.rate, args.out, args.threshold, args.pool, args.limit)
+            r = compare_with_view(paths, link, args.rate, args.out, args.threshold, args.pool, args.limit,
+                                  args.view_pairs, args.browser_nice, model=args.model, precision=args.precision,
+                                  scorer=args.scorer)
             for run_result in r["runs"]:
                 print_result(run_result)
-            print(f"\n== operator view over {link} at {args.rate} parts/s: total p99 {r['p99_ms_without_view']} ms "
-                  f"without, {r['p99_ms_with_view']} ms with the view open (ratio {r['p99_ratio']}); "
-                  f"page showed {r['page_parts_at_end']} parts at the end (live: {r['page_was_live']}); the view "
-                  f"process used {r['view_cpu_s']} CPU-s ({100 * r['view_cpu_share']:.1f} % of one core), the browser "
-                  f"{r['browser_cpu_s']} CPU-s ({100 * r['browser_cpu_share']:.1f} %)")
-            plain, viewed = r["runs"]
-            results += [{**plain, "view_open": False}, {**viewed, "view_open": True},
+            print(f"\n== operator view over {link} at {args.rate} parts/s, {r['pairs']} pairs of runs: total p99 "
+                  f"{r['p99_ms_without_view']} ms without, {r['p99_ms_with_view']} ms with the view open (ratio "
+                  f"{r['p99_ratio']}; per run {r['p99_ms_per_run_without']} / {r['p99_ms_per_run_with']}); the page "
+                  f"followed every run live: {r['page_was_live']}; the view process used {r['view_cpu_s']} CPU-s "
+                  f"({100 * r['view_cpu_share']:.1f} % of one core), the browser {r['browser_cpu_s']} CPU-s "
+                  f"({100 * r['browser_cpu_share']:.1f} %)")
+            results += [*({**x, "view_open": i >= args.view_pairs} for i, x in enumerate(r["runs"])),
                         {"view": {k: v for k, v in r.items() if k != "runs"}}]
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))

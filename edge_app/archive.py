@@ -25,6 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .background import lower_this_thread
 from .overlay import render_overlay
 from .record import PartRecord, Reason, Verdict
 
@@ -39,7 +40,6 @@ _NAME = re.compile(r"^(?P<time>\d{8}T\d{6}\.\d{3}Z)_(?P<part_id>.+)_(?P<verdict>
                    r"_(?P<reason>[a-z-]+)(?P<overlay>_overlay)?\.(?:png|jpg|raw)$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]")
 _PARTIAL_SUFFIX = ".partial"
-_WORKER_NICENESS = 10   # the writer thread yields the CPU to the scoring loop (Linux: per-thread priority)
 
 
 @dataclass(frozen=True)
@@ -196,10 +196,7 @@ class RejectArchive:
     # --- worker thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WORKER_NICENESS)
-        except (AttributeError, OSError):   # not Linux, or not permitted: run at normal priority
-            pass
+        lower_this_thread()
         try:
             self._scan()
         except OSError as exc:

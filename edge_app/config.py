@@ -32,8 +32,7 @@ class LineSettings(_Strict):
     queue_size: int = Field(4, ge=1, description="parts waiting for the engine before overload")
     dry_run: bool = Field(False, description="log verdicts in the ledger but do not signal the PLC")
     extract_workers: int = Field(2, ge=1, le=16, description=(
-        "parts decoded and run through the feature model at once, ahead of scoring (order is kept); with "
-        "model.threads unset each gets cores / extract_workers inference threads"))
+        "parts decoded and run through the feature model at once, ahead of scoring (order is kept)"))
 
 
 class ModelSettings(_Strict):

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
@@ -106,9 +107,10 @@ def test_live_feed_lists_the_newest_rejects_and_no_verdict_parts_with_their_over
     assert [p["seq"] for p in flagged] == [r.seq for r in expected]
     for part, row in zip(flagged, expected):
         assert (part["part_id"], part["reason"], part["score"]) == (row.part_id, row.reason.label, row.score)
-        # Scored rejects have a heat map; warm-up parts only their image.
+        # Scored rejects have a heat map; warm-up parts only their image; both a dashboard thumbnail.
         if row.reason in (Reason.ANOMALY, Reason.WARMUP):
-            assert set(part["images"]) == ({"image", "overlay"} if row.reason == Reason.ANOMALY else {"image"})
+            assert set(part["images"]) == ({"image", "overlay", "thumb"} if row.reason == Reason.ANOMALY
+                                           else {"image", "thumb"})
 
 
 def test_histogram_covers_the_recent_scored_parts_and_marks_the_threshold(client, rows):
@@ -127,7 +129,7 @@ def test_dashboard_is_server_rendered_self_contained_and_read_only(client, rows)
     ng = sum(r.verdict == Verdict.REJECT for r in rows)
     assert re.search(rf'id="ng">{ng}<', html) and re.search(r'id="parts">24<', html)
     newest_reject = next(r for r in reversed(rows) if r.verdict == Verdict.REJECT)
-    assert f'href="/part/{newest_reject.seq}"' in html and f'src="/archive/{newest_reject.seq}/overlay"' in html
+    assert f'href="/part/{newest_reject.seq}"' in html and f'src="/archive/{newest_reject.seq}/thumb"' in html
     # Nothing from outside this process: no CDN, no inline script (the CSP forbids it anyway).
     assert not re.search(r'(src|href)="(https?:)?//', html)
     assert re.findall(r"<script[^>]*>", html) == ['<script src="/static/view.js">']
@@ -157,6 +159,16 @@ def test_archive_images_are_served_by_sequence_number_from_the_archive_only(clie
         assert reply.content == on_disk.read_bytes()
     warmup = next(r for r in rows if r.reason == Reason.WARMUP)
     assert client.get(f"/archive/{warmup.seq}/overlay").status_code == 404   # no heat map for a warm-up part
+    for part, kind in ((row, "overlay"), (warmup, "image")):   # thumbnails: of the overlay, else of the image
+        reply = client.get(f"/archive/{part.seq}/thumb")
+        assert reply.status_code == 200 and reply.headers["content-type"] == "image/jpeg"
+        thumb = cv2.imdecode(np.frombuffer(reply.content, np.uint8), cv2.IMREAD_COLOR)
+        full = cv2.imdecode(np.frombuffer(client.get(f"/archive/{part.seq}/{kind}").content, np.uint8),
+                            cv2.IMREAD_COLOR)
+        assert max(thumb.shape[:2]) <= 192 < max(full.shape[:2]) or thumb.shape == full.shape
+        small = cv2.resize(full, thumb.shape[1::-1], interpolation=cv2.INTER_AREA)
+        assert np.abs(small.astype(int) - thumb).mean() < 8, f"the {kind} thumbnail is not of the {kind}"
+    assert client.get("/archive/999/thumb").status_code == 404
     ledger_bytes = (storage / "ledger.sqlite").read_bytes()[:16]
     for path in (f"/archive/{row.seq}/ledger", f"/archive/{row.seq}/..%2F..%2Fledger.sqlite",
                  "/archive/../ledger.sqlite", "/static/../ledger.sqlite", "/static/..%2F..%2F..%2Fconfig.py",

@@ -62,7 +62,7 @@ def test_the_page_follows_a_running_line_and_shows_a_rejects_overlay(toy_model, 
         first = int(page.text_content("#parts"))
         page.wait_for_function(f"Number(document.getElementById('parts').textContent) > {first}", timeout=30_000)
         # A scored reject's overlay, loaded (not a broken image), without reloading the page.
-        overlay = "#flagged a.thumb.ng img[src$='/overlay']"
+        overlay = "#flagged a.thumb.ng img[src$='/thumb']"
         loaded = f"[...document.querySelectorAll(\"{overlay}\")].some(i => i.complete && i.naturalWidth > 0)"
         page.wait_for_function(loaded, timeout=60_000)
         page.wait_for_selector("#histograms svg line.threshold", state="attached")

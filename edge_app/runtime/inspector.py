@@ -8,7 +8,6 @@ it directly. Its I/O is the feature engine and the pools' files (:meth:`Inspecto
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import numpy as np
@@ -35,7 +34,7 @@ class Inspector:
         self.on_alarm = lambda text: log.warning("ALARM: %s", text)   # the line routes it to its alarm path
         self.engine = engine or FeatureEngine(
             select_model(config.model.path, config.model.blocks, config.model.precision),
-            size=config.model.size, threads=inference_threads(config))
+            size=config.model.size, threads=config.model.threads)
         self.params: MuscParams = config.scoring.params()
         model_blocks = self.engine.manifest.blocks
         missing = [b for b in config.model.blocks if b not in model_blocks]
@@ -158,15 +157,6 @@ class Inspector:
         if alarm := recipe.guard.observe(part, prepared):
             self.on_alarm(f"recipe {recipe.name}: {alarm}")
         return recipe.admit(part, prepared, now)
-
-
-def inference_threads(config: LineConfig) -> int:
-    """``model.threads``, else this process's cores shared out between the line's extract workers (parts run
-    through the model side by side scale better on few cores than one part's operators split over them)."""
-    if config.model.threads:
-        return config.model.threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // config.line.extract_workers)
 
 
 def _same_aspect(shape: tuple[int, ...], planned: tuple[int, int], tolerance: float = 0.15) -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..archive import RejectArchive
+from ..background import lower_this_thread
 from ..config import LineConfig
 from ..ledger import Ledger
 from ..links import RejectLink, open_link
@@ -294,6 +295,7 @@ class Line:
             log.debug("pool persistence still busy; the next period will catch up")
 
     def _persist_loop(self) -> None:
+        lower_this_thread()
         while (snapshot := self._persist.get()) is not None:
             try:
                 self.inspector.write_pools(snapshot)

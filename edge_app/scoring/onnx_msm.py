@@ -192,7 +192,7 @@ def make_scorer(backend: str, n_sets: int, patches: int, dim: int, capacity: int
         return None
     if backend not in BACKENDS:
         raise ValueError(f"unknown scoring backend {backend!r}: expected 'auto' or one of {BACKENDS}")
-    return PoolScorer(n_sets, patches, dim, capacity, backend.removeprefix("onnx-"), threads=threads or 1)
+    return PoolScorer(n_sets, patches, dim, capacity, backend.removeprefix("onnx-"), threads=threads)
 
 
 _CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}

@@ -105,6 +105,11 @@ def create_app(options: ViewOptions, refresh_s: float = 2.0) -> Starlette:
 
     async def archive_image(request: Request) -> Response:
         seq, kind = request.path_params["seq"], request.path_params["kind"]
+        if kind == "thumb":
+            thumb = await on_worker(data.thumbnail, seq)
+            if thumb is None:
+                raise HTTPException(404, f"part {seq} has no archived image")
+            return Response(thumb, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
         path = await on_worker(data.image_path, seq, kind)
         if path is None:
             raise HTTPException(404, f"part {seq} has no archived {kind}")

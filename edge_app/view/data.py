@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from ..archive import archive_stem
@@ -22,6 +24,8 @@ from ..runtime.control import ControlError, request
 from .figures import score_histogram, shift_start
 
 IMAGE_KINDS = ("overlay", "image")
+THUMB_SIDE = 192      # px, longest side of a dashboard thumbnail
+THUMB_CACHE = 128     # thumbnails kept in memory (the dashboard shows the newest few)
 _EXTENSIONS = (".png", ".jpg")
 FLAGGED_SCAN = 5000      # rejects / NO_VERDICT parts are looked for among the last this many parts
 RATE_BUCKET_S = 900.0    # the shift's reject-rate chart has one bar per 15 minutes
@@ -59,6 +63,19 @@ def archive_files(archive_root: Path, row: LedgerRow) -> dict[str, Path]:
                 found[kind] = path
                 break
     return found
+
+
+def make_thumbnail(path: Path, side: int = THUMB_SIDE) -> bytes | None:
+    """``path``'s picture as a JPEG at most ``side`` px on its longest side; None if it cannot be read."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        return None
+    scale = side / max(image.shape[:2])
+    if scale < 1:
+        image = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
+                           interpolation=cv2.INTER_AREA)
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return data.tobytes() if ok else None
 
 
 def control_status(socket: Path, timeout: float) -> dict:
@@ -117,6 +134,7 @@ class LineData:
         self._conn: sqlite3.Connection | None = None
         self.ledger_error: str | None = None
         self._buckets = _ShiftBuckets(RATE_BUCKET_S)
+        self._thumbs: OrderedDict[Path, bytes] = OrderedDict()
 
     # -- ledger ---------------------------------------------------------------------------------------------
     def _open(self) -> bool:
@@ -156,6 +174,22 @@ class LineData:
             return None
         return path
 
+    def thumbnail(self, seq: int) -> bytes | None:
+        """A small JPEG of part ``seq``'s overlay (else its image), made once and kept in a small cache: the
+        dashboard's browser then never decodes and scales full-size frames on every refresh."""
+        path = self.image_path(seq, "overlay") or self.image_path(seq, "image")
+        if path is None:
+            return None
+        if path in self._thumbs:
+            self._thumbs.move_to_end(path)
+            return self._thumbs[path]
+        thumb = make_thumbnail(path)
+        if thumb is not None:
+            self._thumbs[path] = thumb
+            while len(self._thumbs) > THUMB_CACHE:
+                self._thumbs.popitem(last=False)
+        return thumb
+
     def flagged(self, n: int) -> list[dict]:
         """The ``n`` newest REJECT and NO_VERDICT parts among the last FLAGGED_SCAN parts, newest first."""
         rows = self._conn.execute(
@@ -177,7 +211,8 @@ class LineData:
             "acked": row.acked, "ack_late": row.ack_late, "source_ref": row.source_ref,
             "latency_ms": {stage: _finite(None if seconds is None else 1e3 * seconds)
                            for stage in STAGES for seconds in [getattr(row, f"{stage}_s")]},
-            "images": {kind: f"/archive/{row.seq}/{kind}" for kind in IMAGE_KINDS if kind in files},
+            "images": {**{kind: f"/archive/{row.seq}/{kind}" for kind in IMAGE_KINDS if kind in files},
+                       **({"thumb": f"/archive/{row.seq}/thumb"} if files else {})},
         }
 
     def histograms(self, n: int, thresholds: dict[str, float]) -> dict[str, dict]:

@@ -28,7 +28,7 @@
 
   function thumb(part) {
     const rejected = part.verdict === "REJECT";
-    const src = part.images.overlay || part.images.image;
+    const src = part.images.thumb;   // a small JPEG made once by the view: no full-size decode per refresh
     const picture = src ? el("img", { src, alt: `heat map of part ${part.part_id}` })
                         : el("span", { class: "noimg" }, "no image");
     return el("a", { class: `thumb ${rejected ? "ng" : "nv"}`, href: `/part/${part.seq}` }, picture,
