@@ -56,6 +56,8 @@ bench: setup
 	$(BIN)/python bench/bench_features.py
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_line.py --data $(DATA) --link both --rate 4 --find-rate
+	$(BIN)/python bench/bench_line.py --data $(DATA) --link zmq --rate 12 --find-rate \
+		--model models --precision int8 --scorer onnx-int8
 	$(BIN)/python bench/bench_3d.py
 
 # Not CI: 10,000 parts with 5 % hostile messages and a kill -9 every few hundred parts (about 20 min).

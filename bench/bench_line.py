@@ -132,15 +132,15 @@ class OpenView:
     must equal the ledger's, which shows the page was live throughout.
     """
 
-    def __init__(self, storage: Path, port: int = 8751, browser_nice: int = 10) -> None:
+    def __init__(self, storage: Path, port: int = 8751, browser_nice: int = 10, client: str = "chromium") -> None:
         shutil.rmtree(storage, ignore_errors=True)
-        self.browser_nice = browser_nice
+        self.browser_nice, self.client = browser_nice, client
         self.url = f"http://127.0.0.1:{port}/"
         self.process = subprocess.Popen([sys.executable, "-m", "musc_edge.edge.cli", "view", "--dir", str(storage),
                                          "--port", str(port)], cwd=ROOT, stderr=subprocess.DEVNULL)
         self._opened, self._done = threading.Event(), threading.Event()
         self.page_parts: int | None = None
-        self._thread = threading.Thread(target=self._browse, daemon=True)
+        self._thread = threading.Thread(target=self._browse if client == "chromium" else self._poll, daemon=True)
         self._thread.start()
         if not self._opened.wait(60):
             self.close()
@@ -169,6 +169,37 @@ class OpenView:
             time.sleep(2.0)   # a couple of refreshes after the last part
             self.page_parts = int(page.text_content("#parts"))
             browser.close()
+
+    def _poll(self, refresh_s: float = 2.0) -> None:
+        """A panel on another machine, as the device sees it: the page's requests (the live feed every refresh,
+        each new thumbnail once), without the rendering."""
+        import urllib.request
+
+        def get(path: str) -> bytes:
+            with urllib.request.urlopen(self.url.rstrip("/") + path, timeout=10) as reply:
+                return reply.read()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                get("/")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        self._opened.set()
+        seen: set[str] = set()
+        while True:
+            page = json.loads(get("/api/live"))
+            for part in page.get("flagged", []):
+                thumb = part["images"].get("thumb")
+                if thumb and thumb not in seen:
+                    seen.add(thumb)
+                    get(thumb)
+            if self._done.is_set():
+                self.page_parts = page.get("counters", {}).get("parts")
+                return
+            time.sleep(refresh_s)
 
     @staticmethod
     def _processes() -> dict[int, tuple[int, float]]:
@@ -212,7 +243,8 @@ def pooled_p99(runs: list[dict]) -> float | None:
 
 
 def compare_with_view(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int,
-                      limit: int | None, pairs: int = 2, browser_nice: int = 10, **line) -> dict:
+                      limit: int | None, pairs: int = 2, browser_nice: int = 10, client: str = "chromium",
+                      **line) -> dict:
     """``pairs`` pairs of the same line run, one without and one with the operator view open in headless
     Chromium, the order alternating (without first, then with first, ...) so a drift in the machine's speed
     falls on both sides. The p99s compared are over the parts of all runs of each side together: one run's
@@ -223,7 +255,7 @@ def compare_with_view(paths: list[str], link: str, rate: float, out: Path, thres
             if not with_view:
                 plain.append(run(paths, link, rate, out, threshold, pool, limit, quiet=True, keep_totals=True, **line))
                 continue
-            view = OpenView(out.with_name(out.name + "_view"), browser_nice=browser_nice)
+            view = OpenView(out.with_name(out.name + "_view"), browser_nice=browser_nice, client=client)
             try:
                 before = view.cpu_seconds()
                 viewed.append(run(paths, link, rate, out.with_name(out.name + "_view"), threshold, pool, limit,
@@ -239,7 +271,8 @@ def compare_with_view(paths: list[str], link: str, rate: float, out: Path, thres
     wall = sum(r["wall_s"] for r in viewed)
     for r in plain + viewed:
         r.pop("totals_ms")
-    return {"link": link, "rate": rate, "parts": plain[0]["parts"], "pairs": pairs, "browser_nice": browser_nice,
+    return {"link": link, "rate": rate, "parts": plain[0]["parts"], "pairs": pairs, "client": client,
+            "browser_nice": browser_nice,
             "p99_ms_without_view": p99[0], "p99_ms_with_view": p99[1],
             "p99_ratio": None if None in p99 else round(p99[1] / p99[0], 3),
             "p99_ms_per_run_without": [r["latency_ms"]["total"].get("p99") for r in plain],
@@ -329,6 +362,8 @@ def main() -> None:
     parser.add_argument("--view-pairs", type=int, default=2, help="--view: pairs of runs (without / with the view)")
     parser.add_argument("--browser-nice", type=int, default=10, help="--view: niceness of the headless browser "
                         "(10, as deploy/operator-kiosk.sh starts a panel on the device; 0 for a plain browser)")
+    parser.add_argument("--view-client", choices=("chromium", "http"), default="chromium",
+                        help="--view: headless Chromium on this machine, or a panel elsewhere (its HTTP requests only)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "dinov2_vits14_musc.onnx",
                         help="feature model, or a folder to pick the --precision model covering blocks 6, 9 from")
@@ -342,8 +377,8 @@ def main() -> None:
     if args.view:
         for link in (("serial", "zmq") if args.link == "both" else (args.link,)):
             r = compare_with_view(paths, link, args.rate, args.out, args.threshold, args.pool, args.limit,
-                                  args.view_pairs, args.browser_nice, model=args.model, precision=args.precision,
-                                  scorer=args.scorer)
+                                  args.view_pairs, args.browser_nice, args.view_client, model=args.model,
+                                  precision=args.precision, scorer=args.scorer)
             for run_result in r["runs"]:
                 print_result(run_result)
             print(f"\n== operator view over {link} at {args.rate} parts/s, {r['pairs']} pairs of runs: total p99 "

@@ -25,6 +25,15 @@
     return node;
   }
   const setText = (id, text) => { $(id).textContent = text; };
+  // A section is redrawn only when its data changed: on a device that also runs the line, every redraw (and
+  // the raster that follows it) is CPU taken from the parts.
+  const drawn = {};
+  const changed = (section, data) => {
+    const key = JSON.stringify(data);
+    if (drawn[section] === key) return false;
+    drawn[section] = key;
+    return true;
+  };
 
   function thumb(part) {
     const rejected = part.verdict === "REJECT";
@@ -145,7 +154,7 @@
     setText("shift", clock(page.shift_start));
     setText("calibration", live.calibration_version ?? "–");
     setText("updated", `updated ${time(page.now, { hour: "2-digit", minute: "2-digit", second: "2-digit" })}`);
-    drawHealth(live);
+    if (changed("health", live)) drawHealth(live);
     if (!page.ledger) {
       flaggedKey = null;
       $("flagged").replaceChildren(el("p", { class: "empty" }, page.ledger_error || "Waiting for the line's ledger."));
@@ -162,9 +171,9 @@
     setText("reject-rate", pct(c.reject_rate));
     setText("nv-rate", c.no_verdict_rate === null ? "no parts yet" : `${pct(c.no_verdict_rate)} no verdict`);
     drawFlagged(page.flagged);
-    drawHistograms(page.histograms);
-    drawRate(page.rate);
-    drawLatency(page.latency_ms);
+    if (changed("histograms", page.histograms)) drawHistograms(page.histograms);
+    if (changed("rate", page.rate)) drawRate(page.rate);
+    if (changed("latency", page.latency_ms)) drawLatency(page.latency_ms);
   }
 
   async function poll() {
