@@ -125,6 +125,19 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
     return result
 
 
+def retry_until_up(first_request, within_s: float = 30.0) -> None:
+    """Retry ``first_request()`` until it succeeds (the view process may still be importing)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            first_request()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
 class OpenView:
     """``musc-edge view`` on the line's storage dir, open in headless Chromium (polling) while the line runs.
 
@@ -139,6 +152,7 @@ class OpenView:
         self.process = subprocess.Popen([sys.executable, "-m", "musc_edge.edge.cli", "view", "--dir", str(storage),
                                          "--port", str(port)], cwd=ROOT, stderr=subprocess.DEVNULL)
         self._opened, self._done = threading.Event(), threading.Event()
+        self.expected = 0
         self.page_parts: int | None = None
         self._thread = threading.Thread(target=self._browse if client == "chromium" else self._poll, daemon=True)
         self._thread.start()
@@ -155,18 +169,14 @@ class OpenView:
             for pid in self._browser_pids():   # as deploy/operator-kiosk.sh starts a panel on the device
                 os.setpriority(os.PRIO_PROCESS, pid, self.browser_nice)
             page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
-            deadline = time.monotonic() + 30
-            while True:   # the view process may still be importing
-                try:
-                    page.goto(self.url)
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.3)
+            retry_until_up(lambda: page.goto(self.url))
             self._opened.set()
             self._done.wait()
-            time.sleep(2.0)   # a couple of refreshes after the last part
+            try:   # the page catches up at its next refresh(es) after the last part
+                page.wait_for_function(f"Number(document.getElementById('parts').textContent) >= {self.expected}",
+                                       timeout=20_000)
+            except Exception:   # not live: page_parts says what it showed
+                pass
             self.page_parts = int(page.text_content("#parts"))
             browser.close()
 
@@ -178,17 +188,10 @@ class OpenView:
         def get(path: str) -> bytes:
             with urllib.request.urlopen(self.url.rstrip("/") + path, timeout=10) as reply:
                 return reply.read()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                get("/")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
+        retry_until_up(lambda: get("/"))
         self._opened.set()
         seen: set[str] = set()
+        done_at = None
         while True:
             page = json.loads(get("/api/live"))
             for part in page.get("flagged", []):
@@ -197,8 +200,11 @@ class OpenView:
                     seen.add(thumb)
                     get(thumb)
             if self._done.is_set():
-                self.page_parts = page.get("counters", {}).get("parts")
-                return
+                done_at = done_at or time.monotonic()
+                parts = page.get("counters", {}).get("parts", 0)
+                if parts >= self.expected or time.monotonic() - done_at > 20:
+                    self.page_parts = parts
+                    return
             time.sleep(refresh_s)
 
     @staticmethod
@@ -229,7 +235,9 @@ class OpenView:
         browser = sum(stats[pid][1] for pid in self._browser_pids(stats))
         return stats.get(self.process.pid, (0, 0.0))[1], browser
 
-    def close(self) -> None:
+    def close(self, expected_parts: int = 0) -> None:
+        """Stop browsing once the page shows ``expected_parts`` (the ledger's rows), or after 20 s."""
+        self.expected = expected_parts
         self._done.set()
         self._thread.join(timeout=30)
         self.process.terminate()
@@ -263,7 +271,7 @@ def compare_with_view(paths: list[str], link: str, rate: float, out: Path, thres
                 used = [b - a for a, b in zip(before, view.cpu_seconds())]
                 view_cpu, browser_cpu = view_cpu + used[0], browser_cpu + used[1]
             finally:
-                view.close()
+                view.close(viewed[-1]["ledger_rows"] if len(viewed) > len(page_live) else 0)
             page_live.append(view.page_parts == viewed[-1]["ledger_rows"])
     p99 = [pooled_p99(side) for side in (plain, viewed)]   # None: no part was scored
     if None in p99:

@@ -91,7 +91,7 @@ class FeatureEngine:
 
     def __init__(self, model_path: str | Path | None = None, size: int = 224,
                  providers: list[str] | None = None, threads: int | None = None,
-                 trt_cache: str | Path | None = None):
+                 trt_cache: str | Path | None = None, fold_resizes: bool = True):
         import onnxruntime as ort
 
         self.model_path = Path(model_path or default_model_path())
@@ -106,8 +106,9 @@ class FeatureEngine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = providers or available_providers()
         provider_args = [self._provider_options(p, trt_cache) for p in chosen]
-        # The positional embedding is resized for this input size once, here, not on every inference.
-        model = specialised_model(self.model_path, size) or str(self.model_path)
+        # The positional embedding is resized for this input size once, here, not on every inference
+        # (``fold_resizes=False`` runs the file as exported, e.g. as a benchmark's baseline).
+        model = (specialised_model(self.model_path, size) if fold_resizes else None) or str(self.model_path)
         self.session = ort.InferenceSession(model, options, providers=provider_args)
         self.providers = self.session.get_providers()
         names = [o.name for o in self.session.get_outputs()]
