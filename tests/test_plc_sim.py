@@ -29,6 +29,7 @@ from musc_edge.edge.links.framing import (
 )
 from musc_edge.edge.plc_sim import PlcSimulator, main
 from musc_edge.edge.record import Reason, Verdict
+from musc_edge.edge.telemetry.local_broker import free_port
 
 
 class SerialPeer:
@@ -218,9 +219,8 @@ def test_bad_options_are_named() -> None:
 
 
 def test_cli_runs_logs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    probe = PlcSimulator.on_zmq("tcp://127.0.0.1:*")
-    endpoint = probe.address
-    probe.stop()
+    # A port from a plain socket closed at once (a stopped ZeroMQ socket may still hold its port a moment).
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     log = tmp_path / "verdicts.jsonl"
     codes: list[int] = []
     runner = threading.Thread(target=lambda: codes.append(main(
