@@ -125,10 +125,6 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
     return result
 
 
-# The light-weight Chromium flags of deploy/operator-kiosk.sh (its display flags apart).
-KIOSK_FLAGS = ("--enable-low-end-device-mode", "--renderer-process-limit=1", "--num-raster-threads=1")
-
-
 def retry_until_up(first_request, within_s: float = 30.0) -> None:
     """Retry ``first_request()`` until it succeeds (the view process may still be importing)."""
     deadline = time.monotonic() + within_s
@@ -169,7 +165,7 @@ class OpenView:
 
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, headless=True, args=list(KIOSK_FLAGS))
+            browser = pw.chromium.launch(executable_path=chromium, headless=True)
             for pid in self._browser_pids():   # as deploy/operator-kiosk.sh starts a panel on the device
                 os.setpriority(os.PRIO_PROCESS, pid, self.browser_nice)
             page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)

@@ -10,8 +10,5 @@ if [ -z "$browser" ]; then
     echo "operator-kiosk: no chromium on PATH (Debian/Ubuntu: apt install chromium)" >&2
     exit 1
 fi
-# Light-weight flags (bench/bench_line.py --view measures the page with the same ones): fewer processes
-# and raster threads competing with the line.
 exec nice -n 10 "$browser" --kiosk --app="$url" --noerrdialogs --disable-translate --no-first-run \
-    --disable-background-networking --window-size=1280,800 \
-    --enable-low-end-device-mode --renderer-process-limit=1 --num-raster-threads=1
+    --disable-background-networking --window-size=1280,800
