@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, TextIO, TypeVar
 
 import serial
 import zmq
@@ -186,11 +186,20 @@ class PtySimPort(StreamSimPort):
         os.close(self._slave)
 
 
-class SimControls:
-    """The fault and inspection controls every PLC simulator offers its tests and benches. A simulator sets
-    ``_changed`` (a Condition guarding the rest), ``_counters``, ``_received``, ``_refusals``,
-    ``_refusal_code``, ``_silent_until``, ``_seen``, ``_dedup_window`` and ``_highest_seq``, and has
-    ``start()`` / ``stop()``."""
+def utc_now() -> str:
+    """This moment in UTC, ISO 8601 to the millisecond (the simulators' log time stamps)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+_Sim = TypeVar("_Sim", bound="SimControls")
+
+
+class SimControls(ABC):
+    """The fault and inspection controls, life cycle and verdict log every PLC simulator offers its tests and
+    benches. A simulator sets ``_changed`` (a Condition guarding the rest), ``_counters``, ``_received``,
+    ``_refusals``, ``_refusal_code``, ``_silent_until``, ``_silent_after``, ``_silent_for_s``, ``_seen``,
+    ``_dedup_window``, ``_highest_seq``, ``_stop``, ``_thread`` (its serving loop) and ``_log``, and implements
+    ``_disconnect()`` (release its port or connection)."""
 
     _changed: threading.Condition
     _counters: SimCounters
@@ -201,6 +210,45 @@ class SimControls:
     _seen: OrderedDict
     _dedup_window: int
     _highest_seq: int | None
+    _silent_after: int | None
+    _silent_for_s: float
+    _stop: threading.Event
+    _thread: threading.Thread
+    _log: TextIO | None
+
+    def start(self: _Sim) -> _Sim:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop answering for good and release the port and log file."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._disconnect()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    @abstractmethod
+    def _disconnect(self) -> None:
+        """Release the simulator's port or connection."""
+
+    def _log_entry(self, entry: dict) -> None:
+        if self._log is not None:
+            self._log.write(json.dumps(entry) + "\n")
+            self._log.flush()
+
+    def _record(self, record: ReceivedVerdict, **extra: Any) -> None:
+        """Keep a new distinct verdict (call with ``_changed`` held): count it, log it (with ``extra``) and,
+        if this is the ``silent_after``-th, go silent for ``silent_for_s``. The verdict itself is acked."""
+        self._received.append(record)
+        self._counters.received += 1
+        self._log_entry(asdict(record) | extra)
+        if self._silent_after is not None and self._counters.received == self._silent_after:
+            self._silent_until = time.monotonic() + self._silent_for_s
 
     def __enter__(self):
         return self.start()
@@ -319,21 +367,8 @@ class PlcSimulator(SimControls):
 
     # ----------------------------------------------------------------------------- control
 
-    def start(self) -> PlcSimulator:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop answering for good and release the port and log file."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+    def _disconnect(self) -> None:
         self.port.close()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def stop_reasons(self) -> list[str]:
         """Reasons of the line stops received, in order (a repeated request is listed once)."""
@@ -386,10 +421,7 @@ class PlcSimulator(SimControls):
                 new = not self._stop_reasons or self._stop_reasons[-1] != reason
                 if new:
                     self._stop_reasons.append(reason)
-                    if self._log is not None:
-                        self._log.write(json.dumps({"stop_line": reason, "received_utc": datetime.now(
-                            timezone.utc).isoformat(timespec="milliseconds")}) + "\n")
-                        self._log.flush()
+                    self._log_entry({"stop_line": reason, "received_utc": utc_now()})
             if new and self.on_stop_line is not None:
                 self.on_stop_line(reason)
         elif frame.type is MessageType.HEARTBEAT:
@@ -412,15 +444,8 @@ class PlcSimulator(SimControls):
                 seq=message.seq, part_id=message.part_id, verdict=message.verdict.value,
                 reason=int(message.reason), reason_label=_reason_label(message.reason),
                 late=bool(message.flags & VerdictFlags.LATE), resend=bool(message.flags & VerdictFlags.RESEND),
-                received_utc=datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
-            self._received.append(record)
-            self._counters.received += 1
-            if self._log is not None:
-                self._log.write(json.dumps(asdict(record)) + "\n")
-                self._log.flush()
-            if self._silent_after is not None and self._counters.received == self._silent_after:
-                # This verdict is still acked; everything after it is ignored for a while.
-                self._silent_until = time.monotonic() + self._silent_for_s
+                received_utc=utc_now())
+            self._record(record)
 
     def _send(self, route: Route, frame: Frame) -> None:
         if self.delay_s and self._stop.wait(self.delay_s):

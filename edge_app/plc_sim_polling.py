@@ -8,20 +8,18 @@ the protocol: one read of the block, and the three writes.
 """
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from musc_edge.edge.links.framing import NakCode, VerdictCode, VerdictFlags
 from musc_edge.edge.links.register_map import PublishedVerdict
-from musc_edge.edge.plc_sim import ReceivedVerdict, SimControls, SimCounters, _reason_label
+from musc_edge.edge.plc_sim import ReceivedVerdict, SimControls, SimCounters, _reason_label, utc_now
 from musc_edge.edge.record import Reason
 
 
@@ -36,7 +34,7 @@ class PlcView:
     nak_pending: bool = False       # the PLC's last refusal is not yet read by the runtime
 
 
-class PollingPlcSimulator(SimControls, ABC):
+class PollingPlcSimulator(SimControls):
     """Plays a polling PLC in a background thread. Use as a context manager (starts it).
 
     Options as :class:`musc_edge.edge.plc_sim.PlcSimulator`; ``scan_s`` is the PLC's scan period.
@@ -96,23 +94,6 @@ class PollingPlcSimulator(SimControls, ABC):
 
     def _write_stop_ack(self, count: int) -> None:
         """Acknowledge a stop-line request (optional for a protocol)."""
-
-    # ------------------------------------------------------------------ control (as PlcSimulator)
-
-    def start(self) -> PollingPlcSimulator:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        self._disconnect()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     # ------------------------------------------------------------------ the scan
 
@@ -191,12 +172,6 @@ class PollingPlcSimulator(SimControls, ABC):
                 seq=message.seq, part_id=message.part_id, verdict=verdict, reason=int(message.reason),
                 reason_label=_reason_label(reason), late=bool(message.flags & VerdictFlags.LATE),
                 resend=bool(message.flags & VerdictFlags.RESEND),
-                received_utc=datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
-            self._received.append(record)
-            self._counters.received += 1
-            if self._log is not None:
-                self._log.write(json.dumps(asdict(record) | {"calibration": message.calibration}) + "\n")
-                self._log.flush()
-            if self._silent_after is not None and self._counters.received == self._silent_after:
-                self._silent_until = time.monotonic() + self._silent_for_s
+                received_utc=utc_now())
+            self._record(record, calibration=message.calibration)
 
