@@ -505,6 +505,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve_and_report(sim: SimControls, duration: float, report_every: float, counters: Callable[[], str]) -> None:
+    """Run ``sim`` for ``duration`` seconds (0: until Ctrl-C), printing ``counters()`` every ``report_every``
+    seconds (0: never) and once at the end."""
+    end = time.monotonic() + duration if duration > 0 else float("inf")
+    with sim:
+        try:
+            while (left := end - time.monotonic()) > 0:
+                time.sleep(min(left, report_every if report_every > 0 else 1.0))
+                if report_every > 0:
+                    print(f"plc-sim: {counters()}", flush=True)
+        except KeyboardInterrupt:
+            pass
+    print(f"plc-sim: final {counters()}", flush=True)
+
+
 def _counter_line(counters: SimCounters) -> str:
     return " ".join(f"{key}={value}" for key, value in asdict(counters).items())
 
@@ -534,14 +549,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"plc-sim: {args.link} PLC listening on {sim.address}", flush=True)
     sim.on_stop_line = lambda reason: print(f"plc-sim: STOP LINE requested: {reason}", flush=True)
-    end = time.monotonic() + args.duration if args.duration > 0 else float("inf")
-    with sim:
-        try:
-            while (left := end - time.monotonic()) > 0:
-                time.sleep(min(left, args.report_every if args.report_every > 0 else 1.0))
-                if args.report_every > 0:
-                    print(f"plc-sim: {_counter_line(sim.counters())}", flush=True)
-        except KeyboardInterrupt:
-            pass
-    print(f"plc-sim: final {_counter_line(sim.counters())}", flush=True)
+    serve_and_report(sim, args.duration, args.report_every, lambda: _counter_line(sim.counters()))
     return 0

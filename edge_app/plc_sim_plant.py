@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
+
+from musc_edge.edge.plc_sim import serve_and_report
 
 PLANT_LINKS = ("modbus-tcp", "modbus-rtu", "opcua")
 
@@ -94,17 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.refuse:
         sim.refuse_next(args.refuse)
     print(f"plc-sim: {args.link} PLC scanning {sim.address} every {sim.scan_s * 1000:.0f} ms", flush=True)
-    end = time.monotonic() + args.duration if args.duration > 0 else float("inf")
     try:
-        with sim:
-            try:
-                while (left := end - time.monotonic()) > 0:
-                    time.sleep(min(left, args.report_every if args.report_every > 0 else 1.0))
-                    if args.report_every > 0:
-                        print(f"plc-sim: {_counters(sim)}", flush=True)
-            except KeyboardInterrupt:
-                pass
-        print(f"plc-sim: final {_counters(sim)}", flush=True)
+        serve_and_report(sim, args.duration, args.report_every, lambda: _counters(sim))
     finally:
         if pair is not None:
             pair.close()
