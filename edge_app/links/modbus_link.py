@@ -8,15 +8,13 @@ ACK_SEQ / NAK_SEQ / HEARTBEAT_ECHO into the reply the link waits for.
 """
 from __future__ import annotations
 
-import asyncio
-import threading
 from typing import Literal
 
 from pydantic import Field
 
-from musc_edge.edge.links.base import LinkIOError, LinkSettings
+from musc_edge.edge.links.base import LinkSettings
 from musc_edge.edge.links.register_map import REGISTER_COUNT, LineState, Reg
-from musc_edge.edge.links.register_transport import RegisterTransport, stop_server_loop
+from musc_edge.edge.links.register_transport import RegisterTransport
 
 _START_TIMEOUT_S = 5.0
 
@@ -52,9 +50,6 @@ class ModbusTransport(RegisterTransport):
         super().__init__()
         self._config = config
         self._clients = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server = None
         if isinstance(config, ModbusTcpLinkConfig):
             self.description = f"modbus-tcp {config.host}:{config.port}"
         else:
@@ -63,15 +58,7 @@ class ModbusTransport(RegisterTransport):
     # ------------------------------------------------------------------ lifecycle
 
     def open(self) -> None:
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name=f"{self.description} server", daemon=True)
-        thread.start()
-        self._loop, self._thread = loop, thread
-        try:
-            asyncio.run_coroutine_threadsafe(self._start(), loop).result(_START_TIMEOUT_S)
-        except Exception as exc:
-            self.close()
-            raise LinkIOError(f"cannot serve {self.description}: {exc}") from exc
+        self._serve_on_own_loop(self._start, _START_TIMEOUT_S)
         self.image.update({Reg.LINE_STATE: LineState.STARTING})
 
     async def _start(self) -> None:
@@ -91,12 +78,7 @@ class ModbusTransport(RegisterTransport):
         self._server = server
 
     def close(self) -> None:
-        loop, thread, server = self._loop, self._thread, self._server
-        self._loop = self._thread = self._server = None
-        self._in_flight = None
-        if loop is None:
-            return
-        stop_server_loop(loop, thread, None if server is None else server.shutdown(), _START_TIMEOUT_S)
+        self._stop_serving(lambda server: server.shutdown(), _START_TIMEOUT_S)
         self._clients = 0
 
     @property

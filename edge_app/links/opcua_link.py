@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from musc_edge.edge.links.base import LinkIOError, LinkSettings
 from musc_edge.edge.links.register_map import Reg, join32, part_text, split32
-from musc_edge.edge.links.register_transport import RegisterTransport, stop_server_loop
+from musc_edge.edge.links.register_transport import RegisterTransport
 
 NAMESPACE = "urn:musc-edge:reject-link"
 _TIMEOUT_S = 5.0
@@ -117,9 +116,6 @@ class OpcUaTransport(RegisterTransport):
         super().__init__()
         self._config = config
         self.description = f"opcua {config.endpoint}"
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: Any = None
         self._nodes: dict[str, Any] = {}
         self._plc_nodes: dict[Any, str] = {}
         self._shown: dict[str, Any] = {}
@@ -132,15 +128,7 @@ class OpcUaTransport(RegisterTransport):
     # ------------------------------------------------------------------ lifecycle
 
     def open(self) -> None:
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name=f"{self.description} server", daemon=True)
-        thread.start()
-        self._loop, self._thread = loop, thread
-        try:
-            self._server = asyncio.run_coroutine_threadsafe(self._start(), loop).result(_START_TIMEOUT_S)
-        except Exception as exc:
-            self.close()
-            raise LinkIOError(f"cannot serve {self.description}: {exc}") from exc
+        self._server = self._serve_on_own_loop(self._start, _START_TIMEOUT_S)
         self._shown.clear()
         self.published()
 
@@ -194,12 +182,7 @@ class OpcUaTransport(RegisterTransport):
         return server
 
     def close(self) -> None:
-        loop, thread, server = self._loop, self._thread, self._server
-        self._loop = self._thread = self._server = None
-        self._in_flight = None
-        if loop is None:
-            return
-        stop_server_loop(loop, thread, None if server is None else server.stop(), _TIMEOUT_S)
+        self._stop_serving(lambda server: server.stop(), _TIMEOUT_S)
 
     # ------------------------------------------------------------------ runtime -> variables
 

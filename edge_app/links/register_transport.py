@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from abc import abstractmethod
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from musc_edge.edge.links.base import LinkIOError, Transport
 from musc_edge.edge.links.framing import (
@@ -45,6 +46,31 @@ class RegisterTransport(Transport):
         self.image = RegisterImage()
         self._calibration = calibration_register(0)
         self._in_flight: tuple[int, int] | None = None      # (message type, seq) awaiting the PLC
+        # The server runs on its own asyncio loop in its own thread (_serve_on_own_loop / _stop_serving).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: Any = None
+
+    def _serve_on_own_loop(self, start: Callable[[], Coroutine], timeout_s: float) -> Any:
+        """Start an asyncio loop on its own thread and run ``start()`` there; returns its result. On failure
+        the transport is closed and LinkIOError names it."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name=f"{self.description} server", daemon=True)
+        thread.start()
+        self._loop, self._thread = loop, thread
+        try:
+            return asyncio.run_coroutine_threadsafe(start(), loop).result(timeout_s)
+        except Exception as exc:
+            self.close()
+            raise LinkIOError(f"cannot serve {self.description}: {exc}") from exc
+
+    def _stop_serving(self, shutdown: Callable[[Any], Coroutine], timeout_s: float) -> None:
+        """Forget the server, await ``shutdown(server)`` on its loop, then stop the loop and join its thread."""
+        loop, thread, server = self._loop, self._thread, self._server
+        self._loop = self._thread = self._server = None
+        self._in_flight = None
+        if loop is not None:
+            stop_server_loop(loop, thread, None if server is None else shutdown(server), timeout_s)
 
     @property
     @abstractmethod
