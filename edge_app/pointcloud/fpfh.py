@@ -42,51 +42,45 @@ def _bins(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.floor(FPFH_BINS * (values - lo) / (hi - lo)), 0, FPFH_BINS - 1).astype(np.int64)
 
 
-def _dot(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> np.ndarray:
-    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
-
-
-def _cross(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    return a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]
-
-
 def spfh(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     """``[N, 33]`` simplified point feature histograms over ``neighbours [N, k]`` (self first, skipped);
-    each 11-bin histogram sums to 100. Vector components are kept as separate ``[N, k-1]`` arrays."""
+    each 11-bin histogram sums to 100.
+
+    PCL's pair features, in closed form: with ``d`` the unit vector from a point to its neighbour, normals
+    ``n1`` (point) and ``n2`` (neighbour), ``a1 = n1.d``, ``a2 = n2.d``, ``c = n1.n2`` and
+    ``det = d.(n1 x n2)``, the Darboux frame sits on the end whose normal is closer to ``d`` (``u`` with
+    ``a = u.d``), and ``phi = a`` (``-a2`` when the frame is on the neighbour), ``alpha = det / r``,
+    ``theta = atan2(t, c r)`` with ``r = sqrt(1 - a^2)`` and ``t = a2 - a1 c`` (``a2 c - a1``). Six scalars per
+    pair instead of the frame's vectors: the same histograms as building ``u, v, w`` (tested), in fewer passes.
+    """
     n, k = neighbours.shape
     pts, nrm = points.astype(np.float32, copy=False), normals.astype(np.float32, copy=False)
     dst = neighbours[:, 1:]
-    dp = tuple(pts[dst, i] - pts[:, i, None] for i in range(3))
-    length = np.sqrt(_dot(dp, dp))
-    inv = 1.0 / np.maximum(length, 1e-30)
-    dp = tuple(c * inv for c in dp)
-    n1 = tuple(np.broadcast_to(nrm[:, i, None], dst.shape) for i in range(3))
-    n2 = tuple(nrm[dst, i] for i in range(3))
-    angle1, angle2 = _dot(n1, dp), _dot(n2, dp)
-    # The Darboux frame sits on the point whose normal makes the smaller angle with the joining line.
-    swap = np.abs(angle1) < np.abs(angle2)
-    u = tuple(np.where(swap, b, a) for a, b in zip(n1, n2))
-    other = tuple(np.where(swap, a, b) for a, b in zip(n1, n2))
-    phi = np.where(swap, -angle2, angle1)
-    sign = np.where(swap, np.float32(-1), np.float32(1))
-    v = _cross(tuple(c * sign for c in dp), u)
-    v_norm = np.sqrt(_dot(v, v))
-    degenerate = (v_norm == 0) | (length == 0)
-    inv = 1.0 / np.maximum(v_norm, 1e-30)
-    v = tuple(c * inv for c in v)
-    alpha = _dot(v, other)
-    theta = np.arctan2(_dot(_cross(u, v), other), _dot(u, other))
-    rows = np.repeat(np.arange(n) * FPFH_DIM, k - 1)
-    keep = ~degenerate.ravel()
-    hist = np.zeros(n * FPFH_DIM)
+    d = [pts[dst, i] - pts[:, i, None] for i in range(3)]
+    length = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+    inv = 1.0 / np.maximum(length, np.float32(1e-30))
+    n1 = [nrm[:, i, None] for i in range(3)]
+    n2 = [nrm[dst, i] for i in range(3)]
+    a1 = (n1[0] * d[0] + n1[1] * d[1] + n1[2] * d[2]) * inv
+    a2 = (n2[0] * d[0] + n2[1] * d[1] + n2[2] * d[2]) * inv
+    c = n1[0] * n2[0] + n1[1] * n2[1] + n1[2] * n2[2]
+    det = (d[0] * (n1[1] * n2[2] - n1[2] * n2[1]) + d[1] * (n1[2] * n2[0] - n1[0] * n2[2])
+           + d[2] * (n1[0] * n2[1] - n1[1] * n2[0])) * inv
+    swap = np.abs(a1) < np.abs(a2)   # the frame moves to the neighbour
+    a = np.where(swap, a2, a1)
+    phi = np.where(swap, -a2, a1)
+    r = np.sqrt(np.maximum(1.0 - a * a, 0.0))
+    alpha = det / np.maximum(r, np.float32(1e-30))
+    theta = np.arctan2(np.where(swap, a2 * c - a1, a2 - a1 * c), c * r)
+    # open3d counts a degenerate pair (coincident points, or a neighbour along the normal) with all three
+    # features zero; do the same, so the histograms sum to 100.
+    degenerate = (r <= 1e-7) | (length == 0)
+    base = np.arange(n)[:, None] * FPFH_DIM
+    bins = []
     for block, (values, lo, hi) in enumerate(((theta, -np.pi, np.pi), (alpha, -1.0, 1.0), (phi, -1.0, 1.0))):
-        cols = block * FPFH_BINS + _bins(values.ravel(), lo, hi)
-        hist += np.bincount(rows[keep] + cols[keep], minlength=n * FPFH_DIM)
-    # open3d counts a degenerate pair (coincident points, or a neighbour along the normal) in bin 0 of every
-    # histogram (its features are all zero); do the same so the histograms sum to 100.
-    zeros = np.bincount(np.repeat(np.arange(n), k - 1)[~keep], minlength=n).astype(np.float64)
-    for block, (lo, hi) in enumerate(((-np.pi, np.pi), (-1.0, 1.0), (-1.0, 1.0))):
-        hist[np.arange(n) * FPFH_DIM + block * FPFH_BINS + _bins(np.zeros(1), lo, hi)[0]] += zeros
+        values[degenerate] = 0.0
+        bins.append((base + block * FPFH_BINS + _bins(values, lo, hi)).ravel())
+    hist = np.bincount(np.concatenate(bins), minlength=n * FPFH_DIM)
     return hist.reshape(n, FPFH_DIM) * (100.0 / (k - 1))
 
 
@@ -104,8 +98,8 @@ def fpfh(points: np.ndarray, normal_neighbours: int = NORMAL_NEIGHBOURS, fpfh_ne
     own = spfh(points, normals, index)
     # Neighbours' SPFH weighted by 1 / d^2 (coincident points skipped), each histogram rescaled to sum 100.
     weight = np.where(dist2[:, 1:] > 0, 1.0 / np.maximum(dist2[:, 1:], 1e-300), 0.0)
-    rows = np.repeat(np.arange(count), k - 1)
-    mixed = csr_array((weight.ravel(), (rows, index[:, 1:].ravel())), shape=(count, count)) @ own
+    rows = np.arange(0, count * (k - 1) + 1, k - 1)   # CSR row pointers: k - 1 neighbours per row
+    mixed = csr_array((weight.ravel(), index[:, 1:].ravel(), rows), shape=(count, count)) @ own
     sums = mixed.reshape(count, 3, FPFH_BINS).sum(axis=2, keepdims=True)
     mixed = (mixed.reshape(count, 3, FPFH_BINS) * np.where(sums > 0, 100.0 / np.where(sums > 0, sums, 1), 0))
     return (mixed.reshape(count, FPFH_DIM) + own).astype(np.float32)
