@@ -1,6 +1,7 @@
 """Point-cloud ingest (one NaN convention, clear errors), preprocessing and 3D descriptors."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -300,6 +301,46 @@ def test_fpfh_histograms_are_normalised_and_flat_surfaces_have_one_bin_per_angle
     assert (per_angle > 199.0).all()              # every pair has the same (zero) angles on a plane
 
 
+def _pair_features_pcl(p1, n1, p2, n2) -> tuple[float, float, float] | None:
+    """PCL's computePairFeatures for one pair, frame vectors and all (None: degenerate)."""
+    dp = p2 - p1
+    length = np.linalg.norm(dp)
+    if length == 0:
+        return None
+    dp = dp / length
+    u, other, sign = n1, n2, 1.0
+    if abs(n1 @ dp) < abs(n2 @ dp):   # the frame sits on the end whose normal is closer to the line
+        u, other, sign = n2, n1, -1.0
+    phi = sign * (u @ dp)
+    v = np.cross(sign * dp, u)
+    if np.linalg.norm(v) == 0:
+        return None
+    v = v / np.linalg.norm(v)
+    w = np.cross(u, v)
+    return float(np.arctan2(w @ other, u @ other)), float(v @ other), float(phi)
+
+
+def test_spfh_closed_form_matches_the_darboux_frame_pair_by_pair():
+    from musc_edge.edge.pointcloud.fpfh import FPFH_BINS, knn, pca_normals, spfh
+
+    points = _bumpy_surface(n=300).astype(np.float64)
+    _, index = knn(points, 16)
+    # random unit normals reach every bin and both ends of the frame; two PCA normals make the flat case
+    normals = np.random.default_rng(1).normal(size=points.shape)
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    normals[:2] = pca_normals(points, index[:, :10])[:2]
+    expected = np.zeros((len(points), 3, FPFH_BINS))
+    for i, row in enumerate(index):
+        for j in row[1:]:
+            features = _pair_features_pcl(points[i], normals[i], points[j], normals[j]) or (0.0, 0.0, 0.0)
+            for block, (value, lo, hi) in enumerate(zip(features, (-np.pi, -1, -1), (np.pi, 1, 1))):
+                expected[i, block, min(max(int(np.floor(FPFH_BINS * (value - lo) / (hi - lo))), 0), 10)] += 1
+    got = spfh(points, normals, index).reshape(len(points), 3, FPFH_BINS) * (15 / 100)
+    # float32 against float64 may move a pair sitting on a bin edge; allow a handful of such pairs in 4,500
+    moved = np.abs(got - expected).sum() / 2
+    assert moved <= 5, moved
+
+
 def test_fpfh_is_rotation_invariant():
     from musc_edge.edge.pointcloud import fpfh
 
@@ -337,3 +378,49 @@ def test_patch_pooling_counts_background_as_zero_and_the_map_weights_interpolate
                                atol=1e-6)
     with pytest.raises(ValueError, match="whole number"):
         pool_to_grid(features, pixel_ids, 15, grid)
+
+
+# --- canonical view -------------------------------------------------------------------------------------
+
+def _knobbed_bar(angle_deg: float, shift: tuple[int, int] = (0, 0), shape: tuple[int, int] = (120, 160)) -> np.ndarray:
+    """A bar with a round knob at one end (its mass sits left of its middle), turned by ``angle_deg``."""
+    h, w = shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    t = np.deg2rad(angle_deg)
+    cx, cy = w / 2 + shift[0], h / 2 + shift[1]
+    u = (xs - cx) * np.cos(t) + (ys - cy) * np.sin(t)       # along the bar
+    v = -(xs - cx) * np.sin(t) + (ys - cy) * np.cos(t)      # across it
+    return ((np.abs(u) <= 40) & (np.abs(v) <= 8)) | ((u + 30) ** 2 + v ** 2 <= 18 ** 2)
+
+
+@pytest.mark.parametrize("angle", [0, 37, 90, 180, 251])
+def test_canonical_view_puts_every_pose_the_same_way_up(angle):
+    from musc_edge.edge.pointcloud import canonical_affine, warp_image
+
+    def canonical(mask: np.ndarray) -> np.ndarray:
+        return warp_image(mask.astype(np.float32), canonical_affine(mask, 96, margin=1.3), 96) > 0.5
+
+    reference, turned = canonical(_knobbed_bar(0)), canonical(_knobbed_bar(angle, shift=(9, -7)))
+    assert (reference & turned).sum() / (reference | turned).sum() > 0.9
+    assert (reference & turned[:, ::-1]).sum() / (reference | turned[:, ::-1]).sum() < 0.75   # not by chance
+    cols = np.nonzero(reference.any(axis=0))[0]
+    assert reference[:, :48].sum() > reference[:, 48:].sum()        # knob on the left, tail to the right
+    assert cols.min() > 0 and cols.max() < 95 and cols.max() - cols.min() > 96 / 1.3 * 0.8   # fills the grid
+
+
+def test_canonical_cloud_keeps_each_point_once_and_maps_go_back_to_the_frame():
+    from musc_edge.edge.pointcloud import canonical_affine, frame_to_canonical, to_frame, warp_cloud
+
+    mask = _knobbed_bar(30)
+    ys, xs = np.nonzero(mask)
+    cloud = np.full((*mask.shape, 3), np.nan, np.float32)
+    cloud[ys, xs] = np.column_stack([xs, ys, np.full(len(xs), 5.0)])
+    affine = canonical_affine(mask, 160)             # the view zooms in (about 1.1 x)
+    warped = warp_cloud(cloud, affine, 160)
+    points = warped[np.isfinite(warped).all(axis=2)]
+    assert len(points) == len(np.unique(points, axis=0)) and len(points) > 0.95 * len(xs)
+    # a map that marks the part in the canonical grid lands on the part in the frame's grid
+    marked = np.isfinite(warped).all(axis=2).astype(np.float32)
+    back = to_frame(marked, frame_to_canonical(affine, mask.shape, 160))
+    frame = cv2.resize(mask.astype(np.uint8), (160, 160), interpolation=cv2.INTER_NEAREST) > 0
+    assert back[frame].mean() > 0.5 and back[~frame].mean() < 0.05
