@@ -5,13 +5,16 @@ pooling to the 28 x 28 patch grid (with the box-mean layers) and the map set-up;
 3D MSM alone, 2D MSM (random unit features in the default model's shapes, 16x16 x 384, two layers; --vit-b8
 for MuSc-V2's 28x28 x 768, three), CAE, fusion and the 3D map.
 ``--tokens groups``: MuSc-V2's FPS/IPG groups with group descriptors and SNAMD-3D instead. ``--cloud`` takes
-a real organised scan (an MVTec 3D-AD ``xyz/NNN.tiff``) instead of a synthetic one. 2D feature extraction is
-not included (about 100 ms per part at 224 px, see bench_scoring.py).
+a real organised scan (an MVTec 3D-AD ``xyz/NNN.tiff``) instead of a synthetic one; with its image
+(``rgb/NNN.png`` beside it) and the default feature model present, the last row is one whole 2D+3D part as the
+line prepares and scores it: preprocessing and canonical view, FPFH, the 2D features of the warped image
+(ONNX Runtime) and score_one.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -22,9 +25,16 @@ from musc_edge.edge.pointcloud.fpfh import fpfh, knn, pca_normals, spfh
 from musc_edge.edge.scoring import l2_normalise, patch_to_sample_distances
 from musc_edge.edge.scoring3d import (FusionParams, Params3D, cae, centre_map, euclidean_sample_distances, fpfh_sample,
                                 prepare_3d, projection, sample_from_tokens, score_one, stack_layers)
+from musc_edge.edge.evaluation.runner import DEFAULT_BLOCKS
+from musc_edge.edge.features import FeatureEngine
+from musc_edge.edge.mediaio import read_image
+from musc_edge.edge.runtime.recipes.recipe_scan import prepare_scan
+from musc_edge.edge.scoring.musc import MuscParams, prepare
+from musc_edge.edge.scoring3d.multimodal import pose_margin, thin_points
 from musc_edge.edge.synthetic3d import generate_set
 
 SIZE = 224
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "dinov2_vits14_musc.onnx"
 # 2D side as the app's defaults score it: DINOv2 ViT-S/14 at 224 px (16 x 16 x 384), blocks 6 and 9
 # (--vit-b8 for MuSc-V2's DINO ViT-B/8: 28 x 28 x 768, three blocks).
 DEFAULT_2D, VIT_B8 = ((16, 16), 384, 2), ((28, 28), 768, 3)
@@ -39,6 +49,27 @@ def timeit(fn, repeat: int) -> tuple[float, object]:
         result = fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3), result
+
+
+def whole_part(cloud: np.ndarray, image: np.ndarray, params: Params3D, pool_3d: list[np.ndarray], pool: int,
+               repeat: int) -> list[tuple[str, float]]:
+    """One 2D+3D part as the line runs it, with the default model: rows for the 2D features and the total."""
+    engine = FeatureEngine(DEFAULT_MODEL, size=SIZE)
+    blocks = engine.manifest.blocks
+    wanted = [blocks.index(b) for b in DEFAULT_BLOCKS]
+    sample, warped = prepare_scan(cloud, image, params, True, "bench")
+    t_features, feats = timeit(lambda: engine([warped], 1), repeat)
+    sets = prepare([feats.layers[i] for i in wanted], engine.grid, MuscParams())
+    pool_2d = [np.repeat(s, pool, axis=0) for s in sets]
+
+    def part() -> object:
+        query, image_c = prepare_scan(cloud, image, params, True, "bench")
+        f = engine([image_c], 1)
+        query_2d = [s[0] for s in prepare([f.layers[i] for i in wanted], engine.grid, MuscParams())]
+        return score_one(query_2d, query, pool_2d, pool_3d, engine.grid, SIZE, FusionParams())
+    t_part, _ = timeit(part, repeat)
+    return [("2D features, default model (ONNX Runtime)", t_features),
+            ("one 2D+3D part: preprocess + FPFH + 2D + score", t_part)]
 
 
 def main() -> None:
@@ -58,10 +89,11 @@ def main() -> None:
     cloud = clouds[0]
 
     rows = []
-    t, prepared = timeit(lambda: prepare_cloud(cloud, SIZE, params.preprocess), args.repeat)
-    rows.append(("preprocess (plane, cluster, resize, normalise)", t))
+    t, prepared = timeit(lambda: prepare_cloud(cloud, SIZE, params.preprocess, pose_margin=pose_margin(params)),
+                         args.repeat)
+    rows.append((f"preprocess (plane, cluster, {params.pose} view, normalise)", t))
     if args.tokens == "fpfh":
-        pts = prepared.points
+        pts, pixel_ids = thin_points(prepared, params.stride)
         t, (dist2, index) = timeit(lambda: knn(pts, params.fpfh_neighbours, cKDTree(pts)), args.repeat)
         rows.append((f"kNN ({params.fpfh_neighbours} nearest, KD-tree)", t))
         sensor = -prepared.centroid / prepared.scale
@@ -72,7 +104,7 @@ def main() -> None:
         t, per_point = timeit(lambda: fpfh(pts, params.fpfh_normal_neighbours, params.fpfh_neighbours, sensor),
                               args.repeat)
         rows.append(("FPFH end to end (kNN + normals + SPFH + mixing)", t))
-        t, _ = timeit(lambda: box_degrees(pool_to_grid(per_point, prepared.pixel_ids, SIZE, SIZE // params.patch_pixels),
+        t, _ = timeit(lambda: box_degrees(pool_to_grid(per_point, pixel_ids, SIZE, SIZE // params.patch_pixels),
                                           params.patch_degrees), args.repeat)
         rows.append((f"pooling to the patch grid + box layers {params.patch_degrees}", t))
         t, query = timeit(lambda: fpfh_sample(prepared, params), args.repeat)
@@ -105,14 +137,18 @@ def main() -> None:
     rows.append((f"CAE, {layers} layers", t))
     t, _ = timeit(lambda: centre_map(d3[0].mean(axis=1), query.propagation), args.repeat)
     rows.append(("3D map (3-NN propagation + blur)", t))
-    for mode, normalise in (("3d", False), ("2d+3d", False), ("2d+3d", True)):
-        fusion = FusionParams(mode=mode, normalise=normalise)
+    for mode in ("3d", "2d+3d"):
+        fusion = FusionParams(mode=mode)
         t, _ = timeit(lambda fusion=fusion: score_one(query_2d, query, pool_2d, pool_3d, grid_2d, SIZE, fusion),
                       args.repeat)
-        rows.append((f"score_one end to end, mode {mode}" + (", normalised" if normalise else ""), t))
+        rows.append((f"score_one end to end, mode {mode}", t))
+    image_path = None if args.cloud is None else Path(args.cloud).parent.parent / "rgb" / (Path(args.cloud).stem + ".png")
+    if image_path is not None and image_path.is_file() and DEFAULT_MODEL.is_file() and not args.vit_b8:
+        rows += whole_part(cloud, read_image(image_path), params, pool_3d, args.pool, args.repeat)
 
     print(f"3D / 2D+3D path ({args.tokens} tokens), one part: {SIZE}x{SIZE}, G={query.centres.shape[0]}, "
-          f"M={query.group_pixels.shape[1]}, {len(prepared.points)} foreground points, pool {args.pool} "
+          f"M={query.group_pixels.shape[1]}, {len(prepared.points)} foreground points on the grid, "
+          f"{len(pts) if args.tokens == 'fpfh' else len(prepared.points)} described, pool {args.pool} "
           f"(numpy on CPU, median of {args.repeat})")
     for name, ms in rows:
         print(f"  {name:<48} {ms:8.1f} ms")

@@ -76,9 +76,10 @@ class PoolSettings(_Strict):
     capacity: int = Field(40, ge=2)
     min_size: int = Field(10, ge=2)
     admit: Literal["accepted", "all"] = "accepted"
-    near_duplicate_distance: float = Field(0.1, ge=0, le=2, description=(
+    near_duplicate_distance: Optional[float] = Field(None, ge=0, le=2, description=(
         "a part whose mean nearest-patch distance to a member is below this is the same part seen again "
-        "and is not admitted"))
+        "and is not admitted; default 0.1, 0.05 for a scan recipe in the canonical view (scan.pose axis), "
+        "where different parts look more alike"))
     eviction: Literal["fifo", "reservoir"] = "fifo"
     horizon: Optional[int] = Field(None, ge=2, description="reservoir horizon in parts (default 5 x capacity)")
     persist_every_s: float = Field(30.0, gt=0)
@@ -128,6 +129,11 @@ class ScanSettings(_Strict):
     tokens: Literal["fpfh", "groups"] = Field("fpfh", description=(
         "3D patch tokens: fpfh = per-point FPFH pooled to a square patch grid (best on real scans); "
         "groups = MuSc-V2's FPS/IPG point groups with hand-crafted group descriptors"))
+    pose: Literal["axis", "none"] = Field("axis", description=(
+        "axis = score each part in its canonical view: cloud and image cropped to the part and turned to its "
+        "principal axis, so parts lying in any orientation are compared the same way up; none = the whole frame"))
+    pose_margin: float = Field(1.3, ge=1.0, le=4.0, description=(
+        "axis: the part's largest extent from its centre, times this, fills half the grid"))
     patch_pixels: int = Field(8, ge=1, description="fpfh: patch side in pixels (model.size must be a multiple)")
     patch_degrees: Optional[tuple[int, ...]] = Field(None, description=(
         "fpfh: box size in patches of each 3D layer; default 1, 3, 5, ... one per layer (see scales)"))

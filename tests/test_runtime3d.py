@@ -71,8 +71,8 @@ def reject_rate(rows, kinds) -> float:
 GEOMETRIC = [k for k, m in DEFECT_MODALITY.items() if m == "3d"]
 
 
-@pytest.mark.parametrize("modality", ["2d+3d", "3d"])
-def test_scanned_parts_are_decided_and_acked_once_and_broken_clouds_fail_safe(modality, toy_model, tmp_path,
+@pytest.mark.parametrize("modality, pose", [("2d+3d", "none"), ("3d", "none"), ("2d+3d", "axis")])
+def test_scanned_parts_are_decided_and_acked_once_and_broken_clouds_fail_safe(modality, pose, toy_model, tmp_path,
                                                                               recent):
     conveyor = write_scans(tmp_path / "conveyor", 30, seed=1, defect_fraction=0.5)
     missing = sorted(conveyor.glob("good/xyz/*.tiff"))[0]
@@ -82,6 +82,7 @@ def test_scanned_parts_are_decided_and_acked_once_and_broken_clouds_fail_safe(mo
     with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
         raw = scan_line_config(plc.address, conveyor, tmp_path / "line", rate=4.0, seed=1, size=SIZE, model=toy_model)
         raw["recipes"]["default"]["modality"] = modality
+        raw["recipes"]["default"]["scan"]["pose"] = pose
         config = parse_config(raw)
         line = Line(config, inspector=seeded_inspector(config, recent))
         line.run()

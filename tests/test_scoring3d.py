@@ -18,15 +18,19 @@ from threadpoolctl import threadpool_limits
 
 from musc_edge.edge.pointcloud import CloudError, foreground_mask, zero_background
 from musc_edge.edge.scoring import PoolTooSmallError, l2_normalise, rescore_batch
+from musc_edge.edge.scoring.maps import upsample
 from musc_edge.edge.scoring3d import (FusionParams, Params3D, adaptive_pool_matrix, batch_euclidean_distances, cae,
                                 centre_map, euclidean_sample_distances, histogram_match, nearest_centres,
                                 prepare_3d, projection, propagation, score_batch, score_one, snamd3d, stack_layers)
+from musc_edge.edge.scoring3d.multimodal import typical_score
 from musc_edge.edge.synthetic3d import generate_set
 
 SIZE, PATCH = 112, 8
 GRID = (SIZE // PATCH, SIZE // PATCH)
 # The fusion tests score MuSc-V2's group tokens (224-grid defaults, halved); FPFH patch tokens have their own.
-PARAMS_3D = Params3D(size=SIZE, tokens="groups", n_groups=256, group_size=32, normal_neighbours=8)
+# They pair the clouds with 2D features of the whole frame, so the clouds are scored on the whole frame too
+# (pose "none"); the canonical view, where the image is warped with the cloud, is tested through prepare_scan.
+PARAMS_3D = Params3D(size=SIZE, tokens="groups", n_groups=256, group_size=32, normal_neighbours=8, pose="none")
 SIGMA = 2.0                                                                            # 4 px at 224
 
 
@@ -172,16 +176,27 @@ def test_centre_map_propagates_to_pixels_and_blurs():
     np.testing.assert_allclose(quantised, centre_map(scores * 3, prop, sigma=2), atol=3 * 2 / 255)
 
 
-def test_euclidean_distances_match_cdist():
-    rng = np.random.default_rng(4)
+def _grid_like(rng: np.random.Generator) -> np.ndarray:
+    """Tokens of a sparse patch grid: most cells empty (all zero), one part filling its grid, one with none."""
     feats = rng.normal(size=(5, 9, 6)).astype(np.float32)
+    feats[rng.random((5, 9)) < 0.6] = 0.0
+    feats[1] = rng.normal(size=(9, 6))
+    feats[3] = 0.0
+    return feats
+
+
+@pytest.mark.parametrize("tokens", ["dense", "sparse grid"])
+def test_euclidean_distances_match_cdist(tokens):
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(5, 9, 6)).astype(np.float32) if tokens == "dense" else _grid_like(rng)
     batch = batch_euclidean_distances(feats, chunk=2)
     for i in range(5):
         for j in range(5):
             expected = np.inf if i == j else cdist(feats[i], feats[j]).min(axis=1)
             np.testing.assert_allclose(batch[i, :, j], expected, rtol=1e-4, atol=1e-5)
-    one = euclidean_sample_distances(feats[0], feats[1:])
-    np.testing.assert_allclose(one, batch[0][:, 1:], rtol=1e-4, atol=1e-5)
+    for i in range(5):
+        one = euclidean_sample_distances(feats[i], np.delete(feats, i, axis=0))
+        np.testing.assert_allclose(one, np.delete(batch[i], i, axis=1), rtol=1e-4, atol=1e-5)
 
 
 # --- pipeline -------------------------------------------------------------------------------------------
@@ -189,7 +204,7 @@ def test_euclidean_distances_match_cdist():
 @pytest.fixture(scope="module")
 def small():
     data = generate_set(7, seed=2, defect_fraction=0.3, size=64)
-    params = Params3D(size=64, n_groups=48, group_size=16, normal_neighbours=6)
+    params = Params3D(size=64, n_groups=48, group_size=16, normal_neighbours=6, pose="none")
     samples = [prepare_3d(c, params) for c in data.clouds]
     images = np.stack([zero_background(im, foreground_mask(c)) for im, c in zip(data.images, data.clouds)])
     return samples, colour_patch_features(images), (8, 8)
@@ -208,6 +223,20 @@ def test_one_vs_pool_equals_the_batch_row(small, mode):
         assert np.isclose(one.raw, batch.raw[i], rtol=1e-5)
         np.testing.assert_allclose(one.feature, batch.features[i], atol=1e-5)
     assert batch.maps.shape == (7, 64, 64) and np.isfinite(batch.rescored).all()
+
+
+def test_fused_map_weighs_each_modality_by_the_parts_typical_score(small):
+    samples, sets_2d, grid = small
+    raw = score_batch(sets_2d, samples, grid, 64, FusionParams(sigma=1.0, map_units="raw"))
+    part = score_batch(sets_2d, samples, grid, 64, FusionParams(sigma=1.0))
+    np.testing.assert_allclose(raw.raw, raw.maps.reshape(len(samples), -1).max(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(part.raw, raw.raw)            # the image score is MuSc-V2's either way
+    n = len(samples)
+    map_2d = upsample(part.patch_2d, (64, 64)) / typical_score(part.patch_2d.reshape(n, -1))[:, None, None]
+    map_3d = np.stack([centre_map(c, s.propagation, sigma=1.0) for c, s in zip(part.centre_3d, samples)])
+    map_3d /= typical_score(part.centre_3d)[:, None, None]
+    np.testing.assert_allclose(part.maps, map_2d + map_3d, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(part.maps, raw.maps, rtol=1e-3)
 
 
 def test_pools_too_small_and_mismatched_inputs(small):

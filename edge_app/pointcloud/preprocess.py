@@ -2,7 +2,8 @@
 
 Order, as in the official MVTec 3D-AD preprocessing: fit the background plane by RANSAC on the image-border
 strip and drop points near it; keep the largest spatially connected cluster; nearest-neighbour resize of
-the organised map to the model grid; centre on the foreground centroid and scale by the max radius.
+the organised map to the model grid (or its warp to the part's canonical view, :mod:`.pose`); centre on the
+foreground centroid and scale by the max radius.
 Distances are in the sensor's units; the defaults are MVTec 3D-AD's (metres). Pure numpy / scipy.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .io import CloudError, valid_mask
+from .pose import canonical_affine, warp_cloud
 
 # Half of the 26-neighbourhood: every unordered pair of touching voxels is visited once.
 _HALF_NEIGHBOURHOOD = np.array([(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1)
@@ -45,6 +47,7 @@ class PreparedCloud:
     centroid: np.ndarray    # [3] foreground centroid in sensor units
     scale: float            # max radius in sensor units
     foreground: np.ndarray  # [H, W] bool kept pixels at the input resolution (see zero_background)
+    affine: np.ndarray | None = None   # [2, 3] input pixel -> grid (canonical view); None: a plain resize
 
 
 def border_strip(shape: tuple[int, int], width: int) -> np.ndarray:
@@ -163,18 +166,30 @@ def normalise_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]
 
 
 def prepare_cloud(cloud: np.ndarray, size: int = 224, params: PreprocessParams = PreprocessParams(),
-                  source: str = "<cloud>") -> PreparedCloud:
-    """Foreground points of an organised ``[H, W, 3]`` cloud (NaN = missing) on a ``size x size`` grid."""
+                  source: str = "<cloud>", pose_margin: float | None = None) -> PreparedCloud:
+    """Foreground points of an organised ``[H, W, 3]`` cloud (NaN = missing) on a ``size x size`` grid.
+
+    ``pose_margin`` None: the grid is the whole frame, resized. A number: the grid is the part's canonical
+    view (:mod:`.pose`), the part's extent times ``pose_margin`` filling it.
+    """
     if cloud.ndim != 3 or cloud.shape[2] != 3:
         raise CloudError(f"{source}: expected an organised cloud [H, W, 3], got shape {cloud.shape}")
     keep = foreground_mask(cloud, params, source)
     masked = np.where(keep[..., None], cloud, np.float32(np.nan)).astype(np.float32, copy=False)
-    resized = resize_nearest(masked, size)
+    affine = None
+    if pose_margin is None:
+        resized = resize_nearest(masked, size)
+    else:
+        try:
+            affine = canonical_affine(keep, size, pose_margin)
+        except ValueError as exc:
+            raise CloudError(f"{source}: {exc}") from exc
+        resized = warp_cloud(masked, affine, size)
     on_grid = valid_mask(resized)
     if not on_grid.any():
         raise CloudError(f"{source}: the foreground vanishes when resized to {size}x{size}")
     points, centroid, scale = normalise_points(resized[on_grid])
-    return PreparedCloud(points, np.flatnonzero(on_grid), size, centroid, scale, keep)
+    return PreparedCloud(points, np.flatnonzero(on_grid), size, centroid, scale, keep, affine)
 
 
 def zero_background(image: np.ndarray, foreground: np.ndarray) -> np.ndarray:

@@ -79,7 +79,9 @@ def scan_line_config(plc_address: str, conveyor: Path, storage: Path, *, rate: f
         "model": {"size": size},
         "recipes": {"default": {"threshold": 1.0, "modality": "2d+3d",
                                 "pool": {"capacity": 20, "min_size": 8},
-                                "scan": {"n_groups": max(8, round(1024 * area)),
+                                # the synthetic parts ride a rail, always the same way up: the whole
+                                # frame compares them better than a canonical view re-fitted per part
+                                "scan": {"pose": "none", "n_groups": max(8, round(1024 * area)),
                                          "group_size": max(8, round(128 * area)),
                                          "normal_neighbours": 16 if size >= REFERENCE_SIZE else 8}}},
         "source": {"type": "replay", "path": str(conveyor), "pattern": SCAN_PATTERN, "cloud_path": CLOUD_PATH,

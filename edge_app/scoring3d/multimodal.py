@@ -12,7 +12,7 @@ input (raster order), e.g. from :func:`musc_edge.edge.scoring.prepare`. 3D input
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from ..pointcloud.io import CloudError
 from ..pointcloud.ipg import (CURVATURE_THRESHOLD, DEFAULT_GROUP_SIZE, DEFAULT_GROUPS, DEFAULT_K_ITER, MIN_POINTS,
                               Grouping,
                               group_points)
+from ..pointcloud.pose import DEFAULT_MARGIN, frame_to_canonical, to_frame
 from ..pointcloud.patches import bilinear_weights, box_degrees, cell_centres, covered_pixels, pool_to_grid
 from ..pointcloud.preprocess import PreparedCloud, PreprocessParams, prepare_cloud
 from ..scoring.aggregate import DEFAULT_DEGREES, l2_normalise
@@ -36,6 +37,8 @@ from .snamd3d import nearest_centres, snamd3d
 
 MODES = ("2d", "3d", "2d+3d")
 TOKENS = ("fpfh", "groups")
+POSES = ("axis", "none")
+MAP_UNITS = ("part", "raw")
 DEFAULT_PATCH_PIXELS = 8   # 28 x 28 patches at 224 px, the 3D-AD FPFH baseline's grid
 DEFAULT_PATCH_DEGREES = (1, 3, 5)
 
@@ -52,10 +55,19 @@ class Params3D:
     ``tokens`` ``fpfh`` (default): per-point FPFH pooled over ``patch_pixels`` square patches, one layer per
     ``patch_degrees`` box size (the known training-free baseline, measured best on real scans);
     ``groups``: MuSc-V2's FPS/IPG groups with hand-crafted group descriptors at ``scales`` and SNAMD-3D.
+
+    ``pose`` ``axis`` (default): the cloud and its image are scored in the part's canonical view
+    (:mod:`musc_edge.edge.pointcloud.pose`: cropped to the part, turned to its principal axis, its extent
+    times ``pose_margin`` filling the grid); ``none``: the whole frame, resized. FPFH runs on every
+    ``point_stride``-th grid pixel in each direction (default: ``size // 112`` in the canonical view, about
+    6,000 points of a part that fills it; ``size // 224`` on the whole frame).
     """
 
     size: int = 224
     tokens: str = "fpfh"
+    pose: str = "axis"
+    pose_margin: float = DEFAULT_MARGIN
+    point_stride: int | None = None
     patch_pixels: int = DEFAULT_PATCH_PIXELS
     patch_degrees: tuple[int, ...] = DEFAULT_PATCH_DEGREES
     fpfh_neighbours: int = FPFH_NEIGHBOURS
@@ -74,6 +86,15 @@ class Params3D:
     def __post_init__(self) -> None:
         if self.tokens not in TOKENS:
             raise ValueError(f"unknown 3D tokens {self.tokens!r}: expected one of {TOKENS}")
+        if self.pose not in POSES:
+            raise ValueError(f"unknown pose {self.pose!r}: expected one of {POSES}")
+
+    @property
+    def stride(self) -> int:
+        """FPFH point stride on the grid."""
+        if self.point_stride is not None:
+            return self.point_stride
+        return max(1, self.size // (112 if self.pose == "axis" else 224))
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,7 @@ class Sample3D:
     curvature: np.ndarray       # [G]
     layers: tuple[np.ndarray, ...]  # per layer [G, F] SNAMD-3D features, as scored by MSM
     propagation: Propagation    # centre scores -> pixel map
+    view: np.ndarray | None = None  # [2, 3] frame's size x size grid -> scoring grid (canonical view)
 
     @property
     def size(self) -> int:
@@ -94,7 +116,12 @@ class Sample3D:
 
 @dataclass(frozen=True)
 class FusionParams:
-    """Scoring settings (defaults: MuSc-V2)."""
+    """Scoring settings (defaults: MuSc-V2's, but for ``map_units``).
+
+    ``map_units`` (2d+3d) ``part`` (default): the fused map adds each modality's map in units of the part's own
+    median patch score, so neither modality's distance scale drowns the other (2D distances are ~0.2, 3D
+    ~15); the image score stays the maximum of MuSc-V2's plain sum. ``raw``: the map is that plain sum.
+    """
 
     mode: str = "2d+3d"                    # 2d | 3d | 2d+3d
     fraction: float = DEFAULT_FRACTION
@@ -102,29 +129,31 @@ class FusionParams:
     salient_layer: int = 1                 # 0-based; 1 = block 8 of blocks (4, 8, 12)
     sigma: float = DEFAULT_SIGMA           # 3D map blur, pixels at the 224 grid
     quantise_3d: bool = False              # reproduce the official 8-bit blur quirk
-    normalise: bool = False                # 2d+3d: each modality in units of the part's own typical score
+    map_units: str = "part"                # 2d+3d map: part | raw
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: expected one of {MODES}")
+        if self.map_units not in MAP_UNITS:
+            raise ValueError(f"unknown map_units {self.map_units!r}: expected one of {MAP_UNITS}")
 
 
 @dataclass
 class MultimodalBatch:
-    maps: np.ndarray               # [N, size, size] final (fused) maps
-    patch_2d: np.ndarray | None    # [N, h, w] 2D patch scores
+    maps: np.ndarray               # [N, size, size] final (fused) maps, on each frame's grid
+    patch_2d: np.ndarray | None    # [N, h, w] 2D patch scores (scoring grid)
     centre_3d: np.ndarray | None   # [N, G] 3D centre scores
-    raw: np.ndarray                # [N] max of each final map
+    raw: np.ndarray                # [N] image scores: max of each plain-sum map
     rescored: np.ndarray           # [N] after RsCon
     features: np.ndarray           # [N, F] salient features used by RsCon
 
 
 @dataclass
 class MultimodalResult:
-    map: np.ndarray                # [size, size]
-    patch_2d: np.ndarray | None    # [h, w]
+    map: np.ndarray                # [size, size], on the frame's grid
+    patch_2d: np.ndarray | None    # [h, w] (scoring grid)
     centre_3d: np.ndarray | None   # [G]
-    raw: float
+    raw: float                     # image score: max of the plain-sum map
     feature: np.ndarray            # [F] salient feature, for rescore_one
 
 
@@ -138,6 +167,15 @@ def sample_from_tokens(cloud: PreparedCloud, grouping: Grouping, tokens: Sequenc
                     grouping.curvature, layers, prop)
 
 
+def thin_points(cloud: PreparedCloud, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(points, pixel_ids)`` of the grid pixels whose row and column are multiples of ``stride``."""
+    if stride <= 1:
+        return cloud.points, cloud.pixel_ids
+    rows, cols = np.divmod(cloud.pixel_ids, cloud.size)
+    thin = (rows % stride == 0) & (cols % stride == 0)
+    return cloud.points[thin], cloud.pixel_ids[thin]
+
+
 def fpfh_sample(cloud: PreparedCloud, params: Params3D) -> Sample3D:
     """A :class:`Sample3D` whose "groups" are the cells of a square patch grid holding pooled FPFH.
 
@@ -148,11 +186,15 @@ def fpfh_sample(cloud: PreparedCloud, params: Params3D) -> Sample3D:
     if params.patch_pixels < 1 or size % params.patch_pixels:
         raise ValueError(f"a {size}x{size} grid is not a whole number of {params.patch_pixels}-pixel patches")
     grid = size // params.patch_pixels
-    if len(cloud.points) < MIN_POINTS:
-        raise ValueError(f"too few foreground points for FPFH: {len(cloud.points)} < {MIN_POINTS}")
+    stride = params.stride
+    points, pixel_ids = thin_points(cloud, stride)
+    if len(points) < MIN_POINTS:
+        raise ValueError(f"too few foreground points for FPFH: {len(points)} < {MIN_POINTS}")
     sensor = -cloud.centroid / cloud.scale     # the camera, in the normalised frame of the points
-    per_point = fpfh(cloud.points, params.fpfh_normal_neighbours, params.fpfh_neighbours, sensor=sensor)
-    layers = box_degrees(pool_to_grid(per_point, cloud.pixel_ids, size, grid), params.patch_degrees)
+    per_point = fpfh(points, params.fpfh_normal_neighbours, params.fpfh_neighbours, sensor=sensor)
+    # a cell's mean over all its pixels, thinned ones included, on the scale of an unthinned grid
+    tokens = pool_to_grid(per_point, pixel_ids, size, grid) * np.float32(stride * stride)
+    layers = box_degrees(tokens, params.patch_degrees)
     centre_pixels = cell_centres(size, grid)
     rows, cols = np.divmod(centre_pixels, size)
     centres = np.stack([cols / size - 0.5, rows / size - 0.5, np.zeros(len(rows))], axis=1).astype(np.float32)
@@ -165,21 +207,35 @@ def fpfh_sample(cloud: PreparedCloud, params: Params3D) -> Sample3D:
                     Propagation(index, weight, support, size))
 
 
-def prepare_3d(cloud: np.ndarray, params: Params3D = Params3D(), source: str = "<cloud>") -> Sample3D:
-    """Organised cloud ``[H, W, 3]`` (NaN = missing) -> :class:`Sample3D` with ``params.tokens`` tokens."""
-    prepared = prepare_cloud(cloud, params.size, params.preprocess, source)
-    if params.tokens == "fpfh":
-        try:
-            return fpfh_sample(prepared, params)
-        except ValueError as exc:
-            raise CloudError(f"{source}: {exc}") from exc
-    try:
-        grouping = group_points(prepared.points, params.n_groups, params.group_size, params.grouping,
-                                params.k_iter, params.tau, params.seed)
-    except ValueError as exc:
-        raise CloudError(f"{source}: {exc}") from exc
+def group_sample(prepared: PreparedCloud, params: Params3D) -> Sample3D:
+    """A :class:`Sample3D` of MuSc-V2's FPS/IPG point groups with hand-crafted descriptors and SNAMD-3D."""
+    grouping = group_points(prepared.points, params.n_groups, params.group_size, params.grouping, params.k_iter,
+                            params.tau, params.seed)
     tokens = descriptor_layers(prepared.points, grouping, params.scales, normal_neighbours=params.normal_neighbours)
     return sample_from_tokens(prepared, grouping, tokens, params.degrees, params.tau)
+
+
+def sample_from_cloud(prepared: PreparedCloud, params: Params3D = Params3D(), source: str = "<cloud>") -> Sample3D:
+    """A preprocessed cloud -> :class:`Sample3D` with ``params.tokens`` tokens (degenerate geometry raises
+    :class:`CloudError` naming ``source``)."""
+    try:
+        sample = fpfh_sample(prepared, params) if params.tokens == "fpfh" else group_sample(prepared, params)
+    except ValueError as exc:
+        raise CloudError(f"{source}: {exc}") from exc
+    if prepared.affine is None:
+        return sample
+    return replace(sample, view=frame_to_canonical(prepared.affine, prepared.foreground.shape, prepared.size))
+
+
+def prepare_3d(cloud: np.ndarray, params: Params3D = Params3D(), source: str = "<cloud>") -> Sample3D:
+    """Organised cloud ``[H, W, 3]`` (NaN = missing) -> :class:`Sample3D` with ``params.tokens`` tokens."""
+    return sample_from_cloud(prepare_cloud(cloud, params.size, params.preprocess, source, pose_margin(params)),
+                             params, source)
+
+
+def pose_margin(params: Params3D) -> float | None:
+    """What :func:`musc_edge.edge.pointcloud.prepare_cloud` takes for ``params.pose``."""
+    return params.pose_margin if params.pose == "axis" else None
 
 
 def stack_layers(samples: Sequence[Sample3D]) -> list[np.ndarray]:
@@ -203,42 +259,72 @@ def _augment(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return query, refs
 
 
+def compact_tokens(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``([..., C, F] tokens, [..., G] live)``: each sample's non-zero tokens first (in order), then zeros.
+
+    Cells off the part are all-zero tokens, most of an FPFH patch grid. For nearest-token distances a sample
+    needs its live tokens and one zero token (if it has any): ``C`` is the largest live count plus one (at most
+    ``G``), so every sample keeps all its live tokens and, where it has empty cells, at least one zero.
+    """
+    live = features.any(axis=-1)
+    g = features.shape[-2]
+    c = min(int(live.sum(axis=-1).max(initial=0)) + 1, g)
+    order = np.argsort(~live, axis=-1, kind="stable")[..., :c]
+    return np.take_along_axis(features, order[..., None], axis=-2), live
+
+
 def euclidean_sample_distances(query: np.ndarray, refs: np.ndarray) -> np.ndarray:
     """``[G, K]`` exact L2 distance of each query group to its nearest group in each of ``refs [K, G', F]``.
 
     SNAMD-3D features are not unit-norm (flat groups are pooled, pitfall 9), so the unit-vector shortcut
     of :func:`musc_edge.edge.scoring.msm.patch_to_sample_distances` does not apply. One matrix product of
     augmented vectors still gives ``|b|^2 - 2 a.b`` for all pairs; ``|a|^2`` is added after the minimum.
+    Only live (non-zero) tokens enter the product (:func:`compact_tokens`); an empty query cell's distance
+    is the norm of the reference's smallest token (0 where the reference has an empty cell too).
     """
     k = refs.shape[0]
     if k < 1:
         raise PoolTooSmallError("no reference samples to score against")
-    q, _ = _augment(query)
+    refs, _ = compact_tokens(refs)
     _, r = _augment(refs.reshape(-1, refs.shape[-1]))
-    best = (q @ r.T).reshape(query.shape[0], k, -1).min(axis=2)
-    best += np.einsum("ij,ij->i", query, query)[:, None]
-    return np.sqrt(np.maximum(best, 0.0), out=best)
+    out = np.empty((query.shape[0], k), dtype=np.float32)
+    out[:] = r[:, -1].reshape(k, -1).min(axis=1)
+    live = query.any(axis=1)
+    if live.any():
+        tokens = query[live]
+        q, _ = _augment(tokens)
+        best = (q @ r.T).reshape(len(q), k, refs.shape[1]).min(axis=2)
+        out[live] = best + np.einsum("ij,ij->i", tokens, tokens)[:, None]
+    return np.sqrt(np.maximum(out, 0.0), out=out)
 
 
 def batch_euclidean_distances(features: np.ndarray, chunk: int = 8) -> np.ndarray:
     """``[N, G, N]`` exact L2 group-to-sample distances of every sample against every other (diagonal inf).
 
-    Each pair (i, j) is computed once: ``|a_i - b_j|^2`` from one augmented product, row minima score i
-    against j and column minima j against i.
+    Each pair (i, j) is computed once on live tokens (:func:`compact_tokens`): ``|a_i - b_j|^2`` from one
+    augmented product, row minima score i against j and column minima j against i.
     """
     n, g, f = features.shape
     if n < 2:
         raise PoolTooSmallError(f"batch scoring needs at least 2 samples, got {n}")
-    query, refs = _augment(features)
+    tokens, live = compact_tokens(features)
+    c = tokens.shape[1]
+    query, refs = _augment(tokens)
     sq = refs[..., -1]
-    best = np.full((n, g, n), np.inf, dtype=np.float32)
+    best_live = np.full((n, c, n), np.inf, dtype=np.float32)
     for i in range(n - 1):
         for start in range(i + 1, n, chunk):
             stop = min(start + chunk, n)
-            partial = (query[i] @ refs[start:stop].reshape(-1, f + 1).T).reshape(g, stop - start, g)
+            partial = (query[i] @ refs[start:stop].reshape(-1, f + 1).T).reshape(c, stop - start, c)
             partial += sq[i][:, None, None]                      # now |a - b|^2 for every pair
-            best[i, :, start:stop] = partial.min(axis=2)
-            best[start:stop, :, i] = partial.min(axis=0)
+            best_live[i, :, start:stop] = partial.min(axis=2)
+            best_live[start:stop, :, i] = partial.min(axis=0)
+    best = np.empty((n, g, n), dtype=np.float32)
+    best[:] = sq.min(axis=1)                 # empty cells: the reference's smallest token
+    for i in range(n):
+        rows = np.flatnonzero(live[i])
+        best[i, rows] = best_live[i, :len(rows)]
+        best[i, :, i] = np.inf
     return np.sqrt(np.maximum(best, 0.0), out=best)
 
 
@@ -267,21 +353,45 @@ def _check_size(size: int, grid: tuple[int, int] | None, p: int | None, samples:
         raise ValueError(f"3D samples were prepared for a {sorted(bad)} grid but scoring uses {size}x{size}")
 
 
-def typical_score(scores: np.ndarray) -> np.ndarray:
-    """``[N]`` median of each row of ``scores [N, P]`` over its non-zero entries (cells off the part score 0).
-
-    A part's median patch score is its typical distance to the pool: it carries what the whole part shares
-    (pose, lighting, the descriptors' units), not the defect, so scores divided by it are dimensionless and
-    the 2D and 3D maps can be summed on a common scale.
-    """
-    masked = np.where(scores > 0, scores, np.nan)
-    typical = np.nanmedian(masked, axis=1) if np.isfinite(masked).any() else np.ones(len(scores))
-    return np.where(np.isfinite(typical) & (typical > 0), typical, 1.0).astype(np.float32)
-
-
 def _salient_feature(parts: list[np.ndarray]) -> np.ndarray:
     """Concatenation of unit salient features, scaled to unit norm."""
     return np.concatenate([l2_normalise(p) for p in parts], axis=-1) / np.sqrt(len(parts))
+
+
+def typical_score(scores: np.ndarray) -> np.ndarray:
+    """``[N]`` median of each row of ``scores [N, P]`` over its non-zero entries (1 where none is).
+
+    A part's median patch score is its typical distance to the pool: what the whole part shares (the
+    modality's units, pose, lighting), not the defect.
+    """
+    masked = np.where(scores > 0, scores, np.nan)
+    with np.errstate(all="ignore"):
+        typical = np.nanmedian(masked, axis=1) if np.isfinite(masked).any() else np.ones(len(scores))
+    return np.where(np.isfinite(typical) & (typical > 0), typical, 1.0).astype(np.float32)
+
+
+def _maps(patch_2d: np.ndarray | None, centre_3d: np.ndarray | None, samples_3d: Sequence[Sample3D] | None,
+          grid: tuple[int, int] | None, size: int, params: FusionParams) -> tuple[np.ndarray, np.ndarray]:
+    """``([N, size, size] maps on each frame's grid, [N] image scores)`` from per-sample patch scores.
+
+    The image score is the maximum of the plain sum of the modality maps (MuSc-V2); with ``map_units``
+    ``part`` the map that is returned weighs each modality by the part's own typical score instead.
+    """
+    n = len(patch_2d if patch_2d is not None else centre_3d)
+    modality_maps = []
+    if patch_2d is not None:
+        modality_maps.append((upsample(patch_2d.reshape(n, *grid), (size, size)), patch_2d))
+    if centre_3d is not None:
+        modality_maps.append((np.stack([centre_map(centre_3d[i], s.propagation, params.sigma, params.quantise_3d)
+                                        for i, s in enumerate(samples_3d)]), centre_3d))
+    plain = sum(m for m, _ in modality_maps)
+    raw = plain.reshape(n, -1).max(axis=1)
+    maps = plain
+    if len(modality_maps) == 2 and params.map_units == "part":
+        maps = sum(m / typical_score(scores)[:, None, None] for m, scores in modality_maps)
+    if samples_3d is not None and centre_3d is not None:
+        maps = np.stack([to_frame(m, s.view) for m, s in zip(maps, samples_3d)])
+    return maps, raw
 
 
 def score_batch(sets_2d: Sequence[np.ndarray] | None, samples_3d: Sequence[Sample3D] | None,
@@ -315,23 +425,16 @@ def score_batch(sets_2d: Sequence[np.ndarray] | None, samples_3d: Sequence[Sampl
             patch_2d += interval_mean(d2, k)   # the inf self-distance sorts last
         else:
             centre_3d += interval_mean(d3, k)
-    maps = np.zeros((n, size, size), dtype=np.float32)
     parts = []
     rows = np.arange(n)
     salient = _salient_index(params, n_layers)
-    if fused and params.normalise:
-        patch_2d /= typical_score(patch_2d)[:, None]
-        centre_3d /= typical_score(centre_3d)[:, None]
     if patch_2d is not None:
         patch_2d /= n_layers
-        maps += upsample(patch_2d.reshape(n, *grid), (size, size))
         parts.append(layers_2d[salient][rows, patch_2d.argmax(axis=1)])
     if centre_3d is not None:
         centre_3d /= n_layers
-        for i, sample in enumerate(samples_3d):
-            maps[i] += centre_map(centre_3d[i], sample.propagation, params.sigma, params.quantise_3d)
         parts.append(layers_3d[salient][rows, centre_3d.argmax(axis=1)])
-    raw = maps.reshape(n, -1).max(axis=1)
+    maps, raw = _maps(patch_2d, centre_3d, samples_3d if layers_3d else None, grid, size, params)
     features = _salient_feature(parts)
     return MultimodalBatch(maps, None if patch_2d is None else patch_2d.reshape(n, *grid), centre_3d, raw,
                            rescore_batch(raw, features, params.windows), features)
@@ -374,19 +477,15 @@ def score_one(query_2d: Sequence[np.ndarray] | None, query_3d: Sample3D | None,
             patch_2d += interval_mean(d2, k)
         if use_3d:
             centre_3d += interval_mean(d3, k)
-    final = np.zeros((size, size), dtype=np.float32)
     parts = []
     salient = _salient_index(params, n_layers)
-    if proj is not None and params.normalise:
-        patch_2d /= typical_score(patch_2d[None])[0]
-        centre_3d /= typical_score(centre_3d[None])[0]
     if use_2d:
         patch_2d /= n_layers
-        final += upsample(patch_2d.reshape(grid), (size, size))
         parts.append(query_2d[salient][patch_2d.argmax()])
     if use_3d:
         centre_3d /= n_layers
-        final += centre_map(centre_3d, query_3d.propagation, params.sigma, params.quantise_3d)
         parts.append(query_3d.layers[salient][centre_3d.argmax()])
-    return MultimodalResult(final, None if patch_2d is None else patch_2d.reshape(grid), centre_3d,
-                            float(final.max()), _salient_feature(parts))
+    maps, raw = _maps(None if patch_2d is None else patch_2d[None], None if centre_3d is None else centre_3d[None],
+                      [query_3d] if use_3d else None, grid, size, params)
+    return MultimodalResult(maps[0], None if patch_2d is None else patch_2d.reshape(grid), centre_3d,
+                            float(raw[0]), _salient_feature(parts))

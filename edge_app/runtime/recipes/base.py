@@ -70,7 +70,17 @@ class Recipe(ABC):
         self.name, self.settings, self.scoring = name, settings, scoring
         self.threshold = settings.threshold
         self.rejected_duplicates = 0
+        self.near_duplicate_distance = settings.pool.near_duplicate_distance
+        if self.near_duplicate_distance is None:
+            self.near_duplicate_distance = self.default_near_duplicate_distance(settings)
         self.guard = PoolGuard(settings.guard)
+
+    @staticmethod
+    def default_near_duplicate_distance(settings: RecipeSettings) -> float:
+        """Below this mean nearest-patch distance to a member a part is the same part seen again: a noisy
+        re-capture of one real part measures about 0.01, different synthetic scans on the whole frame 0.09
+        and more."""
+        return 0.1
 
     # -- identity & persistence ----------------------------------------------------------------------------
     def identity(self) -> dict:
@@ -155,7 +165,7 @@ class Recipe(ABC):
         if part.test_part:
             return False
         nearest = prepared.nearest if prepared.nearest is not None else self._nearest(prepared)
-        if nearest < settings.near_duplicate_distance:
+        if nearest < self.near_duplicate_distance:
             self.rejected_duplicates += 1
             return False
         if not self.guard.allow_admission(part, prepared):  # a look-alike of a recent reject
