@@ -6,7 +6,7 @@ Prints per-stage latency percentiles (decode, features, scoring, link), checks t
 one ledger row and one acknowledged message, and measures the image AUROC of the streamed scores over the
 test images. ``--find-rate`` also searches the highest rate this machine sustains with no NO_VERDICT.
 ``--view`` runs pairs of line runs, without and with the operator view (``musc-edge view``) open in headless
-Chromium (at nice 10, as deploy/operator-kiosk.sh starts a panel), and prints the p99 latencies of both sides
+Chromium (at idle CPU priority, as deploy/operator-kiosk.sh starts a panel), and prints the p99 latencies of both sides
 and the CPU time of the view process and of the browser.
 ``--mqtt-outage S`` also publishes every part to a local mosquitto that is stopped for S seconds mid-run, and
 checks that every part's event reached the broker afterwards, in order, once.
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from sklearn.metrics import roc_auc_score
 
+from musc_edge.edge.background import idle_this_thread, lower_this_thread
 from musc_edge.edge.config import parse_config
 from musc_edge.edge.plc_sim import PlcSimulator
 from musc_edge.edge.record import Reason, Verdict
@@ -145,9 +146,10 @@ class OpenView:
     must equal the ledger's, which shows the page was live throughout.
     """
 
-    def __init__(self, storage: Path, port: int = 8751, browser_nice: int = 10, client: str = "chromium") -> None:
+    def __init__(self, storage: Path, port: int = 8751, browser_priority: str = "idle",
+                 client: str = "chromium") -> None:
         shutil.rmtree(storage, ignore_errors=True)
-        self.browser_nice, self.client = browser_nice, client
+        self.browser_priority, self.client = browser_priority, client
         self.url = f"http://127.0.0.1:{port}/"
         self.process = subprocess.Popen([sys.executable, "-m", "musc_edge.edge.cli", "view", "--dir", str(storage),
                                          "--port", str(port)], cwd=ROOT, stderr=subprocess.DEVNULL)
@@ -164,10 +166,14 @@ class OpenView:
         from playwright.sync_api import sync_playwright
 
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        # Priority is per thread and inherited: set here, before Playwright starts its driver and the driver
+        # Chromium, it covers every process and thread of the browser, as deploy/operator-kiosk.sh does.
+        if self.browser_priority == "idle":
+            idle_this_thread()
+        else:
+            lower_this_thread(int(self.browser_priority))
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, headless=True)
-            for pid in self._browser_pids():   # as deploy/operator-kiosk.sh starts a panel on the device
-                os.setpriority(os.PRIO_PROCESS, pid, self.browser_nice)
             page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
             retry_until_up(lambda: page.goto(self.url))
             self._opened.set()
@@ -251,7 +257,7 @@ def pooled_p99(runs: list[dict]) -> float | None:
 
 
 def compare_with_view(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int,
-                      limit: int | None, pairs: int = 2, browser_nice: int = 10, client: str = "chromium",
+                      limit: int | None, pairs: int = 2, browser_priority: str = "idle", client: str = "chromium",
                       **line) -> dict:
     """``pairs`` pairs of the same line run, one without and one with the operator view open in headless
     Chromium, the order alternating (without first, then with first, ...) so a drift in the machine's speed
@@ -263,7 +269,7 @@ def compare_with_view(paths: list[str], link: str, rate: float, out: Path, thres
             if not with_view:
                 plain.append(run(paths, link, rate, out, threshold, pool, limit, quiet=True, keep_totals=True, **line))
                 continue
-            view = OpenView(out.with_name(out.name + "_view"), browser_nice=browser_nice, client=client)
+            view = OpenView(out.with_name(out.name + "_view"), browser_priority=browser_priority, client=client)
             try:
                 before = view.cpu_seconds()
                 viewed.append(run(paths, link, rate, out.with_name(out.name + "_view"), threshold, pool, limit,
@@ -280,7 +286,7 @@ def compare_with_view(paths: list[str], link: str, rate: float, out: Path, thres
     for r in plain + viewed:
         r.pop("totals_ms")
     return {"link": link, "rate": rate, "parts": plain[0]["parts"], "pairs": pairs, "client": client,
-            "browser_nice": browser_nice,
+            "browser_priority": browser_priority,
             "p99_ms_without_view": p99[0], "p99_ms_with_view": p99[1],
             "p99_ratio": None if None in p99 else round(p99[1] / p99[0], 3),
             "p99_ms_per_run_without": [r["latency_ms"]["total"].get("p99") for r in plain],
@@ -368,8 +374,9 @@ def main() -> None:
     parser.add_argument("--view", action="store_true", help="run the line twice back to back, without and then "
                         "with the operator view open in headless Chromium, and compare the total p99 latency")
     parser.add_argument("--view-pairs", type=int, default=2, help="--view: pairs of runs (without / with the view)")
-    parser.add_argument("--browser-nice", type=int, default=10, help="--view: niceness of the headless browser "
-                        "(10, as deploy/operator-kiosk.sh starts a panel on the device; 0 for a plain browser)")
+    parser.add_argument("--browser-priority", default="idle", help="--view: CPU priority of the headless browser: "
+                        "idle (Linux SCHED_IDLE, as deploy/operator-kiosk.sh starts a panel on the device) or a "
+                        "niceness (0 for a plain browser)")
     parser.add_argument("--view-client", choices=("chromium", "http"), default="chromium",
                         help="--view: headless Chromium on this machine, or a panel elsewhere (its HTTP requests only)")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -385,7 +392,7 @@ def main() -> None:
     if args.view:
         for link in (("serial", "zmq") if args.link == "both" else (args.link,)):
             r = compare_with_view(paths, link, args.rate, args.out, args.threshold, args.pool, args.limit,
-                                  args.view_pairs, args.browser_nice, args.view_client, model=args.model,
+                                  args.view_pairs, args.browser_priority, args.view_client, model=args.model,
                                   precision=args.precision, scorer=args.scorer)
             for run_result in r["runs"]:
                 print_result(run_result)
