@@ -3,8 +3,10 @@
 Per layer, MSM distances per modality (2D through the core's unit-vector shortcut, 3D as exact L2 because
 SNAMD-3D features are not unit-norm; in 2D+3D mode both enhanced by CAE), interval average, mean over
 layers. The 2D patch map is upsampled bilinearly to ``size x size``, the 3D centre scores are propagated to
-pixels and blurred; the final map is their plain sum, the image score its max. Re-scoring (RsCon) uses
-the concatenated "anomaly-salient" features [2D; 3D] of the salient layer (MuSc-V2 pipeline, ``muscv2.py``).
+pixels and blurred; the image score is the max of their plain sum, the fused map weighs each by the part's
+own median patch score (``FusionParams.map_units``). Maps are returned on the frame's grid (a sample scored in
+its canonical view is warped back, ``Sample3D.view``). Re-scoring (RsCon) uses the concatenated
+"anomaly-salient" features [2D; 3D] of the salient layer (MuSc-V2 pipeline, ``muscv2.py``).
 
 2D inputs are unit-norm patch features ``[P, D]`` per layer on an ``h x w`` grid for a ``size x size``
 input (raster order), e.g. from :func:`musc_edge.edge.scoring.prepare`. 3D inputs are :class:`Sample3D`.
