@@ -3,9 +3,10 @@
 A ``3d`` / ``2d+3d`` recipe scores each part's organised cloud (and, fused, its image) one-vs-pool with
 :func:`musc_edge.edge.scoring3d.score_one`. The cloud is scored on the ``model.size`` grid of the image, so the
 two stay pixel-aligned for CAE and the summed map: by default the part's canonical view (``scan.pose``), both
-cropped to the part and turned to its axis; the map comes back on the frame's grid. Every problem with the cloud (missing, not ``[H, W, 3]``,
-no valid point, a size other than the image's, absurd coordinates, nothing left after background removal)
-decides the part NO_VERDICT / SCANNER_ERROR with the reason in ``detail``; it never raises.
+cropped to the part and turned to its axis; the map comes back on the frame's grid. Every problem with the
+cloud (missing, not ``[H, W, 3]``, no valid point, a size other than the image's, absurd coordinates, nothing
+left after background removal) decides the part NO_VERDICT / SCANNER_ERROR with the reason in ``detail``; it
+never raises.
 """
 from __future__ import annotations
 
