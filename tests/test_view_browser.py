@@ -4,11 +4,13 @@ simulated line runs. The page must show the counters moving and a reject's heat-
 reload. Screenshots go to the test's temporary folder (operator-view.png, operator-view-part.png)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import threading
 import time
+import urllib.request
 from contextlib import contextmanager
 
 import pytest
@@ -65,6 +67,16 @@ def test_the_page_follows_a_running_line_and_shows_a_rejects_overlay(toy_model, 
         overlay = "#flagged a.thumb.ng img[src$='/thumb']"
         loaded = f"[...document.querySelectorAll(\"{overlay}\")].some(i => i.complete && i.naturalWidth > 0)"
         page.wait_for_function(loaded, timeout=60_000)
+        # The reject tiles, updated in place as rejects come, are the live feed's, newest first.
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(url + "/api/live", timeout=10) as reply:
+                want = [f"/part/{part['seq']}" for part in json.load(reply)["flagged"]]
+            got = page.eval_on_selector_all("#flagged a.thumb", "tiles => tiles.map((a) => a.getAttribute('href'))")
+            if len(want) > 1 and got == want:
+                break
+            assert time.monotonic() < deadline, f"tiles {got} are not the live feed's {want}"
+            page.wait_for_timeout(200)
         page.wait_for_selector("#histograms svg line.threshold", state="attached")
         assert line.stats.parts < 48, "the line had finished: the page did not follow it live"
         assert page.text_content("#run-state") == "RUNNING"
