@@ -77,9 +77,6 @@ class PollingPlcSimulator(SimControls):
         """(Re)connect to the runtime; raise OSError/ConnectionError when it is not there."""
 
     @abstractmethod
-    def _disconnect(self) -> None: ...
-
-    @abstractmethod
     def _read(self) -> PlcView:
         """One scan's read of the runtime's block; raise OSError/ConnectionError on a broken link."""
 

@@ -46,12 +46,9 @@
                        + (part.score === null ? "" : ` · ${num(part.score, 2)}`))));
   }
 
-  let flaggedKey = null;
   function drawFlagged(flagged) {
     // Rebuilt only when a part or an archived image changed: no flicker, images stay cached.
-    const key = JSON.stringify(flagged.map((p) => [p.seq, p.images]));
-    if (key === flaggedKey) return;
-    flaggedKey = key;
+    if (!changed("flagged", flagged.map((p) => [p.seq, p.images]))) return;
     const box = $("flagged");
     box.replaceChildren(...(flagged.length ? flagged.map(thumb) : [el("p", { class: "empty" }, "No rejects this shift.")]));
   }
@@ -156,7 +153,7 @@
     setText("updated", `updated ${time(page.now, { hour: "2-digit", minute: "2-digit", second: "2-digit" })}`);
     if (changed("health", live)) drawHealth(live);
     if (!page.ledger) {
-      flaggedKey = null;
+      delete drawn.flagged;   // redrawn when the ledger is back
       $("flagged").replaceChildren(el("p", { class: "empty" }, page.ledger_error || "Waiting for the line's ledger."));
       return;
     }
