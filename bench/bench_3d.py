@@ -20,16 +20,16 @@ import numpy as np
 
 from scipy.spatial import cKDTree
 
-from musc_edge.edge.pointcloud import box_degrees, descriptor_layers, group_points, pool_to_grid, prepare_cloud, read_cloud
-from musc_edge.edge.pointcloud.fpfh import fpfh, knn, pca_normals, spfh
-from musc_edge.edge.scoring import l2_normalise, patch_to_sample_distances
-from musc_edge.edge.scoring3d import (FusionParams, Params3D, cae, centre_map, euclidean_sample_distances, fpfh_sample,
-                                prepare_3d, projection, sample_from_tokens, score_one, stack_layers)
-from musc_edge.edge.evaluation.runner import DEFAULT_BLOCKS
+from musc_edge.edge.evaluation.runner import DEFAULT_BLOCKS, select_layers
 from musc_edge.edge.features import FeatureEngine
 from musc_edge.edge.mediaio import read_image
+from musc_edge.edge.pointcloud import box_degrees, descriptor_layers, group_points, pool_to_grid, prepare_cloud, read_cloud
+from musc_edge.edge.pointcloud.fpfh import fpfh, knn, pca_normals, spfh
 from musc_edge.edge.runtime.recipes.recipe_scan import prepare_scan
+from musc_edge.edge.scoring import l2_normalise, patch_to_sample_distances
 from musc_edge.edge.scoring.musc import MuscParams, prepare
+from musc_edge.edge.scoring3d import (FusionParams, Params3D, cae, centre_map, euclidean_sample_distances, fpfh_sample,
+                                prepare_3d, projection, sample_from_tokens, score_one, stack_layers)
 from musc_edge.edge.scoring3d.multimodal import pose_margin, thin_points
 from musc_edge.edge.synthetic3d import generate_set
 
@@ -55,17 +55,18 @@ def whole_part(cloud: np.ndarray, image: np.ndarray, params: Params3D, pool_3d: 
                repeat: int) -> list[tuple[str, float]]:
     """One 2D+3D part as the line runs it, with the default model: rows for the 2D features and the total."""
     engine = FeatureEngine(DEFAULT_MODEL, size=SIZE)
-    blocks = engine.manifest.blocks
-    wanted = [blocks.index(b) for b in DEFAULT_BLOCKS]
-    sample, warped = prepare_scan(cloud, image, params, True, "bench")
-    t_features, feats = timeit(lambda: engine([warped], 1), repeat)
-    sets = prepare([feats.layers[i] for i in wanted], engine.grid, MuscParams())
-    pool_2d = [np.repeat(s, pool, axis=0) for s in sets]
+
+    def sets_of(image_c: np.ndarray) -> list[np.ndarray]:
+        layers = select_layers(engine([image_c], 1), engine.manifest.blocks, DEFAULT_BLOCKS)
+        return prepare(layers, engine.grid, MuscParams())
+
+    warped = prepare_scan(cloud, image, params, True, "bench")[1]
+    t_features, _ = timeit(lambda: engine([warped], 1), repeat)
+    pool_2d = [np.repeat(s, pool, axis=0) for s in sets_of(warped)]
 
     def part() -> object:
         query, image_c = prepare_scan(cloud, image, params, True, "bench")
-        f = engine([image_c], 1)
-        query_2d = [s[0] for s in prepare([f.layers[i] for i in wanted], engine.grid, MuscParams())]
+        query_2d = [s[0] for s in sets_of(image_c)]
         return score_one(query_2d, query, pool_2d, pool_3d, engine.grid, SIZE, FusionParams())
     t_part, _ = timeit(part, repeat)
     return [("2D features, default model (ONNX Runtime)", t_features),

@@ -6,8 +6,8 @@ Prints per-stage latency percentiles (decode, features, scoring, link), checks t
 one ledger row and one acknowledged message, and measures the image AUROC of the streamed scores over the
 test images. ``--find-rate`` also searches the highest rate this machine sustains with no NO_VERDICT.
 ``--view`` runs pairs of line runs, without and with the operator view (``musc-edge view``) open in headless
-Chromium (at idle CPU priority, as deploy/operator-kiosk.sh starts a panel), and prints the p99 latencies of both sides
-and the CPU time of the view process and of the browser.
+Chromium (at idle CPU priority, as deploy/operator-kiosk.sh starts a panel), and prints the p99 latencies of
+both sides and the CPU time of the view process and of the browser.
 ``--mqtt-outage S`` also publishes every part to a local mosquitto that is stopped for S seconds mid-run, and
 checks that every part's event reached the broker afterwards, in order, once.
 """
@@ -371,8 +371,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/bottle_line"))
     parser.add_argument("--limit", type=int, help="only the first N parts of the shuffled stream")
     parser.add_argument("--find-rate", action="store_true", help="also find the highest rate with no NO_VERDICT")
-    parser.add_argument("--view", action="store_true", help="run the line twice back to back, without and then "
-                        "with the operator view open in headless Chromium, and compare the total p99 latency")
+    parser.add_argument("--view", action="store_true", help="run pairs of line runs, without and with the "
+                        "operator view open in headless Chromium (order alternating), and compare the pooled p99")
     parser.add_argument("--view-pairs", type=int, default=2, help="--view: pairs of runs (without / with the view)")
     parser.add_argument("--browser-priority", default="idle", help="--view: CPU priority of the headless browser: "
                         "idle (Linux SCHED_IDLE, as deploy/operator-kiosk.sh starts a panel on the device) or a "
