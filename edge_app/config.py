@@ -138,7 +138,7 @@ class ScanSettings(_Strict):
     patch_degrees: Optional[tuple[int, ...]] = Field(None, description=(
         "fpfh: box size in patches of each 3D layer; default 1, 3, 5, ... one per layer (see scales)"))
     fpfh_neighbours: int = Field(100, ge=4, description="fpfh: nearest points per FPFH histogram")
-    fpfh_normal_neighbours: int = Field(30, ge=3, description="fpfh: nearest points per normal estimate")
+    fpfh_normal_neighbours: int = Field(15, ge=3, description="fpfh: nearest points per normal estimate")
     n_groups: int = Field(1024, ge=8, description="point groups (3D patches) per part")
     group_size: int = Field(128, ge=8, description="points per group")
     grouping: Literal["ipg", "knn"] = Field("ipg", description="ipg follows the surface across gaps; knn is plain")
