@@ -6,8 +6,8 @@ Prints per-stage latency percentiles (decode, features, scoring, link), checks t
 one ledger row and one acknowledged message, and measures the image AUROC of the streamed scores over the
 test images. ``--find-rate`` also searches the highest rate this machine sustains with no NO_VERDICT.
 ``--view`` runs pairs of line runs, without and with the operator view (``musc-edge view``) open in headless
-Chromium (at idle CPU priority, as deploy/operator-kiosk.sh starts a panel), and prints the p99 latencies of
-both sides and the CPU time of the view process and of the browser.
+Chromium (at idle CPU priority, as deploy/operator-kiosk.sh starts a panel; the line starts once the loaded page
+has settled), and prints the p99 latencies of both sides and the CPU time of the view process and of the browser.
 ``--mqtt-outage S`` also publishes every part to a local mosquitto that is stopped for S seconds mid-run, and
 checks that every part's event reached the broker afterwards, in order, once.
 """
@@ -139,6 +139,9 @@ def retry_until_up(first_request, within_s: float = 30.0) -> None:
             time.sleep(0.3)
 
 
+SETTLE_S = 5.0   # --view: seconds between the page's load and the line's start
+
+
 class OpenView:
     """``musc-edge view`` on the line's storage dir, open in headless Chromium (polling) while the line runs.
 
@@ -176,6 +179,9 @@ class OpenView:
             browser = pw.chromium.launch(executable_path=chromium, headless=True)
             page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
             retry_until_up(lambda: page.goto(self.url))
+            # A kiosk's page has been open for hours: the browser's first seconds after a load (about half a
+            # core for a second on the 2-core machine, then 1-2 %) are not what a line beside it sees.
+            time.sleep(SETTLE_S)
             self._opened.set()
             self._done.wait()
             try:   # the page catches up at its next refresh(es) after the last part
