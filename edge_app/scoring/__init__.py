@@ -1,4 +1,8 @@
-"""Pure-numpy MuSc / MuSc-V2 numerics: no I/O, no framework; testable, benchmarkable, portable."""
+"""MuSc / MuSc-V2 numerics in pure numpy: no I/O, no framework; testable, benchmarkable, portable.
+
+The one exception is :mod:`.onnx_msm` (not imported here): one-vs-pool MSM as an ONNX graph, which holds an
+ONNX Runtime session; numpy (:mod:`.msm`) is the reference it is tested against.
+"""
 from .aggregate import aggregate, l2_normalise, lnamd, snamd
 from .maps import image_scores, upsample
 from .msm import OneVsPool, PoolTooSmallError, interval_k, interval_mean, one_vs_pool, patch_to_sample_distances

@@ -17,7 +17,12 @@ with 32-bit accumulation (VNNI on x86, dp4a/tensor cores on a GPU). Cosines move
 
 A :class:`PoolScorer` keeps the pool's references in the layout the graph wants (transposed, and
 quantized for ``int8``) and refreshes only the slots whose member changed (by admission number), so
-scoring a part copies nothing once the pool is full.
+scoring a part copies nothing once the pool is full. It reads a pool through :class:`FlatMembers`'s
+attributes (the pool's :class:`~musc_edge.edge.pool.FeaturePool` has them), so this module never imports
+the pool.
+
+Unlike the rest of ``scoring/`` this module is not pure numpy: it builds ONNX graphs and holds ONNX Runtime
+sessions (``onnx`` and ``onnxruntime`` are imported when a graph or a session is made).
 """
 from __future__ import annotations
 
@@ -101,13 +106,24 @@ def quantize_rows(x: np.ndarray, zero_point: int = 0) -> tuple[np.ndarray, np.nd
 
 
 @dataclass
+class FlatMembers:
+    """What :class:`PoolScorer` and :func:`numpy_score` read of a pool (``FeaturePool`` has these attributes)."""
+
+    work: np.ndarray                # [n_sets, capacity * patches, D] float32, members' patches laid out flat
+    patches: int                    # patches per member
+    size: int                       # members in use (the first ``size`` slots)
+    admitted_seq: np.ndarray        # [capacity] admission number per slot: a changed number is a new member
+    part_ids: list[str | None]      # [capacity] part id per slot
+
+
+@dataclass
 class PoolScore:
     patch: np.ndarray          # [P] interval-mean patch scores, averaged over the feature sets
     dists: list[np.ndarray]    # per set [P, N]: distance to the nearest patch of each member
 
 
 class PoolScorer:
-    """ONNX Runtime MSM over one :class:`~musc_edge.edge.pool.FeaturePool` (its flat float32 ``work`` copy)."""
+    """ONNX Runtime MSM over one pool's members (:class:`FlatMembers`: its flat float32 ``work`` copy)."""
 
     def __init__(self, n_sets: int, patches: int, dim: int, capacity: int, precision: str = "fp32",
                  providers: list[str] | None = None, threads: int | None = None):
@@ -208,15 +224,13 @@ def choose_backend(n_sets: int, patches: int, dim: int, capacity: int,
     key = (n_sets, patches, dim, capacity, candidates)
     if key in _CHOICES:
         return _CHOICES[key]
-    from ..pool import FeaturePool  # the pool imports this module's consumers; import lazily
-
     rng = np.random.default_rng(0)
     unit = lambda n: (lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True))(
         rng.normal(size=(n, patches, dim))).astype(np.float32)
     members, query = [unit(capacity) for _ in range(n_sets)], [u[0] for u in unit(1)[None].repeat(n_sets, 0)]
-    pool = FeaturePool(capacity, n_sets, patches, dim, min_size=2)
-    for i in range(capacity):
-        pool.admit(str(i), [m[i] for m in members], 0.0, members[0][i, 0])
+    # A full pool as the pool stores it (float16 members, a float32 working copy), one admission per slot.
+    work = np.stack([m.astype(np.float16).astype(np.float32).reshape(capacity * patches, dim) for m in members])
+    pool = FlatMembers(work, patches, capacity, np.arange(1, capacity + 1), [str(i) for i in range(capacity)])
     k = max(1, capacity * 3 // 10)
     times = {}
     for name in candidates:
