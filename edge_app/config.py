@@ -11,8 +11,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from .links import LinkConfig
-from .record import FailSafe
-from .runtime.verdict import MAX_THRESHOLD
+from .record import MAX_THRESHOLD, FailSafe
 from .scoring import MuscParams
 from .telemetry.config import TelemetrySettings
 

@@ -8,6 +8,11 @@ from enum import Enum, IntEnum
 import numpy as np
 
 
+# Largest threshold any entry (YAML, current.json, control `apply`) accepts: re-scored scores are about 1 at
+# the pool's 90th percentile, so anything near this is a typo or an attempt to accept every part.
+MAX_THRESHOLD = 1e6
+
+
 class Verdict(str, Enum):
     ACCEPT = "ACCEPT"
     REJECT = "REJECT"

@@ -6,14 +6,10 @@ import math
 import time
 from typing import Callable
 
-from ..record import PartRecord, Reason, Verdict
+from ..record import MAX_THRESHOLD, PartRecord, Reason, Verdict
 from ..scoring import PoolTooSmallError
 
 log = logging.getLogger(__name__)
-
-# Largest threshold any entry (YAML, current.json, control `apply`) accepts: re-scored scores are about 1 at
-# the pool's 90th percentile, so anything near this is a typo or an attempt to accept every part.
-MAX_THRESHOLD = 1e6
 
 
 def threshold_problem(threshold: object) -> str | None:
