@@ -62,25 +62,39 @@ def declared_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """Walk the JPEG marker segments up to the first start-of-frame (SOFn) and read its size."""
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
+    """(height, width) of the first start-of-frame (SOFn), found the way libjpeg finds markers.
+
+    libjpeg's ``next_marker`` skips any bytes that are not 0xFF ("extraneous bytes before marker"), any
+    run of 0xFF fill bytes, and stuffed ``FF 00`` pairs; a walk that stopped at the first stray byte
+    would miss a SOF that the decoder still reads. None when there is no SOF before SOS or EOI, or the
+    walk runs out of bytes: the decoder would refuse such a file too.
+    """
+    pos, end = 2, len(data)
+    while pos < end:
+        pos = data.find(b"\xff", pos)           # skip extraneous (non-FF) bytes
+        if pos < 0:
             return None
-        marker = data[pos + 1]
-        if marker == 0xFF:      # fill byte
+        while pos < end and data[pos] == 0xFF:   # and fill bytes
             pos += 1
+        if pos >= end:
+            return None
+        marker = data[pos]
+        pos += 1
+        if marker == 0x00 or marker == 0x01 or 0xD0 <= marker <= 0xD7:   # stuffed zero, TEM, RSTn
             continue
-        if marker in (0x01, *range(0xD0, 0xD8)):   # stand-alone markers
-            pos += 2
-            continue
-        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if marker in (0xD8, 0xD9, 0xDA):         # SOI again, EOI or SOS before any SOF: no image size
+            return None
+        if pos + 2 > end:
+            return None
+        length = struct.unpack(">H", data[pos:pos + 2])[0]
         if marker in _JPEG_SOF:
-            if pos + 9 > len(data):
+            if length < 8 or pos + 7 > end:
                 return None
-            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            height, width = struct.unpack(">HH", data[pos + 3:pos + 7])
             return height, width
-        pos += 2 + length
+        if length < 2:
+            return None
+        pos += length
     return None
 
 
@@ -134,6 +148,8 @@ def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS, 
     if kind is None:
         raise MediaError(f"{where}: cannot decode {len(data)}-byte image (unrecognised format: not a PNG or JPEG or BMP file)")
     problem = truncation(data) or pixel_budget_problem(data, min(max_pixels, HARD_MAX_PIXELS))
+    if problem is None and declared_size(data) is None:   # the decoder would find a size we could not check
+        problem = f"the {kind.upper()} header declares no image size that can be checked before decoding"
     if problem is not None:
         raise MediaError(f"{where}: {problem}")
     frame = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)

@@ -73,7 +73,7 @@ def reference_outputs(manifest: Manifest, batch: np.ndarray) -> dict[str, np.nda
 
 def load_images(folder: str | Path | None, count: int, seed: int = 0) -> list[np.ndarray]:
     """Up to ``count`` RGB images from ``folder`` (recursive), or seeded synthetic parts when none given."""
-    import cv2
+    from musc_edge.edge.mediaio import read_image
 
     if folder is None:
         from musc_edge.edge.synthetic import render_part
@@ -87,10 +87,7 @@ def load_images(folder: str | Path | None, count: int, seed: int = 0) -> list[np
     step = max(1, len(paths) // count)
     images = []
     for path in paths[::step][:count]:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"cannot read image {path}")
-        images.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        images.append(read_image(path))   # MediaError (a ValueError) names the file
     return images
 
 
@@ -157,9 +154,8 @@ class ModelScores:
 def category_features(model_path: str | Path, paths: list[str], blocks: tuple[int, ...], size: int = 224,
                       progress: bool = True) -> tuple[list[np.ndarray], tuple[int, int]]:
     """Patch tokens ``[N, P, D]`` of ``blocks`` for every image, through ``model_path``; and the patch grid."""
-    import cv2
-
     from musc_edge.edge.features import FeatureEngine
+    from musc_edge.edge.mediaio import read_image
     from musc_edge.edge.progress import Progress
 
     engine = FeatureEngine(model_path, size=size)
@@ -170,7 +166,7 @@ def category_features(model_path: str | Path, paths: list[str], blocks: tuple[in
     layers: list[list[np.ndarray]] = [[] for _ in blocks]
     with Progress(len(paths), f"features {Path(model_path).name}", enabled=progress) as bar:
         for start in range(0, len(paths), 8):
-            images = [cv2.cvtColor(cv2.imread(p, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for p in paths[start:start + 8]]
+            images = [read_image(p) for p in paths[start:start + 8]]
             feats = engine(images)
             for j, i in enumerate(index):
                 layers[j].append(feats.layers[i])

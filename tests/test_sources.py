@@ -324,9 +324,13 @@ def test_zmq_malformed_messages_become_parts_that_fail_with_a_reason():
         for message in messages:
             pusher.socket.send_multipart(message)
         parts = source.parts()
-        received = [next(parts) for _ in range(len(messages) - 1)]
+        received = [next(parts) for _ in range(len(messages))]
     by_id = {p.part_id: p for p in received}
-    assert list(by_id) == ["no-image", "mislabelled", "short-raw", "bad-encoder", "bad-cloud", "good"]
+    unreadable = received[3]   # the header is not JSON: a part under the counter's id, decided at once
+    assert (unreadable.verdict, unreadable.reason) == (Verdict.NO_VERDICT, Reason.DECODE_ERROR)
+    assert "unreadable ZeroMQ header" in unreadable.detail and unreadable.part_id == "part000001"
+    assert list(by_id) == ["no-image", "mislabelled", "short-raw", unreadable.part_id, "bad-encoder", "bad-cloud",
+                           "good"]
     for part_id, reason in [("no-image", "1 part"), ("mislabelled", "encoding 'png'"),
                             ("short-raw", "10 bytes"), ("bad-encoder", "'encoder'")]:
         with pytest.raises(DecodeError, match=reason):
@@ -335,7 +339,7 @@ def test_zmq_malformed_messages_become_parts_that_fail_with_a_reason():
     assert (bad_cloud.verdict, bad_cloud.reason, bad_cloud.cloud) == (Verdict.NO_VERDICT, Reason.SCANNER_ERROR, None)
     assert "8 bytes" in bad_cloud.detail and decode_part(bad_cloud).image is not None
     assert decode_part(by_id["good"]).image.shape == (24, 32, 3)
-    assert (source.received, source.malformed, source.unreadable_headers) == (6, 5, 1)
+    assert (source.received, source.malformed, source.unreadable_headers) == (7, 6, 1)
 
 
 def test_zmq_endpoint_in_use_is_a_clear_error():

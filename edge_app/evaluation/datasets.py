@@ -109,9 +109,13 @@ def read_mask(path: str | Path, size: int) -> np.ndarray:
     """
     if size <= 0:
         raise DatasetError(f"mask size must be positive, got {size}")
-    mask = cv2.imdecode(_read_checked(path), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise DatasetError(f"cannot decode mask {path}")
+    from ..mediaio import MediaError, decode_image
+
+    data = _read_checked(path).tobytes()
+    try:   # one decoder for every file: the header's size is held to the pixel budget before decoding
+        mask = decode_image(data, str(path), scale_16bit=True)[..., 0]
+    except MediaError as exc:
+        raise DatasetError(f"cannot decode mask: {exc}") from None
     peak = float(mask.max())
     if peak == 0:
         return np.zeros((size, size), dtype=bool)

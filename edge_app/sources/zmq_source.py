@@ -11,8 +11,11 @@ Each message is multipart ``[header, image, (cloud)]``:
 * ``cloud``: an organised point cloud, C-order.
 
 A malformed message still becomes a part: image problems make its ``decode_part`` raise ``DecodeError``
-with the reason; cloud problems decide it NO_VERDICT / SCANNER_ERROR. Only a message whose header cannot
-be read (no part to attach it to) is dropped; it is counted in ``unreadable_headers`` and logged.
+with the reason; cloud problems decide it NO_VERDICT / SCANNER_ERROR. A message whose header cannot be
+read (not UTF-8 JSON, over ``limits.MAX_HEADER_BYTES`` or nested deeper than ``limits.MAX_JSON_DEPTH``)
+becomes a part under the source's next counter id, decided NO_VERDICT (decode_error); it is also counted
+in ``unreadable_headers`` and logged. Declared shapes are checked by ``limits.checked_shape`` (exact
+products, per-side and total limits) before any buffer is viewed or converted.
 
 >>> with ZmqFramePusher(source.endpoint) as pusher:
 ...     pusher.send(png_bytes, part_id="A17", encoder=1200, recipe="bottle")
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from ..limits import MAX_CLOUD_POINTS, MAX_HEADER_BYTES, LimitError, checked_shape, loads_bounded, shape_bytes
 from ..record import PartRecord, Reason, Verdict
 from .base import (
     DEFAULT_MAX_PIXELS,
@@ -124,9 +128,10 @@ class ZmqSource(FrameSource):
                                        received_utc=utc, max_pixels=c.max_pixels)
             except HeaderError as exc:
                 self.unreadable_headers += 1
-                logger.warning("ZeroMQ source %s dropped a message with an unreadable header (%s); %d so far",
-                               self.endpoint, exc, self.unreadable_headers)
-                continue
+                logger.warning("ZeroMQ source %s: a message with an unreadable header (%s) is decided "
+                               "NO_VERDICT; %d so far", self.endpoint, exc, self.unreadable_headers)
+                record = unreadable_part(str(exc), part_ids=ids, recipe=c.recipe, received_monotonic=mono,
+                                         received_utc=utc)
             self.received += 1
             if isinstance(record.raw, UndecodableFrame) or record.reason is not None:
                 self.malformed += 1
@@ -185,11 +190,20 @@ def parse_message(frames: Sequence[Any], *, part_ids: PartIds, recipe: str, rece
     return record
 
 
+def unreadable_part(why: str, *, part_ids: PartIds, recipe: str, received_monotonic: float,
+                    received_utc: float) -> PartRecord:
+    """The part of a message whose header cannot be read: the source's next id, decided NO_VERDICT."""
+    part_id = part_ids.next()
+    record = PartRecord(part_id=part_id, recipe=recipe, capture_time=received_utc,
+                        capture_monotonic=received_monotonic, source_ref=f"zmq:{part_id}"[:80])
+    return record.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, f"unreadable ZeroMQ header: {why}"[:300])
+
+
 def _read_header(frame: Any) -> dict:
     try:
-        header = json.loads(bytes(frame).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HeaderError(f"not UTF-8 JSON: {exc}") from exc
+        header = loads_bounded(bytes(frame), where="header", max_bytes=MAX_HEADER_BYTES)
+    except (LimitError, TypeError) as exc:
+        raise HeaderError(str(exc)) from None
     if not isinstance(header, dict):
         raise HeaderError(f"header is a JSON {type(header).__name__}, not an object")
     return header
@@ -199,11 +213,13 @@ def _is_capture_time(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= LATEST_CAPTURE_S
 
 
-def _shape(value: Any) -> tuple[int, int, int] | None:
-    if (isinstance(value, list) and len(value) == 3 and value[2] == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-        return tuple(value)
-    return None
+def _shape(value: Any, key: str, problems: list[str], max_elements: int) -> tuple[int, int, int] | None:
+    """``value`` as an ``[H, W, 3]`` shape within the limits, or None with the reason in ``problems``."""
+    try:
+        return checked_shape(value, where=f"header {key!r}", ndim=3, fixed={2: 3}, max_elements=max_elements)
+    except LimitError as exc:
+        problems.append(f"{exc} (expected [H, W, 3])")
+        return None
 
 
 def _image(header: dict, payload: Any, problems: list[str],
@@ -211,7 +227,7 @@ def _image(header: dict, payload: Any, problems: list[str],
     """(raw, image) for the image frame; appends to ``problems`` instead when it does not match the header."""
     encoding = header.get("encoding")
     if encoding not in ENCODINGS:
-        problems.append(f"header 'encoding' must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+        problems.append(f"header 'encoding' must be one of {', '.join(ENCODINGS)}, got {shown(encoding)}")
         return None, None
     if encoding != "raw":
         raw = bytes(payload)
@@ -221,9 +237,8 @@ def _image(header: dict, payload: Any, problems: list[str],
             problems.append(too_large)
             return raw[:64], None
         return raw, None
-    shape = _shape(header.get("shape"))
+    shape = _shape(header.get("shape"), "shape", problems, 3 * max(1, max_pixels))
     if shape is None:
-        problems.append(f"header 'shape' must be [H, W, 3] for raw pixels, got {header.get('shape')!r}")
         return None, None
     size = memoryview(payload).nbytes
     if shape[0] * shape[1] > max_pixels:
@@ -242,14 +257,14 @@ def _cloud(header: dict, payload: Any, problems: list[str]) -> np.ndarray | None
         if declared:
             problems.append("header declares a cloud but the message has no cloud part")
         return None
-    shape, dtype = _shape(header.get("cloud_shape")), header.get("cloud_dtype")
+    shape, dtype = _shape(header.get("cloud_shape"), "cloud_shape", problems, 3 * MAX_CLOUD_POINTS), \
+        header.get("cloud_dtype")
     if shape is None:
-        problems.append(f"header 'cloud_shape' must be [H, W, 3], got {header.get('cloud_shape')!r}")
         return None
-    if dtype not in CLOUD_DTYPES:
-        problems.append(f"header 'cloud_dtype' must be one of {', '.join(CLOUD_DTYPES)}, got {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in CLOUD_DTYPES:
+        problems.append(f"header 'cloud_dtype' must be one of {', '.join(CLOUD_DTYPES)}, got {shown(dtype)}")
         return None
-    size, needed = memoryview(payload).nbytes, int(np.prod(shape)) * np.dtype(dtype).itemsize
+    size, needed = memoryview(payload).nbytes, shape_bytes(shape, np.dtype(dtype).itemsize)
     if size != needed:
         problems.append(f"cloud has {size} bytes, header {list(shape)} {dtype} needs {needed}")
         return None

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from ..archive import archive_stem
+from ..mediaio import MediaError, read_image
 from ..ledger import STAGES, Ledger, LedgerError, LedgerReader, LedgerRow
 from ..runtime.control import ControlError, request
 from .figures import score_histogram, shift_start
@@ -67,8 +68,9 @@ def archive_files(archive_root: Path, row: LedgerRow) -> dict[str, Path]:
 
 def make_thumbnail(path: Path, side: int = THUMB_SIDE) -> bytes | None:
     """``path``'s picture as a JPEG at most ``side`` px on its longest side; None if it cannot be read."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
+    try:   # the one image reader (edge_app/mediaio.py): header checked against the pixel budget first
+        image = read_image(path)[..., ::-1]
+    except MediaError:
         return None
     scale = side / max(image.shape[:2])
     if scale < 1:
