@@ -2,7 +2,8 @@
 MuSc-V2's 3D or fused 2D+3D scoring, in the batch or stream protocol of :mod:`.runner`, with the same report.
 
 Each cloud is prepared on the ``size x size`` grid of the image (the two stay pixel-aligned); in 2d+3d mode
-the image's pixels off the scanned part are zeroed before the 2D features, as MuSc-V2 does (pitfall 14).
+the image's pixels off the scanned part are zeroed before the 2D features, as MuSc-V2's 3D preprocessing
+does (it rewrites the RGB too; ../shared/docs/algorithm.md §6).
 Stream mode scores through the line's own scan recipe and admission rules (:mod:`.stream`).
 """
 from __future__ import annotations

@@ -193,7 +193,8 @@ def prepare_cloud(cloud: np.ndarray, size: int = 224, params: PreprocessParams =
 
 
 def zero_background(image: np.ndarray, foreground: np.ndarray) -> np.ndarray:
-    """Copy of ``image [H, W, C]`` with pixels outside ``foreground [H, W]`` set to 0 (pitfall 14)."""
+    """Copy of ``image [H, W, C]`` with pixels outside ``foreground [H, W]`` set to 0 (MuSc-V2 zeroes the
+    background of the RGB as well as of the cloud)."""
     if image.shape[:2] != foreground.shape:
         raise ValueError(f"image {image.shape[:2]} and foreground mask {foreground.shape} are not aligned")
     return np.where(foreground[..., None], image, np.zeros((), dtype=image.dtype))

@@ -2,7 +2,8 @@
 
 Works per query sample and layer on ``D2 [P, K]`` (patch-to-reference-sample distances) and ``D3 [G, K]``
 (group-to-reference-sample distances), before the interval average. The organised cloud is pixel-aligned
-with the RGB (pitfall 13), so a group belongs to the 2D patch containing its centre pixel.
+with the RGB (both resized to the same grid and indexed by the same pixels), so a group belongs to the 2D
+patch containing its centre pixel.
 """
 from __future__ import annotations
 

@@ -278,7 +278,7 @@ def compact_tokens(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def euclidean_sample_distances(query: np.ndarray, refs: np.ndarray) -> np.ndarray:
     """``[G, K]`` exact L2 distance of each query group to its nearest group in each of ``refs [K, G', F]``.
 
-    SNAMD-3D features are not unit-norm (flat groups are pooled, pitfall 9), so the unit-vector shortcut
+    SNAMD-3D features are not unit-norm (flat groups are pooled and not re-normalised), so the unit-vector shortcut
     of :func:`musc_edge.edge.scoring.msm.patch_to_sample_distances` does not apply. One matrix product of
     augmented vectors still gives ``|b|^2 - 2 a.b`` for all pairs; ``|a|^2`` is added after the minimum.
     Only live (non-zero) tokens enter the product (:func:`compact_tokens`); an empty query cell's distance

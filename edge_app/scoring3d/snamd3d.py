@@ -5,7 +5,8 @@ itself first); weights ``exp(-||f(h) - f(g)||)``; weighted means ``z^r`` for r i
 (curvature < tau) gets ``[z^1; z^3; z^5]`` adaptive-average-pooled back to F dims (averages of
 consecutive entries, so each third of the output summarises one degree); a curved group keeps its own
 unit token, so nothing is smoothed across a possible discontinuity. There is no re-normalisation
-afterwards: the official code's quirk (pitfall 9), kept so the feature spaces match the reported numbers.
+afterwards: the official code's quirk (../shared/docs/algorithm.md §6), kept so the feature spaces match the
+reported numbers.
 """
 from __future__ import annotations
 
