@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from ..limits import loads_bounded
 from .commands import READ_ONLY
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class ControlServer:
                     if not chunk:
                         break
                     data += chunk
-                reply = self.dispatch(json.loads(data.decode() or "null"))
+                reply = self.dispatch(loads_bounded(data or b"null", where="request", max_bytes=MAX_REQUEST))
             except (ValueError, UnicodeDecodeError) as exc:
                 reply = {"ok": False, "error": f"malformed request: {exc}"}
             try:
