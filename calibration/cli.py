@@ -18,16 +18,14 @@ from pathlib import Path
 from musc_edge.edge.config import ConfigError
 from musc_edge.edge.ledger import LedgerError
 from musc_edge.edge.runtime import commands
-from musc_edge.edge.runtime.calibration_state import CalibrationError
+from musc_edge.edge.runtime.calibration_state import AuditError, CalibrationError, StoreError
 
 from . import operations, render
-from .audit import AuditError
 from .client import LineContext, UsageError
 from .decisions import Candidate, expected_rates, reject_timing
 from .render import print_json
 from .roles import RoleError
 from .shadow import shadow_thresholds
-from .store import StoreError
 from .thresholds import METHODS, ThresholdError
 
 

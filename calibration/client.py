@@ -8,10 +8,10 @@ from musc_edge.edge.config import LineConfig, load_config
 from musc_edge.edge.errors import UsageError
 from musc_edge.edge.ledger import Ledger, LedgerError, LedgerReader, LedgerRow
 from musc_edge.edge.runtime import commands
+from musc_edge.edge.runtime.calibration_state import CalibrationStore
 from musc_edge.edge.runtime.control import ControlError, request
 
 from .shadow import SCORED
-from .store import CalibrationStore
 
 
 class LineNotRunning(UsageError):

@@ -9,16 +9,15 @@ from typing import Callable
 import numpy as np
 
 from musc_edge.edge.runtime import commands
-from musc_edge.edge.runtime.calibration_state import Calibration, CalibrationError, parse_calibration
+from musc_edge.edge.runtime.calibration_state import (AuditError, Calibration, CalibrationError, StoreError,
+                                                       Verification, parse_calibration)
 
 from . import render
-from .audit import AuditError, Verification
 from .client import LineContext, LineNotRunning, UsageError, recent_scored
 from .decisions import (Candidate, calibrate, check_delivery, given_threshold, labelled_scores,
                         ledger_calibration_scores, pool_calibration_scores, pool_selection, require_reason,
                         rollback_target, version_creators)
 from .roles import technician_token, who
-from .store import StoreError
 
 Show = Callable[[str], None]
 

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from musc_edge.calibration.audit import AuditError, AuditLog
 from musc_edge.calibration.cli import main
 from musc_edge.calibration.shadow import shadow_thresholds, verdict_changes
-from musc_edge.calibration.store import CalibrationStore, StoreError
 from musc_edge.calibration.thresholds import ThresholdError, fit_threshold, refine_with_labels
 from musc_edge.edge.ledger import Ledger
 from musc_edge.edge.record import PartRecord, Reason, Verdict
-from musc_edge.edge.runtime.calibration_state import Calibration, load_current
+from musc_edge.edge.runtime.calibration_state import (AuditError, AuditLog, Calibration, CalibrationStore,
+                                                       StoreError)
 from musc_edge.edge.runtime.control import ControlServer, ensure_token
 
 
@@ -339,7 +338,7 @@ def test_staged_change_takes_effect_at_next_start_and_a_hand_edit_is_repaired_by
     code, out, err = run_cli(capsys, "timing", "set", *stage, "--delay-ms", "600", "--lead-ms", "20",
                              "--reason", "measured with a test part")
     assert code == 0 and "staged" in out, err
-    staged = load_current(storage)   # what the runtime reads at its next start
+    staged = CalibrationStore(storage).current()   # what the runtime reads at its next start
     assert staged.version == 2 and staged.recipes["default"].threshold == 0.3 and staged.reject_timing.delay_ms == 600
 
     code, _, err = run_cli(capsys, "timing", "set", *stage, "--delay-ms", "10", "--lead-ms", "20", "--reason", "x")
@@ -354,7 +353,7 @@ def test_staged_change_takes_effect_at_next_start_and_a_hand_edit_is_repaired_by
 
     code, out, err = run_cli(capsys, "rollback", *stage, "--to", "1", "--reason", "repair hand edit")
     assert code == 0 and "invalid and will be replaced" in out, err
-    assert load_current(storage).version == 1
+    assert CalibrationStore(storage).current().version == 1
     assert run_cli(capsys, "audit", "verify", "--config", str(config))[0] == 0
     code, _, err = run_cli(capsys, "rollback", *stage, "--to", "7", "--reason", "x")
     assert_one_line_error(code, err, "version 7 does not exist")

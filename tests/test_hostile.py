@@ -20,12 +20,11 @@ import numpy as np
 import pytest
 import yaml
 
-from musc_edge.calibration.store import CalibrationStore, calibration_bytes
 from musc_edge.edge.config import ConfigError, load_config, parse_config
 from musc_edge.edge.ledger import Ledger
 from musc_edge.edge.plc_sim import PlcSimulator
 from musc_edge.edge.record import PartRecord, Reason, Verdict
-from musc_edge.edge.runtime.calibration_state import Calibration, CalibrationError
+from musc_edge.edge.runtime.calibration_state import Calibration, CalibrationError, CalibrationStore, calibration_bytes
 from musc_edge.edge.runtime.control import ControlServer, ensure_token, token_path
 from musc_edge.edge.runtime.inspector import Inspector
 from musc_edge.edge.runtime.line import Line, LineStopped
@@ -174,7 +173,7 @@ def test_row_5_token_is_written_atomically_and_an_empty_one_is_replaced(tmp_path
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("musc_edge.calibration.audit.os.fsync", full)
+    monkeypatch.setattr("musc_edge.edge.runtime.calibration_state.os.fsync", full)
     with pytest.raises(OSError, match="No space"):
         ensure_token(tmp_path)
     assert not path.exists() and not list(path.parent.glob("*.tmp"))

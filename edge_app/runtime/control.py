@@ -39,7 +39,7 @@ def token_path(storage_dir: str | Path) -> Path:
 def ensure_token(storage_dir: str | Path) -> str:
     """The technician token, created (random, mode 0640) if the line has none yet or only an unusable one
     (shorter than MIN_TOKEN_CHARS). Written atomically: a full disk raises OSError and leaves no empty file."""
-    from musc_edge.calibration.audit import atomic_write
+    from .calibration_state import atomic_write
 
     path = token_path(storage_dir)
     if path.is_file():
