@@ -156,9 +156,3 @@ def stitch(window_maps: np.ndarray, plan: InputPlan) -> np.ndarray:
 def to_image(grid_maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """``[..., gh, gw]`` patch maps of the scaled image -> ``[..., H, W]`` (bilinear, corners aligned)."""
     return upsample(grid_maps, (int(shape[0]), int(shape[1])))
-
-
-def eval_shape(plan: InputPlan) -> tuple[int, int]:
-    """The pixel shape at which maps of this plan are measured: the scaled image (same aspect as the source
-    for ``tile``/``pad``), i.e. ``size x size`` for a square image as before."""
-    return plan.scaled

@@ -189,7 +189,3 @@ class RegisterImage:
 
             self._changed.wait_for(check, timeout_s)
             return result
-
-    def wake(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
