@@ -1,9 +1,13 @@
 """TensorRT engines, built on the device that runs them (engines are tied to the TensorRT version and GPU).
 
 TensorRT is imported lazily: it ships with JetPack on a Jetson and cannot be installed everywhere. The
-engine gets a sidecar JSON keyed by (ONNX sha256, TensorRT version, GPU, precision, shapes); the runtime
-refuses an engine whose key does not match. Running an engine for the parity check needs CUDA buffers,
-which come from PyTorch's CUDA tensors (present on JetPack images with PyTorch).
+engine gets a sidecar JSON keyed by (ONNX sha256, TensorRT version, GPU, precision, shapes), and
+:func:`check_engine_key` names the first field where a sidecar differs from a device's key. The runtime
+never loads these engines, so nothing refuses one: it runs the ONNX model through ONNX Runtime, whose
+TensorRT execution provider builds and caches its own engines (``edge_app/features.py``). What
+``musc-export trt`` gives a device is the check that TensorRT runs this model within tolerance. Running an
+engine for the parity check needs CUDA buffers, which come from PyTorch's CUDA tensors (present on JetPack
+images with PyTorch).
 """
 from __future__ import annotations
 
