@@ -33,7 +33,8 @@ from ..mediaio import (  # noqa: F401  (re-exported: the sources' names for the 
 )
 from ..record import PartRecord
 
-# Implementations by config "type": (module, class). Imported on demand; they import this module.
+# Implementations by config "type": (module, class), looked up with importlib because they import this
+# module. Not on demand in practice: the package's __init__ imports every one of them.
 SOURCE_TYPES = {
     "replay": ("musc_edge.edge.sources.replay", "ReplaySource"),
     "opencv": ("musc_edge.edge.sources.opencv_camera", "OpenCVCameraSource"),
