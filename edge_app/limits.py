@@ -30,12 +30,12 @@ class LimitError(ValueError):
 
 
 def checked_shape(value: Any, *, where: str, ndim: int | Sequence[int] | None = None,
-                  fixed: dict[int, int] | None = None, max_side: int = MAX_SIDE,
+                  fixed: dict[int, int] | None = None, min_side: int = 1, max_side: int = MAX_SIDE,
                   max_elements: int | None = None) -> tuple[int, ...]:
     """``value`` (a list or tuple of ints) as a shape tuple, checked before any allocation.
 
     ``ndim``: the allowed number of dimensions; ``fixed``: {axis: required length} (e.g. ``{2: 3}`` for xyz);
-    every side is an int (not a bool) in ``1..max_side``; the product (exact, Python ints) is at most
+    every side is an int (not a bool) in ``min_side..max_side``; the product (exact, Python ints) is at most
     ``max_elements``. LimitError naming ``where`` otherwise.
     """
     if not isinstance(value, (list, tuple)) or not all(type(v) is int for v in value):
@@ -46,8 +46,8 @@ def checked_shape(value: Any, *, where: str, ndim: int | Sequence[int] | None = 
     for axis, length in (fixed or {}).items():
         if len(value) <= axis or value[axis] != length:
             raise LimitError(f"{where}: shape {_shown(value)} must have {length} in dimension {axis}")
-    if any(not 1 <= v <= max_side for v in value):
-        raise LimitError(f"{where}: shape {_shown(value)} has a side outside 1..{max_side}")
+    if any(not min_side <= v <= max_side for v in value):
+        raise LimitError(f"{where}: shape {_shown(value)} has a side outside {min_side}..{max_side}")
     elements = math.prod(value)
     if max_elements is not None and elements > max_elements:
         raise LimitError(f"{where}: shape {_shown(value)} holds {elements:,} elements, over the limit of "

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..limits import MAX_CLOUD_POINTS, LimitError, checked_shape
+
 MAX_ABS_COORDINATE = 1e4   # larger coordinates are unit or decoding errors, not geometry
 
 _PLY_TYPES = {
@@ -100,16 +102,34 @@ def read_cloud(path: str | Path, image_shape: tuple[int, ...] | None = None) -> 
     return to_organised(xyz, str(path), image_shape)
 
 
+def declared_cloud_shape(shape: tuple[int, ...], path: Path, max_points: int = MAX_CLOUD_POINTS) -> tuple[int, ...]:
+    """``shape`` as a file's header declares it, checked (``limits.checked_shape``) before its data is read:
+    at most ``max_points`` points (``3 * max_points`` values; an unorganised ``[N, 3]`` file may have a side
+    that long). Whether the shape is an organised cloud is :func:`to_organised`'s question, asked after.
+    CloudError otherwise."""
+    try:
+        return checked_shape(list(shape), where=str(path), ndim=(1, 2, 3, 4), min_side=0, max_side=max_points,
+                             max_elements=3 * max_points)
+    except LimitError as exc:
+        raise CloudError(f"{exc} (checked on the header, before reading)") from None
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, None]:
     try:
         import tifffile
     except ImportError as exc:
         raise CloudError(f"{path}: reading TIFF clouds needs the 'tifffile' package") from exc
-    return tifffile.imread(path), None
+    with tifffile.TiffFile(path) as tiff:
+        if not tiff.series:
+            raise CloudError(f"{path}: TIFF holds no image")
+        declared_cloud_shape(tuple(int(v) for v in tiff.series[0].shape), path)
+        return tiff.series[0].asarray(), None
 
 
 def _read_npy(path: Path) -> tuple[np.ndarray, None]:
-    return np.load(path, allow_pickle=False), None
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False)   # maps, allocates nothing: shape checked first
+    declared_cloud_shape(mapped.shape, path)
+    return np.array(mapped), None
 
 
 def _header_lines(raw: bytes, terminator: str, path: Path, max_lines: int = 200) -> tuple[list[str], int]:
@@ -151,6 +171,7 @@ def _read_ply(path: Path) -> tuple[np.ndarray, None]:
     if not elements or elements[0][0] != "vertex":
         raise CloudError(f"{path}: the first PLY element must be 'vertex'")
     _, count, props = elements[0]
+    declared_cloud_shape((count, 3), path)
     names = [name for name, _ in props]
     if any(kind is None for _, kind in props) or not {"x", "y", "z"} <= set(names):
         raise CloudError(f"{path}: PLY vertices need scalar x, y, z properties, got {names}")
@@ -189,6 +210,7 @@ def _read_pcd(path: Path) -> tuple[np.ndarray, tuple[int, int] | None]:
     if not len(fields) == len(sizes) == len(kinds) == len(counts):
         raise CloudError(f"{path}: FIELDS/SIZE/TYPE/COUNT lengths differ")
     width, height = int(header["WIDTH"][0]), int(header["HEIGHT"][0])
+    declared_cloud_shape((height, width, 3), path)
     points = int(header.get("POINTS", [width * height])[0])
     if points != width * height:
         raise CloudError(f"{path}: POINTS {points} != WIDTH*HEIGHT {width}*{height}")
