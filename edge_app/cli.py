@@ -178,27 +178,57 @@ def cmd_run(args) -> int:
     from .runtime.simulated import _status_printer
 
     config = load_config(args.config)
+    from .ports import line_ports, port_problems
+    from .runtime.line import LineStopped, StartupError
+
+    # Every port first (the line checks its own again when it starts): a line that cannot signal or be
+    # watched must not start and look healthy.
+    problems = port_problems(line_ports(config, telemetry=False))
+    if problems:
+        print(f"musc-edge run: cannot start: {problems[0]}", file=sys.stderr)
+        return 3
     line = Line(config, status=_status_printer())
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: line.stop())
-    from .runtime.line import LineStopped
 
     view = _start_view(args.config) if config.view.enabled else None
     try:
         stats = line.run()
+    except StartupError as exc:
+        print(f"musc-edge run: cannot start: {exc}", file=sys.stderr)
+        return 3
     except LineStopped as exc:  # e.g. disk full: one clear line, nothing lost, no traceback
         print(f"\nmusc-edge run: line stopped: {exc}", file=sys.stderr)
         return 3
+    except Exception as exc:   # a fault the runtime did not foresee: one line, non-zero (systemd restarts it)
+        print(f"\nmusc-edge run: line stopped by an internal fault: {type(exc).__name__}: "
+              f"{' '.join(str(exc).split())[:300]} (traceback: {_save_traceback(config.storage.dir)})",
+              file=sys.stderr)
+        return 4
     finally:
         if view is not None:
             view.terminate()
             view.wait(timeout=10)
     print(file=sys.stderr)
+    if line.ended:
+        print(f"musc-edge run: {line.ended}", file=sys.stderr)
     print(line.status_line())
     if not stats.parts:
         print(f"musc-edge run: no part was inspected; alarms: {'; '.join(stats.alarms) or 'none'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _save_traceback(storage: Path) -> str:
+    """The current exception's traceback written to ``storage/last-fault.txt``; where it went, or why not."""
+    import traceback
+
+    path = Path(storage) / "last-fault.txt"
+    try:
+        path.write_text(traceback.format_exc())
+    except OSError as exc:
+        return f"not saved: {exc.strerror}"
+    return str(path)
 
 
 def _add_status(sub) -> None:

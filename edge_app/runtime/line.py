@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,7 +35,7 @@ from ..config import LineConfig
 from ..ledger import Ledger
 from ..links import RejectLink, open_link
 from ..record import FailSafe, PartRecord, Reason, Verdict
-from ..sources.base import FrameSource, SourceError, make_source
+from ..sources.base import FrameSource, SourceConfigError, SourceError, make_source
 from ..sources.fields import PartFieldError, check_part_fields, quarantine, require_part_id
 from ..telemetry import Telemetry
 from . import commands
@@ -48,11 +48,18 @@ from .systemd import SystemdNotifier
 log = logging.getLogger(__name__)
 _DONE = object()
 RECENT = 10_000  # parts kept for live latency percentiles
+SOURCE_RETRY_S = (0.2, 5.0)   # a failed source is reopened after 0.2 s, doubling up to 5 s
+FRAME_FAULTS_BEFORE_REOPEN = 20   # faults in a row, no part between them: the source is reopened
+THREAD_FAULTS, THREAD_FAULT_WINDOW_S = 10, 60.0   # a thread that faults this often in this window stops the line
 
 
 class LineStopped(RuntimeError):
     """The line cannot go on without losing something (the ledger cannot be written): nothing was lost,
     the PLC's inspect window rejects the parts that follow. The message says why, in one line."""
+
+
+class StartupError(LineStopped):
+    """The line cannot start as configured (a port it must listen on is taken, ...); one line says why."""
 
 
 def signalled_verdict(part: PartRecord, fail_safe: FailSafe) -> Verdict:
@@ -86,7 +93,10 @@ class LineStats:
 
 
 class Line:
-    """Owns the runtime's threads and resources. ``run()`` blocks until the source ends or ``stop()``."""
+    """Owns the runtime's threads and resources. ``run()`` blocks until ``stop()``, the end of a finite source
+    (a replay without ``loop``; ``ended`` says so), or a fault it cannot survive (``LineStopped``)."""
+
+    source_give_up_s = 60.0   # a source that cannot be read for this long stops the line (non-zero exit)
 
     def __init__(self, config: LineConfig, *, source: FrameSource | None = None, inspector: Inspector | None = None,
                  status: Callable[[str], None] | None = None, status_every_s: float = 1.0):
@@ -128,6 +138,9 @@ class Line:
         self.link: RejectLink | None = None
         self.archive: RejectArchive | None = None
         self.telemetry = Telemetry(config.telemetry, config.line.name, self.storage, status=self.control_status)
+        self.ended: str | None = None    # why run() returned: "stop requested", "replay finished: ..."
+        self._fatal: str | None = None   # a fault the line cannot survive: run() raises LineStopped with it
+        self._source_faults = self._taken = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def run(self) -> LineStats:
@@ -138,6 +151,12 @@ class Line:
             return self._run()
 
     def _run(self) -> LineStats:
+        from ..ports import line_ports, port_problems
+
+        # A link or frame socket that cannot listen would leave a line that signals nothing looking healthy.
+        problems = port_problems(line_ports(self.config, view=False, telemetry=False))
+        if problems:
+            raise StartupError(problems[0])
         self.ledger = Ledger(self.storage / "ledger.sqlite")
         control_path = self.config.control.socket or self.storage / "control.sock"
         try:
@@ -162,11 +181,15 @@ class Line:
                                          accepted_fraction=archive.sample_accepted, no_verdict_fraction=1.0,
                                          image_format=archive.image_format)
         threads = [threading.Thread(target=self._source_loop, name="source", daemon=True),
-                   threading.Thread(target=self._prefetch_loop, name="prefetch", daemon=True),
-                   threading.Thread(target=self._worker_loop, name="worker", daemon=True)]
+                   threading.Thread(target=self._keep_alive(self._prefetch_loop, "prefetch",
+                                                            lambda: self._ready.put((_DONE, None))),
+                                    name="prefetch", daemon=True),
+                   threading.Thread(target=self._keep_alive(self._worker_loop, "worker",
+                                                            lambda: self._out.put(("done",))),
+                                    name="worker", daemon=True)]
         persist = threading.Thread(target=self._persist_loop, name="pool-writer", daemon=True)
         persist.start()
-        status = threading.Thread(target=self._status_loop, name="status", daemon=True)
+        status = threading.Thread(target=self._keep_alive(self._status_loop, "status"), name="status", daemon=True)
         for t in threads:
             t.start()
         status.start()
@@ -184,6 +207,7 @@ class Line:
 
     def stop(self) -> None:
         """Ask the line to finish: the source stops, queued parts are still decided and signalled."""
+        self.ended = self.ended or "stop requested"
         self._stop.set()
         try:
             self.source.close()
@@ -214,27 +238,123 @@ class Line:
 
     # -- threads ---------------------------------------------------------------------------------------------
     def _source_loop(self) -> None:
+        """Parts from the source until ``stop()`` or the end of a finite source. A fault while a frame is read
+        gives that trigger a NO_VERDICT row and the source is read on; a source that fails (or ends by itself)
+        is alarmed and reopened. A source that cannot be read for ``source_give_up_s``, whose config is wrong,
+        or a finite one that fails (reopening would replay it) stops the line (``LineStopped``)."""
+        failing_since: float | None = None
+        faults_in_a_row, retry = 0, SOURCE_RETRY_S[0]
         try:
-            with self.source:
-                for part in self.source.parts():
-                    check_part_fields(part, default_recipe=self.config.source.get("recipe", "default"))
-                    part.capture_monotonic = part.capture_monotonic or time.monotonic()
-                    part.deadline = self._deadline(part)
-                    try:
-                        self._in.put_nowait(part)
-                    except queue.Full:
-                        part.decide(Verdict.NO_VERDICT, Reason.OVERLOAD,
-                                    f"engine queue full ({self.config.line.queue_size} parts waiting)")
-                        self._out.put(("part", part, None))
+            while not self._stop.is_set():
+                try:
+                    self.source.open()
+                    for part in self.source.parts():
+                        failing_since, faults_in_a_row, retry = None, 0, SOURCE_RETRY_S[0]
+                        self._take(part)
+                        if self._stop.is_set():
+                            break
                     if self._stop.is_set():
-                        break
-        except SourceError as exc:  # an expected operational failure (camera unplugged, port gone)
-            self._on_alarm(f"frame source failed: {exc}")
-        except Exception as exc:
-            log.exception("frame source failed")
-            self._on_alarm(f"frame source failed: {exc}")
+                        return
+                    if self.source.finite:
+                        self.ended = f"{self.source.describe()} finished after {self._taken} parts"
+                        log.warning("%s: the line stops (set source.loop: true to replay forever)", self.ended)
+                        return
+                    raise SourceError(f"{self.source.describe()} ended by itself")
+                except Exception as exc:
+                    if self._stop.is_set():
+                        return
+                    device = isinstance(exc, SourceError)
+                    if not device:   # a fault while reading one frame: that trigger's row, then read on
+                        log.exception("frame source fault")
+                        faults_in_a_row += 1
+                        self._source_fault_part(exc)
+                    if isinstance(exc, SourceConfigError) or self.source.finite:
+                        self._fatal_fault(f"frame source {self.source.describe()} failed: {_one_line(exc)}")
+                        return
+                    if device or faults_in_a_row >= FRAME_FAULTS_BEFORE_REOPEN:
+                        now = time.monotonic()
+                        failing_since = failing_since or now
+                        if now - failing_since >= self.source_give_up_s:
+                            self._fatal_fault(f"frame source {self.source.describe()} could not be read for "
+                                              f"{now - failing_since:.0f} s: {_one_line(exc)}")
+                            return
+                        if retry == SOURCE_RETRY_S[0]:   # the first failure of a streak; the rest are logged
+                            self._on_alarm(f"frame source failed, reopening: {_one_line(exc)}")
+                        else:
+                            log.info("frame source still failing: %s", _one_line(exc))
+                        self._close_source()
+                        self._stop.wait(retry)
+                        retry, faults_in_a_row = min(2 * retry, SOURCE_RETRY_S[1]), 0
         finally:
+            self._close_source()
             self._in.put(_DONE)
+
+    def _take(self, part: PartRecord) -> None:
+        """Stamp a part from the source and queue it for the engine (NO_VERDICT overload when the queue is
+        full, or when it cannot be stamped: either way it goes straight to the output stage)."""
+        try:
+            check_part_fields(part, default_recipe=self.config.source.get("recipe", "default"))
+            part.capture_monotonic = part.capture_monotonic or time.monotonic()
+            part.deadline = self._deadline(part)
+            self._taken += 1
+        except Exception as exc:   # e.g. a reject timing that overflows for this encoder count
+            log.exception("part %r could not be stamped", part.part_id)
+            part.deadline = time.monotonic() + 1.0
+            part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"deadline not computable: {_one_line(exc)}")
+            self._out.put(("part", part, None))
+            return
+        try:
+            self._in.put_nowait(part)
+        except queue.Full:
+            part.decide(Verdict.NO_VERDICT, Reason.OVERLOAD,
+                        f"engine queue full ({self.config.line.queue_size} parts waiting)")
+            self._out.put(("part", part, None))
+
+    def _source_fault_part(self, exc: BaseException) -> None:
+        """The NO_VERDICT (decode_error) row of the trigger whose frame the source failed on (its id unknown)."""
+        self._source_faults += 1
+        part = PartRecord(part_id=f"SOURCE-FAULT-{int(time.time() * 1e3)}-{self._source_faults}",
+                          recipe=self.config.source.get("recipe", "default"), capture_time=time.time())
+        part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR,
+                    f"the frame source failed on this frame: {type(exc).__name__}: {_one_line(exc)}"[:500])
+        self._take(part)
+
+    def _close_source(self) -> None:
+        try:
+            self.source.close()
+        except Exception:
+            log.debug("source close raised", exc_info=True)
+
+    def _fatal_fault(self, text: str) -> None:
+        """A fault the line cannot survive: alarmed, and ``run()`` ends with ``LineStopped(text)``."""
+        self._fatal = self._fatal or text
+        self._on_alarm(f"line stopping: {text}")
+        self._stop.set()
+        self._close_source()
+
+    def _keep_alive(self, loop: Callable[[], None], name: str,
+                    pass_end_on: Callable[[], None] | None = None) -> Callable[[], None]:
+        """``loop``, started again when an exception escapes it (each loop decides single parts' faults
+        itself; what escapes is a fault between parts). Faulting ``THREAD_FAULTS`` times within
+        ``THREAD_FAULT_WINDOW_S`` stops the line; ``pass_end_on`` then tells the next stage it is over."""
+        def run() -> None:
+            faults: deque = deque(maxlen=THREAD_FAULTS)
+            while True:
+                try:
+                    return loop()
+                except Exception as exc:
+                    log.exception("%s thread fault", name)
+                    faults.append(time.monotonic())
+                    if len(faults) == faults.maxlen and faults[-1] - faults[0] < THREAD_FAULT_WINDOW_S:
+                        self._fatal_fault(f"the {name} thread failed {len(faults)} times within "
+                                          f"{THREAD_FAULT_WINDOW_S:.0f} s, last: {type(exc).__name__}: "
+                                          f"{_one_line(exc)}")
+                        if pass_end_on is not None:
+                            pass_end_on()
+                        return
+                    self._on_alarm(f"{name} thread fault, restarted: {type(exc).__name__}: {_one_line(exc)}")
+                    time.sleep(0.05)
+        return run
 
     def _prefetch_loop(self) -> None:
         """Extract (decode, features) the next parts on the extract threads while earlier ones are scored and
@@ -245,7 +365,12 @@ class Line:
                 if part is _DONE:
                     self._ready.put((_DONE, None))
                     return
-                self._ready.put((part, extract.submit(self._extract, part)))
+                try:
+                    pending = extract.submit(self._extract, part)
+                except Exception as exc:   # handed on as this part's failed extraction (its NO_VERDICT)
+                    pending = Future()
+                    pending.set_exception(exc)
+                self._ready.put((part, pending))
 
     def _extract(self, part: PartRecord) -> object | None:
         # A part already late is not worked on: the worker gives it its NO_VERDICT (deadline).
@@ -275,11 +400,20 @@ class Line:
                 part.decide(Verdict.NO_VERDICT, Reason.DEADLINE, "deadline passed while queued")
                 self._out.put(("part", part, None, in_force))
                 continue
-            part, prepared = self.inspector.inspect(part, extracted)
+            try:
+                part, prepared = self.inspector.inspect(part, extracted)
+            except Exception as exc:   # inspect() decides bad parts itself; this is a fault in scoring
+                log.exception("scoring failed for part %s", part.part_id)
+                part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"scoring failed: {_one_line(exc)}")
+                prepared = None
             if time.monotonic() > deadline and part.verdict != Verdict.NO_VERDICT:
                 part.decide(Verdict.NO_VERDICT, Reason.DEADLINE,
                             f"scored {part.verdict.value} after the deadline (score {part.score:.4f})")
-            self.inspector.admit(part, prepared)
+            try:
+                self.inspector.admit(part, prepared)
+            except Exception as exc:   # the verdict stands; the pool did not take this part
+                log.exception("pool admission failed for part %s", part.part_id)
+                self._on_alarm(f"pool admission failed for part {part.part_id}: {_one_line(exc)}")
             self._out.put(("part", part, prepared, in_force))
             self._maybe_persist()
 
@@ -293,14 +427,17 @@ class Line:
             self._persist.put_nowait(self.inspector.snapshot_pools())
         except queue.Full:
             log.debug("pool persistence still busy; the next period will catch up")
+        except Exception as exc:   # e.g. no memory for the copy: the next period tries again
+            self._on_alarm(f"pool snapshot failed: {_one_line(exc)}")
 
     def _persist_loop(self) -> None:
         lower_this_thread()
         while (snapshot := self._persist.get()) is not None:
             try:
                 self.inspector.write_pools(snapshot)
-            except OSError as exc:
-                self._on_alarm(f"pool could not be saved: {exc}")
+            except Exception as exc:   # never dies: a blocked writer queue would block pool changes and shutdown
+                log.debug("pool write failed", exc_info=True)
+                self._on_alarm(f"pool could not be saved: {_one_line(exc)}")
 
     def _output_loop(self) -> None:
         try:
@@ -311,12 +448,37 @@ class Line:
                     self._drain_acks()
                     continue
                 if item[0] == "done":
+                    if self._fatal is not None:
+                        raise LineStopped(self._fatal)
                     return
-                self._emit(item[1], item[3] if len(item) > 3 else None)
+                try:
+                    self._emit(item[1], item[3] if len(item) > 3 else None)
+                except (LineStopped, sqlite3.Error):
+                    raise
+                except Exception as exc:   # a fault of this part's signal, archive or telemetry: it, not the line
+                    self._output_fault(item[1], exc)
         except sqlite3.Error as exc:  # an ack or link time that cannot be recorded (disk full, I/O error)
             self._on_alarm(f"ledger update failed, line stopping: {exc}")
             raise LineStopped(f"the ledger {self.ledger.path} cannot be updated ({exc}); unacknowledged "
                               "verdicts are re-sent at the next start") from None
+
+    def _output_fault(self, part: PartRecord, exc: Exception) -> None:
+        """After a fault in ``_emit``: a part without a ledger row is recorded NO_VERDICT (engine_error) once
+        more; one with a row keeps it (unacknowledged, it is re-sent at the next start)."""
+        log.exception("output stage failed for part %s", getattr(part, "part_id", "?"))
+        self._on_alarm(f"output stage failed for part {str(part.part_id)[:80]!r} (seq {part.seq}): "
+                       f"{type(exc).__name__}: {_one_line(exc)}")
+        if part.seq is None:
+            part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"output stage failed: {_one_line(exc)}"[:500])
+            try:
+                self._emit(part)
+            except (LineStopped, sqlite3.Error):
+                raise
+            except Exception as again:
+                self._on_alarm(f"part {str(part.part_id)[:80]!r} could not be recorded: {_one_line(again)}")
+        waiter = self._waiters.pop(id(part), None)
+        if waiter is not None:
+            waiter.set()
 
     def _deadline(self, part: PartRecord) -> float:
         """Monotonic time by which the verdict must reach the PLC (reject timing, else line.deadline_ms)."""
@@ -624,4 +786,13 @@ class Line:
     def _status_loop(self) -> None:
         while not self._stop.wait(self._status_every):
             if self._status:
-                self._status(self.status_line())
+                try:
+                    self._status(self.status_line())
+                except Exception:   # the status display is not worth a thread restart storm
+                    log.debug("status line failed", exc_info=True)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, shortened."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."

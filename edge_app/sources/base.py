@@ -274,6 +274,16 @@ class FrameSource(Device):
         """Parts as they are captured (see the class docstring for the timing contract)."""
         return self._guarded(self._iterate())
 
+    @property
+    def finite(self) -> bool:
+        """Whether ``parts()`` ends by itself (a replay without ``loop``). A live source's ``parts()`` ends only
+        at ``close()``: the line takes any other end, and any exception, as a failure and reopens it."""
+        return False
+
+    def describe(self) -> str:
+        """What this source is, for alarms and the end-of-run line (e.g. ``replay of frames/``)."""
+        return type(self).__name__
+
     @abstractmethod
     def _iterate(self) -> Iterator[PartRecord]: ...
 

@@ -55,7 +55,7 @@ class ReplayConfig(SourceConfig):
     shuffle: bool = False           # seeded; a new permutation on each pass when looping
     seed: int = 0
     limit: int | None = None        # total parts, across passes
-    loop: bool = False
+    loop: bool = False              # replay forever (a development camera); otherwise the line stops at the end
     encoder_counts_per_part: int | None = None   # simulated encoder; None = the line has none
     encoder_start: int = 0
     encoder_rollover: int = 2 ** 32
@@ -79,6 +79,7 @@ class ReplayConfig(SourceConfig):
         require(isinstance(self.encoder_rollover, int) and self.encoder_rollover > 0, "encoder_rollover",
                 self.encoder_rollover, "an integer > 0")
         require(isinstance(self.seed, int), "seed", self.seed, "an integer")
+        require(isinstance(self.loop, bool), "loop", self.loop, "true or false")
         require(self.cloud_path is None or _valid_template(self.cloud_path), "cloud_path", self.cloud_path,
                 "a path template using {stem} or {name}, e.g. '../xyz/{stem}.tiff'")
 
@@ -108,6 +109,14 @@ class ReplaySource(FrameSource):
         super().__init__(config)
         self._files: list[Path] = []
         self._video: Path | None = None
+
+    @property
+    def finite(self) -> bool:
+        return not self.config.loop or self.config.limit is not None
+
+    def describe(self) -> str:
+        where = self.config.path if self.config.paths is None else f"{len(self.config.paths)} listed files"
+        return f"replay of {where}"
 
     def _acquire(self) -> None:
         c = self.config
@@ -139,6 +148,10 @@ class ReplaySource(FrameSource):
             for k, (ref, raw, image) in enumerate(islice(frames, c.limit)):
                 # The scan is read with its frame, before the part's capture time comes.
                 cloud, problem = _read_scan(paired_cloud(Path(ref), c.cloud_path)) if c.cloud_path else (None, None)
+                try:
+                    raw = None if raw is None else c.over_budget(raw)
+                except Exception as exc:   # a header that breaks the size check: this frame's NO_VERDICT
+                    raw = UndecodableFrame(b"", f"{ref}: frame header unreadable: {type(exc).__name__}: {exc}")
                 if c.rate is None:
                     mono, utc = time.monotonic(), time.time()
                 else:
@@ -149,7 +162,7 @@ class ReplaySource(FrameSource):
                 if self._stop.is_set():
                     return
                 part = PartRecord(part_id=ids.next(), recipe=c.recipe, capture_time=utc, capture_monotonic=mono,
-                                  encoder=self._encoder(k), raw=None if raw is None else c.over_budget(raw),
+                                  encoder=self._encoder(k), raw=raw,
                                   image=image, source_ref=ref, cloud=cloud)
                 if problem is not None:
                     part.decide(Verdict.NO_VERDICT, Reason.SCANNER_ERROR, f"part {part.part_id}: {problem}")
@@ -183,6 +196,8 @@ def _read_scan(path: Path) -> tuple[np.ndarray | None, str | None]:
         return read_cloud(path), None
     except CloudError as exc:
         return None, str(exc)
+    except Exception as exc:   # a reader fault on a hostile file: this part's NO_VERDICT, not the replay's end
+        return None, f"{path}: cloud unreadable: {type(exc).__name__}: {exc}"
 
 
 def _read_file(path: Path) -> Frame:
