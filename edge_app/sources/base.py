@@ -39,6 +39,7 @@ SOURCE_TYPES = {
     "replay": ("musc_edge.edge.sources.replay", "ReplaySource"),
     "opencv": ("musc_edge.edge.sources.opencv_camera", "OpenCVCameraSource"),
     "zmq": ("musc_edge.edge.sources.zmq_source", "ZmqSource"),
+    "genicam": ("musc_edge.edge.sources.genicam", "GenICamSource"),
 }
 
 

@@ -1,0 +1,590 @@
+"""GenICam cameras (GigE Vision, USB3 Vision) through Aravis 0.8: ``source: {type: genicam, camera: ...}``.
+
+``camera`` is what Aravis opens: a device id (``Basler-21234567``), a serial number or, for GigE Vision, an
+IP address. ``open()`` sets the features a line needs from the config (pixel format, exposure, gain, ROI,
+frame rate, trigger, GigE packet size and delay, then any ``features`` by name), and streams into a bounded
+pool of ``buffers`` buffers: each frame's pixels are copied out and its buffer handed straight back, so a
+slow consumer never holds the camera's pool. Every frame becomes one part:
+
+* its image is the frame converted to RGB (edge_app/sources/pixel_formats.py);
+* ``source_ref`` is ``genicam://<camera>/<frame id>?timestamp_ns=<camera timestamp>`` (:func:`frame_ref`);
+* ``encoder`` is the chunk ``encoder_chunk`` (``Chunk<name>``) where the camera sends chunk data, else the
+  count handed to :meth:`GenICamSource.trigger`;
+* ``capture_time`` is the trigger instant (software trigger) or the host's arrival stamp of the frame.
+
+Faults become parts or alarms, never silence: an incomplete buffer (GigE packet loss) is a part whose decode
+fails with the buffer status (NO_VERDICT, decode_error); a frame-id gap gives one such part per missing
+frame id (up to ``max_gap_rows``, beyond that an alarm); a software trigger with no frame within
+``frame_timeout_s`` is a NO_VERDICT part; a camera that stops answering (control lost, or no frame and no
+reply to a register read) raises an alarm, its waiting triggers become NO_VERDICT parts, and the source
+reopens it every ``reconnect_interval_s`` until it answers again (another alarm), on its own.
+
+Aravis comes from the system (Debian/Ubuntu ``gir1.2-aravis-0.8``) and is reached through PyGObject
+(``pip install 'musc-edge[genicam]'``, or a venv made with ``--system-site-packages`` beside ``python3-gi``).
+The config validates without either; ``open()`` names what is missing.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from ..record import PartRecord
+from .base import FrameSource, SourceConfig, SourceError, UndecodableFrame, require
+from .pixel_formats import FORMATS, PixelFormatError, to_rgb
+
+log = logging.getLogger(__name__)
+
+TRIGGER_MODES = ("free_run", "software", "hardware")
+TRIGGER_ACTIVATIONS = ("RisingEdge", "FallingEdge", "AnyEdge", "LevelHigh", "LevelLow")
+GEV_FRAME_ID_MAX = 0xFFFF          # GigE Vision 1.x block ids count 1..65535 and wrap to 1 (0 is never used)
+_WRAP_SLACK = 0x100                # a fall from within this of the top to within this of 1 is a wrap
+_PROBE_REGISTER = 0x0000           # GigE Vision bootstrap "Version": a read-only register every camera has
+INSTALL_HINT = ("install Debian/Ubuntu's gir1.2-aravis-0.8 and PyGObject in this venv "
+                "(pip install 'musc-edge[genicam]', build deps libgirepository1.0-dev libcairo2-dev), "
+                "or create the venv with --system-site-packages beside python3-gi")
+
+
+def aravis() -> tuple[Any, Any]:
+    """``(Aravis, GLib)`` from PyGObject; ``SourceError`` saying what to install when either is missing."""
+    try:
+        import gi
+
+        gi.require_version("Aravis", "0.8")
+        from gi.repository import Aravis, GLib
+    except (ImportError, ValueError) as exc:
+        raise SourceError(f"GenICam needs Aravis 0.8 through PyGObject ({exc}); {INSTALL_HINT}") from None
+    return Aravis, GLib
+
+
+def aravis_missing() -> str | None:
+    """Why Aravis cannot be used from this interpreter, or None when it can."""
+    try:
+        aravis()
+    except SourceError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(kw_only=True)
+class GenICamConfig(SourceConfig):
+    """A GenICam camera's settings; ``None`` leaves the camera's own value."""
+
+    camera: str                             # device id, serial number, or IP address (GigE Vision)
+    pixel_format: str | None = None         # PFNC name, one of pixel_formats.FORMATS
+    exposure_us: float | None = None
+    gain: float | None = None               # Gain (dB) where the camera has it, else GainRaw
+    roi: list[int] | None = None            # [offset_x, offset_y, width, height]
+    frame_rate: float | None = None         # AcquisitionFrameRate (free run)
+    trigger: str = "free_run"               # free_run | software (trigger()) | hardware (trigger_source)
+    trigger_source: str = "Line0"           # hardware trigger input, e.g. the photo eye on Line0 / Line1
+    trigger_activation: str = "RisingEdge"
+    packet_size: int | None = None          # GigE: GevSCPSPacketSize in bytes (9000 with jumbo frames)
+    packet_delay_ns: int | None = None      # GigE: inter-packet delay, spreads a frame over the link
+    packet_resend: bool = True              # GigE: ask the camera to resend lost packets
+    socket_buffer_bytes: int | None = None  # GigE: receive socket buffer (None: Aravis sizes it)
+    features: dict[str, Any] = field(default_factory=dict)   # any other feature: name -> value, set last
+    encoder_chunk: str | None = None        # chunk holding the encoder count, e.g. EncoderValue
+    buffers: int = 8                        # stream buffer pool
+    frame_timeout_s: float = 2.0            # a software trigger's frame, or free run's next frame, is late
+    reconnect_interval_s: float = 1.0
+    max_gap_rows: int = 64                  # missing frame ids beyond this give one alarm, not rows
+    max_parts: int | None = None            # end after this many parts (bench runs and tests)
+    poll_interval_s: float = 0.1            # how often the stream loop checks for close()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(isinstance(self.camera, str) and self.camera.strip() != "", "camera", self.camera,
+                "a device id, serial number or IP address")
+        require(self.pixel_format is None or self.pixel_format in FORMATS, "pixel_format", self.pixel_format,
+                f"null or one of {', '.join(FORMATS)}")
+        for key in ("exposure_us", "gain", "frame_rate"):
+            value = getattr(self, key)
+            require(value is None or (_is_number(value) and value >= 0 and (key == "gain" or value > 0)), key,
+                    value, "a number > 0 (gain >= 0) or null")
+        require(self.roi is None or (isinstance(self.roi, list) and len(self.roi) == 4
+                                     and all(_is_int(v) and v >= 0 for v in self.roi) and self.roi[2] > 0
+                                     and self.roi[3] > 0), "roi", self.roi,
+                "null or [offset_x, offset_y, width, height] with width, height > 0")
+        require(self.trigger in TRIGGER_MODES, "trigger", self.trigger, f"one of {', '.join(TRIGGER_MODES)}")
+        require(isinstance(self.trigger_source, str) and self.trigger_source != "", "trigger_source",
+                self.trigger_source, "a trigger input name such as Line0")
+        require(self.trigger_activation in TRIGGER_ACTIVATIONS, "trigger_activation", self.trigger_activation,
+                f"one of {', '.join(TRIGGER_ACTIVATIONS)}")
+        for key, low in (("packet_size", 576), ("packet_delay_ns", 0), ("socket_buffer_bytes", 1)):
+            value = getattr(self, key)
+            require(value is None or (_is_int(value) and value >= low), key, value, f"null or an integer >= {low}")
+        require(isinstance(self.packet_resend, bool), "packet_resend", self.packet_resend, "true or false")
+        require(isinstance(self.features, dict) and all(isinstance(k, str) and k for k in self.features)
+                and all(isinstance(v, (bool, int, float, str)) for v in self.features.values()), "features",
+                self.features, "a mapping of feature names to booleans, numbers or strings")
+        require(self.encoder_chunk is None or (isinstance(self.encoder_chunk, str) and self.encoder_chunk.isidentifier()),
+                "encoder_chunk", self.encoder_chunk, "null or a chunk name such as EncoderValue")
+        require(_is_int(self.buffers) and 2 <= self.buffers <= 256, "buffers", self.buffers, "an integer in 2..256")
+        for key in ("frame_timeout_s", "reconnect_interval_s", "poll_interval_s"):
+            require(_is_number(getattr(self, key)) and getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
+        require(_is_int(self.max_gap_rows) and self.max_gap_rows >= 0, "max_gap_rows", self.max_gap_rows,
+                "an integer >= 0")
+        require(self.max_parts is None or (_is_int(self.max_parts) and self.max_parts > 0), "max_parts",
+                self.max_parts, "null or an integer > 0")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def frame_ref(camera: str, frame_id: int, timestamp_ns: int) -> str:
+    """The ``source_ref`` of a GenICam frame: ``genicam://<camera>/<frame id>?timestamp_ns=<t>``."""
+    return f"genicam://{quote(camera, safe='')}/{frame_id}?timestamp_ns={timestamp_ns}"
+
+
+def parse_frame_ref(ref: str) -> tuple[str, int, int] | None:
+    """``(camera, frame id, camera timestamp ns)`` of a :func:`frame_ref`, or None for any other ref."""
+    parts = urlsplit(ref or "")
+    if parts.scheme != "genicam" or not parts.path.strip("/").isdigit():
+        return None
+    stamp = parse_qs(parts.query).get("timestamp_ns", ["-1"])[0]
+    return unquote(parts.netloc), int(parts.path.strip("/")), int(stamp) if stamp.lstrip("-").isdigit() else -1
+
+
+class FrameIdTracker:
+    """Frame-id continuity of one camera connection: which ids were skipped, and when ids restarted."""
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+
+    def reset(self) -> None:
+        """Forget the last id (a new connection: the camera's counter may start again)."""
+        self.last = None
+
+    def observe(self, frame_id: int) -> tuple[list[int], str | None]:
+        """``(missing ids before frame_id, alarm text or None)``; ids wrap 65535 -> 1 as in GigE Vision 1.x.
+
+        A repeated or decreasing id that is not a wrap is a restart of the camera's counter: an alarm, no
+        missing ids (which frames were lost cannot be known).
+        """
+        last, self.last = self.last, frame_id
+        if last is None or frame_id == last + 1:
+            return [], None
+        if frame_id > last:
+            return list(range(last + 1, frame_id)), None
+        if last > GEV_FRAME_ID_MAX - _WRAP_SLACK and frame_id < _WRAP_SLACK and last <= GEV_FRAME_ID_MAX:
+            return [*range(last + 1, GEV_FRAME_ID_MAX + 1), *range(1, frame_id)], None
+        return [], f"frame ids restarted at {frame_id} after {last} (camera reset or a second stream)"
+
+
+@dataclass
+class _Trigger:
+    part_id: str | None
+    encoder: int | None
+    mono: float
+    utc: float
+
+
+class GenICamSource(FrameSource):
+    """Parts from a GenICam camera through Aravis (see the module docstring). ``on_alarm`` receives alarm
+    texts (the line routes them to its alarm path; default: the log)."""
+
+    config_class = GenICamConfig
+    config: GenICamConfig
+
+    def __init__(self, config: GenICamConfig) -> None:
+        super().__init__(config)
+        self.on_alarm: Callable[[str], None] = lambda text: log.warning("ALARM: %s", text)
+        self._requests: queue.Queue[_Trigger] = queue.Queue()
+        self._awaiting: deque[_Trigger] = deque()
+        self._tracker = FrameIdTracker()
+        self._camera: Any = None
+        self._stream: Any = None
+        self._chunks: Any = None
+        self._signal: int | None = None
+        self._control_lost = threading.Event()
+        self.device_id = config.camera
+        self.stats = {"frames": 0, "incomplete": 0, "missing": 0, "missed_triggers": 0, "reconnects": 0}
+
+    @property
+    def finite(self) -> bool:
+        """Ends by itself only with ``max_parts``; otherwise only at ``close()``."""
+        return self.config.max_parts is not None
+
+    def describe(self) -> str:
+        return f"GenICam camera {self.device_id}"
+
+    # -- public ----------------------------------------------------------------------------------------------
+    def trigger(self, part_id: str | None = None, encoder: int | None = None) -> None:
+        """Request one frame (``trigger: software``); thread-safe, executed by the streaming thread."""
+        if self.config.trigger != "software":
+            raise SourceError(f"trigger() needs source config trigger='software', not {self.config.trigger!r}")
+        self._requests.put(_Trigger(part_id, encoder, time.monotonic(), time.time()))
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def _acquire(self) -> None:
+        self._open_camera()
+
+    def _release(self) -> None:
+        self._close_camera()
+
+    def _open_camera(self) -> None:
+        Arv, GLib = aravis()
+        c = self.config
+        camera = open_camera(c.camera)
+        try:
+            configure_camera(camera, c)
+            stream = camera.create_stream(None, None)
+            if camera.is_gv_device():
+                _set_stream_options(stream, c, Arv)
+            payload = camera.get_payload()
+            for _ in range(c.buffers):
+                stream.push_buffer(Arv.Buffer.new_allocate(payload))
+            self._chunks = camera.create_chunk_parser() if c.encoder_chunk else None
+            camera.set_acquisition_mode(Arv.AcquisitionMode.CONTINUOUS)
+            camera.start_acquisition()
+            self.device_id = camera.get_device_id() or c.camera
+        except GLib.Error as exc:
+            raise SourceError(f"GenICam camera {c.camera!r}: {exc.message}") from None
+        self._control_lost.clear()
+        self._signal = camera.get_device().connect("control-lost", lambda *_: self._control_lost.set())
+        self._camera, self._stream = camera, stream
+        self._tracker.reset()
+
+    def _close_camera(self) -> None:
+        camera, stream, self._camera, self._stream, self._chunks = self._camera, self._stream, None, None, None
+        if camera is None:
+            return
+        _, GLib = aravis()
+        try:
+            camera.stop_acquisition()
+        except GLib.Error as exc:   # the camera is gone: nothing to stop
+            log.debug("stop_acquisition on %s: %s", self.config.camera, exc.message)
+        if self._signal is not None:
+            camera.get_device().disconnect(self._signal)
+            self._signal = None
+        del stream, camera           # the stream's receiving thread ends with its last reference
+
+    # -- streaming -------------------------------------------------------------------------------------------
+    def _iterate(self) -> Iterator[PartRecord]:
+        c = self.config
+        ids = c.part_ids()
+        emitted = 0
+        last_sign = time.monotonic()        # last frame, or last successful probe
+        lost_at = 0.0
+        for record in self._stream_records(ids):
+            if record is None:              # a poll with nothing to report: time to check the camera
+                now = time.monotonic()
+                if self._camera is None:
+                    if self._stop.wait(c.reconnect_interval_s) or not self._try_reopen(lost_at):
+                        continue
+                    last_sign = time.monotonic()
+                elif self._control_lost.is_set() or (now - last_sign > c.frame_timeout_s and not self._answers()):
+                    why = "control lost" if self._control_lost.is_set() else f"no frame and no reply for {now - last_sign:.1f} s"
+                    lost_at = now
+                    for orphan in self._lose(why, ids):
+                        yield orphan
+                        emitted += 1
+                elif now - last_sign > c.frame_timeout_s:
+                    last_sign = now         # idle but answering (a triggered line between parts)
+                continue
+            last_sign = time.monotonic()
+            yield record
+            emitted += 1
+            if c.max_parts is not None and emitted >= c.max_parts:
+                return
+
+    def _stream_records(self, ids) -> Iterator[PartRecord | None]:
+        """Parts as frames arrive; ``None`` after each poll interval without one (and while disconnected)."""
+        c = self.config
+        timeout_us = int(c.poll_interval_s * 1e6)
+        while not self._stop.is_set():
+            if self._camera is None:
+                yield None
+                continue
+            self._send_triggers(ids)
+            yield from self._missed_triggers(ids)
+            buffer = self._stream.timeout_pop_buffer(timeout_us)
+            if self._stop.is_set():
+                if buffer is not None:
+                    self._stream.push_buffer(buffer)
+                return
+            if buffer is None:
+                yield None
+                continue
+            try:
+                records = self._records(buffer, ids)
+            finally:
+                self._stream.push_buffer(buffer)
+            yield from records
+
+    def _send_triggers(self, ids) -> None:
+        _, GLib = aravis()
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._camera.software_trigger()
+            except GLib.Error as exc:
+                log.warning("software trigger on %s failed: %s", self.config.camera, exc.message)
+            self._awaiting.append(request)
+
+    def _missed_triggers(self, ids) -> Iterator[PartRecord]:
+        while self._awaiting and time.monotonic() - self._awaiting[0].mono > self.config.frame_timeout_s:
+            request = self._awaiting.popleft()
+            self.stats["missed_triggers"] += 1
+            yield self._no_frame(ids, request, f"software trigger got no frame within "
+                                               f"{self.config.frame_timeout_s:g} s from camera {self.device_id}")
+
+    def _records(self, buffer: Any, ids) -> list[PartRecord]:
+        """The parts of one popped buffer: one per missing frame id before it, then the frame itself."""
+        Arv, _ = aravis()
+        frame_id = buffer.get_frame_id()
+        missing, alarm = self._tracker.observe(frame_id)
+        records = []
+        if alarm:
+            self.on_alarm(f"camera {self.device_id}: {alarm}")
+        if len(missing) > self.config.max_gap_rows:
+            self.stats["missing"] += len(missing)
+            self.on_alarm(f"camera {self.device_id}: {len(missing)} frames missing before frame id {frame_id} "
+                          f"(more than max_gap_rows={self.config.max_gap_rows}; no part rows for them)")
+            missing = []
+        for lost in missing:
+            self.stats["missing"] += 1
+            request = self._awaiting.popleft() if self._awaiting else None
+            records.append(self._no_frame(ids, request, f"frame id {lost} of camera {self.device_id} never "
+                                          "arrived (lost in transport or the buffer pool ran dry)",
+                                          frame_ref(self.device_id, lost, -1)))
+        request = self._awaiting.popleft() if self._awaiting else None
+        records.append(self._frame_record(buffer, ids, request, Arv))
+        return records
+
+    def _frame_record(self, buffer: Any, ids, request: _Trigger | None, Arv: Any) -> PartRecord:
+        frame_id, stamp = buffer.get_frame_id(), buffer.get_timestamp()
+        if request is not None:
+            mono, utc = request.mono, request.utc
+        else:
+            arrival = buffer.get_system_timestamp() / 1e9
+            utc = arrival if arrival > 0 else time.time()
+            mono = time.monotonic() - max(0.0, time.time() - utc)
+        record = PartRecord(part_id=(request.part_id if request and request.part_id else ids.next()),
+                            recipe=self.config.recipe, capture_time=utc, capture_monotonic=mono,
+                            encoder=request.encoder if request else None,
+                            source_ref=frame_ref(self.device_id, frame_id, stamp))
+        self.stats["frames"] += 1
+        status = buffer.get_status()
+        if status != Arv.BufferStatus.SUCCESS:
+            self.stats["incomplete"] += 1
+            record.raw = UndecodableFrame(b"", f"incomplete frame id {frame_id} from camera {self.device_id}: "
+                                          f"buffer status {status.value_nick} (GigE packet loss: check MTU, "
+                                          "packet_size, socket buffers; deploy/README.md)")
+            return record
+        if self._chunks is not None:
+            record.encoder = self._chunk_encoder(buffer)
+        try:
+            record.image = to_rgb(buffer.get_image_data(), buffer.get_image_pixel_format(),
+                                  buffer.get_image_width(), buffer.get_image_height())
+        except PixelFormatError as exc:
+            record.raw = UndecodableFrame(b"", f"frame id {frame_id} from camera {self.device_id}: {exc}")
+        return record
+
+    def _chunk_encoder(self, buffer: Any) -> int | None:
+        _, GLib = aravis()
+        try:
+            return int(self._chunks.get_integer_value(buffer, f"Chunk{self.config.encoder_chunk}"))
+        except GLib.Error as exc:
+            log.warning("camera %s: chunk %s unreadable: %s", self.device_id, self.config.encoder_chunk, exc.message)
+            return None
+
+    def _no_frame(self, ids, request: _Trigger | None, reason: str, ref: str | None = None) -> PartRecord:
+        """A part that was due but has no frame: decided NO_VERDICT (decode_error) with ``reason``."""
+        now_mono, now_utc = time.monotonic(), time.time()
+        record = PartRecord(part_id=(request.part_id if request and request.part_id else ids.next()),
+                            recipe=self.config.recipe, capture_time=request.utc if request else now_utc,
+                            capture_monotonic=request.mono if request else now_mono,
+                            encoder=request.encoder if request else None,
+                            source_ref=ref or f"genicam://{quote(self.device_id, safe='')}/")
+        record.raw = UndecodableFrame(b"", reason)
+        return record
+
+    # -- losing and finding the camera -----------------------------------------------------------------------
+    def _answers(self) -> bool:
+        """Whether the camera still replies to a register read (GigE) or a feature read (USB3)."""
+        _, GLib = aravis()
+        try:
+            if self._camera.is_gv_device():
+                self._camera.get_device().read_register(_PROBE_REGISTER)
+            else:
+                self._camera.get_device().get_string_feature_value("DeviceVendorName")
+            return True
+        except GLib.Error:
+            return False
+
+    def _lose(self, why: str, ids) -> Iterator[PartRecord]:
+        self.stats["reconnects"] += 1
+        self.on_alarm(f"camera {self.device_id} lost ({why}); reconnecting every "
+                      f"{self.config.reconnect_interval_s:g} s")
+        self._close_camera()
+        while self._awaiting:
+            yield self._no_frame(ids, self._awaiting.popleft(), f"camera {self.device_id} was lost before the "
+                                 "triggered frame arrived")
+
+    def _try_reopen(self, lost_at: float) -> bool:
+        try:
+            self._open_camera()
+        except SourceError as exc:
+            log.debug("reconnect %s: %s", self.config.camera, exc)
+            return False
+        self.on_alarm(f"camera {self.device_id} reconnected after {time.monotonic() - lost_at:.1f} s")
+        return True
+
+
+def _set_stream_options(stream: Any, c: GenICamConfig, Arv: Any) -> None:
+    stream.set_property("packet-resend", Arv.GvStreamPacketResend.ALWAYS if c.packet_resend
+                        else Arv.GvStreamPacketResend.NEVER)
+    if c.socket_buffer_bytes is not None:
+        stream.set_property("socket-buffer", Arv.GvStreamSocketBuffer.FIXED)
+        stream.set_property("socket-buffer-size", c.socket_buffer_bytes)
+
+
+def configure_camera(camera: Any, c: GenICamConfig) -> None:
+    """Write the config's features to an open Aravis camera; ``SourceError`` names the config key that failed.
+
+    Order matters: the frame rate first (Aravis clears FrameStart triggering there on some cameras), then
+    the trigger, then ``features`` (which may override anything before them).
+    """
+    Arv, GLib = aravis()
+    steps: list[tuple[str, Callable[[], Any]]] = []
+    if c.pixel_format is not None:
+        steps.append(("pixel_format", lambda: camera.set_pixel_format_from_string(c.pixel_format)))
+    if c.roi is not None:
+        steps.append(("roi", lambda: camera.set_region(*c.roi)))
+    if c.exposure_us is not None:
+        steps.append(("exposure_us", lambda: camera.set_exposure_time(c.exposure_us)))
+    if c.gain is not None:
+        steps.append(("gain", lambda: camera.set_gain(c.gain)))
+    if c.frame_rate is not None:
+        steps.append(("frame_rate", lambda: camera.set_frame_rate(c.frame_rate)))
+    if c.trigger == "free_run":
+        steps.append(("trigger", camera.clear_triggers))
+    else:
+        source = "Software" if c.trigger == "software" else c.trigger_source
+        steps.append(("trigger_source" if c.trigger == "hardware" else "trigger", lambda: camera.set_trigger(source)))
+        if c.trigger == "hardware" and c.trigger_activation != "RisingEdge":
+            steps.append(("trigger_activation", lambda: camera.set_string("TriggerActivation", c.trigger_activation)))
+    if c.encoder_chunk:
+        steps.append(("encoder_chunk", lambda: camera.set_chunks(c.encoder_chunk)))
+    for name, value in c.features.items():
+        steps.append((f"features.{name}", lambda name=name, value=value: _set_feature(camera, name, value)))
+    if camera.is_gv_device():
+        if c.packet_size is not None:
+            steps.append(("packet_size", lambda: camera.gv_set_packet_size(c.packet_size)))
+        if c.packet_delay_ns is not None:
+            steps.append(("packet_delay_ns", lambda: camera.gv_set_packet_delay(c.packet_delay_ns)))
+    for key, step in steps:
+        try:
+            step()
+        except GLib.Error as exc:
+            raise SourceError(f"source config key {key!r}: camera {c.camera!r} refused it: {exc.message}") from None
+    if c.pixel_format is not None and camera.get_pixel_format_as_string() != c.pixel_format:
+        raise SourceError(f"source config key 'pixel_format': camera {c.camera!r} kept "
+                          f"{camera.get_pixel_format_as_string()!r} instead of {c.pixel_format!r}")
+
+
+def _set_feature(camera: Any, name: str, value: bool | int | float | str) -> None:
+    if isinstance(value, bool):
+        camera.set_boolean(name, value)
+    elif isinstance(value, int):
+        camera.set_integer(name, value)
+    elif isinstance(value, float):
+        camera.set_float(name, value)
+    else:
+        camera.set_string(name, value)
+
+
+# -- discovery, for `musc-edge doctor` ---------------------------------------------------------------------
+def list_cameras() -> list[dict[str, str]]:
+    """The cameras Aravis discovers now (GigE Vision broadcast on every interface, USB3 Vision on the bus)."""
+    Arv, _ = aravis()
+    Arv.update_device_list()
+    return [{"id": Arv.get_device_id(i) or "", "vendor": Arv.get_device_vendor(i) or "",
+             "model": Arv.get_device_model(i) or "", "serial": Arv.get_device_serial_nbr(i) or "",
+             "address": Arv.get_device_address(i) or "", "protocol": Arv.get_device_protocol(i) or ""}
+            for i in range(Arv.get_n_devices())]
+
+
+def open_camera(name: str) -> Any:
+    """The Aravis camera ``name`` names: a device id or address as Aravis matches them, or a serial number
+    of a discovered camera. ``SourceError`` listing the cameras seen when none answers to it."""
+    Arv, GLib = aravis()
+    try:
+        return Arv.Camera.new(name)
+    except GLib.Error as exc:
+        first = exc.message
+    cameras = list_cameras()
+    for found in cameras:
+        if name in (found["serial"], found["address"]) and found["id"]:
+            try:
+                return Arv.Camera.new(found["id"])
+            except GLib.Error as exc:
+                first = exc.message
+    seen = ", ".join(f"{d['id']} (serial {d['serial']}, {d['address']})" for d in cameras) or "none"
+    raise SourceError(f"cannot open GenICam camera {name!r}: {first} (cameras seen: {seen})")
+
+
+def describe_camera(camera_id: str) -> dict[str, Any]:
+    """Key features of one camera, read (not written) while it is opened: pixel formats, sensor and ROI,
+    exposure, gain, frame rate, trigger sources, and for GigE the packet size and delay."""
+    _, GLib = aravis()
+    camera = open_camera(camera_id)
+    info: dict[str, Any] = {"id": camera.get_device_id(), "vendor": camera.get_vendor_name(),
+                            "model": camera.get_model_name(), "serial": camera.get_device_serial_number()}
+    reads = {"pixel_format": camera.get_pixel_format_as_string,
+             "pixel_formats": camera.dup_available_pixel_formats_as_strings,
+             "sensor": lambda: "{0.width}x{0.height}".format(camera.get_sensor_size()),
+             "roi": lambda: list(camera.get_region()),
+             "exposure_us": camera.get_exposure_time, "gain": camera.get_gain,
+             "frame_rate": camera.get_frame_rate, "trigger_sources": camera.dup_available_trigger_sources,
+             "chunks": camera.are_chunks_available}
+    if camera.is_gv_device():
+        reads.update(packet_size=camera.gv_get_packet_size, packet_delay_ns=camera.gv_get_packet_delay)
+    for key, read in reads.items():
+        try:
+            value = read()
+            info[key] = list(value) if isinstance(value, (list, tuple)) else value
+        except GLib.Error as exc:
+            info[key] = f"unreadable ({exc.message})"
+    return info
+
+
+def doctor_report(source: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    """``(status, name, detail, hint)`` lines for ``musc-edge doctor``: Aravis, the cameras seen, and the
+    configured camera's key features (``fail`` when it cannot be opened)."""
+    missing = aravis_missing()
+    if missing:
+        return [("fail", "genicam", missing, INSTALL_HINT)]
+    cameras = list_cameras()
+    seen = "\n".join(f"{d['id']} ({d['vendor']} {d['model']}, serial {d['serial']}, {d['protocol']} "
+                     f"{d['address']})" for d in cameras) or "none"
+    lines = [("ok" if cameras else "warn", "genicam cameras seen", seen,
+              "check the cabling, the NIC's address in the camera's subnet, and the firewall (UDP 3956)")]
+    wanted = str(source.get("camera", ""))
+    try:
+        info = describe_camera(wanted)
+    except SourceError as exc:
+        return [*lines, ("fail", "genicam camera", f"source.camera: {exc}",
+                         "set source.camera to one of the ids, serials or addresses seen")]
+    detail = "\n".join(f"{k}: {v}" for k, v in info.items())
+    configured = source.get("pixel_format")
+    if configured and configured not in info.get("pixel_formats", []):
+        return [*lines, ("fail", "genicam camera", detail, f"source.pixel_format {configured!r} is not offered "
+                         "by this camera; pick one of its pixel_formats")]
+    return [*lines, ("ok", "genicam camera", detail, "")]
