@@ -180,7 +180,10 @@ def test_service_unit_is_notify_with_watchdog_and_restart():
                 if "=" in line and not line.startswith("#")}
     assert settings["Type"] == "notify"
     assert int(settings["WatchdogSec"]) > 0
-    assert settings["Restart"] == "on-failure"
+    # Restarted whatever the exit status, rate-limited: a line that keeps failing at start stays failed.
+    assert settings["Restart"] == "always"
+    assert int(settings["StartLimitBurst"]) >= 3 and int(settings["StartLimitIntervalSec"]) > \
+        int(settings["StartLimitBurst"]) * int(settings["RestartSec"])
     assert "dialout" in settings["SupplementaryGroups"] and settings["User"] == "musc"
 
 
