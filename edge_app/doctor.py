@@ -131,6 +131,17 @@ def check_platform() -> list[Check]:
     return [Check("jetson", "ok", model), *check_clocks()]
 
 
+def check_cpu() -> Check:
+    """The CPU features that decide the INT8 and fp32 kernels (AVX2, AVX-512, VNNI, AMX, NEON, dot-product)."""
+    from .cpu_features import cpu_features
+
+    cpu = cpu_features()
+    if cpu.is_x86 and not cpu.int8_exact:
+        return Check("cpu", "ok", cpu.summary(), "INT8 models built here use 7-bit weights (reduce_range); an INT8 "
+                     "model built on a VNNI CPU is not used here (the line's fast-path check says so)")
+    return Check("cpu", "ok", cpu.summary())
+
+
 def check_model(model_path: Path, blocks: tuple[int, ...] = (), size: int | None = None,
                 precision: str = "fp32") -> Check:
     """The feature model and its manifest match; with a config, its blocks and size fit the model."""
@@ -267,7 +278,7 @@ def run_checks(config_path: str | Path | None = None) -> list[Check]:
     from .features import default_model_path
 
     checks = [check_python(), check_import("numpy", "numpy"), check_import("cv2", "opencv-python-headless"),
-              check_import("onnxruntime", "onnxruntime"), check_providers(), check_tensorrt(), *check_platform()]
+              check_import("onnxruntime", "onnxruntime"), check_providers(), check_tensorrt(), check_cpu(), *check_platform()]
     if config_path is None:
         checks.append(check_model(default_model_path()))
     else:

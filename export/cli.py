@@ -42,7 +42,9 @@ def cmd_quantize(args) -> int:
     else:
         if not cpu_has_vnni():
             print("note: this CPU has no VNNI; INT8 may be no faster than fp32 here", file=sys.stderr)
+        reduce_range = {"auto": None, "on": True, "off": False}[args.reduce_range]
         settings = QuantSettings(mode=args.mode, quant_format=args.format, op_types=tuple(args.ops.split(",")),
+                                 reduce_range=reduce_range,
                                  per_channel=not args.per_tensor, method=args.method,
                                  weights_only=not args.all_matmuls,
                                  keep_fp32=tuple(x for x in args.keep_fp32.split(",") if x))
@@ -155,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
     p.add_argument("--all-matmuls", action="store_true",
                    help="also quantize activation x activation products (attention); default: weights only")
+    p.add_argument("--reduce-range", choices=("auto", "on", "off"), default="auto",
+                   help="7-bit weights (ONNX Runtime's remedy for u8s8 saturation on x86 without VNNI); auto: on "
+                        "exactly when this CPU lacks VNNI/AMX (recorded in the manifest)")
     p.add_argument("--keep-fp32", default="", help="comma-separated node-name parts kept in fp32 (e.g. mlp/fc2); "
                                                    "'edges': the first and last transformer block")
     p.set_defaults(func=cmd_quantize)

@@ -9,6 +9,13 @@ CUDA/TensorRT (x86 CPUs have no fast fp16 kernels in ONNX Runtime).
 
 Every variant gets its own manifest (``precision`` and ``quantization`` recorded) and must pass
 ``musc-export verify`` against its fp32 parent before it is used on a line.
+
+The weights are exact on the CPU that builds the model: ONNX Runtime's x86 u8 x s8 kernels sum two 8-bit
+products in a saturating 16-bit lane unless the CPU has VNNI or AMX (the reason ONNX Runtime documents for
+``reduce_range``: 7-bit weights, for which 2 x 255 x 64 < 2^15). ``reduce_range=None`` (the default) picks 7-bit
+weights on an x86 CPU without VNNI/AMX and full 8 bits elsewhere; the manifest records the choice and the
+CPU (``quantization.reduce_range``, ``quantization.built_on``), so a line on another CPU can tell whether the
+model is exact there (:func:`int8_exact_here`).
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ class QuantSettings:
     op_types: tuple[str, ...] = ("MatMul",)
     per_channel: bool = True
     method: str = "minmax"
-    reduce_range: bool = False           # 7-bit weights: only for CPUs without VNNI (u8s8 overflow)
+    reduce_range: bool | None = None     # 7-bit weights; None: on x86 CPUs without VNNI/AMX (u8s8 saturation)
     weights_only: bool = True            # skip activation x activation products (attention QK^T and AV)
     keep_fp32: tuple[str, ...] = ()      # nodes whose name contains one of these stay fp32 ("edges": first
                                          # and last block)
@@ -51,11 +58,33 @@ class QuantSettings:
 
 def cpu_has_vnni() -> bool:
     """True when this CPU has an 8-bit dot-product instruction (AVX-512 VNNI / AVX-VNNI / AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    from musc_edge.edge.cpu_features import cpu_features
+
+    cpu = cpu_features()
+    return cpu.vnni or cpu.amx
+
+
+def choose_reduce_range(settings: QuantSettings, cpu=None) -> bool:
+    """The settings' ``reduce_range``, or when None what is exact on ``cpu`` (default: this machine's): 7-bit
+    weights where ONNX Runtime's u8 x s8 kernels can saturate (x86 without VNNI/AMX), 8-bit elsewhere."""
+    if settings.reduce_range is not None:
+        return settings.reduce_range
+    from musc_edge.edge.cpu_features import cpu_features
+
+    return not (cpu or cpu_features()).int8_exact
+
+
+def int8_exact_here(quantization: dict, cpu=None) -> tuple[bool, str]:
+    """Whether a model quantized with ``quantization`` (its manifest's record) computes exactly on ``cpu``
+    (default: this machine's), and why not: 8-bit weights saturate in u8 x s8 kernels without VNNI/AMX."""
+    from musc_edge.edge.cpu_features import cpu_features
+
+    cpu = cpu or cpu_features()
+    if quantization.get("reduce_range", False) or cpu.int8_exact:
+        return True, ""
+    return False, (f"its weights use 8 bits (built on {quantization.get('built_on', {}).get('features', '?')}) and "
+                   f"this CPU has no VNNI/AMX ({', '.join(cpu.names()) or cpu.machine}): ONNX Runtime's u8 x s8 "
+                   "products can saturate here; quantize it on this CPU (7-bit weights, reduce_range)")
 
 
 class _Batches:
@@ -119,7 +148,12 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, images: list[np.
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from dataclasses import asdict, replace
+
+    from musc_edge.edge.cpu_features import cpu_features
+
     settings.validate()
+    settings = replace(settings, reduce_range=choose_reduce_range(settings))
     if not images and settings.mode == "static":
         raise ValueError("static INT8 calibration needs at least one image")
     model_path, out_path = Path(model_path), Path(out_path)
@@ -152,9 +186,7 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, images: list[np.
                 weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude,
                 extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False})
     out_path.with_suffix(".onnx.tmp").replace(out_path)
-    from dataclasses import asdict, replace
-
-    recorded = asdict(replace(settings, calibration_images=len(images)))
+    recorded = {**asdict(replace(settings, calibration_images=len(images))), "built_on": cpu_features().as_dict()}
     if settings.mode == "dynamic":  # no calibration, and always MatMulInteger (QOperator) nodes
         for key in ("quant_format", "method", "calibration_images"):
             recorded.pop(key)

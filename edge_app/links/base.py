@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from musc_edge.edge.links.framing import (
     MAX_SEQ,
@@ -33,12 +33,14 @@ from musc_edge.edge.links.framing import (
     verdict_frame,
 )
 from musc_edge.edge.record import Reason, Verdict
+from musc_edge.edge.strict_model import MAX_DURATION_S, StrictModel
 
 log = logging.getLogger(__name__)
 
 AckCallback = Callable[[int, bool], None]
 AlarmCallback = Callable[[str], None]
 
+MAX_ACK_TIMEOUT_S = 60.0   # a reply later than a minute is no reply: the verdict goes on through the outbox
 ALARM_LINK_DOWN = "link_down"
 ALARM_PLC_SILENT = "plc_silent"
 ALARM_PLC_REFUSING = "plc_refusing"
@@ -53,17 +55,17 @@ class LinkClosedError(RuntimeError):
     """The link was used after :meth:`RejectLink.close`."""
 
 
-class LinkSettings(BaseModel):
-    """Timing shared by every transport (config keys of the ``link`` section)."""
+class LinkSettings(StrictModel):
+    """Timing shared by every transport (config keys of the ``link`` section); every number finite and
+    bounded (edge_app/strict_model.py): no timeout that never ends, no heartbeat that busy-loops."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ack_timeout_s: float = Field(0.05, gt=0, description="wait for an ACK/NAK per transmission")
-    max_attempts: int = Field(5, ge=1, description="transmissions per verdict before its deadline")
-    backoff_initial_s: float = Field(0.1, gt=0, description="first pause between late re-deliveries")
-    backoff_max_s: float = Field(2.0, gt=0, description="longest pause between late re-deliveries")
-    heartbeat_interval_s: float = Field(1.0, gt=0, description="period of HEARTBEAT messages")
-    silence_alarm_s: float = Field(3.0, gt=0, description="PLC silent this long -> plc_silent alarm")
+    ack_timeout_s: float = Field(0.05, gt=0, le=MAX_ACK_TIMEOUT_S, description="wait for an ACK/NAK per transmission")
+    max_attempts: int = Field(5, ge=1, le=1000, description="transmissions per verdict before its deadline")
+    backoff_initial_s: float = Field(0.1, gt=0, le=600, description="first pause between late re-deliveries")
+    backoff_max_s: float = Field(2.0, gt=0, le=3600, description="longest pause between late re-deliveries")
+    heartbeat_interval_s: float = Field(1.0, ge=0.01, le=3600, description="period of HEARTBEAT messages")
+    silence_alarm_s: float = Field(3.0, gt=0, le=MAX_DURATION_S, description=(
+        "PLC silent this long -> plc_silent alarm"))
 
     @model_validator(mode="after")
     def _consistent(self) -> LinkSettings:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from musc_edge.edge.links.base import LinkSettings
+from musc_edge.edge.links.base import MAX_ACK_TIMEOUT_S, LinkSettings
 from musc_edge.edge.links.register_map import REGISTER_COUNT, LineState, Reg
 from musc_edge.edge.links.register_transport import RegisterTransport
 
@@ -21,7 +21,8 @@ _START_TIMEOUT_S = 5.0
 
 class _ModbusSettings(LinkSettings):
     # A PLC polls once per scan (typically 5..50 ms) and answers on the next: allow a few scans.
-    ack_timeout_s: float = Field(0.25, gt=0, description="wait for the PLC's ACK_SEQ per publication")
+    ack_timeout_s: float = Field(0.25, gt=0, le=MAX_ACK_TIMEOUT_S, description=(
+        "wait for the PLC's ACK_SEQ per publication"))
 
 
 class ModbusTcpLinkConfig(_ModbusSettings):
@@ -38,7 +39,7 @@ class ModbusRtuLinkConfig(_ModbusSettings):
     type: Literal["modbus-rtu"] = "modbus-rtu"
     port: str = Field(description="serial device of the RS-485 adapter, e.g. /dev/ttyUSB0")
     unit_id: int = Field(1, ge=1, le=247, description="this device's slave address on the bus")
-    baudrate: int = Field(19200, gt=0)
+    baudrate: int = Field(19200, gt=0, le=10_000_000)
     parity: Literal["N", "E", "O"] = Field("E", description="Modbus RTU default: even parity")
     stopbits: Literal[1, 2] = 1
 

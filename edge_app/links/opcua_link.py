@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from musc_edge.edge.links.base import LinkIOError, LinkSettings
+from musc_edge.edge.links.base import MAX_ACK_TIMEOUT_S, LinkIOError, LinkSettings
 from musc_edge.edge.links.register_map import Reg, join32, part_text, split32
 from musc_edge.edge.links.register_transport import RegisterTransport
 
@@ -59,7 +59,8 @@ class OpcUaLinkConfig(LinkSettings):
 
     type: Literal["opcua"] = "opcua"
     # An OPC UA client's subscription or read cycle is slower than a Modbus poll: allow a few cycles.
-    ack_timeout_s: float = Field(0.25, gt=0, description="wait for the PLC's AckSeq per publication")
+    ack_timeout_s: float = Field(0.25, gt=0, le=MAX_ACK_TIMEOUT_S, description=(
+        "wait for the PLC's AckSeq per publication"))
     endpoint: str = Field("opc.tcp://127.0.0.1:4840/musc-edge/", description="where the server listens")
     users: list[OpcUaUser] = Field(default_factory=list, description="username/password logins")
     certificate: Path | None = Field(None, description="server certificate (DER/PEM): enables "

@@ -18,8 +18,8 @@ class SerialLinkConfig(LinkSettings):
 
     type: Literal["serial"] = "serial"
     url: str = Field(description="pyserial URL or device path: /dev/ttyTHS1, socket://host:port, ...")
-    baudrate: int = Field(115200, gt=0)
-    write_timeout_s: float = Field(0.05, gt=0, description="a write blocked longer counts as a failed try")
+    baudrate: int = Field(115200, gt=0, le=10_000_000)
+    write_timeout_s: float = Field(0.05, gt=0, le=60, description="a write blocked longer counts as a failed try")
 
 
 class SerialTransport(Transport):

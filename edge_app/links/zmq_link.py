@@ -16,7 +16,7 @@ class ZmqLinkConfig(LinkSettings):
 
     type: Literal["zmq"] = "zmq"
     endpoint: str = Field("tcp://127.0.0.1:5557", description="the PLC side's ROUTER endpoint")
-    high_water_mark: int = Field(100, ge=1, description="messages queued per direction at most")
+    high_water_mark: int = Field(100, ge=1, le=1_000_000, description="messages queued per direction at most")
 
 
 class ZmqTransport(Transport):

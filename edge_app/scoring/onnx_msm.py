@@ -13,7 +13,10 @@ numpy (:mod:`.msm`) stays the reference it is tested against.
 Precision ``int8`` quantizes unit vectors symmetrically: every reference patch row with its own scale
 (stored once per pool member, when it is admitted), each query row with its own scale (applied after the
 row max, where it cannot change which patch wins). ``MatMulIntegerToFloat`` then runs the u8 x s8 product
-with 32-bit accumulation (VNNI on x86, dp4a/tensor cores on a GPU). Cosines move by <= ~3e-3.
+with 32-bit accumulation (VNNI on x86, dp4a/tensor cores on a GPU). Cosines move by <= ~3e-3. On an x86 CPU
+without VNNI/AMX ONNX Runtime's u8 x s8 kernel sums pairs of products in a saturating 16-bit lane, so there
+the references use 7 bits (|value| <= 63, as ``reduce_range`` does for weights) and the product stays exact
+(:attr:`musc_edge.edge.cpu_features.CpuFeatures.int8_weight_levels`).
 
 A :class:`PoolScorer` keeps the pool's references in the layout the graph wants (transposed, and
 quantized for ``int8``) and refreshes only the slots whose member changed (by admission number), so
@@ -96,9 +99,10 @@ def build_msm_graph(n_sets: int, patches: int, dim: int, precision: str = "fp32"
     return model
 
 
-def quantize_rows(x: np.ndarray, zero_point: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-row 8-bit quantization of ``[R, D]``: (s8 values, or u8 with ``zero_point``; scales ``[R]``)."""
-    scale = np.maximum(np.abs(x).max(axis=1), 1e-12) / 127.0
+def quantize_rows(x: np.ndarray, zero_point: int = 0, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row 8-bit quantization of ``[R, D]`` to ``[-levels, levels]``: (s8 values, or u8 with
+    ``zero_point``; scales ``[R]``)."""
+    scale = np.maximum(np.abs(x).max(axis=1), 1e-12) / float(levels)
     q = np.rint(x / scale[:, None])
     if zero_point:
         return (q + zero_point).astype(np.uint8), scale.astype(np.float32)
@@ -129,7 +133,10 @@ class PoolScorer:
                  providers: list[str] | None = None, threads: int | None = None):
         import onnxruntime as ort
 
+        from ..cpu_features import cpu_features
+
         self.precision, self.patches, self.dim = precision, patches, dim
+        self.ref_levels = cpu_features().int8_weight_levels   # 63 where u8 x s8 pairs saturate (x86 without VNNI)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -156,7 +163,7 @@ class PoolScorer:
             for s in range(self.refs.shape[0]):
                 rows = pool.work[s, slot * q:(slot + 1) * q]
                 if self.precision == "int8":
-                    values, scale = quantize_rows(rows)
+                    values, scale = quantize_rows(rows, levels=self.ref_levels)
                     self.refs[s, :, slot * q:(slot + 1) * q] = values.T
                     self.scales[s, slot * q:(slot + 1) * q] = scale
                 else:
