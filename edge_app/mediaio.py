@@ -1,10 +1,14 @@
-"""The one low-level image I/O layer: formats, truncation rules and the pixel budget.
+"""The one image reader: formats, truncation rules and the pixel budget.
 
-Every image that enters musc-edge (a frame from a source, a file for seeding or evaluation) goes through
-:func:`decode_image` or :func:`read_image`. Formats: PNG, JPEG, BMP. A file is refused *before* it is
-decoded when it is truncated (PNG without its final IEND chunk, JPEG without EOI, BMP shorter than its
-declared size) or when its header declares more pixels than the budget: a 2.7 MB PNG can declare
-30000 x 30000 pixels and would take 2.7 GB to decode. Errors are :class:`MediaError` naming ``where``.
+Every image that enters musc-edge (a frame from a source, a file for seeding or evaluation, a ground-truth
+mask, an archived image the operator view shows, export verify's images) goes through :func:`decode_image`
+or :func:`read_image`. Writing is not here: the archive, overlays, view thumbnails and synthetic sets encode
+with OpenCV where they write; point clouds are read by ``pointcloud/io.py``.
+
+Formats: PNG, JPEG, BMP. A file is refused *before* it is decoded when it is truncated (PNG without its final
+IEND chunk, JPEG without EOI, BMP shorter than its declared size) or when its header declares more pixels
+than the budget: a 2.7 MB PNG can declare 30000 x 30000 pixels and would take 2.7 GB to decode. Errors are
+:class:`MediaError` naming ``where``.
 """
 from __future__ import annotations
 
