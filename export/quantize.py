@@ -144,7 +144,7 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, images: list[np.
     """INT8 quantization of an exported fp32 feature model; static mode is calibrated on ``images`` (RGB uint8).
 
     Dynamic mode measures each activation's range per image at run time (no calibration set, a little
-    slower, closer to fp32); measured on bottle in the README/issue notes."""
+    slower, closer to fp32); measured on bottle in docs/benchmarks.md."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

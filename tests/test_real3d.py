@@ -4,7 +4,7 @@ The default FPFH patch tokens must separate good from defective parts better tha
 the defects; the fused score must rank parts, and its map localise defects, at least as well as either
 modality alone. Figures are
 deterministic (seeded RANSAC, no sampling), so the thresholds sit under the measured values, which are
-printed (README, 3D section).
+printed (docs/benchmarks.md, 3D section).
 """
 from __future__ import annotations
 

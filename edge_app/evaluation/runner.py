@@ -28,7 +28,7 @@ from .datasets import Sample, load_dataset, read_image
 from .metrics import compute_metrics
 from .stream import eval_recipe, stream_scores
 
-# Blocks scored by default: the mid-depth blocks of the default ViT-S/14 localise best (see README).
+# Blocks scored by default: the mid-depth blocks of the default ViT-S/14 localise best (docs/benchmarks.md).
 DEFAULT_BLOCKS = (6, 9)
 REPORT_KEYS = ("dataset", "mode", "size", "pool", "n_images", "n_anomalous", "image_auroc", "image_ap",
                "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pro", "seconds")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 # Windows {1} = normalisation only (RsCon off). MuSc-V2 uses {1, 7}; on MVTec AD bottle with our ViT-S/14
-# features it lowers image AUROC (batch 99.60 -> 99.21, stream 99.68 -> 97.38; README), so it is opt-in.
+# features it lowers image AUROC (batch 99.60 -> 99.21, stream 99.68 -> 97.38; docs/benchmarks.md), so it is opt-in.
 DEFAULT_WINDOWS = (1,)
 
 
