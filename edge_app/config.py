@@ -58,13 +58,14 @@ class ModelSettings(_Strict):
 class ScoringSettings(_Strict):
     aggregation: Literal["snamd", "snamd-raw", "lnamd", "none"] = "snamd"
     fraction: float = Field(0.3, gt=0, le=1)
-    windows: tuple[int, ...] = Field((1,), description="RsCon windows; [1, 7] is MuSc-V2 (off by default, see README)")
+    windows: tuple[int, ...] = Field((1,), description=(
+        "RsCon windows; [1, 7] is MuSc-V2 (off by default, see docs/benchmarks.md)"))
     salient_layer: int = Field(1, ge=0)
     backend: Literal["auto", "numpy", "onnx-fp32", "onnx-int8"] = Field("auto", description=(
         "one-vs-pool MSM: auto times numpy and the ONNX Runtime fp32 graph at start and keeps the faster "
         "(same scores); onnx-int8 is faster still but must pass `musc-export verify --stream` first"))
     image_top: int = Field(1, ge=1, description="image score: max of the map (1) or mean of the top-k patch "
-                                                "scores (see README: helps thin defects, hurts tiny ones)")
+                                                "scores (see docs/benchmarks.md: helps thin defects, hurts tiny ones)")
 
     def params(self) -> MuscParams:
         return MuscParams(aggregation=self.aggregation, fraction=self.fraction, windows=self.windows,
