@@ -106,6 +106,8 @@ class Line:
         self.inspector = inspector or Inspector(config)
         self.inspector.on_alarm = self._on_alarm
         self.source = source or make_source(config.source)
+        if hasattr(self.source, "on_alarm"):   # a source that alarms and recovers by itself (genicam reconnects)
+            self.source.on_alarm = self._on_alarm
         self.calibration_version = "0"
         self.dry_run = config.line.dry_run
         self.reject_timing: RejectTiming | None = None

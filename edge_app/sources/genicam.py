@@ -26,6 +26,7 @@ The config validates without either; ``open()`` names what is missing.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -95,6 +96,7 @@ class GenICamConfig(SourceConfig):
     frame_timeout_s: float = 2.0            # a software trigger's frame, or free run's next frame, is late
     reconnect_interval_s: float = 1.0
     max_gap_rows: int = 64                  # missing frame ids beyond this give one alarm, not rows
+    gap_timeout_s: float = 0.5              # a skipped frame id not arrived by then is missing
     max_parts: int | None = None            # end after this many parts (bench runs and tests)
     poll_interval_s: float = 0.1            # how often the stream loop checks for close()
 
@@ -127,7 +129,7 @@ class GenICamConfig(SourceConfig):
         require(self.encoder_chunk is None or (isinstance(self.encoder_chunk, str) and self.encoder_chunk.isidentifier()),
                 "encoder_chunk", self.encoder_chunk, "null or a chunk name such as EncoderValue")
         require(_is_int(self.buffers) and 2 <= self.buffers <= 256, "buffers", self.buffers, "an integer in 2..256")
-        for key in ("frame_timeout_s", "reconnect_interval_s", "poll_interval_s"):
+        for key in ("frame_timeout_s", "reconnect_interval_s", "poll_interval_s", "gap_timeout_s"):
             require(_is_number(getattr(self, key)) and getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
         require(_is_int(self.max_gap_rows) and self.max_gap_rows >= 0, "max_gap_rows", self.max_gap_rows,
                 "an integer >= 0")
@@ -158,29 +160,80 @@ def parse_frame_ref(ref: str) -> tuple[str, int, int] | None:
 
 
 class FrameIdTracker:
-    """Frame-id continuity of one camera connection: which ids were skipped, and when ids restarted."""
+    """Frame-id continuity of one camera connection: which frames never arrived, and when ids restarted.
 
-    def __init__(self) -> None:
+    Two things of GigE Vision streams shape it. Ids may arrive out of order: Aravis hands an incomplete frame
+    over when its retention time (100 ms by default) ends, after newer complete frames; so a skipped id is
+    only *pending* until ``gap_timeout_s`` after a later id showed the gap (:meth:`overdue`). And the id an
+    incomplete frame carries is not reliable (0, or the buffer's previous id, when the leader packet was
+    lost): such a frame still stands for one frame, so it settles one pending id (the oldest), or, before
+    the gap shows, one that the next gap will open (for ``gap_timeout_s``).
+    """
+
+    def __init__(self, gap_timeout_s: float = 0.5) -> None:
+        self.gap_timeout_s = gap_timeout_s
         self.last: int | None = None
+        self.pending: dict[int, float] = {}             # id -> when a later id showed it was skipped
+        self.credits: deque[float] = deque()            # arrival times of incomplete frames of unknown id
+        self.given_up: deque[int] = deque(maxlen=1024)  # ids already reported missing
 
     def reset(self) -> None:
-        """Forget the last id (a new connection: the camera's counter may start again)."""
+        """Forget everything (a new connection: the camera's counter may start again)."""
         self.last = None
+        self.pending.clear()
+        self.credits.clear()
 
-    def observe(self, frame_id: int) -> tuple[list[int], str | None]:
-        """``(missing ids before frame_id, alarm text or None)``; ids wrap 65535 -> 1 as in GigE Vision 1.x.
+    def observe(self, frame_id: int, now: float, complete: bool = True) -> str | None:
+        """Record a frame that arrived at monotonic time ``now``; an alarm text, or None.
 
-        A repeated or decreasing id that is not a wrap is a restart of the camera's counter: an alarm, no
-        missing ids (which frames were lost cannot be known).
+        Ids wrap 65535 -> 1 as in GigE Vision 1.x. A complete frame whose id is repeated or decreasing, and
+        neither pending nor a wrap, is a restart of the camera's counter: an alarm, no ids taken as missing.
         """
+        if self.pending.pop(frame_id, None) is not None:
+            return None                                  # late, but in time
+        if not complete and not self._follows(frame_id):
+            self.credits.append(now)
+            self._settle()
+            return None
+        if frame_id in self.given_up:
+            return f"frame id {frame_id} arrived after it was reported missing"
         last, self.last = self.last, frame_id
         if last is None or frame_id == last + 1:
-            return [], None
+            return None
         if frame_id > last:
-            return list(range(last + 1, frame_id)), None
-        if last > GEV_FRAME_ID_MAX - _WRAP_SLACK and frame_id < _WRAP_SLACK and last <= GEV_FRAME_ID_MAX:
-            return [*range(last + 1, GEV_FRAME_ID_MAX + 1), *range(1, frame_id)], None
-        return [], f"frame ids restarted at {frame_id} after {last} (camera reset or a second stream)"
+            skipped = range(last + 1, frame_id)
+        elif self._wraps(last, frame_id):
+            skipped = [*range(last + 1, GEV_FRAME_ID_MAX + 1), *range(1, frame_id)]
+        else:
+            return f"frame ids restarted at {frame_id} after {last} (camera reset or a second stream)"
+        self.pending.update((i, now) for i in skipped)
+        self._settle()
+        return None
+
+    def overdue(self, now: float) -> list[int]:
+        """Pending ids given up at ``now`` (in id order); each is reported once."""
+        while self.credits and now - self.credits[0] >= self.gap_timeout_s:
+            self.credits.popleft()
+        late = sorted(i for i, since in self.pending.items() if now - since >= self.gap_timeout_s)
+        for i in late:
+            del self.pending[i]
+        self.given_up.extend(late)
+        return late
+
+    def _follows(self, frame_id: int) -> bool:
+        """Whether an incomplete frame's id is plausibly its own: shortly after the last complete one."""
+        if self.last is None:
+            return False
+        return 0 < frame_id - self.last <= _WRAP_SLACK or self._wraps(self.last, frame_id)
+
+    @staticmethod
+    def _wraps(last: int, frame_id: int) -> bool:
+        return GEV_FRAME_ID_MAX - _WRAP_SLACK < last <= GEV_FRAME_ID_MAX and 0 < frame_id < _WRAP_SLACK
+
+    def _settle(self) -> None:
+        while self.credits and self.pending:
+            self.credits.popleft()
+            del self.pending[min(self.pending, key=lambda i: (self.pending[i], i))]
 
 
 @dataclass
@@ -203,7 +256,7 @@ class GenICamSource(FrameSource):
         self.on_alarm: Callable[[str], None] = lambda text: log.warning("ALARM: %s", text)
         self._requests: queue.Queue[_Trigger] = queue.Queue()
         self._awaiting: deque[_Trigger] = deque()
-        self._tracker = FrameIdTracker()
+        self._tracker = FrameIdTracker(config.gap_timeout_s)
         self._camera: Any = None
         self._stream: Any = None
         self._chunks: Any = None
@@ -315,14 +368,16 @@ class GenICamSource(FrameSource):
                 if buffer is not None:
                     self._stream.push_buffer(buffer)
                 return
+            records = []
+            if buffer is not None:
+                try:
+                    records.append(self._frame_record(buffer, ids))
+                finally:
+                    self._stream.push_buffer(buffer)
+            yield from self._missing_records(ids)
+            yield from records
             if buffer is None:
                 yield None
-                continue
-            try:
-                records = self._records(buffer, ids)
-            finally:
-                self._stream.push_buffer(buffer)
-            yield from records
 
     def _send_triggers(self, ids) -> None:
         _, GLib = aravis()
@@ -344,31 +399,27 @@ class GenICamSource(FrameSource):
             yield self._no_frame(ids, request, f"software trigger got no frame within "
                                                f"{self.config.frame_timeout_s:g} s from camera {self.device_id}")
 
-    def _records(self, buffer: Any, ids) -> list[PartRecord]:
-        """The parts of one popped buffer: one per missing frame id before it, then the frame itself."""
-        Arv, _ = aravis()
-        frame_id = buffer.get_frame_id()
-        missing, alarm = self._tracker.observe(frame_id)
-        records = []
-        if alarm:
-            self.on_alarm(f"camera {self.device_id}: {alarm}")
+    def _missing_records(self, ids, give_up_all: bool = False) -> Iterator[PartRecord]:
+        """A NO_VERDICT part per frame id given up as missing (an alarm instead beyond ``max_gap_rows``)."""
+        missing = self._tracker.overdue(math.inf if give_up_all else time.monotonic())
+        self.stats["missing"] += len(missing)
         if len(missing) > self.config.max_gap_rows:
-            self.stats["missing"] += len(missing)
-            self.on_alarm(f"camera {self.device_id}: {len(missing)} frames missing before frame id {frame_id} "
+            self.on_alarm(f"camera {self.device_id}: {len(missing)} frames missing, ids {missing[0]}..{missing[-1]} "
                           f"(more than max_gap_rows={self.config.max_gap_rows}; no part rows for them)")
-            missing = []
+            return
         for lost in missing:
-            self.stats["missing"] += 1
             request = self._awaiting.popleft() if self._awaiting else None
-            records.append(self._no_frame(ids, request, f"frame id {lost} of camera {self.device_id} never "
-                                          "arrived (lost in transport or the buffer pool ran dry)",
-                                          frame_ref(self.device_id, lost, -1)))
-        request = self._awaiting.popleft() if self._awaiting else None
-        records.append(self._frame_record(buffer, ids, request, Arv))
-        return records
+            yield self._no_frame(ids, request, f"frame id {lost} of camera {self.device_id} never arrived "
+                                 "(lost in transport, or the buffer pool ran dry)", frame_ref(self.device_id, lost, -1))
 
-    def _frame_record(self, buffer: Any, ids, request: _Trigger | None, Arv: Any) -> PartRecord:
+    def _frame_record(self, buffer: Any, ids) -> PartRecord:
+        """The part of one popped buffer (matched to the oldest waiting software trigger, if any)."""
+        Arv, _ = aravis()
         frame_id, stamp = buffer.get_frame_id(), buffer.get_timestamp()
+        status = buffer.get_status()
+        if alarm := self._tracker.observe(frame_id, time.monotonic(), status == Arv.BufferStatus.SUCCESS):
+            self.on_alarm(f"camera {self.device_id}: {alarm}")
+        request = self._awaiting.popleft() if self._awaiting else None
         if request is not None:
             mono, utc = request.mono, request.utc
         else:
@@ -380,7 +431,6 @@ class GenICamSource(FrameSource):
                             encoder=request.encoder if request else None,
                             source_ref=frame_ref(self.device_id, frame_id, stamp))
         self.stats["frames"] += 1
-        status = buffer.get_status()
         if status != Arv.BufferStatus.SUCCESS:
             self.stats["incomplete"] += 1
             record.raw = UndecodableFrame(b"", f"incomplete frame id {frame_id} from camera {self.device_id}: "
@@ -433,6 +483,7 @@ class GenICamSource(FrameSource):
         self.on_alarm(f"camera {self.device_id} lost ({why}); reconnecting every "
                       f"{self.config.reconnect_interval_s:g} s")
         self._close_camera()
+        yield from self._missing_records(ids, give_up_all=True)
         while self._awaiting:
             yield self._no_frame(ids, self._awaiting.popleft(), f"camera {self.device_id} was lost before the "
                                  "triggered frame arrived")
