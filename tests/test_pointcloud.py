@@ -341,6 +341,43 @@ def test_spfh_closed_form_matches_the_darboux_frame_pair_by_pair():
     assert moved <= 5, moved
 
 
+def test_spfh_does_not_depend_on_how_the_points_are_blocked():
+    from musc_edge.edge.pointcloud.fpfh import knn, pca_normals, spfh
+
+    points = _bumpy_surface(n=500)
+    _, index = knn(points, 24)
+    normals = pca_normals(points, index[:, :10], np.zeros(3))
+    whole = spfh(points, normals, index, chunk=len(points))
+    for chunk in (1, 7, 64, 499):   # blocks that do and do not divide the point count
+        np.testing.assert_array_equal(spfh(points, normals, index, chunk=chunk), whole)
+    np.testing.assert_allclose(whole.reshape(-1, 3, 11).sum(axis=2), 100.0)
+
+
+def test_ransac_finds_the_plane_among_many_blocks_of_hypotheses():
+    from musc_edge.edge.pointcloud import fit_plane_ransac
+
+    rng = np.random.default_rng(3)
+    table = np.column_stack([rng.uniform(-1, 1, (3000, 2)), rng.normal(0, 1e-3, 3000)])
+    table[:, 2] += 0.2 * table[:, 0] + 1.0                       # a tilted plane ...
+    clutter = rng.uniform(-1, 1, (1000, 3)) + [0, 0, 1.5]          # ... and points off it
+    points = np.concatenate([table, clutter])
+    # 5,000 hypotheses, scored 128 at a time against 1,024 sampled points: 40 blocks, one winner
+    normal, offset = fit_plane_ransac(points, 0.004, iterations=5000)
+    expected = np.array([-0.2, 0.0, 1.0]) / np.linalg.norm([-0.2, 0.0, 1.0])
+    assert abs(abs(normal @ expected) - 1) < 1e-4
+    assert abs(abs(offset) - 1.0 / np.linalg.norm([-0.2, 0.0, 1.0])) < 1e-3
+
+
+def test_valid_mask_needs_every_coordinate_finite():
+    from musc_edge.edge.pointcloud import valid_mask
+
+    cloud = np.ones((2, 3, 3), np.float32)
+    cloud[0, 0, 2] = np.nan
+    cloud[1, 2, 0] = np.inf
+    cloud[0, 1, 1] = -np.inf
+    np.testing.assert_array_equal(valid_mask(cloud), [[False, False, True], [True, True, False]])
+
+
 def test_fpfh_is_rotation_invariant():
     from musc_edge.edge.pointcloud import fpfh
 

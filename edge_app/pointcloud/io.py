@@ -30,7 +30,10 @@ class CloudError(ValueError):
 
 def valid_mask(cloud: np.ndarray) -> np.ndarray:
     """``[H, W]`` True where the organised cloud has a point."""
-    return np.isfinite(cloud).all(axis=-1)
+    finite = np.isfinite(cloud[..., 0])
+    for axis in range(1, cloud.shape[-1]):   # per coordinate: much faster than all() over a length-3 axis
+        finite &= np.isfinite(cloud[..., axis])
+    return finite
 
 
 def to_organised(xyz: np.ndarray, source: str = "<array>",

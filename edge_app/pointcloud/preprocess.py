@@ -78,10 +78,13 @@ def fit_plane_ransac(points: np.ndarray, threshold: float, iterations: int = 100
     normals = normals[usable] / lengths[usable, None]
     offsets = -np.einsum("ij,ij->i", normals, triples[usable, 0])
     counts = np.empty(normals.shape[0], dtype=np.int64)
-    chunk = max(1, 2**22 // scored.shape[0])
+    along = np.ascontiguousarray(scored.T)
+    chunk = max(1, 2**17 // scored.shape[0])   # hypotheses per block: its distances (1 MiB) stay in cache
     for start in range(0, normals.shape[0], chunk):
-        dist = np.abs(scored @ normals[start:start + chunk].T + offsets[start:start + chunk])
-        counts[start:start + chunk] = (dist < threshold).sum(axis=0)
+        dist = normals[start:start + chunk] @ along
+        dist += offsets[start:start + chunk, None]
+        np.abs(dist, out=dist)
+        counts[start:start + chunk] = np.count_nonzero(dist < threshold, axis=1)
     best = int(counts.argmax())
     inliers = pts[np.abs(pts @ normals[best] + offsets[best]) < threshold]
     centre = inliers.mean(axis=0)
