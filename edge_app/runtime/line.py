@@ -223,8 +223,8 @@ class Line:
         self._run_tasks()
         try:
             self.inspector.save_pools()
-        except OSError as exc:  # a full disk: the last periodic save stands, and the temp file is gone
-            self._on_alarm(f"pool could not be saved at shutdown: {exc}")
+        except Exception as exc:  # e.g. a full disk: the last periodic save stands, and the temp file is gone
+            self._on_alarm(f"pool could not be saved at shutdown: {_one_line(exc)}")
         if self.link is not None:
             deadline = time.monotonic() + 2.0
             while self.link.health().outbox_depth and time.monotonic() < deadline:
