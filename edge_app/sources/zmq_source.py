@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 ENCODING_MAGIC = {"png": PNG_SIGNATURE, "jpeg": JPEG_SOI, "bmp": b"BM"}
 ENCODINGS = (*ENCODING_MAGIC, "raw")
 CLOUD_DTYPES = ("float32", "float64")
+MAX_MESSAGE_BYTES = 1 << 30   # a 4096 x 4096 float64 cloud and its image fit; ZeroMQ refuses anything larger
 
 
 class HeaderError(ValueError):
@@ -72,11 +73,13 @@ class ZmqSourceConfig(SourceConfig):
         require(isinstance(self.endpoint, str) and "://" in self.endpoint, "endpoint", self.endpoint,
                 "a ZeroMQ endpoint such as 'tcp://127.0.0.1:5555'")
         require(isinstance(self.bind, bool), "bind", self.bind, "true or false")
-        for key in ("rcvhwm", "max_message_bytes"):
+        for key, most in (("rcvhwm", 1_000_000), ("max_message_bytes", MAX_MESSAGE_BYTES)):
             value = getattr(self, key)
-            require(isinstance(value, int) and value > 0, key, value, "an integer > 0")
-        require(isinstance(self.poll_interval_s, (int, float)) and self.poll_interval_s > 0, "poll_interval_s",
-                self.poll_interval_s, "a number > 0")
+            require(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= most, key, value,
+                    f"an integer in 1..{most}")
+        require(isinstance(self.poll_interval_s, (int, float)) and not isinstance(self.poll_interval_s, bool)
+                and 0.001 <= self.poll_interval_s <= 60, "poll_interval_s", self.poll_interval_s,
+                "a number of seconds in 0.001..60")
 
 
 class ZmqSource(FrameSource):

@@ -4,11 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field, SecretStr
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from ..strict_model import StrictModel as _Strict
 
 
 class PrometheusSettings(_Strict):
@@ -27,10 +25,10 @@ class MqttSettings(_Strict):
     password: Optional[SecretStr] = None
     tls: bool = Field(False, description="TLS with the system's CA certificates")
     qos: int = Field(1, ge=1, le=2, description="1 (at least once) or 2 (exactly once)")
-    keepalive_s: int = Field(30, ge=5)
+    keepalive_s: int = Field(30, ge=5, le=65_535, description="MQTT's own limit")
     outbox: Optional[Path] = Field(None, description="durable outbox (SQLite); default <storage.dir>/"
                                    "telemetry-outbox.sqlite")
-    outbox_max_events: int = Field(1_000_000, ge=1000, description="oldest events dropped beyond this (alarmed)")
+    outbox_max_events: int = Field(1_000_000, ge=1000, le=100_000_000, description="oldest events dropped beyond this (alarmed)")
 
 
 class TelemetrySettings(_Strict):
