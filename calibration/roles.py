@@ -8,26 +8,15 @@ socket and the storage folder.
 """
 from __future__ import annotations
 
-import getpass
 import grp
-import os
-import socket
 from pathlib import Path
 
+from musc_edge.edge.runtime.calibration_state import who
 from musc_edge.edge.runtime.control import MIN_TOKEN_CHARS, ensure_token, token_path
 
 
 class RoleError(PermissionError):
     """This user lacks the technician role; nothing was changed."""
-
-
-def who() -> str:
-    """The person making a change, as recorded in the audit log: ``user@host``."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry and no $USER (containers)
-        user = f"uid{os.getuid()}"
-    return f"{user}@{socket.gethostname()}"
 
 
 def _group_name(gid: int) -> str:

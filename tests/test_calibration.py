@@ -14,8 +14,9 @@ from musc_edge.calibration.shadow import shadow_thresholds, verdict_changes
 from musc_edge.calibration.thresholds import ThresholdError, fit_threshold, refine_with_labels
 from musc_edge.edge.ledger import Ledger
 from musc_edge.edge.record import PartRecord, Reason, Verdict
-from musc_edge.edge.runtime.calibration_state import (AuditError, AuditLog, Calibration, CalibrationStore,
-                                                       StoreError)
+from musc_edge.edge.runtime.calibration_state import (AuditError, AuditLog, Calibration, CalibrationAuthority,
+                                                       CalibrationStore, StoreError, parse_calibration,
+                                                       read_audit_key)
 from musc_edge.edge.runtime.control import ControlServer, ensure_token
 
 
@@ -116,8 +117,11 @@ def test_shadow_replays_a_candidate_over_the_ledger(tmp_path):
 
 
 # -- audit log -------------------------------------------------------------------------------------------------
+KEY = bytes(range(32))   # a device secret for logs made outside a line
+
+
 def filled_log(folder: Path, n: int = 4) -> AuditLog:
-    log = AuditLog(folder)
+    log = AuditLog(folder, KEY)
     for i in range(n):
         log.append(who="tech@line", action="threshold.apply", target="calibration", old={"t": i},
                    new={"t": i + 1}, reason=f"change {i}")
@@ -157,7 +161,7 @@ def test_audit_verify_detects_an_edited_or_deleted_record(tmp_path, tamper, expe
 
 
 def test_audit_requires_a_reason_and_records_failures(tmp_path):
-    log = AuditLog(tmp_path)
+    log = AuditLog(tmp_path, KEY)
     with pytest.raises(AuditError, match="reason is required"):
         log.append(who="x", action="a", target="t", old=None, new=None, reason="  ")
 
@@ -172,7 +176,7 @@ def test_audit_requires_a_reason_and_records_failures(tmp_path):
 
 # -- store -----------------------------------------------------------------------------------------------------
 def test_versions_are_immutable_and_current_is_checked_against_its_version(tmp_path):
-    store = CalibrationStore(tmp_path)
+    store = CalibrationStore(tmp_path, KEY)
     calibration = Calibration(version=1, recipes={"default": {"threshold": 0.4}})
     store.save_version(calibration)
     with pytest.raises(StoreError, match="never rewritten"):
@@ -216,11 +220,14 @@ def storage(tmp_path) -> Path:
 
 
 class FakeLine:
-    """The control socket of a running line, answering like edge_app/runtime/line.py (no model, no parts)."""
+    """The control socket of a running line, answering like edge_app/runtime/line.py (no model, no parts): its
+    calibration authority is the runtime's own."""
 
     def __init__(self, storage: Path, pool_scores: list[float], refuse_apply: bool = False):
         self.storage, self.pool_scores, self.refuse_apply = storage, pool_scores, refuse_apply
         self.threshold, self.version, self.applied = 0.5, "0", []
+        self.authority = CalibrationAuthority(storage, {"default"}, "runtime:fake")
+        self.in_force = self.authority.at_start("fake")
         self.server = ControlServer(storage / "control.sock", ensure_token(storage), self.handle)
 
     def handle(self, request: dict) -> dict:
@@ -235,10 +242,13 @@ class FakeLine:
             if self.refuse_apply:
                 raise ControlError("calibration is invalid: simulated refusal")
             calibration = request["calibration"]
+            self.in_force = self.authority.put_in_force(parse_calibration(calibration), self.in_force, "fake")
             self.applied.append(calibration)
             self.threshold = calibration["recipes"]["default"]["threshold"]
             self.version = str(calibration["version"])
             return {"version": calibration["version"]}
+        if request["cmd"] == "audit_append":
+            return {"record": self.authority.append_for_client(request["record"])}
         raise ControlError(f"unknown command {request['cmd']!r}")
 
     def close(self) -> None:
@@ -374,4 +384,4 @@ def test_concurrent_technicians_get_distinct_versions(storage, fake_line, capsys
     assert codes == [0] * 4
     assert CalibrationStore(storage).versions() == [0, 1, 2, 3, 4]
     assert sorted(c["version"] for c in fake_line.applied) == [1, 2, 3, 4]
-    assert AuditLog(storage / "calibration").verify().ok
+    assert AuditLog(storage / "calibration", read_audit_key(storage)).verify().ok

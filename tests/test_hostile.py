@@ -24,7 +24,8 @@ from musc_edge.edge.config import ConfigError, load_config, parse_config
 from musc_edge.edge.ledger import Ledger
 from musc_edge.edge.plc_sim import PlcSimulator
 from musc_edge.edge.record import PartRecord, Reason, Verdict
-from musc_edge.edge.runtime.calibration_state import Calibration, CalibrationError, CalibrationStore, calibration_bytes
+from musc_edge.edge.runtime.calibration_state import (Calibration, CalibrationError, CalibrationStore, calibration_bytes,
+                                                       read_audit_key)
 from musc_edge.edge.runtime.control import ControlServer, ensure_token, token_path
 from musc_edge.edge.runtime.inspector import Inspector
 from musc_edge.edge.runtime.line import Line, LineStopped
@@ -203,7 +204,7 @@ def calibration(version: int, threshold: float) -> Calibration:
 
 
 def commit(live: LiveLine, new: Calibration) -> dict:
-    store = CalibrationStore(live.storage)
+    store = CalibrationStore(live.storage, read_audit_key(live.storage))
     with store.lock():
         return store.commit(new, who="tester", action="threshold.apply", reason="test", old=None, create=True,
                             apply_live=lambda payload: {k: v for k, v in live.control(

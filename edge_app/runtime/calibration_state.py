@@ -4,13 +4,21 @@ runtime's authority over what it is asked to run.
 *The calibration* (:class:`Calibration`): thresholds per recipe, reject timing, dry-run; versioned. Every
 ledger row carries the version it was decided with.
 
-*The audit log* (:class:`AuditLog`, ``<storage>/calibration/audit.jsonl``): append-only, hash-chained. One
-JSON object per line: ``seq, time (UTC), who, action, target, old, new, reason, result_of, prev_sha256``.
-``prev_sha256`` is the SHA-256 of the previous line's bytes (64 zeros for the first), so editing or deleting
-any record breaks the chain at the record after it; ``audit.head`` holds the number of records and the hash
-of the last one, which catches an edited or removed *last* record. A change writes its *intent* record
-before anything is touched and a *result* record (``result_of`` = the intent's seq) once it is in force or
-has failed.
+*The audit log* (:class:`AuditLog`, ``<storage>/calibration/audit.jsonl``): append-only, hash-chained and
+keyed. One JSON object per line: ``seq, time (UTC), who, action, target, old, new, reason, result_of,
+prev_sha256, mac``. ``prev_sha256`` is the SHA-256 of the previous line's bytes (64 zeros for the first), so
+editing or deleting a record breaks the chain at the record after it; ``mac`` is an HMAC-SHA256 of the
+record with the line's *device secret* (``<storage>/audit.key``, mode 0600, created by the runtime at its
+first start, readable only by the runtime's user), so a chain rebuilt without the secret is refused.
+``audit.head`` holds the number of records, the hash of the last one and its own MAC, which catches a
+removed or edited *last* record. A change writes its *intent* record before anything is touched and a
+*result* record (``result_of`` = the intent's seq) once it is in force or has failed.
+
+Crash consistency: every file is written atomically (temp file, fsync, rename) or appended with one
+``write``; what a kill can leave half-done is recognised and completed at the next start or change
+(:meth:`AuditLog.repair`, :meth:`CalibrationAuthority.at_start`): a head one record behind the log (the
+kill fell between the append and the head), a torn last line, a version file no record created, an
+intent with no result, a missing ``current.json`` (rebuilt from the audit's record of what was in force).
 
 *The store* (:class:`CalibrationStore`, ``<storage>/calibration/``):
 - ``vNNNN.json``: every version ever made, immutable (created exclusively, never rewritten);
@@ -19,10 +27,9 @@ has failed.
 - ``.lock``: serialises technicians (flock) so versions and audit records never interleave.
 
 A change is committed as: lock -> write the new ``vNNNN.json`` -> audit intent record -> hand it to the
-running line (which swaps it in between two parts and acknowledges the version) -> ``current.json`` ->
-audit result record. If the line refuses or is unreachable, ``current.json`` is untouched and the
-failure is recorded. Staging (no running line) skips the hand-over: the line loads ``current.json`` at
-its next start.
+running line, which checks it, writes ``current.json``, records ``runtime.applied`` and swaps it in between
+two parts -> audit result record. If the line refuses, nothing changes and the failure is recorded.
+Staging (no running line) writes ``current.json`` itself: the line takes it at its next start.
 
 *Authority* (:class:`CalibrationAuthority`) lives in the runtime: a calibration is put in force only when
 the audit chain verifies, its ``vNNNN.json`` holds exactly it, and an audit *intent* record newer than the
@@ -34,10 +41,14 @@ refused); the runtime then writes its own audit record of what it applied.
 from __future__ import annotations
 
 import fcntl
+import getpass
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +60,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..record import MAX_THRESHOLD
 
+# The longest camera-to-ejector delay a reject timing may ask for: a verdict deadline further away than
+# this is a typo (or an attempt to hold every part forever), and it keeps every deadline a finite time.
+MAX_REJECT_DELAY_MS = 600_000.0
+MAX_ENCODER_COUNTS = 1 << 40
+CALIBRATION_ACTIONS = ("threshold.apply", "rollback", "timing.set", "timing.dry-run")
+
+
 class CalibrationError(ValueError):
     """A calibration is invalid; nothing was changed."""
 
@@ -59,9 +77,12 @@ class RejectTiming(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mode: Literal["time", "encoder"] = "time"
-    delay_ms: Optional[float] = Field(None, gt=0, description="time mode: capture -> ejector")
-    counts: Optional[int] = Field(None, gt=0, description="encoder mode: encoder counts capture -> ejector")
-    actuator_lead_ms: float = Field(0.0, ge=0, description="the ejector needs the verdict this much earlier")
+    delay_ms: Optional[float] = Field(None, gt=0, le=MAX_REJECT_DELAY_MS, allow_inf_nan=False,
+                                      description="time mode: capture -> ejector")
+    counts: Optional[int] = Field(None, gt=0, le=MAX_ENCODER_COUNTS,
+                                  description="encoder mode: encoder counts capture -> ejector")
+    actuator_lead_ms: float = Field(0.0, ge=0, le=MAX_REJECT_DELAY_MS, allow_inf_nan=False,
+                                    description="the ejector needs the verdict this much earlier")
 
     @model_validator(mode="after")
     def _complete(self):
@@ -84,7 +105,7 @@ class RecipeCalibration(BaseModel):
 class Calibration(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: int = Field(..., ge=0)
+    version: int = Field(..., ge=0, le=10**9)
     recipes: dict[str, RecipeCalibration] = Field(default_factory=dict)
     reject_timing: Optional[RejectTiming] = None
     dry_run: bool = False
@@ -109,8 +130,55 @@ def calibration_dir(storage_dir: str | Path) -> Path:
     return Path(storage_dir) / "calibration"
 
 
+
+
+def who() -> str:
+    """The person (or process) making a change, as recorded in the audit log: ``user@host``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no $USER (containers)
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+# -- the device secret ----------------------------------------------------------------------------------------
+KEY_BYTES = 32
+
+
+def audit_key_path(storage_dir: str | Path) -> Path:
+    """Where the line's device secret lives: the storage folder itself (owned by the runtime's user), not
+    ``calibration/`` (which technicians may write), so a technician cannot delete and replace it."""
+    return Path(storage_dir) / "audit.key"
+
+
+def read_audit_key(storage_dir: str | Path) -> bytes | None:
+    """The device secret, or None when it does not exist or this user may not read it."""
+    try:
+        key = bytes.fromhex(audit_key_path(storage_dir).read_text().strip())
+    except (FileNotFoundError, PermissionError, ValueError):
+        return None
+    return key if len(key) >= 16 else None
+
+
+def ensure_audit_key(storage_dir: str | Path) -> tuple[bytes, bool]:
+    """(the device secret, whether it was created now): created at the runtime's first start, random,
+    mode 0600. An existing but unusable file is an error, never silently replaced (replacing it would
+    re-key whatever chain lies beside it)."""
+    path = audit_key_path(storage_dir)
+    if path.exists():
+        key = read_audit_key(storage_dir)
+        if key is None:
+            raise AuditError(f"the device secret {path} is unreadable or damaged; restore it from the backup "
+                             "(the audit chain cannot be verified without it)")
+        return key, False
+    key = secrets.token_bytes(KEY_BYTES)
+    atomic_write(path, (key.hex() + "\n").encode(), mode=0o600)
+    return key, True
+
+
 # -- the audit log ----------------------------------------------------------------------------------------
 GENESIS = "0" * 64
+KEYED = "audit.keyed"      # the record with which an older, unkeyed chain was taken over by a device secret
 
 
 class AuditError(RuntimeError):
@@ -135,6 +203,7 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, mode)   # whatever the umask made of it
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)   # a full disk leaves neither a half-written file nor its temp
@@ -154,11 +223,14 @@ def utc_now() -> str:
 
 @dataclass
 class Verification:
-    """Outcome of :meth:`AuditLog.verify`."""
+    """Outcome of :meth:`AuditLog.verify`. ``pending``: what a kill left half-done and the next change
+    (or start) completes ("head": the head is one record behind; "torn": a last line never finished)."""
 
     records: int
     head_sha256: str
     problems: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    keyed: bool = True        # the records' MACs were checked (False: this user cannot read the secret)
 
     @property
     def ok(self) -> bool:
@@ -166,23 +238,29 @@ class Verification:
 
 
 class AuditLog:
-    """The audit log of one line's calibration directory. Callers serialise writers (CalibrationStore.lock)."""
+    """The audit log of one line's calibration directory. Callers serialise writers (CalibrationStore.lock).
 
-    def __init__(self, calibration_dir: str | Path):
+    ``key``: the device secret; without it the log can be read and its hash chain checked, not extended.
+    """
+
+    def __init__(self, calibration_dir: str | Path, key: bytes | None = None):
         self.dir = Path(calibration_dir)
         self.path = self.dir / "audit.jsonl"
         self.head_path = self.dir / "audit.head"
+        self.key = key
 
-    def _lines(self) -> list[bytes]:
+    def _read(self) -> tuple[list[bytes], bytes]:
+        """(complete lines, a torn tail after the last newline)."""
         if not self.path.is_file():
-            return []
+            return [], b""
         data = self.path.read_bytes()
-        return data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n")
+        *lines, tail = data.split(b"\n")
+        return lines, tail
 
     def records(self) -> list[dict]:
-        """Every record, oldest first (AuditError naming the line for one that is not JSON)."""
+        """Every complete record, oldest first (AuditError naming the line for one that is not JSON)."""
         out = []
-        for number, line in enumerate(self._lines(), 1):
+        for number, line in enumerate(self._read()[0], 1):
             try:
                 out.append(json.loads(line))
             except (ValueError, UnicodeDecodeError) as exc:
@@ -190,73 +268,179 @@ class AuditLog:
                                  "run `musc-calibrate audit verify`") from None
         return out
 
+    def _mac(self, data: bytes) -> str:
+        return hmac.new(self.key, data, hashlib.sha256).hexdigest()
+
+    def _mac_ok(self, record: dict) -> bool:
+        mac = record.get("mac")
+        body = {k: v for k, v in record.items() if k != "mac"}
+        return isinstance(mac, str) and hmac.compare_digest(mac, self._mac(_canonical(body)))
+
+    def _head_body(self, records: int, sha: str) -> bytes:
+        return f"{records}:{sha}".encode()
+
     def append(self, *, who: str, action: str, target: str, old: Any, new: Any, reason: str,
                result_of: int | None = None) -> dict:
-        """Append one record durably (fsync) and move the head; returns the record."""
+        """Append one record durably (fsync) and move the head; returns the record. Completes what a kill
+        left half-done first (see :class:`Verification`)."""
         if not reason or not reason.strip():
             raise AuditError("a reason is required for every change (--reason \"...\")")
+        if self.key is None:
+            raise AuditError(f"the audit log {self.path} can only be extended with the line's device secret "
+                             f"({audit_key_path(self.dir.parent)}, readable by the runtime's user): run this as "
+                             "that user, or make the change on the running line")
         check = self.verify()
         if not check.ok:
             raise AuditError(f"the audit log {self.path} does not verify ({check.problems[0]}); no change is made "
                              "until it is restored")
-        record = {"seq": check.records + 1, "time": utc_now(), "who": who, "action": action, "target": target,
-                  "old": old, "new": new, "reason": reason.strip(), "result_of": result_of,
-                  "prev_sha256": check.head_sha256}
+        if check.pending:
+            check = self._complete(check)
+        return self._write(check, who=who, action=action, target=target, old=old, new=new, reason=reason.strip(),
+                           result_of=result_of)
+
+    def _write(self, check: Verification, **fields: Any) -> dict:
+        record = {"seq": check.records + 1, "time": utc_now(), **fields, "prev_sha256": check.head_sha256}
+        record["mac"] = self._mac(_canonical(record))
         line = _canonical(record)
         self.dir.mkdir(parents=True, exist_ok=True)
         with os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644), "wb") as handle:
             handle.write(line + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
-        atomic_write(self.head_path, _canonical({"records": record["seq"], "sha256": _sha256(line)}) + b"\n")
+        self._write_head(record["seq"], _sha256(line))
         return record
+
+    def _write_head(self, records: int, sha: str) -> None:
+        atomic_write(self.head_path, _canonical({"records": records, "sha256": sha,
+                                                 "mac": self._mac(self._head_body(records, sha))}) + b"\n")
+
+    def repair(self) -> list[str]:
+        """Complete what a kill left half-done (a torn last line, a head one record behind); returns what
+        was done. Nothing is touched when the log has real problems (verify() lists them)."""
+        check = self.verify()
+        if not check.ok or not check.pending or self.key is None:
+            return []
+        done = list(check.pending)
+        self._complete(check)
+        return done
+
+    def _complete(self, check: Verification) -> Verification:
+        if "torn" in check.pending:
+            data = self.path.read_bytes()
+            with open(self.path, "r+b") as handle:
+                handle.truncate(data.rindex(b"\n") + 1 if b"\n" in data else 0)
+                handle.flush()
+                os.fsync(handle.fileno())
+        self._write_head(check.records, check.head_sha256)
+        return Verification(check.records, check.head_sha256)
+
+    def adopt(self, who: str) -> bool:
+        """Key an older, unkeyed chain with the device secret just created: a MAC'd ``audit.keyed`` record
+        vouches for everything before it. Only when the chain verifies without keys; returns whether it did."""
+        check = self._verify(macs=False)
+        if not check.ok or not check.records or self.key is None:
+            return False
+        if check.pending:
+            check = self._complete(check)
+        self._write(check, who=who, action=KEYED, target="audit log", old=None,
+                    new={"records": check.records, "sha256": check.head_sha256},
+                    reason="device secret created; the records before this one were written without it",
+                    result_of=None)
+        return True
+
+    def verify(self) -> Verification:
+        """Check the chain, the sequence numbers, the MACs (with the key) and the head; every problem found
+        is listed, and what a kill left half-done is listed as ``pending``."""
+        return self._verify(macs=self.key is not None)
+
+    def _verify(self, macs: bool) -> Verification:
+        lines, tail = self._read()
+        prev, shas = GENESIS, [GENESIS]
+        result = Verification(records=len(lines), head_sha256=GENESIS, keyed=macs)
+        records: list[dict | None] = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+            except (ValueError, UnicodeDecodeError):
+                result.problems.append(f"record {number} is not valid JSON (edited or truncated)")
+                record = None
+            else:
+                if record.get("prev_sha256") != prev:
+                    result.problems.append(f"record {number}: chain broken, the record before it was edited or "
+                                           "deleted")
+                if record.get("seq") != number:
+                    result.problems.append(f"record {number} carries seq {record.get('seq')!r}: a record was "
+                                           "deleted or inserted")
+            records.append(record)
+            prev = _sha256(line)
+            shas.append(prev)
+        result.head_sha256 = prev
+        legacy = 0   # records before a valid audit.keyed record were written before the line had a secret
+        if macs:
+            first = next((n for n, r in enumerate(records, 1) if r is not None and self._mac_ok(r)), None)
+            if first is not None and records[first - 1].get("action") == KEYED:
+                legacy = first - 1
+            unkeyed = [n for n, r in enumerate(records, 1) if n > legacy and r is not None and not self._mac_ok(r)]
+            if unkeyed:
+                result.problems.append(f"record {unkeyed[0]} (and {len(unkeyed) - 1} more) carries no valid MAC: "
+                                       "written without this line's device secret (a rebuilt or forged chain)"
+                                       if len(unkeyed) > 1 else f"record {unkeyed[0]} carries no valid MAC: "
+                                       "written without this line's device secret (a rebuilt or forged chain)")
+        self._check_head(result, shas, legacy, macs)
+        if tail:
+            if result.ok:
+                result.pending.append("torn")
+            else:
+                result.problems.append("the last line of the log is incomplete")
+        return result
+
+    def _check_head(self, result: Verification, shas: list[str], legacy: int, macs: bool) -> None:
+        n, head = result.records, self._head()
+
+        def matches(count: int) -> bool:
+            if head is None:
+                return count == 0
+            if head.get("records") != count or head.get("sha256") != shas[count]:
+                return False
+            if not macs or ("mac" not in head and count <= legacy):
+                return True
+            mac = head.get("mac")
+            return isinstance(mac, str) and hmac.compare_digest(mac, self._mac(self._head_body(count, shas[count])))
+
+        if matches(n):
+            return
+        if n and matches(n - 1) and not result.problems:
+            result.pending.append("head")   # killed between the append and the head: the record is complete
+            return
+        if head is None:
+            result.problems.append(f"{self.head_path.name} is missing but there are {n} records")
+        else:
+            result.problems.append(f"{self.head_path.name} says {head.get('records')} records ending in "
+                                   f"{str(head.get('sha256'))[:12]}..., the log has {n} ending in "
+                                   f"{shas[n][:12]}...: the last record was edited or deleted, or the head "
+                                   "was not written with this line's device secret")
 
     def record_change(self, *, who: str, action: str, target: str, old: Any, new: Any, reason: str,
                       perform: Callable[[], dict]) -> tuple[dict, dict]:
-        """Write the intent record, run ``perform``, then write its result record (ok or failed).
+        """Write the intent record, run ``perform``, then write its result record (ok, failed, or unknown
+        when the exception says the outcome is not known: ``outcome_unknown = True``).
 
         Returns (intent record, what ``perform`` returned); ``perform``'s exception propagates after the
-        failure is recorded.
+        result is recorded.
         """
         intent = self.append(who=who, action=action, target=target, old=old, new=new, reason=reason)
         try:
             outcome = perform()
         except Exception as exc:
-            self.append(who=who, action=action, target=target, old=None, new={"failed": str(exc)},
+            kind = "unknown" if getattr(exc, "outcome_unknown", False) else "failed"
+            self.append(who=who, action=action, target=target, old=None, new={kind: str(exc)},
                         reason=reason, result_of=intent["seq"])
             raise
         self.append(who=who, action=action, target=target, old=None, new={"ok": outcome}, reason=reason,
                     result_of=intent["seq"])
         return intent, outcome
-
-    def verify(self) -> Verification:
-        """Check the chain, the sequence numbers and the head; every problem found is listed."""
-        lines = self._lines()
-        prev = GENESIS
-        result = Verification(records=len(lines), head_sha256=GENESIS)
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
-                result.problems.append(f"record {number} is not valid JSON (edited or truncated)")
-                prev = _sha256(line)
-                continue
-            if record.get("prev_sha256") != prev:
-                result.problems.append(f"record {number}: chain broken, the record before it was edited or deleted")
-            if record.get("seq") != number:
-                result.problems.append(f"record {number} carries seq {record.get('seq')!r}: a record was deleted "
-                                       "or inserted")
-            prev = _sha256(line)
-        result.head_sha256 = prev
-        head = self._head()
-        if head is None:
-            if lines:
-                result.problems.append(f"{self.head_path.name} is missing but there are {len(lines)} records")
-        elif head != {"records": len(lines), "sha256": prev}:
-            result.problems.append(f"{self.head_path.name} says {head.get('records')} records ending in "
-                                   f"{str(head.get('sha256'))[:12]}..., the log has {len(lines)} ending in "
-                                   f"{prev[:12]}...: the last record was edited or deleted")
-        return result
 
     def _head(self) -> dict | None:
         if not self.head_path.is_file():
@@ -285,14 +469,41 @@ def file_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class CalibrationStore:
-    """The calibration directory of one line."""
+def version_creators(records: list[dict]) -> dict[int, dict]:
+    """version -> the audit record that created it (rollbacks name a version again; the first one counts)."""
+    created: dict[int, dict] = {}
+    for record in records:
+        new = record.get("new")
+        if record.get("result_of") is None and isinstance(new, dict) and "file_sha256" in new:
+            created.setdefault(new.get("version"), record)
+    return created
 
-    def __init__(self, storage_dir: str | Path):
+
+def audited_in_force(records: list[dict]) -> tuple[int, int] | None:
+    """(version, authorising intent seq) that the audit log says the line runs or will run at its next start:
+    the newest of what the runtime recorded as applied and what was staged successfully; None when no
+    calibration was ever put in force (the line runs its config)."""
+    by_seq = {r.get("seq"): r for r in records}
+    found = None
+    for record in records:
+        new, of = record.get("new"), record.get("result_of")
+        if record.get("action") == "runtime.applied" and isinstance(new, dict) and isinstance(of, int):
+            found = (new.get("version"), of)
+        elif of is not None and isinstance(new, dict) and isinstance(new.get("ok"), dict) \
+                and new["ok"].get("staged") and isinstance(by_seq.get(of, {}).get("new"), dict):
+            found = (by_seq[of]["new"].get("version"), of)
+    return found if found is not None and isinstance(found[0], int) else None
+
+
+class CalibrationStore:
+    """The calibration directory of one line. ``key``: the device secret (None: read-only use, or an
+    ``audit`` that appends through the running line)."""
+
+    def __init__(self, storage_dir: str | Path, key: bytes | None = None, audit: AuditLog | None = None):
         self.storage = Path(storage_dir)
         self.dir = calibration_dir(storage_dir)
         self.current_path = self.dir / "current.json"
-        self.audit = AuditLog(self.dir)
+        self.audit = audit or AuditLog(self.dir, key)
 
     def version_path(self, version: int) -> Path:
         return self.dir / f"v{version:04d}.json"
@@ -342,8 +553,9 @@ class CalibrationStore:
         return calibration
 
     def current(self, known_recipes: set[str] | None = None) -> Calibration | None:
-        """The calibration in ``current.json`` (None if the line was never calibrated), checked against its
-        version file: a hand edit is refused with a pointer to ``rollback``."""
+        """The calibration in ``current.json`` (None if there is none), checked against its version file: a
+        hand edit is refused with a pointer to ``rollback``. A missing ``current.json`` the audit log says
+        should exist is rebuilt by the runtime at its next start (:meth:`CalibrationAuthority.at_start`)."""
         if not self.current_path.is_file():
             return None
         hint = "; restore a stored version with `musc-calibrate rollback --to N --reason ...`"
@@ -365,18 +577,21 @@ class CalibrationStore:
 
     # -- writing (hold lock()) -------------------------------------------------------------------------------
     def save_version(self, calibration: Calibration) -> str:
-        """Create ``vNNNN.json`` (refusing to overwrite one); returns the file's sha256."""
+        """Create ``vNNNN.json`` (refusing to overwrite one) atomically; returns the file's sha256."""
         data = calibration_bytes(calibration)
         path = self.version_path(calibration.version)
         self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(tmp, path)   # exclusive and atomic: a kill leaves no half-written version file
         except FileExistsError:
             raise StoreError(f"{path} already exists; versions are never rewritten") from None
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        finally:
+            tmp.unlink(missing_ok=True)
         return file_sha256(data)
 
     def write_current(self, calibration: Calibration) -> None:
@@ -396,31 +611,67 @@ class CalibrationStore:
 
         ``create``: ``new`` is a new version to store (its file must not exist); otherwise it is a stored
         version brought back (rollback). ``old`` is what it replaces, as recorded. ``apply_live`` sends the
-        calibration to the running line and returns its acknowledgement; None stages it for the next start.
+        calibration to the running line (which writes ``current.json``) and returns its acknowledgement;
+        None stages it: ``current.json`` is written here for the line's next start.
         """
         payload = new.model_dump(mode="json")
         sha = self.save_version(new) if create else file_sha256(self.version_path(new.version).read_bytes())
 
         def perform() -> dict:
-            reply = apply_live(payload) if apply_live is not None else {}
-            if apply_live is not None and reply.get("version") != new.version:
+            if apply_live is None:
+                self.write_current(new)
+                return {"staged": True}
+            reply = apply_live(payload)
+            if reply.get("version") != new.version:
                 raise StoreError(f"the line acknowledged version {reply.get('version')!r}, not {new.version}")
-            self.write_current(new)
-            return {**reply, "staged": apply_live is None}
+            return {**reply, "staged": False}
 
         _, outcome = self.audit.record_change(
             who=who, action=action, target=f"calibration v{new.version:04d}",
             old=old, new={**payload, "file_sha256": sha}, reason=reason, perform=perform)
         return outcome
 
+    # -- recovery (hold lock(), with the device secret) ------------------------------------------------------
+    def drop_unrecorded_versions(self, records: list[dict], who: str) -> list[int]:
+        """Version files no audit record created, numbered above every recorded one: written by a change that
+        was killed before its intent record. They were never in force; they are removed, with a record."""
+        created = version_creators(records)
+        top = max((v for v in created if isinstance(v, int)), default=-1)
+        orphans = [v for v in self.versions() if v not in created and v > top]
+        for version in orphans:
+            self.version_path(version).unlink()
+        if orphans:
+            self.audit.append(who=who, action="recovery", target="calibration files", old={"orphans": orphans},
+                              new=None, reason=f"version file(s) {orphans} written by a change that was "
+                                               "interrupted before its audit record; never in force, removed")
+        return orphans
+
+    def close_open_intents(self, who: str, in_force_intent: int) -> list[int]:
+        """Give every change that was interrupted before its result record one: ok when the line took it
+        (or current.json holds it: ``in_force_intent``), else interrupted. Returns the intents closed."""
+        records = self.audit.records()
+        results = {r["result_of"] for r in records if isinstance(r.get("result_of"), int)}
+        closed = []
+        for record in records:
+            seq, action = record.get("seq"), str(record.get("action"))
+            if record.get("result_of") is not None or seq in results or action in ("baseline", "recovery", KEYED) \
+                    or action.startswith("runtime."):
+                continue
+            outcome = {"ok": {"recovered": "in force: current.json holds it"}} if seq == in_force_intent else \
+                {"interrupted": "the change was cut off before its outcome was recorded; nothing it would have "
+                                "changed in the calibration is in force"
+                 if record.get("target", "").startswith("calibration") else
+                 "the change was cut off before its outcome was recorded; the line restores the pool it last "
+                 "saved"}
+            self.audit.append(who=who, action=action, target=record.get("target", ""), old=None, new=outcome,
+                              reason="recovery at start", result_of=seq)
+            closed.append(seq)
+        return closed
+
     # -- integrity -------------------------------------------------------------------------------------------
     def check_versions(self, records: list[dict]) -> list[str]:
         """Problems with the version files against the audit records that created them."""
-        created = {}
-        for record in records:
-            new = record.get("new")
-            if record.get("result_of") is None and isinstance(new, dict) and "file_sha256" in new:
-                created.setdefault(new.get("version"), new["file_sha256"])
+        created = {v: r["new"]["file_sha256"] for v, r in version_creators(records).items()}
         problems = []
         for version in self.versions():
             path = self.version_path(version)
@@ -431,9 +682,14 @@ class CalibrationStore:
         for version in set(created) - set(self.versions()):
             problems.append(f"version {version} is recorded in the audit log but its file is missing")
         try:
-            self.current()
+            current = self.current()
         except StoreError as exc:
             problems.append(str(exc))
+        else:
+            audited = audited_in_force(records)
+            if current is None and audited is not None:
+                problems.append(f"current.json is missing; the audit log says v{audited[0]} is in force (the line "
+                                "restores it at its next start)")
         return problems
 
 
@@ -446,35 +702,85 @@ class Authorised:
     intent_seq: int = 0
 
 
+# What a technician's client may append through the running line (the runtime's own actions are its own).
+CLIENT_ACTIONS = frozenset({"baseline", *CALIBRATION_ACTIONS, "pool.purge", "pool.freeze", "pool.unfreeze",
+                            "pool.reseed", "pool.seed", "timing.test-fire"})
+
+
 class CalibrationAuthority:
-    """The runtime's own check of what it is asked to run, against the version files and the audit chain."""
+    """The runtime's own check of what it is asked to run, against the version files and the audit chain.
+    It holds the device secret (created at the first start) and so is the one writer that can always extend
+    the audit log."""
 
     def __init__(self, storage_dir: str | Path, known_recipes: set[str], who: str) -> None:
-        self.store = CalibrationStore(storage_dir)
+        try:
+            key, self.key_created = ensure_audit_key(storage_dir)
+        except (AuditError, OSError) as exc:
+            raise CalibrationError(f"the audit log's device secret: {exc}") from None
+        self.store = CalibrationStore(storage_dir, key)
         self.known_recipes, self.who = known_recipes, who
 
     def at_start(self, line: str) -> Authorised:
-        """The audited calibration in ``current.json`` (none: the YAML thresholds); CalibrationError
-        with a one-line reason when ``current.json``, its version file and the audit log disagree, or when
-        it is older than what the line last applied (an old version file copied over it). A calibration
-        staged since the last run is recorded as applied."""
-        try:
-            calibration = self.store.current(self.known_recipes)
-        except StoreError as exc:
-            raise CalibrationError(str(exc)) from None
+        """The audited calibration the line starts with (none: the YAML thresholds), after completing what a
+        kill left half-done (see the module docstring); CalibrationError with a one-line reason when
+        ``current.json``, its version file and the audit log disagree, or when it is older than what the line
+        last applied (an old version file copied over it). A calibration staged since the last run is
+        recorded as applied."""
+        with self.store.lock():
+            try:
+                return self._start(line)
+            except (StoreError, AuditError, OSError) as exc:
+                raise CalibrationError(str(exc)) from None
+
+    def _start(self, line: str) -> Authorised:
+        audit = self.store.audit
+        if self.key_created:
+            audit.adopt(self.who)
+        audit.repair()
+        check = audit.verify()
+        if not check.ok:
+            raise CalibrationError(f"the audit log does not verify ({check.problems[0]}); run `musc-calibrate "
+                                   "audit verify`")
+        records = audit.records()
+        self.store.drop_unrecorded_versions(records, self.who)
+        calibration = self.store.current(self.known_recipes)
         if calibration is None:
-            return Authorised(None)
-        found = Authorised(calibration, self._intent_for(calibration, "current.json"))
-        last = max((r["result_of"] for r in self.store.audit.records()
+            calibration = self._restore_current(audit.records())
+        found = Authorised(None) if calibration is None else \
+            Authorised(calibration, self._intent_for(calibration, "current.json"))
+        last = max((r["result_of"] for r in audit.records()
                     if r.get("action") == "runtime.applied" and isinstance(r.get("result_of"), int)), default=0)
-        if found.intent_seq < last:
+        if found.intent_seq and found.intent_seq < last:
             raise CalibrationError(f"current.json holds version {calibration.version} (audit record "
                                    f"{found.intent_seq}), older than what this line last applied (audit record "
                                    f"{last}); restore it with `musc-calibrate rollback`")
-        if found.intent_seq > last:   # staged while the line was down
-            with self.store.lock():
-                self.record_applied(found, line)
+        if found.intent_seq > last:   # staged while the line was down (or the line was killed inside its apply)
+            self.record_applied(found, line)
+        self.store.close_open_intents(self.who, found.intent_seq)
         return found
+
+    def _restore_current(self, records: list[dict]) -> Calibration | None:
+        """``current.json`` is missing: the version the audit log says is in force, written back (with a
+        recovery record); None when no calibration was ever put in force. Never a silent fall-back to the
+        config's thresholds while the audit names a version."""
+        audited = audited_in_force(records)
+        if audited is None:
+            return None
+        version, intent = audited
+        try:
+            calibration = self.store.load_version(version, self.known_recipes)
+        except StoreError as exc:
+            raise CalibrationError(f"current.json is missing and the version the audit log says is in force "
+                                   f"cannot be restored ({exc}); restore one with `musc-calibrate rollback "
+                                   "--stage`") from None
+        if self._intent_for(calibration, f"version {version}") < intent:
+            raise CalibrationError(f"current.json is missing and v{version:04d}.json is not the file audit record "
+                                   f"{intent} put in force; restore one with `musc-calibrate rollback --stage`")
+        self.store.write_current(calibration)
+        self.store.audit.append(who=self.who, action="recovery", target=f"calibration v{version:04d}", old=None,
+                                new={"current.json": version}, reason=f"current.json was missing; audit record "
+                                f"{intent} put v{version} in force, so it was written back")
+        return calibration
 
     def check_apply(self, calibration: Calibration, in_force: Authorised) -> Authorised:
         """``calibration`` with its authorising intent record, or CalibrationError (nothing changes)."""
@@ -488,13 +794,35 @@ class CalibrationAuthority:
                                    f"than record {in_force.intent_seq} behind the calibration in force: a replay")
         return Authorised(calibration, seq)
 
+    def put_in_force(self, calibration: Calibration, in_force: Authorised, line: str) -> Authorised:
+        """Check ``calibration`` (:meth:`check_apply`), write ``current.json`` (what a restart runs), then the
+        runtime's own audit record. A kill between the two is completed at the next start (the file holds a
+        newer audited version than the last one applied, so it is recorded as applied then)."""
+        authorised = self.check_apply(calibration, in_force)
+        self.store.write_current(calibration)
+        self.record_applied(authorised, line)
+        return authorised
+
     def record_applied(self, applied: Authorised, line: str) -> None:
         """The runtime's own audit record of the calibration it has just put in force."""
         c = applied.calibration
         self.store.audit.append(
             who=self.who, action="runtime.applied", target=f"calibration v{c.version:04d}", old=None,
             new={"version": c.version, "thresholds": {k: r.threshold for k, r in c.recipes.items()},
+                 "reject_timing": None if c.reject_timing is None else c.reject_timing.model_dump(mode="json"),
                  "dry_run": c.dry_run, "line": line}, reason="in force on the running line", result_of=applied.intent_seq)
+
+    def append_for_client(self, record: dict) -> dict:
+        """Append a technician client's record (one that cannot read the device secret) to the audit log; the
+        client holds the store's lock. Only the client's own kinds of record, never the runtime's."""
+        action = record.get("action")
+        if action not in CLIENT_ACTIONS:
+            raise AuditError(f"a client may not append {str(action)[:40]!r} records")
+        fields = {k: record.get(k) for k in ("who", "action", "target", "old", "new", "reason", "result_of")}
+        if not all(isinstance(fields[k], str) for k in ("who", "target", "reason")) or \
+                not (fields["result_of"] is None or type(fields["result_of"]) is int):
+            raise AuditError("an audit record needs string who, target and reason, and an integer result_of")
+        return self.store.audit.append(**fields)
 
     def _intent_for(self, calibration: Calibration, what: str) -> int:
         """Seq of the newest intent record that stored or brought back exactly this version file."""

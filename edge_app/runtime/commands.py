@@ -16,6 +16,7 @@ POOL_UNFREEZE = "pool_unfreeze"
 POOL_RESEED = "pool_reseed"
 APPLY = "apply"
 TEST_FIRE = "test_fire"
+AUDIT_APPEND = "audit_append"   # a technician client without the device secret has the line append its record
 
 READ_ONLY = frozenset({STATUS, POOL_INSPECT, POOL_SCORES})
 POOL_CHANGES = {"purge": POOL_PURGE, "freeze": POOL_FREEZE, "unfreeze": POOL_UNFREEZE}

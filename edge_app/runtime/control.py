@@ -1,8 +1,9 @@
 """Local control socket of a running line (AF_UNIX, JSON lines; no network port).
 
 One request per connection: a JSON object with ``cmd``; one JSON reply with ``ok``. Read-only commands
-(``status``, ``pool_inspect``) are open to anyone who can reach the socket; commands that change the
-line need ``token``: the content of ``<storage>/calibration/technician.token`` (mode 0640: give the
+(``status``, ``pool_inspect``, ``pool_scores``) are open to anyone who can reach the socket, answered on
+the connection's own thread (never the scoring thread), at most :data:`MAX_CONNECTIONS` at once; commands
+that change the line need ``token``: the content of ``<storage>/calibration/technician.token`` (mode 0640: give the
 technician group read access to grant the role). Changes run on the worker thread *between two parts*
 and the reply comes once they are in force. A token shorter than :data:`MIN_TOKEN_CHARS` (an empty file
 left by a full disk, a hand-written "1234") refuses every change: no token is never the same as any token.
@@ -25,11 +26,20 @@ from .commands import READ_ONLY
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
+MAX_CONNECTIONS = 16        # requests answered at once; more connections are told "busy" and closed
+REQUEST_TIMEOUT_S = 10.0    # a client has this long to send its request line
 MIN_TOKEN_CHARS = 16
 
 
 class ControlError(RuntimeError):
     """A control request failed; the message says why (and nothing was changed)."""
+
+
+class ReplyLost(ControlError):
+    """The request was sent but no reply came (the line stopped or timed out): whether it took effect is not
+    known; the audit log records the outcome as unknown."""
+
+    outcome_unknown = True
 
 
 def token_path(storage_dir: str | Path) -> Path:
@@ -67,6 +77,7 @@ class ControlServer:
         self._sock.listen(8)
         self._sock.settimeout(0.2)
         self._stop = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._thread.start()
 
@@ -78,11 +89,30 @@ class ControlServer:
                 continue
             except OSError:
                 return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+            if not self._slots.acquire(blocking=False):   # a flood of connections: answered "busy", at once
+                self._refuse(conn)
+                continue
+            threading.Thread(target=self._answer, args=(conn,), name="control-request", daemon=True).start()
+
+    @staticmethod
+    def _refuse(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(0.2)
+                conn.sendall(json.dumps({"ok": False, "error": f"the line is answering {MAX_CONNECTIONS} requests "
+                                                               "already; try again", "busy": True}).encode() + b"\n")
+            except OSError:
+                pass
 
     def _answer(self, conn: socket.socket) -> None:
+        try:
+            self._answer_one(conn)
+        finally:
+            self._slots.release()
+
+    def _answer_one(self, conn: socket.socket) -> None:
         with conn:
-            conn.settimeout(60)
+            conn.settimeout(REQUEST_TIMEOUT_S)
             try:
                 data = b""
                 while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
@@ -93,6 +123,8 @@ class ControlServer:
                 reply = self.dispatch(loads_bounded(data or b"null", where="request", max_bytes=MAX_REQUEST))
             except (ValueError, UnicodeDecodeError) as exc:
                 reply = {"ok": False, "error": f"malformed request: {exc}"}
+            except OSError:   # a client that connected and sent nothing within the timeout
+                return
             try:
                 conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
             except OSError:
@@ -130,11 +162,14 @@ def request(path: str | Path, payload: dict, timeout: float = 60.0) -> dict:
             raise ControlError(f"no running line answers on {path} ({exc.strerror}): is the runtime started?") from None
         sock.sendall(json.dumps(payload).encode() + b"\n")
         data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        try:
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except socket.timeout:
+            raise ReplyLost(f"the line on {path} did not reply within {timeout:g} s") from None
     if not data:
-        raise ControlError(f"the line on {path} closed the connection without a reply")
+        raise ReplyLost(f"the line on {path} closed the connection without a reply")
     return json.loads(data)

@@ -6,7 +6,7 @@ odd stamp does not move every deadline). Both give the verdict ``actuator_lead_m
 """
 from __future__ import annotations
 
-from .calibration_state import RejectTiming
+from .calibration_state import MAX_REJECT_DELAY_MS, RejectTiming
 
 
 class DeadlineClock:
@@ -29,7 +29,8 @@ class DeadlineClock:
             self._measure(encoder, capture_monotonic)
         if self.counts_per_s is None:  # no speed yet (first part, or a stopped belt): the line's budget
             return capture_monotonic + self.default_s
-        return capture_monotonic + timing.counts / self.counts_per_s - lead
+        # a belt crawling to a stop would push the deadline out without bound: never beyond the longest delay
+        return capture_monotonic + min(timing.counts / self.counts_per_s, MAX_REJECT_DELAY_MS / 1e3) - lead
 
     def _measure(self, encoder: int, now: float) -> None:
         if self._last is not None and now > self._last[1]:

@@ -30,16 +30,19 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..archive import RejectArchive
-from ..background import lower_this_thread
+from ..background import idle_this_thread, lower_this_thread
 from ..config import LineConfig
 from ..ledger import Ledger
 from ..links import RejectLink, open_link
+from ..pool import leave_one_out_scores
 from ..record import FailSafe, PartRecord, Reason, Verdict
+from ..scoring import PoolTooSmallError
 from ..sources.base import FrameSource, SourceConfigError, SourceError, make_source
 from ..sources.fields import PartFieldError, check_part_fields, quarantine, require_part_id
 from ..telemetry import Telemetry
 from . import commands
-from .calibration_state import Authorised, Calibration, CalibrationAuthority, CalibrationError, RejectTiming
+from .calibration_state import (AuditError, Authorised, Calibration, CalibrationAuthority, CalibrationError,
+                                RejectTiming, StoreError, parse_calibration)
 from .control import ControlError, ControlServer, ensure_token
 from .deadline import DeadlineClock
 from .inspector import Inspector
@@ -48,6 +51,7 @@ from .systemd import SystemdNotifier
 log = logging.getLogger(__name__)
 _DONE = object()
 RECENT = 10_000  # parts kept for live latency percentiles
+LOO_REUSE_S = 10.0  # a pool's leave-one-out scores younger than this answer `pool_scores` again
 SOURCE_RETRY_S = (0.2, 5.0)   # a failed source is reopened after 0.2 s, doubling up to 5 s
 FRAME_FAULTS_BEFORE_REOPEN = 20   # faults in a row, no part between them: the source is reopened
 THREAD_FAULTS, THREAD_FAULT_WINDOW_S = 10, 60.0   # a thread that faults this often in this window stops the line
@@ -130,6 +134,8 @@ class Line:
         self._persist: queue.Queue = queue.Queue(maxsize=1)  # pool snapshots for the writer thread
         self.control: ControlServer | None = None
         self._waiters: dict[int, threading.Event] = {}
+        self._loo_lock = threading.Lock()
+        self._loo_cache: dict[str, tuple[float, list[float]]] = {}
         self.systemd = SystemdNotifier()
         self._stop = threading.Event()
         self._stats_lock = threading.Lock()
@@ -577,6 +583,22 @@ class Line:
             self.stats.acked += 1
             self.stats.late_acks += int(late)
 
+    def _on_fast_path(self, event) -> None:
+        """The fast-path decision (runtime/fast_path.py): rows from now on carry the model that decides them, and
+        the audit log says what was switched and why (or why not)."""
+        self.model_hash = event.new_model[:16]
+        log.info("fast path: %s", event.reason)
+        try:
+            with self.authority.store.lock():
+                self.authority.store.audit.append(
+                    who=self.authority.who, action="runtime.fast_path", target="feature model", old=event.old_model,
+                    new={"model_sha256": event.new_model, "scorer": event.scorer, "switched": event.switched},
+                    reason=event.reason)
+        except Exception as exc:   # the decision stands; the record is what is missing
+            log.warning("fast-path decision could not be audited: %s", _one_line(exc))
+            if hasattr(self, "telemetry"):   # a decision taken while restoring pools comes before telemetry
+                self._on_alarm(f"fast-path decision could not be audited: {_one_line(exc)}")
+
     def _on_alarm(self, text: str) -> None:
         log.warning("ALARM: %s", text)
         self.telemetry.alarm(text)
@@ -642,7 +664,7 @@ class Line:
                     commands.POOL_SCORES: self._pool_scores, commands.APPLY: self._apply,
                     commands.POOL_PURGE: self._pool_change, commands.POOL_FREEZE: self._pool_change,
                     commands.POOL_UNFREEZE: self._pool_change, commands.POOL_RESEED: self._pool_reseed,
-                    commands.TEST_FIRE: self._test_fire}
+                    commands.TEST_FIRE: self._test_fire, commands.AUDIT_APPEND: self._audit_append}
         handler = handlers.get(request["cmd"])
         if handler is None:
             raise ControlError(f"unknown command {request['cmd']!r}")
@@ -657,13 +679,28 @@ class Line:
             for i in range(pool.size)]}
 
     def _pool_scores(self, request: dict) -> dict:
+        """Leave-one-out scores of a pool, never computed on the scoring thread: the worker only copies the
+        pool's scores and re-scoring features between two parts (microseconds); this control thread scores
+        them at idle priority, one request at a time, and a result younger than ``LOO_REUSE_S`` is reused, so
+        any number of operators asking costs the line at most one computation in that time."""
         rp = self._recipe_pool(request)
-        return {"recipe": rp.name, "threshold": rp.threshold,
-                "scores": self._between_parts(lambda: rp.pool.leave_one_out_scores(self.inspector.params))}
+        with self._loo_lock:
+            cached = self._loo_cache.get(rp.name)
+            if cached is not None and time.monotonic() - cached[0] < LOO_REUSE_S:
+                return {"recipe": rp.name, "threshold": rp.threshold, "scores": cached[1], "reused": True}
+            raw, features = self._between_parts(lambda: (rp.pool.raw_scores[:rp.pool.size].copy(),
+                                                         rp.pool.features[:rp.pool.size].copy()))
+            idle_this_thread()   # this connection's own thread: the line's threads pre-empt it at once
+            try:
+                scores = leave_one_out_scores(raw, features, self.inspector.params)
+            except PoolTooSmallError as exc:
+                raise ControlError(str(exc)) from None
+            self._loo_cache[rp.name] = (time.monotonic(), scores)
+        return {"recipe": rp.name, "threshold": rp.threshold, "scores": scores, "reused": False}
 
     def _apply(self, request: dict) -> dict:
-        from .calibration_state import parse_calibration
-
+        """Put an audited calibration in force between two parts: checked, written to current.json and
+        recorded by the runtime itself (:meth:`CalibrationAuthority.put_in_force`), then swapped in."""
         try:
             calibration = parse_calibration(request.get("calibration") or {}, set(self.config.recipes))
         except CalibrationError as exc:
@@ -671,13 +708,23 @@ class Line:
 
         def apply() -> dict:
             try:
-                authorised = self.authority.check_apply(calibration, self.in_force)
-                self.authority.record_applied(authorised, self.config.line.name)
-            except (CalibrationError, OSError, RuntimeError) as exc:   # RuntimeError: AuditError
+                authorised = self.authority.put_in_force(calibration, self.in_force, self.config.line.name)
+            except (CalibrationError, StoreError, OSError, AuditError) as exc:
                 raise ControlError(f"apply refused: {exc}") from None
             self._apply_calibration(calibration, authorised)
             return {"version": calibration.version}
         return self._between_parts(apply)
+
+    def _audit_append(self, request: dict) -> dict:
+        """Append a technician client's audit record with the line's device secret (a client that cannot
+        read the secret itself). The client holds the calibration lock; the runtime serialises its writers."""
+        record = request.get("record")
+        if not isinstance(record, dict):
+            raise ControlError("audit_append needs a 'record' object")
+        try:
+            return {"record": self.authority.append_for_client(record)}
+        except (AuditError, OSError) as exc:
+            raise ControlError(f"audit record refused: {exc}") from None
 
     def _pool_change(self, request: dict) -> dict:
         """Purge, freeze or unfreeze the members the request selects (:func:`commands.select_members`)."""
