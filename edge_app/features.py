@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from .errors import UsageError
+from .install_paths import resolve_model_path
 from .manifest import Manifest, ManifestError, load_manifest
 from .specialise import specialised_model
 
@@ -18,16 +19,19 @@ _INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "are
 
 
 def default_model_path() -> Path:
-    """``$MUSC_EDGE_MODEL`` or ``models/dinov2_vits14_musc.onnx`` (built by ``make setup``)."""
-    return Path(os.environ.get("MUSC_EDGE_MODEL", DEFAULT_MODEL))
+    """``$MUSC_EDGE_MODEL`` or ``models/dinov2_vits14_musc.onnx`` (built by ``make setup``) of the install."""
+    if "MUSC_EDGE_MODEL" in os.environ:
+        return Path(os.environ["MUSC_EDGE_MODEL"])
+    return resolve_model_path(DEFAULT_MODEL)
 
 
 def select_model(path: str | Path, blocks: tuple[int, ...], precision: str = "fp32",
                  image_token: bool = False) -> Path:
     """The feature model to run for ``blocks``: ``path`` itself when it is a file, else the model in the
     folder ``path`` of that ``precision`` whose manifest covers ``blocks`` (and has the image token when
-    ``image_token``) and runs the fewest backbone blocks. Raises ManifestError naming what is there."""
-    path = Path(path)
+    ``image_token``) and runs the fewest backbone blocks. Raises ManifestError naming what is there.
+    A relative ``path`` is looked up as :func:`resolve_model_path` says (the install, then the cwd)."""
+    path = resolve_model_path(path)
     if not path.is_dir():
         return path
     found = []

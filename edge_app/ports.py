@@ -60,12 +60,13 @@ def line_ports(config, *, view: bool = True, telemetry: bool = True) -> list[Lis
 
 
 def bind_problem(host: str, port: int) -> str | None:
-    """None when ``host:port`` can be bound now (as a server binds it, with SO_REUSEADDR), else why not,
-    naming the process that holds it where this user can see it."""
+    """None when ``host:port`` can be bound now (as a server binds it, with SO_REUSEADDR), else why not as a
+    predicate ("in use by pid 12 (...)", "not permitted (...)", ...), naming the process that holds it where
+    this user can see it."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        return f"{host!r} is not an address of this machine ({exc.strerror})"
+        return f"not bindable: {host!r} is not an address of this machine ({exc.strerror})"
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -78,8 +79,8 @@ def bind_problem(host: str, port: int) -> str | None:
             if exc.errno == errno.EACCES:
                 return "not permitted (ports below 1024 need CAP_NET_BIND_SERVICE)"
             if exc.errno == errno.EADDRNOTAVAIL:
-                return f"{host} is not an address of this machine"
-            return exc.strerror or str(exc)
+                return f"not bindable: {host} is not an address of this machine"
+            return f"not bindable: {exc.strerror or exc}"
     return None
 
 
@@ -89,7 +90,7 @@ def port_problems(ports: list[ListenPort]) -> list[str]:
     for p in ports:
         why = bind_problem(p.host, p.port)
         if why is not None:
-            problems.append(f"{p} is {why}" if why.startswith(("in use", "not permitted")) else f"{p}: {why}")
+            problems.append(f"{p} is {why}")
     return problems
 
 

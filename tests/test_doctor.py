@@ -200,3 +200,84 @@ def test_scoring_backend_is_timed_and_reported(line_yaml):
     chosen = check.detail.split(" ")[0]
     assert chosen in ("numpy", "onnx-fp32") and "(auto;" in check.detail
     assert all(f"{name} " in check.detail for name in ("numpy", "onnx-fp32", "onnx-int8"))
+
+
+# -- issue 25 rows 3, 7, 8: ports, the model from the config's folder and the install, the source ------------
+def test_a_replay_source_folder_that_does_not_exist_fails(line_yaml, tmp_path):
+    config = yaml.safe_load(line_yaml({"type": "zmq", "endpoint": "tcp://127.0.0.1:5557"}).read_text())
+    config["source"]["path"] = "/nonexistent/folder"
+    (tmp_path / "line.yaml").write_text(yaml.safe_dump(config))
+    check = by_name(run_checks(tmp_path / "line.yaml"), "source")
+    assert check.status == "fail" and "/nonexistent/folder" in check.detail and "source.path" in check.hint
+
+
+def test_a_replay_source_with_frames_passes_and_says_how_many(line_yaml, tmp_path):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    check = by_name(run_checks(line_yaml({"type": "zmq", "endpoint": "tcp://127.0.0.1:5557"})), "source")
+    assert check.status == "ok" and "2 frames, once" in check.detail
+
+
+def test_a_link_port_in_use_fails_naming_the_port_and_the_process_holding_it(line_yaml):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        checks = run_checks(line_yaml({"type": "modbus-tcp", "host": "127.0.0.1", "port": port}))
+    check = by_name(checks, "port link.port")
+    assert check.status == "fail"
+    assert f"127.0.0.1:{port} is in use by pid {os.getpid()}" in check.detail
+    assert "link.port" in check.hint
+
+
+def test_free_link_and_view_ports_pass(line_yaml, tmp_path):
+    import socket
+
+    ports = []
+    for _ in range(2):   # two ports free a moment ago
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    config = yaml.safe_load(line_yaml({"type": "modbus-tcp", "host": "127.0.0.1", "port": ports[0]}).read_text())
+    config["view"] = {"enabled": True, "port": ports[1]}
+    (tmp_path / "line.yaml").write_text(yaml.safe_dump(config))
+    checks = run_checks(tmp_path / "line.yaml")
+    assert by_name(checks, "port link.port").status == "ok"
+    assert by_name(checks, "port view.port").status == "ok"
+
+
+def test_a_relative_model_path_is_found_beside_the_config_from_any_working_directory(toy_model, tmp_path,
+                                                                                     monkeypatch):
+    """Row 7: the model used to be looked up from the working directory (and the hint said to rebuild it)."""
+    folder = tmp_path / "site"
+    (folder / "models").mkdir(parents=True)
+    for suffix in (".onnx", ".json"):
+        shutil.copy(toy_model.with_suffix(suffix), folder / "models" / f"toy{suffix}")
+    (folder / "line.yaml").write_text(yaml.safe_dump({
+        "model": {"path": "models/toy.onnx", "size": 28, "blocks": [6, 9]},
+        "source": {"type": "zmq", "endpoint": "tcp://127.0.0.1:5557"},
+        "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:5558"}, "storage": {"dir": str(tmp_path / "store")}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    check = by_name(run_checks(folder / "line.yaml"), "feature model")
+    assert check.status == "ok", check.detail
+    assert check.detail.startswith(str(folder / "models" / "toy.onnx"))
+
+
+def test_the_default_model_is_found_in_the_install_from_any_working_directory(default_model, tmp_path,
+                                                                              monkeypatch):
+    from musc_edge.edge.config import load_config
+    from musc_edge.edge.features import default_model_path
+
+    monkeypatch.delenv("MUSC_EDGE_MODEL", raising=False)
+    (tmp_path / "line.yaml").write_text(yaml.safe_dump({
+        "model": {"path": "models/dinov2_vits14_musc.onnx"},
+        "source": {"type": "zmq", "endpoint": "tcp://127.0.0.1:5557"},
+        "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:5558"}, "storage": {"dir": str(tmp_path / "store")}}))
+    monkeypatch.chdir(tmp_path)
+    assert default_model_path() == default_model
+    assert load_config(tmp_path / "line.yaml").model.path == default_model
+    assert by_name(run_checks(), "feature model").status == "ok"

@@ -118,6 +118,11 @@ class ReplaySource(FrameSource):
         where = self.config.path if self.config.paths is None else f"{len(self.config.paths)} listed files"
         return f"replay of {where}"
 
+    @property
+    def frame_files(self) -> list[Path]:
+        """The image files replayed, in file order (once open; empty for a video)."""
+        return list(self._files)
+
     def _acquire(self) -> None:
         c = self.config
         if c.paths is not None:
