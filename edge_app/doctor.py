@@ -245,6 +245,46 @@ def check_control_socket(path: Path) -> Check:
                  "stop it first (systemctl stop musc-edge) or give this line its own control.socket")
 
 
+def check_ports(config) -> list[Check]:
+    """Every TCP port the line listens on (link, frame socket, view, Prometheus) is free to bind now; a taken
+    one names what holds it. A taken Prometheus port is a warning: the line runs without its metrics."""
+    from .ports import bind_problem, line_ports
+
+    checks = []
+    for port in line_ports(config):
+        problem = bind_problem(port.host, port.port)
+        name = f"port {port.key}"
+        if problem is None:
+            checks.append(Check(name, "ok", f"{port.host}:{port.port} free to bind"))
+            continue
+        status = "warn" if port.key.startswith("telemetry.") else "fail"
+        hint = ("stop what holds it (is a line already running? systemctl stop musc-edge) or set "
+                f"{port.key} to a free port" if problem.startswith("in use") else f"check {port.key}")
+        checks.append(Check(name, status, f"{port.host}:{port.port} is {problem}", hint))
+    return checks
+
+
+def check_source(source: dict) -> Check:
+    """A replayed source's folder, video or listed files exist and hold frames; others: their config is valid
+    (cameras are checked by their own sections; a frame socket's port by the port checks)."""
+    from .sources.base import SourceError, make_source
+
+    kind = source.get("type")
+    if kind != "replay":
+        return Check("source", "ok", f"{kind} source configured")
+    replay = make_source(source)
+    try:
+        replay.open()   # lists the files or opens the video; reads no frame
+    except SourceError as exc:
+        return Check("source", "fail", str(exc), "set source.path (or source.paths) to the recorded frames; "
+                                                 "a relative path is taken from the directory `run` starts in")
+    files = len(replay.frame_files)
+    replay.close()
+    what = f"{files} frames" if files else "a video"
+    return Check("source", "ok", f"{replay.describe()}: {what}" + (", replayed forever (loop)" if
+                                                                  source.get("loop") else ", once"))
+
+
 def check_config(config_path: Path) -> list[Check]:
     """The config validates, and the model, serial link, storage and control socket it names are usable."""
     from .config import ConfigError, load_config
@@ -267,6 +307,8 @@ def check_config(config_path: Path) -> list[Check]:
                    for c in capacities]
     if config.link.type == "serial":
         checks.append(check_serial(config.link.url))
+    checks.append(check_source(config.source))
+    checks += check_ports(config)
     storage = config.storage
     checks += check_storage(storage.dir, storage.archive.enabled, storage.archive.quota_mb)
     checks.append(check_control_socket(config.control.socket or storage.dir / "control.sock"))
