@@ -116,6 +116,35 @@ def format_table(rows: list[ParityRow]) -> str:
 
 # -- reduced-precision variants: parity with the fp32 parent and verdict agreement on a real stream ---------
 
+@dataclass(frozen=True)
+class VariantGate:
+    """When a reduced-precision path may stand in for fp32: ``musc-export verify --parent`` and the line's own
+    warm-up shadow check (:mod:`musc_edge.edge.runtime.fast_path`) apply the same limits. AUROC needs labels
+    (verify only); the score drift is the line's label-free measure (median |score change| over the threshold)."""
+
+    min_cos: float = 0.99            # token cosine against the fp32 parent, every token
+    min_agreement: float = 0.995     # same verdicts at the parent's threshold
+    max_auroc_drop: float = 0.3      # image AUROC points, batch and stream (labelled data only)
+    max_score_drift: float = 0.05    # median |variant score - parent score| / threshold
+
+    def failures(self, min_cos: float | None = None, agreement: float | None = None,
+                 auroc_drops: tuple[float, ...] = (), score_drift: float | None = None) -> list[str]:
+        """What fails the gate, one phrase each (empty: passed); a measure that is None was not taken."""
+        out = []
+        if min_cos is not None and not min_cos >= self.min_cos:
+            out.append(f"token cosine {min_cos:.4f} < {self.min_cos}")
+        if agreement is not None and not agreement >= self.min_agreement:
+            out.append(f"verdict agreement {100 * agreement:.1f} % < {100 * self.min_agreement:.1f} %")
+        if any(not drop <= self.max_auroc_drop for drop in auroc_drops):
+            out.append(f"AUROC drop {max(auroc_drops):.2f} > {self.max_auroc_drop} points")
+        if score_drift is not None and not score_drift <= self.max_score_drift:
+            out.append(f"score drift {100 * score_drift:.1f} % of the threshold > {100 * self.max_score_drift:.1f} %")
+        return out
+
+
+GATE = VariantGate()
+
+
 def variant_parity(model_path: str | Path, parent_path: str | Path, images: list[np.ndarray], size: int = 224,
                    min_cos: float = 0.99) -> list[ParityRow]:
     """Token cosine per block of a reduced-precision model against its fp32 parent, on the same images."""
@@ -244,9 +273,10 @@ class Agreement:
     def agreement(self) -> float:
         return self.same_verdicts / self.parts
 
-    def ok(self, min_agreement: float = 0.995, max_auroc_drop: float = 0.3) -> bool:
-        return (self.agreement >= min_agreement and self.batch_auroc[0] - self.batch_auroc[1] <= max_auroc_drop
-                and self.stream_auroc[0] - self.stream_auroc[1] <= max_auroc_drop)
+    def ok(self, min_agreement: float = GATE.min_agreement, max_auroc_drop: float = GATE.max_auroc_drop) -> bool:
+        gate = VariantGate(min_agreement=min_agreement, max_auroc_drop=max_auroc_drop)
+        return not gate.failures(agreement=self.agreement, auroc_drops=(self.batch_auroc[0] - self.batch_auroc[1],
+                                                                          self.stream_auroc[0] - self.stream_auroc[1]))
 
 
 def verdict_agreement(model_path: str | Path, parent_path: str | Path, category: str | Path,

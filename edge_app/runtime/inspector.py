@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -16,10 +17,13 @@ from ..config import ConfigError, LineConfig
 from ..errors import UsageError
 from ..features import FeatureEngine, Features, select_model
 from ..geometry import plan_input, stitch, windows
+from ..manifest import load_manifest
 from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, prepare
+from ..scoring.onnx_msm import make_scorer
 from ..sources.base import DecodeError, decode_part
-from .pool_store import load_pool, pool_path, save_pool
+from .fast_path import FastPath, FastPathEvent, compare_paths, decide, plan_fast_path, pool_from_shadow
+from .pool_store import PoolMismatchError, load_pool, pool_path, save_pool
 from .recipes import Recipe, Scoring, make_recipe
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,13 @@ class Inspector:
                           self.frame_map, scorer=config.scoring.backend)
         self.recipes: dict[str, Recipe] = {name: make_recipe(name, settings, scoring, n_sets, patches, dim)
                                            for name, settings in config.recipes.items()}
+        # The fast path (runtime/fast_path.py): warm-up parts shadowed through the INT8 model, then one decision.
+        self.on_fast_path: Callable[[FastPathEvent], None] = lambda event: log.info("fast path: %s", event.reason)
+        plan = plan_fast_path(config)
+        self.fast_path: FastPath | None = FastPath(plan) if plan.model is not None else None
+        self._generation: dict[str, int] = {}   # part id -> fast-path generation of the model that extracted it
+        if plan.model is None:
+            log.info("fast path: not tried (%s)", plan.why_not)
 
     # -- identity & persistence ----------------------------------------------------------------------------
     def pool_identity(self) -> dict:
@@ -80,9 +91,18 @@ class Inspector:
         return self.recipes[name]
 
     def restore_pools(self) -> dict[str, int]:
-        """Load every recipe's stored pool (PoolMismatchError for a foreign one); returns sizes."""
+        """Load every recipe's stored pool (PoolMismatchError for a foreign one); returns sizes. Pools stored by
+        a line that had switched to the fast path put this line on it too (it was verified with this model)."""
         for name, recipe in self.recipes.items():
-            load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity())
+            try:
+                load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity())
+            except PoolMismatchError:
+                if not self._resume_fast_path():
+                    raise
+                load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity())
+        if self.fast_path is not None and self.fast_path.shadowing() and \
+                all(r.pool.size >= r.pool.min_size for r in self.recipes.values()):
+            self._end_trial(False, "the pools were restored ready: no warm-up parts to shadow")
         return {name: recipe.pool.size for name, recipe in self.recipes.items()}
 
     def snapshot_pools(self) -> dict[str, dict[str, np.ndarray]]:
@@ -98,10 +118,11 @@ class Inspector:
         self.write_pools(self.snapshot_pools())
 
     # -- stages ----------------------------------------------------------------------------------------------
-    def features(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:
+    def features(self, images: list[np.ndarray], engine: FeatureEngine | None = None) -> list[list[np.ndarray]]:
         """Each decoded RGB image's aggregated feature sets (``[P, D]`` each; the patches of all its windows),
-        in one engine call over all their windows."""
+        in one engine call over all their windows (``engine``: another model than the line's, e.g. a shadow)."""
         plan, t = self.plan, self.plan.n_windows
+        engine = engine or self.engine
         if not self._warned_shape and images and not _same_aspect(images[0].shape, plan.source):
             self._warned_shape = True
             log.warning("frames are %dx%d but model.frame is %s: they are stretched to that aspect; set "
@@ -109,7 +130,7 @@ class Inspector:
                         self.config.model.frame)
         cut = [w for image in images for w in windows(image, plan)] if plan.n_windows > 1 or \
             plan.scaled != (self.engine.size, self.engine.size) else images
-        feats: Features = self.engine(cut, batch_size=len(cut))
+        feats: Features = engine(cut, batch_size=len(cut))
         layers = [feats.layers[i] for i in self.layer_index]
         sets = [fs.reshape(len(images), t * fs.shape[1], fs.shape[2])
                 for fs in prepare(layers, plan.window_grid, self.params)]
@@ -137,7 +158,12 @@ class Inspector:
             part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, str(exc))
             return None
         part.times.decode = time.monotonic() - t0
-        return recipe.extract(part)
+        generation = self.fast_path.generation if self.fast_path else 0
+        prepared = recipe.extract(part)
+        if self.fast_path is not None:
+            self._shadow(part, recipe)
+            self._generation[part.part_id] = generation
+        return prepared
 
     def inspect(self, part: PartRecord, extracted: object | None = NOT_EXTRACTED) -> tuple[PartRecord, object | None]:
         """Fill ``part``'s verdict, reason, scores, map and stage times; also returns what its recipe
@@ -145,6 +171,9 @@ class Inspector:
         returned for this part when the line ran it ahead."""
         if extracted is NOT_EXTRACTED:
             extracted = self.extract(part)
+        elif self.fast_path is not None and extracted is not None and \
+                self._generation.pop(part.part_id, 0) != self.fast_path.generation:
+            extracted = self.recipes[part.recipe].extract(part)   # extracted ahead by the model before a switch
         if part.verdict is not None or extracted is None:
             return part, None
         return self.recipes[part.recipe].decide(part, extracted)
@@ -156,7 +185,91 @@ class Inspector:
             return False
         if alarm := recipe.guard.observe(part, prepared):
             self.on_alarm(f"recipe {recipe.name}: {alarm}")
-        return recipe.admit(part, prepared, now)
+        admitted = recipe.admit(part, prepared, now)
+        if self.fast_path is not None and self.fast_path.shadowing():
+            self.fast_path.observe(recipe.name, part, getattr(prepared, "sets", None))
+            if all(r.pool.size >= r.pool.min_size for r in self.recipes.values()):   # warm-up over: decide
+                self._try_fast_path()
+        return admitted
+
+    # -- the fast path (runtime/fast_path.py) -----------------------------------------------------------------
+    def _fast_engine(self) -> FeatureEngine:
+        fast = self.fast_path
+        if fast.engine is None:
+            fast.engine = FeatureEngine(fast.plan.model, size=self.config.model.size, threads=self.config.model.threads)
+        return fast.engine
+
+    def _shadow(self, part: PartRecord, recipe: Recipe) -> None:
+        """Shadow features of a warm-up part through the fast model (prefetch threads; never fails a part)."""
+        if not self.fast_path.shadowing() or part.verdict is not None or recipe.pool.size >= recipe.pool.min_size:
+            return
+        if len(self._generation) > 256:   # parts that were never scored (a bounded leftover)
+            self._generation.clear()
+        try:
+            self.fast_path.keep_shadow(part.part_id, self.features([part.image], self._fast_engine())[0])
+        except Exception as exc:   # the fast model must never take the line down: stay on fp32
+            log.exception("fast path: shadow features failed")
+            self._end_trial(False, f"the fast model failed on part {part.part_id}: {type(exc).__name__}: {exc}")
+
+    def _try_fast_path(self) -> None:
+        """Compare both paths on the shadowed warm-up parts; switch when they pass the verify gate."""
+        fast = self.fast_path
+        samples = list(fast.samples.values())
+        results = [compare_paths([s for s in samples if s.recipe == name], recipe.threshold, self.grid,
+                                 self.params, fast.plan.scorer) for name, recipe in self.recipes.items()]
+        verdicts = [decide(r) for r in results]
+        switch = all(ok for ok, _ in verdicts)
+        reason = "; ".join(f"recipe {name}: {why}" if len(self.recipes) > 1 else why
+                           for name, (_, why) in zip(self.recipes, verdicts))
+        rebuilds = [pool_from_shadow(r.pool, fast.samples, fast.plan.scorer, self.grid, self.params)
+                    for r in self.recipes.values()]
+        if switch and any(rebuild is None for rebuild in rebuilds):
+            switch, reason = False, f"{reason}, but a pool holds members from before the trial (restored or seeded)"
+        if switch:
+            for rebuild in rebuilds:
+                rebuild()
+        self._end_trial(switch, reason)
+
+    def _end_trial(self, switch: bool, reason: str) -> None:
+        fast, old = self.fast_path, self.engine.manifest.model_sha256
+        if switch:
+            self.engine = self._fast_engine()
+            fast.generation += 1
+            self._rebind_identity()
+        fast.finish(switch, reason)
+        scorer = fast.plan.scorer if switch else self.config.scoring.backend
+        event = FastPathEvent(switch, (f"switched to {fast.plan.model.name} + {scorer} scoring: " if switch else
+                                       "stays on fp32: ") + reason, old, self.engine.manifest.model_sha256, scorer)
+        (log.info if switch else log.warning)("fast path: %s", event.reason)
+        self.on_fast_path(event)
+
+    def _rebind_identity(self) -> None:
+        """Pools are now built with the fast model: their stored identity says so."""
+        from dataclasses import replace
+
+        for recipe in self.recipes.values():
+            recipe.scoring = replace(recipe.scoring, model_identity=self.pool_identity())
+
+    def _resume_fast_path(self) -> bool:
+        """At start: pools stored by this line after it had switched put it on the fast path before they load."""
+        import json
+
+        fast = self.fast_path
+        if fast is None or not fast.shadowing():
+            return False
+        fast_sha = load_manifest(fast.plan.model, check_hash=False).model_sha256
+        for name in self.recipes:
+            path = pool_path(self.config.storage.dir, name)
+            if path.is_file():
+                with np.load(path, allow_pickle=False) as data:
+                    if json.loads(str(data["identity"])).get("model_sha256") != fast_sha:
+                        return False
+        for recipe in self.recipes.values():
+            pool = recipe.pool
+            pool.scorer = make_scorer(fast.plan.scorer, pool.n_sets, pool.patches, pool.dim, pool.capacity)
+            pool.scorer_name = fast.plan.scorer
+        self._end_trial(True, "its stored pools were built on the fast path, verified when this line switched")
+        return True
 
 
 def _same_aspect(shape: tuple[int, ...], planned: tuple[int, int], tolerance: float = 0.15) -> bool:

@@ -121,6 +121,7 @@ class Line:
         if self.in_force.calibration is not None:
             self._apply_calibration(self.in_force.calibration)
         self.model_hash = self.inspector.engine.manifest.model_sha256[:16]
+        self.inspector.on_fast_path = self._on_fast_path   # before restore_pools: a restored fast path is recorded
         self.config_hash = config.config_hash()
         self.stats = LineStats()
         self._status = status

@@ -1,0 +1,213 @@
+"""The fast path by default, verified by the line itself.
+
+An fp32 line (``model.precision: fp32``, ``model.fast_path: auto``) finds the INT8 feature model beside its
+fp32 one (``make setup`` builds ``models/dinov2_vits14_musc_cut_int8.onnx``) and runs each warm-up part through
+it too (*shadow* features). When the pool becomes ready, both paths score the warm-up parts among themselves
+(leave-one-out, the pool's own scoring: numpy fp32 on one side, the INT8 features with ONNX INT8 scoring on the
+other) and compare: token cosine, verdicts at the recipe's threshold, and score drift, against the gate of
+``musc-export verify`` (:class:`musc_edge.export.verify.VariantGate`). Passed: the line switches feature model
+and scorer, rebuilds its pools from the shadow features of the same members, and the switch is recorded (the
+ledger rows carry the new model hash; the audit log and the log say why). Failed: it stays on fp32 and says why.
+
+The decision logic (:func:`plan_fast_path`, :func:`compare_paths`, :func:`decide`) is pure and tested on its
+own; :class:`FastPath` holds the trial's state for the :class:`~musc_edge.edge.runtime.inspector.Inspector`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import LineConfig
+from ..manifest import ManifestError, load_manifest
+from ..record import PartRecord, Reason
+from ..scoring import MuscParams
+
+log = logging.getLogger(__name__)
+
+FAST_SCORER = "onnx-int8"
+MIN_SHADOW_PARTS = 8      # fewer warm-up parts than this are too few to compare verdicts on
+
+
+@dataclass(frozen=True)
+class FastPathPlan:
+    """What a line would switch to, or why it runs no trial (``model`` None)."""
+
+    model: Path | None
+    scorer: str = FAST_SCORER
+    why_not: str = ""
+
+
+def plan_fast_path(config: LineConfig, cpu=None) -> FastPathPlan:
+    """The INT8 feature model and scorer a line may switch to, or the reason it stays on its configuration."""
+    from musc_edge.export.quantize import int8_exact_here
+
+    from ..features import select_model
+
+    settings = config.model
+    if settings.fast_path == "off":
+        return FastPathPlan(None, why_not="model.fast_path is off")
+    if settings.precision != "fp32":
+        return FastPathPlan(None, why_not=f"model.precision is {settings.precision}: the line runs it as configured")
+    if any(r.modality != "2d" for r in config.recipes.values()):
+        return FastPathPlan(None, why_not="scan recipes (3d, 2d+3d) have no INT8 shadow check yet")
+    folder = settings.path if settings.path.is_dir() else settings.path.parent
+    try:
+        model = select_model(folder, settings.blocks, "int8")
+        manifest = load_manifest(model, check_hash=False)
+    except ManifestError:
+        return FastPathPlan(None, why_not=f"no INT8 feature model in {folder} covers blocks {list(settings.blocks)} "
+                                          "(`make setup` builds one)")
+    exact, why = int8_exact_here(manifest.quantization or {}, cpu)
+    if not exact:
+        return FastPathPlan(None, why_not=f"{model.name}: {why}")
+    scorer = FAST_SCORER if config.scoring.backend == "auto" else config.scoring.backend
+    return FastPathPlan(model, scorer)
+
+
+@dataclass(frozen=True)
+class ShadowSample:
+    """A warm-up part's feature sets through both paths (same image)."""
+
+    recipe: str
+    part_id: str
+    fp32: list[np.ndarray]
+    fast: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class ShadowResult:
+    """Both paths on the same warm-up parts, each scored against the others (leave-one-out)."""
+
+    parts: int
+    same_verdicts: int
+    min_cos: float              # lowest cosine between a token's fp32 and fast feature
+    score_drift: float          # median |fast score - fp32 score| / threshold
+    flipped: tuple[str, ...] = ()
+
+    @property
+    def agreement(self) -> float:
+        return self.same_verdicts / self.parts if self.parts else 0.0
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def compare_paths(samples: list[ShadowSample], threshold: float, grid: tuple[int, int], params: MuscParams,
+                  fast_scorer: str = FAST_SCORER) -> ShadowResult:
+    """Score every sample against the others through each path (fp32: numpy; fast: ``fast_scorer``) with the
+    pool's own scoring, and compare verdicts at ``threshold``, scores and token cosines."""
+    from ..pool import FeaturePool
+
+    n = len(samples)
+    if n < 3:
+        return ShadowResult(n, 0, float("nan"), float("nan"))
+    n_sets, (patches, dim) = len(samples[0].fp32), samples[0].fp32[0].shape
+    scores = {}
+    for path, scorer in (("fp32", "numpy"), ("fast", fast_scorer)):
+        pool = FeaturePool(n, n_sets, patches, dim, min_size=2, scorer=scorer)
+        for s in samples:
+            pool.admit(s.part_id, getattr(s, path), 0.0, getattr(s, path)[0][0])
+        pool.rescore_members(grid, params)
+        scores[path] = np.array([pool.score(getattr(s, path), grid, params, exclude_part_id=s.part_id).score
+                                 for s in samples])
+    same = (scores["fp32"] >= threshold) == (scores["fast"] >= threshold)
+    min_cos = min(float(_row_cosines(a, b).min()) for s in samples for a, b in zip(s.fp32, s.fast))
+    drift = float(np.median(np.abs(scores["fast"] - scores["fp32"]))) / threshold
+    return ShadowResult(n, int(same.sum()), min_cos, drift, tuple(s.part_id for s, ok in zip(samples, same) if not ok))
+
+
+def decide(result: ShadowResult, gate=None, min_parts: int = MIN_SHADOW_PARTS) -> tuple[bool, str]:
+    """(switch?, what the line records): the verify gate on the warm-up shadow comparison."""
+    from musc_edge.export.verify import GATE
+
+    gate = gate or GATE
+    if result.parts < min_parts:
+        return False, f"only {result.parts} warm-up parts were shadowed (at least {min_parts} needed)"
+    measured = (f"{result.same_verdicts}/{result.parts} same verdicts, token cosine >= {result.min_cos:.4f}, "
+                f"score drift {100 * result.score_drift:.2f} % of the threshold")
+    failures = gate.failures(min_cos=result.min_cos, agreement=result.agreement, score_drift=result.score_drift)
+    if failures:
+        flipped = f"; flipped: {', '.join(result.flipped[:3])}" if result.flipped else ""
+        return False, f"{measured}: fails the verify gate ({'; '.join(failures)}){flipped}"
+    return True, f"{measured}: passes the verify gate"
+
+
+@dataclass
+class FastPathEvent:
+    """What the line records about the trial: switched or not, why, and the model hashes before and after."""
+
+    switched: bool
+    reason: str
+    old_model: str
+    new_model: str
+    scorer: str
+
+
+@dataclass
+class FastPath:
+    """The trial's state on one line: shadow features of warm-up parts, then one decision.
+
+    ``generation`` counts feature-model switches: a part extracted by an earlier generation is extracted again
+    before it is scored (the line extracts parts ahead of scoring)."""
+
+    plan: FastPathPlan
+    state: str = "shadowing"            # shadowing -> fast | fp32
+    generation: int = 0
+    reason: str = ""
+    engine: object = None               # the fast FeatureEngine, loaded at the first shadowed part
+    samples: dict[str, ShadowSample] = field(default_factory=dict)
+    _shadow: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def shadowing(self) -> bool:
+        return self.state == "shadowing"
+
+    def keep_shadow(self, part_id: str, fast_sets: list[np.ndarray]) -> None:
+        """Shadow features of a part being extracted (prefetch threads)."""
+        with self._lock:
+            self._shadow[part_id] = fast_sets
+
+    def observe(self, recipe: str, part: PartRecord, fp32_sets: list[np.ndarray] | None) -> None:
+        """A decided part (worker thread): a warm-up part with shadow features becomes a sample."""
+        with self._lock:
+            fast = self._shadow.pop(part.part_id, None)
+            if len(self._shadow) > 64:    # parts that never reached admission (a bounded leftover)
+                self._shadow.clear()
+        if fast is not None and fp32_sets is not None and part.reason == Reason.WARMUP and not part.test_part:
+            self.samples[part.part_id] = ShadowSample(recipe, part.part_id, fp32_sets, fast)
+
+    def finish(self, switched: bool, reason: str) -> None:
+        self.state, self.reason = ("fast" if switched else "fp32"), reason
+        self._shadow.clear()
+        if not switched:
+            self.samples.clear()
+            self.engine = None
+
+
+def pool_from_shadow(pool, samples: dict[str, ShadowSample], scorer: str, grid: tuple[int, int],
+                     params: MuscParams) -> Callable[[], None] | None:
+    """A function that puts ``pool``'s members' shadow features (and ``scorer``) in place of their fp32 ones and
+    re-scores them; None when a member has no shadow features (restored or seeded before the trial)."""
+    ids = pool.part_ids[:pool.size]
+    if any(pid not in samples for pid in ids):
+        return None
+
+    def apply() -> None:
+        from ..scoring.onnx_msm import make_scorer
+
+        state = pool.state()
+        state["sets16"] = np.stack([np.stack([samples[pid].fast[s] for pid in ids]) for s in range(pool.n_sets)]
+                                   ).astype(state["sets16"].dtype)
+        pool.load_state(state)
+        pool.scorer = make_scorer(scorer, pool.n_sets, pool.patches, pool.dim, pool.capacity)
+        pool.scorer_name = scorer
+        if pool.size >= 2:
+            pool.rescore_members(grid, params)
+    return apply

@@ -1,0 +1,159 @@
+"""The fast path: a line shadows its warm-up parts through the INT8 model and switches only when both paths agree."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from musc_edge.edge.config import parse_config
+from musc_edge.edge.cpu_features import CpuFeatures
+from musc_edge.edge.manifest import load_manifest, write_manifest
+from musc_edge.edge.mediaio import read_image
+from musc_edge.edge.record import PartRecord, Reason
+from musc_edge.edge.runtime.fast_path import ShadowResult, decide, plan_fast_path
+from musc_edge.edge.runtime.inspector import Inspector
+from musc_edge.export.quantize import quantize_int8
+from musc_edge.export.verify import VariantGate, load_images
+
+from .toymodel import build_toy_model
+
+AVX2 = CpuFeatures("x86_64", "AMD EPYC", avx2=True, fma=True)
+
+
+@pytest.fixture(scope="module")
+def agreeing(tmp_path_factory) -> Path:
+    """A folder with the toy fp32 model and its INT8 variant (7-bit weights where this CPU needs them)."""
+    folder = tmp_path_factory.mktemp("agree")
+    build_toy_model(folder / "toy.onnx")
+    quantize_int8(folder / "toy.onnx", folder / "toy_int8.onnx", load_images(None, 4), size=112)
+    return folder / "toy.onnx"
+
+
+@pytest.fixture(scope="module")
+def disagreeing(tmp_path_factory) -> Path:
+    """A folder whose "INT8" model is another network: the shadow comparison must refuse it."""
+    folder = tmp_path_factory.mktemp("disagree")
+    build_toy_model(folder / "toy.onnx")
+    other = build_toy_model(folder / "other.onnx", seed=1)
+    write_manifest(other, replace(load_manifest(other), precision="int8", quantization={"reduce_range": True}))
+    return folder / "toy.onnx"
+
+
+def _config(model: Path, storage: Path, **model_settings):
+    return parse_config({
+        "model": {"path": str(model), "size": 112, "blocks": [6, 9], **model_settings},
+        "recipes": {"default": {"pool": {"capacity": 20, "min_size": 10}}},
+        "source": {"type": "replay", "paths": ["unused.png"]},
+        "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:1"}, "storage": {"dir": str(storage)}}, "test")
+
+
+def _run(inspector: Inspector, paths: list[Path]) -> list[PartRecord]:
+    """Parts through the inspector as the line drives it: extract ahead, then inspect and admit."""
+    parts = []
+    for i, path in enumerate(paths):
+        part = PartRecord(part_id=f"p{i}", recipe="default", capture_time=time.time(), image=read_image(path))
+        extracted = inspector.extract(part)
+        part, prepared = inspector.inspect(part, extracted)
+        inspector.admit(part, prepared)
+        parts.append(part)
+    return parts
+
+
+def _good_parts(synthetic_parts: Path) -> list[Path]:
+    return sorted((synthetic_parts / "test" / "good").glob("*.png"))
+
+
+def test_the_line_switches_when_both_paths_agree(agreeing, synthetic_parts, tmp_path):
+    inspector = Inspector(_config(agreeing, tmp_path))
+    events = []
+    inspector.on_fast_path = events.append
+    fp32_sha = inspector.engine.manifest.model_sha256
+    assert inspector.fast_path is not None and inspector.fast_path.plan.model.name == "toy_int8.onnx"
+    parts = _run(inspector, _good_parts(synthetic_parts)[:16])
+    warm = sum(p.reason == Reason.WARMUP for p in parts)
+    assert warm >= 10 and all(p.reason == Reason.WARMUP for p in parts[:warm])
+    assert len(events) == 1 and events[0].switched, events
+    assert events[0].old_model == fp32_sha and events[0].new_model == load_manifest(agreeing.parent /
+                                                                                      "toy_int8.onnx").model_sha256
+    assert "passes the verify gate" in events[0].reason and f"{warm}/{warm} same verdicts" in events[0].reason
+    pool = inspector.recipes["default"].pool
+    assert inspector.engine.manifest.precision == "int8" and pool.scorer_name == "onnx-int8"
+    assert inspector.recipes["default"].identity()["model_sha256"] == events[0].new_model
+    assert all(p.score is not None for p in parts[warm:])   # scored on the fast path
+    # the switch outlives a restart: the stored pools (built on the fast path) put the next line on it at once
+    inspector.save_pools()
+    again = Inspector(_config(agreeing, tmp_path))
+    assert again.restore_pools() == {"default": pool.size} and again.engine.manifest.precision == "int8"
+
+
+def test_the_line_stays_on_fp32_when_the_paths_disagree(disagreeing, synthetic_parts, tmp_path):
+    inspector = Inspector(_config(disagreeing, tmp_path))
+    events = []
+    inspector.on_fast_path = events.append
+    fp32_sha = inspector.engine.manifest.model_sha256
+    _run(inspector, _good_parts(synthetic_parts)[:12])
+    assert len(events) == 1 and not events[0].switched
+    assert "stays on fp32" in events[0].reason and "token cosine" in events[0].reason
+    assert inspector.engine.manifest.model_sha256 == fp32_sha and inspector.fast_path.state == "fp32"
+    assert inspector.recipes["default"].pool.scorer_name != "onnx-int8"
+
+
+def test_opt_out_and_missing_models_run_no_trial(agreeing, toy_model, tmp_path):
+    assert plan_fast_path(_config(agreeing, tmp_path, fast_path="off")).why_not == "model.fast_path is off"
+    assert "no INT8 feature model" in plan_fast_path(_config(toy_model, tmp_path)).why_not
+    assert Inspector(_config(agreeing, tmp_path, fast_path="off")).fast_path is None
+
+
+def test_an_8_bit_model_is_not_tried_where_its_products_saturate(agreeing, tmp_path):
+    manifest = load_manifest(agreeing.parent / "toy_int8.onnx")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("toy.onnx", "toy_int8.onnx"):
+        (folder / name).write_bytes((agreeing.parent / name).read_bytes())
+    write_manifest(folder / "toy.onnx", load_manifest(agreeing))
+    write_manifest(folder / "toy_int8.onnx", replace(manifest, quantization={**manifest.quantization,
+                                                                               "reduce_range": False}))
+    plan = plan_fast_path(_config(folder / "toy.onnx", tmp_path), cpu=AVX2)
+    assert plan.model is None and "saturate" in plan.why_not
+
+
+@pytest.mark.parametrize("result, switch, says", [
+    (ShadowResult(10, 10, 0.999, 0.01), True, "passes"),
+    (ShadowResult(10, 9, 0.999, 0.01), False, "verdict agreement 90.0 %"),
+    (ShadowResult(10, 10, 0.95, 0.01), False, "token cosine"),
+    (ShadowResult(10, 10, 0.999, 0.2), False, "score drift"),
+    (ShadowResult(5, 5, 0.999, 0.0), False, "only 5 warm-up parts"),
+])
+def test_decision_is_the_verify_gate(result, switch, says):
+    ok, why = decide(result)
+    assert ok is switch and says in why
+    assert decide(ShadowResult(10, 9, 0.999, 0.01), VariantGate(min_agreement=0.9))[0]
+    assert np.isclose(ShadowResult(200, 199, 1.0, 0.0).agreement, 0.995)
+
+
+def test_a_running_line_records_its_switch_in_the_ledger_and_the_audit(agreeing, synthetic_parts, tmp_path):
+    from musc_edge.edge.plc_sim import PlcSimulator
+    from musc_edge.edge.runtime.calibration_state import CalibrationStore
+    from musc_edge.edge.runtime.line import Line
+
+    int8_sha = load_manifest(agreeing.parent / "toy_int8.onnx").model_sha256
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
+        raw = {"line": {"deadline_ms": 5000, "queue_size": 64},
+               "model": {"path": str(agreeing), "size": 112, "blocks": [6, 9]},
+               "recipes": {"default": {"pool": {"capacity": 20, "min_size": 10}}},
+               "source": {"type": "replay", "paths": [str(p) for p in _good_parts(synthetic_parts)[:16]], "rate": 20.0},
+               "link": {"type": "zmq", "endpoint": plc.address},
+               "storage": {"dir": str(tmp_path / "line"), "archive": {"enabled": False}}}
+        line = Line(parse_config(raw, "test"))
+        line.run()
+        rows = line.ledger_rows()
+    assert len(rows) == 16
+    fp32_hash = rows[0].model_hash
+    scored = [r for r in rows if r.reason != Reason.WARMUP]
+    assert scored and all(r.model_hash == int8_sha[:16] != fp32_hash for r in scored)
+    records = [r for r in CalibrationStore(tmp_path / "line").audit.records() if r["action"] == "runtime.fast_path"]
+    assert len(records) == 1 and records[0]["new"] == {"model_sha256": int8_sha, "scorer": "onnx-int8", "switched": True}
+    assert "passes the verify gate" in records[0]["reason"]
