@@ -5,9 +5,14 @@ bounded queue and returns at once; when the queue is full the item is dropped an
 is the first thing shed under load, never the verdict. A worker thread encodes and writes the files,
 and keeps the archive under its byte quota by deleting the oldest files first.
 
-Layout: ``root/YYYY-MM-DD/{utc-time}_{part_id}_{VERDICT}_{reason}.png`` plus ``..._overlay.jpg`` when the
-part has an anomaly map (``.raw`` holds the received bytes of a frame that could not be decoded). Times
-are the capture time in UTC, so names sort chronologically and lead back to the ledger by part_id.
+Layout: ``root/YYYY-MM-DD/{utc-time}_{part_id}_{VERDICT}_{reason}_{seq}.png`` plus ``..._overlay.jpg`` when
+the part has an anomaly map (``.raw`` holds the received bytes of a frame that could not be decoded). Times
+are the capture time in UTC, so names sort chronologically; ``seq`` (the ledger row) makes a name unique even
+for two ids that sanitise alike in one millisecond (``LOT/7``, ``LOT 7``).
+
+Disk: beside its quota the archive keeps ``min_free_fraction`` of its file system free: it deletes its own
+oldest files to stay above it, and writes nothing (counted in ``refused_disk``, reported once through
+``on_alarm``) when it has nothing left to delete. The ledger and the pools, not the pictures, get the room.
 """
 from __future__ import annotations
 
@@ -16,9 +21,11 @@ import logging
 import os
 import queue
 import re
+import shutil
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +44,7 @@ _FORMATS = {"png": (".png", []), "jpg": (".jpg", [cv2.IMWRITE_JPEG_QUALITY, 92])
 _OVERLAY_EXTENSION = ".jpg"
 _DATE_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _NAME = re.compile(r"^(?P<time>\d{8}T\d{6}\.\d{3}Z)_(?P<part_id>.+)_(?P<verdict>ACCEPT|REJECT|NO-VERDICT)"
-                   r"_(?P<reason>[a-z-]+)(?P<overlay>_overlay)?\.(?:png|jpg|raw)$")
+                   r"_(?P<reason>[a-z-]+)(?:_(?P<seq>\d+))?(?P<overlay>_overlay)?\.(?:png|jpg|raw)$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]")
 _PARTIAL_SUFFIX = ".partial"
 
@@ -51,15 +58,20 @@ class ArchivedName:
     verdict: Verdict
     reason: Reason
     overlay: bool
+    seq: int | None = None   # the ledger row (None in names written before the seq was part of them)
 
 
-def archive_stem(part_id: str, capture_time: float, verdict: Verdict, reason: Reason) -> tuple[str, str]:
-    """(date folder, file stem) for a part, e.g. ``('2026-05-09', '20260509T073525.123Z_p17_REJECT_anomaly')``."""
+def archive_stem(part_id: str, capture_time: float, verdict: Verdict, reason: Reason,
+                 seq: int | None = None) -> tuple[str, str]:
+    """(date folder, file stem) for a part, e.g. ``('2026-05-09', '20260509T073525.123Z_p17_REJECT_anomaly_42')``
+    (``_42``: the ledger seq, when given; it keeps names unique per part)."""
     whole = int(capture_time)
     millis = min(int(round((capture_time - whole) * 1000)), 999)
     utc = time.gmtime(whole)
     stamp = time.strftime("%Y%m%dT%H%M%S", utc) + f".{millis:03d}Z"
     fields = (stamp, _UNSAFE.sub("-", part_id), verdict.value.replace("_", "-"), reason.label.replace("_", "-"))
+    if seq is not None:
+        fields += (str(int(seq)),)
     return time.strftime("%Y-%m-%d", utc), "_".join(fields)
 
 
@@ -75,7 +87,8 @@ def parse_archive_name(name: str) -> ArchivedName | None:
     whole, millis = match["time"][:-1].split(".")
     return ArchivedName(capture_time=calendar.timegm(time.strptime(whole, "%Y%m%dT%H%M%S")) + int(millis) / 1000,
                         part_id=match["part_id"], verdict=Verdict(match["verdict"].replace("-", "_")),
-                        reason=reason, overlay=match["overlay"] is not None)
+                        reason=reason, overlay=match["overlay"] is not None,
+                        seq=int(match["seq"]) if match["seq"] is not None else None)
 
 
 @dataclass(frozen=True)
@@ -83,13 +96,15 @@ class ArchiveCounters:
     saved: int      # parts written
     dropped: int    # parts not archived because the queue was full
     failed: int     # parts whose files could not be written (or that had nothing to write)
-    deleted: int    # files removed to stay under the quota
+    deleted: int    # files removed to stay under the quota or above the free-space floor
     bytes: int      # bytes of archive files on disk
     queued: int     # parts waiting for the worker
+    refused_disk: int = 0   # parts not written: the disk was at its free-space floor with nothing left to delete
 
 
 @dataclass(frozen=True)
 class _Item:
+    seq: int | None
     part_id: str
     capture_time: float
     verdict: Verdict
@@ -106,11 +121,15 @@ class RejectArchive:
 
     def __init__(self, root: str | Path, quota_bytes: int, *, queue_size: int = 32, accepted_fraction: float = 0.0,
                  no_verdict_fraction: float = 0.0, image_format: str = "png",
-                 overlay_range: tuple[float, float] | None = None, autostart: bool = True) -> None:
+                 overlay_range: tuple[float, float] | None = None, autostart: bool = True,
+                 min_free_fraction: float = 0.1, on_alarm: Callable[[str], None] | None = None,
+                 disk_usage: Callable[[Path], tuple[int, int]] | None = None) -> None:
         """``accepted_fraction`` / ``no_verdict_fraction``: share of ACCEPT / NO_VERDICT parts kept (evenly
         spaced: 0.1 keeps every tenth); REJECT parts are always kept. ``overlay_range``: fixed (vmin, vmax)
         of the heat-map colour scale so overlays compare across parts. ``autostart=False`` defers the
-        worker to :meth:`start`.
+        worker to :meth:`start`. ``min_free_fraction``: share of the file system the archive leaves free
+        (``disk_usage(root)`` gives (total, free) bytes; default ``shutil.disk_usage``); ``on_alarm`` hears
+        once when it refuses a part for want of space.
         """
         if quota_bytes <= 0:
             raise ValueError(f"archive quota_bytes must be positive, got {quota_bytes}")
@@ -118,12 +137,17 @@ class RejectArchive:
             raise ValueError(f"archive queue_size must be positive, got {queue_size}")
         if image_format not in _FORMATS:
             raise ValueError(f"archive image_format {image_format!r} is not one of {sorted(_FORMATS)}")
-        for name, fraction in (("accepted_fraction", accepted_fraction), ("no_verdict_fraction", no_verdict_fraction)):
+        for name, fraction in (("accepted_fraction", accepted_fraction), ("no_verdict_fraction", no_verdict_fraction),
+                               ("min_free_fraction", min_free_fraction)):
             if not 0.0 <= fraction <= 1.0:
                 raise ValueError(f"archive {name} must be within [0, 1], got {fraction}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.quota_bytes = quota_bytes
+        self.min_free_fraction = min_free_fraction
+        self._on_alarm = on_alarm
+        self._disk_usage = disk_usage or _disk_usage
+        self._disk_alarmed = False
         self.overlay_range = overlay_range
         self._extension, self._encode_params = _FORMATS[image_format]
         self._fractions = {Verdict.REJECT: 1.0, Verdict.ACCEPT: accepted_fraction,
@@ -132,7 +156,7 @@ class RejectArchive:
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
         self._files: deque[tuple[Path, int]] = deque()   # oldest first
         self._lock = threading.Lock()
-        self._saved = self._dropped = self._failed = self._deleted = self._bytes = 0
+        self._saved = self._dropped = self._failed = self._deleted = self._bytes = self._refused_disk = 0
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="reject-archive", daemon=True)
         if autostart:
@@ -157,7 +181,7 @@ class RejectArchive:
             self._credit[part.verdict] = credit
             return False
         self._credit[part.verdict] = credit - 1.0
-        item = _Item(part.part_id, part.capture_time, part.verdict, part.reason, part.image, part.anomaly_map,
+        item = _Item(part.seq, part.part_id, part.capture_time, part.verdict, part.reason, part.image, part.anomaly_map,
                      part.raw, part.score, part.threshold)
         try:
             self._queue.put_nowait(item)
@@ -171,7 +195,7 @@ class RejectArchive:
         """A consistent snapshot of the archive's counters."""
         with self._lock:
             return ArchiveCounters(self._saved, self._dropped, self._failed, self._deleted, self._bytes,
-                                   self._queue.qsize())
+                                   self._queue.qsize(), self._refused_disk)
 
     def close(self, timeout: float | None = None) -> None:
         """Write everything still queued, then stop the worker (waits at most ``timeout`` seconds)."""
@@ -231,7 +255,7 @@ class RejectArchive:
 
     def _write(self, item: _Item) -> bool:
         """Encode and write the part's files; False when it has nothing to write."""
-        date, stem = archive_stem(item.part_id, item.capture_time, item.verdict, item.reason)
+        date, stem = archive_stem(item.part_id, item.capture_time, item.verdict, item.reason, item.seq)
         files: list[tuple[str, bytes]] = []
         if item.image is not None:
             files.append((stem + self._extension, self._encode(item.image)))
@@ -244,6 +268,14 @@ class RejectArchive:
         else:
             log.warning("archive %s: part %s has neither an image nor raw bytes", self.root, item.part_id)
             return False
+        if not self._make_room(sum(len(data) for _, data in files)):
+            with self._lock:
+                self._refused_disk += 1
+            self._alarm_once(f"archive {self.root}: the disk is at its free-space floor "
+                             f"({self.min_free_fraction:.0%} kept free) and the archive has no file left to delete; "
+                             f"part {item.part_id} and later ones are not archived until there is room")
+            return False
+        self._disk_alarmed = False
         folder = self.root / date
         folder.mkdir(exist_ok=True)
         for name, data in files:
@@ -266,6 +298,27 @@ class RejectArchive:
             raise ValueError(f"could not encode a {rgb.shape} {rgb.dtype} image as {extension}")
         return buffer.tobytes()
 
+    def _make_room(self, needed: int) -> bool:
+        """Delete the oldest archive files until ``needed`` more bytes leave ``min_free_fraction`` of the disk
+        free; False when the archive's own files are gone and the disk is still too full."""
+        while True:
+            try:
+                total, free = self._disk_usage(self.root)
+            except OSError as exc:
+                log.warning("archive %s: cannot read the free space (%s); writing nothing", self.root, exc)
+                return False
+            if free - needed >= self.min_free_fraction * total:
+                return True
+            if not self._delete_oldest():
+                return False
+
+    def _alarm_once(self, text: str) -> None:
+        if not self._disk_alarmed:
+            self._disk_alarmed = True
+            log.warning("%s", text)
+            if self._on_alarm is not None:
+                self._on_alarm(text)
+
     def _forget(self, path: Path) -> None:
         with self._lock:
             for entry in [e for e in self._files if e[0] == path]:
@@ -276,18 +329,32 @@ class RejectArchive:
         """Delete the oldest files until the archive fits its quota; drop date folders left empty."""
         while True:
             with self._lock:
-                if self._bytes <= self.quota_bytes or not self._files:
+                if self._bytes <= self.quota_bytes:
                     return
-                path, size = self._files.popleft()
-                self._bytes -= size
-                self._deleted += 1
-                folder_done = not self._files or self._files[0][0].parent != path.parent
-            try:
-                path.unlink(missing_ok=True)
-                if folder_done and next(path.parent.iterdir(), None) is None:
-                    path.parent.rmdir()
-            except OSError as exc:
-                log.warning("archive %s: could not delete %s: %s", self.root, path, exc)
+            if not self._delete_oldest():
+                return
+
+    def _delete_oldest(self) -> bool:
+        """Delete the archive's oldest file (and its date folder when left empty); False when there is none."""
+        with self._lock:
+            if not self._files:
+                return False
+            path, size = self._files.popleft()
+            self._bytes -= size
+            self._deleted += 1
+            folder_done = not self._files or self._files[0][0].parent != path.parent
+        try:
+            path.unlink(missing_ok=True)
+            if folder_done and next(path.parent.iterdir(), None) is None:
+                path.parent.rmdir()
+        except OSError as exc:
+            log.warning("archive %s: could not delete %s: %s", self.root, path, exc)
+        return True
+
+
+def _disk_usage(path: Path) -> tuple[int, int]:
+    usage = shutil.disk_usage(path)
+    return usage.total, usage.free
 
 
 def _caption(item: _Item) -> str:

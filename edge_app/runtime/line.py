@@ -188,7 +188,8 @@ class Line:
         if archive.enabled:
             self.archive = RejectArchive(self.storage / "archive", int(archive.quota_mb * 2**20),
                                          accepted_fraction=archive.sample_accepted, no_verdict_fraction=1.0,
-                                         image_format=archive.image_format)
+                                         image_format=archive.image_format,
+                                         min_free_fraction=archive.min_free_percent / 100, on_alarm=self._on_alarm)
         threads = [threading.Thread(target=self._source_loop, name="source", daemon=True),
                    threading.Thread(target=self._keep_alive(self._prefetch_loop, "prefetch",
                                                             lambda: self._ready.put((_DONE, None))),

@@ -45,6 +45,9 @@ class ViewOptions:
     control_timeout_s: float = 1.0
 
 
+MAX_ROW_ID = 2**63 - 1   # SQLite's largest integer (the ledger's seq is its rowid)
+
+
 def _finite(value: float | None) -> float | None:
     """JSON has no NaN or infinity: such a value is shown as missing."""
     return value if value is None or math.isfinite(value) else None
@@ -55,14 +58,17 @@ def archive_files(archive_root: Path, row: LedgerRow) -> dict[str, Path]:
 
     The paths are derived from the row (the archive's own naming), never from anything a client sent.
     """
-    date, stem = archive_stem(row.part_id, row.capture_time, row.verdict, row.reason)
     found = {}
-    for kind, suffix in (("image", ""), ("overlay", "_overlay")):
-        for extension in _EXTENSIONS:
-            path = archive_root / date / f"{stem}{suffix}{extension}"
-            if path.is_file():
-                found[kind] = path
-                break
+    for seq in (row.seq, None):   # names carry the seq; archives written before that do not
+        date, stem = archive_stem(row.part_id, row.capture_time, row.verdict, row.reason, seq)
+        for kind, suffix in (("image", ""), ("overlay", "_overlay")):
+            for extension in _EXTENSIONS:
+                path = archive_root / date / f"{stem}{suffix}{extension}"
+                if kind not in found and path.is_file():
+                    found[kind] = path
+                    break
+        if found:
+            return found
     return found
 
 
@@ -161,7 +167,9 @@ class LineData:
         return self._conn.execute("SELECT IFNULL(MAX(seq), 0) FROM parts").fetchone()[0]
 
     def row(self, seq: int) -> LedgerRow | None:
-        """One ledger row by sequence number (None if absent or no ledger yet)."""
+        """One ledger row by sequence number (None if absent, outside SQLite's 64-bit row ids, or no ledger yet)."""
+        if not 0 < seq <= MAX_ROW_ID:   # a URL can ask for any integer; SQLite cannot bind one over 2**63 - 1
+            return None
         return self._reader.get(seq) if self._open() else None
 
     def image_path(self, seq: int, kind: str) -> Path | None:
