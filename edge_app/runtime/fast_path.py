@@ -47,6 +47,7 @@ def plan_fast_path(config: LineConfig, cpu=None) -> FastPathPlan:
     from musc_edge.export.quantize import int8_exact_here
 
     from ..features import select_model
+    from ..install_paths import resolve_model_path
 
     settings = config.model
     if settings.fast_path == "off":
@@ -55,7 +56,8 @@ def plan_fast_path(config: LineConfig, cpu=None) -> FastPathPlan:
         return FastPathPlan(None, why_not=f"model.precision is {settings.precision}: the line runs it as configured")
     if any(r.modality != "2d" for r in config.recipes.values()):
         return FastPathPlan(None, why_not="scan recipes (3d, 2d+3d) have no INT8 shadow check yet")
-    folder = settings.path if settings.path.is_dir() else settings.path.parent
+    path = resolve_model_path(settings.path)
+    folder = path if path.is_dir() else path.parent
     try:
         model = select_model(folder, settings.blocks, "int8")
         manifest = load_manifest(model, check_hash=False)
