@@ -307,6 +307,10 @@ def check_config(config_path: Path) -> list[Check]:
                    for c in capacities]
     if config.link.type == "serial":
         checks.append(check_serial(config.link.url))
+    if config.source.get("type") == "genicam":   # the cameras seen and the configured one's key features
+        from .sources.genicam import doctor_report
+
+        checks += [Check(name, status, detail, hint) for status, name, detail, hint in doctor_report(config.source)]
     checks.append(check_source(config.source))
     checks += check_ports(config)
     storage = config.storage

@@ -1,0 +1,468 @@
+"""GenICam cameras through Aravis: pixel formats, frame-id bookkeeping, and lines run from Aravis' own GigE
+Vision camera simulator (``arv-fake-gv-camera-0.8``, Debian's aravis-tools) over the real protocol on
+127.0.0.1: free-running, software-triggered, with packet loss, and through a camera restart.
+
+The fake camera listens on UDP 3956 of 127.0.0.1, so one runs at a time (the fixture starts and stops it).
+Its frames are a diagonal ramp: every pixel is a function of ``x + y`` (and of the frame counter), which is
+what the image checks use. The camera tests skip, naming what is missing, only where Aravis, PyGObject or
+the simulator is not installed (.ci/run installs them).
+"""
+from __future__ import annotations
+
+import fcntl
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from musc_edge.edge.config import parse_config
+from musc_edge.edge.plc_sim import PlcSimulator
+from musc_edge.edge.record import Reason, Verdict
+from musc_edge.edge.runtime.line import Line
+from musc_edge.edge.sources import DecodeError, SourceConfigError, SourceError, decode_part, make_source
+from musc_edge.edge.sources.genicam import (
+    FrameIdTracker,
+    aravis_missing,
+    doctor_report,
+    frame_ref,
+    list_cameras,
+    parse_frame_ref,
+)
+from musc_edge.edge.sources.pixel_formats import FORMATS, PixelFormatError, mosaic, payload_bytes, to_rgb
+
+pytestmark = pytest.mark.timeout(90)
+
+FAKE_CAMERA = shutil.which("arv-fake-gv-camera-0.8")
+MISSING = aravis_missing() or (None if FAKE_CAMERA else "arv-fake-gv-camera-0.8 not on PATH (apt install aravis-tools)")
+needs_camera = pytest.mark.skipif(MISSING is not None, reason=f"GenICam tests need Aravis: {MISSING}")
+RNG = np.random.default_rng(24)
+ROI = [0, 0, 128, 96]
+
+
+# ---------------------------------------------------------------- pixel formats (no camera)
+
+
+@pytest.mark.parametrize("bits", [8, 10, 12, 14, 16])
+def test_mono_formats_keep_the_top_8_significant_bits_in_every_channel(bits):
+    name = f"Mono{bits}"
+    top = (1 << bits) - 1
+    samples = RNG.integers(0, top + 1, (6, 10), dtype=np.uint16)
+    samples[0, :3] = (0, top, 1 << (bits - 1))      # black, white, mid-grey
+    payload = samples.astype(np.uint8 if bits == 8 else "<u2").tobytes()
+    rgb = to_rgb(payload, name, 10, 6)
+    assert rgb.shape == (6, 10, 3) and rgb.dtype == np.uint8
+    expected = (samples >> (bits - 8)).astype(np.uint8)
+    assert np.array_equal(rgb, np.repeat(expected[:, :, None], 3, axis=2))
+    assert list(rgb[0, :3, 0]) == [0, 255, 128]
+    assert to_rgb(payload, FORMATS[name].code, 10, 6).tobytes() == rgb.tobytes()   # by PFNC code too
+
+
+@pytest.mark.parametrize("name", ["BayerRG8", "BayerGR8", "BayerGB8", "BayerBG8",
+                                  "BayerRG12", "BayerBG16"])
+def test_bayer_formats_demosaic_flat_colours_exactly(name):
+    spec = FORMATS[name]
+    colour = np.array([201, 97, 33], np.uint8)
+    rgb = np.broadcast_to(colour, (8, 12, 3))
+    cells = mosaic(rgb, spec.bayer)
+    payload = cells.tobytes() if spec.bits == 8 else (cells.astype("<u2") << (spec.bits - 8)).tobytes()
+    out = to_rgb(payload, name, 12, 8)
+    assert out.shape == (8, 12, 3)
+    assert np.array_equal(out, np.broadcast_to(colour, out.shape)), out[::3, ::3]
+
+
+def test_bayer_pattern_names_are_not_interchangeable():
+    """A red card seen through a BayerRG8 sensor: decoding it as BayerBG8 swaps red and blue."""
+    red = np.broadcast_to(np.array([255, 0, 0], np.uint8), (6, 6, 3))
+    payload = mosaic(red, FORMATS["BayerRG8"].bayer).tobytes()
+    assert list(to_rgb(payload, "BayerRG8", 6, 6)[3, 3]) == [255, 0, 0]
+    assert list(to_rgb(payload, "BayerBG8", 6, 6)[3, 3]) == [0, 0, 255]
+
+
+def test_rgb8_and_bgr8_and_line_padding():
+    rgb = RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    assert np.array_equal(to_rgb(rgb.tobytes(), "RGB8", 7, 5), rgb)
+    assert np.array_equal(to_rgb(rgb[:, :, ::-1].tobytes(), "BGR8", 7, 5), rgb)
+    assert np.array_equal(to_rgb(rgb.tobytes() + b"\0" * 16, "RGB8", 7, 5), rgb)   # trailing padding ignored
+    assert payload_bytes("Mono12", 7, 5) == 70 and payload_bytes("RGB8", 7, 5) == 105
+
+
+@pytest.mark.parametrize("payload, fmt, size, message", [
+    (b"\0" * 10, "Mono8", (4, 4), "needs 16 bytes, the payload has 10"),
+    (b"\0" * 64, "Mono12p", (4, 4), "'Mono12p' is not supported"),
+    (b"\0" * 64, 0x010C0047, (4, 4), "0x010C0047 is not supported"),
+    (b"\0" * 64, "Mono8", (0, 4), "has no area"),
+    (b"\0" * 64, "BayerRG8", (1, 4), "smaller than one Bayer cell"),
+])
+def test_conversion_errors_name_the_format_and_the_size(payload, fmt, size, message):
+    with pytest.raises(PixelFormatError, match=message):
+        to_rgb(payload, fmt, *size)
+
+
+@pytest.mark.skipif(aravis_missing() is not None, reason=f"needs Aravis: {aravis_missing()}")
+def test_pfnc_codes_are_aravis_codes():
+    import gi
+
+    gi.require_version("Aravis", "0.8")
+    from gi.repository import Aravis
+
+    names = {"Mono8": "MONO_8", "Mono10": "MONO_10", "Mono12": "MONO_12", "Mono14": "MONO_14", "Mono16": "MONO_16",
+             "RGB8": "RGB_8_PACKED", "BGR8": "BGR_8_PACKED"}
+    for name, spec in FORMATS.items():
+        arv = names.get(name) or f"BAYER_{name[5:7]}_{name[7:]}"
+        assert getattr(Aravis, f"PIXEL_FORMAT_{arv}") == spec.code, name
+
+
+# ---------------------------------------------------------------- frame ids (no camera)
+
+
+def test_frame_id_gaps_are_pending_until_the_timeout_and_late_frames_settle_them():
+    ids = FrameIdTracker(gap_timeout_s=0.5)
+    for frame_id in (10, 11):
+        assert ids.observe(frame_id, 0.0) is None
+    assert ids.observe(14, 1.0) is None                 # 12 and 13 skipped ...
+    assert ids.overdue(1.4) == []                        # ... but may still come (retention)
+    assert ids.observe(12, 1.45) is None                 # 12 came late, in time
+    assert ids.overdue(1.5) == [13]                      # 13 never did
+    assert ids.overdue(9.0) == []                        # reported once
+    assert ids.observe(13, 9.1) == "frame id 13 arrived after it was reported missing"
+
+
+def test_incomplete_frames_of_unknown_id_stand_for_one_frame_each():
+    ids = FrameIdTracker(gap_timeout_s=0.5)
+    ids.observe(100, 0.0)
+    assert ids.observe(0, 0.1, complete=False) is None   # leader lost: id 0
+    assert ids.observe(37, 0.2, complete=False) is None  # a stale id from the buffer's last use
+    assert ids.observe(104, 0.3) is None                 # 101..103 skipped, two of them were those frames
+    assert ids.overdue(5.0) == [103]                     # the oldest are settled first
+    assert ids.observe(106, 5.1, complete=False) is None  # an incomplete frame with a plausible id is that id
+    assert ids.observe(107, 5.2) is None and ids.overdue(9.0) == [105]
+
+
+def test_frame_ids_wrap_at_65535_and_a_restart_is_an_alarm():
+    ids = FrameIdTracker(gap_timeout_s=0.0)
+    ids.observe(65534, 0.0)
+    assert ids.observe(2, 0.1) is None                   # 65535, 1 skipped across the wrap (0 is never used)
+    assert ids.overdue(0.1) == [1, 65535]
+    assert ids.observe(3, 0.2) is None and ids.overdue(1.0) == []
+    fresh = FrameIdTracker()
+    fresh.observe(500, 0.0)
+    assert fresh.observe(7, 0.1) == "frame ids restarted at 7 after 500 (camera reset or a second stream)"
+    assert fresh.overdue(9.0) == []
+
+
+def test_frame_refs_round_trip():
+    ref = frame_ref("Basler acA1440/21 234", 65401, 1796560791503970000)
+    assert parse_frame_ref(ref) == ("Basler acA1440/21 234", 65401, 1796560791503970000)
+    assert parse_frame_ref("frames/000.png") is None and parse_frame_ref("genicam://cam/") is None
+
+
+@pytest.mark.parametrize("config, message", [
+    ({}, "missing key 'camera'"),
+    ({"camera": ""}, "'camera' must be"),
+    ({"camera": "c", "pixel_format": "YUV422"}, "'pixel_format' must be null or one of Mono8"),
+    ({"camera": "c", "roi": [0, 0, 0, 10]}, "'roi' must be"),
+    ({"camera": "c", "trigger": "line0"}, "'trigger' must be one of free_run, software, hardware"),
+    ({"camera": "c", "trigger_activation": "Rising"}, "'trigger_activation' must be"),
+    ({"camera": "c", "packet_size": 100}, "'packet_size' must be null or an integer >= 576"),
+    ({"camera": "c", "features": {"Gain": [1]}}, "'features' must be a mapping"),
+    ({"camera": "c", "buffers": 1}, "'buffers' must be an integer in 2..256"),
+    ({"camera": "c", "exposure": 10}, "unknown source config key 'exposure'"),
+])
+def test_config_errors_name_the_key(config, message):
+    with pytest.raises(SourceConfigError, match=message):
+        make_source({"type": "genicam", **config})
+
+
+# ---------------------------------------------------------------- the fake GigE Vision camera
+
+
+class FakeCamera:
+    """``arv-fake-gv-camera-0.8`` on 127.0.0.1 with serial ``serial``; start, kill and start again."""
+
+    def __init__(self, serial: str, *extra: str) -> None:
+        self.serial, self.extra = serial, extra
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> FakeCamera:
+        others = [d for d in list_cameras() if d["address"] == "127.0.0.1"]
+        if others:   # two simulators on one address answer each other's requests: no test could be trusted
+            raise RuntimeError(f"another GigE Vision camera already answers on 127.0.0.1: {others}")
+        self.process = subprocess.Popen([FAKE_CAMERA, "-i", "127.0.0.1", "-s", self.serial, *self.extra],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(20):   # discovery answers within about a second of start
+            if self.process.poll() is not None:
+                raise RuntimeError(f"arv-fake-gv-camera-0.8 exited with {self.process.returncode} (UDP 3956 on "
+                                   f"127.0.0.1 held by another?): {self.process.stderr.read().decode()[-300:]}")
+            if any(d["serial"] == self.serial for d in list_cameras()):
+                return self
+        raise RuntimeError(f"fake camera {self.serial} was not discovered on 127.0.0.1")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture
+def fake_camera(tmp_path_factory):
+    """Starts fake cameras; one test at a time on this machine holds 127.0.0.1's GigE Vision port (a lock
+    file serialises concurrent pytest runs, bounded by the test timeout)."""
+    lock = open(Path(tempfile.gettempdir()) / "musc-edge-fake-gv-camera.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    cameras: list[FakeCamera] = []
+
+    def start(serial: str = "MUSC01", *extra: str) -> FakeCamera:
+        camera = FakeCamera(serial, *extra)
+        cameras.append(camera)
+        return camera.start()
+
+    try:
+        yield start
+    finally:
+        for camera in cameras:
+            camera.kill()
+        lock.close()
+
+
+def genicam_source(**keys) -> dict:
+    return {"type": "genicam", "camera": "127.0.0.1", "roi": ROI, "frame_rate": 20.0, "pixel_format": "Mono8",
+            **keys}
+
+
+def assert_fake_ramp(image: np.ndarray) -> None:
+    """The fake camera's pattern depends on x + y only: each pixel equals its lower-left neighbour."""
+    assert image.shape == (ROI[3], ROI[2], 3)
+    assert np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2])
+    assert np.array_equal(image[1:, :-1, 0], image[:-1, 1:, 0])
+    assert len(np.unique(image[..., 0])) > 10
+
+
+def consecutive(frame_ids: list[int]) -> bool:
+    return all(b == a + 1 or (a == 65535 and b == 1) for a, b in zip(frame_ids, frame_ids[1:]))
+
+
+@needs_camera
+def test_free_run_frames_carry_frame_ids_camera_timestamps_and_the_camera_pattern(fake_camera):
+    fake_camera("MUSC01")
+    with make_source(genicam_source(camera="MUSC01", max_parts=12)) as source:   # opened by serial number
+        parts = list(source.parts())
+    assert len(parts) == 12 and source.stats["incomplete"] == source.stats["missing"] == 0
+    refs = [parse_frame_ref(p.source_ref) for p in parts]
+    assert {ref[0] for ref in refs} == {source.device_id}
+    assert consecutive([ref[1] for ref in refs])
+    stamps = [ref[2] for ref in refs]
+    assert all(b > a for a, b in zip(stamps, stamps[1:]))     # the camera's own clock, ns
+    assert [p.part_id for p in parts] == [f"part{i:06d}" for i in range(1, 13)]
+    assert all(abs(p.capture_time - time.time()) < 60 for p in parts)
+    for part in parts:
+        assert_fake_ramp(decode_part(part).image)
+
+
+@needs_camera
+def test_rgb8_frames_keep_their_channels(fake_camera):
+    fake_camera("MUSC01")
+    with make_source(genicam_source(pixel_format="RGB8", max_parts=2)) as source:
+        images = [decode_part(p).image for p in source.parts()]
+    assert all(i.shape == (ROI[3], ROI[2], 3) for i in images)
+    assert not np.array_equal(images[0][..., 0], images[0][..., 1])   # colour, not grey repeated
+
+
+@needs_camera
+def test_software_trigger_gives_one_frame_per_trigger_with_its_part_id_and_encoder(fake_camera):
+    fake_camera("MUSC01")
+    source = make_source(genicam_source(trigger="software", max_parts=5, frame_rate=None))
+    with source:
+        def pulses():
+            for i in range(5):
+                time.sleep(0.15)
+                source.trigger(part_id=f"T{i}", encoder=1000 + 7 * i)
+        threading.Thread(target=pulses, daemon=True).start()
+        start = time.monotonic()
+        parts = list(source.parts())
+    assert [p.part_id for p in parts] == [f"T{i}" for i in range(5)]
+    assert [p.encoder for p in parts] == [1000 + 7 * i for i in range(5)]
+    assert consecutive([parse_frame_ref(p.source_ref)[1] for p in parts])
+    assert all(p.capture_monotonic >= start for p in parts)   # the trigger's instant
+    assert source.stats["frames"] == 5 and source.stats["missed_triggers"] == 0
+    for part in parts:
+        assert_fake_ramp(decode_part(part).image)
+
+
+@needs_camera
+def test_no_frame_arrives_without_a_trigger(fake_camera):
+    fake_camera("MUSC01")
+    source = make_source(genicam_source(trigger="software", frame_timeout_s=0.3))
+    got = []
+    with source:
+        timer = threading.Timer(1.0, source.close)
+        timer.start()
+        got = list(source.parts())
+    assert got == [] and source.stats["frames"] == 0
+
+
+@needs_camera
+def test_an_unknown_camera_names_the_cameras_seen(fake_camera):
+    fake_camera("MUSC01")
+    with pytest.raises(SourceError, match=r"cannot open GenICam camera 'NO-SUCH-CAMERA'.*serial MUSC01"):
+        make_source(genicam_source(camera="NO-SUCH-CAMERA")).open()
+
+
+@needs_camera
+def test_a_feature_the_camera_refuses_names_the_config_key(fake_camera):
+    fake_camera("MUSC01")
+    with pytest.raises(SourceError, match=r"'features.NoSuchFeature'.*refused"):
+        make_source(genicam_source(features={"NoSuchFeature": 3})).open()
+
+
+# ---------------------------------------------------------------- lines from the fake camera
+
+
+def line_config(model: Path, storage: Path, plc_address: str, source: dict) -> dict:
+    return {
+        "line": {"deadline_ms": 3000, "queue_size": 8},
+        "model": {"path": str(model), "size": 112, "blocks": [6, 9]},
+        "recipes": {"default": {"threshold": 1.0, "pool": {"capacity": 10, "min_size": 4}}},
+        "source": source,
+        "link": {"type": "zmq", "endpoint": plc_address, "heartbeat_interval_s": 0.2, "silence_alarm_s": 2.0},
+        "storage": {"dir": str(storage)},
+    }
+
+
+def assert_one_row_per_part(rows, n: int, plc: PlcSimulator) -> None:
+    assert len(rows) == n and len({r.part_id for r in rows}) == n
+    assert sorted(v.seq for v in plc.received()) == [r.seq for r in rows]
+    assert all(r.acked for r in rows)
+
+
+@needs_camera
+def test_a_free_running_line_gives_every_frame_one_ledger_row(fake_camera, toy_model, tmp_path):
+    fake_camera("MUSC01")
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
+        line = Line(parse_config(line_config(toy_model, tmp_path / "line", plc.address,
+                                             genicam_source(max_parts=16))))
+        line.run()
+        rows = line.ledger_rows()
+        assert_one_row_per_part(rows, 16, plc)
+    frame_ids = [parse_frame_ref(r.source_ref)[1] for r in rows]
+    assert consecutive(frame_ids)
+    assert line.source.stats["frames"] == 16
+    assert all(r.reason in (Reason.WARMUP, Reason.OK, Reason.ANOMALY) for r in rows), [r.detail for r in rows]
+
+
+@needs_camera
+def test_a_software_triggered_line_records_each_trigger_with_its_frame_id(fake_camera, toy_model, tmp_path):
+    fake_camera("MUSC01")
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
+        line = Line(parse_config(line_config(toy_model, tmp_path / "line", plc.address,
+                                             genicam_source(trigger="software", frame_rate=None, max_parts=10))))
+
+        def photo_eye():
+            while not line.source.is_open:
+                time.sleep(0.02)
+            for i in range(10):
+                time.sleep(0.12)
+                line.source.trigger(part_id=f"P{i:03d}", encoder=5000 + 100 * i)
+        threading.Thread(target=photo_eye, daemon=True).start()
+        line.run()
+        rows = line.ledger_rows()
+        assert_one_row_per_part(rows, 10, plc)
+    assert [r.part_id for r in rows] == [f"P{i:03d}" for i in range(10)]
+    assert [r.encoder for r in rows] == [5000 + 100 * i for i in range(10)]
+    assert consecutive([parse_frame_ref(r.source_ref)[1] for r in rows])
+
+
+@needs_camera
+def test_a_camera_restart_is_survived_with_alarms_and_every_delivered_frame_keeps_its_row(
+        fake_camera, toy_model, tmp_path):
+    camera = fake_camera("MUSC01")
+    source = genicam_source(max_parts=40, frame_rate=10.0, reconnect_interval_s=0.3, frame_timeout_s=1.0)
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
+        line = Line(parse_config(line_config(toy_model, tmp_path / "line", plc.address, source)))
+
+        def unplug_and_replug():
+            while line.source.stats["frames"] < 10:
+                time.sleep(0.02)
+            camera.kill()
+            time.sleep(1.5)
+            camera.start()
+        helper = threading.Thread(target=unplug_and_replug, daemon=True)
+        helper.start()
+        line.run()
+        helper.join(30)
+        rows = line.ledger_rows()
+        assert_one_row_per_part(rows, 40, plc)
+    alarms = list(line.stats.alarms)
+    assert any("camera" in a and "lost" in a for a in alarms), alarms
+    assert any("reconnected" in a for a in alarms), alarms
+    assert line.source.stats["reconnects"] == 1
+    # Every frame the camera delivered has its row; the other rows are frames it never delivered.
+    undelivered = [r for r in rows if "never arrived" in r.detail or "was lost before" in r.detail]
+    assert len(rows) - len(undelivered) == line.source.stats["frames"]
+    assert all(r.verdict == Verdict.NO_VERDICT for r in undelivered)
+    # Two connections, each a run of consecutive frame ids: the counter starts again with the new process.
+    delivered = [parse_frame_ref(r.source_ref)[1] for r in rows if r not in undelivered]
+    restart = next(i for i in range(1, len(delivered)) if delivered[i] <= delivered[i - 1])
+    assert restart >= 10 and consecutive(delivered[restart:])
+    assert consecutive(delivered[:restart]) or any("incomplete" in r.detail for r in rows)
+
+
+@needs_camera
+def test_gige_packet_loss_without_resend_gives_no_verdict_rows_not_lost_parts(fake_camera, toy_model, tmp_path):
+    # 10 % of the simulator's packets are dropped; with ~4 packets per frame and resends off, a run of 24 frames
+    # without a damaged one has a probability below 1e-10.
+    fake_camera("MUSC02", "-r", "100")
+    source = genicam_source(camera="MUSC02", max_parts=24, packet_resend=False, roi=[0, 0, 64, 56])
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
+        line = Line(parse_config(line_config(toy_model, tmp_path / "line", plc.address, source)))
+        line.run()
+        rows = line.ledger_rows()
+        assert_one_row_per_part(rows, 24, plc)
+    damaged = [r for r in rows if "incomplete frame" in r.detail or "never arrived" in r.detail]
+    assert damaged and line.source.stats["incomplete"] > 0
+    assert all(r.verdict == Verdict.NO_VERDICT and r.reason == Reason.DECODE_ERROR for r in damaged)
+    assert all(r.signalled == Verdict.REJECT for r in damaged)
+    incomplete = next(r for r in damaged if "incomplete frame" in r.detail)
+    assert "buffer status" in incomplete.detail
+
+
+@needs_camera
+def test_an_incomplete_frame_fails_to_decode_with_its_status(fake_camera):
+    fake_camera("MUSC02", "-r", "100")
+    with make_source(genicam_source(camera="MUSC02", max_parts=12, packet_resend=False)) as source:
+        parts = list(source.parts())
+    bad = [p for p in parts if p.image is None]
+    assert bad
+    with pytest.raises(DecodeError, match="incomplete frame id .* buffer status|never arrived"):
+        decode_part(bad[0])
+
+
+# ---------------------------------------------------------------- doctor
+
+
+@needs_camera
+def test_doctor_lists_the_fake_camera_and_its_key_features(fake_camera, toy_model, tmp_path):
+    from musc_edge.edge.doctor import run_checks
+
+    fake_camera("MUSC01")
+    report = {name: (status, detail) for status, name, detail, _ in doctor_report({"camera": "MUSC01"})}
+    assert report["genicam cameras seen"][0] == "ok" and "MUSC01" in report["genicam cameras seen"][1]
+    status, detail = report["genicam camera"]
+    assert status == "ok"
+    for key in ("serial: MUSC01", "pixel_formats:", "Mono8", "sensor:", "trigger_sources:", "Line0",
+                "packet_size:"):
+        assert key in detail, detail
+    bad = {name: status for status, name, _, _ in doctor_report({"camera": "MUSC01", "pixel_format": "BayerRG12"})}
+    assert bad["genicam camera"] == "fail"
+
+    config = tmp_path / "line.yaml"
+    config.write_text(yaml.safe_dump(line_config(toy_model, tmp_path / "line", "tcp://127.0.0.1:5599",
+                                                 genicam_source(camera="MUSC01"))))
+    checks = {c.name: c for c in run_checks(config)}
+    assert checks["genicam camera"].status == "ok" and "MUSC01" in checks["genicam cameras seen"].detail
