@@ -279,7 +279,13 @@ def cmd_view(args) -> int:
     else:
         settings = ViewSettings()
         options = view_options(args.dir, None, settings, args.dir.name)
-    serve(options, bind=args.bind or settings.bind, port=args.port or settings.port, refresh_s=settings.refresh_s)
+    from .ports import PortUnavailable
+
+    try:
+        serve(options, bind=args.bind or settings.bind, port=args.port or settings.port, refresh_s=settings.refresh_s)
+    except PortUnavailable as exc:
+        print(f"musc-edge view: cannot start: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

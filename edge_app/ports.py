@@ -13,6 +13,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 
+class PortUnavailable(RuntimeError):
+    """A port a server must listen on cannot be bound; the message names the key, the port and its holder."""
+
+
 @dataclass(frozen=True)
 class ListenPort:
     """One address a line listens on; ``key`` is the config key that sets it."""

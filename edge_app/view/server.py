@@ -23,10 +23,16 @@ def options_from_config(config: LineConfig) -> ViewOptions:
 
 
 def serve(options: ViewOptions, *, bind: str, port: int, refresh_s: float) -> None:
-    """Serve the view until interrupted (blocks)."""
+    """Serve the view until interrupted (blocks). ``PortUnavailable`` names the port and what holds it when
+    it cannot be bound (before anything is printed as served)."""
     import uvicorn
 
+    from ..ports import ListenPort, PortUnavailable, port_problems
     from .app import create_app
+
+    problems = port_problems([ListenPort("view.port", bind, port)])
+    if problems:
+        raise PortUnavailable(problems[0])
 
     try:
         os.nice(NICENESS)

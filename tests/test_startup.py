@@ -1,0 +1,144 @@
+"""Start-up and end of ``musc-edge run`` / ``view`` (issue 25 rows 3 and 9, issue 21 item 1): a reject link or
+view that cannot listen stops the start with one line naming the port and what holds it; a line whose source
+cannot run exits non-zero; a replay ends with a line that says so, or replays forever with ``loop: true``."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from musc_edge.edge.cli import main
+from musc_edge.edge.config import parse_config
+from musc_edge.edge.plc_sim import PlcSimulator
+from musc_edge.edge.runtime.line import Line, StartupError
+from musc_edge.edge.sources.replay import ReplayConfig, ReplaySource
+
+from .test_runtime import make_parts
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def held_port():
+    """A port some other process-like holder listens on (this process: its pid is what must be named)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+@pytest.fixture
+def no_signal_handlers(monkeypatch):
+    """`run` installs SIGINT/SIGTERM handlers for the process (in a test they would outlive it) and prints
+    status lines to the stderr of the moment it was imported."""
+    from musc_edge.edge.runtime import simulated
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setattr(simulated, "_status_printer", lambda: (lambda text: None))
+
+
+def write_config(tmp_path: Path, toy_model: Path, parts: Path, link: dict, **sections) -> Path:
+    raw = {"line": {"deadline_ms": 3000, "queue_size": 4},
+           "model": {"path": str(toy_model), "size": 112, "blocks": [6, 9]},
+           "recipes": {"default": {"threshold": 1.0, "pool": {"capacity": 10, "min_size": 4}}},
+           "source": {"type": "replay", "path": str(parts), "pattern": "*/*.png", "rate": 20.0},
+           "link": {"heartbeat_interval_s": 0.2, "silence_alarm_s": 0.6, **link},
+           "storage": {"dir": str(tmp_path / "line"), "archive": {"enabled": False}}, **sections}
+    path = tmp_path / "line.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+# -- ports ----------------------------------------------------------------------------------------------------
+def test_run_refuses_to_start_when_its_modbus_port_is_taken(toy_model, tmp_path, held_port, capsys,
+                                                            no_signal_handlers):
+    """Row 3: the line used to run 83 parts with `link DOWN`, nothing acknowledged, and exit 0."""
+    config = write_config(tmp_path, toy_model, tmp_path, {"type": "modbus-tcp", "host": "127.0.0.1",
+                                                          "port": held_port})
+    assert main(["run", "--config", str(config)]) == 3
+    line = one_line(capsys.readouterr().err)
+    assert f"cannot start: link.port: port {held_port} on 127.0.0.1 is in use by pid {os.getpid()}" in line
+    assert not (tmp_path / "line" / "ledger.sqlite").exists()
+
+
+def test_run_refuses_to_start_when_its_view_port_is_taken(toy_model, tmp_path, held_port, capsys,
+                                                          no_signal_handlers):
+    config = write_config(tmp_path, toy_model, tmp_path, {"type": "zmq", "endpoint": "tcp://127.0.0.1:5557"},
+                          view={"enabled": True, "port": held_port})
+    assert main(["run", "--config", str(config)]) == 3
+    assert f"cannot start: view.port: port {held_port} on 127.0.0.1 is in use" in one_line(capsys.readouterr().err)
+
+
+def test_a_line_whose_modbus_port_is_taken_does_not_start(toy_model, tmp_path, held_port):
+    """The line's own check (also when it is run without the command line)."""
+    config = parse_config(yaml.safe_load(write_config(
+        tmp_path, toy_model, tmp_path, {"type": "modbus-tcp", "host": "127.0.0.1", "port": held_port}).read_text()))
+    with pytest.raises(StartupError, match=f"link.port: port {held_port} on 127.0.0.1 is in use"):
+        Line(config).run()
+
+
+def test_the_view_refuses_a_taken_port_in_one_line(tmp_path, held_port, capsys):
+    assert main(["view", "--dir", str(tmp_path), "--port", str(held_port)]) == 3
+    assert f"cannot start: view.port: port {held_port} on 127.0.0.1 is in use" in one_line(capsys.readouterr().err)
+
+
+# -- how a line ends ------------------------------------------------------------------------------------------
+def test_a_replay_of_a_missing_folder_exits_non_zero_naming_it(toy_model, tmp_path, capsys, no_signal_handlers):
+    """Issue 21: a source that failed used to end the line with exit 0 (systemd did not restart it)."""
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
+        config = write_config(tmp_path, toy_model, tmp_path / "nonexistent", {"type": "zmq", "endpoint": plc.address})
+        assert main(["run", "--config", str(config)]) == 3
+    err = capsys.readouterr().err
+    assert "line stopped: frame source replay of" in err and "nonexistent' does not exist" in err
+
+
+def test_a_finished_replay_says_so_and_exits_zero(toy_model, tmp_path, capsys, no_signal_handlers):
+    parts = make_parts(tmp_path / "parts", 6)
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
+        config = write_config(tmp_path, toy_model, parts, {"type": "zmq", "endpoint": plc.address})
+        assert main(["run", "--config", str(config)]) == 0
+    assert f"musc-edge run: replay of {parts} finished after 6 parts" in capsys.readouterr().err
+
+
+# -- replay as a development camera ---------------------------------------------------------------------------
+def frames(folder: Path, n: int) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"{i:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes([i]))
+    return folder
+
+
+def test_a_looping_replay_goes_on_past_the_end_of_its_folder_until_closed(tmp_path):
+    source = ReplaySource(ReplayConfig(path=str(frames(tmp_path / "f", 3)), rate=None, loop=True))
+    assert not source.finite
+    refs = []
+    with source:
+        for part in source.parts():
+            refs.append(Path(part.source_ref).name)
+            if len(refs) == 8:
+                source.close()
+    assert refs == ["000.png", "001.png", "002.png"] * 2 + ["000.png", "001.png"]
+
+
+def test_a_replay_is_finite_without_loop_or_with_a_limit(tmp_path):
+    folder = str(frames(tmp_path / "f", 3))
+    assert ReplaySource(ReplayConfig(path=folder)).finite
+    limited = ReplaySource(ReplayConfig(path=folder, rate=None, loop=True, limit=5))
+    assert limited.finite
+    with limited:
+        assert len(list(limited.parts())) == 5
+
+
+def test_loop_must_be_true_or_false():
+    with pytest.raises(ValueError, match="'loop' must be true or false"):
+        ReplayConfig(path="x", loop="yes")
