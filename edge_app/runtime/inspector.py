@@ -90,16 +90,17 @@ class Inspector:
             raise UsageError(f"unknown recipe {name!r}: the config has {sorted(self.recipes)}")
         return self.recipes[name]
 
-    def restore_pools(self) -> dict[str, int]:
+    def restore_pools(self, on_alarm: Callable[[str], None] | None = None) -> dict[str, int]:
         """Load every recipe's stored pool (PoolMismatchError for a foreign one); returns sizes. Pools stored by
-        a line that had switched to the fast path put this line on it too (it was verified with this model)."""
+        a line that had switched to the fast path put this line on it too (it was verified with this model).
+        A damaged pool file falls back to the previous one (pool_store.load_pool), told to ``on_alarm``."""
         for name, recipe in self.recipes.items():
             try:
-                load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity())
+                load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity(), on_alarm)
             except PoolMismatchError:
                 if not self._resume_fast_path():
                     raise
-                load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity())
+                load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity(), on_alarm)
         if self.fast_path is not None and self.fast_path.shadowing() and \
                 all(r.pool.size >= r.pool.min_size for r in self.recipes.values()):
             self._end_trial(False, "the pools were restored ready: no warm-up parts to shadow")

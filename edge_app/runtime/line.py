@@ -141,12 +141,15 @@ class Line:
         self._stop = threading.Event()
         self._stats_lock = threading.Lock()
         self._deadline_s = config.line.deadline_ms / 1e3
-        self.restored = self.inspector.restore_pools()
+        pool_alarms: list[str] = []   # raised once telemetry is up (below)
+        self.restored = self.inspector.restore_pools(on_alarm=pool_alarms.append)
         self._last_persist = time.monotonic()
         self.ledger: Ledger | None = None
         self.link: RejectLink | None = None
         self.archive: RejectArchive | None = None
         self.telemetry = Telemetry(config.telemetry, config.line.name, self.storage, status=self.control_status)
+        for text in pool_alarms:
+            self._on_alarm(text)
         self.ended: str | None = None    # why run() returned: "stop requested", "replay finished: ..."
         self._fatal: str | None = None   # a fault the line cannot survive: run() raises LineStopped with it
         self._source_faults = self._taken = 0
