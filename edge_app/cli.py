@@ -244,13 +244,15 @@ def cmd_status(args) -> int:
 
     if (args.config is None) == (args.dir is None):
         raise UsageError("give exactly one of --config or --dir")
+    control_socket = None
     if args.config:
         from .config import load_config
 
-        storage = load_config(args.config).storage.dir
+        config = load_config(args.config)
+        storage, control_socket = config.storage.dir, config.control.socket
     else:
         storage = args.dir
-    status = line_status(storage)
+    status = line_status(storage, control_socket)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
