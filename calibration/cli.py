@@ -22,7 +22,8 @@ from musc_edge.edge.runtime.calibration_state import AuditError, CalibrationErro
 
 from . import operations, render
 from .client import LineContext, UsageError
-from .decisions import Candidate, expected_rates, reject_timing
+from .decisions import (Candidate, check_delivery, expected_rates, latency_problem, merged_timing,
+                        require_reason)
 from .render import print_json
 from .roles import RoleError
 from .shadow import shadow_thresholds
@@ -78,15 +79,19 @@ def cmd_threshold_suggest(args) -> int:
 def cmd_threshold_shadow(args) -> int:
     ctx = _context(args)
     cand = _candidate(ctx, args)
+    baseline = {} if cand.current is None else {cand.recipe: cand.current}   # in force, or staged (--stage)
     with ctx.ledger() as reader:
-        report = shadow_thresholds(list(reversed(reader.recent(args.last))), {cand.recipe: cand.threshold})
+        report = shadow_thresholds(list(reversed(reader.recent(args.last))), {cand.recipe: cand.threshold},
+                                   baseline)
+    ident, path = operations.save_candidate(ctx, cand, args.last)
     if args.json:
-        print_json({"recipe": cand.recipe, "threshold": cand.threshold, "current": cand.current,
-                    "report": asdict(report)})
+        print_json({"candidate": ident, "candidate_file": str(path), "recipe": cand.recipe,
+                    "threshold": cand.threshold, "current": cand.current, "report": asdict(report)})
         return 0
-    _say(render.candidate(cand, expected_rates(cand, ctx.recent_scores(cand.recipe, args.last))))
+    _say(render.candidate(cand, operations.candidate_table(ctx, cand, args.last)))
     _say(render.shadow(report, args.show))
-    print("nothing changed: apply it with `threshold apply ... --reason \"...\"`")
+    print(f"candidate {ident} (threshold {cand.threshold:.4f}) saved to {path}")
+    print(f"nothing changed: apply exactly this with `threshold apply --candidate {ident} --reason \"...\"`")
     return 0
 
 
@@ -142,14 +147,30 @@ def cmd_audit_verify(args) -> int:
 # -- changing --------------------------------------------------------------------------------------------------
 def cmd_threshold_apply(args) -> int:
     ctx = _context(args)
-    cand = _candidate(ctx, args)
-    _say(render.candidate(cand, expected_rates(cand, ctx.recent_scores(cand.recipe, args.last))))
-
-    def edit(raw: dict) -> dict:
-        raw["recipes"] = {**raw["recipes"], cand.recipe: {"threshold": float(cand.threshold)}}
-        return raw
-    operations.change_calibration(ctx, "threshold.apply", args.reason, args.stage, edit, print)
+    require_reason(args.reason)
+    check_delivery(args.stage, ctx.running(), ctx.socket)   # before anything is printed
+    if args.candidate:
+        saved = operations.load_candidate(ctx, args.candidate)
+        cand = operations.checked_candidate(ctx, saved)
+        print(f"candidate {saved.get('id')}: threshold {cand.threshold:.4f} for recipe {cand.recipe}, shadow-tested "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(saved.get('tested_at') or 0))} against "
+              f"v{saved.get('tested_against_version')}")
+    else:
+        cand = _candidate(ctx, args)
+    _say(render.candidate(cand, operations.candidate_table(ctx, cand, args.last)))
+    _confirm(args, f"put threshold {cand.threshold:.4f} in force for recipe {cand.recipe}")
+    operations.apply_threshold(ctx, cand, args.reason, args.stage, print)
     return 0
+
+
+def _confirm(args, what: str) -> None:
+    """Ask before a change (``--yes`` answers for a script); UsageError when refused or nobody can answer."""
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{what}? No terminal to confirm on: add --yes to apply without asking")
+    if input(f"{what}? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise UsageError("not applied: the change was not confirmed")
 
 
 def cmd_rollback(args) -> int:
@@ -183,10 +204,18 @@ def cmd_pool_reseed(args) -> int:
 
 def cmd_timing_set(args) -> int:
     ctx = _context(args)
-    timing = reject_timing(args.delay_ms, args.counts, args.lead_ms)
+    require_reason(args.reason)
+    check_delivery(args.stage, ctx.running(), ctx.socket)
+    timing = merged_timing(args.delay_ms, args.counts, args.lead_ms, operations.current_timing(ctx))
+    problem = latency_problem(timing, operations.measured_p99_ms(ctx))
+    if problem and not args.despite_latency:
+        raise UsageError(f"refused: {problem}; give --despite-latency \"why\" to set it anyway")
+    if problem:
+        print(f"warning: {problem} (set anyway: {args.despite_latency})")
     print("each part's verdict deadline becomes capture + camera-to-ejector delay - actuator lead; a verdict "
           "later than that is not signalled and the PLC's fail-safe applies")
-    operations.change_calibration(ctx, "timing.set", args.reason, args.stage,
+    reason = args.reason if not problem else f"{args.reason} (set despite the measured latency: {args.despite_latency})"
+    operations.change_calibration(ctx, "timing.set", reason, args.stage,
                                   lambda raw: {**raw, "reject_timing": timing}, print)
     return 0
 
@@ -307,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--show", type=_positive_int, default=20, help="changed parts listed per direction")
         if name == "apply":
             _change_flags(p, stage=True)
+            p.add_argument("--candidate", metavar="ID|FILE",
+                           help="apply exactly the candidate `threshold shadow` tested (its id or file); refused "
+                                "when the pool or the calibration in force has moved since")
+            p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
         p.set_defaults(func=func)
 
     p = sub.add_parser("rollback", help="put an earlier calibration version back in force (technician)")
@@ -347,7 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--delay-ms", type=float, help="time mode: capture -> ejector, milliseconds")
     p.add_argument("--counts", type=int, help="encoder mode: encoder counts capture -> ejector")
-    p.add_argument("--lead-ms", type=float, default=0.0, help="the ejector needs the verdict this much earlier")
+    p.add_argument("--lead-ms", type=float, help="the ejector needs the verdict this much earlier (default: the "
+                                                  "lead in force, 0 when none)")
+    p.add_argument("--despite-latency", metavar="WHY",
+                   help="set a delay shorter than the measured p99 latency + margin anyway (recorded)")
     _change_flags(p, stage=True)
     p.set_defaults(func=cmd_timing_set)
     p = timing.add_parser("dry-run", help="log verdicts without signalling them (on) or signal again (off)")
@@ -383,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ERRORS as exc:
         message = " ".join(str(exc).split())
-        print(f"musc-calibrate {args.command}: error: {message}", file=sys.stderr)
+        if getattr(args, "json", False):   # a script asked for JSON: it gets its error as JSON too
+            print_json({"ok": False, "error": message, "exit_code": 2})
+        else:
+            print(f"musc-calibrate {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -8,12 +8,10 @@ import numpy as np
 
 from musc_edge.edge.errors import UsageError
 from musc_edge.edge.ledger import LedgerRow
+from musc_edge.edge.runtime.calibration_state import CALIBRATION_ACTIONS, version_creators
 
 from .render import pct
 from .thresholds import MIN_SCORES, Refinement, ThresholdFit, fit_threshold, refine_with_labels, reject_rate
-
-CALIBRATION_ACTIONS = ("threshold.apply", "rollback", "timing.set", "timing.dry-run")
-
 
 def calibrate(scores: np.ndarray, target_frr: float, method: str, good: dict[str, float],
               bad: dict[str, float]) -> tuple[ThresholdFit, Refinement | None, float]:
@@ -142,16 +140,6 @@ def expected_rates(cand: Candidate, recent: list[float]) -> list[tuple[str, str,
     return rows
 
 
-def reject_timing(delay_ms: float | None, counts: int | None, lead_ms: float) -> dict:
-    """The ``reject_timing`` setting: time mode (``delay_ms``) or encoder mode (``counts``), exactly one."""
-    if (delay_ms is None) == (counts is None):
-        raise UsageError("give exactly one of --delay-ms (time mode) or --counts (encoder mode)")
-    timing: dict = {"mode": "time", "delay_ms": delay_ms} if delay_ms is not None else \
-        {"mode": "encoder", "counts": counts}
-    timing["actuator_lead_ms"] = lead_ms
-    return timing
-
-
 def rollback_target(requested: int | None, in_force: int | None, records: list[dict]) -> int:
     """The version a rollback puts in force: ``requested``, else the one before the version in force."""
     target = requested
@@ -166,11 +154,67 @@ def rollback_target(requested: int | None, in_force: int | None, records: list[d
     return target
 
 
-def version_creators(records: list[dict]) -> dict[int, dict]:
-    """version -> the audit record that created it (rollbacks name a version again; the first one counts)."""
-    created: dict[int, dict] = {}
-    for record in records:
-        new = record.get("new")
-        if record.get("result_of") is None and isinstance(new, dict) and "file_sha256" in new:
-            created.setdefault(new.get("version"), record)
-    return created
+# -- what a technician tests is what goes live ----------------------------------------------------------------
+MOSTLY_GOOD = 0.5          # the label-free estimate assumes at most this share of the stream is defective
+RATE_DRIFT = 2.0           # a candidate's modelled false-reject rate may move by at most this factor
+LATENCY_MARGIN = (0.2, 10.0)   # a verdict deadline must leave p99 latency + max(20 % of it, 10 ms)
+
+
+def check_assumptions(scores: np.ndarray, current: float | None, described: str) -> None:
+    """Refuse (UsageError, one sentence why) when the label-free estimate's own assumptions fail: too few
+    scores, or more than half of them at or above the threshold in force (a stream that is mostly rejected
+    is not mostly good parts, and a tail fitted to it accepts nearly everything)."""
+    if scores.size < MIN_SCORES:
+        raise UsageError(f"{scores.size} scores are too few to estimate a 1 % tail from ({described}); at least "
+                         f"{MIN_SCORES} are needed")
+    if current is not None:
+        above = reject_rate(scores, current)
+        if above > MOSTLY_GOOD:
+            raise UsageError(f"{100 * above:.0f} % of {described} score at or above the threshold in force "
+                             f"({current:.4f}): the label-free estimate assumes mostly good parts, and this stream "
+                             "is mostly rejected, so no threshold is suggested (purge or reseed the pool with good "
+                             "parts, or give --threshold)")
+
+
+def modelled_rate(cand: Candidate) -> float | None:
+    """The candidate's modelled false-reject rate on good parts (None for a given threshold)."""
+    return None if cand.fit is None else cand.fit.false_reject_rate(cand.threshold)
+
+
+def rate_still_holds(then: float, now: float) -> bool:
+    """Whether a modelled false-reject rate of ``now`` is within :data:`RATE_DRIFT` of the tested ``then``
+    (both plus 0.01 % so two tiny rates compare as equal)."""
+    floor = 1e-4
+    return 1 / RATE_DRIFT <= (now + floor) / (then + floor) <= RATE_DRIFT
+
+
+def merged_timing(delay_ms: float | None, counts: int | None, lead_ms: float | None, current: dict | None) -> dict:
+    """The ``reject_timing`` a ``timing set`` asks for: the options given, the rest kept from ``current`` (the
+    timing in force); a new mode needs its distance (``--delay-ms`` or ``--counts``)."""
+    if delay_ms is not None and counts is not None:
+        raise UsageError("give one of --delay-ms (time mode) or --counts (encoder mode), not both")
+    current = dict(current or {})
+    if delay_ms is None and counts is None:
+        if not current:
+            raise UsageError("no reject timing is set yet: give --delay-ms (time mode) or --counts (encoder mode)")
+        timing = current
+    elif delay_ms is not None:
+        timing = {"mode": "time", "delay_ms": delay_ms, "counts": None}
+    else:
+        timing = {"mode": "encoder", "counts": counts, "delay_ms": None}
+    lead = lead_ms if lead_ms is not None else current.get("actuator_lead_ms", 0.0)
+    return {**timing, "actuator_lead_ms": lead}
+
+
+def latency_problem(timing: dict, p99_ms: float | None) -> str | None:
+    """Why a time-mode reject timing leaves too little time for the measured p99 latency (plus a margin), or
+    None when it leaves enough (or nothing was measured, or encoder mode: the belt speed is not known here)."""
+    if timing.get("mode") != "time" or p99_ms is None:
+        return None
+    budget = timing["delay_ms"] - timing.get("actuator_lead_ms", 0.0)
+    need = p99_ms + max(LATENCY_MARGIN[0] * p99_ms, LATENCY_MARGIN[1])
+    if budget >= need:
+        return None
+    return (f"a verdict would have {budget:g} ms (delay - lead), but the line's measured p99 latency is "
+            f"{p99_ms:.0f} ms (+ margin: {need:.0f} ms needed): most late parts would get NO_VERDICT (deadline) "
+            "and the PLC's fail-safe")

@@ -3,7 +3,11 @@ control socket, decides (:mod:`musc_edge.calibration.decisions`), and records an
 change is about to do is shown through ``show`` before it is made."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -14,9 +18,10 @@ from musc_edge.edge.runtime.calibration_state import (AuditError, Calibration, C
 
 from . import render
 from .client import LineContext, LineNotRunning, UsageError, recent_scored
-from .decisions import (Candidate, calibrate, check_delivery, given_threshold, labelled_scores,
-                        ledger_calibration_scores, pool_calibration_scores, pool_selection, require_reason,
-                        rollback_target, version_creators)
+from .decisions import (Candidate, calibrate, check_assumptions, check_delivery, expected_rates, given_threshold,
+                        labelled_scores, ledger_calibration_scores, modelled_rate, pool_calibration_scores,
+                        pool_selection, rate_still_holds, require_reason, rollback_target, version_creators)
+from .thresholds import ThresholdError
 from .roles import technician_token, who
 
 Show = Callable[[str], None]
@@ -74,9 +79,132 @@ def candidate(ctx: LineContext, recipe: str, *, threshold: float | None, source:
     if threshold is not None:
         return Candidate(recipe, given_threshold(threshold), current, "given")
     scores, described = calibration_scores(ctx, recipe, source, last)
+    check_assumptions(scores, current, described)
     fit, refinement, chosen = calibrate(scores, target_frr, method, labelled(ctx, good, recipe),
                                         labelled(ctx, bad, recipe))
     return Candidate(recipe, chosen, current, source, described, fit, refinement, scores=scores)
+
+
+def version_in_force(ctx: LineContext) -> str:
+    """The calibration version the line runs (running) or will run at its next start (current.json)."""
+    if ctx.running():
+        return str(ctx.status()["calibration_version"])
+    stored = ctx.store.current(ctx.recipes())
+    return "0" if stored is None else str(stored.version)
+
+
+# -- candidates: what `shadow` tested is what `apply` puts in force ----------------------------------------------
+def candidate_dirs(ctx: LineContext) -> list[Path]:
+    """Where candidates are kept: the line's calibration folder, else this user's cache (an operator who
+    cannot write the line's folder can still shadow-test)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "musc-calibrate" / "candidates"
+    return [ctx.store.dir / "candidates", cache]
+
+
+def save_candidate(ctx: LineContext, cand: Candidate, last: int) -> tuple[str, Path]:
+    """Write a shadow-tested candidate (threshold, how it was found, its modelled rate, the version it was
+    tested against); returns (its id, the file)."""
+    body = {"recipe": cand.recipe, "threshold": cand.threshold, "current": cand.current, "source": cand.source,
+            "described": cand.described, "last": last, "tested_against_version": version_in_force(ctx),
+            "modelled_frr": modelled_rate(cand), "line": str(ctx.storage),
+            "fit": None if cand.fit is None else {"method": cand.fit.method, "target_frr": cand.fit.target_frr,
+                                                  "location": cand.fit.location, "scale": cand.fit.scale},
+            "refined": cand.refinement is not None, "tested_at": time.time()}
+    ident = "c" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
+    data = (json.dumps({"id": ident, **body}, indent=2, sort_keys=True) + "\n").encode()
+    problems = []
+    for folder in candidate_dirs(ctx):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{ident}.json"
+            path.write_bytes(data)
+            return ident, path
+        except OSError as exc:
+            problems.append(f"{folder}: {exc.strerror or exc}")
+    raise UsageError(f"the candidate could not be saved ({'; '.join(problems)})")
+
+
+def load_candidate(ctx: LineContext, ref: str) -> dict:
+    """A saved candidate by id (from either candidate folder) or by file path."""
+    paths = [Path(ref)] if ref.endswith(".json") or os.sep in ref else \
+        [folder / f"{ref}.json" for folder in candidate_dirs(ctx)]
+    for path in paths:
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"candidate {path} cannot be read: {exc}") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("threshold"), (int, float)):
+            raise UsageError(f"candidate {path} is not a candidate file written by `threshold shadow`")
+        return saved
+    raise UsageError(f"no candidate {ref!r} (looked in {', '.join(str(p) for p in paths)}); run `threshold "
+                     "shadow` first, it prints the candidate id")
+
+
+def checked_candidate(ctx: LineContext, saved: dict) -> Candidate:
+    """The saved candidate, if it still holds: the same line and calibration version as when it was tested,
+    and (for a calibrated one) its modelled false-reject rate on today's scores within a factor of 2 of the
+    tested one. UsageError saying what moved otherwise."""
+    recipe, threshold = str(saved.get("recipe")), given_threshold(float(saved["threshold"]))
+    ctx.check_recipe(recipe)
+    if saved.get("line") not in (None, str(ctx.storage)):
+        raise UsageError(f"candidate {saved.get('id')} was tested on the line at {saved['line']}, not this one")
+    now = version_in_force(ctx)
+    if str(saved.get("tested_against_version")) != now:
+        raise UsageError(f"candidate {saved.get('id')} was tested against calibration v"
+                         f"{saved.get('tested_against_version')}, the line now has v{now}: shadow-test again")
+    cand = Candidate(recipe, threshold, current_threshold(ctx, recipe), saved.get("source", "given"),
+                     saved.get("described", ""))
+    fit = saved.get("fit")
+    if fit and saved.get("modelled_frr") is not None:
+        scores, described = calibration_scores(ctx, recipe, saved["source"], int(saved.get("last") or 500))
+        try:
+            fresh = calibrate(scores, fit["target_frr"], fit["method"], {}, {})[0]
+        except ThresholdError as exc:
+            raise UsageError(f"the scores have moved since candidate {saved.get('id')} was tested and no longer "
+                             f"calibrate ({exc}): shadow-test again") from None
+        then, rate = float(saved["modelled_frr"]), fresh.false_reject_rate(threshold)
+        if not rate_still_holds(then, rate):
+            raise UsageError(f"the {'pool' if saved['source'] == 'pool' else 'stream'} has moved since candidate "
+                             f"{saved.get('id')} was tested: its modelled false-reject rate was {100 * then:.2f} %, "
+                             f"on {described} it is now {100 * rate:.2f} %; shadow-test again")
+        cand.fit, cand.scores, cand.described = fresh, scores, described
+    return cand
+
+
+def apply_threshold(ctx: LineContext, cand: Candidate, reason: str | None, stage: bool, show: Show) -> int:
+    """Put ``cand``'s threshold in force as a new version (see :func:`change_calibration`)."""
+    def edit(raw: dict) -> dict:
+        raw["recipes"] = {**raw["recipes"], cand.recipe: {"threshold": float(cand.threshold)}}
+        return raw
+    return change_calibration(ctx, "threshold.apply", reason, stage, edit, show)
+
+
+def candidate_table(ctx: LineContext, cand: Candidate, last: int) -> list[tuple[str, str, str]]:
+    return expected_rates(cand, ctx.recent_scores(cand.recipe, last))
+
+
+def current_timing(ctx: LineContext) -> dict | None:
+    """The reject timing in force (running line) or staged (current.json); None when none is set."""
+    if ctx.running():
+        return ctx.status()["reject_timing"]
+    stored = ctx.store.current(ctx.recipes())
+    return None if stored is None or stored.reject_timing is None else stored.reject_timing.model_dump(mode="json")
+
+
+def measured_p99_ms(ctx: LineContext, last: int = 500) -> float | None:
+    """The line's p99 capture-to-signal latency: the running line's live figure, else the last ``last``
+    scored ledger rows'; None when nothing was measured."""
+    if ctx.running():
+        latency = ctx.status().get("stats", {}).get("latency_ms") or {}
+        if latency.get("p99") is not None:
+            return float(latency["p99"])
+    if not ctx.has_ledger():
+        return None
+    with ctx.ledger() as reader:
+        totals = [r.total_s for r in reader.recent(last) if r.total_s is not None and r.score is not None]
+    return float(np.percentile(np.asarray(totals) * 1e3, 99)) if totals else None
 
 
 # -- calibration changes ---------------------------------------------------------------------------------------

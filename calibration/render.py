@@ -159,18 +159,32 @@ def outcome(version: int, reply: dict) -> str:
 
 
 def versions(listing: list[dict]) -> list[str]:
-    """One line per stored calibration version (and its reason), flagged where it is current or running."""
+    """One line per stored calibration version (and its reason), flagged where it is current or running, then
+    every field it changes from the version listed before it (thresholds, reject timing, dry-run)."""
     if not listing:
         return ["no calibration versions yet: the line runs the thresholds of its config"]
-    lines = []
+    lines, before = [], None
     for item in listing:
         flags = " ".join(f for f, on in (("[current.json]", item["current"]), ("[running]", item["running"])) if on)
-        thresholds = ", ".join(f"{k} {v['threshold']:.4f}" for k, v in item["settings"].get("recipes", {}).items())
+        settings = item["settings"]
+        thresholds = ", ".join(f"{k} {v['threshold']:.4f}" for k, v in settings.get("recipes", {}).items())
         lines.append(f"v{item['version']:04d}  {item['created'] or '-':<24} {item['who'] or '-':<20} {thresholds}  "
-                     f"{flags}")
+                     f"{timing_text(settings.get('reject_timing'))}{'  DRY-RUN' if settings.get('dry_run') else ''}"
+                     f"  {flags}".rstrip())
         if item["reason"]:
             lines.append(f"       {item['reason']}")
+        if before is not None and "invalid" not in settings:
+            lines += [f"       {change}" for change in describe_change(before, settings)]
+        before = settings if "invalid" not in settings else before
     return lines
+
+
+def timing_text(timing: dict | None) -> str:
+    """A reject timing in a few words."""
+    if not timing:
+        return "timing: line.deadline_ms"
+    distance = f"{timing['delay_ms']:g} ms" if timing.get("mode") == "time" else f"{timing.get('counts')} counts"
+    return f"timing: {distance} - lead {timing.get('actuator_lead_ms', 0):g} ms"
 
 
 def pool(recipe: str, members: list[dict], loo: list[float] | None, running: dict, now: float) -> list[str]:
@@ -187,9 +201,14 @@ def pool(recipe: str, members: list[dict], loo: list[float] | None, running: dic
 
 def audit_record(record: dict) -> str:
     """One audit record: who, when, what, old -> new, why (a result record in one line)."""
+    new = record.get("new") if isinstance(record.get("new"), dict) else {}
+    if record.get("action") == "runtime.applied":   # the line's own record of what it put in force
+        thresholds = ", ".join(f"{k} {v:.4f}" for k, v in (new.get("thresholds") or {}).items())
+        return (f"#{record['seq']:<4} {record['time']}  {record['who']}  in force on the line: v{new.get('version')} "
+                f"({thresholds}{', dry-run' if new.get('dry_run') else ''}), authorised by #{record['result_of']}")
     if record.get("result_of") is not None:
-        new = record.get("new") or {}
-        result = "ok" if "ok" in new else f"FAILED: {new.get('failed')}"
+        result = "ok" if "ok" in new else "INTERRUPTED (recovered at start)" if "interrupted" in new else \
+            f"OUTCOME UNKNOWN: {new.get('unknown')}" if "unknown" in new else f"FAILED: {new.get('failed')}"
         return f"#{record['seq']:<4} {record['time']}  result of #{record['result_of']}: {result}"
     head = (f"#{record['seq']:<4} {record['time']}  {record['who']}  {record['action']}  {record['target']}  "
             f"reason: {record['reason']}")

@@ -55,14 +55,19 @@ class ShadowReport:
         return len(self.newly_rejected) + len(self.newly_accepted)
 
 
-def shadow_thresholds(rows: Sequence[LedgerRow], candidate: dict[str, float]) -> ShadowReport:
+def shadow_thresholds(rows: Sequence[LedgerRow], candidate: dict[str, float],
+                      baseline: dict[str, float] | None = None) -> ShadowReport:
     """Replay ``candidate`` thresholds (per recipe; recipes not named keep the threshold each part had)
-    over ledger ``rows`` and report the verdicts that would change."""
+    over ledger ``rows`` and report the verdicts that would change. ``baseline``: the thresholds to compare
+    against per recipe (the one in force or staged now, which may differ from the one a row was decided
+    with); recipes not named compare against the verdict each row got."""
+    baseline = baseline or {}
     scored = [r for r in rows if r.reason in SCORED and r.score is not None and not r.test_part]
     scores = np.array([r.score for r in scored], np.float64)
-    old = np.array([r.threshold for r in scored], np.float64)
+    old = np.array([baseline.get(r.recipe, r.threshold) for r in scored], np.float64)
     new = np.array([candidate.get(r.recipe, r.threshold) for r in scored], np.float64)
-    rejected = np.array([r.verdict == Verdict.REJECT for r in scored], bool)
+    rejected = np.array([r.score >= baseline[r.recipe] if r.recipe in baseline else r.verdict == Verdict.REJECT
+                         for r in scored], bool)
     to_reject, to_accept = verdict_changes(scores, rejected, new)
 
     def flips(mask: np.ndarray) -> list[Flip]:

@@ -264,7 +264,7 @@ def fake_line(storage):
 
 
 def test_a_change_with_no_running_line_is_refused_and_changes_nothing(storage, capsys):
-    code, _, err = run_cli(capsys, "threshold", "apply", "--storage", str(storage), "--threshold", "0.3",
+    code, _, err = run_cli(capsys, "threshold", "apply", "--yes", "--storage", str(storage), "--threshold", "0.3",
                            "--reason", "try")
     assert_one_line_error(code, err, "no running line answers", "--stage")
     assert not (storage / "calibration").exists()
@@ -307,7 +307,7 @@ def test_a_pool_too_small_to_calibrate_from_is_refused(storage, capsys):
 
 
 def test_apply_reaches_the_line_and_current_json_follows_its_acknowledgement(storage, fake_line, capsys):
-    code, out, err = run_cli(capsys, "threshold", "apply", "--storage", str(storage), "--target-frr", "0.01",
+    code, out, err = run_cli(capsys, "threshold", "apply", "--yes", "--storage", str(storage), "--target-frr", "0.01",
                              "--reason", "commissioning")
     assert code == 0, err
     assert "modelled false-reject rate" in out and "in force" in out
@@ -315,7 +315,7 @@ def test_apply_reaches_the_line_and_current_json_follows_its_acknowledgement(sto
     current = json.loads((storage / "calibration" / "current.json").read_text())
     assert current == fake_line.applied[0]
     assert 0.1 < current["recipes"]["default"]["threshold"] < 0.5
-    code, _, err = run_cli(capsys, "threshold", "apply", "--storage", str(storage), "--threshold", "0.3",
+    code, _, err = run_cli(capsys, "threshold", "apply", "--yes", "--storage", str(storage), "--threshold", "0.3",
                            "--reason", "x", "--stage")
     assert_one_line_error(code, err, "the line is running", "without --stage")
 
@@ -323,7 +323,7 @@ def test_apply_reaches_the_line_and_current_json_follows_its_acknowledgement(sto
 def test_a_refused_apply_leaves_current_json_alone_and_is_recorded(storage, capsys):
     line = FakeLine(storage, pool_scores=[], refuse_apply=True)
     try:
-        code, _, err = run_cli(capsys, "threshold", "apply", "--storage", str(storage), "--threshold", "0.3",
+        code, _, err = run_cli(capsys, "threshold", "apply", "--yes", "--storage", str(storage), "--threshold", "0.3",
                                "--reason", "try")
     finally:
         line.close()
@@ -336,7 +336,7 @@ def test_a_refused_apply_leaves_current_json_alone_and_is_recorded(storage, caps
 
 def test_staged_change_takes_effect_at_next_start_and_a_hand_edit_is_repaired_by_rollback(storage, capsys):
     stage = ["--storage", str(storage), "--stage"]
-    code, _, err = run_cli(capsys, "threshold", "apply", *stage, "--threshold", "0.3", "--reason", "x")
+    code, _, err = run_cli(capsys, "threshold", "apply", "--yes", *stage, "--threshold", "0.3", "--reason", "x")
     assert_one_line_error(code, err, "no calibration yet", "--config")
     assert not (storage / "calibration").exists()
     config = storage.parent / "line.yaml"
@@ -344,7 +344,7 @@ def test_staged_change_takes_effect_at_next_start_and_a_hand_edit_is_repaired_by
                                   "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:1"},
                                   "storage": {"dir": str(storage)}}))
     stage = ["--config", str(config), "--stage"]
-    assert run_cli(capsys, "threshold", "apply", *stage, "--threshold", "0.3", "--reason", "offline")[0] == 0
+    assert run_cli(capsys, "threshold", "apply", "--yes", *stage, "--threshold", "0.3", "--reason", "offline")[0] == 0
     code, out, err = run_cli(capsys, "timing", "set", *stage, "--delay-ms", "600", "--lead-ms", "20",
                              "--reason", "measured with a test part")
     assert code == 0 and "staged" in out, err
@@ -356,7 +356,7 @@ def test_staged_change_takes_effect_at_next_start_and_a_hand_edit_is_repaired_by
     audit_before = (storage / "calibration" / "audit.jsonl").read_bytes()
     current = storage / "calibration" / "current.json"
     current.write_text(current.read_text().replace('"delay_ms": 600.0', '"delay_ms": -5'))
-    code, _, err = run_cli(capsys, "threshold", "apply", *stage, "--threshold", "0.2", "--reason", "x")
+    code, _, err = run_cli(capsys, "threshold", "apply", "--yes", *stage, "--threshold", "0.2", "--reason", "x")
     assert_one_line_error(code, err, "current.json is invalid", "reject_timing.delay_ms", "rollback")
     assert (storage / "calibration" / "audit.jsonl").read_bytes() == audit_before
     assert run_cli(capsys, "audit", "verify", "--config", str(config))[0] == 1
@@ -373,7 +373,7 @@ def test_concurrent_technicians_get_distinct_versions(storage, fake_line, capsys
     codes = []
 
     def apply(threshold: float) -> None:
-        codes.append(main(["threshold", "apply", "--storage", str(storage), "--threshold", str(threshold),
+        codes.append(main(["threshold", "apply", "--yes", "--storage", str(storage), "--threshold", str(threshold),
                            "--reason", "parallel"]))
     threads = [threading.Thread(target=apply, args=(0.2 + 0.01 * i,)) for i in range(4)]
     for t in threads:

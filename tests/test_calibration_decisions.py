@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from musc_edge.calibration.decisions import (Candidate, calibrate, check_delivery, expected_rates, given_threshold,
-                                   labelled_scores, ledger_calibration_scores, pool_calibration_scores,
-                                   pool_selection, previous_version, reject_timing, require_reason,
-                                   rollback_target, version_creators)
+from musc_edge.calibration.decisions import (Candidate, calibrate, check_assumptions, check_delivery, expected_rates,
+                                             given_threshold, labelled_scores, latency_problem,
+                                             ledger_calibration_scores, merged_timing, pool_calibration_scores,
+                                             pool_selection, previous_version, rate_still_holds, require_reason,
+                                             rollback_target, version_creators)
 from musc_edge.calibration.thresholds import MIN_SCORES, fit_threshold
 from musc_edge.edge.errors import UsageError
 
@@ -92,12 +93,44 @@ def test_a_change_needs_a_reason_and_the_right_line_state():
         check_delivery(stage=False, running=False, socket=sock)
 
 
-def test_reject_timing_is_time_or_encoder_mode_never_both():
-    assert reject_timing(120.0, None, 5.0) == {"mode": "time", "delay_ms": 120.0, "actuator_lead_ms": 5.0}
-    assert reject_timing(None, 800, 0.0) == {"mode": "encoder", "counts": 800, "actuator_lead_ms": 0.0}
-    for delay, counts in ((None, None), (120.0, 800)):
-        with pytest.raises(UsageError, match="exactly one of --delay-ms"):
-            reject_timing(delay, counts, 0.0)
+def test_timing_set_keeps_what_it_is_not_told_and_is_time_or_encoder_mode_never_both():
+    current = {"mode": "time", "delay_ms": 300.0, "counts": None, "actuator_lead_ms": 50.0}
+    assert merged_timing(200.0, None, None, current) == {"mode": "time", "delay_ms": 200.0, "counts": None,
+                                                         "actuator_lead_ms": 50.0}   # the lead is kept
+    assert merged_timing(None, None, 20.0, current)["delay_ms"] == 300.0            # the delay is kept
+    assert merged_timing(None, 800, None, current) == {"mode": "encoder", "counts": 800, "delay_ms": None,
+                                                       "actuator_lead_ms": 50.0}
+    assert merged_timing(120.0, None, None, None)["actuator_lead_ms"] == 0.0
+    with pytest.raises(UsageError, match="not both"):
+        merged_timing(120.0, 800, None, current)
+    with pytest.raises(UsageError, match="no reject timing is set yet"):
+        merged_timing(None, None, 5.0, None)
+
+
+def test_a_delay_that_leaves_less_than_the_measured_p99_plus_a_margin_is_a_problem():
+    timing = {"mode": "time", "delay_ms": 200.0, "actuator_lead_ms": 0.0}
+    assert "p99 latency is 282 ms" in latency_problem(timing, 282.0)
+    assert latency_problem(timing, 150.0) is None                 # 150 + 30 margin <= 200
+    assert latency_problem(timing, 170.0) is not None             # 170 + 34 > 200
+    assert latency_problem({**timing, "actuator_lead_ms": 60.0}, 150.0) is not None   # the lead counts too
+    assert latency_problem(timing, None) is None and latency_problem({"mode": "encoder", "counts": 5}, 900.0) is None
+
+
+def test_the_label_free_estimate_refuses_a_mostly_rejected_stream_and_too_few_parts():
+    rng = np.random.default_rng(4)
+    mostly_bad = np.concatenate([rng.gumbel(0.3, 0.05, 24), rng.uniform(1.5, 9.0, 76)])   # 76 % defective
+    with pytest.raises(UsageError, match="76 % of the stream score at or above the threshold in force"):
+        check_assumptions(mostly_bad, 1.0, "the stream")
+    check_assumptions(mostly_bad[:40], None, "the stream")        # no threshold in force: nothing to compare
+    with pytest.raises(UsageError, match="19 scores are too few"):
+        check_assumptions(rng.gumbel(0.3, 0.05, 19), 1.0, "the stream")
+    check_assumptions(rng.gumbel(0.3, 0.05, 100), 1.0, "the stream")
+
+
+def test_a_tested_rate_holds_within_a_factor_of_two():
+    assert rate_still_holds(0.01, 0.015) and rate_still_holds(0.01, 0.006)
+    assert not rate_still_holds(0.01, 0.03) and not rate_still_holds(0.01, 0.003)
+    assert rate_still_holds(0.0, 0.00005)                          # two negligible rates are the same
 
 
 def test_calibration_scores_are_refused_below_the_minimum_and_a_typed_threshold_must_be_finite():

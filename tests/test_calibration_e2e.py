@@ -97,7 +97,7 @@ def test_calibrate_apply_live_rollback_and_audit(running_line, capsys):
     pool_scores = request(storage / "control.sock", {"cmd": "pool_scores"})["scores"]
     assert sorted(pool_scores)[len(pool_scores) // 2] < suggested["threshold"] < CONFIG_THRESHOLD
 
-    code, out, err = cli(capsys, "threshold", "apply", *cfg, "--target-frr", "0.01", "--reason", "first calibration")
+    code, out, err = cli(capsys, "threshold", "apply", "--yes", *cfg, "--target-frr", "0.01", "--reason", "first calibration")
     assert code == 0, err
     assert "in force" in out and "recipes.default.threshold: 5 ->" in out
     applied = json.loads((storage / "calibration" / "v0001.json").read_text())["recipes"]["default"]["threshold"]
@@ -152,7 +152,7 @@ def test_changes_to_a_running_line_need_the_technician_token(running_line, capsy
     token = storage / "calibration" / "technician.token"
     assert token.stat().st_mode & 0o777 == 0o640
     monkeypatch.setattr(Path, "read_text", _deny(token, Path.read_text))
-    code, _, err = cli(capsys, "threshold", "apply", "--config", str(config_path), "--threshold", "0.3",
+    code, _, err = cli(capsys, "threshold", "apply", "--yes", "--config", str(config_path), "--threshold", "0.3",
                        "--reason", "should be refused")
     assert code == 2 and "technician role" in err and len(err.strip().splitlines()) == 1
     assert not (storage / "calibration" / "audit.jsonl").exists()

@@ -699,7 +699,7 @@ class Line:
             try:
                 scores = leave_one_out_scores(raw, features, self.inspector.params)
             except PoolTooSmallError as exc:
-                raise ControlError(str(exc)) from None
+                raise ControlError(f"PoolTooSmallError: {exc}") from None
             self._loo_cache[rp.name] = (time.monotonic(), scores)
         return {"recipe": rp.name, "threshold": rp.threshold, "scores": scores, "reused": False}
 
