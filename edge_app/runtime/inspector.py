@@ -132,7 +132,9 @@ class Inspector:
         cut = [w for image in images for w in windows(image, plan)] if plan.n_windows > 1 or \
             plan.scaled != (self.engine.size, self.engine.size) else images
         feats: Features = engine(cut, batch_size=len(cut))
-        layers = [feats.layers[i] for i in self.layer_index]
+        index = self.layer_index if engine is self.engine else \
+            [engine.manifest.blocks.index(b) for b in self.config.model.blocks]   # a shadow may be cut differently
+        layers = [feats.layers[i] for i in index]
         sets = [fs.reshape(len(images), t * fs.shape[1], fs.shape[2])
                 for fs in prepare(layers, plan.window_grid, self.params)]
         return [[fs[i] for fs in sets] for i in range(len(images))]
@@ -235,6 +237,7 @@ class Inspector:
         fast, old = self.fast_path, self.engine.manifest.model_sha256
         if switch:
             self.engine = self._fast_engine()
+            self.layer_index = [self.engine.manifest.blocks.index(b) for b in self.config.model.blocks]
             fast.generation += 1
             self._rebind_identity()
         fast.finish(switch, reason)
