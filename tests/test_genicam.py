@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import fcntl
 import shutil
+import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -31,7 +33,6 @@ from musc_edge.edge.sources.genicam import (
     aravis_missing,
     doctor_report,
     frame_ref,
-    list_cameras,
     parse_frame_ref,
 )
 from musc_edge.edge.sources.pixel_formats import FORMATS, PixelFormatError, mosaic, payload_bytes, to_rgb
@@ -182,6 +183,21 @@ def test_config_errors_name_the_key(config, message):
 # ---------------------------------------------------------------- the fake GigE Vision camera
 
 
+def gvcp_serial(timeout_s: float = 0.2) -> str | None:
+    """The serial number of the GigE Vision device answering a unicast discovery on 127.0.0.1:3956, or None.
+
+    GVCP DISCOVERY_CMD (0x0002) is an 8-byte header; the serial is the 16 bytes at 0xD8 of the ack's
+    payload. Milliseconds, where Aravis' own discovery waits a second."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(timeout_s)
+        probe.sendto(struct.pack(">BBHHH", 0x42, 0x01, 0x0002, 0, 1), ("127.0.0.1", 3956))
+        try:
+            data = probe.recv(1024)
+        except (TimeoutError, ConnectionRefusedError):
+            return None
+    return data[8 + 0xD8: 8 + 0xD8 + 16].split(b"\0")[0].decode(errors="replace")
+
+
 class FakeCamera:
     """``arv-fake-gv-camera-0.8`` on 127.0.0.1 with serial ``serial``; start, kill and start again."""
 
@@ -190,18 +206,18 @@ class FakeCamera:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> FakeCamera:
-        others = [d for d in list_cameras() if d["address"] == "127.0.0.1"]
-        if others:   # two simulators on one address answer each other's requests: no test could be trusted
-            raise RuntimeError(f"another GigE Vision camera already answers on 127.0.0.1: {others}")
+        other = gvcp_serial()
+        if other is not None:   # two simulators on one address answer each other's requests: no test holds
+            raise RuntimeError(f"another GigE Vision camera (serial {other}) already answers on 127.0.0.1")
         self.process = subprocess.Popen([FAKE_CAMERA, "-i", "127.0.0.1", "-s", self.serial, *self.extra],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for _ in range(20):   # discovery answers within about a second of start
+        for _ in range(50):
             if self.process.poll() is not None:
-                raise RuntimeError(f"arv-fake-gv-camera-0.8 exited with {self.process.returncode} (UDP 3956 on "
-                                   f"127.0.0.1 held by another?): {self.process.stderr.read().decode()[-300:]}")
-            if any(d["serial"] == self.serial for d in list_cameras()):
+                raise RuntimeError(f"arv-fake-gv-camera-0.8 exited with {self.process.returncode}: "
+                                   f"{self.process.stderr.read().decode()[-300:]}")
+            if gvcp_serial() == self.serial:
                 return self
-        raise RuntimeError(f"fake camera {self.serial} was not discovered on 127.0.0.1")
+        raise RuntimeError(f"fake camera {self.serial} did not answer on 127.0.0.1 within 10 s")
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

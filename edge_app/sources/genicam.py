@@ -126,7 +126,8 @@ class GenICamConfig(SourceConfig):
         require(isinstance(self.features, dict) and all(isinstance(k, str) and k for k in self.features)
                 and all(isinstance(v, (bool, int, float, str)) for v in self.features.values()), "features",
                 self.features, "a mapping of feature names to booleans, numbers or strings")
-        require(self.encoder_chunk is None or (isinstance(self.encoder_chunk, str) and self.encoder_chunk.isidentifier()),
+        require(self.encoder_chunk is None
+                or (isinstance(self.encoder_chunk, str) and self.encoder_chunk.isidentifier()),
                 "encoder_chunk", self.encoder_chunk, "null or a chunk name such as EncoderValue")
         require(_is_int(self.buffers) and 2 <= self.buffers <= 256, "buffers", self.buffers, "an integer in 2..256")
         for key in ("frame_timeout_s", "reconnect_interval_s", "poll_interval_s", "gap_timeout_s"):
@@ -339,7 +340,8 @@ class GenICamSource(FrameSource):
                         continue
                     last_sign = time.monotonic()
                 elif self._control_lost.is_set() or (now - last_sign > c.frame_timeout_s and not self._answers()):
-                    why = "control lost" if self._control_lost.is_set() else f"no frame and no reply for {now - last_sign:.1f} s"
+                    why = ("control lost" if self._control_lost.is_set()
+                           else f"no frame and no reply for {now - last_sign:.1f} s")
                     lost_at = now
                     for orphan in self._lose(why, ids):
                         yield orphan
