@@ -97,3 +97,13 @@ def test_eval_passes_the_image_score_rule_through_both_protocols(toy_model, synt
         if mode == "batch":   # in stream mode the verdicts decide admission, so the pools (and maps) differ
             assert reports[0]["pixel_ap"] == reports[1]["pixel_ap"]      # same maps
         assert reports[0]["image_ap"] != reports[1]["image_ap"]          # other image scores
+
+
+def test_eval_shows_progress_while_scoring_and_while_writing_overlays(toy_model, synthetic_parts, tmp_path, capsys):
+    """Issue 25 row 10: features had a progress display, batch scoring and overlay writing had none."""
+    code = main(["eval", "--dataset", str(synthetic_parts), "--model", str(toy_model), "--size", "112",
+                 "--overlays", str(tmp_path / "overlays")])
+    assert code == 0
+    err = capsys.readouterr().err   # not a terminal: one line per tenth, the last one complete
+    assert "scoring: 2/2 (" in err, err   # batch: one step per feature set (blocks 6 and 9)
+    assert "overlays: 1/48 (" in err and "overlays: 48/48 (" in err, err

@@ -126,7 +126,8 @@ def run_eval(settings: EvalSettings) -> dict:
     sets = sample_sets(layers, plan, settings.params)
     grid = plan.stacked_grid
     if settings.mode == "batch":
-        result = score_batch(sets, grid, settings.params, features.image_tokens)
+        with Progress(len(sets), "scoring", enabled=settings.progress) as bar:   # one step per feature set
+            result = score_batch(sets, grid, settings.params, features.image_tokens, on_set_done=bar.advance)
         scored = ScoredSet(result.patch_maps, result.rescored)
     elif settings.mode == "stream":
         order = np.random.default_rng(settings.seed).permutation(len(samples))
@@ -178,7 +179,7 @@ def measure(settings: EvalSettings, samples, maps: np.ndarray, scores: np.ndarra
     masks = load_masks_at(samples, maps.shape[1:])
     metrics = compute_metrics(labels, scores, masks, maps)
     if settings.overlays:
-        write_overlays(settings.overlays, samples, maps, masks, scores)
+        write_overlays(settings.overlays, samples, maps, masks, scores, progress=settings.progress)
     report = {"dataset": str(settings.dataset), "mode": settings.mode, "size": settings.size,
               "pool": settings.pool if settings.mode == "stream" else None, "n_images": len(samples),
               "n_anomalous": int(labels.sum()), **metrics,
@@ -187,18 +188,21 @@ def measure(settings: EvalSettings, samples, maps: np.ndarray, scores: np.ndarra
     return {key: report[key] for key in REPORT_KEYS}
 
 
-def write_overlays(folder: Path, samples, maps: np.ndarray, masks: np.ndarray, scores: np.ndarray) -> None:
+def write_overlays(folder: Path, samples, maps: np.ndarray, masks: np.ndarray, scores: np.ndarray,
+                   progress: bool = False) -> None:
     """One [image | heat map | ground truth] PNG per sample at the maps' geometry, all on one colour scale."""
     import cv2
 
     folder.mkdir(parents=True, exist_ok=True)
     lo, hi = np.percentile(maps, [1.0, 99.9])
     h, w = maps.shape[1:]
-    for sample, amap, mask, score in zip(samples, maps, masks, scores):
-        image = cv2.resize(read_image(sample.path), (w, h), interpolation=cv2.INTER_AREA)
-        over = render_overlay(image, amap, lo, hi, caption=f"{score:.3f}")
-        name = f"{sample.defect_type}_{Path(sample.path).stem}.png"
-        cv2.imwrite(str(folder / name), cv2.cvtColor(side_by_side(image, over, mask), cv2.COLOR_RGB2BGR))
+    with Progress(len(samples), "overlays", enabled=progress) as bar:
+        for sample, amap, mask, score in zip(samples, maps, masks, scores):
+            image = cv2.resize(read_image(sample.path), (w, h), interpolation=cv2.INTER_AREA)
+            over = render_overlay(image, amap, lo, hi, caption=f"{score:.3f}")
+            name = f"{sample.defect_type}_{Path(sample.path).stem}.png"
+            cv2.imwrite(str(folder / name), cv2.cvtColor(side_by_side(image, over, mask), cv2.COLOR_RGB2BGR))
+            bar.advance()
 
 
 def format_report(report: dict) -> str:

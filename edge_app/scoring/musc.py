@@ -6,6 +6,7 @@ feature sets (layers, and degrees for LNAMD); the image score is the max of the 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,12 +74,18 @@ class BatchScores:
 
 
 def score_batch(sets: list[np.ndarray], grid: tuple[int, int], params: MuscParams = MuscParams(),
-                image_tokens: np.ndarray | None = None) -> BatchScores:
-    """Every sample scored against all others (the papers' transductive protocol)."""
+                image_tokens: np.ndarray | None = None, on_set_done: Callable[[], None] | None = None) -> BatchScores:
+    """Every sample scored against all others (the papers' transductive protocol). ``on_set_done`` is called
+    after each feature set is scored (a progress display)."""
     n = sets[0].shape[0]
     if n < 2:
         raise PoolTooSmallError(f"batch scoring needs at least 2 samples, got {n}")
-    patch = np.mean([msm_batch(fs, params.fraction) for fs in sets], axis=0)
+    per_set = []
+    for fs in sets:
+        per_set.append(msm_batch(fs, params.fraction))
+        if on_set_done is not None:
+            on_set_done()
+    patch = np.mean(per_set, axis=0)
     maps = patch.reshape(n, *grid)
     raw = image_scores(maps, params.image_top)
     feats = salient_features(sets, patch, params, image_tokens)
