@@ -9,11 +9,19 @@ a real organised scan (an MVTec 3D-AD ``xyz/NNN.tiff``) instead of a synthetic o
 (``rgb/NNN.png`` beside it) and the default feature model present, the last row is one whole 2D+3D part as the
 line prepares and scores it: preprocessing and canonical view, FPFH, the 2D features of the warped image
 (ONNX Runtime) and score_one.
+
+Every stage that changed for speed (issue 22) is timed twice in the same run, today's code and the code before
+it (:func:`todays_path` swaps in the reference implementations kept below), with the ratio before / now; the
+features and planes of both are the same bit for bit (tests/test_pointcloud.py). The whole part before ran the
+2D features after the FPFH; now they run on a second thread while the FPFH is computed
+(``recipe_scan.prepare_scan_with``).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +32,8 @@ from musc_edge.edge.evaluation.runner import DEFAULT_BLOCKS, select_layers
 from musc_edge.edge.features import FeatureEngine
 from musc_edge.edge.mediaio import read_image
 from musc_edge.edge.pointcloud import box_degrees, descriptor_layers, group_points, pool_to_grid, prepare_cloud, read_cloud
-from musc_edge.edge.pointcloud.fpfh import fpfh, knn, pca_normals, spfh
-from musc_edge.edge.runtime.recipes.recipe_scan import prepare_scan
+from musc_edge.edge.pointcloud.fpfh import FPFH_BINS, FPFH_DIM, fpfh, knn, pca_normals
+from musc_edge.edge.runtime.recipes.recipe_scan import prepare_scan, prepare_scan_with
 from musc_edge.edge.scoring import l2_normalise, patch_to_sample_distances
 from musc_edge.edge.scoring.musc import MuscParams, prepare
 from musc_edge.edge.scoring3d import (FusionParams, Params3D, cae, centre_map, euclidean_sample_distances, fpfh_sample,
@@ -34,10 +42,90 @@ from musc_edge.edge.scoring3d.multimodal import pose_margin, thin_points
 from musc_edge.edge.synthetic3d import generate_set
 
 SIZE = 224
+# the modules themselves (the package re-exports functions of the same names)
+fpfh_module = importlib.import_module("musc_edge.edge.pointcloud.fpfh")
+preprocess_module = importlib.import_module("musc_edge.edge.pointcloud.preprocess")
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "dinov2_vits14_musc.onnx"
 # 2D side as the app's defaults score it: DINOv2 ViT-S/14 at 224 px (16 x 16 x 384), blocks 6 and 9
 # (--vit-b8 for MuSc-V2's DINO ViT-B/8: 28 x 28 x 768, three blocks).
 DEFAULT_2D, VIT_B8 = ((16, 16), 384, 2), ((28, 28), 768, 3)
+
+
+# -- the implementations before issue 22 (same results; kept to time today's code against) --------------------------
+def reference_spfh(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """SPFH over all pairs at once (the same closed form as ``fpfh.spfh``, without blocks)."""
+    n, k = neighbours.shape
+    pts, nrm = points.astype(np.float32, copy=False), normals.astype(np.float32, copy=False)
+    dst = neighbours[:, 1:]
+    d = [pts[dst, i] - pts[:, i, None] for i in range(3)]
+    length = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+    inv = 1.0 / np.maximum(length, np.float32(1e-30))
+    n1 = [nrm[:, i, None] for i in range(3)]
+    n2 = [nrm[dst, i] for i in range(3)]
+    a1 = (n1[0] * d[0] + n1[1] * d[1] + n1[2] * d[2]) * inv
+    a2 = (n2[0] * d[0] + n2[1] * d[1] + n2[2] * d[2]) * inv
+    c = n1[0] * n2[0] + n1[1] * n2[1] + n1[2] * n2[2]
+    det = (d[0] * (n1[1] * n2[2] - n1[2] * n2[1]) + d[1] * (n1[2] * n2[0] - n1[0] * n2[2])
+           + d[2] * (n1[0] * n2[1] - n1[1] * n2[0])) * inv
+    swap = np.abs(a1) < np.abs(a2)
+    a = np.where(swap, a2, a1)
+    phi = np.where(swap, -a2, a1)
+    r = np.sqrt(np.maximum(1.0 - a * a, 0.0))
+    alpha = det / np.maximum(r, np.float32(1e-30))
+    theta = np.arctan2(np.where(swap, a2 * c - a1, a2 - a1 * c), c * r)
+    degenerate = (r <= 1e-7) | (length == 0)
+    base = np.arange(n)[:, None] * FPFH_DIM
+    bins = []
+    for block, (values, lo, hi) in enumerate(((theta, -np.pi, np.pi), (alpha, -1.0, 1.0), (phi, -1.0, 1.0))):
+        values[degenerate] = 0.0
+        binned = np.clip(np.floor(FPFH_BINS * (values - lo) / (hi - lo)), 0, FPFH_BINS - 1).astype(np.int64)
+        bins.append((base + block * FPFH_BINS + binned).ravel())
+    hist = np.bincount(np.concatenate(bins), minlength=n * FPFH_DIM)
+    return hist.reshape(n, FPFH_DIM) * (100.0 / (k - 1))
+
+
+def reference_fit_plane_ransac(points: np.ndarray, threshold: float, iterations: int = 1000, sample: int = 1024,
+                               seed: int = 0) -> tuple[np.ndarray, float]:
+    """RANSAC scoring hypotheses as columns of one large block (the same plane as ``fit_plane_ransac``)."""
+    rng = np.random.default_rng(seed)
+    pts = points.astype(np.float64, copy=False)
+    scored = pts if pts.shape[0] <= sample else pts[rng.choice(pts.shape[0], sample, replace=False)]
+    triples = scored[rng.integers(0, scored.shape[0], size=(iterations, 3))]
+    normals = np.cross(triples[:, 1] - triples[:, 0], triples[:, 2] - triples[:, 0])
+    lengths = np.linalg.norm(normals, axis=1)
+    usable = lengths > 1e-12
+    normals = normals[usable] / lengths[usable, None]
+    offsets = -np.einsum("ij,ij->i", normals, triples[usable, 0])
+    counts = np.empty(normals.shape[0], dtype=np.int64)
+    chunk = max(1, 2**22 // scored.shape[0])
+    for start in range(0, normals.shape[0], chunk):
+        dist = np.abs(scored @ normals[start:start + chunk].T + offsets[start:start + chunk])
+        counts[start:start + chunk] = (dist < threshold).sum(axis=0)
+    best = int(counts.argmax())
+    inliers = pts[np.abs(pts @ normals[best] + offsets[best]) < threshold]
+    centre = inliers.mean(axis=0)
+    normal = np.linalg.svd(inliers - centre, full_matrices=False)[2][-1]
+    return normal, float(-normal @ centre)
+
+
+def reference_valid_mask(cloud: np.ndarray) -> np.ndarray:
+    return np.isfinite(cloud).all(axis=-1)
+
+
+@contextmanager
+def todays_path():
+    """Within the block, the pipeline runs the implementations before issue 22 (module functions swapped)."""
+    swaps = [(fpfh_module, "spfh", reference_spfh),
+             (preprocess_module, "fit_plane_ransac", reference_fit_plane_ransac),
+             (preprocess_module, "valid_mask", reference_valid_mask)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
+    for module, name, function in swaps:
+        setattr(module, name, function)
+    try:
+        yield
+    finally:
+        for module, name, function in saved:
+            setattr(module, name, function)
 
 
 def timeit(fn, repeat: int) -> tuple[float, object]:
@@ -51,9 +139,29 @@ def timeit(fn, repeat: int) -> tuple[float, object]:
     return float(np.median(times) * 1e3), result
 
 
+def both(fn, repeat: int, fn_before=None) -> tuple[float, float, object]:
+    """(median ms before, median ms now, result now): ``fn_before`` (default ``fn``) with the implementations
+    before issue 22 and ``fn`` with today's, alternating, so that both meet the same load from other work."""
+    fn_before = fn_before or fn
+    with todays_path():
+        fn_before()
+    result = fn()
+    before, now = [], []
+    for _ in range(repeat):
+        with todays_path():
+            t0 = time.perf_counter()
+            fn_before()
+            before.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        result = fn()
+        now.append(time.perf_counter() - t0)
+    return float(np.median(before) * 1e3), float(np.median(now) * 1e3), result
+
+
 def whole_part(cloud: np.ndarray, image: np.ndarray, params: Params3D, pool_3d: list[np.ndarray], pool: int,
-               repeat: int) -> list[tuple[str, float]]:
-    """One 2D+3D part as the line runs it, with the default model: rows for the 2D features and the total."""
+               repeat: int) -> list[tuple[str, float, float]]:
+    """One 2D+3D part as the line runs it, with the default model: rows for the 2D features and the total
+    (before: 2D features after the FPFH, the implementations before issue 22; now: as ``ScanRecipe.prepare``)."""
     engine = FeatureEngine(DEFAULT_MODEL, size=SIZE)
 
     def sets_of(image_c: np.ndarray) -> list[np.ndarray]:
@@ -64,13 +172,22 @@ def whole_part(cloud: np.ndarray, image: np.ndarray, params: Params3D, pool_3d: 
     t_features, _ = timeit(lambda: engine([warped], 1), repeat)
     pool_2d = [np.repeat(s, pool, axis=0) for s in sets_of(warped)]
 
-    def part() -> object:
+    def part_before() -> object:
         query, image_c = prepare_scan(cloud, image, params, True, "bench")
         query_2d = [s[0] for s in sets_of(image_c)]
         return score_one(query_2d, query, pool_2d, pool_3d, engine.grid, SIZE, FusionParams())
-    t_part, _ = timeit(part, repeat)
-    return [("2D features, default model (ONNX Runtime)", t_features),
-            ("one 2D+3D part: preprocess + FPFH + 2D + score", t_part)]
+
+    def part_now() -> object:
+        query, sets = prepare_scan_with(cloud, image, params, True, "bench", sets_of)
+        return score_one([s[0] for s in sets], query, pool_2d, pool_3d, engine.grid, SIZE, FusionParams())
+
+    with todays_path():
+        before = part_before()
+    t_before, t_now, now = both(part_now, repeat, part_before)
+    if before.raw != now.raw:
+        raise AssertionError(f"the whole part scores {now.raw} now but {before.raw} before")
+    return [("2D features, default model (ONNX Runtime)", t_features, t_features),
+            ("one 2D+3D part: preprocess + FPFH + 2D + score", t_before, t_now)]
 
 
 def main() -> None:
@@ -89,39 +206,42 @@ def main() -> None:
     clouds = data.clouds if args.cloud is None else [read_cloud(args.cloud)] * (args.pool + 1)
     cloud = clouds[0]
 
-    rows = []
-    t, prepared = timeit(lambda: prepare_cloud(cloud, SIZE, params.preprocess, pose_margin=pose_margin(params)),
-                         args.repeat)
-    rows.append((f"preprocess (plane, cluster, {params.pose} view, normalise)", t))
+    rows: list[tuple[str, float | None, float]] = []   # (stage, ms before issue 22 or None: unchanged, ms now)
+
+    def row(name: str, fn, changed: bool = False) -> object:
+        if changed:
+            before, now, result = both(fn, args.repeat)
+        else:
+            (now, result), before = timeit(fn, args.repeat), None
+        rows.append((name, before, now))
+        return result
+
+    prepared = row(f"preprocess (plane, cluster, {params.pose} view, normalise)",
+                   lambda: prepare_cloud(cloud, SIZE, params.preprocess, pose_margin=pose_margin(params)), True)
     if args.tokens == "fpfh":
         pts, pixel_ids = thin_points(prepared, params.stride)
-        t, (dist2, index) = timeit(lambda: knn(pts, params.fpfh_neighbours, cKDTree(pts)), args.repeat)
-        rows.append((f"kNN ({params.fpfh_neighbours} nearest, KD-tree)", t))
+        dist2, index = row(f"kNN ({params.fpfh_neighbours} nearest, KD-tree)",
+                           lambda: knn(pts, params.fpfh_neighbours, cKDTree(pts)))
         sensor = -prepared.centroid / prepared.scale
-        t, normals = timeit(lambda: pca_normals(pts, index[:, :params.fpfh_normal_neighbours], sensor), args.repeat)
-        rows.append((f"normals (PCA of {params.fpfh_normal_neighbours} nearest)", t))
-        t, _ = timeit(lambda: spfh(pts, normals, index), args.repeat)
-        rows.append(("SPFH (Darboux angles, histograms)", t))
-        t, per_point = timeit(lambda: fpfh(pts, params.fpfh_normal_neighbours, params.fpfh_neighbours, sensor),
-                              args.repeat)
-        rows.append(("FPFH end to end (kNN + normals + SPFH + mixing)", t))
-        t, _ = timeit(lambda: box_degrees(pool_to_grid(per_point, pixel_ids, SIZE, SIZE // params.patch_pixels),
-                                          params.patch_degrees), args.repeat)
-        rows.append((f"pooling to the patch grid + box layers {params.patch_degrees}", t))
-        t, query = timeit(lambda: fpfh_sample(prepared, params), args.repeat)
-        rows.append(("3D sample end to end (FPFH + pooling + map set-up)", t))
+        normals = row(f"normals (PCA of {params.fpfh_normal_neighbours} nearest)",
+                      lambda: pca_normals(pts, index[:, :params.fpfh_normal_neighbours], sensor))
+        row("SPFH (Darboux angles, histograms)", lambda: fpfh_module.spfh(pts, normals, index), True)
+        per_point = row("FPFH end to end (kNN + normals + SPFH + mixing)",
+                        lambda: fpfh(pts, params.fpfh_normal_neighbours, params.fpfh_neighbours, sensor), True)
+        row(f"pooling to the patch grid + box layers {params.patch_degrees}",
+            lambda: box_degrees(pool_to_grid(per_point, pixel_ids, SIZE, SIZE // params.patch_pixels),
+                                params.patch_degrees))
+        query = row("3D sample end to end (FPFH + pooling + map set-up)", lambda: fpfh_sample(prepared, params), True)
     else:
-        t, grouping = timeit(lambda: group_points(prepared.points, params.n_groups, params.group_size,
-                                                  params.grouping, params.k_iter, params.tau, params.seed), args.repeat)
-        rows.append((f"grouping ({params.grouping}, FPS + kNN + curvature)", t))
-        t, tokens = timeit(lambda: descriptor_layers(prepared.points, grouping, params.scales,
-                                                     normal_neighbours=params.normal_neighbours), args.repeat)
-        rows.append(("descriptors (normals + 3 scales)", t))
-        t, query = timeit(lambda: sample_from_tokens(prepared, grouping, tokens, params.degrees, params.tau),
-                          args.repeat)
-        rows.append(("SNAMD-3D + map set-up", t))
-    t, _ = timeit(lambda: prepare_3d(cloud, params), args.repeat)
-    rows.append(("prepare_3d end to end (all of the above)", t))
+        grouping = row(f"grouping ({params.grouping}, FPS + kNN + curvature)",
+                       lambda: group_points(prepared.points, params.n_groups, params.group_size, params.grouping,
+                                            params.k_iter, params.tau, params.seed))
+        tokens = row("descriptors (normals + 3 scales)",
+                     lambda: descriptor_layers(prepared.points, grouping, params.scales,
+                                               normal_neighbours=params.normal_neighbours))
+        query = row("SNAMD-3D + map set-up",
+                    lambda: sample_from_tokens(prepared, grouping, tokens, params.degrees, params.tau))
+    row("prepare_3d end to end (all of the above)", lambda: prepare_3d(cloud, params), True)
 
     pool_3d = stack_layers([prepare_3d(c, params) for c in clouds[1:]])
     rng = np.random.default_rng(0)
@@ -129,30 +249,34 @@ def main() -> None:
     query_2d = [l2_normalise(rng.normal(size=(p, dim_2d))).astype(np.float32) for _ in range(layers)]
     pool_2d = [l2_normalise(rng.normal(size=(args.pool, p, dim_2d))).astype(np.float32) for _ in range(layers)]
 
-    t, d3 = timeit(lambda: [euclidean_sample_distances(q, r) for q, r in zip(query.layers, pool_3d)], args.repeat)
-    rows.append((f"3D MSM distances, {layers} layers", t))
-    t, d2 = timeit(lambda: [patch_to_sample_distances(q, r) for q, r in zip(query_2d, pool_2d)], args.repeat)
-    rows.append((f"2D MSM distances, {layers} layers ({p} x {dim_2d})", t))
+    d3 = row(f"3D MSM distances, {layers} layers",
+             lambda: [euclidean_sample_distances(q, r) for q, r in zip(query.layers, pool_3d)])
+    d2 = row(f"2D MSM distances, {layers} layers ({p} x {dim_2d})",
+             lambda: [patch_to_sample_distances(q, r) for q, r in zip(query_2d, pool_2d)])
     proj = projection(query.centre_pixels, SIZE, grid_2d)
-    t, _ = timeit(lambda: [cae(a, b, proj) for a, b in zip(d2, d3)], args.repeat)
-    rows.append((f"CAE, {layers} layers", t))
-    t, _ = timeit(lambda: centre_map(d3[0].mean(axis=1), query.propagation), args.repeat)
-    rows.append(("3D map (3-NN propagation + blur)", t))
+    row(f"CAE, {layers} layers", lambda: [cae(a, b, proj) for a, b in zip(d2, d3)])
+    row("3D map (3-NN propagation + blur)", lambda: centre_map(d3[0].mean(axis=1), query.propagation))
     for mode in ("3d", "2d+3d"):
         fusion = FusionParams(mode=mode)
-        t, _ = timeit(lambda fusion=fusion: score_one(query_2d, query, pool_2d, pool_3d, grid_2d, SIZE, fusion),
-                      args.repeat)
-        rows.append((f"score_one end to end, mode {mode}", t))
+        row(f"score_one end to end, mode {mode}",
+            lambda fusion=fusion: score_one(query_2d, query, pool_2d, pool_3d, grid_2d, SIZE, fusion))
     image_path = None if args.cloud is None else Path(args.cloud).parent.parent / "rgb" / (Path(args.cloud).stem + ".png")
     if image_path is not None and image_path.is_file() and DEFAULT_MODEL.is_file() and not args.vit_b8:
-        rows += whole_part(cloud, read_image(image_path), params, pool_3d, args.pool, args.repeat)
+        (name, t_features, _), whole = whole_part(cloud, read_image(image_path), params, pool_3d, args.pool,
+                                                  args.repeat)
+        rows += [(name, None, t_features), whole]
 
     print(f"3D / 2D+3D path ({args.tokens} tokens), one part: {SIZE}x{SIZE}, G={query.centres.shape[0]}, "
           f"M={query.group_pixels.shape[1]}, {len(prepared.points)} foreground points on the grid, "
           f"{len(pts) if args.tokens == 'fpfh' else len(prepared.points)} described, pool {args.pool} "
           f"(numpy on CPU, median of {args.repeat})")
-    for name, ms in rows:
-        print(f"  {name:<48} {ms:8.1f} ms")
+    print(f"  {'stage':<50} {'before':>8} {'now':>8} {'before/now':>11}")
+    for name, before, now in rows:
+        if before is None:
+            print(f"  {name:<50} {'':>8} {now:8.1f} {'unchanged':>11}")
+        else:
+            print(f"  {name:<50} {before:8.1f} {now:8.1f} {before / now:10.2f}x")
+    print("  ms, median; before: the implementations before issue 22 (same results), timed in this run")
 
 
 if __name__ == "__main__":

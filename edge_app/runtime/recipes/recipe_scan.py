@@ -10,16 +10,19 @@ never raises.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from ...config import ConfigError, RecipeSettings, ScanSettings
 from ...errors import UsageError
 from ...mediaio import read_image
-from ...pointcloud import (CloudError, PreprocessParams, prepare_cloud, read_cloud, to_organised, warp_image,
-                           zero_background)
+from ...pointcloud import (CloudError, PreparedCloud, PreprocessParams, prepare_cloud, read_cloud, to_organised,
+                           warp_image, zero_background)
 from ...progress import Progress
 from ...record import PartRecord
 from ...scan_pool import SCAN_MODES, PreparedScan, ScanPool
@@ -30,6 +33,7 @@ from ...sources.scanner import CLOUD_SUFFIXES, cloud_problem
 from .base import Recipe, Scored, Scoring, image_files
 
 REFERENCE_SIZE = 224   # grid side the MuSc-V2 3D defaults (blur sigma) are given for
+T = TypeVar("T")
 
 
 def descriptor_scales(scan: ScanSettings, modality: str, n_2d_sets: int) -> tuple[float, ...]:
@@ -71,16 +75,60 @@ def prepare_scan(cloud: np.ndarray, image: np.ndarray, params: Params3D, black_b
     canonical view with the cloud (``size x size``). Any unusable cloud raises :class:`CloudError` naming
     ``source``.
     """
+    prepared, view = _prepare_view(cloud, image, params, black_background, source)
+    return _sample(prepared, params, source), view
+
+
+def prepare_scan_with(cloud: np.ndarray, image: np.ndarray, params: Params3D, black_background: bool,
+                      source: str, image_stage: Callable[[np.ndarray], T]) -> tuple[Sample3D, T]:
+    """(3D sample, ``image_stage(image for the 2D features)``), as :func:`prepare_scan`, with the image stage
+    (the 2D feature model: ONNX Runtime, which releases the GIL) on a second thread while this one computes
+    the cloud's FPFH, so the two share the cores. A cloud error is raised once the image stage has finished;
+    the image stage's own errors are raised as they are."""
+    prepared, view = _prepare_view(cloud, image, params, black_background, source)
+    stage = _image_stage_thread().submit(image_stage, view)
+    try:
+        sample = _sample(prepared, params, source)
+    except BaseException:
+        wait([stage])
+        raise
+    return sample, stage.result()
+
+
+def _prepare_view(cloud: np.ndarray, image: np.ndarray, params: Params3D, black_background: bool,
+                  source: str) -> tuple[PreparedCloud, np.ndarray]:
+    """The preprocessed cloud and the image for the 2D features (background zeroed, canonical view)."""
     try:
         prepared = prepare_cloud(cloud, params.size, params.preprocess, source, pose_margin(params))
-        sample = sample_from_cloud(prepared, params, source)
         if black_background:
             image = zero_background(image, prepared.foreground)
-        return sample, image if prepared.affine is None else warp_image(image, prepared.affine, params.size)
+        return prepared, image if prepared.affine is None else warp_image(image, prepared.affine, params.size)
     except CloudError:
         raise
     except ValueError as exc:  # degenerate geometry (e.g. every point identical) is a scanner problem too
         raise CloudError(f"{source}: {exc}") from exc
+
+
+def _sample(prepared: PreparedCloud, params: Params3D, source: str) -> Sample3D:
+    try:
+        return sample_from_cloud(prepared, params, source)
+    except CloudError:
+        raise
+    except ValueError as exc:
+        raise CloudError(f"{source}: {exc}") from exc
+
+
+_IMAGE_STAGE: ThreadPoolExecutor | None = None
+_IMAGE_STAGE_LOCK = threading.Lock()
+
+
+def _image_stage_thread() -> ThreadPoolExecutor:
+    """The one thread that runs scans' image stages (created on first use)."""
+    global _IMAGE_STAGE
+    with _IMAGE_STAGE_LOCK:
+        if _IMAGE_STAGE is None:
+            _IMAGE_STAGE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scan-image-stage")
+        return _IMAGE_STAGE
 
 
 class ScanRecipe(Recipe):
@@ -129,8 +177,10 @@ class ScanRecipe(Recipe):
         if problem is not None:
             raise CloudError(f"{where}: {problem}")
         cloud = to_organised(part.cloud, where, part.image.shape)
-        sample, image = prepare_scan(cloud, part.image, self.params3d, self.black_background, where)
-        sets = self.scoring.features([image])[0] if self.modality == "2d+3d" else []
+        if self.modality != "2d+3d":
+            return PreparedScan([], prepare_scan(cloud, part.image, self.params3d, self.black_background, where)[0])
+        sample, sets = prepare_scan_with(cloud, part.image, self.params3d, self.black_background, where,
+                                         lambda image: self.scoring.features([image])[0])
         return PreparedScan(sets, sample)
 
     def score(self, prepared: PreparedScan, part_id: str | None = None) -> Scored:
