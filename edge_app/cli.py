@@ -299,24 +299,23 @@ def _start_view(config_path: Path):
 
 
 def _add_pool(sub) -> None:
-    p = sub.add_parser("pool", help="seed a recipe's pool from a folder of recent unlabeled captures")
+    p = sub.add_parser("pool", help="seed a stopped line's pool from a folder of recent good captures "
+                                    "(technician; a running line: musc-calibrate pool reseed)")
     p.add_argument("action", choices=("seed",))
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--folder", type=Path, required=True)
     p.add_argument("--recipe", default="default")
+    p.add_argument("--reason", required=True, help="why (recorded in the audit log; required)")
     p.set_defaults(func=cmd_pool)
 
 
 def cmd_pool(args) -> int:
     from .config import load_config
-    from .runtime.inspector import Inspector
-    from .runtime.seed import seed_pool
+    from .runtime.seed import seed_offline
 
     config = load_config(args.config)
-    inspector = Inspector(config)
-    size = seed_pool(inspector, args.recipe, args.folder)
-    inspector.save_pools()
-    print(f"pool {args.recipe!r}: {size} members, saved under {config.storage.dir}/pools/")
+    size = seed_offline(config, args.recipe, args.folder, args.reason)
+    print(f"pool {args.recipe!r}: {size} members, saved under {config.storage.dir}/pools/ (recorded in the audit log)")
     return 0
 
 
