@@ -63,8 +63,8 @@ def shape_bytes(shape: Sequence[int], itemsize: int) -> int:
 def json_depth(text: bytes | str) -> int:
     """Deepest nesting of ``[`` / ``{`` in JSON text, brackets inside strings ignored; no recursion."""
     data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
-    if data.count(b"[") + data.count(b"{") <= 1:
-        return data.count(b"[") + data.count(b"{")
+    if b"[" not in data and b"{" not in data:
+        return 0
     depth = deepest = 0
     in_string = escaped = False
     for byte in data:
