@@ -461,3 +461,41 @@ def test_canonical_cloud_keeps_each_point_once_and_maps_go_back_to_the_frame():
     back = to_frame(marked, frame_to_canonical(affine, mask.shape, 160))
     frame = cv2.resize(mask.astype(np.uint8), (160, 160), interpolation=cv2.INTER_NEAREST) > 0
     assert back[frame].mean() > 0.5 and back[~frame].mean() < 0.05
+
+
+def test_a_scans_image_stage_runs_beside_its_fpfh_with_the_same_result():
+    import threading
+    import time
+
+    from musc_edge.edge.runtime.recipes.recipe_scan import prepare_scan, prepare_scan_with
+    from musc_edge.edge.scoring3d import Params3D
+
+    data = generate_set(1, seed=0, size=64)
+    cloud, image = data.clouds[0], data.images[0]
+    params = Params3D(size=64)
+    sample, view = prepare_scan(cloud, image, params, True, "scan_1")
+    beside, (thread, staged) = prepare_scan_with(cloud, image, params, True, "scan_1",
+                                                 lambda v: (threading.current_thread(), v.copy()))
+    assert thread is not threading.current_thread()
+    np.testing.assert_array_equal(staged, view)
+    for a, b in zip(beside.layers, sample.layers):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(beside.view, sample.view)
+
+    sparse = np.full_like(cloud, np.nan)   # preprocesses, but 9 points are too few for FPFH
+    sparse[30:33, 30:33] = cloud[30:33, 30:33]
+    sparse[0, :] = cloud[0, :]
+    finished = []
+
+    def slow_stage(view):
+        time.sleep(0.3)                    # still running when the cloud fails
+        finished.append(view.shape)
+    with pytest.raises(CloudError, match="scan_3: too few foreground points for FPFH"):
+        prepare_scan_with(sparse, image, params, True, "scan_3", slow_stage)
+    assert finished == [(64, 64, 3)]       # the image stage had finished when the cloud's error was raised
+
+    def broken(view):
+        raise ValueError("the feature model failed")
+    with pytest.raises(ValueError, match="the feature model failed") as raised:   # not turned into a cloud error
+        prepare_scan_with(cloud, image, params, True, "scan_1", broken)
+    assert not isinstance(raised.value, CloudError)
