@@ -123,6 +123,13 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
                                      "max": round(link_times[-1], 2)}
     if mqtt is not None:
         result["mqtt_outage"] = mqtt
+    from musc_edge.edge.runtime.calibration_state import CalibrationStore
+
+    decided = [r for r in CalibrationStore(out).audit.records() if r.get("action") == "runtime.fast_path"]
+    result["fast_path"] = decided[-1]["reason"] if decided else \
+        "no decision in the audit log (model.fast_path off or not applicable, or the warm-up never finished)"
+    hashes = [r.model_hash for r in rows]
+    result["rows_per_model"] = {h: hashes.count(h) for h in dict.fromkeys(hashes)}   # fp32 rows, then fast ones
     return result
 
 
@@ -355,6 +362,7 @@ def print_result(r: dict) -> None:
           f"one acked message per part: {r['one_ack_per_part']}")
     print(f"verdicts {r['verdicts']}  NO_VERDICT after warm-up {r['no_verdict_after_warmup'] or 'none'}")
     print(f"test images {r['test_images']} (scored {r['test_scored']}): image AUROC {r['test_image_auroc']}")
+    print(f"fast path: {r['fast_path']}  (ledger rows per model hash: {r['rows_per_model']})")
     print(f"{'stage':<9} {'min':>7} {'p50':>7} {'p99':>7} {'max':>7}  ms")
     for stage, p in r["latency_ms"].items():
         if p:

@@ -324,7 +324,8 @@ def run_checks(config_path: str | Path | None = None) -> list[Check]:
     from .features import default_model_path
 
     checks = [check_python(), check_import("numpy", "numpy"), check_import("cv2", "opencv-python-headless"),
-              check_import("onnxruntime", "onnxruntime"), check_providers(), check_tensorrt(), check_cpu(), *check_platform()]
+              check_import("onnxruntime", "onnxruntime"), check_providers(), check_tensorrt(), check_cpu(),
+              *check_platform()]
     if config_path is None:
         checks.append(check_model(default_model_path()))
     else:

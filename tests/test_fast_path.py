@@ -170,5 +170,6 @@ def test_a_running_line_records_its_switch_in_the_ledger_and_the_audit(agreeing,
     scored = [r for r in rows if r.reason != Reason.WARMUP]
     assert scored and all(r.model_hash == int8_sha[:16] != fp32_hash for r in scored)
     records = [r for r in CalibrationStore(tmp_path / "line").audit.records() if r["action"] == "runtime.fast_path"]
-    assert len(records) == 1 and records[0]["new"] == {"model_sha256": int8_sha, "scorer": "onnx-int8", "switched": True}
+    assert len(records) == 1
+    assert records[0]["new"] == {"model_sha256": int8_sha, "scorer": "onnx-int8", "switched": True}
     assert "passes the verify gate" in records[0]["reason"]

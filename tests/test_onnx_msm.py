@@ -104,8 +104,8 @@ def test_int8_graph_is_the_exact_integer_product(levels, inputs):
         exact = _exact_integer_distances(query[s], scorer, s, pool.size * P)
         # fp32: the int32 sum (< 2^24, exact) times two scales (2u), 2 - 2c and sqrt (2u each), over d >= 1/2
         tol = np.minimum(np.sqrt(2 * 8 * U32), 2 * 8 * U32 / np.maximum(exact, 1e-12)) + 4 * U32
-        assert (np.abs(ours.dists[s] - exact) <= tol).all(), \
-            f"the INT8 product is not exact on this CPU ({CPU.summary()}): max error {np.abs(ours.dists[s] - exact).max()}"
+        error = np.abs(ours.dists[s] - exact)
+        assert (error <= tol).all(), f"the INT8 product is not exact on this CPU ({CPU.summary()}): {error.max()}"
 
 
 def test_scorer_uses_references_that_are_exact_on_this_cpu():

@@ -215,8 +215,9 @@ def gemm_order_rtol(layers: list[np.ndarray]) -> float:
     different orders (one part against the pool vs the batch's pairs). ``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b`` over
     F + 1 terms is off by at most gamma_{F+1} (|a| + |b|)^2 per evaluation (Higham, Accuracy and Stability,
     3.1), so a distance is off relatively by gamma (|a| + |b|)^2 / d^2: the cancellation factor, taken at the
-    median nearest pair of distinct tokens of these features (float64). A map is a positive combination of distances divided by
-    another (the typical score): twice that for each evaluation. Holds for any CPU's BLAS (AVX2, AVX-512, NEON)."""
+    median nearest pair of distinct tokens of these features (float64). A map is a positive combination of
+    distances divided by another (the typical score): twice that for each evaluation. Holds for any CPU's BLAS
+    (AVX2, AVX-512, NEON)."""
     u = float(np.finfo(np.float32).eps) / 2
     factors, width = [], 0
     for layer in layers:
