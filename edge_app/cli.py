@@ -187,12 +187,12 @@ def cmd_run(args) -> int:
     if problems:
         print(f"musc-edge run: cannot start: {problems[0]}", file=sys.stderr)
         return 3
-    line = Line(config, status=_status_printer())
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: line.stop())
-
-    view = _start_view(args.config) if config.view.enabled else None
+    view = None
     try:
+        line = Line(config, status=_status_printer())
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: line.stop())
+        view = _start_view(args.config) if config.view.enabled else None
         stats = line.run()
     except StartupError as exc:
         print(f"musc-edge run: cannot start: {exc}", file=sys.stderr)
@@ -200,6 +200,8 @@ def cmd_run(args) -> int:
     except LineStopped as exc:  # e.g. disk full: one clear line, nothing lost, no traceback
         print(f"\nmusc-edge run: line stopped: {exc}", file=sys.stderr)
         return 3
+    except _input_errors():   # a bad config, pool or calibration file: one line naming it, exit 2 (main)
+        raise
     except Exception as exc:   # a fault the runtime did not foresee: one line, non-zero (systemd restarts it)
         print(f"\nmusc-edge run: line stopped by an internal fault: {type(exc).__name__}: "
               f"{' '.join(str(exc).split())[:300]} (traceback: {_save_traceback(config.storage.dir)})",

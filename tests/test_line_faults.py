@@ -317,3 +317,34 @@ def test_a_status_display_that_raises_does_not_stop_the_line(toy_model, tmp_path
     watcher.join(5)
     assert_one_acked_row_per_part(line.ledger_rows(), len(files))
     assert len(shown) >= 2, "the status thread went on after the display raised"
+
+
+def test_the_mqtt_telemetry_thread_survives_an_outbox_fault(tmp_path):
+    """The publisher thread used to die silently when the outbox could not be written (events then piled up
+    in memory for the rest of the run); now it logs the fault and goes on storing."""
+    from musc_edge.edge.telemetry import MqttSettings
+    from musc_edge.edge.telemetry.local_broker import free_port
+    from musc_edge.edge.telemetry.mqtt import MqttPublisher
+
+    publisher = MqttPublisher(MqttSettings(enabled=True, host="127.0.0.1", port=free_port()), "line",
+                              tmp_path / "outbox.sqlite")   # no broker: events wait in the outbox
+    append, calls = publisher.outbox.append, []
+
+    def faulty_append(items):
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return append(items)
+
+    publisher.outbox.append = faulty_append
+    try:
+        publisher.publish("alarm", {"text": "lost with the fault"})
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        publisher.publish("alarm", {"text": "stored after it"})
+        while len(publisher.outbox) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(publisher.outbox) == 1 and publisher._thread.is_alive()
+    finally:
+        publisher.close(flush_s=0)

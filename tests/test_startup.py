@@ -142,3 +142,28 @@ def test_a_replay_is_finite_without_loop_or_with_a_limit(tmp_path):
 def test_loop_must_be_true_or_false():
     with pytest.raises(ValueError, match="'loop' must be true or false"):
         ReplayConfig(path="x", loop="yes")
+
+
+def test_an_unforeseen_fault_at_start_is_one_line_and_a_non_zero_exit(toy_model, tmp_path, capsys, monkeypatch,
+                                                                      no_signal_handlers):
+    from musc_edge.edge.runtime.inspector import Inspector
+
+    def broken(self, *args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'shape'")
+
+    monkeypatch.setattr(Inspector, "restore_pools", broken)
+    config = write_config(tmp_path, toy_model, tmp_path, {"type": "zmq", "endpoint": "tcp://127.0.0.1:5557"})
+    assert main(["run", "--config", str(config)]) == 4
+    line = one_line(capsys.readouterr().err)
+    assert "line stopped by an internal fault: AttributeError: 'NoneType' object has no attribute 'shape'" in line
+    traceback = tmp_path / "line" / "last-fault.txt"
+    assert f"(traceback: {traceback})" in line and "restore_pools" in traceback.read_text()
+
+
+def test_a_config_error_still_exits_2(toy_model, tmp_path, capsys, no_signal_handlers):
+    config = write_config(tmp_path, toy_model, tmp_path, {"type": "zmq", "endpoint": "tcp://127.0.0.1:5557"})
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["blocks"] = [99]
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", "--config", str(config)]) == 2
+    assert "model.blocks [99]" in one_line(capsys.readouterr().err)

@@ -31,7 +31,10 @@ class Telemetry:
             from musc_edge.edge.telemetry.mqtt import MqttPublisher
 
             outbox = settings.mqtt.outbox or Path(storage) / "telemetry-outbox.sqlite"
-            self.mqtt = MqttPublisher(settings.mqtt, line, outbox)
+            try:
+                self.mqtt = MqttPublisher(settings.mqtt, line, outbox)
+            except Exception as exc:   # e.g. an outbox that cannot be opened: the line inspects without MQTT
+                log.error("telemetry: no MQTT publisher for %s:%s: %s", settings.mqtt.host, settings.mqtt.port, exc)
 
     @property
     def enabled(self) -> bool:

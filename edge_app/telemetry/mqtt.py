@@ -80,13 +80,13 @@ class MqttPublisher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._store_queued(timeout_s=0.05)
-            if self._connected.is_set():
-                try:
+            try:
+                self._store_queued(timeout_s=0.05)
+                if self._connected.is_set():
                     self._publish_head()
-                except Exception:                      # keep publishing; the outbox keeps the events
-                    log.exception("MQTT publish failed")
-                    time.sleep(0.5)
+            except Exception:   # keep going (an outbox that cannot be written, a paho fault); never die silently
+                log.exception("MQTT telemetry failed; retrying")
+                time.sleep(0.5)
 
     def _store_queued(self, timeout_s: float) -> None:
         items: list[tuple[str, dict[str, Any]]] = []
