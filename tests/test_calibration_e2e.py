@@ -2,7 +2,11 @@
 calibrate for a 1 % false-reject rate, apply while parts flow, roll back, then prove the audit trail."""
 from __future__ import annotations
 
+import io
 import json
+import re
+import shlex
+import sys
 import threading
 import time
 from pathlib import Path
@@ -212,3 +216,68 @@ def test_pool_changes_dry_run_and_test_fire_are_audited(running_line, capsys):
                for r in intents if r["action"] != "baseline")
     code, out, _ = cli(capsys, "status", *cfg)
     assert code == 0 and "RUNNING" in out and "<- threshold" in out
+
+
+def doc_block(after: str) -> list[str]:
+    """The commands of the first fenced block after the line ``after`` in docs/calibration.md."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "calibration.md").read_text()
+    block = text[text.index(after):].split("```")[1]
+    return [line.strip() for line in block.strip().splitlines() if line.strip().startswith("musc-calibrate")]
+
+
+class _Terminal(io.StringIO):
+    """A technician at a terminal who answers every question with ``y``."""
+
+    def __init__(self):
+        super().__init__("y\n" * 10)
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_documented_technician_session_puts_in_force_exactly_what_shadow_tested(running_line, capsys,
+                                                                                    monkeypatch):
+    config_path, storage, line, _ = running_line
+    session = doc_block("A typical session")
+    assert [c.split()[1:3] for c in session][:4] == [["status", "--config"], ["threshold", "suggest"],
+                                                    ["threshold", "shadow"], ["threshold", "apply"]]
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    tested = None
+    for command in session:
+        argv = shlex.split(command.replace("deploy/replay-zmq.yaml", str(config_path)))[1:]
+        if tested is not None:
+            argv = [tested["id"] if arg == "CANDIDATE_ID" else arg for arg in argv]
+        code, out, err = cli(capsys, *argv)
+        assert code == 0, f"{command}: {err}"
+        if argv[:2] == ["threshold", "shadow"]:
+            ident = re.search(r"candidate (c[0-9a-f]{10}) \(threshold", out).group(1)
+            tested = json.loads((storage / "calibration" / "candidates" / f"{ident}.json").read_text())
+        if argv[:2] == ["threshold", "apply"]:
+            assert "candidate " + tested["id"] in out and "in force" in out
+    live = request(storage / "control.sock", {"cmd": "status"})
+    assert live["recipes"]["default"]["threshold"] == tested["threshold"]   # exactly, not recomputed
+    assert live["calibration_version"] == "1"
+
+    (undo,) = doc_block("To undo it:")
+    code, out, err = cli(capsys, *shlex.split(undo.replace("deploy/replay-zmq.yaml", str(config_path)))[1:])
+    assert code == 0 and "rollback to v0" in out, err
+    assert request(storage / "control.sock", {"cmd": "status"})["recipes"]["default"]["threshold"] == CONFIG_THRESHOLD
+
+
+def test_apply_refuses_a_candidate_the_line_has_moved_past_and_a_stopped_line_before_printing(running_line,
+                                                                                             capsys):
+    config_path, storage, line, _ = running_line
+    cfg = ("--config", str(config_path))
+    code, out, _ = cli(capsys, "threshold", "shadow", *cfg, "--threshold", "0.9", "--json")
+    stale = json.loads(out)["candidate"]
+    assert cli(capsys, "threshold", "apply", "--yes", *cfg, "--threshold", "0.8", "--reason", "other")[0] == 0
+    code, _, err = cli(capsys, "threshold", "apply", "--yes", *cfg, "--candidate", stale, "--reason", "stale")
+    assert code == 2 and "tested against calibration v0" in err and "now has v1" in err, err
+    code, out, _ = cli(capsys, "threshold", "apply", *cfg, "--threshold", "0.7", "--reason", "no terminal")
+    assert code == 2 and "v2" not in out                                   # not confirmed: nothing changed
+    line.stop()
+    wait_for(lambda: not (storage / "control.sock").exists(), 30, "the line to stop")
+    code, out, err = cli(capsys, "threshold", "apply", "--yes", *cfg, "--threshold", "0.7", "--reason", "stopped")
+    assert code == 2 and out == "" and "no running line answers" in err
+    code, out, _ = cli(capsys, "versions", *cfg, "--json", "--storage", str(storage))
+    assert code == 2 and json.loads(out)["ok"] is False                    # --json errors are JSON
