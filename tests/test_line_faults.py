@@ -348,3 +348,24 @@ def test_the_mqtt_telemetry_thread_survives_an_outbox_fault(tmp_path):
         assert len(publisher.outbox) == 1 and publisher._thread.is_alive()
     finally:
         publisher.close(flush_s=0)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the link re-raises it
+def test_a_reject_link_whose_worker_dies_stops_the_line_naming_it(toy_model, tmp_path, plc, files, monkeypatch):
+    """The link's worker stops on a fault it cannot survive (and alarms); a line that cannot signal must not
+    run on looking healthy: it stops with LineStopped (exit 3), and its next start re-sends what was unacked."""
+    real_open = line_module.open_link
+
+    def open_link_with_failing_heartbeat(*args, **kwargs):
+        link = real_open(*args, **kwargs)
+
+        def heartbeat():
+            raise RuntimeError("heartbeat encoder fault")
+        link._heartbeat = heartbeat   # the worker's next heartbeat job raises
+        return link
+
+    monkeypatch.setattr(line_module, "open_link", open_link_with_failing_heartbeat)
+    line = Line(line_config(toy_model, tmp_path, plc), source=ScriptedSource(files, interval_s=0.5))
+    with pytest.raises(LineStopped, match=r"the zmq reject link stopped \(reject link worker stopped: "
+                                          r"RuntimeError\('heartbeat encoder fault'\)"):
+        line.run()

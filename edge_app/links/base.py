@@ -269,6 +269,12 @@ class RejectLink:
             self._stop_backoff = self._settings.backoff_initial_s
             self._wake.notify()
 
+    @property
+    def worker_alive(self) -> bool:
+        """Whether the link's worker thread runs: False once closed, or after a fault stopped it (alarmed as
+        ``worker_failed``); a line then cannot signal and must stop."""
+        return self._worker.is_alive()
+
     def set_calibration_version(self, version: str | int) -> None:
         """Show ``version`` with the verdicts published from now on. Framed links carry none (the ledger has
         it); links whose PLC reads a data model (Modbus, OPC UA: ``PlantLink``) override this."""

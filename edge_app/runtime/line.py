@@ -459,6 +459,7 @@ class Line:
                     item = self._out.get(timeout=0.1)
                 except queue.Empty:
                     self._drain_acks()
+                    self._check_link()
                     continue
                 if item[0] == "done":
                     if self._fatal is not None:
@@ -474,6 +475,13 @@ class Line:
             self._on_alarm(f"ledger update failed, line stopping: {exc}")
             raise LineStopped(f"the ledger {self.ledger.path} cannot be updated ({exc}); unacknowledged "
                               "verdicts are re-sent at the next start") from None
+
+    def _check_link(self) -> None:
+        """A reject link whose worker stopped (a fault it could not survive) cannot signal: the line stops
+        (non-zero exit; at the next start the link is new and unacknowledged verdicts are re-sent)."""
+        if self.link is not None and not self.link.worker_alive and not self._stop.is_set():
+            alarms = "; ".join(self.link.health().alarms) or "no alarm"
+            self._fatal_fault(f"the {self.config.link.type} reject link stopped ({_one_line(alarms)})")
 
     def _output_fault(self, part: PartRecord, exc: Exception) -> None:
         """After a fault in ``_emit``: a part without a ledger row is recorded NO_VERDICT (engine_error) once
