@@ -302,8 +302,8 @@ class LineConfig(_Strict):
         modality, kind = self.recipes[recipe].modality, self.source.get("type")
         if modality == "2d":
             return self
-        if kind == "opencv":
-            raise ValueError(f"source: recipe {recipe!r} scores {modality} but an opencv camera delivers no "
+        if kind in ("opencv", "genicam"):   # genicam: 3D components are not paired yet (deploy/README.md)
+            raise ValueError(f"source: recipe {recipe!r} scores {modality} but the {kind} camera delivers no "
                              "point clouds (use a zmq source with clouds, or replay with cloud_path)")
         if kind == "replay" and not self.source.get("cloud_path"):
             raise ValueError(f"source.cloud_path: recipe {recipe!r} scores {modality}; set where each replayed "

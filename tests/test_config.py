@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from musc_edge.edge.config import ConfigError, load_config, parse_config
+from musc_edge.edge.sources.base import SOURCE_TYPES
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 MINIMAL = {"source": {"type": "replay", "path": "frames"}, "link": {"type": "zmq"}}
@@ -14,7 +15,7 @@ MINIMAL = {"source": {"type": "replay", "path": "frames"}, "link": {"type": "zmq
 @pytest.mark.parametrize("path", sorted(DEPLOY.glob("*.yaml")), ids=lambda p: p.name)
 def test_deploy_examples_are_valid(path):
     config = load_config(path)
-    assert config.source["type"] in ("replay", "opencv", "zmq")
+    assert config.source["type"] in SOURCE_TYPES
     assert len(config.config_hash()) == 16
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from musc_edge.edge.config import parse_config
+from musc_edge.edge.config import ConfigError, parse_config
 from musc_edge.edge.plc_sim import PlcSimulator
 from musc_edge.edge.record import Reason, Verdict
 from musc_edge.edge.runtime.line import Line
@@ -178,6 +178,13 @@ def test_frame_refs_round_trip():
 def test_config_errors_name_the_key(config, message):
     with pytest.raises(SourceConfigError, match=message):
         make_source({"type": "genicam", **config})
+
+
+def test_a_3d_recipe_cannot_take_a_genicam_source():
+    """3D components of GenICam sensors are not paired with the 2D frame yet (deploy/README.md)."""
+    with pytest.raises(ConfigError, match="the genicam camera delivers no point clouds"):
+        parse_config({"source": {"type": "genicam", "camera": "cam"}, "link": {"type": "zmq"},
+                      "recipes": {"default": {"modality": "2d+3d"}}})
 
 
 # ---------------------------------------------------------------- the fake GigE Vision camera
