@@ -211,7 +211,7 @@ class RecipeSettings(_Strict):
 
 class ArchiveSettings(_Strict):
     enabled: bool = True
-    quota_mb: float = Field(500.0, gt=0, le=1 << 24, description="archive size at most (oldest files deleted)")
+    quota_mb: float = Field(500.0, ge=1, le=1 << 24, description="archive size at most, 1 MB .. 16 TB (oldest files deleted)")
     min_free_percent: float = Field(10.0, ge=0, le=90, description=(
         "the archive never fills its disk beyond this: below this much free space it deletes its oldest files, "
         "and writes nothing when it has none left to delete (the ledger and pools need the room)"))
