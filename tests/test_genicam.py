@@ -31,6 +31,7 @@ from musc_edge.edge.sources import DecodeError, SourceConfigError, SourceError, 
 from musc_edge.edge.sources.genicam import (
     FrameIdTracker,
     aravis_missing,
+    describe_camera,
     doctor_report,
     frame_ref,
     parse_frame_ref,
@@ -289,12 +290,34 @@ def test_free_run_frames_carry_frame_ids_camera_timestamps_and_the_camera_patter
 
 
 @needs_camera
-def test_rgb8_frames_keep_their_channels(fake_camera):
+@pytest.mark.parametrize("fmt", ["Mono16", "RGB8", "BayerRG8"])
+def test_other_pixel_formats_of_the_camera_become_rgb_frames(fake_camera, fmt):
     fake_camera("MUSC01")
-    with make_source(genicam_source(pixel_format="RGB8", max_parts=2)) as source:
+    with make_source(genicam_source(pixel_format=fmt, max_parts=2)) as source:
         images = [decode_part(p).image for p in source.parts()]
-    assert all(i.shape == (ROI[3], ROI[2], 3) for i in images)
-    assert not np.array_equal(images[0][..., 0], images[0][..., 1])   # colour, not grey repeated
+    assert len(images) == 2 and all(i.shape == (ROI[3], ROI[2], 3) and i.dtype == np.uint8 for i in images)
+    if fmt == "Mono16":
+        assert_fake_ramp(images[0])
+    if fmt == "RGB8":
+        assert not np.array_equal(images[0][..., 0], images[0][..., 1])   # colour, not grey repeated
+
+
+@needs_camera
+def test_config_features_reach_the_camera_and_a_hardware_trigger_waits_for_its_line(fake_camera):
+    fake_camera("MUSC01")
+    source = make_source(genicam_source(trigger="hardware", trigger_source="Line0", exposure_us=5000.0, gain=2.0,
+                                        roi=[8, 4, 64, 48], pixel_format="Mono16", packet_size=1000,
+                                        packet_delay_ns=2000))
+    with source:
+        threading.Timer(1.0, source.close).start()
+        assert list(source.parts()) == []          # no pulse on Line0, no frame
+    info = describe_camera("127.0.0.1")
+    assert info["trigger"] == "On Line0 RisingEdge"
+    assert (info["roi"], info["pixel_format"], info["exposure_us"], info["gain"]) == ([8, 4, 64, 48], "Mono16",
+                                                                                      5000.0, 2.0)
+    assert (info["packet_size"], info["packet_delay_ns"]) == (1000, 2000)
+    with pytest.raises(SourceError, match=r"'trigger_activation'.*refused it.*FallingEdge"):
+        make_source(genicam_source(trigger="hardware", trigger_activation="FallingEdge")).open()
 
 
 @needs_camera

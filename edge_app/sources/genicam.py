@@ -606,6 +606,8 @@ def describe_camera(camera_id: str) -> dict[str, Any]:
              "roi": lambda: list(camera.get_region()),
              "exposure_us": camera.get_exposure_time, "gain": camera.get_gain,
              "frame_rate": camera.get_frame_rate, "trigger_sources": camera.dup_available_trigger_sources,
+             "trigger": lambda: " ".join(camera.get_string(name) for name in ("TriggerMode", "TriggerSource",
+                                                                               "TriggerActivation")),
              "chunks": camera.are_chunks_available}
     if camera.is_gv_device():
         reads.update(packet_size=camera.gv_get_packet_size, packet_delay_ns=camera.gv_get_packet_delay)
