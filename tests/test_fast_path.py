@@ -139,7 +139,7 @@ def test_an_8_bit_model_is_not_tried_where_its_products_saturate(agreeing, tmp_p
     (ShadowResult(10, 10, 0.999, 0.01), True, "passes"),
     (ShadowResult(10, 9, 0.999, 0.01), False, "verdict agreement 90.0 %"),
     (ShadowResult(10, 10, 0.95, 0.01), False, "token cosine"),
-    (ShadowResult(10, 10, 0.999, 0.2), False, "score drift"),
+    (ShadowResult(10, 10, 0.999, 0.15), False, "score drift 0.150 > 0.1"),
     (ShadowResult(5, 5, 0.999, 0.0), False, "only 5 warm-up parts"),
 ])
 def test_decision_is_the_verify_gate(result, switch, says):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +87,7 @@ class ShadowResult:
     parts: int
     same_verdicts: int
     min_cos: float              # lowest cosine between a token's fp32 and fast feature
-    score_drift: float          # median |fast score - fp32 score| / threshold
+    score_drift: float          # median |fast score - fp32 score| (score units: 1.0 = the pool's 90th percentile)
     flipped: tuple[str, ...] = ()
 
     @property
@@ -101,27 +100,19 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
-def compare_paths(samples: list[ShadowSample], threshold: float, grid: tuple[int, int], params: MuscParams,
-                  fast_scorer: str = FAST_SCORER) -> ShadowResult:
-    """Score every sample against the others through each path (fp32: numpy; fast: ``fast_scorer``) with the
-    pool's own scoring, and compare verdicts at ``threshold``, scores and token cosines."""
-    from ..pool import FeaturePool
-
+def compare_paths(samples: list[ShadowSample], fp32_pool, fast_pool, threshold: float, grid: tuple[int, int],
+                  params: MuscParams) -> ShadowResult:
+    """Score every sample against each path's pool (the line's own, ready pool, and the same members through the
+    fast path: :func:`shadow_pool`), leaving the sample out where it is a member, and compare verdicts at
+    ``threshold``, scores and token cosines. One-vs-pool per sample: what the line would have computed."""
     n = len(samples)
-    if n < 3:
-        return ShadowResult(n, 0, float("nan"), float("nan"))
-    n_sets, (patches, dim) = len(samples[0].fp32), samples[0].fp32[0].shape
-    scores = {}
-    for path, scorer in (("fp32", "numpy"), ("fast", fast_scorer)):
-        pool = FeaturePool(n, n_sets, patches, dim, min_size=2, scorer=scorer)
-        for s in samples:
-            pool.admit(s.part_id, getattr(s, path), 0.0, getattr(s, path)[0][0])
-        pool.rescore_members(grid, params)
-        scores[path] = np.array([pool.score(getattr(s, path), grid, params, exclude_part_id=s.part_id).score
-                                 for s in samples])
-    same = (scores["fp32"] >= threshold) == (scores["fast"] >= threshold)
+    if n == 0:
+        return ShadowResult(0, 0, float("nan"), float("nan"))
+    ours = np.array([fp32_pool.score(s.fp32, grid, params, exclude_part_id=s.part_id).score for s in samples])
+    fast = np.array([fast_pool.score(s.fast, grid, params, exclude_part_id=s.part_id).score for s in samples])
+    same = (ours >= threshold) == (fast >= threshold)
     min_cos = min(float(_row_cosines(a, b).min()) for s in samples for a, b in zip(s.fp32, s.fast))
-    drift = float(np.median(np.abs(scores["fast"] - scores["fp32"]))) / threshold
+    drift = float(np.median(np.abs(fast - ours)))
     return ShadowResult(n, int(same.sum()), min_cos, drift, tuple(s.part_id for s, ok in zip(samples, same) if not ok))
 
 
@@ -133,7 +124,7 @@ def decide(result: ShadowResult, gate=None, min_parts: int = MIN_SHADOW_PARTS) -
     if result.parts < min_parts:
         return False, f"only {result.parts} warm-up parts were shadowed (at least {min_parts} needed)"
     measured = (f"{result.same_verdicts}/{result.parts} same verdicts, token cosine >= {result.min_cos:.4f}, "
-                f"score drift {100 * result.score_drift:.2f} % of the threshold")
+                f"median score drift {result.score_drift:.3f}")
     failures = gate.failures(min_cos=result.min_cos, agreement=result.agreement, score_drift=result.score_drift)
     if failures:
         flipped = f"; flipped: {', '.join(result.flipped[:3])}" if result.flipped else ""
@@ -193,23 +184,26 @@ class FastPath:
             self.engine = None
 
 
-def pool_from_shadow(pool, samples: dict[str, ShadowSample], scorer: str, grid: tuple[int, int],
-                     params: MuscParams) -> Callable[[], None] | None:
-    """A function that puts ``pool``'s members' shadow features (and ``scorer``) in place of their fp32 ones and
-    re-scores them; None when a member has no shadow features (restored or seeded before the trial)."""
+def shadow_pool(pool, samples: dict[str, ShadowSample], scorer: str, grid: tuple[int, int], params: MuscParams):
+    """A copy of ``pool`` whose members have their shadow (fast) features, scored with ``scorer`` and re-scored
+    among themselves; None when a member has no shadow features (restored or seeded before the trial)."""
+    from ..pool import FeaturePool
+
     ids = pool.part_ids[:pool.size]
     if any(pid not in samples for pid in ids):
         return None
+    copy = FeaturePool(pool.capacity, pool.n_sets, pool.patches, pool.dim, min_size=pool.min_size,
+                       eviction=pool.eviction, horizon=pool.horizon, scorer=scorer)
+    state = pool.state()
+    state["sets16"] = np.stack([np.stack([samples[pid].fast[s] for pid in ids]) for s in range(pool.n_sets)]
+                               ).astype(state["sets16"].dtype)
+    copy.load_state(state)
+    if copy.size >= 2:
+        copy.rescore_members(grid, params)
+    return copy
 
-    def apply() -> None:
-        from ..scoring.onnx_msm import make_scorer
 
-        state = pool.state()
-        state["sets16"] = np.stack([np.stack([samples[pid].fast[s] for pid in ids]) for s in range(pool.n_sets)]
-                                   ).astype(state["sets16"].dtype)
-        pool.load_state(state)
-        pool.scorer = make_scorer(scorer, pool.n_sets, pool.patches, pool.dim, pool.capacity)
-        pool.scorer_name = scorer
-        if pool.size >= 2:
-            pool.rescore_members(grid, params)
-    return apply
+def adopt(pool, fast_pool) -> None:
+    """Put ``fast_pool``'s members, scores and scorer (from :func:`shadow_pool`) in place of ``pool``'s."""
+    pool.load_state(fast_pool.state())
+    pool.scorer, pool.scorer_name = fast_pool.scorer, fast_pool.scorer_name

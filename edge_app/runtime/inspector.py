@@ -22,7 +22,7 @@ from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, prepare
 from ..scoring.onnx_msm import make_scorer
 from ..sources.base import DecodeError, decode_part
-from .fast_path import FastPath, FastPathEvent, compare_paths, decide, plan_fast_path, pool_from_shadow
+from .fast_path import FastPath, FastPathEvent, adopt, compare_paths, decide, plan_fast_path, shadow_pool
 from .pool_store import PoolMismatchError, load_pool, pool_path, save_pool
 from .recipes import Recipe, Scoring, make_recipe
 
@@ -217,20 +217,22 @@ class Inspector:
     def _try_fast_path(self) -> None:
         """Compare both paths on the shadowed warm-up parts; switch when they pass the verify gate."""
         fast = self.fast_path
-        samples = list(fast.samples.values())
-        results = [compare_paths([s for s in samples if s.recipe == name], recipe.threshold, self.grid,
-                                 self.params, fast.plan.scorer) for name, recipe in self.recipes.items()]
-        verdicts = [decide(r) for r in results]
+        verdicts, shadows = [], []
+        for name, recipe in self.recipes.items():
+            shadow = shadow_pool(recipe.pool, fast.samples, fast.plan.scorer, self.grid, self.params)
+            if shadow is None:
+                verdicts.append((False, "the pool holds members from before the trial (restored or seeded)"))
+                continue
+            samples = [s for s in fast.samples.values() if s.recipe == name]
+            verdicts.append(decide(compare_paths(samples, recipe.pool, shadow, recipe.threshold, self.grid,
+                                                 self.params)))
+            shadows.append((recipe.pool, shadow))
         switch = all(ok for ok, _ in verdicts)
         reason = "; ".join(f"recipe {name}: {why}" if len(self.recipes) > 1 else why
                            for name, (_, why) in zip(self.recipes, verdicts))
-        rebuilds = [pool_from_shadow(r.pool, fast.samples, fast.plan.scorer, self.grid, self.params)
-                    for r in self.recipes.values()]
-        if switch and any(rebuild is None for rebuild in rebuilds):
-            switch, reason = False, f"{reason}, but a pool holds members from before the trial (restored or seeded)"
         if switch:
-            for rebuild in rebuilds:
-                rebuild()
+            for pool, shadow in shadows:
+                adopt(pool, shadow)
         self._end_trial(switch, reason)
 
     def _end_trial(self, switch: bool, reason: str) -> None:
