@@ -8,6 +8,7 @@ file from another process through :meth:`Ledger.open_readonly` while the runtime
 """
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -92,9 +93,18 @@ def _add_unsendable_v3(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE parts ADD COLUMN unsendable TEXT")
 
 
+def _add_line_epoch_v4(conn: sqlite3.Connection) -> None:
+    """v4: ``line_identity.epoch``, a random non-zero 32-bit id of this ledger that every PLC message carries
+    (docs/wire-protocol.md): a fresh storage is a new epoch, so the PLC never mistakes its seqs for old ones."""
+    conn.execute("CREATE TABLE line_identity (epoch INTEGER NOT NULL CHECK (epoch BETWEEN 1 AND 4294967295))")
+    conn.execute("INSERT INTO line_identity (epoch) VALUES (?)", (secrets.randbelow(0xFFFFFFFF) + 1,))
+    conn.execute("""CREATE TRIGGER line_identity_fixed BEFORE UPDATE ON line_identity
+                    BEGIN SELECT RAISE(ABORT, 'the line epoch never changes'); END""")
+
+
 # MIGRATIONS[i] takes a database from schema version i to i + 1 (version 0 = empty file).
 Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: tuple[Migration, ...] = (_create_v1, _add_dry_run_v2, _add_unsendable_v3)
+MIGRATIONS: tuple[Migration, ...] = (_create_v1, _add_dry_run_v2, _add_unsendable_v3, _add_line_epoch_v4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -307,6 +317,11 @@ class LedgerReader:
     def recent(self, n: int) -> list[LedgerRow]:
         """The ``n`` newest rows, newest first."""
         return self._rows("ORDER BY seq DESC LIMIT ?", (n,))
+
+    @property
+    def line_epoch(self) -> int:
+        """This ledger's line epoch (created with it; see :func:`_add_line_epoch_v4`)."""
+        return int(self._conn.execute("SELECT epoch FROM line_identity").fetchone()[0])
 
     def count(self) -> int:
         """Number of rows."""

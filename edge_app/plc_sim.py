@@ -1,7 +1,8 @@
 """A PLC simulator: the other end of a reject link (serial or ZeroMQ), for tests and bench runs.
 
-It acknowledges verdicts and heartbeats as docs/wire-protocol.md asks of a PLC, logs every verdict
-once (repeats are counted, not logged), and can misbehave on purpose: stop answering for a while,
+It acknowledges verdicts and heartbeats as docs/wire-protocol.md asks of a PLC, keeps one de-duplication
+record per line epoch (a verdict is new unless its (epoch, seq) was seen), logs every verdict once (repeats
+are counted, not logged), and can misbehave on purpose: stop answering for a while,
 answer late, or corrupt frames (seeded). ``musc-edge plc-sim`` runs :func:`main`.
 """
 from __future__ import annotations
@@ -44,6 +45,8 @@ from musc_edge.edge.links.framing import (
 from musc_edge.edge.record import Reason
 
 _POLL_S = 0.02
+FRAMED_LINKS = ("serial", "zmq")                      # the simulator is the PLC end of a framed link
+PLANT_LINKS = ("modbus-tcp", "modbus-rtu", "opcua")    # the simulator is a client of the runtime's server
 Route = Any     # where a reply goes: a ZeroMQ peer identity, or None on a byte stream
 
 
@@ -61,6 +64,7 @@ class SimCounters:
     ignored_while_silent: int = 0
     corrupted_replies: int = 0      # replies deliberately damaged (corrupt_rate)
     stop_lines: int = 0             # STOP_LINE requests received (repeats included)
+    epochs: int = 0                 # distinct line epochs seen (announced or carried by a verdict)
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class ReceivedVerdict:
     late: bool
     resend: bool
     received_utc: str
+    epoch: int = 0
 
 
 class SimPort(ABC):
@@ -198,7 +203,7 @@ class SimControls(ABC):
     """The fault and inspection controls, life cycle and verdict log every PLC simulator offers its tests and
     benches. A simulator sets ``_changed`` (a Condition guarding the rest), ``_counters``, ``_received``,
     ``_refusals``, ``_refusal_code``, ``_silent_until``, ``_silent_after``, ``_silent_for_s``, ``_seen``,
-    ``_dedup_window``, ``_highest_seq``, ``_stop``, ``_thread`` (its serving loop) and ``_log``, and implements
+    ``_dedup_window``, ``_highest_seqs``, ``_stop``, ``_thread`` (its serving loop) and ``_log``, and implements
     ``_disconnect()`` (release its port or connection)."""
 
     _changed: threading.Condition
@@ -209,7 +214,7 @@ class SimControls(ABC):
     _silent_until: float
     _seen: OrderedDict
     _dedup_window: int
-    _highest_seq: int | None
+    _highest_seqs: dict[int, int]       # line epoch -> highest seq taken in it
     _silent_after: int | None
     _silent_for_s: float
     _stop: threading.Event
@@ -280,17 +285,26 @@ class SimControls(ABC):
         with self._changed:
             return self._changed.wait_for(lambda: condition(self._counters), timeout_s)
 
-    def _note_seq(self, seq: int) -> bool:
-        """Record a verdict's sequence number (the caller holds ``_changed``): False for a duplicate, which is
-        counted and dropped; one behind the highest seen so far is counted out of order."""
-        if seq in self._seen:
+    def _note_epoch(self, epoch: int) -> None:
+        """A line epoch announced or carried by a verdict (the caller holds ``_changed``): a new one starts its
+        own de-duplication record."""
+        if epoch not in self._highest_seqs:
+            self._highest_seqs[epoch] = -1
+            self._counters.epochs += 1
+
+    def _note_seq(self, seq: int, epoch: int = 0) -> bool:
+        """Record a verdict's (epoch, sequence number) (the caller holds ``_changed``): False for a duplicate,
+        which is counted and dropped; one behind the highest seen in its epoch is counted out of order."""
+        self._note_epoch(epoch)
+        if (epoch, seq) in self._seen:
             self._counters.duplicates += 1
             return False
-        self._seen[seq] = None
+        self._seen[(epoch, seq)] = None
         if len(self._seen) > self._dedup_window:
             self._seen.popitem(last=False)
-        if self._highest_seq is None or _seq_after(seq, self._highest_seq):
-            self._highest_seq = seq
+        highest = self._highest_seqs[epoch]
+        if highest < 0 or _seq_after(seq, highest):
+            self._highest_seqs[epoch] = seq
         else:
             self._counters.out_of_order += 1
         return True
@@ -302,8 +316,8 @@ class PlcSimulator(SimControls):
     ``silent_after`` verdicts (then ``silent_for_s`` seconds) and :meth:`silence` make it ignore
     everything, as if the cable were pulled; ``delay_s`` delays every reply; ``corrupt_rate`` damages
     that share of received frames (answered with NAK bad_crc) and of replies (seeded by ``seed``);
-    :meth:`refuse_next` NAKs verdicts. Verdict seqs are remembered for de-duplication in a window of
-    the last ``dedup_window`` distinct seqs.
+    :meth:`refuse_next` NAKs verdicts. Verdict (epoch, seq) pairs are remembered for de-duplication in a
+    window of the last ``dedup_window`` distinct ones.
     """
 
     def __init__(self, port: SimPort, *, delay_s: float = 0.0, corrupt_rate: float = 0.0, seed: int = 0,
@@ -323,8 +337,8 @@ class PlcSimulator(SimControls):
         self.delay_s, self.corrupt_rate = delay_s, corrupt_rate
         self._silent_after, self._silent_for_s = silent_after, silent_for_s
         self._rng = random.Random(seed)
-        self._seen: OrderedDict[int, None] = OrderedDict()
-        self._highest_seq: int | None = None
+        self._seen: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._highest_seqs: dict[int, int] = {}
         self._dedup_window = dedup_window
         self._counters = SimCounters()
         self._received: list[ReceivedVerdict] = []
@@ -402,7 +416,7 @@ class PlcSimulator(SimControls):
                     self._counters.crc_errors += 1
                 else:
                     self._counters.bad_frames += 1
-            reply = None if exc.seq is None else nak_frame(exc.seq, exc.msg_type or 0, exc.code)
+            reply = None if exc.seq is None else nak_frame(exc.seq, exc.msg_type or 0, exc.code, epoch=exc.epoch)
         if reply is not None:
             self._send(route, reply)
         self._notify()
@@ -412,8 +426,11 @@ class PlcSimulator(SimControls):
             with self._changed:
                 if self._refusals > 0:
                     self._refusals -= 1
-                    return nak_frame(frame.seq, frame.type, self._refusal_code)
+                    return nak_frame(frame.seq, frame.type, self._refusal_code, epoch=frame.epoch)
             self._take_verdict(frame)
+        elif frame.type is MessageType.EPOCH:
+            with self._changed:
+                self._note_epoch(frame.epoch)
         elif frame.type is MessageType.STOP_LINE:
             reason = parse_stop_line(frame)
             with self._changed:
@@ -433,18 +450,18 @@ class PlcSimulator(SimControls):
         else:
             raise FrameError(NakCode.UNKNOWN_TYPE, f"{frame.type.name} is not sent to a PLC",
                              frame.seq, frame.type)
-        return ack_frame(frame.seq, frame.type)
+        return ack_frame(frame.seq, frame.type, epoch=frame.epoch)
 
     def _take_verdict(self, frame: Frame) -> None:
         message = parse_verdict(frame)
         with self._changed:
-            if not self._note_seq(message.seq):
+            if not self._note_seq(message.seq, message.epoch):
                 return
             record = ReceivedVerdict(
                 seq=message.seq, part_id=message.part_id, verdict=message.verdict.value,
                 reason=int(message.reason), reason_label=_reason_label(message.reason),
                 late=bool(message.flags & VerdictFlags.LATE), resend=bool(message.flags & VerdictFlags.RESEND),
-                received_utc=utc_now())
+                received_utc=utc_now(), epoch=message.epoch)
             self._record(record)
 
     def _send(self, route: Route, frame: Frame) -> None:
@@ -484,9 +501,12 @@ def _flip_random_bit(body: bytes, rng: random.Random) -> bytes:
 # --------------------------------------------------------------------------------- command line
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="musc-edge plc-sim",
-                                     description="Play the PLC end of a reject link (docs/wire-protocol.md).")
-    parser.add_argument("--link", choices=("serial", "zmq"), required=True)
+    parser = argparse.ArgumentParser(
+        prog="musc-edge plc-sim", description="Play the PLC end of a reject link (docs/wire-protocol.md).",
+        epilog="The options below are those of serial and zmq; modbus-tcp, modbus-rtu and opcua have their own: "
+               "musc-edge plc-sim --link modbus-tcp --help")
+    parser.add_argument("--link", choices=(*FRAMED_LINKS, *PLANT_LINKS), required=True,
+                        help="the link type the runtime's config names (link.type)")
     parser.add_argument("--url", help="serial: pyserial URL or device; 'pty' creates a pseudo-terminal "
                                       "and prints the path for the runtime's link.url")
     parser.add_argument("--baudrate", type=int, default=115200)

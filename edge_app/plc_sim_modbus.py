@@ -1,8 +1,8 @@
 """PLC simulator for the Modbus links: a pymodbus client (RTU: master) scanning the runtime's registers.
 
 Each scan is what docs/wire-protocol.md asks of a PLC programmer: an FC3 read of the verdict registers,
-an FC6 write of HEARTBEAT_ECHO when HEARTBEAT moved, and for a NEW verdict one FC16 write of
-ACK_SEQ (or of NAK_SEQ + NAK_CODE to refuse it). :class:`PtyPair` joins two pseudo-terminals like a
+an FC16 write of EPOCH_ACK when EPOCH is not acknowledged, an FC6 write of HEARTBEAT_ECHO when HEARTBEAT
+changed, and for a NEW verdict one FC16 write of ACK_SEQ (or of NAK_SEQ + NAK_CODE to refuse it). :class:`PtyPair` joins two pseudo-terminals like a
 null-modem cable, so RTU runs hardware-free.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ import tty
 from typing import Any
 
 from musc_edge.edge.links.framing import NakCode
-from musc_edge.edge.links.register_map import Reg, decode_verdict, split32
+from musc_edge.edge.links.modbus_log import quiet_pymodbus
+from musc_edge.edge.links.register_map import Reg, decode_verdict, join32, split32
 from musc_edge.edge.plc_sim_polling import PlcView, PollingPlcSimulator
 
 
@@ -23,14 +24,17 @@ class ModbusPlcSimulator(PollingPlcSimulator):
 
     def __init__(self, client: Any, address: str, unit_id: int = 1, **options: Any) -> None:
         options.setdefault("scan_s", 0.01)          # a PLC polling every 10 ms
+        quiet_pymodbus()
         super().__init__(**options)
         self._client, self.address, self.unit_id = client, address, unit_id
 
     @classmethod
-    def on_tcp(cls, host: str, port: int, **options: Any) -> ModbusPlcSimulator:
+    def on_tcp(cls, host: str, port: int, source_address: str | None = None, **options: Any) -> ModbusPlcSimulator:
+        """A Modbus/TCP client of ``host:port``; ``source_address``: the local address to connect from."""
         from pymodbus.client import ModbusTcpClient
 
-        client = ModbusTcpClient(host, port=port, timeout=0.5, retries=0)
+        client = ModbusTcpClient(host, port=port, timeout=0.5, retries=0,
+                                 source_address=None if source_address is None else (source_address, 0))
         return cls(client, f"{host}:{port}", **options)
 
     @classmethod
@@ -51,16 +55,18 @@ class ModbusPlcSimulator(PollingPlcSimulator):
         self._client.close()
 
     def _read(self) -> PlcView:
-        """Registers 0..26 every scan; the part id (32..63) only while a verdict is new, as a PLC on a
+        """Registers 0..28 every scan; the part id (32..63) only while a verdict is new, as a PLC on a
         19200-baud RS-485 bus would (each register read costs about 1 ms of wire time there)."""
-        head = self._read_registers(0, Reg.STOP_ACK + 1)
+        head = self._read_registers(0, Reg.EPOCH_ACK_LO + 1)
         text = self._read_registers(Reg.PART_TEXT, 32) if head[Reg.NEW_VERDICT] else [0] * 32
         registers = head + [0] * (Reg.PART_TEXT - len(head)) + text
         verdict = decode_verdict(registers)
         nak_pending = registers[Reg.NAK_CODE] != 0 and \
             (registers[Reg.NAK_SEQ_HI], registers[Reg.NAK_SEQ_LO]) == tuple(split32(verdict.seq))
         return PlcView(heartbeat=registers[Reg.HEARTBEAT], new_verdict=bool(registers[Reg.NEW_VERDICT]),
-                       verdict=verdict, stop_count=registers[Reg.STOP_COUNT], nak_pending=nak_pending)
+                       verdict=verdict, stop_count=registers[Reg.STOP_COUNT], nak_pending=nak_pending,
+                       epoch=verdict.epoch, epoch_acked=join32(registers[Reg.EPOCH_ACK_HI], registers[Reg.EPOCH_ACK_LO]),
+                       heartbeat_count=registers[Reg.HEARTBEAT_COUNT])
 
     def _read_registers(self, address: int, count: int) -> list[int]:
         response = self._client.read_holding_registers(address, count=count, device_id=self.unit_id)
@@ -72,6 +78,9 @@ class ModbusPlcSimulator(PollingPlcSimulator):
     def _write_nak(self, seq: int, code: NakCode) -> None:
         self._checked(self._client.write_registers(Reg.NAK_SEQ_HI, [*split32(seq), int(code)],
                                                    device_id=self.unit_id))
+
+    def _write_epoch_ack(self, epoch: int) -> None:
+        self._checked(self._client.write_registers(Reg.EPOCH_ACK_HI, split32(epoch), device_id=self.unit_id))
 
     def _write_heartbeat_echo(self, counter: int) -> None:
         self._checked(self._client.write_register(Reg.HEARTBEAT_ECHO, counter, device_id=self.unit_id))

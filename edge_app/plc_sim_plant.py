@@ -11,9 +11,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from musc_edge.edge.plc_sim import serve_and_report
-
-PLANT_LINKS = ("modbus-tcp", "modbus-rtu", "opcua")
+from musc_edge.edge.plc_sim import FRAMED_LINKS, PLANT_LINKS, serve_and_report
 
 
 def is_plant_link(argv: list[str]) -> bool:
@@ -29,8 +27,10 @@ def is_plant_link(argv: list[str]) -> bool:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musc-edge plc-sim",
                                      description="Play the PLC (a Modbus or OPC UA client) against the runtime's "
-                                                 "server (docs/wire-protocol.md).")
-    parser.add_argument("--link", choices=PLANT_LINKS, required=True)
+                                                 "server (docs/wire-protocol.md).",
+                                     epilog="serial and zmq have their own options: musc-edge plc-sim --link zmq --help")
+    parser.add_argument("--link", choices=(*FRAMED_LINKS, *PLANT_LINKS), required=True,
+                        help="the link type the runtime's config names (link.type)")
     parser.add_argument("--host", default="127.0.0.1", help="modbus-tcp: the runtime's address")
     parser.add_argument("--port", help="modbus-tcp: TCP port (default 502); modbus-rtu: serial device, or 'pty' "
                                        "to create a pty pair and print the end for the runtime's link.port")
@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--username", default="plc", help="opcua login")
     parser.add_argument("--password-env", default="MUSC_PLC_PASSWORD", metavar="VAR",
                         help="opcua: environment variable holding the password")
+    parser.add_argument("--security", choices=("encrypt", "none"), default="encrypt",
+                        help="opcua: Basic256Sha256 SignAndEncrypt (default) or none (a server with "
+                             "allow_unencrypted: true)")
+    parser.add_argument("--source-address", metavar="IP", help="modbus-tcp: connect from this local address")
     parser.add_argument("--scan", type=float, metavar="SECONDS",
                         help="PLC scan period (default: Modbus 0.01, OPC UA 0.02)")
     parser.add_argument("--log", type=Path, help="append every received verdict (once) as a JSON line")
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.link == "modbus-tcp":
             from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator
 
-            sim = ModbusPlcSimulator.on_tcp(args.host, int(args.port or 502), **options)
+            sim = ModbusPlcSimulator.on_tcp(args.host, int(args.port or 502), source_address=args.source_address,
+                                            **options)
         elif args.link == "modbus-rtu":
             from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator, PtyPair
 
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"plc-sim: set {args.password_env} to the OPC UA password of {args.username!r}",
                       file=sys.stderr)
                 return 2
-            sim = OpcUaPlcSimulator(args.endpoint, args.username, password, **options)
+            sim = OpcUaPlcSimulator(args.endpoint, args.username, password, security=args.security, **options)
     except (ValueError, OSError) as exc:
         print(f"plc-sim: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """The PLC side of the plant-protocol links (Modbus, OPC UA): a scan loop that polls the runtime.
 
-A real PLC reads the runtime's verdict block once per scan, acts on a NEW verdict once per SEQ, and
-writes the SEQ back; it copies HEARTBEAT to HEARTBEAT_ECHO. :class:`PollingPlcSimulator` is that scan
+A real PLC reads the runtime's verdict block once per scan; on a new EPOCH it starts a new de-duplication
+record and writes EPOCH_ACK; it acts on a NEW verdict once per (EPOCH, SEQ), and writes the SEQ back; it copies
+the HEARTBEAT nonce to HEARTBEAT_ECHO. :class:`PollingPlcSimulator` is that scan
 with the same bookkeeping and the same faults as the framed-link simulator (edge_app/plc_sim.py):
 silence, late answers, corrupted answers (a damaged ACK_SEQ) and refusals (NAK). Subclasses supply
 the protocol: one read of the block, and the three writes.
@@ -27,11 +28,14 @@ from musc_edge.edge.record import Reason
 class PlcView:
     """What one scan reads from the runtime."""
 
-    heartbeat: int
+    heartbeat: int                  # the nonce: echo it when it changes
     new_verdict: bool
     verdict: PublishedVerdict
     stop_count: int = 0
     nak_pending: bool = False       # the PLC's last refusal is not yet read by the runtime
+    epoch: int = 0                  # the line epoch the runtime announces
+    epoch_acked: int = 0            # what EPOCH_ACK holds
+    heartbeat_count: int | None = None   # +1 per heartbeat (gaps: lost heartbeats); None: not shown
 
 
 class PollingPlcSimulator(SimControls):
@@ -53,10 +57,11 @@ class PollingPlcSimulator(SimControls):
         self._silent_after, self._silent_for_s = silent_after, silent_for_s
         self._silent_until = time.monotonic() + silent_for_s if silent_after == 0 else 0.0
         self._rng = random.Random(seed)
-        self._seen: OrderedDict[int, None] = OrderedDict()
+        self._seen: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._dedup_window = dedup_window
-        self._highest_seq: int | None = None
+        self._highest_seqs: dict[int, int] = {}
         self._last_heartbeat: int | None = None
+        self._last_heartbeat_count: int | None = None
         self._refusals, self._refusal_code = 0, NakCode.BUSY
         self._counters = SimCounters()
         self._received: list[ReceivedVerdict] = []
@@ -89,6 +94,9 @@ class PollingPlcSimulator(SimControls):
     @abstractmethod
     def _write_heartbeat_echo(self, counter: int) -> None: ...
 
+    @abstractmethod
+    def _write_epoch_ack(self, epoch: int) -> None: ...
+
     def _write_stop_ack(self, count: int) -> None:
         """Acknowledge a stop-line request (optional for a protocol)."""
 
@@ -118,18 +126,23 @@ class PollingPlcSimulator(SimControls):
 
     def _scan(self) -> None:
         view = self._read()
-        if view.heartbeat != self._last_heartbeat:
+        if view.epoch and view.epoch_acked != view.epoch:
+            with self._changed:
+                self._note_epoch(view.epoch)        # a new de-duplication record for a new epoch
+            self._write_epoch_ack(view.epoch)
+        if view.heartbeat and view.heartbeat != self._last_heartbeat:      # 0: no heartbeat published yet
             with self._changed:
                 self._counters.heartbeats += 1
-                if self._last_heartbeat is not None and view.heartbeat != (self._last_heartbeat + 1) & 0xFFFF:
+                count, last = view.heartbeat_count, self._last_heartbeat_count
+                if count is not None and last is not None and count != (last + 1) & 0xFFFF:
                     self._counters.heartbeat_gaps += 1
-                self._last_heartbeat = view.heartbeat
+                self._last_heartbeat, self._last_heartbeat_count = view.heartbeat, count
             self._write_heartbeat_echo(view.heartbeat)
         if view.stop_count and view.stop_count != self._stop_seen:
             self._stop_seen = view.stop_count
             self.stop_requests += 1
             self._write_stop_ack(view.stop_count)
-        if not view.new_verdict:
+        if not view.new_verdict or view.epoch_acked != view.epoch:
             return
         message = view.verdict
         if view.nak_pending:
@@ -157,7 +170,7 @@ class PollingPlcSimulator(SimControls):
 
     def _take(self, message: PublishedVerdict) -> None:
         with self._changed:
-            if not self._note_seq(message.seq):
+            if not self._note_seq(message.seq, message.epoch):
                 return
             try:
                 verdict = VerdictCode(message.verdict).to_verdict().value
@@ -169,6 +182,6 @@ class PollingPlcSimulator(SimControls):
                 seq=message.seq, part_id=message.part_id, verdict=verdict, reason=int(message.reason),
                 reason_label=_reason_label(reason), late=bool(message.flags & VerdictFlags.LATE),
                 resend=bool(message.flags & VerdictFlags.RESEND),
-                received_utc=utc_now())
+                received_utc=utc_now(), epoch=message.epoch)
             self._record(record, calibration=message.calibration)
 

@@ -122,7 +122,7 @@ def test_verdict_fields_round_trip() -> None:
 
 
 def _body() -> bytearray:
-    return bytearray(encode_body(verdict_frame(5, "P1", Verdict.REJECT, Reason.ANOMALY)))
+    return bytearray(encode_body(verdict_frame(5, "P1", Verdict.REJECT, Reason.ANOMALY, epoch=0x1A2B3C4D)))
 
 
 def _flip(index: int, bit: int = 0) -> bytes:
@@ -135,20 +135,21 @@ def _with_crc(body: bytearray) -> bytes:
     return bytes(body[:-2]) + crc16(bytes(body[:-2])).to_bytes(2, "big")
 
 
-CORRUPTIONS = [
+CORRUPTIONS = [      # header: version 0, type 1, epoch 2..5, seq 6..9, length 10; payload: flags 11, verdict 12 ...
     ("version bit", _flip(0), NakCode.BAD_CRC),
     ("type bit", _flip(1, 3), NakCode.BAD_CRC),
-    ("seq bit", _flip(5, 7), NakCode.BAD_CRC),
-    ("length bit", _flip(6, 1), NakCode.BAD_CRC),
-    ("verdict bit", _flip(8, 0), NakCode.BAD_CRC),
-    ("part id bit", _flip(10, 5), NakCode.BAD_CRC),
+    ("epoch bit", _flip(3, 4), NakCode.BAD_CRC),
+    ("seq bit", _flip(9, 7), NakCode.BAD_CRC),
+    ("length bit", _flip(10, 1), NakCode.BAD_CRC),
+    ("verdict bit", _flip(12, 0), NakCode.BAD_CRC),
+    ("part id bit", _flip(14, 5), NakCode.BAD_CRC),
     ("crc bit", _flip(-1, 2), NakCode.BAD_CRC),
-    ("verdict and reason swapped", bytes(_body()[:8] + _body()[9:10] + _body()[8:9] + _body()[10:]),
+    ("verdict and reason swapped", bytes(_body()[:12] + _body()[13:14] + _body()[12:13] + _body()[14:]),
      NakCode.BAD_CRC),
     ("truncated", bytes(_body()[:-3]), NakCode.BAD_CRC),
-    ("too short", bytes(_body()[:8]), NakCode.BAD_FORMAT),
-    ("wrong version", _with_crc(bytearray(b"\x02") + _body()[1:]), NakCode.BAD_FORMAT),
-    ("length field lies", _with_crc(_body()[:6] + bytearray(b"\x09") + _body()[7:]), NakCode.BAD_FORMAT),
+    ("too short", bytes(_body()[:12]), NakCode.BAD_FORMAT),
+    ("wrong version", _with_crc(bytearray(b"\x01") + _body()[1:]), NakCode.BAD_FORMAT),
+    ("length field lies", _with_crc(_body()[:10] + bytearray(b"\x09") + _body()[11:]), NakCode.BAD_FORMAT),
     ("unknown type", _with_crc(_body()[:1] + bytearray(b"\x7f") + _body()[2:]), NakCode.UNKNOWN_TYPE),
 ]
 
@@ -213,7 +214,7 @@ def test_documented_hex_example_matches_the_encoder() -> None:
     body_hex = re.search(r"^Body:\s+((?:[0-9A-F]{2} ?)+)$", text, re.M)
     wire_hex = re.search(r"^On the serial line:\s+((?:[0-9A-F]{2} ?)+)$", text, re.M)
     assert body_hex and wire_hex, "worked example lines not found in docs/wire-protocol.md"
-    body = encode_body(verdict_frame(1234, "P-0042", Verdict.REJECT, Reason.ANOMALY))
+    body = encode_body(verdict_frame(1234, "P-0042", Verdict.REJECT, Reason.ANOMALY, epoch=0x1A2B3C4D))
     assert bytes.fromhex(body_hex.group(1)) == body
     assert bytes.fromhex(wire_hex.group(1)) == stream_frame(body)
 
@@ -324,11 +325,11 @@ def test_heartbeats_arrive_at_about_the_configured_rate(transport: str) -> None:
 def test_resend_after_restart_is_deduplicated_by_the_plc(transport: str) -> None:
     with _sim(transport) as sim:
         config = _link_config(transport, sim.address)
-        with open_link(config) as first:
+        with open_link(config, epoch=0x5EED) as first:
             for seq in (1, 2, 3):
                 assert first.send(seq, f"P-{seq}", Verdict.REJECT, Reason.ANOMALY, _soon()).acked
         events = Events()
-        with open_link(config, on_ack=events.on_ack) as restarted:
+        with open_link(config, on_ack=events.on_ack, epoch=0x5EED) as restarted:
             restarted.resend(2, "P-2", Verdict.REJECT, Reason.ANOMALY)
             restarted.resend(3, "P-3", Verdict.REJECT, Reason.ANOMALY)
             restarted.resend(3, "P-3", Verdict.REJECT, Reason.ANOMALY)   # already queued: no-op

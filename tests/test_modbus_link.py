@@ -15,7 +15,7 @@ pytest.importorskip("pymodbus")
 
 from musc_edge.edge.links import PlantLink, open_link, parse_link_config  # noqa: E402
 from musc_edge.edge.links.framing import NakCode  # noqa: E402
-from musc_edge.edge.links.register_map import REGISTER_COUNT, Reg, join32, part_hash, part_text  # noqa: E402
+from musc_edge.edge.links.register_map import MAP_VERSION, REGISTER_COUNT, Reg, join32, part_hash, part_text  # noqa: E402,E501
 from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator, PtyPair  # noqa: E402
 from musc_edge.edge.record import Reason, Verdict  # noqa: E402
 
@@ -118,7 +118,7 @@ def test_the_plc_cannot_write_the_runtimes_registers_and_reads_the_whole_map_at_
         beyond = client.read_holding_registers(REGISTER_COUNT - 1, count=2, device_id=1)
         assert beyond.isError()
         block = client.read_holding_registers(0, count=REGISTER_COUNT, device_id=1)
-        assert not block.isError() and block.registers[Reg.MAP_VERSION] == 1
+        assert not block.isError() and block.registers[Reg.MAP_VERSION] == MAP_VERSION == 2
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -191,11 +191,11 @@ def test_runtime_restart_resends_unacked_rows_which_the_plc_deduplicates(kind: s
     with ExitStack() as stack:
         bench = Bench(kind, stack)
         sim = stack.enter_context(bench.sim())
-        with open_link(bench.link_config()) as first:
+        with open_link(bench.link_config(), epoch=0x5EED) as first:          # the ledger's epoch survives
             for seq in (1, 2, 3):
                 assert first.send(seq, f"P-{seq}", Verdict.REJECT, Reason.ANOMALY, _soon()).acked
         events = Events()
-        with open_link(bench.link_config(), **events.callbacks()) as restarted:   # same port, new server
+        with open_link(bench.link_config(), epoch=0x5EED, **events.callbacks()) as restarted:   # same port
             restarted.resend(2, "P-2", Verdict.REJECT, Reason.ANOMALY)
             restarted.resend(3, "P-3", Verdict.REJECT, Reason.ANOMALY)
             assert restarted.send(4, "P-4", Verdict.ACCEPT, Reason.OK, _soon(5.0)).acked

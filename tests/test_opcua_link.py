@@ -30,6 +30,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+EPOCH = 0x5EED      # a restarted runtime keeps its ledger's epoch
+
+
 def config(endpoint: str, **settings: Any) -> dict[str, Any]:
     return {"type": "opcua", "endpoint": endpoint, "users": USERS, **FAST, "ack_timeout_s": 0.2, **settings}
 
@@ -42,9 +45,10 @@ def _soon(seconds: float = 3.0) -> float:
 def served() -> Iterator[tuple[PlantLink, OpcUaPlcSimulator, Events, str]]:
     endpoint = f"opc.tcp://127.0.0.1:{free_port()}/musc-edge/"
     events = Events()
-    with open_link(config(endpoint), **events.callbacks()) as link:
+    with open_link(config(endpoint), epoch=EPOCH, **events.callbacks()) as link:
         with OpcUaPlcSimulator(endpoint, "plc", "s3cret") as sim:
-            assert sim.wait_for(lambda c: c.heartbeats >= 1, 30.0), "the simulated PLC never logged in"
+            assert sim.wait_for(lambda c: c.heartbeats >= 1, 30.0), \
+                f"the simulated PLC never logged in: {link.health()} {events.alarms} {sim.link_errors}"
             yield link, sim, events, endpoint
 
 
@@ -71,16 +75,12 @@ def test_nak_is_retried_until_acked(served) -> None:
 
 
 def test_anonymous_and_wrong_passwords_are_refused(served) -> None:
-    from asyncua import Client
     from asyncua.ua.uaerrors import UaError
 
     _, _, _, endpoint = served
 
     async def login(user: str | None, password: str | None) -> None:
-        client = Client(endpoint, timeout=5)
-        if user is not None:
-            client.set_user(user)
-            client.set_password(password or "")
+        client = await encrypted_client(endpoint, user, password)
         await client.connect()
         await client.disconnect()
 
@@ -90,15 +90,13 @@ def test_anonymous_and_wrong_passwords_are_refused(served) -> None:
 
 
 def test_the_plc_cannot_write_the_runtimes_variables(served) -> None:
-    from asyncua import Client, ua
+    from asyncua import ua
     from asyncua.ua.uaerrors import UaError
 
     _, _, _, endpoint = served
 
     async def write() -> None:
-        client = Client(endpoint, timeout=5)
-        client.set_user("plc")
-        client.set_password("s3cret")
+        client = await encrypted_client(endpoint)
         await client.connect()
         try:
             idx = await client.get_namespace_index(NAMESPACE)
@@ -144,7 +142,7 @@ def test_runtime_restart_resends_unacked_rows_which_the_plc_deduplicates(served)
     assert not link.send(7, "P-7", Verdict.REJECT, Reason.ANOMALY, _soon(0.1)).acked   # the ledger keeps it unacked
     link.close()
     events = Events()
-    with open_link(config(endpoint), **events.callbacks()) as restarted:
+    with open_link(config(endpoint), epoch=EPOCH, **events.callbacks()) as restarted:
         restarted.resend(7, "P-7", Verdict.REJECT, Reason.ANOMALY)
         restarted.resend(6, "P-6", Verdict.REJECT, Reason.ANOMALY)       # acked before the restart
         assert restarted.send(8, "P-8", Verdict.ACCEPT, Reason.OK, _soon(30.0)).acked
@@ -159,7 +157,8 @@ def test_runtime_restart_resends_unacked_rows_which_the_plc_deduplicates(served)
     ({"type": "opcua"}, "users"),
     ({"type": "opcua", "users": [{"username": "plc"}]}, "link.users.0.password"),
     ({"type": "opcua", "users": USERS, "certificate": "server.der"}, "private_key"),
-    ({"type": "opcua", "users": USERS, "allow_unencrypted": False}, "certificate"),
+    ({"type": "opcua", "users": [*USERS, {"username": "hmi", "password": "x"}]}, "plc_user"),
+    ({"type": "opcua", "users": USERS, "plc_user": "admin"}, "plc_user"),
 ])
 def test_bad_opcua_config_names_the_key(raw: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError, match=re.escape(named)):
@@ -167,12 +166,9 @@ def test_bad_opcua_config_names_the_key(raw: dict[str, Any], named: str) -> None
 
 
 def _read(endpoint: str, *names: str) -> list[Any]:
-    from asyncua import Client
 
     async def read() -> list[Any]:
-        client = Client(endpoint, timeout=5)
-        client.set_user("plc")
-        client.set_password("s3cret")
+        client = await encrypted_client(endpoint)
         await client.connect()
         try:
             await client.load_data_type_definitions()
@@ -182,3 +178,32 @@ def _read(endpoint: str, *names: str) -> list[Any]:
             await client.disconnect()
 
     return asyncio.run(read())
+
+
+_CLIENT_KEYS: list[tuple[bytes, bytes]] = []
+
+
+async def encrypted_client(endpoint: str, user: str | None = "plc", password: str | None = "s3cret") -> Any:
+    """An asyncua client set up for Basic256Sha256 SignAndEncrypt (the server's only policy by default) with a
+    client certificate generated once per test run; not yet connected."""
+    import tempfile
+    from pathlib import Path
+
+    from asyncua import Client, ua
+    from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+    from asyncua.crypto.uacrypto import CertProperties
+
+    from musc_edge.edge.links.opcua_link import ensure_certificate
+
+    client = Client(endpoint, timeout=5)
+    if not _CLIENT_KEYS:
+        with tempfile.TemporaryDirectory() as folder:
+            cert, key = ensure_certificate(Path(folder), client.application_uri)
+            _CLIENT_KEYS.append((cert.read_bytes(), key.read_bytes()))
+    cert_der, key_pem = _CLIENT_KEYS[0]
+    if user is not None:
+        client.set_user(user)
+        client.set_password(password or "")
+    await client.set_security(SecurityPolicyBasic256Sha256, cert_der, CertProperties(key_pem, extension="pem"),
+                              mode=ua.MessageSecurityMode.SignAndEncrypt)
+    return client

@@ -100,7 +100,7 @@ def test_damaged_frames_get_a_nak_naming_the_problem(pty_sim) -> None:
     peer.write_body(bytes(unknown))
     assert reply_target(peer.reply()) == (MessageType.ACK, NakCode.UNKNOWN_TYPE)
     bad_verdict = bytearray(encode_body(_verdict(11)))
-    bad_verdict[8] = 0                                   # verdict code 0 is never valid
+    bad_verdict[12] = 0                                  # verdict code 0 is never valid
     peer.write_body(bytes(bad_verdict[:-2]) + crc16(bytes(bad_verdict[:-2])).to_bytes(2, "big"))
     assert reply_target(peer.reply()) == (MessageType.VERDICT, NakCode.BAD_FORMAT)
     counters = sim.counters()

@@ -1,6 +1,7 @@
 """Reject links: verdicts to the PLC over serial, ZeroMQ, Modbus or OPC UA, picked by the config's ``type``."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Mapping, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
@@ -15,6 +16,7 @@ from musc_edge.edge.links.base import (
     RejectLink,
     SendResult,
     Transport,
+    new_line_epoch,
 )
 from musc_edge.edge.links.modbus_link import ModbusRtuLinkConfig, ModbusTcpLinkConfig, ModbusTransport
 from musc_edge.edge.links.opcua_link import OpcUaLinkConfig, OpcUaTransport
@@ -34,7 +36,7 @@ __all__ = [
     "LinkClosedError", "LinkConfig", "LinkHealth", "LinkIOError", "LinkSettings", "RejectLink",
     "ModbusRtuLinkConfig", "ModbusTcpLinkConfig", "OpcUaLinkConfig", "PlantLink",
     "SendResult", "SerialLinkConfig", "SerialTransport", "Transport", "ZmqLinkConfig", "ZmqTransport",
-    "open_link", "parse_link_config",
+    "new_line_epoch", "open_link", "parse_link_config",
 ]
 
 
@@ -62,10 +64,19 @@ def _describe(error: Any) -> str:
 
 def open_link(config: AnyLinkConfig | Mapping[str, Any], *,
               on_ack: AckCallback | None = None, on_alarm: AlarmCallback | None = None,
-              on_alarm_cleared: AlarmCallback | None = None) -> RejectLink:
-    """A running RejectLink for ``config`` (a validated model or a raw mapping with ``type``)."""
+              on_alarm_cleared: AlarmCallback | None = None, epoch: int | None = None,
+              storage_dir: str | Path | None = None) -> RejectLink:
+    """A running RejectLink for ``config`` (a validated model or a raw mapping with ``type``).
+
+    ``epoch``: the line epoch (the ledger's; None: a random one). ``storage_dir``: where a transport keeps
+    what it generates (the OPC UA server's certificate; None: a new one in memory each start).
+    """
     if not isinstance(config, tuple(_TRANSPORTS)):
         config = parse_link_config(config)
-    transport = _TRANSPORTS[type(config)](config)
+    if isinstance(config, OpcUaLinkConfig):
+        transport: Transport = OpcUaTransport(config, storage_dir=storage_dir)
+    else:
+        transport = _TRANSPORTS[type(config)](config)
     link_class = PlantLink if isinstance(transport, (ModbusTransport, OpcUaTransport)) else RejectLink
-    return link_class(transport, config, on_ack=on_ack, on_alarm=on_alarm, on_alarm_cleared=on_alarm_cleared)
+    return link_class(transport, config, on_ack=on_ack, on_alarm=on_alarm, on_alarm_cleared=on_alarm_cleared,
+                      epoch=epoch)

@@ -2,14 +2,16 @@
 
 One :class:`RejectLink` drives any :class:`Transport` (serial, ZeroMQ). A single background worker
 owns the transport and talks stop-and-wait: one message in flight, the outbox delivered strictly in
-sequence order, heartbeats in between. Callers block in :meth:`RejectLink.send` at most until their
+sequence order, heartbeats in between; every message carries the line epoch, which the PLC
+acknowledges (EPOCH) before the first verdict after each (re)connection. Callers block in :meth:`RejectLink.send` at most until their
 deadline; anything not acked by then stays in the outbox and is delivered later (``on_ack`` with
-``late=True``), so nothing is lost and, with the PLC de-duplicating by ``seq``, nothing is doubled.
+``late=True``), so nothing is lost and, with the PLC de-duplicating by (epoch, ``seq``), nothing is doubled.
 """
 from __future__ import annotations
 
 import bisect
 import logging
+import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -19,6 +21,7 @@ from typing import Callable
 from pydantic import Field, model_validator
 
 from musc_edge.edge.links.framing import (
+    MAX_EPOCH,
     MAX_SEQ,
     Frame,
     FrameError,
@@ -27,6 +30,7 @@ from musc_edge.edge.links.framing import (
     VerdictFlags,
     decode_body,
     encode_body,
+    epoch_frame,
     heartbeat_frame,
     reply_target,
     stop_line_frame,
@@ -45,6 +49,7 @@ ALARM_LINK_DOWN = "link_down"
 ALARM_PLC_SILENT = "plc_silent"
 ALARM_PLC_REFUSING = "plc_refusing"
 ALARM_WORKER_FAILED = "worker_failed"
+ALARM_FOREIGN_WRITER = "foreign_writer"     # a client other than the PLC tried to write acknowledgements
 
 
 class LinkIOError(OSError):
@@ -87,9 +92,17 @@ class Transport(ABC):
     PLC acknowledges like any message; a transport with its own data model (a Modbus coil, an OPC UA
     variable) sets its stop signal there and returns True once it is written. It is repeated until
     acknowledged, so it must be idempotent.
+
+    ``line_epoch`` is set by the link before ``open``: framed transports put it in the STOP_LINE they build.
+    A transport that can tell who writes (a Modbus/TCP server, an OPC UA server) reports a refused writer
+    through the alarm callbacks :meth:`bind_alarms` gives it.
     """
 
     description: str
+    line_epoch: int = 0
+
+    def bind_alarms(self, raise_alarm: Callable[[str, str], None], clear_alarm: Callable[[str, str], None]) -> None:
+        """Receive the link's ``raise_alarm(key, text)`` / ``clear_alarm(key, text)``; the default ignores them."""
 
     @abstractmethod
     def open(self) -> None:
@@ -138,6 +151,8 @@ class LinkHealth:
     heartbeats_acked: int = 0
     stop_lines_sent: int = 0          # STOP_LINE transmissions
     stop_lines_acked: int = 0         # line stops the PLC acknowledged
+    epoch: int = 0                    # the line epoch every message carries
+    epoch_acked: bool = False         # the PLC acknowledged it on the current connection
 
 
 @dataclass(frozen=True)
@@ -179,6 +194,12 @@ class _Counters:
     heartbeats_acked: int = 0
     stop_lines_sent: int = 0
     stop_lines_acked: int = 0
+    epoch_refusals: int = 0
+
+
+def new_line_epoch() -> int:
+    """A random non-zero 32-bit line epoch."""
+    return secrets.randbelow(MAX_EPOCH) + 1
 
 
 class RejectLink:
@@ -188,11 +209,21 @@ class RejectLink:
     already stopped waiting, or for :meth:`resend`); ``on_alarm(text)`` when an alarm is raised and
     ``on_alarm_cleared(text)`` when it clears. Callbacks run on the link's worker thread and must
     return quickly.
+
+    ``epoch`` is the line epoch (the ledger's, :attr:`musc_edge.edge.ledger.Ledger.line_epoch`); every message
+    carries it and no verdict goes out on a connection before the PLC acknowledged it. None: a random one
+    (fine for tests; a line passes its ledger's, so that a restart keeps it).
     """
 
     def __init__(self, transport: Transport, settings: LinkSettings | None = None, *,
                  on_ack: AckCallback | None = None, on_alarm: AlarmCallback | None = None,
-                 on_alarm_cleared: AlarmCallback | None = None) -> None:
+                 on_alarm_cleared: AlarmCallback | None = None, epoch: int | None = None) -> None:
+        if epoch is None:
+            epoch = new_line_epoch()
+        if not isinstance(epoch, int) or not 1 <= epoch <= MAX_EPOCH:
+            raise ValueError(f"line epoch {epoch!r} must be an int in 1..{MAX_EPOCH}")
+        self._epoch = epoch
+        transport.line_epoch = epoch
         self._transport = transport
         self._settings = settings or LinkSettings()
         self._on_ack, self._on_alarm, self._on_alarm_cleared = on_ack, on_alarm, on_alarm_cleared
@@ -216,6 +247,11 @@ class RejectLink:
         self._stop_reason: str | None = None        # a line stop waiting for the PLC's ACK
         self._stop_due = now
         self._stop_backoff = self._settings.backoff_initial_s
+        self._epoch_acked = False                   # per connection: announced and acknowledged
+        self._epoch_due = now
+        self._epoch_backoff = self._settings.backoff_initial_s
+        self._epoch_attempts = 0
+        transport.bind_alarms(self._raise_alarm, self._clear_alarm)
         self._try_open()
         self._worker = threading.Thread(target=self._run, name=f"reject-link {transport.description}",
                                         daemon=True)
@@ -270,6 +306,11 @@ class RejectLink:
             self._wake.notify()
 
     @property
+    def epoch(self) -> int:
+        """The line epoch every message carries."""
+        return self._epoch
+
+    @property
     def worker_alive(self) -> bool:
         """Whether the link's worker thread runs: False once closed, or after a fault stopped it (alarmed as
         ``worker_failed``); a line then cannot signal and must stop."""
@@ -295,6 +336,7 @@ class RejectLink:
                 late_acks=c.late_acks, naks=c.naks, bad_frames=c.bad_frames,
                 heartbeats_sent=c.heartbeats_sent, heartbeats_acked=c.heartbeats_acked,
                 stop_lines_sent=c.stop_lines_sent, stop_lines_acked=c.stop_lines_acked,
+                epoch=self._epoch, epoch_acked=self._open and self._epoch_acked,
             )
 
     def close(self) -> None:
@@ -326,7 +368,7 @@ class RejectLink:
                  resend: bool) -> _Outgoing:
         if not isinstance(seq, int) or seq < 0:
             raise ValueError(f"seq {seq!r} must be a non-negative int")
-        frame = verdict_frame(seq & MAX_SEQ, part_id, verdict, reason)
+        frame = verdict_frame(seq & MAX_SEQ, part_id, verdict, reason, epoch=self._epoch)
         now = time.monotonic()
         message = _Outgoing(seq, frame, deadline, resend, enqueued=now, next_due=now,
                             backoff=self._settings.backoff_initial_s, abandoned=resend)
@@ -340,6 +382,8 @@ class RejectLink:
             bisect.insort(self._outbox, message, key=lambda m: m.seq)
             self._pending[seq] = message
             self._outbox[0].next_due = min(self._outbox[0].next_due, now)   # new traffic probes the PLC
+            if not self._epoch_acked:                                       # ... and the epoch first
+                self._epoch_due, self._epoch_attempts = min(self._epoch_due, now), 0
             self._wake.notify()
         return message
 
@@ -368,6 +412,8 @@ class RejectLink:
                     job, due = self._try_open, self._reopen_at
                 elif self._stop_reason is not None and self._stop_due <= now:
                     job, due = self._deliver_stop_line, self._stop_due
+                elif not self._epoch_acked:                 # nothing else before the PLC knows the epoch
+                    job, due = self._announce_epoch, self._epoch_due
                 elif self._outbox and self._outbox[0].next_due <= self._heartbeat_due:
                     job, due = self._deliver_head, self._outbox[0].next_due
                 else:
@@ -390,7 +436,7 @@ class RejectLink:
                     (VerdictFlags.RESEND if message.resend else 0)
             if flags != message.frame.payload[0]:
                 old = message.frame
-                message.frame = Frame(old.type, old.seq, bytes((flags,)) + old.payload[1:])
+                message.frame = Frame(old.type, old.seq, bytes((flags,)) + old.payload[1:], old.epoch)
             frame = message.frame
             if message.attempts:
                 self._counters.retries += 1
@@ -431,7 +477,7 @@ class RejectLink:
             if reason is None:
                 return
             self._counters.stop_lines_sent += 1
-        frame = stop_line_frame(0, reason)
+        frame = stop_line_frame(0, reason, epoch=self._epoch)
         if self._exchange(frame, send=lambda: self._transport.send_stop_line(reason)).acked:
             with self._lock:
                 self._counters.stop_lines_acked += 1
@@ -442,10 +488,40 @@ class RejectLink:
             self._stop_due = time.monotonic() + self._stop_backoff
             self._stop_backoff = min(2 * self._stop_backoff, self._settings.backoff_max_s)
 
+    def _announce_epoch(self) -> None:
+        """Send EPOCH until the PLC acknowledges it (then verdicts flow); backoff between tries."""
+        outcome = self._exchange(epoch_frame(self._epoch))
+        refused_text = None
+        with self._lock:
+            if outcome.acked:
+                self._epoch_acked = True
+                self._epoch_attempts = 0
+                self._epoch_backoff = self._settings.backoff_initial_s
+                self._counters.epoch_refusals = 0
+                if self._outbox:
+                    self._outbox[0].next_due = time.monotonic()
+            else:
+                now = time.monotonic()
+                self._epoch_attempts += 1
+                if self._outbox and now < self._outbox[0].deadline and \
+                        self._epoch_attempts < self._settings.max_attempts:
+                    self._epoch_due = now                   # a verdict is waiting for it: retry at once
+                else:
+                    self._epoch_due = now + self._epoch_backoff
+                    self._epoch_backoff = min(2 * self._epoch_backoff, self._settings.backoff_max_s)
+                self._counters.epoch_refusals = self._counters.epoch_refusals + 1 if outcome.refused else 0
+                if self._counters.epoch_refusals >= self._settings.max_attempts:
+                    refused_text = (f"PLC refuses the line epoch {self._epoch:08X}: {outcome.error} (a PLC program "
+                                    "for wire protocol 1? docs/wire-protocol.md); no verdict can be delivered")
+        if refused_text is not None:
+            self._raise_alarm(ALARM_PLC_REFUSING, refused_text)
+        elif outcome.acked:
+            self._clear_alarm(ALARM_PLC_REFUSING, f"PLC took the line epoch {self._epoch:08X}")
+
     def _heartbeat(self) -> None:
         with self._lock:
             self._heartbeat_counter = (self._heartbeat_counter + 1) & MAX_SEQ
-            frame = heartbeat_frame(self._heartbeat_counter, len(self._outbox))
+            frame = heartbeat_frame(self._heartbeat_counter, len(self._outbox), epoch=self._epoch)
             self._counters.heartbeats_sent += 1
             self._heartbeat_due += self._settings.heartbeat_interval_s
             now = time.monotonic()
@@ -494,7 +570,7 @@ class RejectLink:
                 self._counters.bad_frames += 1
             return _Outcome(False, f"corrupted reply ({exc})")   # almost surely ours: retry now
         self._heard_from_plc()
-        if reply.seq != sent.seq or acked_type != sent.type:
+        if reply.seq != sent.seq or acked_type != sent.type or reply.epoch != sent.epoch:
             return None
         if nak_code is not None:
             with self._lock:
@@ -522,6 +598,10 @@ class RejectLink:
         with self._lock:
             self._open = True
             self._reopen_backoff = self._settings.backoff_initial_s
+            self._epoch_acked = False                    # announce the epoch again on every connection
+            self._epoch_attempts = 0
+            self._epoch_due = time.monotonic()
+            self._epoch_backoff = self._settings.backoff_initial_s
         self._clear_alarm(ALARM_LINK_DOWN, f"{self._transport.description} open")
 
     def _transport_failed(self, exc: Exception) -> None:

@@ -2,9 +2,11 @@
 
 A message *body* is::
 
-    version u8 | type u8 | seq u32 | length u8 | payload[length] | crc16 u16      (big-endian)
+    version u8 | type u8 | epoch u32 | seq u32 | length u8 | payload[length] | crc16 u16      (big-endian)
 
-with CRC-16/CCITT-FALSE over everything before the CRC. ZeroMQ carries one body per message;
+with CRC-16/CCITT-FALSE over everything before the CRC. ``epoch`` is the line epoch: a random non-zero id
+created with the runtime's ledger (a new install, a fresh storage, another line: another epoch), so the PLC
+de-duplicates on (epoch, seq) and never takes one install's seq for another's. ZeroMQ carries one body per message;
 a byte stream (serial) carries ``0x00 | COBS(body) | 0x00``.
 """
 from __future__ import annotations
@@ -16,13 +18,14 @@ from enum import IntEnum
 
 from musc_edge.edge.record import Reason, Verdict
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2                    # 2: the header carries the line epoch; EPOCH announces it
 MAX_PART_ID_BYTES = 64
 MAX_SEQ = 0xFFFFFFFF
+MAX_EPOCH = 0xFFFFFFFF
 DELIMITER = 0x00
 
 _KNOWN_REASONS = frozenset(int(reason) for reason in Reason)
-_HEADER = struct.Struct(">BBIB")        # version, type, seq, payload length
+_HEADER = struct.Struct(">BBIIB")       # version, type, epoch, seq, payload length
 _CRC = struct.Struct(">H")
 _MIN_BODY = _HEADER.size + _CRC.size
 MAX_BODY_BYTES = _MIN_BODY + 255
@@ -34,6 +37,7 @@ class MessageType(IntEnum):
     VERDICT = 0x01      # runtime -> PLC: a part's verdict
     HEARTBEAT = 0x02    # runtime -> PLC: liveness, seq = heartbeat counter
     STOP_LINE = 0x03    # runtime -> PLC: stop the conveyor now; seq = stop counter, payload = reason (UTF-8)
+    EPOCH = 0x04        # runtime -> PLC: a (new) line epoch; seq 0; acknowledged before the first verdict
     ACK = 0x06          # PLC -> runtime: payload = type being acknowledged
     NAK = 0x15          # PLC -> runtime: payload = type being refused, NakCode
 
@@ -68,13 +72,14 @@ class VerdictFlags(IntEnum):
 class FrameError(ValueError):
     """A body that cannot be used; ``code`` is what a receiver answers in its NAK.
 
-    ``seq`` and ``msg_type`` are the header's values when the header could be read (they may be
-    corrupted when ``code`` is BAD_CRC).
+    ``seq``, ``msg_type`` and ``epoch`` are the header's values when the header could be read (they may
+    be corrupted when ``code`` is BAD_CRC).
     """
 
-    def __init__(self, code: NakCode, detail: str, seq: int | None = None, msg_type: int | None = None):
+    def __init__(self, code: NakCode, detail: str, seq: int | None = None, msg_type: int | None = None,
+                 epoch: int = 0):
         super().__init__(f"{code.name.lower()}: {detail}")
-        self.code, self.detail, self.seq, self.msg_type = code, detail, seq, msg_type
+        self.code, self.detail, self.seq, self.msg_type, self.epoch = code, detail, seq, msg_type, epoch
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class Frame:
     type: MessageType
     seq: int
     payload: bytes = b""
+    epoch: int = 0              # the line epoch (0: none, only in tests of the framing itself)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class VerdictMessage:
     verdict: Verdict
     reason: Reason | int          # an int only for a code this version does not know
     flags: int = 0
+    epoch: int = 0
 
 
 def crc16(data: bytes) -> int:
@@ -133,9 +140,11 @@ def encode_body(frame: Frame) -> bytes:
     """Header + payload + CRC for one message."""
     if not 0 <= frame.seq <= MAX_SEQ:
         raise ValueError(f"seq {frame.seq} is outside 0..{MAX_SEQ}")
+    if not 0 <= frame.epoch <= MAX_EPOCH:
+        raise ValueError(f"epoch {frame.epoch} is outside 0..{MAX_EPOCH}")
     if len(frame.payload) > 255:
         raise ValueError(f"payload of {len(frame.payload)} bytes is longer than 255")
-    head = _HEADER.pack(PROTOCOL_VERSION, frame.type, frame.seq, len(frame.payload)) + frame.payload
+    head = _HEADER.pack(PROTOCOL_VERSION, frame.type, frame.epoch, frame.seq, len(frame.payload)) + frame.payload
     return head + _CRC.pack(crc16(head))
 
 
@@ -143,24 +152,25 @@ def decode_body(body: bytes) -> Frame:
     """Parse and check one body; raises FrameError carrying the NAK code to answer with."""
     if len(body) < _MIN_BODY:
         raise FrameError(NakCode.BAD_FORMAT, f"body of {len(body)} bytes is shorter than {_MIN_BODY}")
-    version, msg_type, seq, length = _HEADER.unpack_from(body)
+    version, msg_type, epoch, seq, length = _HEADER.unpack_from(body)
     (crc,) = _CRC.unpack_from(body, len(body) - _CRC.size)
     if crc != crc16(body[:-_CRC.size]):
-        raise FrameError(NakCode.BAD_CRC, f"crc 0x{crc:04X} does not match the body", seq, msg_type)
+        raise FrameError(NakCode.BAD_CRC, f"crc 0x{crc:04X} does not match the body", seq, msg_type, epoch)
     if version != PROTOCOL_VERSION:
         raise FrameError(NakCode.BAD_FORMAT, f"protocol version {version}, expected {PROTOCOL_VERSION}",
-                         seq, msg_type)
+                         seq, msg_type, epoch)
     if length != len(body) - _MIN_BODY:
         raise FrameError(NakCode.BAD_FORMAT, f"length field {length} but {len(body) - _MIN_BODY} "
-                         "payload bytes", seq, msg_type)
+                         "payload bytes", seq, msg_type, epoch)
     try:
         kind = MessageType(msg_type)
     except ValueError:
-        raise FrameError(NakCode.UNKNOWN_TYPE, f"message type 0x{msg_type:02X}", seq, msg_type) from None
-    return Frame(kind, seq, body[_HEADER.size:-_CRC.size])
+        raise FrameError(NakCode.UNKNOWN_TYPE, f"message type 0x{msg_type:02X}", seq, msg_type, epoch) from None
+    return Frame(kind, seq, body[_HEADER.size:-_CRC.size], epoch)
 
 
-def verdict_frame(seq: int, part_id: str, verdict: Verdict, reason: Reason, flags: int = 0) -> Frame:
+def verdict_frame(seq: int, part_id: str, verdict: Verdict, reason: Reason, flags: int = 0, *,
+                  epoch: int = 0) -> Frame:
     """A VERDICT message; raises ValueError naming any field that does not fit the wire format."""
     part_bytes = part_id.encode("utf-8")
     if not part_bytes or len(part_bytes) > MAX_PART_ID_BYTES:
@@ -168,7 +178,7 @@ def verdict_frame(seq: int, part_id: str, verdict: Verdict, reason: Reason, flag
     if not isinstance(verdict, Verdict):
         raise ValueError(f"verdict {verdict!r} is not a musc_edge.edge.record.Verdict")
     reason = _reason(reason)
-    return Frame(MessageType.VERDICT, seq, bytes((flags, VerdictCode.of(verdict), reason)) + part_bytes)
+    return Frame(MessageType.VERDICT, seq, bytes((flags, VerdictCode.of(verdict), reason)) + part_bytes, epoch)
 
 
 def _reason(reason: Reason | int) -> Reason:
@@ -186,26 +196,35 @@ def parse_verdict(frame: Frame) -> VerdictMessage:
     payload = frame.payload
     if len(payload) < 4:
         raise FrameError(NakCode.BAD_FORMAT, f"verdict payload of {len(payload)} bytes, need >= 4",
-                         frame.seq, frame.type)
+                         frame.seq, frame.type, frame.epoch)
     flags, verdict_code, reason_code = payload[0], payload[1], payload[2]
     try:
         verdict = VerdictCode(verdict_code).to_verdict()
         reason = Reason(reason_code) if reason_code in _KNOWN_REASONS else reason_code
         part_id = payload[3:].decode("utf-8")
     except ValueError as exc:
-        raise FrameError(NakCode.BAD_FORMAT, f"verdict payload: {exc}", frame.seq, frame.type) from None
-    return VerdictMessage(frame.seq, part_id, verdict, reason, flags)
+        raise FrameError(NakCode.BAD_FORMAT, f"verdict payload: {exc}", frame.seq, frame.type,
+                         frame.epoch) from None
+    return VerdictMessage(frame.seq, part_id, verdict, reason, flags, frame.epoch)
 
 
-def heartbeat_frame(counter: int, pending: int) -> Frame:
+def heartbeat_frame(counter: int, pending: int, *, epoch: int = 0) -> Frame:
     """A HEARTBEAT message; ``pending`` = verdicts waiting for an ack (saturates at 65535)."""
-    return Frame(MessageType.HEARTBEAT, counter & MAX_SEQ, struct.pack(">H", min(pending, 0xFFFF)))
+    return Frame(MessageType.HEARTBEAT, counter & MAX_SEQ, struct.pack(">H", min(pending, 0xFFFF)), epoch)
 
 
-def stop_line_frame(counter: int, reason: str) -> Frame:
+def stop_line_frame(counter: int, reason: str, *, epoch: int = 0) -> Frame:
     """A STOP_LINE message; ``reason`` is cut to 255 bytes of UTF-8 (at a character boundary)."""
     text = reason.encode("utf-8", "replace")[:255].decode("utf-8", "ignore").encode("utf-8")
-    return Frame(MessageType.STOP_LINE, counter & MAX_SEQ, text)
+    return Frame(MessageType.STOP_LINE, counter & MAX_SEQ, text, epoch)
+
+
+def epoch_frame(epoch: int) -> Frame:
+    """An EPOCH message: announces the line epoch (seq 0, no payload); the PLC starts a new de-duplication
+    record for it and ACKs; the runtime sends no verdict before that ACK."""
+    if not 1 <= epoch <= MAX_EPOCH:
+        raise ValueError(f"line epoch {epoch} is outside 1..{MAX_EPOCH}")
+    return Frame(MessageType.EPOCH, 0, b"", epoch)
 
 
 def parse_stop_line(frame: Frame) -> str:
@@ -213,12 +232,14 @@ def parse_stop_line(frame: Frame) -> str:
     return frame.payload.decode("utf-8", "replace")
 
 
-def ack_frame(seq: int, acked_type: MessageType) -> Frame:
-    return Frame(MessageType.ACK, seq, bytes((acked_type,)))
+def ack_frame(seq: int, acked_type: MessageType, *, epoch: int = 0) -> Frame:
+    """The PLC's ACK: ``seq`` and ``epoch`` copied from the message it answers."""
+    return Frame(MessageType.ACK, seq, bytes((acked_type,)), epoch)
 
 
-def nak_frame(seq: int, refused_type: int, code: NakCode) -> Frame:
-    return Frame(MessageType.NAK, seq, bytes((refused_type & 0xFF, code)))
+def nak_frame(seq: int, refused_type: int, code: NakCode, *, epoch: int = 0) -> Frame:
+    """The PLC's NAK: ``seq`` and ``epoch`` copied from the message it refuses (as far as it could read them)."""
+    return Frame(MessageType.NAK, seq, bytes((refused_type & 0xFF, code)), epoch)
 
 
 def reply_target(frame: Frame) -> tuple[int, int | None]:
@@ -226,7 +247,7 @@ def reply_target(frame: Frame) -> tuple[int, int | None]:
     need = 1 if frame.type is MessageType.ACK else 2
     if len(frame.payload) < need:
         raise FrameError(NakCode.BAD_FORMAT, f"{frame.type.name} payload of {len(frame.payload)} bytes",
-                         frame.seq, frame.type)
+                         frame.seq, frame.type, frame.epoch)
     return frame.payload[0], (frame.payload[1] if frame.type is MessageType.NAK else None)
 
 

@@ -2,8 +2,8 @@
 
 :class:`RejectLink` speaks in messages: it writes a VERDICT or HEARTBEAT body and waits for the
 ACK/NAK body. A :class:`RegisterTransport` turns each written message into an update of its
-:class:`RegisterImage` and each PLC write of ACK_SEQ / NAK_SEQ / HEARTBEAT_ECHO / STOP_ACK into the
-reply the link waits for, so retries, ordering, deadlines, heartbeats, silence alarms and re-delivery
+:class:`RegisterImage` and each PLC write of ACK_SEQ / NAK_SEQ / HEARTBEAT_ECHO / EPOCH_ACK / STOP_ACK into
+the reply the link waits for (only a write made after the value was published counts: see register_map.py), so retries, ordering, deadlines, heartbeats, silence alarms and re-delivery
 after a restart stay the link's, identical for every transport. Subclasses serve the image.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from musc_edge.edge.links.base import LinkIOError, Transport
+from musc_edge.edge.links.base import ALARM_FOREIGN_WRITER, LinkIOError, Transport
 from musc_edge.edge.links.framing import (
     FrameError,
     MessageType,
@@ -27,12 +27,14 @@ from musc_edge.edge.links.framing import (
 )
 from musc_edge.edge.links.register_map import (
     LineState,
+    PlcEvents,
     PublishedVerdict,
     Reg,
     RegisterImage,
     calibration_register,
-    join32,
+    new_nonce,
     part_text_registers,
+    split32,
 )
 
 # The framed links' STOP_LINE message type (0x03, added with the stop-line primitive).
@@ -46,6 +48,10 @@ class RegisterTransport(Transport):
         self.image = RegisterImage()
         self._calibration = calibration_register(0)
         self._in_flight: tuple[int, int] | None = None      # (message type, seq) awaiting the PLC
+        self._nonce = 0                                      # the heartbeat nonce in HEARTBEAT
+        self._raise_alarm: Callable[[str, str], None] = lambda key, text: None
+        self._clear_alarm: Callable[[str, str], None] = lambda key, text: None
+        self.foreign_writes = 0                              # writes refused: not from the PLC
         # The server runs on its own asyncio loop in its own thread (_serve_on_own_loop / _stop_serving).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -71,6 +77,15 @@ class RegisterTransport(Transport):
         self._in_flight = None
         if loop is not None:
             stop_server_loop(loop, thread, None if server is None else shutdown(server), timeout_s)
+
+    def bind_alarms(self, raise_alarm: Callable[[str, str], None], clear_alarm: Callable[[str, str], None]) -> None:
+        self._raise_alarm, self._clear_alarm = raise_alarm, clear_alarm
+
+    def refuse_writer(self, who: str, why: str) -> None:
+        """A write from ``who`` was refused because ``why``: count it and raise the foreign-writer alarm."""
+        self.foreign_writes += 1
+        self._raise_alarm(ALARM_FOREIGN_WRITER, f"{self.description}: write from {who} refused: {why} "
+                          f"({self.foreign_writes} refused so far)")
 
     @property
     @abstractmethod
@@ -100,11 +115,14 @@ class RegisterTransport(Transport):
         if not self.serving:
             raise LinkIOError(f"{self.description} is not open")
         v = self.image.snapshot()
-        waiting = v[Reg.STOP_LINE] == 1 and v[Reg.STOP_ACK] != v[Reg.STOP_COUNT]
+        waiting = v[Reg.STOP_LINE] == 1 and self.image.events.stop_acked != v[Reg.STOP_COUNT]
         count = v[Reg.STOP_COUNT] if waiting else (v[Reg.STOP_COUNT] + 1) & 0xFFFF or 1
         text = part_text_registers(str(reason) or "stop requested")
-        self.image.update({Reg.STOP_LINE: 1, Reg.STOP_COUNT: count, Reg.LINE_STATE: LineState.STOP_REQUESTED,
-                           **{Reg.STOP_TEXT + i: value for i, value in enumerate(text)}})
+        changes = {Reg.STOP_LINE: 1, Reg.LINE_STATE: LineState.STOP_REQUESTED,
+                   **{Reg.STOP_TEXT + i: value for i, value in enumerate(text)}}
+        if count != v[Reg.STOP_COUNT]:
+            changes[Reg.STOP_COUNT] = count
+        self.image.update(changes)
         self.published()
         return self.plc_connected()
 
@@ -121,15 +139,20 @@ class RegisterTransport(Transport):
         if frame.type is MessageType.VERDICT:
             message = parse_verdict(frame)
             self.image.publish(PublishedVerdict(message.seq, frame.payload[1], int(message.reason),
-                                                message.flags, message.part_id, self._calibration))
+                                                message.flags, message.part_id, self._calibration, frame.epoch))
         elif frame.type is MessageType.HEARTBEAT:
             pending = int.from_bytes(frame.payload[:2], "big")
-            self.image.update({Reg.HEARTBEAT: frame.seq & 0xFFFF, Reg.PENDING: pending})
+            self._nonce = new_nonce(self._nonce)
+            self.image.update({Reg.HEARTBEAT: self._nonce, Reg.HEARTBEAT_COUNT: frame.seq & 0xFFFF,
+                               Reg.PENDING: pending})
+        elif frame.type is MessageType.EPOCH:
+            high, low = split32(frame.epoch)
+            self.image.update({Reg.EPOCH_HI: high, Reg.EPOCH_LO: low})
         elif frame.type == STOP_LINE_TYPE:
             return self.send_stop_line(frame.payload.decode("utf-8", "replace"))
         else:
             raise ValueError(f"{frame.type.name} is not sent to a PLC")
-        self._in_flight = (int(frame.type), frame.seq)
+        self._in_flight = (int(frame.type), frame.epoch if frame.type is MessageType.EPOCH else frame.seq)
         self.published()
         return self.plc_connected()
 
@@ -138,21 +161,29 @@ class RegisterTransport(Transport):
         if in_flight is None or not self.serving:
             return []
         kind, seq = in_flight
+        epoch, nonce = self.line_epoch, self._nonce
 
-        def reply(v: list[int]) -> bytes | None:
-            """The PLC's answer to the message in flight, from the registers it writes (under the lock)."""
+        def reply(v: list[int], events: PlcEvents) -> bytes | None:
+            """The PLC's answer to the message in flight, from what it wrote since (under the image's lock)."""
             if kind == MessageType.HEARTBEAT:
-                answered = v[Reg.HEARTBEAT_ECHO] == seq & 0xFFFF
+                answered = events.echoed == nonce
             elif kind == STOP_LINE_TYPE:
-                answered = v[Reg.STOP_COUNT] != 0 and v[Reg.STOP_ACK] == v[Reg.STOP_COUNT]
+                answered = v[Reg.STOP_COUNT] != 0 and events.stop_acked == v[Reg.STOP_COUNT]
+            elif kind == MessageType.EPOCH:
+                answered = events.epoch_acked == seq
             else:
-                answered = join32(v[Reg.ACK_SEQ_HI], v[Reg.ACK_SEQ_LO]) == seq
-                if not answered and join32(v[Reg.NAK_SEQ_HI], v[Reg.NAK_SEQ_LO]) == seq and v[Reg.NAK_CODE]:
-                    code = v[Reg.NAK_CODE]
+                answered = events.acked_seq == seq
+                if not answered and events.nak is not None and events.nak[0] == seq:
+                    code = events.nak[1]
+                    events.nak = None
                     v[Reg.NAK_SEQ_HI] = v[Reg.NAK_SEQ_LO] = v[Reg.NAK_CODE] = 0     # one NAK, one refusal
                     known = code in NakCode._value2member_map_
-                    return encode_body(nak_frame(seq, kind, NakCode(code) if known else NakCode.BAD_FORMAT))
-            return encode_body(ack_frame(seq, kind)) if answered else None       # type: ignore[arg-type]
+                    return encode_body(nak_frame(seq, kind, NakCode(code) if known else NakCode.BAD_FORMAT,
+                                                 epoch=epoch))
+            if not answered:
+                return None
+            return encode_body(ack_frame(0 if kind == MessageType.EPOCH else seq, kind,   # type: ignore[arg-type]
+                                         epoch=epoch))
 
         body = self.image.wait_for_plc(reply, timeout_s)
         if body is None:

@@ -67,7 +67,7 @@ class SerialTransport(Transport):
         return True
 
     def send_stop_line(self, reason: str) -> bool:
-        return self.write(encode_body(stop_line_frame(0, reason)))
+        return self.write(encode_body(stop_line_frame(0, reason, epoch=self.line_epoch)))
 
     def read(self, timeout_s: float) -> list[bytes | FrameError]:
         port = self._require_port()

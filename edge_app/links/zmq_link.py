@@ -66,7 +66,7 @@ class ZmqTransport(Transport):
         return True
 
     def send_stop_line(self, reason: str) -> bool:
-        return self.write(encode_body(stop_line_frame(0, reason)))
+        return self.write(encode_body(stop_line_frame(0, reason, epoch=self.line_epoch)))
 
     def read(self, timeout_s: float) -> list[bytes | FrameError]:
         sock = self._require_socket()

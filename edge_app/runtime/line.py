@@ -179,7 +179,8 @@ class Line:
         self.control = ControlServer(control_path, token, self._handle_control)
         # The link is up even in dry-run: dry-run is a calibration switch that can change while running,
         # and heartbeats and test fires still go out.
-        self.link = open_link(self.config.link, on_ack=self._on_ack, on_alarm=self._on_alarm,
+        self.link = open_link(self.config.link, epoch=self.ledger.line_epoch, storage_dir=self.storage,
+                              on_ack=self._on_ack, on_alarm=self._on_alarm,
                               on_alarm_cleared=lambda text: log.info("alarm cleared: %s", text))
         for row in self.ledger.unacked():  # signalled before a crash but never acknowledged
             try:
