@@ -175,6 +175,7 @@ def test_frame_refs_round_trip():
     ({"camera": "c", "features": {"Gain": [1]}}, "'features' must be a mapping"),
     ({"camera": "c", "buffers": 1}, "'buffers' must be an integer in 2..256"),
     ({"camera": "c", "exposure": 10}, "unknown source config key 'exposure'"),
+    ({"camera": "c", "frame_rate": 0.5}, "'frame_timeout_s' must be longer than a frame period at frame_rate 0.5"),
 ])
 def test_config_errors_name_the_key(config, message):
     with pytest.raises(SourceConfigError, match=message):
@@ -351,6 +352,23 @@ def test_no_frame_arrives_without_a_trigger(fake_camera):
         timer.start()
         got = list(source.parts())
     assert got == [] and source.stats["frames"] == 0
+
+
+@needs_camera
+def test_a_free_running_camera_that_streams_nothing_is_reopened_with_alarms(fake_camera):
+    fake_camera("MUSC01")
+    # The camera answers but waits for software triggers that never come: free run sees a stalled camera.
+    source = make_source(genicam_source(features={"TriggerSelector": "FrameStart", "TriggerMode": "On",
+                                                  "TriggerSource": "Software"},
+                                        frame_timeout_s=0.5, reconnect_interval_s=0.2))
+    alarms: list[str] = []
+    source.on_alarm = alarms.append
+    with source:
+        threading.Timer(2.5, source.close).start()
+        assert list(source.parts()) == []
+    assert any("lost (no frame for" in a for a in alarms), alarms
+    assert any("reconnected" in a for a in alarms), alarms
+    assert source.stats["reconnects"] >= 1
 
 
 @needs_camera

@@ -93,7 +93,7 @@ class GenICamConfig(SourceConfig):
     features: dict[str, Any] = field(default_factory=dict)   # any other feature: name -> value, set last
     encoder_chunk: str | None = None        # chunk holding the encoder count, e.g. EncoderValue
     buffers: int = 8                        # stream buffer pool
-    frame_timeout_s: float = 2.0            # a software trigger's frame, or free run's next frame, is late
+    frame_timeout_s: float = 2.0            # a software trigger's frame is missed; free run: the camera stalled
     reconnect_interval_s: float = 1.0
     max_gap_rows: int = 64                  # missing frame ids beyond this give one alarm, not rows
     gap_timeout_s: float = 0.5              # a skipped frame id not arrived by then is missing
@@ -132,6 +132,9 @@ class GenICamConfig(SourceConfig):
         require(_is_int(self.buffers) and 2 <= self.buffers <= 256, "buffers", self.buffers, "an integer in 2..256")
         for key in ("frame_timeout_s", "reconnect_interval_s", "poll_interval_s", "gap_timeout_s"):
             require(_is_number(getattr(self, key)) and getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
+        require(self.trigger != "free_run" or self.frame_rate is None or self.frame_rate * self.frame_timeout_s > 1,
+                "frame_timeout_s", self.frame_timeout_s, f"longer than a frame period at frame_rate {self.frame_rate} "
+                "(free run reopens a camera that sends no frame for frame_timeout_s)")
         require(_is_int(self.max_gap_rows) and self.max_gap_rows >= 0, "max_gap_rows", self.max_gap_rows,
                 "an integer >= 0")
         require(self.max_parts is None or (_is_int(self.max_parts) and self.max_parts > 0), "max_parts",
@@ -339,13 +342,19 @@ class GenICamSource(FrameSource):
                     if self._stop.wait(c.reconnect_interval_s) or not self._try_reopen(lost_at):
                         continue
                     last_sign = time.monotonic()
-                elif self._control_lost.is_set() or (now - last_sign > c.frame_timeout_s and not self._answers()):
+                elif self._control_lost.is_set() or (now - last_sign > c.frame_timeout_s and (
+                        c.trigger == "free_run" or not self._answers())):
+                    # free run: a camera that answers but streams nothing (its stream taken, its settings
+                    # changed by another tool) is reopened, which configures and starts it again
                     why = ("control lost" if self._control_lost.is_set()
-                           else f"no frame and no reply for {now - last_sign:.1f} s")
+                           else f"no frame for {now - last_sign:.1f} s" + ("" if c.trigger == "free_run"
+                                                                          else " and no reply"))
                     lost_at = now
                     for orphan in self._lose(why, ids):
                         yield orphan
                         emitted += 1
+                    if c.max_parts is not None and emitted >= c.max_parts:
+                        return
                 elif now - last_sign > c.frame_timeout_s:
                     last_sign = now         # idle but answering (a triggered line between parts)
                 continue
