@@ -281,3 +281,47 @@ def test_apply_refuses_a_candidate_the_line_has_moved_past_and_a_stopped_line_be
     assert code == 2 and out == "" and "no running line answers" in err
     code, out, _ = cli(capsys, "versions", *cfg, "--json", "--storage", str(storage))
     assert code == 2 and json.loads(out)["ok"] is False                    # --json errors are JSON
+
+
+def test_row_11_read_only_requests_never_run_on_the_scoring_thread_and_a_flood_costs_one_computation(
+        running_line, monkeypatch):
+    import socket as sockets
+
+    from musc_edge.edge.runtime import line as line_module
+    from musc_edge.edge.runtime.control import MAX_PENDING
+
+    _, storage, line, _ = running_line
+    computed_on = []
+    original = line_module.leave_one_out_scores
+
+    def recording(*args, **kwargs):
+        computed_on.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(line_module, "leave_one_out_scores", recording)
+    replies = []
+
+    def operator() -> None:
+        for _ in range(3):
+            replies.append(request(storage / "control.sock", {"cmd": "pool_scores", "recipe": "default"}))
+    started = time.monotonic()
+    operators = [threading.Thread(target=operator) for _ in range(6)]
+    for t in operators:
+        t.start()
+    for t in operators:
+        t.join(60)
+    elapsed = time.monotonic() - started
+    assert len(replies) == 18 and all(r["ok"] and len(r["scores"]) == 24 for r in replies), replies[:1]
+    assert computed_on and "worker" not in computed_on
+    assert len(computed_on) <= 1 + int(elapsed // line_module.LOO_REUSE_S)   # the rest reuse the result
+
+    idle = []   # more idle connections than the server keeps: the oldest are closed, status still answers
+    try:
+        for _ in range(MAX_PENDING + 50):
+            conn = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+            conn.connect(str(storage / "control.sock"))
+            idle.append(conn)
+        assert request(storage / "control.sock", {"cmd": "status"}, timeout=10)["ok"]
+    finally:
+        for conn in idle:
+            conn.close()
+    assert line.stats.parts > 0 and not any("control" in alarm for alarm in line.stats.alarms)

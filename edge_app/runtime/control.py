@@ -15,8 +15,10 @@ import json
 import logging
 import os
 import secrets
+import selectors
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +28,8 @@ from .commands import READ_ONLY
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
-MAX_CONNECTIONS = 16        # requests answered at once; more connections are told "busy" and closed
+MAX_CONNECTIONS = 16        # requests answered at once; more are told "busy" at once
+MAX_PENDING = 256           # connections waiting to send their request; beyond that the oldest is closed
 REQUEST_TIMEOUT_S = 10.0    # a client has this long to send its request line
 MIN_TOKEN_CHARS = 16
 
@@ -63,7 +66,12 @@ def ensure_token(storage_dir: str | Path) -> str:
 
 
 class ControlServer:
-    """Serves requests on ``path`` with ``handler(request) -> reply`` in a background thread."""
+    """Serves requests on ``path`` with ``handler(request) -> reply``.
+
+    One thread reads every connection's request line (a selector: an idle connection costs a file
+    descriptor, not a thread; at most :data:`MAX_PENDING` are kept, the oldest closed beyond that, and each
+    gets :data:`REQUEST_TIMEOUT_S` to send its line); a complete request is answered on a thread of its own,
+    at most :data:`MAX_CONNECTIONS` at once (more are answered "busy" at once)."""
 
     def __init__(self, path: str | Path, token: str, handler: Callable[[dict], dict]):
         self.path = Path(path)
@@ -74,61 +82,94 @@ class ControlServer:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(self.path))
         os.chmod(self.path, 0o660)
-        self._sock.listen(8)
-        self._sock.settimeout(0.2)
+        self._sock.listen(64)
+        self._sock.setblocking(False)
         self._stop = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            if not self._slots.acquire(blocking=False):   # a flood of connections: answered "busy", at once
-                self._refuse(conn)
-                continue
-            threading.Thread(target=self._answer, args=(conn,), name="control-request", daemon=True).start()
+        pending: dict[socket.socket, tuple[bytearray, float]] = {}   # connection -> (bytes so far, deadline)
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._sock, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                try:
+                    events = selector.select(timeout=0.2)
+                except OSError:
+                    return
+                for key, _ in events:
+                    if key.fileobj is self._sock:
+                        self._accept(selector, pending)
+                    else:
+                        self._read(selector, pending, key.fileobj)
+                now = time.monotonic()
+                for conn in [c for c, (_, deadline) in pending.items() if deadline < now]:
+                    self._drop(selector, pending, conn)   # connected and sent nothing in time
+            for conn in list(pending):
+                self._drop(selector, pending, conn)
+
+    def _accept(self, selector: selectors.BaseSelector, pending: dict) -> None:
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._stop.set()
+            return
+        conn.setblocking(False)
+        if len(pending) >= MAX_PENDING:   # a flood of idle connections: the oldest goes
+            self._drop(selector, pending, next(iter(pending)))
+        pending[conn] = (bytearray(), time.monotonic() + REQUEST_TIMEOUT_S)
+        selector.register(conn, selectors.EVENT_READ)
+
+    def _read(self, selector: selectors.BaseSelector, pending: dict, conn: socket.socket) -> None:
+        data = pending[conn][0]
+        try:
+            chunk = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        data += chunk
+        if chunk and not data.endswith(b"\n") and len(data) < MAX_REQUEST:
+            return
+        selector.unregister(conn)
+        del pending[conn]
+        if not data:
+            conn.close()
+            return
+        conn.setblocking(True)
+        if not self._slots.acquire(blocking=False):
+            self._send(conn, {"ok": False, "busy": True,
+                              "error": f"the line is answering {MAX_CONNECTIONS} requests already; try again"})
+            return
+        threading.Thread(target=self._answer, args=(conn, bytes(data)), name="control-request", daemon=True).start()
 
     @staticmethod
-    def _refuse(conn: socket.socket) -> None:
+    def _drop(selector: selectors.BaseSelector, pending: dict, conn: socket.socket) -> None:
+        selector.unregister(conn)
+        del pending[conn]
+        conn.close()
+
+    @staticmethod
+    def _send(conn: socket.socket, reply: dict) -> None:
         with conn:
             try:
-                conn.settimeout(0.2)
-                conn.sendall(json.dumps({"ok": False, "error": f"the line is answering {MAX_CONNECTIONS} requests "
-                                                               "already; try again", "busy": True}).encode() + b"\n")
-            except OSError:
-                pass
-
-    def _answer(self, conn: socket.socket) -> None:
-        try:
-            self._answer_one(conn)
-        finally:
-            self._slots.release()
-
-    def _answer_one(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(REQUEST_TIMEOUT_S)
-            try:
-                data = b""
-                while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                reply = self.dispatch(loads_bounded(data or b"null", where="request", max_bytes=MAX_REQUEST))
-            except (ValueError, UnicodeDecodeError) as exc:
-                reply = {"ok": False, "error": f"malformed request: {exc}"}
-            except OSError:   # a client that connected and sent nothing within the timeout
-                return
-            try:
+                conn.settimeout(REQUEST_TIMEOUT_S)
                 conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
             except OSError:
                 log.debug("control client went away before the reply")
+
+    def _answer(self, conn: socket.socket, data: bytes) -> None:
+        try:
+            try:
+                reply = self.dispatch(loads_bounded(data, where="request", max_bytes=MAX_REQUEST))
+            except (ValueError, UnicodeDecodeError) as exc:
+                reply = {"ok": False, "error": f"malformed request: {exc}"}
+            self._send(conn, reply)
+        finally:
+            self._slots.release()
 
     def dispatch(self, request) -> dict:
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
@@ -147,8 +188,8 @@ class ControlServer:
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=2)   # the selector wakes every 0.2 s and closes what is pending
         self._sock.close()
-        self._thread.join(timeout=2)
         self.path.unlink(missing_ok=True)
 
 
