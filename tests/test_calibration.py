@@ -385,3 +385,57 @@ def test_concurrent_technicians_get_distinct_versions(storage, fake_line, capsys
     assert CalibrationStore(storage).versions() == [0, 1, 2, 3, 4]
     assert sorted(c["version"] for c in fake_line.applied) == [1, 2, 3, 4]
     assert AuditLog(storage / "calibration", read_audit_key(storage)).verify().ok
+
+
+def staged_line(storage: Path) -> Path:
+    config = storage.parent / "line.yaml"
+    config.write_text(json.dumps({"source": {"type": "replay", "path": str(storage)},
+                                  "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:1"},
+                                  "storage": {"dir": str(storage)}}))
+    return config
+
+
+@pytest.mark.parametrize("delay", ["inf", "nan", "1e13", "-5"])
+def test_row_10_timing_set_refuses_a_delay_the_line_cannot_wait_for(storage, capsys, delay):
+    config = staged_line(storage)
+    code, _, err = run_cli(capsys, "timing", "set", "--config", str(config), "--stage", "--delay-ms", delay,
+                           "--reason", "x")
+    assert_one_line_error(code, err, "reject_timing.delay_ms")
+    assert not (storage / "calibration" / "current.json").exists()
+
+
+def test_timing_set_keeps_the_lead_and_refuses_a_delay_under_the_measured_latency(storage, capsys):
+    config = staged_line(storage)
+    stage = ["--config", str(config), "--stage"]
+    assert run_cli(capsys, "timing", "set", *stage, "--delay-ms", "900", "--lead-ms", "50", "--reason", "a")[0] == 0
+    ledger = Ledger(storage / "ledger.sqlite")   # the line's measured latency: 282 ms per part
+    for k in range(30):
+        part = PartRecord(part_id=f"p{k}", recipe="default", capture_time=float(k))
+        part.raw_score = part.score = part.threshold = 0.1
+        part.decide(Verdict.ACCEPT, Reason.OK)
+        part.signalled, part.times.total = Verdict.ACCEPT, 0.282
+        ledger.reserve(part, model_hash="m", config_hash="c", calibration_version="1")
+    ledger.close()
+    code, _, err = run_cli(capsys, "timing", "set", *stage, "--delay-ms", "200", "--reason", "b")
+    assert_one_line_error(code, err, "p99 latency is 282 ms", "--despite-latency")
+    code, out, err = run_cli(capsys, "timing", "set", *stage, "--delay-ms", "400", "--reason", "c")
+    assert code == 0 and "reject_timing.delay_ms: 900 -> 400" in out and "actuator_lead_ms" not in out, out + err
+    assert CalibrationStore(storage).current().reject_timing.actuator_lead_ms == 50   # omitted: kept
+    code, out, err = run_cli(capsys, "timing", "set", *stage, "--delay-ms", "200", "--reason", "d",
+                             "--despite-latency", "PLC holds parts for 300 ms more")
+    assert code == 0 and "warning" in out, err
+    assert "despite the measured latency" in AuditLog(storage / "calibration").records()[-2]["reason"]
+    code, out, _ = run_cli(capsys, "versions", "--config", str(config))
+    assert "reject_timing.actuator_lead_ms: - -> 50" in out and "reject_timing.delay_ms: 400 -> 200" in out, out
+
+
+def test_after_stage_shadow_compares_against_the_staged_threshold(storage, capsys):
+    config = staged_line(storage)
+    write_ledger(storage / "ledger.sqlite", list(np.linspace(0.1, 0.9, 40)), threshold=0.5)
+    assert run_cli(capsys, "threshold", "apply", "--yes", "--config", str(config), "--stage", "--threshold", "0.3",
+                   "--reason", "staged")[0] == 0
+    code, out, err = run_cli(capsys, "threshold", "shadow", "--config", str(config), "--threshold", "0.3",
+                             "--from", "ledger", "--json")
+    report = json.loads(out)["report"]
+    assert code == 0 and json.loads(out)["current"] == 0.3, err
+    assert report["newly_rejected"] == [] and report["newly_accepted"] == []   # the same as what is staged
