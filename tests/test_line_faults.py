@@ -229,6 +229,10 @@ def test_a_worker_thread_that_keeps_faulting_stops_the_line_naming_it(toy_model,
     with pytest.raises(LineStopped, match=r"the worker thread failed 10 times within 60 s, last: OSError: "
                                           r"notify socket gone"):
         line.run()
+    rows = line.ledger_rows()   # what the source delivered before the stop: each its NO_VERDICT row
+    assert len(rows) == line.source.delivered and all(
+        r.verdict == Verdict.NO_VERDICT and r.reason in (Reason.ENGINE_ERROR, Reason.OVERLOAD) for r in rows)
+    assert any("the worker thread stopped" in r.detail for r in rows)
 
 
 # -- output thread: link, telemetry ---------------------------------------------------------------------------
@@ -252,8 +256,8 @@ def test_a_link_that_raises_for_one_part_keeps_its_row_and_the_line_goes_on(toy_
     line, _, rows = run_scripted(line_config(toy_model, tmp_path, plc), files)
     assert len(rows) == len(files) and len({r.part_id for r in rows}) == len(files)
     assert [r.part_id for r in rows if not r.acked] == [sent[2]], "only the part whose send raised is unacked"
-    assert any(f"output stage failed for part {sent[2]!r}" in a and "link transport fault" in a
-               for a in line.stats.alarms)
+    assert any(f"(part {sent[2]!r}) not sent: RuntimeError: link transport fault" in a for a in line.stats.alarms)
+    assert line.stats.parts == len(files) and line.stats.send_failures == 1
 
 
 def test_a_part_the_output_stage_fails_on_before_its_row_is_recorded_no_verdict(toy_model, tmp_path, plc, files,

@@ -195,11 +195,9 @@ class Line:
                                          image_format=archive.image_format,
                                          min_free_fraction=archive.min_free_percent / 100, on_alarm=self._on_alarm)
         threads = [threading.Thread(target=self._source_loop, name="source", daemon=True),
-                   threading.Thread(target=self._keep_alive(self._prefetch_loop, "prefetch",
-                                                            lambda: self._ready.put((_DONE, None))),
+                   threading.Thread(target=self._keep_alive(self._prefetch_loop, "prefetch", self._prefetch_gone),
                                     name="prefetch", daemon=True),
-                   threading.Thread(target=self._keep_alive(self._worker_loop, "worker",
-                                                            lambda: self._out.put(("done",))),
+                   threading.Thread(target=self._keep_alive(self._worker_loop, "worker", self._worker_gone),
                                     name="worker", daemon=True)]
         persist = threading.Thread(target=self._persist_loop, name="pool-writer", daemon=True)
         persist.start()
@@ -345,6 +343,29 @@ class Line:
         self._on_alarm(f"line stopping: {text}")
         self._stop.set()
         self._close_source()
+
+    def _prefetch_gone(self) -> None:
+        """The prefetch thread stopped for good: the parts still queued go to the worker as failed
+        extractions (each its NO_VERDICT row), then the end."""
+        while (part := self._in.get()) is not _DONE:
+            failed: Future = Future()
+            failed.set_exception(RuntimeError("the prefetch thread stopped (line stopping)"))
+            self._ready.put((part, failed))
+        self._ready.put((_DONE, None))
+
+    def _worker_gone(self) -> None:
+        """The worker thread stopped for good: every part still in the pipeline gets its NO_VERDICT row from
+        the output stage, then the end."""
+        while True:
+            try:
+                part, _ = self._ready.get(timeout=30)
+            except queue.Empty:   # the prefetch thread is gone too: nothing more will come
+                break
+            if part is _DONE:
+                break
+            part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, "the worker thread stopped (line stopping)")
+            self._out.put(("part", part, None))
+        self._out.put(("done",))
 
     def _keep_alive(self, loop: Callable[[], None], name: str,
                     pass_end_on: Callable[[], None] | None = None) -> Callable[[], None]:
@@ -543,6 +564,11 @@ class Line:
                 result = self.link.send(seq, part.part_id, part.signalled, part.reason, max(deadline, t0 + 0.05))
             except ValueError as exc:  # a field the wire refuses (check_part_fields should have caught it)
                 self._unsendable(seq, part.part_id, str(exc))
+                result = None
+            except Exception as exc:   # a link fault: the row stays unacknowledged and is re-sent at the next start
+                log.exception("link send failed for seq %s", seq)
+                self._on_alarm(f"verdict seq {seq} (part {part.part_id[:80]!r}) not sent: {type(exc).__name__}: "
+                               f"{_one_line(exc)}")
                 result = None
             part.times.link = time.monotonic() - t0
             part.times.total = time.monotonic() - part.capture_monotonic
