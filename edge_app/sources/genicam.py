@@ -267,7 +267,10 @@ class GenICamSource(FrameSource):
         self._signal: int | None = None
         self._control_lost = threading.Event()
         self.device_id = config.camera
-        self.stats = {"frames": 0, "incomplete": 0, "missing": 0, "missed_triggers": 0, "reconnects": 0}
+        # frames: buffers popped; incomplete: of them not complete; missing: ids never arrived; underruns:
+        # frames the stream had no free buffer for (Aravis' count, added when a connection closes)
+        self.stats = {"frames": 0, "incomplete": 0, "missing": 0, "missed_triggers": 0, "reconnects": 0,
+                      "underruns": 0}
 
     @property
     def finite(self) -> bool:
@@ -319,6 +322,10 @@ class GenICamSource(FrameSource):
         if camera is None:
             return
         _, GLib = aravis()
+        try:
+            self.stats["underruns"] += stream.get_info_uint64_by_name("n_underruns")
+        except GLib.Error:
+            pass
         try:
             camera.stop_acquisition()
         except GLib.Error as exc:   # the camera is gone: nothing to stop
