@@ -156,6 +156,28 @@ def test_a_finished_replay_says_so(toy_model, tmp_path, plc, files):
     assert line.ended == f"replay of {tmp_path / 'parts' / 'test'} finished after {len(files)} parts"
 
 
+def test_a_part_whose_deadline_cannot_be_computed_is_that_parts_no_verdict(toy_model, tmp_path, plc, files):
+    """Issue 21 rows 9 and 10: a deadline or reject timing of inf made the first part raise OverflowError and
+    the line exit 1 (the settings are now refused where they enter; the line survives them anyway)."""
+    line = Line(line_config(toy_model, tmp_path, plc), source=ScriptedSource(files))
+    deadline, stamped = line._clock.deadline, []
+
+    def overflowing(capture_monotonic, encoder):
+        stamped.append(1)
+        if len(stamped) == 3:
+            raise OverflowError("cannot convert float infinity to integer")
+        return deadline(capture_monotonic, encoder)
+
+    line._clock.deadline = overflowing
+    watcher = stop_when_recorded(line, line.source, len(files))
+    line.run()
+    watcher.join(5)
+    rows = line.ledger_rows()
+    assert_one_acked_row_per_part(rows, len(files))
+    failed = [r for r in rows if r.reason == Reason.ENGINE_ERROR]
+    assert [r.part_id for r in failed] == ["scripted003"] and "cannot convert float infinity" in failed[0].detail
+
+
 # -- prefetch and worker threads ------------------------------------------------------------------------------
 def test_a_fault_handing_a_part_to_the_extract_threads_is_that_parts_no_verdict(toy_model, tmp_path, plc, files,
                                                                                monkeypatch):

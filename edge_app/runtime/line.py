@@ -310,7 +310,7 @@ class Line:
             part.deadline = self._deadline(part)
             self._taken += 1
         except Exception as exc:   # e.g. a reject timing that overflows for this encoder count
-            log.exception("part %r could not be stamped", part.part_id)
+            log.warning("part %r could not be stamped: %s", part.part_id, _one_line(exc))
             part.deadline = time.monotonic() + 1.0
             part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"deadline not computable: {_one_line(exc)}")
             self._out.put(("part", part, None))
