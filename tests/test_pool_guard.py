@@ -240,3 +240,78 @@ def test_the_inspector_raises_the_alarm_and_keeps_lookalikes_out_of_the_pool(toy
     assert not inspector.admit(*parts.make(Verdict.ACCEPT, scratch))    # slipped under the threshold
     assert inspector.admit(*parts.make(Verdict.ACCEPT))
     assert pool.size == size + 1
+
+
+# -- row 21 of issue 21: a recurring defect from the first part, inside warm-up ------------------------------
+class WarmupPool:
+    """The part of a 2D pool the warm-up check reads: members' patch sets (``sets16``), golden flags, removal."""
+
+    def __init__(self, sets: list[np.ndarray], golden: np.ndarray | None = None):
+        self.sets16 = np.stack(sets, axis=1).astype(np.float16)       # [n_sets, n, P, D]
+        self.size = self.sets16.shape[1]
+        self.golden = np.zeros(self.size, bool) if golden is None else golden
+        self.removed: list[int] = []
+
+    def remove(self, slots: np.ndarray) -> None:
+        self.removed += [int(i) for i in slots]
+
+
+def product_members(n: int, recurring: list[int], seed: int = 0, where: int = 27,
+                    lone_defects: tuple[int, ...] = ()) -> list[np.ndarray]:
+    """``n`` members of one product (each patch near that place's look), ``recurring`` of them carrying one
+    defect look at patch ``where``, ``lone_defects`` each carrying a different one (at another place)."""
+    rng = np.random.default_rng(seed)
+    base = unit(rng.normal(size=(2, SIDE * SIDE, DIM)))
+    defect = unit(rng.normal(size=DIM))
+    members = []
+    for i in range(n):
+        sets = unit(base + 0.08 * rng.normal(size=base.shape))
+        if i in recurring:
+            sets[:, where] = unit(defect + 0.02 * rng.normal(size=(2, DIM)))
+        if i in lone_defects:
+            sets[:, 9 + i % 40] = unit(rng.normal(size=(2, DIM)))
+        members.append(sets.astype(np.float32))
+    return members
+
+
+def settings(**over) -> PoolGuardSettings:
+    return PoolGuardSettings(**over)
+
+
+def test_a_defect_repeated_inside_warm_up_leaves_the_pool_and_raises_the_alarm():
+    recurring = [1, 4, 6, 9]          # 30 % of a 14-member warm-up pool, from the first parts on
+    pool = WarmupPool(product_members(14, recurring))
+    guard = PoolGuard(settings())
+    assert guard.keep_out_recurring(pool) == 4 and sorted(pool.removed) == recurring
+    part, prepared = Parts(seed=1).make(Verdict.ACCEPT)
+    alarm = guard.observe(part, prepared)                  # the next part carries the alarm to the line
+    assert alarm and "recurring defect inside warm-up: 4 of 14" in alarm and "(3, 3)" in alarm
+    assert guard.stats.alarms == 1 and guard.observe(*Parts(seed=2).make(Verdict.ACCEPT)) is None
+    # a look-alike arriving after warm-up is kept out of the pool even if it slips under the threshold
+    twin = product_members(15, [14], seed=0)[14]
+    lookalike = PartRecord(part_id="twin", recipe="default", capture_time=1.0)
+    lookalike.decide(Verdict.ACCEPT, Reason.OK)
+    lookalike.score, lookalike.anomaly_map = 0.5, np.zeros((SIDE, SIDE), np.float32)
+    lookalike.anomaly_map[3, 3] = 1.0
+    assert not guard.allow_admission(lookalike, Prepared(list(twin)))
+
+
+@pytest.mark.parametrize("members, why", [
+    (product_members(14, []), "only good parts"),
+    (product_members(14, [], lone_defects=(2, 7, 11)), "defects that differ in place and look"),
+    (product_members(14, [3]), "a single defect (drop_outliers' job, not a recurring one)"),
+])
+def test_a_warm_up_pool_without_a_recurring_defect_is_left_alone(members, why):
+    pool = WarmupPool(members)
+    guard = PoolGuard(settings())
+    assert guard.keep_out_recurring(pool) == 0 and pool.removed == [], why
+    assert guard.observe(*Parts(seed=3).make(Verdict.ACCEPT)) is None
+
+
+def test_golden_members_stay_and_a_disabled_guard_does_nothing():
+    golden = np.zeros(14, bool)
+    golden[4] = True
+    pool = WarmupPool(product_members(14, [1, 4, 6, 9]), golden)
+    assert PoolGuard(settings()).keep_out_recurring(pool) == 3 and sorted(pool.removed) == [1, 6, 9]
+    pool = WarmupPool(product_members(14, [1, 4, 6, 9]))
+    assert PoolGuard(settings(enabled=False)).keep_out_recurring(pool) == 0 and pool.removed == []

@@ -23,9 +23,18 @@ of the two parts. The guard keeps the signatures of recent rejects and
   least ``min_partners`` others (a recurring defect), naming where it is and the reject rate; it says so
   again when the alarm clears.
 
+A recurring defect that is there *from the first part* gives none of these signals: during warm-up every
+decodable part is admitted and nothing is rejected, so its look-alikes fill the pool before the first
+verdict and find their twins there ever after. So when a warm-up pool becomes ready the guard also looks at
+the members themselves (:meth:`PoolGuard.keep_out_recurring`): a member whose patches are far from *most*
+other members (the median, not the nearest: a twin does not hide it) is a suspect; suspects whose most
+anomalous patches sit at the same place and look alike are a recurring defect. They leave the pool, their
+signatures are kept as rejects (so their look-alikes stay out and the ordinary alarm can follow), and the
+alarm is raised at the next part.
+
 Pure bookkeeping on numpy arrays, no I/O: the inspector calls :meth:`PoolGuard.observe` for every decided
 part and :meth:`PoolGuard.allow_admission` before admitting one, and routes alarm texts to the line's
-alarm path.
+alarm path; the recipe calls :meth:`PoolGuard.keep_out_recurring` when its warm-up pool is curated.
 """
 from __future__ import annotations
 
@@ -71,6 +80,40 @@ def signature(anomaly_map: np.ndarray, sets: Sequence[np.ndarray], top: int) -> 
     return Signature(np.stack(np.unravel_index(idx, grid.shape), axis=1), vectors, float(flat[idx[0]]))
 
 
+def majority_distances(sets: Sequence[np.ndarray]) -> np.ndarray:
+    """``[n, P]``: for each member's patch, the median over the *other* members of its distance to their
+    nearest patch (``sqrt(2 - 2 cos)``, averaged over the feature sets). ``sets``: ``[n, P, D]`` each, unit
+    rows. A defect shared by a minority of members is far from the majority, however close its twins are."""
+    total = None
+    for members in sets:
+        x = np.asarray(members, np.float32)
+        n, patches, dim = x.shape
+        flat = x.reshape(n * patches, dim)
+        out = np.empty((n, patches), np.float32)
+        for i in range(n):
+            cos = (x[i] @ flat.T).reshape(patches, n, patches).max(axis=2)        # [P, n] nearest patch each
+            dist = np.sqrt(np.maximum(2.0 - 2.0 * np.clip(cos, -1.0, 1.0), 0.0))
+            out[i] = np.median(np.delete(dist, i, axis=1), axis=1)
+        total = out if total is None else total + out
+    return total / len(sets)
+
+
+def recurring_members(distances: np.ndarray, side: int, reach: int, min_group: int, z: float = 3.5) -> np.ndarray:
+    """Members (indices) that form a recurring defect: robust outliers of their worst majority distance
+    (median + ``z`` x 1.4826 MAD over the members) whose worst patches lie within ``reach`` of each other on
+    the ``side`` x ``side`` grid, at least ``min_group`` of them. Empty when there is no such group."""
+    worst = distances.max(axis=1)
+    centre = float(np.median(worst))
+    spread = 1.4826 * float(np.median(np.abs(worst - centre)))
+    suspects = np.flatnonzero(worst > centre + z * max(spread, 1e-3 * max(centre, 1e-6)))
+    if suspects.size < min_group:
+        return np.zeros(0, int)
+    hot = np.stack(np.unravel_index(distances[suspects].argmax(axis=1), (side, side)), axis=1)
+    near = np.abs(hot[:, None, :] - hot[None, :, :]).max(axis=2) <= reach
+    group = max((np.flatnonzero(row) for row in near), key=len)
+    return suspects[group] if group.size >= min_group else np.zeros(0, int)
+
+
 def lookalike_distance(a: Signature, b: Signature, reach: int) -> float:
     """Smallest feature distance (``sqrt(2 - 2 cos)``, 0..2) between a patch of ``a`` and a patch of ``b``
     at most ``reach`` patches apart; inf when no pair is that close in place."""
@@ -111,6 +154,7 @@ class PoolGuard:
         self._rejects: deque[_Reject] = deque()                        # rejects within `memory` parts
         self._bank: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # their signatures, stacked
         self._last: tuple[str, Signature | None] | None = None         # the part just observed
+        self._pending_alarm: str | None = None                          # raised during warm-up curation
 
     @property
     def enabled(self) -> bool:
@@ -119,7 +163,12 @@ class PoolGuard:
     def observe(self, part: PartRecord, prepared) -> str | None:
         """Record a decided part; returns an alarm text when the recurring-defect alarm is raised or
         cleared by this part, else None. Parts without a verdict (warm-up, errors) are ignored."""
-        if not self.enabled or part.verdict not in (Verdict.ACCEPT, Verdict.REJECT) or part.test_part:
+        if not self.enabled:
+            return None
+        if self._pending_alarm is not None:
+            alarm, self._pending_alarm = self._pending_alarm, None
+            return alarm
+        if part.verdict not in (Verdict.ACCEPT, Verdict.REJECT) or part.test_part:
             return None
         s = self.settings
         index = self.stats.observed
@@ -159,6 +208,40 @@ class PoolGuard:
             return True
         self.stats.refused_lookalikes += 1
         return False
+
+    def keep_out_recurring(self, pool) -> int:
+        """When a warm-up pool is curated: find a recurring defect among its members (see the module
+        docstring), remove those members (golden ones stay), remember their signatures as rejects and raise
+        the alarm at the next observed part. Returns how many members left. Pools without 2D patch feature
+        sets (``sets16``: a scan pool) are left alone."""
+        s = self.settings
+        n = pool.size
+        if not self.enabled or getattr(pool, "sets16", None) is None or n < 2 * (s.min_partners + 1):
+            return 0
+        sets = [np.asarray(pool.sets16[k, :n], np.float32) for k in range(pool.sets16.shape[0])]
+        side = int(round(np.sqrt(sets[0].shape[1])))
+        if side * side != sets[0].shape[1]:
+            return 0
+        distances = majority_distances(sets)
+        found = recurring_members(distances, side, s.reach, s.min_partners + 1)
+        found = np.array([i for i in found if not pool.golden[i]], int)
+        if found.size == 0:
+            return 0
+        index = self.stats.observed
+        for i in found:
+            sig = signature(distances[i].reshape(side, side), [x[i] for x in sets], s.top_patches)
+            if sig is not None:
+                self._rejects.append(_Reject(index, sig))   # no partners: the stream's alarm counts its own
+        self._bank = None
+        rows, cols = np.unravel_index(distances[found].argmax(axis=1), (side, side))
+        pool.remove(found)
+        self.stats.alarms += 1
+        self.stats.alarm_parts.append(index)
+        self._pending_alarm = (f"recurring defect inside warm-up: {found.size} of {n} warm-up members share an "
+                               f"anomaly near patch ({int(np.median(rows))}, {int(np.median(cols))}) that most "
+                               "members lack; they were taken out of the pool and their look-alikes are kept out "
+                               "(check the line for a damaged guide, tool or fixture)")
+        return int(found.size)
 
     def recurring(self) -> list[_Reject]:
         """Rejects within the window that look like at least ``min_partners`` others in it."""

@@ -180,7 +180,8 @@ class Recipe(ABC):
         same way) and drop outliers (MuSc-V2's warm-up pool should hold no defective part), then re-score."""
         pool, grid, params = self.pool, self.scoring.grid, self.scoring.params
         pool.rescore_members(grid, params)
-        if pool.drop_outliers() and pool.size >= 2:
+        recurring = self.guard.keep_out_recurring(pool)   # a defect repeated since the first part (pool_guard.py)
+        if (pool.drop_outliers() or recurring) and pool.size >= 2:
             pool.rescore_members(grid, params)
 
     def seed(self, parts: Sequence[tuple[PartRecord, Any]], replace: bool = False) -> int:
