@@ -161,7 +161,8 @@ class ScanSettings(_Strict):
     scales: Optional[tuple[float, ...]] = Field(None, description=(
         "descriptor scales in (0, 1], one per 3D layer; default halving down from 1.0, one per 2D layer in "
         "2d+3d (CAE pairs layers), three (0.25, 0.5, 1.0) in 3d"))
-    blur_sigma: Optional[float] = Field(None, ge=0, le=1000, description="3D map blur in pixels (default 4 px per 224 px)")
+    blur_sigma: Optional[float] = Field(None, ge=0, le=1000, description=(
+        "3D map blur in pixels (default 4 px per 224 px)"))
     zero_background: bool = Field(True, description="black out image pixels off the scanned part before 2D features")
     preprocess: ScanPreprocessSettings = ScanPreprocessSettings()
 
@@ -211,7 +212,8 @@ class RecipeSettings(_Strict):
 
 class ArchiveSettings(_Strict):
     enabled: bool = True
-    quota_mb: float = Field(500.0, ge=1, le=1 << 24, description="archive size at most, 1 MB .. 16 TB (oldest files deleted)")
+    quota_mb: float = Field(500.0, ge=1, le=1 << 24, description=(
+        "archive size at most, 1 MB .. 16 TB (oldest files deleted)"))
     min_free_percent: float = Field(10.0, ge=0, le=90, description=(
         "the archive never fills its disk beyond this: below this much free space it deletes its oldest files, "
         "and writes nothing when it has none left to delete (the ledger and pools need the room)"))

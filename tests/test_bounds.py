@@ -57,7 +57,8 @@ def test_the_row_1_shape_whose_int64_product_wraps_is_refused():
         checked_shape([2 ** 32, 2 ** 32, 3], where="cloud_shape", ndim=3, fixed={2: 3})
 
 
-JSON_VALUE = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(alphabet="[]{}\"\\ab", max_size=6)),
+JSON_VALUE = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(),
+                                    st.text(alphabet="[]{}\"\\ab", max_size=6)),
                           lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                   st.dictionaries(st.text(alphabet="[]{a\"", max_size=3), inner,
                                                                   max_size=3)), max_leaves=40)
@@ -186,6 +187,30 @@ def test_whenever_the_decoder_reads_a_jpeg_its_size_is_the_one_the_header_walk_f
     if decoded is not None:
         assert declared_size(encoded) == decoded.shape[:2]
         assert decode_image(encoded, "f").shape == decoded.shape
+
+
+def _declaring(suffix: str, height: int, width: int) -> bytes:
+    """A small PNG or BMP whose header is rewritten to declare ``height`` x ``width``."""
+    data = bytearray(cv2.imencode(suffix, np.zeros((4, 6, 3), np.uint8))[1])
+    if suffix == ".png":
+        data[16:24] = struct.pack(">II", width, height)
+        data[29:33] = struct.pack(">I", __import__("zlib").crc32(bytes(data[12:29])))
+    else:
+        data[18:26] = struct.pack("<ii", width, height)
+    return bytes(data)
+
+
+@FUZZ
+@given(st.sampled_from([".png", ".bmp"]), st.integers(1, 2 ** 31 - 1), st.integers(1, 2 ** 31 - 1))
+def test_a_png_or_bmp_header_declaring_any_size_is_decoded_only_within_the_budget(suffix, height, width):
+    data = _declaring(suffix, height, width)
+    assert declared_size(data) == (height, width)
+    try:
+        image = decode_image(data, "f", max_pixels=4096)
+    except MediaError as exc:
+        assert height * width > 4096 or "corrupt" in str(exc) or "truncated" in str(exc), exc
+        return
+    assert image.shape[:2] == (height, width) and height * width <= 4096
 
 
 @pytest.mark.parametrize("suffix", [".png", ".bmp", ".jpg"])
