@@ -134,13 +134,18 @@ def cmd_audit_verify(args) -> int:
     result, problems = operations.audit_problems(ctx)
     if args.json:
         print_json({"ok": not problems, "records": result.records, "head_sha256": result.head_sha256,
-                    "problems": problems})
+                    "signatures_checked": result.keyed, "pending": result.pending, "problems": problems})
     elif problems:
         print(f"audit log {ctx.store.audit.path}: FAILED verification")
         _say([f"  {problem}" for problem in problems])
     else:
-        print(f"audit log {ctx.store.audit.path}: OK, {result.records} records, chain intact, every calibration "
-              f"version accounted for; head sha256 {result.head_sha256}")
+        macs = "every record signed with the line's device secret" if result.keyed else \
+            "record signatures NOT checked (this user cannot read the device secret; the runtime checks them)"
+        print(f"audit log {ctx.store.audit.path}: OK, {result.records} records, chain intact, {macs}, every "
+              f"calibration version accounted for; head sha256 {result.head_sha256}")
+    if result.pending:
+        print(f"note: a change cut off by a kill left {' and '.join(result.pending)} to complete; the next change "
+              "or start completes it")
     return 1 if problems else 0
 
 
