@@ -361,6 +361,45 @@ def test_software_trigger_gives_one_frame_per_trigger_with_its_part_id_and_encod
         assert_fake_ramp(decode_part(part).image)
 
 
+def wait_for(condition, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+@needs_camera
+def test_software_triggers_while_the_camera_is_lost_become_no_verdict_parts(fake_camera):
+    camera = fake_camera("MUSC01")
+    source = make_source(genicam_source(trigger="software", frame_rate=None, reconnect_interval_s=0.2,
+                                        frame_timeout_s=0.5, max_parts=6))
+    alarms: list[str] = []
+    source.on_alarm = alarms.append
+
+    def pulses():
+        source.trigger(part_id="A0")
+        wait_for(lambda: source.stats["frames"] == 1)
+        camera.kill()
+        wait_for(lambda: any("lost" in a for a in alarms))
+        source.trigger(part_id="L0")
+        source.trigger(part_id="L1")
+        camera.start()
+        wait_for(lambda: any("reconnected" in a for a in alarms))
+        for i in range(3):
+            source.trigger(part_id=f"B{i}")
+            time.sleep(0.15)
+    with source:
+        threading.Thread(target=pulses, daemon=True).start()
+        parts = {p.part_id: p for p in source.parts()}
+    assert list(parts) == ["A0", "L0", "L1", "B0", "B1", "B2"]
+    for part_id in ("L0", "L1"):
+        with pytest.raises(DecodeError, match="software trigger while camera .* is lost"):
+            decode_part(parts[part_id])
+    for part_id in ("A0", "B0", "B1", "B2"):
+        assert_fake_ramp(decode_part(parts[part_id]).image)
+    assert source.stats["missed_triggers"] == 2 and source.stats["reconnects"] == 1
+
+
 @needs_camera
 def test_no_frame_arrives_without_a_trigger(fake_camera):
     fake_camera("MUSC01")

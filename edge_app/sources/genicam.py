@@ -377,6 +377,7 @@ class GenICamSource(FrameSource):
         timeout_us = int(c.poll_interval_s * 1e6)
         while not self._stop.is_set():
             if self._camera is None:
+                yield from self._untriggered(ids)
                 yield None
                 continue
             self._send_triggers(ids)
@@ -409,6 +410,16 @@ class GenICamSource(FrameSource):
             except GLib.Error as exc:
                 log.warning("software trigger on %s failed: %s", self.config.camera, exc.message)
             self._awaiting.append(request)
+
+    def _untriggered(self, ids) -> Iterator[PartRecord]:
+        """Software triggers requested while the camera is lost: their parts, NO_VERDICT, at once."""
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            self.stats["missed_triggers"] += 1
+            yield self._no_frame(ids, request, f"software trigger while camera {self.device_id} is lost")
 
     def _missed_triggers(self, ids) -> Iterator[PartRecord]:
         while self._awaiting and time.monotonic() - self._awaiting[0].mono > self.config.frame_timeout_s:
