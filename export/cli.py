@@ -98,7 +98,7 @@ def cmd_verify(args) -> int:
 def _verify_variant(args, images) -> int:
     """A reduced-precision model against its fp32 parent: token cosine per block, then (with --stream)
     verdicts and AUROC on a real line stream at the parent's calibrated threshold."""
-    from .verify import format_agreement, format_table, variant_parity, verdict_agreement
+    from .verify import GATE, format_agreement, format_table, variant_parity, verdict_agreement
 
     min_cos = args.min_cos if args.min_cos != DEFAULT_MIN_COS else DEFAULT_VARIANT_MIN_COS
     rows = variant_parity(args.model, args.parent, images, args.size, min_cos)
@@ -112,7 +112,8 @@ def _verify_variant(args, images) -> int:
         print(format_agreement(agreement))
         passed = agreement.ok(args.min_agreement, args.max_auroc_drop)
         print(f"verdicts {'agree' if passed else 'DISAGREE'} (needs >= {100 * args.min_agreement:.1f} % same "
-              f"verdicts, AUROC drop <= {args.max_auroc_drop} points)")
+              f"verdicts, AUROC drop <= {args.max_auroc_drop} points, median score drift <= "
+              f"{GATE.max_score_drift}: the gate the line's own fast-path check applies)")
         ok = ok and passed
     print("PASSED" if ok else "FAILED")
     return 0 if ok else 1

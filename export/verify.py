@@ -257,7 +257,7 @@ def compare_scores(ref: ModelScores, var: ModelScores, labels: np.ndarray, is_te
     auroc = lambda scores: 100 * float(roc_auc_score(truth, scores))
     return Agreement(len(paths), float(threshold), int(same.sum()), (auroc(ref.batch), auroc(var.batch)),
                      (auroc(ref.stream[is_test]), auroc(var.stream[is_test])),
-                     [paths[i] for i in np.flatnonzero(~same)])
+                     [paths[i] for i in np.flatnonzero(~same)], float(np.median(np.abs(var.stream - ref.stream))))
 
 
 @dataclass
@@ -270,6 +270,7 @@ class Agreement:
     batch_auroc: tuple[float, float]     # (parent, variant), percent
     stream_auroc: tuple[float, float]
     flipped: list[str]
+    score_drift: float = 0.0             # median |variant - parent| stream score (what the line's own check gates)
 
     @property
     def agreement(self) -> float:
@@ -278,7 +279,8 @@ class Agreement:
     def ok(self, min_agreement: float = GATE.min_agreement, max_auroc_drop: float = GATE.max_auroc_drop) -> bool:
         gate = VariantGate(min_agreement=min_agreement, max_auroc_drop=max_auroc_drop)
         return not gate.failures(agreement=self.agreement, auroc_drops=(self.batch_auroc[0] - self.batch_auroc[1],
-                                                                          self.stream_auroc[0] - self.stream_auroc[1]))
+                                                                          self.stream_auroc[0] - self.stream_auroc[1]),
+                                 score_drift=self.score_drift)
 
 
 def verdict_agreement(model_path: str | Path, parent_path: str | Path, category: str | Path,
@@ -304,6 +306,7 @@ def format_agreement(a: Agreement) -> str:
              f"image AUROC batch  parent {a.batch_auroc[0]:.2f}  variant {a.batch_auroc[1]:.2f}  "
              f"({a.batch_auroc[1] - a.batch_auroc[0]:+.2f})",
              f"image AUROC stream parent {a.stream_auroc[0]:.2f}  variant {a.stream_auroc[1]:.2f}  "
-             f"({a.stream_auroc[1] - a.stream_auroc[0]:+.2f})"]
+             f"({a.stream_auroc[1] - a.stream_auroc[0]:+.2f})",
+             f"median stream score drift {a.score_drift:.3f} (gate {GATE.max_score_drift})"]
     lines += [f"  flipped: {p}" for p in a.flipped[:10]]
     return "\n".join(lines)

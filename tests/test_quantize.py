@@ -141,6 +141,7 @@ def test_stream_gate_reports_verdict_agreement(toy_int8, synthetic_parts, capsys
                         str(synthetic_parts), "--pool", "12", "--scorer", "onnx-fp32", "--size", "112"]) == 0
     out = capsys.readouterr().out
     assert "48 parts" in out and "(100.00 %)" in out and "(+0.00)" in out and "PASSED" in out
+    assert "median stream score drift 0.000" in out
     code = export_main(["verify", str(int8), "--parent", str(parent), "--count", "1", "--stream",
                         str(synthetic_parts), "--pool", "12", "--scorer", "onnx-int8", "--size", "112"])
     out = capsys.readouterr().out
