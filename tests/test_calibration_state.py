@@ -295,3 +295,12 @@ def test_row_12_offline_pool_seed_needs_the_role_and_a_reason_and_is_audited(toy
                                                                               str((parts / "good").resolve()))
     assert result["result_of"] == intent["seq"] and result["new"]["ok"]["size"] > 0
     assert log.verify().ok and (storage / "audit.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_deleted_audit_log_is_not_mistaken_for_an_interrupted_change(line_at_v1):
+    folder = line_at_v1 / "calibration"
+    (folder / "audit.jsonl").unlink()
+    (folder / "audit.head").unlink()
+    with pytest.raises(CalibrationError, match="created by no audit record"):
+        start(line_at_v1)
+    assert CalibrationStore(line_at_v1).versions() == [0, 1]     # nothing was removed

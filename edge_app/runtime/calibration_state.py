@@ -633,17 +633,23 @@ class CalibrationStore:
 
     # -- recovery (hold lock(), with the device secret) ------------------------------------------------------
     def drop_unrecorded_versions(self, records: list[dict], who: str) -> list[int]:
-        """Version files no audit record created, numbered above every recorded one: written by a change that
-        was killed before its intent record. They were never in force; they are removed, with a record."""
+        """A version file no audit record created, numbered one above every recorded one: written by a change
+        that was killed before its intent record (a change writes one file, under the lock). It was never in
+        force; it is moved aside (``.vNNNN.json.interrupted``), with a record. Any other unrecorded file is
+        left for `audit verify` to report (StoreError when there are several: not what a kill leaves)."""
         created = version_creators(records)
         top = max((v for v in created if isinstance(v, int)), default=-1)
         orphans = [v for v in self.versions() if v not in created and v > top]
-        for version in orphans:
-            self.version_path(version).unlink()
-        if orphans:
-            self.audit.append(who=who, action="recovery", target="calibration files", old={"orphans": orphans},
-                              new=None, reason=f"version file(s) {orphans} written by a change that was "
-                                               "interrupted before its audit record; never in force, removed")
+        if not orphans:
+            return []
+        if orphans != [top + 1]:
+            raise StoreError(f"version files {orphans} were created by no audit record (a change leaves at most one, "
+                             f"v{top + 1:04d}): was the audit log cut short? run `musc-calibrate audit verify`")
+        path = self.version_path(orphans[0])
+        os.replace(path, path.with_name(f".{path.name}.interrupted"))
+        self.audit.append(who=who, action="recovery", target="calibration files", old={"orphans": orphans},
+                          new=None, reason=f"{path.name} was written by a change that was interrupted before its "
+                                           f"audit record; never in force, moved aside to .{path.name}.interrupted")
         return orphans
 
     def close_open_intents(self, who: str, in_force_intent: int) -> list[int]:
