@@ -167,3 +167,15 @@ def test_a_config_error_still_exits_2(toy_model, tmp_path, capsys, no_signal_han
     config.write_text(yaml.safe_dump(raw))
     assert main(["run", "--config", str(config)]) == 2
     assert "model.blocks [99]" in one_line(capsys.readouterr().err)
+
+
+def test_only_sources_that_end_by_themselves_are_finite(tmp_path):
+    """A live source whose frames stop is a failure the line reopens; a file's end is the end of the line."""
+    from musc_edge.edge.sources.opencv_camera import OpenCVCameraConfig, OpenCVCameraSource
+    from musc_edge.edge.sources.zmq_source import ZmqSource, ZmqSourceConfig
+
+    video = tmp_path / "conveyor.avi"
+    video.write_bytes(b"")
+    assert OpenCVCameraSource(OpenCVCameraConfig(device=str(video))).finite
+    assert not OpenCVCameraSource(OpenCVCameraConfig(device=0)).finite
+    assert not ZmqSource(ZmqSourceConfig(endpoint="tcp://127.0.0.1:5555")).finite

@@ -108,6 +108,14 @@ class OpenCVCameraSource(FrameSource):
                                   f"not the configured width={c.width} height={c.height}")
         self._capture = capture
 
+    @property
+    def finite(self) -> bool:
+        """A video file ends by itself (the line then stops); a camera or pipeline ends only at ``close()``."""
+        return self.config.is_file
+
+    def describe(self) -> str:
+        return f"OpenCV source {self.config.device!r}"
+
     def _release(self) -> None:
         if self._capture is not None:
             self._capture.release()
