@@ -157,6 +157,7 @@ class FastPath:
     engine: object = None               # the fast FeatureEngine, loaded at the first shadowed part
     samples: dict[str, ShadowSample] = field(default_factory=dict)
     _shadow: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    loading: threading.Lock = field(default_factory=threading.Lock)   # the fast engine is loaded once
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def shadowing(self) -> bool:

@@ -198,9 +198,11 @@ class Inspector:
     # -- the fast path (runtime/fast_path.py) -----------------------------------------------------------------
     def _fast_engine(self) -> FeatureEngine:
         fast = self.fast_path
-        if fast.engine is None:
-            fast.engine = FeatureEngine(fast.plan.model, size=self.config.model.size, threads=self.config.model.threads)
-        return fast.engine
+        with fast.loading:   # two prefetch threads may ask at once: load it once
+            if fast.engine is None:
+                fast.engine = FeatureEngine(fast.plan.model, size=self.config.model.size,
+                                            threads=self.config.model.threads)
+            return fast.engine
 
     def _shadow(self, part: PartRecord, recipe: Recipe) -> None:
         """Shadow features of a warm-up part through the fast model (prefetch threads; never fails a part)."""
