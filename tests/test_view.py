@@ -155,7 +155,7 @@ def test_archive_images_are_served_by_sequence_number_from_the_archive_only(clie
     for kind, suffix, mime in (("image", ".png", "image/png"), ("overlay", "_overlay.jpg", "image/jpeg")):
         reply = client.get(f"/archive/{row.seq}/{kind}")
         assert reply.status_code == 200 and reply.headers["content-type"] == mime
-        on_disk = next(storage.glob(f"archive/*/*_{row.part_id}_REJECT_anomaly{suffix}"))
+        on_disk = next(storage.glob(f"archive/*/*_{row.part_id}_REJECT_anomaly_{row.seq}{suffix}"))
         assert reply.content == on_disk.read_bytes()
     warmup = next(r for r in rows if r.reason == Reason.WARMUP)
     assert client.get(f"/archive/{warmup.seq}/overlay").status_code == 404   # no heat map for a warm-up part
