@@ -291,3 +291,38 @@ def test_documented_register_example_matches_the_map() -> None:
         if shown not in ("H", "P"):
             assert registers[address] == int(shown), (address, shown)
     assert registers[Reg.PART_TEXT:Reg.PART_TEXT + 4] == [0x502D, 0x3030, 0x3432, 0]
+
+
+def test_a_plc_waiting_for_the_runtime_and_a_shutdown_log_a_few_lines_in_our_words() -> None:
+    """Issue 25, row 13: before, pymodbus printed "Connection refused ... Repeating...." 293 times in 3 s and
+    20 lines of raw hex when the line stopped. What reaches the root logger (what a console shows) is checked."""
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    root, collect, port = logging.getLogger(), Collect(), free_port()
+    level = root.level
+    root.addHandler(collect)
+    root.setLevel(logging.INFO)
+    try:
+        with ModbusPlcSimulator.on_tcp("127.0.0.1", port, scan_s=0.005) as sim:   # started first, as documented
+            time.sleep(1.0)
+            assert sim.link_errors > 20                                         # it kept trying, every scan
+            with open_link({"type": "modbus-tcp", "port": port, **FAST}) as link:
+                assert link.send(1, "P-1", Verdict.REJECT, Reason.ANOMALY, _soon(5.0)).acked
+            time.sleep(0.5)                                                     # the runtime is gone again
+    finally:
+        root.removeHandler(collect)
+        root.setLevel(level)
+    texts = [r.getMessage() for r in collect.records]
+    shown = [r for r in collect.records if r.levelno >= logging.WARNING]
+    assert 1 <= len(shown) <= 3, texts
+    assert all(r.name.startswith("musc_edge") for r in shown), texts
+    assert any(f"127.0.0.1:{port} not reachable" in r.getMessage() for r in shown), texts
+    assert not any(">>>>>" in text or "Repeating" in text for text in texts), texts

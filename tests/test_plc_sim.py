@@ -242,3 +242,19 @@ def test_cli_refuses_incomplete_arguments(capsys: pytest.CaptureFixture[str]) ->
     assert main(["--link", "serial"]) == 2
     assert main(["--link", "zmq", "--endpoint", "tcp://127.0.0.1:*", "--corrupt-rate", "2"]) == 2
     assert "corrupt_rate" in capsys.readouterr().err
+
+
+def test_help_lists_every_link_and_a_bad_link_names_them_all(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 25, row 12: --help listed {serial,zmq} only and a bad value said "choose from 'serial', 'zmq'"."""
+    links = ("serial", "zmq", "modbus-tcp", "modbus-rtu", "opcua")
+    for argv in (["--help"], ["--link", "modbus-tcp", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+        usage = capsys.readouterr().out
+        assert "{" + ",".join(links) + "}" in usage
+    with pytest.raises(SystemExit) as done:
+        main(["--link", "profinet"])
+    assert done.value.code == 2
+    error = capsys.readouterr().err
+    assert all(f"'{link}'" in error for link in links) and "profinet" in error

@@ -50,7 +50,8 @@ class _MappedHandler(logging.Handler):
         kind, shown, level = text, f"Modbus: {text}", logging.WARNING
         for pattern, template, mapped_level in _MAPPED:
             if match := pattern.search(text):
-                kind, shown, level = template, template.format(*match.groups()), mapped_level
+                shown, level = template.format(*match.groups()), mapped_level
+                kind = shown
                 break
         now = time.monotonic()
         with self._guard:
