@@ -25,17 +25,21 @@ HOSTILE_NUMBER = st.one_of(st.integers(), st.integers(min_value=2 ** 63 - 2, max
 ANY_VALUE = st.one_of(st.none(), st.booleans(), HOSTILE_NUMBER, HOSTILE_TEXT,
                       st.lists(st.integers(-5, 70000), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(),
                                                                                     max_size=2))
+SHAPE = st.one_of(ANY_VALUE, st.lists(st.one_of(st.integers(-1, 70000), st.integers(2 ** 31, 2 ** 66)), max_size=4),
+                  st.just([2 ** 32, 2 ** 32, 3]), st.just([2 ** 21, 2 ** 21, 3]))   # products that wrap int64
 HEADER = st.fixed_dictionaries({}, optional={
     "part_id": st.one_of(HOSTILE_TEXT, ANY_VALUE), "encoder": ANY_VALUE, "capture_time": ANY_VALUE,
     "recipe": st.one_of(st.just("default"), ANY_VALUE), "test_part": ANY_VALUE,
     "encoding": st.one_of(st.sampled_from(["png", "jpeg", "bmp", "raw"]), ANY_VALUE),
-    "shape": ANY_VALUE, "cloud_shape": ANY_VALUE, "cloud_dtype": ANY_VALUE})
+    "shape": SHAPE, "cloud_shape": SHAPE,
+    "cloud_dtype": st.one_of(st.sampled_from(["float32", "float64", "float16", "object"]), ANY_VALUE)})
 PAYLOAD = st.one_of(st.just(GOOD), st.just(GOOD[:-20]), st.just(png_declaring(30000, 30000)),
                     st.binary(max_size=300), st.just(b""))
 MESSAGE = st.one_of(
     st.tuples(HEADER.map(lambda h: json.dumps(h).encode()), PAYLOAD).map(list),
     st.lists(st.binary(max_size=64), min_size=1, max_size=4),                     # any frames at all
     st.tuples(HEADER.map(lambda h: json.dumps(h).encode()), PAYLOAD, st.binary(max_size=64)).map(list),
+    st.integers(1, 200_000).map(lambda n: [b"[" * n + b"]" * n, GOOD]),           # nesting (RecursionError)
 )
 COMMANDS = ["status", "pool_inspect", "pool_scores", "apply", "pool_purge", "pool_freeze", "pool_unfreeze",
             "pool_reseed", "test_fire", "rm -rf", ""]
@@ -93,8 +97,8 @@ def test_generated_messages_and_control_requests_never_stop_the_line(toy_model, 
         wait_for(lambda: live.parts >= source.received + len(fired) or live.error is not None, 120,
                  "every part decided")
         rows = live.stop()
-        print(f"fuzz: {source.received} parts from the source ({source.malformed} malformed, "
-              f"{source.unreadable_headers} unreadable headers dropped), {len(fired)} test fires, {len(rows)} rows")
+        print(f"fuzz: {source.received} parts from the source ({source.malformed} malformed, of which "
+              f"{source.unreadable_headers} with unreadable headers), {len(fired)} test fires, {len(rows)} rows")
         assert len(rows) == source.received + len(fired)
         assert [r.part_id for r in rows[-5:]] == [f"after-fuzz-{k}" for k in range(5)]
         assert_one_row_and_ack_each(rows, plc)
