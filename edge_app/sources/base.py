@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 import threading
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, dataclass, fields
@@ -32,6 +34,7 @@ from ..mediaio import (  # noqa: F401  (re-exported: the sources' names for the 
     pixel_budget_problem,
 )
 from ..record import PartRecord
+from ..strict_model import numeric_annotation
 
 # Implementations by config "type": (module, class), looked up with importlib because they import this
 # module. Not on demand in practice: the package's __init__ imports every one of them.
@@ -98,10 +101,10 @@ class SourceConfig:
     def __post_init__(self) -> None:
         require(isinstance(self.recipe, str) and self.recipe != "", "recipe", self.recipe, "a non-empty string")
         require(isinstance(self.part_prefix, str), "part_prefix", self.part_prefix, "a string")
-        require(_is_int(self.part_digits) and self.part_digits >= 1, "part_digits", self.part_digits,
-                "an integer >= 1")
-        require(_is_int(self.part_start) and self.part_start >= 0, "part_start", self.part_start,
-                "an integer >= 0")
+        require(_is_int(self.part_digits) and 1 <= self.part_digits <= 20, "part_digits", self.part_digits,
+                "an integer in 1..20")
+        require(_is_int(self.part_start) and 0 <= self.part_start < 2 ** 62, "part_start", self.part_start,
+                "an integer in 0..2**62")
         require(_is_int(self.max_pixels) and 0 < self.max_pixels <= mediaio.HARD_MAX_PIXELS, "max_pixels",
                 self.max_pixels, f"an integer in 1..{mediaio.HARD_MAX_PIXELS}")
 
@@ -138,7 +141,22 @@ def config_from_dict(cls: type[C], config: Mapping[str, Any]) -> C:
     for f in fields(cls):
         if f.default is MISSING and f.default_factory is MISSING and f.name not in config:
             raise SourceConfigError(f"source config of type {config.get('type')!r} is missing key {f.name!r}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):   # an annotation that does not resolve here: the source checks its own keys
+        hints = {}
+    for key, value in config.items():
+        if key in known and numeric_annotation(hints.get(key)) and value is not None:
+            require(_is_number(value), key, value, "a finite number within 64 bits (not true/false, not text)")
     return cls(**{key: value for key, value in config.items() if key != "type"})
+
+
+def _is_number(value: Any) -> bool:
+    """The numeric policy of every source key (the line config's, edge_app/strict_model.py): a finite int or
+    float, not a bool, within 64 bits; each source's own checks then hold it to its range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and abs(value) < 2 ** 63
 
 
 def source_class(config: Mapping[str, Any]) -> type[FrameSource]:
