@@ -517,3 +517,35 @@ def test_row_17_with_no_good_pool_file_the_recipe_warms_up_again_with_an_alarm(t
     alarms: list[str] = []
     assert not load_pool(path, Pool(), {"model": "m"}, alarms.append)
     assert "empty pool" in alarms[0] and (tmp_path / "pools" / "default.npz.corrupt").is_file()
+
+
+# --- source config: every numeric key of every source type ---------------------------------------------------
+
+def _source_numeric_fields() -> list[tuple[str, str, dict]]:
+    """(type, key, the type's required keys with plausible values) for every int/float source key."""
+    import dataclasses
+    import importlib
+
+    from musc_edge.edge.sources.base import SOURCE_TYPES
+
+    found = []
+    for kind, (module, name) in sorted(SOURCE_TYPES.items()):
+        cls = getattr(importlib.import_module(module), name).config_class
+        hints = typing.get_type_hints(cls)
+        required = {f.name: {str: "0", int: 1, float: 1.0}.get(hints[f.name], "0") for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        found += [(kind, f.name, required) for f in dataclasses.fields(cls) if numeric_annotation(hints[f.name])]
+    return found
+
+
+SOURCE_FIELDS = _source_numeric_fields()
+
+
+@pytest.mark.parametrize("kind, key, required", SOURCE_FIELDS, ids=[f"{k}:{f}" for k, f, _ in SOURCE_FIELDS])
+def test_every_numeric_source_key_refuses_nan_inf_huge_and_wrong_types_in_one_line(kind, key, required, tmp_path):
+    for value in (math.nan, math.inf, -math.inf, 1e300, 10 ** 30, True, "x", [1]):
+        raw = {**base_config(), "source": {"type": kind, **required, "path": str(tmp_path), key: value}}
+        raw["source"] = {k: v for k, v in raw["source"].items() if k != "path" or kind == "replay"}
+        with pytest.raises(ConfigError) as err:
+            parse_config(raw)
+        assert "\n" not in str(err.value) and repr(key) in str(err.value), (value, str(err.value))
