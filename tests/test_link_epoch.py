@@ -183,3 +183,9 @@ def test_a_line_with_a_fresh_storage_delivers_every_reject_to_a_plc_that_saw_ano
     assert rejects and all(received[(new_epoch, r.seq)].verdict == "REJECT" for r in rejects)
     assert all(r.acked for r in new_rows)
     assert counters.duplicates == 0 and counters.epochs == 2
+    from musc_edge.edge.runtime.status import format_status, line_status
+
+    status = line_status(tmp_path / "install-2")
+    status["live"] = {"calibration_version": 1, "queue_depth": 0, "alarms": [],
+                      "link": {"connected": True, "outbox_depth": 0, "epoch": new_epoch}}
+    assert f"epoch {new_epoch:08X}" in format_status(status)               # what a technician compares

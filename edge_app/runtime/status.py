@@ -77,6 +77,7 @@ def format_status(status: dict) -> str:
         lines.insert(1, f"running       calibration v{live['calibration_version']}"
                         + (" (dry run)" if live.get("dry_run") else "")
                         + (f", link {'up' if link.get('connected') else 'DOWN'} outbox {link.get('outbox_depth')}"
+                           + (f" epoch {link['epoch']:08X}" if link.get("epoch") else "")
                            if link else "") + f", queue {live.get('queue_depth')}")
     for name, pool in status["pools"].items():
         age = pool.get("oldest_age_s")
