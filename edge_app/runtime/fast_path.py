@@ -100,6 +100,16 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
+def _scores(pool, sets: list[list[np.ndarray]], part_ids: list[str], grid: tuple[int, int],
+            params: MuscParams) -> np.ndarray:
+    """Each part's score against ``pool`` without itself: a member's from the pool's own leave-one-out raw scores
+    (the same numbers, already computed when the warm-up pool was scored), any other part's one-vs-pool."""
+    slots = {pid: i for i, pid in enumerate(pool.part_ids[:pool.size])}
+    loo = pool.leave_one_out_scores(params) if pool.size >= 3 else []
+    return np.array([loo[slots[pid]] if loo and pid in slots else
+                     pool.score(part, grid, params, exclude_part_id=pid).score for part, pid in zip(sets, part_ids)])
+
+
 def compare_paths(samples: list[ShadowSample], fp32_pool, fast_pool, threshold: float, grid: tuple[int, int],
                   params: MuscParams) -> ShadowResult:
     """Score every sample against each path's pool (the line's own, ready pool, and the same members through the
@@ -108,7 +118,8 @@ def compare_paths(samples: list[ShadowSample], fp32_pool, fast_pool, threshold: 
     n = len(samples)
     if n == 0:
         return ShadowResult(0, 0, float("nan"), float("nan"))
-    ours = np.array([fp32_pool.score(s.fp32, grid, params, exclude_part_id=s.part_id).score for s in samples])
+    ours = _scores(fp32_pool, [s.fp32 for s in samples], [s.part_id for s in samples], grid, params)
+    # the fast side through its own scorer (its members' cached raw scores come from the numpy batch)
     fast = np.array([fast_pool.score(s.fast, grid, params, exclude_part_id=s.part_id).score for s in samples])
     same = (ours >= threshold) == (fast >= threshold)
     min_cos = min(float(_row_cosines(a, b).min()) for s in samples for a, b in zip(s.fp32, s.fast))
