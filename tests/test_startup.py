@@ -179,3 +179,18 @@ def test_only_sources_that_end_by_themselves_are_finite(tmp_path):
     assert OpenCVCameraSource(OpenCVCameraConfig(device=str(video))).finite
     assert not OpenCVCameraSource(OpenCVCameraConfig(device=0)).finite
     assert not ZmqSource(ZmqSourceConfig(endpoint="tcp://127.0.0.1:5555")).finite
+
+
+def test_a_taken_prometheus_port_is_an_alarm_and_a_doctor_warning_not_a_stop(toy_model, tmp_path, held_port):
+    """Metrics matter less than inspecting: the line starts without its endpoint, but says so."""
+    from musc_edge.edge.doctor import run_checks
+
+    path = write_config(tmp_path, toy_model, tmp_path, {"type": "zmq", "endpoint": "tcp://127.0.0.1:5557"},
+                        telemetry={"prometheus": {"enabled": True, "port": held_port}})
+    line = Line(parse_config(yaml.safe_load(path.read_text())))
+    try:
+        assert any(f"no Prometheus exporter on 127.0.0.1:{held_port}" in a for a in line.stats.alarms)
+    finally:
+        line.telemetry.close()
+    check = next(c for c in run_checks(path) if c.name == "port telemetry.prometheus.port")
+    assert check.status == "warn" and f"is in use by pid {os.getpid()}" in check.detail

@@ -148,6 +148,10 @@ class Line:
         self.link: RejectLink | None = None
         self.archive: RejectArchive | None = None
         self.telemetry = Telemetry(config.telemetry, config.line.name, self.storage, status=self.control_status)
+        for name, settings, exporter in (("Prometheus", config.telemetry.prometheus, self.telemetry.prometheus),
+                                         ("MQTT", config.telemetry.mqtt, self.telemetry.mqtt)):
+            if settings.enabled and exporter is None:   # the line inspects without it; status and view say so
+                self._on_alarm(f"telemetry: no {name} exporter on {settings.host}:{settings.port} (see the log)")
         for text in pool_alarms:
             self._on_alarm(text)
         self.ended: str | None = None    # why run() returned: "stop requested", "replay finished: ..."
