@@ -161,11 +161,14 @@ class Inspector:
             part.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, str(exc))
             return None
         part.times.decode = time.monotonic() - t0
-        generation = self.fast_path.generation if self.fast_path else 0
+        fast = self.fast_path
+        before = fast.generation if fast is not None else 0
         prepared = recipe.extract(part)
-        if self.fast_path is not None:
+        if fast is not None and (fast.shadowing() or fast.generation != before):   # only around the trial
             self._shadow(part, recipe)
-            self._generation[part.part_id] = generation
+            if len(self._generation) > 256:   # parts that were never scored (a bounded leftover)
+                self._generation.clear()
+            self._generation[part.part_id] = before
         return prepared
 
     def inspect(self, part: PartRecord, extracted: object | None = NOT_EXTRACTED) -> tuple[PartRecord, object | None]:
@@ -175,7 +178,7 @@ class Inspector:
         if extracted is NOT_EXTRACTED:
             extracted = self.extract(part)
         elif self.fast_path is not None and extracted is not None and \
-                self._generation.pop(part.part_id, 0) != self.fast_path.generation:
+                self._generation.pop(part.part_id, self.fast_path.generation) != self.fast_path.generation:
             extracted = self.recipes[part.recipe].extract(part)   # extracted ahead by the model before a switch
         if part.verdict is not None or extracted is None:
             return part, None
@@ -208,8 +211,6 @@ class Inspector:
         """Shadow features of a warm-up part through the fast model (prefetch threads; never fails a part)."""
         if not self.fast_path.shadowing() or part.verdict is not None or recipe.pool.size >= recipe.pool.min_size:
             return
-        if len(self._generation) > 256:   # parts that were never scored (a bounded leftover)
-            self._generation.clear()
         try:
             self.fast_path.keep_shadow(part.part_id, self.features([part.image], self._fast_engine())[0])
         except Exception as exc:   # the fast model must never take the line down: stay on fp32
