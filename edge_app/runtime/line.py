@@ -262,8 +262,10 @@ class Line:
         faults_in_a_row, retry = 0, SOURCE_RETRY_S[0]
         try:
             while not self._stop.is_set():
+                opened = None
                 try:
                     self.source.open()
+                    opened = time.monotonic()
                     for part in self.source.parts():
                         failing_since, faults_in_a_row, retry = None, 0, SOURCE_RETRY_S[0]
                         self._take(part)
@@ -273,7 +275,8 @@ class Line:
                         return
                     if self.source.finite:
                         self.ended = f"{self.source.describe()} finished after {self._taken} parts"
-                        log.warning("%s: the line stops (set source.loop: true to replay forever)", self.ended)
+                        log.warning("%s: the line stops%s", self.ended, " (set source.loop: true to replay forever)"
+                                    if self.config.source.get("type") == "replay" else "")
                         return
                     raise SourceError(f"{self.source.describe()} ended by itself")
                 except Exception as exc:
@@ -289,6 +292,8 @@ class Line:
                         return
                     if device or faults_in_a_row >= FRAME_FAULTS_BEFORE_REOPEN:
                         now = time.monotonic()
+                        if opened is not None and now - opened >= SOURCE_RETRY_S[1]:   # it ran a while: a new streak
+                            failing_since, retry = None, SOURCE_RETRY_S[0]
                         failing_since = failing_since or now
                         if now - failing_since >= self.source_give_up_s:
                             self._fatal_fault(f"frame source {self.source.describe()} could not be read for "
