@@ -159,10 +159,10 @@ def both(fn, repeat: int, fn_before=None) -> tuple[float, float, object]:
 
 
 def whole_part(cloud: np.ndarray, image: np.ndarray, params: Params3D, pool_3d: list[np.ndarray], pool: int,
-               repeat: int) -> list[tuple[str, float, float]]:
-    """One 2D+3D part as the line runs it, with the default model: rows for the 2D features and the total
+               repeat: int, model: Path = DEFAULT_MODEL) -> list[tuple[str, float, float]]:
+    """One 2D+3D part as the line runs it, with ``model``: rows for the 2D features and the total
     (before: 2D features after the FPFH, the implementations before issue 22; now: as ``ScanRecipe.prepare``)."""
-    engine = FeatureEngine(DEFAULT_MODEL, size=SIZE)
+    engine = FeatureEngine(model, size=SIZE)
 
     def sets_of(image_c: np.ndarray) -> list[np.ndarray]:
         layers = select_layers(engine([image_c], 1), engine.manifest.blocks, DEFAULT_BLOCKS)
@@ -186,7 +186,7 @@ def whole_part(cloud: np.ndarray, image: np.ndarray, params: Params3D, pool_3d: 
     t_before, t_now, now = both(part_now, repeat, part_before)
     if before.raw != now.raw:
         raise AssertionError(f"the whole part scores {now.raw} now but {before.raw} before")
-    return [("2D features, default model (ONNX Runtime)", t_features, t_features),
+    return [(f"2D features, {model.name} (ONNX Runtime)", t_features, t_features),
             ("one 2D+3D part: preprocess + FPFH + 2D + score", t_before, t_now)]
 
 
@@ -198,6 +198,9 @@ def main() -> None:
     parser.add_argument("--tokens", choices=("fpfh", "groups"), default="fpfh")
     parser.add_argument("--vit-b8", action="store_true", help="2D shapes of MuSc-V2's ViT-B/8 (3 layers)")
     parser.add_argument("--cloud", help="a real organised scan (.tiff) to time instead of a synthetic one")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="2D feature model of the whole-part rows (default: the line's default model; "
+                             "models/dinov2_vits14_musc_cut.onnx gives the same blocks 6 and 9 without 10-12)")
     args = parser.parse_args()
     grid_2d, dim_2d, layers = VIT_B8 if args.vit_b8 else DEFAULT_2D
     params = Params3D(size=SIZE, grouping=args.grouping, tokens=args.tokens, scales=(0.25, 0.5, 1.0)[-layers:],
@@ -261,9 +264,9 @@ def main() -> None:
         row(f"score_one end to end, mode {mode}",
             lambda fusion=fusion: score_one(query_2d, query, pool_2d, pool_3d, grid_2d, SIZE, fusion))
     image_path = None if args.cloud is None else Path(args.cloud).parent.parent / "rgb" / (Path(args.cloud).stem + ".png")
-    if image_path is not None and image_path.is_file() and DEFAULT_MODEL.is_file() and not args.vit_b8:
+    if image_path is not None and image_path.is_file() and args.model.is_file() and not args.vit_b8:
         (name, t_features, _), whole = whole_part(cloud, read_image(image_path), params, pool_3d, args.pool,
-                                                  args.repeat)
+                                                  args.repeat, args.model)
         rows += [(name, None, t_features), whole]
 
     print(f"3D / 2D+3D path ({args.tokens} tokens), one part: {SIZE}x{SIZE}, G={query.centres.shape[0]}, "
