@@ -176,3 +176,26 @@ def test_a_running_line_records_its_switch_in_the_ledger_and_the_audit(agreeing,
     assert len(records) == 1
     assert records[0]["new"] == {"model_sha256": int8_sha, "scorer": "onnx-int8", "switched": True}
     assert "passes the verify gate" in records[0]["reason"]
+
+
+def test_a_part_extracted_ahead_of_the_switch_is_scored_with_the_fast_model(agreeing, synthetic_parts, tmp_path):
+    from musc_edge.edge.runtime.recipes import Prepared
+
+    inspector = Inspector(_config(agreeing, tmp_path))
+    events = []
+    inspector.on_fast_path = events.append
+    parts = [PartRecord(part_id=f"p{i}", recipe="default", capture_time=time.time(), image=read_image(path))
+             for i, path in enumerate(_good_parts(synthetic_parts)[:16])]
+    ahead = inspector.extract(parts[0])
+    for i, part in enumerate(parts[:-1]):   # as the line runs: the next part is extracted before this one is decided
+        extracted, ahead = ahead, inspector.extract(parts[i + 1])
+        inspector.admit(*inspector.inspect(part, extracted))
+        if events:
+            break
+    assert events and events[0].switched
+    crossing, fp32_sets = parts[i + 1], ahead.sets              # extracted by the fp32 model before the switch
+    recipe = inspector.recipes["default"]
+    fast_score = recipe.score(Prepared(inspector.features([crossing.image])[0]), crossing.part_id).score
+    assert abs(recipe.score(Prepared(fp32_sets), crossing.part_id).score - fast_score) > 1e-4
+    inspector.inspect(crossing, ahead)
+    assert crossing.score == pytest.approx(fast_score, rel=1e-6)
