@@ -193,6 +193,8 @@ def cmd_run(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: line.stop())
         view = _start_view(args.config) if config.view.enabled else None
+        if view is not None:
+            _alarm_when_view_ends(view, line)
         stats = line.run()
     except StartupError as exc:
         print(f"musc-edge run: cannot start: {exc}", file=sys.stderr)
@@ -298,6 +300,16 @@ def _start_view(config_path: Path):
     import subprocess
 
     return subprocess.Popen([sys.executable, "-m", "musc_edge.edge.cli", "view", "--config", str(config_path)])
+
+
+def _alarm_when_view_ends(view, line) -> None:
+    """A line alarm when the companion view process ends while the line runs (the operator screen is gone)."""
+    import threading
+
+    def watch() -> None:
+        code = view.wait()
+        line.raise_alarm(f"operator view stopped (exit {code}); the line runs on without it")
+    threading.Thread(target=watch, name="view-watch", daemon=True).start()
 
 
 def _add_pool(sub) -> None:

@@ -194,3 +194,21 @@ def test_a_taken_prometheus_port_is_an_alarm_and_a_doctor_warning_not_a_stop(toy
         line.telemetry.close()
     check = next(c for c in run_checks(path) if c.name == "port telemetry.prometheus.port")
     assert check.status == "warn" and f"is in use by pid {os.getpid()}" in check.detail
+
+
+def test_a_view_that_ends_while_the_line_runs_is_an_alarm(toy_model, tmp_path, monkeypatch, caplog,
+                                                          no_signal_handlers):
+    """Row 3: the view used to die (address in use) while the line ran on, and nothing said so."""
+    import subprocess
+    import sys
+
+    from musc_edge.edge import cli
+
+    # A stand-in view process that ends at once (as one that lost a race for its port would).
+    monkeypatch.setattr(cli, "_start_view", lambda path: subprocess.Popen([sys.executable, "-c", "exit(5)"]))
+    parts = make_parts(tmp_path / "parts", 6)
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
+        config = write_config(tmp_path, toy_model, parts, {"type": "zmq", "endpoint": plc.address},
+                              view={"enabled": True})
+        assert main(["run", "--config", str(config)]) == 0
+    assert "ALARM: operator view stopped (exit 5); the line runs on without it" in caplog.text

@@ -230,6 +230,12 @@ class Line:
         except Exception:  # closing a source that is mid-read may race; the loop ends either way
             log.debug("source close raised", exc_info=True)
 
+    def raise_alarm(self, text: str) -> None:
+        """An alarm from outside the line's threads (e.g. its companion view process ended), while it runs:
+        logged, exported and shown by status and the view like the line's own."""
+        if not self._stop.is_set():
+            self._on_alarm(text)
+
     def _shutdown(self) -> None:
         self.systemd.stopping()
         if self.control is not None:
