@@ -117,6 +117,12 @@ def test_the_line_stays_on_fp32_when_the_paths_disagree(disagreeing, synthetic_p
     assert "stays on fp32" in events[0].reason and "token cosine" in events[0].reason
     assert inspector.engine.manifest.model_sha256 == fp32_sha and inspector.fast_path.state == "fp32"
     assert inspector.recipes["default"].pool.scorer_name != "onnx-int8"
+    # a restart on the stored fp32 pool has no warm-up to shadow: it stays on fp32 and records nothing new
+    inspector.save_pools()
+    again, later = Inspector(_config(disagreeing, tmp_path)), []
+    again.on_fast_path = later.append
+    again.restore_pools()
+    assert again.fast_path.state == "fp32" and not later and again.engine.manifest.model_sha256 == fp32_sha
 
 
 def test_opt_out_and_missing_models_run_no_trial(agreeing, toy_model, tmp_path):

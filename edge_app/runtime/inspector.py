@@ -103,7 +103,7 @@ class Inspector:
                 load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity(), on_alarm)
         if self.fast_path is not None and self.fast_path.shadowing() and \
                 all(r.pool.size >= r.pool.min_size for r in self.recipes.values()):
-            self._end_trial(False, "the pools were restored ready: no warm-up parts to shadow")
+            self._end_trial(False, "the pools were restored ready: no warm-up parts to shadow", record=False)
         return {name: recipe.pool.size for name, recipe in self.recipes.items()}
 
     def snapshot_pools(self) -> dict[str, dict[str, np.ndarray]]:
@@ -238,7 +238,9 @@ class Inspector:
                 adopt(pool, shadow)
         self._end_trial(switch, reason)
 
-    def _end_trial(self, switch: bool, reason: str) -> None:
+    def _end_trial(self, switch: bool, reason: str, record: bool = True) -> None:
+        """Put the decision in force; the line records it (``record``: a trial's outcome or a resumed switch, not
+        the every-start case of a restored fp32 pool, which is only logged)."""
         fast, old = self.fast_path, self.engine.manifest.model_sha256
         if switch:
             self.engine = self._fast_engine()
@@ -249,8 +251,9 @@ class Inspector:
         scorer = fast.plan.scorer if switch else self.config.scoring.backend
         event = FastPathEvent(switch, (f"switched to {fast.plan.model.name} + {scorer} scoring: " if switch else
                                        "stays on fp32: ") + reason, old, self.engine.manifest.model_sha256, scorer)
-        (log.info if switch else log.warning)("fast path: %s", event.reason)
-        self.on_fast_path(event)
+        (log.info if switch or not record else log.warning)("fast path: %s", event.reason)
+        if record:
+            self.on_fast_path(event)
 
     def _rebind_identity(self) -> None:
         """Pools are now built with the fast model: their stored identity says so."""
