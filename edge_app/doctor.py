@@ -305,6 +305,12 @@ def check_config(config_path: Path) -> list[Check]:
         capacities = sorted({r.pool.capacity for r in config.recipes.values() if r.modality == "2d"})
         checks += [check_scoring(n_sets, side * side, manifest.token_dim, c, config.scoring.backend)
                    for c in capacities]
+        from .runtime.fast_path import plan_fast_path
+
+        plan = plan_fast_path(config)   # what the line will shadow at warm-up and may switch to (model.fast_path)
+        checks.append(Check("fast path", "ok", f"warm-up shadowed through {plan.model.name} + {plan.scorer}; switches "
+                            "when it passes the verify gate" if plan.model else f"stays on {config.model.precision}: "
+                            f"{plan.why_not}"))
     if config.link.type == "serial":
         checks.append(check_serial(config.link.url))
     if config.source.get("type") == "genicam":   # the cameras seen and the configured one's key features

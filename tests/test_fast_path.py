@@ -205,3 +205,20 @@ def test_a_part_extracted_ahead_of_the_switch_is_scored_with_the_fast_model(agre
     assert abs(recipe.score(Prepared(fp32_sets), crossing.part_id).score - fast_score) > 1e-4
     inspector.inspect(crossing, ahead)
     assert crossing.score == pytest.approx(fast_score, rel=1e-6)
+
+
+def test_doctor_says_what_the_line_will_shadow(agreeing, tmp_path):
+    import yaml
+
+    from musc_edge.edge.doctor import run_checks
+
+    def fast_path_check(**model):
+        path = tmp_path / "line.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": {"path": str(agreeing), "size": 112, "blocks": [6, 9], **model},
+            "source": {"type": "replay", "paths": [str(agreeing)]},
+            "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:5599"}, "storage": {"dir": str(tmp_path / "s")}}))
+        return next(c for c in run_checks(path) if c.name == "fast path")
+
+    assert "toy_int8.onnx + onnx-int8" in fast_path_check().detail
+    assert fast_path_check(fast_path="off").detail == "stays on fp32: model.fast_path is off"
