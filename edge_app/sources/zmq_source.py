@@ -199,7 +199,7 @@ def unreadable_part(why: str, *, part_ids: PartIds, recipe: str, received_monoto
     part_id = part_ids.next()
     record = PartRecord(part_id=part_id, recipe=recipe, capture_time=received_utc,
                         capture_monotonic=received_monotonic, source_ref=f"zmq:{part_id}"[:80])
-    return record.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, f"unreadable ZeroMQ header: {why}"[:300])
+    return record.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, f"unreadable ZeroMQ {why}"[:300])
 
 
 def _read_header(frame: Any) -> dict:
@@ -260,8 +260,8 @@ def _cloud(header: dict, payload: Any, problems: list[str]) -> np.ndarray | None
         if declared:
             problems.append("header declares a cloud but the message has no cloud part")
         return None
-    shape, dtype = _shape(header.get("cloud_shape"), "cloud_shape", problems, 3 * MAX_CLOUD_POINTS), \
-        header.get("cloud_dtype")
+    shape = _shape(header.get("cloud_shape"), "cloud_shape", problems, 3 * MAX_CLOUD_POINTS)
+    dtype = header.get("cloud_dtype")
     if shape is None:
         return None
     if not isinstance(dtype, str) or dtype not in CLOUD_DTYPES:
