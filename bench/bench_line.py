@@ -48,7 +48,7 @@ def plc_for(link: str):
             key = "url" if link == "serial" else "endpoint"
             yield plc, {"type": link, key: plc.address}
             return
-        from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator, PtyPair
+        from musc_edge.edge.plc_sim.modbus import ModbusPlcSimulator, PtyPair
 
         if link == "modbus-tcp":
             port = free_port()
@@ -58,7 +58,7 @@ def plc_for(link: str):
             plc = stack.enter_context(ModbusPlcSimulator.on_rtu(pair.b, parity="N"))
             yield plc, {"type": link, "port": pair.a, "parity": "N"}
         else:
-            from musc_edge.edge.plc_sim_opcua import OpcUaPlcSimulator
+            from musc_edge.edge.plc_sim.opcua import OpcUaPlcSimulator
 
             endpoint = f"opc.tcp://127.0.0.1:{free_port()}/musc-edge/"
             plc = stack.enter_context(OpcUaPlcSimulator(endpoint, "plc", "bench"))

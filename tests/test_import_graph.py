@@ -22,12 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Known cycles still being broken (issue 23), each as the set of modules in it. A cycle found must equal one of
 # these exactly: any other cycle, one of these grown or shrunk by a module, or an entry whose cycle is gone
 # fails the test. Remove an entry when its cycle is broken; empty means no cycle is allowed.
-KNOWN_CYCLES: dict[frozenset[str], str] = {
-    # The PLC simulators sit flat at the package root and import each other (item 4: one plc_sim/ package).
-    frozenset({"musc_edge.edge.plc_sim", "musc_edge.edge.plc_sim_modbus", "musc_edge.edge.plc_sim_opcua",
-               "musc_edge.edge.plc_sim_plant", "musc_edge.edge.plc_sim_polling"}):
-        "PLC simulators in one package",
-}
+KNOWN_CYCLES: dict[frozenset[str], str] = {}
 
 
 Graph = dict[str, dict[str, int]]   # module -> {imported module: line of the first such import}

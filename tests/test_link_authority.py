@@ -23,7 +23,7 @@ from pymodbus.client import ModbusTcpClient  # noqa: E402
 
 from musc_edge.edge.links import open_link, parse_link_config  # noqa: E402
 from musc_edge.edge.links.register_map import Reg, join32, split32  # noqa: E402
-from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator  # noqa: E402
+from musc_edge.edge.plc_sim.modbus import ModbusPlcSimulator  # noqa: E402
 from musc_edge.edge.record import Reason, Verdict  # noqa: E402
 from tests.test_modbus_link import FAST, Events  # noqa: E402
 
@@ -198,7 +198,7 @@ USERS = [{"username": "plc", "password": "s3cret"}, {"username": "hmi", "passwor
 
 @pytest.fixture(scope="module")
 def opcua_line(tmp_path_factory) -> Any:
-    from musc_edge.edge.plc_sim_opcua import OpcUaPlcSimulator
+    from musc_edge.edge.plc_sim.opcua import OpcUaPlcSimulator
 
     storage = tmp_path_factory.mktemp("storage")
     endpoint = f"opc.tcp://127.0.0.1:{free_port()}/musc-edge/"

@@ -53,7 +53,7 @@ def plc_for(kind: str) -> Iterator[tuple[Any, dict[str, Any]]]:
             yield sim, {"type": "zmq", "endpoint": sim.address, **FAST}
         else:
             pytest.importorskip("pymodbus")
-            from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator
+            from musc_edge.edge.plc_sim.modbus import ModbusPlcSimulator
 
             port = _free_port()
             sim = stack.enter_context(ModbusPlcSimulator.on_tcp("127.0.0.1", port))

@@ -16,7 +16,7 @@ pytest.importorskip("pymodbus")
 from musc_edge.edge.links import PlantLink, open_link, parse_link_config  # noqa: E402
 from musc_edge.edge.links.framing import NakCode  # noqa: E402
 from musc_edge.edge.links.register_map import MAP_VERSION, REGISTER_COUNT, Reg, join32, part_hash, part_text  # noqa: E402,E501
-from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator, PtyPair  # noqa: E402
+from musc_edge.edge.plc_sim.modbus import ModbusPlcSimulator, PtyPair  # noqa: E402
 from musc_edge.edge.record import Reason, Verdict  # noqa: E402
 
 FAST = dict(ack_timeout_s=0.1, heartbeat_interval_s=0.1, silence_alarm_s=0.5,

@@ -16,7 +16,7 @@ pytest.importorskip("asyncua")
 from musc_edge.edge.links import PlantLink, open_link, parse_link_config  # noqa: E402
 from musc_edge.edge.links.framing import NakCode  # noqa: E402
 from musc_edge.edge.links.opcua_link import NAMESPACE  # noqa: E402
-from musc_edge.edge.plc_sim_opcua import OpcUaPlcSimulator  # noqa: E402
+from musc_edge.edge.plc_sim.opcua import OpcUaPlcSimulator  # noqa: E402
 from musc_edge.edge.record import Reason, Verdict  # noqa: E402
 from tests.test_modbus_link import FAST, Events  # noqa: E402
 

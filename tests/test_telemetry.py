@@ -165,7 +165,7 @@ def test_telemetry_is_off_by_default_and_its_keys_are_checked() -> None:
 @needs_broker
 @pytest.mark.slow
 def test_a_line_over_modbus_publishes_one_event_per_part_in_order(toy_model, tmp_path, broker) -> None:
-    from musc_edge.edge.plc_sim_modbus import ModbusPlcSimulator
+    from musc_edge.edge.plc_sim.modbus import ModbusPlcSimulator
     from tests.test_runtime import make_parts, raw_config, run_line
 
     port = free_port()

@@ -1,33 +1,27 @@
-"""A PLC simulator: the other end of a reject link (serial or ZeroMQ), for tests and bench runs.
+"""The framed-link PLC simulator: the other end of a serial or ZeroMQ reject link, for tests and bench runs.
 
 It acknowledges verdicts and heartbeats as docs/wire-protocol.md asks of a PLC, keeps one de-duplication
 record per line epoch (a verdict is new unless its (epoch, seq) was seen), logs every verdict once (repeats
 are counted, not logged), and can misbehave on purpose: stop answering for a while,
-answer late, or corrupt frames (seeded). ``musc-edge plc-sim`` runs :func:`main`.
+answer late, or corrupt frames (seeded). ``musc-edge plc-sim --link serial|zmq`` runs it (cli.py).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import select
-import sys
 import threading
 import time
 import tty
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, TextIO, TypeVar
+from typing import Any, Callable, TextIO
 
 import serial
 import zmq
 
 from musc_edge.edge.links.framing import (
-    MAX_SEQ,
     Frame,
     FrameError,
     MessageType,
@@ -42,42 +36,10 @@ from musc_edge.edge.links.framing import (
     parse_verdict,
     stream_frame,
 )
-from musc_edge.edge.record import Reason
+from musc_edge.edge.plc_sim.base import ReceivedVerdict, SimControls, SimCounters, reason_label, utc_now
 
 _POLL_S = 0.02
-FRAMED_LINKS = ("serial", "zmq")                      # the simulator is the PLC end of a framed link
-PLANT_LINKS = ("modbus-tcp", "modbus-rtu", "opcua")    # the simulator is a client of the runtime's server
 Route = Any     # where a reply goes: a ZeroMQ peer identity, or None on a byte stream
-
-
-@dataclass
-class SimCounters:
-    received: int = 0               # distinct verdicts (each logged once)
-    duplicates: int = 0             # verdicts whose seq was already seen (acked again, not logged)
-    out_of_order: int = 0           # new seqs below the highest seen (serial-number arithmetic)
-    heartbeats: int = 0
-    heartbeat_gaps: int = 0         # heartbeat counters skipped
-    crc_errors: int = 0
-    bad_frames: int = 0             # framing, length, version or field errors
-    acks_sent: int = 0
-    naks_sent: int = 0
-    ignored_while_silent: int = 0
-    corrupted_replies: int = 0      # replies deliberately damaged (corrupt_rate)
-    stop_lines: int = 0             # STOP_LINE requests received (repeats included)
-    epochs: int = 0                 # distinct line epochs seen (announced or carried by a verdict)
-
-
-@dataclass(frozen=True)
-class ReceivedVerdict:
-    seq: int
-    part_id: str
-    verdict: str
-    reason: int
-    reason_label: str
-    late: bool
-    resend: bool
-    received_utc: str
-    epoch: int = 0
 
 
 class SimPort(ABC):
@@ -190,124 +152,6 @@ class PtySimPort(StreamSimPort):
         os.close(self._master)
         os.close(self._slave)
 
-
-def utc_now() -> str:
-    """This moment in UTC, ISO 8601 to the millisecond (the simulators' log time stamps)."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-_Sim = TypeVar("_Sim", bound="SimControls")
-
-
-class SimControls(ABC):
-    """The fault and inspection controls, life cycle and verdict log every PLC simulator offers its tests and
-    benches. A simulator sets ``_changed`` (a Condition guarding the rest), ``_counters``, ``_received``,
-    ``_refusals``, ``_refusal_code``, ``_silent_until``, ``_silent_after``, ``_silent_for_s``, ``_seen``,
-    ``_dedup_window``, ``_highest_seqs``, ``_stop``, ``_thread`` (its serving loop) and ``_log``, and implements
-    ``_disconnect()`` (release its port or connection)."""
-
-    _changed: threading.Condition
-    _counters: SimCounters
-    _received: list[ReceivedVerdict]
-    _refusals: int
-    _refusal_code: NakCode
-    _silent_until: float
-    _seen: OrderedDict
-    _dedup_window: int
-    _highest_seqs: dict[int, int]       # line epoch -> highest seq taken in it
-    _silent_after: int | None
-    _silent_for_s: float
-    _stop: threading.Event
-    _thread: threading.Thread
-    _log: TextIO | None
-
-    def start(self: _Sim) -> _Sim:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop answering for good and release the port and log file."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        self._disconnect()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    @abstractmethod
-    def _disconnect(self) -> None:
-        """Release the simulator's port or connection."""
-
-    def _log_entry(self, entry: dict) -> None:
-        if self._log is not None:
-            self._log.write(json.dumps(entry) + "\n")
-            self._log.flush()
-
-    def _record(self, record: ReceivedVerdict, **extra: Any) -> None:
-        """Keep a new distinct verdict (call with ``_changed`` held): count it, log it (with ``extra``) and,
-        if this is the ``silent_after``-th, go silent for ``silent_for_s``. The verdict itself is acked."""
-        self._received.append(record)
-        self._counters.received += 1
-        self._log_entry(asdict(record) | extra)
-        if self._silent_after is not None and self._counters.received == self._silent_after:
-            self._silent_until = time.monotonic() + self._silent_for_s
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def refuse_next(self, count: int, code: NakCode = NakCode.BUSY) -> None:
-        """Answer the next ``count`` verdicts with NAK ``code`` instead of taking them."""
-        with self._changed:
-            self._refusals, self._refusal_code = count, code
-
-    def silence(self, seconds: float) -> None:
-        """Ignore everything received for ``seconds`` from now (0 answers again at once)."""
-        with self._changed:
-            self._silent_until = time.monotonic() + seconds
-
-    def counters(self) -> SimCounters:
-        with self._changed:
-            return replace(self._counters)
-
-    def received(self) -> list[ReceivedVerdict]:
-        """Distinct verdicts in arrival order."""
-        with self._changed:
-            return list(self._received)
-
-    def wait_for(self, condition: Callable[[SimCounters], bool], timeout_s: float) -> bool:
-        """Block until ``condition(counters)`` holds; False if ``timeout_s`` passes first."""
-        with self._changed:
-            return self._changed.wait_for(lambda: condition(self._counters), timeout_s)
-
-    def _note_epoch(self, epoch: int) -> None:
-        """A line epoch announced or carried by a verdict (the caller holds ``_changed``): a new one starts its
-        own de-duplication record."""
-        if epoch not in self._highest_seqs:
-            self._highest_seqs[epoch] = -1
-            self._counters.epochs += 1
-
-    def _note_seq(self, seq: int, epoch: int = 0) -> bool:
-        """Record a verdict's (epoch, sequence number) (the caller holds ``_changed``): False for a duplicate,
-        which is counted and dropped; one behind the highest seen in its epoch is counted out of order."""
-        self._note_epoch(epoch)
-        if (epoch, seq) in self._seen:
-            self._counters.duplicates += 1
-            return False
-        self._seen[(epoch, seq)] = None
-        if len(self._seen) > self._dedup_window:
-            self._seen.popitem(last=False)
-        highest = self._highest_seqs[epoch]
-        if highest < 0 or _seq_after(seq, highest):
-            self._highest_seqs[epoch] = seq
-        else:
-            self._counters.out_of_order += 1
-        return True
 
 
 class PlcSimulator(SimControls):
@@ -459,7 +303,7 @@ class PlcSimulator(SimControls):
                 return
             record = ReceivedVerdict(
                 seq=message.seq, part_id=message.part_id, verdict=message.verdict.value,
-                reason=int(message.reason), reason_label=_reason_label(message.reason),
+                reason=int(message.reason), reason_label=reason_label(message.reason),
                 late=bool(message.flags & VerdictFlags.LATE), resend=bool(message.flags & VerdictFlags.RESEND),
                 received_utc=utc_now(), epoch=message.epoch)
             self._record(record)
@@ -483,91 +327,8 @@ class PlcSimulator(SimControls):
             self._changed.notify_all()
 
 
-def _reason_label(reason: Reason | int) -> str:
-    return reason.label if isinstance(reason, Reason) else f"unknown_{reason}"
-
-
-def _seq_after(seq: int, reference: int) -> bool:
-    """RFC 1982 serial-number order on 32 bits: ``seq`` comes after ``reference``."""
-    return 0 < (seq - reference) % (MAX_SEQ + 1) < 0x80000000
-
 
 def _flip_random_bit(body: bytes, rng: random.Random) -> bytes:
     damaged = bytearray(body)
     damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
     return bytes(damaged)
-
-
-# --------------------------------------------------------------------------------- command line
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="musc-edge plc-sim", description="Play the PLC end of a reject link (docs/wire-protocol.md).",
-        epilog="The options below are those of serial and zmq; modbus-tcp, modbus-rtu and opcua have their own: "
-               "musc-edge plc-sim --link modbus-tcp --help")
-    parser.add_argument("--link", choices=(*FRAMED_LINKS, *PLANT_LINKS), required=True,
-                        help="the link type the runtime's config names (link.type)")
-    parser.add_argument("--url", help="serial: pyserial URL or device; 'pty' creates a pseudo-terminal "
-                                      "and prints the path for the runtime's link.url")
-    parser.add_argument("--baudrate", type=int, default=115200)
-    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5557", help="zmq: ROUTER bind endpoint")
-    parser.add_argument("--log", type=Path, help="append every received verdict (once) as a JSON line")
-    parser.add_argument("--report-every", type=float, default=10.0, metavar="SECONDS",
-                        help="print the counters this often (0: only at exit)")
-    parser.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="answer this late")
-    parser.add_argument("--corrupt-rate", type=float, default=0.0, help="share of frames to damage, 0..1")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --corrupt-rate")
-    parser.add_argument("--silent-after", type=int, metavar="N", help="stop answering after N verdicts")
-    parser.add_argument("--silent-for", type=float, default=5.0, metavar="SECONDS",
-                        help="how long --silent-after stays silent")
-    parser.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
-                        help="exit after this long (0: run until Ctrl-C)")
-    return parser
-
-
-def serve_and_report(sim: SimControls, duration: float, report_every: float, counters: Callable[[], str]) -> None:
-    """Run ``sim`` for ``duration`` seconds (0: until Ctrl-C), printing ``counters()`` every ``report_every``
-    seconds (0: never) and once at the end."""
-    end = time.monotonic() + duration if duration > 0 else float("inf")
-    with sim:
-        try:
-            while (left := end - time.monotonic()) > 0:
-                time.sleep(min(left, report_every if report_every > 0 else 1.0))
-                if report_every > 0:
-                    print(f"plc-sim: {counters()}", flush=True)
-        except KeyboardInterrupt:
-            pass
-    print(f"plc-sim: final {counters()}", flush=True)
-
-
-def _counter_line(counters: SimCounters) -> str:
-    return " ".join(f"{key}={value}" for key, value in asdict(counters).items())
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``musc-edge plc-sim``: run a simulator until Ctrl-C or --duration; 0 on a clean exit."""
-    from musc_edge.edge.plc_sim_plant import is_plant_link, main as plant_main   # Modbus / OPC UA: their own options
-
-    plant_argv = sys.argv[1:] if argv is None else argv
-    if is_plant_link(plant_argv):
-        return plant_main(plant_argv)
-    args = _parser().parse_args(argv)
-    if args.link == "serial" and not args.url:
-        print("plc-sim: --link serial needs --url (a device, a pyserial URL, or 'pty')", file=sys.stderr)
-        return 2
-    options = dict(delay_s=args.delay, corrupt_rate=args.corrupt_rate, seed=args.seed,
-                   silent_after=args.silent_after, silent_for_s=args.silent_for, log_path=args.log)
-    try:
-        if args.link == "zmq":
-            sim = PlcSimulator.on_zmq(args.endpoint, **options)
-        elif args.url == "pty":
-            sim = PlcSimulator.on_pty(**options)
-        else:
-            sim = PlcSimulator.on_serial(args.url, args.baudrate, **options)
-    except (ValueError, OSError) as exc:
-        print(f"plc-sim: {exc}", file=sys.stderr)
-        return 2
-    print(f"plc-sim: {args.link} PLC listening on {sim.address}", flush=True)
-    sim.on_stop_line = lambda reason: print(f"plc-sim: STOP LINE requested: {reason}", flush=True)
-    serve_and_report(sim, args.duration, args.report_every, lambda: _counter_line(sim.counters()))
-    return 0

@@ -16,7 +16,7 @@ from typing import Any
 from musc_edge.edge.links.framing import NakCode
 from musc_edge.edge.links.modbus_log import quiet_pymodbus
 from musc_edge.edge.links.register_map import Reg, decode_verdict, join32, split32
-from musc_edge.edge.plc_sim_polling import PlcView, PollingPlcSimulator
+from musc_edge.edge.plc_sim.polling import PlcView, PollingPlcSimulator
 
 
 class ModbusPlcSimulator(PollingPlcSimulator):

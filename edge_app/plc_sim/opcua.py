@@ -15,7 +15,7 @@ from typing import Any
 from musc_edge.edge.links.framing import NakCode
 from musc_edge.edge.links.opcua_link import NAMESPACE
 from musc_edge.edge.links.register_map import PublishedVerdict
-from musc_edge.edge.plc_sim_polling import PlcView, PollingPlcSimulator
+from musc_edge.edge.plc_sim.polling import PlcView, PollingPlcSimulator
 
 _TIMEOUT_S = 5.0            # one request
 _CONNECT_TIMEOUT_S = 30.0   # log in and load the VerdictRecord type: slow on a busy machine

@@ -3,7 +3,7 @@
 A real PLC reads the runtime's verdict block once per scan; on a new EPOCH it starts a new de-duplication
 record and writes EPOCH_ACK; it acts on a NEW verdict once per (EPOCH, SEQ), and writes the SEQ back; it copies
 the HEARTBEAT nonce to HEARTBEAT_ECHO. :class:`PollingPlcSimulator` is that scan
-with the same bookkeeping and the same faults as the framed-link simulator (edge_app/plc_sim.py):
+with the same bookkeeping and the same faults as the framed-link simulator (framed.py):
 silence, late answers, corrupted answers (a damaged ACK_SEQ) and refusals (NAK). Subclasses supply
 the protocol: one read of the block, and the three writes.
 """
@@ -20,7 +20,7 @@ from typing import TextIO
 
 from musc_edge.edge.links.framing import NakCode, VerdictCode, VerdictFlags
 from musc_edge.edge.links.register_map import PublishedVerdict
-from musc_edge.edge.plc_sim import ReceivedVerdict, SimControls, SimCounters, _reason_label, utc_now
+from musc_edge.edge.plc_sim.base import ReceivedVerdict, SimControls, SimCounters, reason_label, utc_now
 from musc_edge.edge.record import Reason
 
 
@@ -41,7 +41,7 @@ class PlcView:
 class PollingPlcSimulator(SimControls):
     """Plays a polling PLC in a background thread. Use as a context manager (starts it).
 
-    Options as :class:`musc_edge.edge.plc_sim.PlcSimulator`; ``scan_s`` is the PLC's scan period.
+    Options as :class:`musc_edge.edge.plc_sim.framed.PlcSimulator`; ``scan_s`` is the PLC's scan period.
     """
 
     def __init__(self, *, scan_s: float = 0.005, delay_s: float = 0.0, corrupt_rate: float = 0.0,
@@ -180,7 +180,7 @@ class PollingPlcSimulator(SimControls):
                 else message.reason
             record = ReceivedVerdict(
                 seq=message.seq, part_id=message.part_id, verdict=verdict, reason=int(message.reason),
-                reason_label=_reason_label(reason), late=bool(message.flags & VerdictFlags.LATE),
+                reason_label=reason_label(reason), late=bool(message.flags & VerdictFlags.LATE),
                 resend=bool(message.flags & VerdictFlags.RESEND),
                 received_utc=utc_now(), epoch=message.epoch)
             self._record(record, calibration=message.calibration)
