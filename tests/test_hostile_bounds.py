@@ -16,6 +16,7 @@ from musc_edge.edge.plc_sim import PlcSimulator
 from musc_edge.edge.record import Reason, Verdict
 from musc_edge.edge.runtime.line import Line
 from musc_edge.edge.runtime.pool_store import pool_path, previous_path
+from musc_edge.edge.runtime.status import format_status, line_status
 from musc_edge.edge.view.app import create_app
 from musc_edge.edge.view.server import view_options
 
@@ -84,6 +85,9 @@ def test_row_17_a_truncated_pool_file_restarts_on_the_previous_one_with_an_alarm
     assert previous_path(path).is_file()
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
+    shown = format_status(line_status(tmp_path / "line"))   # musc-edge status, the line stopped
+    assert "pool default    DAMAGED file (BadZipFile" in shown
+
 
     live = LiveLine(raw)   # before: BadZipFile traceback at every start
     assert any("damaged" in text and "restored the previous pool file" in text for text in live.line.stats.alarms)

@@ -20,7 +20,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 # What a damaged .npz raises on open or read (a zip that ends early, a member cut short, a missing key).
-_DAMAGED = (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError)
+DAMAGED_FILE_ERRORS = (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError)
 
 
 class Restorable(Protocol):
@@ -103,7 +103,7 @@ def load_pool(path: str | Path, pool: Restorable, identity: dict,
         return _load(previous, pool, identity)
     try:
         return _load(path, pool, identity)
-    except _DAMAGED as exc:
+    except DAMAGED_FILE_ERRORS as exc:
         corrupt = path.with_name(path.name + ".corrupt")
         os.replace(path, corrupt)
         why = f"pool file {path} is damaged ({type(exc).__name__}: {exc}); set aside as {corrupt.name}"
@@ -112,7 +112,7 @@ def load_pool(path: str | Path, pool: Restorable, identity: dict,
             _load(previous, pool, identity)
             alarm(f"{why}; restored the previous pool file {previous.name}")
             return True
-        except _DAMAGED as exc:
+        except DAMAGED_FILE_ERRORS as exc:
             why += f"; the previous file is damaged too ({type(exc).__name__})"
     alarm(f"{why}; the recipe starts with an empty pool (warm-up again)")
     return False

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..ledger import Ledger
+from .pool_store import DAMAGED_FILE_ERRORS
 
 
 def line_status(storage_dir: str | Path, control_socket: str | Path | None = None, timeout_s: float = 2.0) -> dict:
@@ -26,13 +27,16 @@ def line_status(storage_dir: str | Path, control_socket: str | Path | None = Non
         reader.close()
     pools = {}
     for path in sorted((storage / "pools").glob("*.npz")):
-        with np.load(path) as data:
-            times = data["admitted_time"]
-            pools[path.stem] = {"size": int(data["raw_scores"].shape[0]),
-                                "identity": json.loads(str(data["identity"])),
-                                "newest_age_s": float(time.time() - times.max()) if times.size else None,
-                                "oldest_age_s": float(time.time() - times.min()) if times.size else None,
-                                "saved_age_s": float(time.time() - path.stat().st_mtime)}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                times = data["admitted_time"]
+                pools[path.stem] = {"size": int(data["raw_scores"].shape[0]),
+                                    "identity": json.loads(str(data["identity"])),
+                                    "newest_age_s": float(time.time() - times.max()) if times.size else None,
+                                    "oldest_age_s": float(time.time() - times.min()) if times.size else None,
+                                    "saved_age_s": float(time.time() - path.stat().st_mtime)}
+        except DAMAGED_FILE_ERRORS as exc:   # the line restores the previous file at its next start
+            pools[path.stem] = {"size": 0, "damaged": f"{type(exc).__name__}: {exc}"[:120]}
     status["pools"] = pools
     live = _live_status(Path(control_socket or storage / "control.sock"), timeout_s)
     status["running"] = live is not None
@@ -80,6 +84,10 @@ def format_status(status: dict) -> str:
                            + (f" epoch {link['epoch']:08X}" if link.get("epoch") else "")
                            if link else "") + f", queue {live.get('queue_depth')}")
     for name, pool in status["pools"].items():
+        if "damaged" in pool and not pool.get("live"):
+            lines.append(f"pool {name:<10} DAMAGED file ({pool['damaged']}); the line restores the previous "
+                         "one at its next start")
+            continue
         age = pool.get("oldest_age_s")
         size = f"{pool['size']}/{pool['capacity']}" if "capacity" in pool else str(pool["size"])
         saved = f", saved {pool['saved_age_s']:.0f} s ago" if "saved_age_s" in pool else ", not saved yet"
