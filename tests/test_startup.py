@@ -212,3 +212,33 @@ def test_a_view_that_ends_while_the_line_runs_is_an_alarm(toy_model, tmp_path, m
                               view={"enabled": True})
         assert main(["run", "--config", str(config)]) == 0
     assert "ALARM: operator view stopped (exit 5); the line runs on without it" in caplog.text
+
+
+def test_a_replayed_frame_that_breaks_a_reader_is_that_frames_no_verdict_not_the_replays_end(tmp_path,
+                                                                                            monkeypatch):
+    """A finite source that raised would stop the line: the replay turns its readers' faults into parts."""
+    import struct
+
+    from musc_edge.edge.pointcloud import io as cloud_io
+    from musc_edge.edge.sources.base import DecodeError, decode_part
+
+    folder = frames(tmp_path / "f", 3)
+    over_budget = ReplayConfig.over_budget
+
+    def fragile_header_check(self, raw):
+        if raw.endswith(b"\x01"):
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return over_budget(self, raw)
+
+    def broken_reader(path, *args, **kwargs):
+        raise MemoryError(f"cannot allocate the cloud of {path}")
+
+    monkeypatch.setattr(ReplayConfig, "over_budget", fragile_header_check)
+    monkeypatch.setattr(cloud_io, "read_cloud", broken_reader)
+    source = ReplaySource(ReplayConfig(path=str(folder), rate=None, cloud_path="{stem}.tiff"))
+    with source:
+        parts = list(source.parts())
+    assert len(parts) == 3
+    assert all("cloud unreadable: MemoryError" in p.detail for p in parts)
+    with pytest.raises(DecodeError, match="frame header unreadable: error: unpack requires"):
+        decode_part(parts[1])
