@@ -189,15 +189,27 @@ def test_allow_clients_must_be_addresses() -> None:
         parse_link_config({"type": "modbus-tcp", "allow_clients": ["plc.local"]})
 
 
-# --------------------------------------------------------------------------------- OPC UA
+def test_with_allow_clients_every_connection_of_the_plc_may_write() -> None:
+    """A PLC whose read block and write block are separate client connections (common on PLCs)."""
+    port, events = free_port(), Events()
+    config = {"type": "modbus-tcp", "port": port, "allow_clients": ["127.0.0.1"], **FAST}
+    with ExitStack() as stack:
+        stack.enter_context(open_link(config, epoch=0x00010002, **events.callbacks()))
+        reader = stack.enter_context(_closing(client(port)))
+        writer = stack.enter_context(_closing(client(port)))
+        block = reader.read_holding_registers(0, count=29).registers
+        assert not writer.write_registers(Reg.EPOCH_ACK_HI, [block[Reg.EPOCH_HI], block[Reg.EPOCH_LO]]).isError()
+    assert not any("refused" in text for text in events.alarms)
 
-pytest.importorskip("asyncua")
+
+# --------------------------------------------------------------------------------- OPC UA
 
 USERS = [{"username": "plc", "password": "s3cret"}, {"username": "hmi", "password": "look"}]
 
 
 @pytest.fixture(scope="module")
 def opcua_line(tmp_path_factory) -> Any:
+    pytest.importorskip("asyncua")
     from musc_edge.edge.plc_sim.opcua import OpcUaPlcSimulator
 
     storage = tmp_path_factory.mktemp("storage")

@@ -6,12 +6,13 @@ and the PLC's own scan decides when it reads. The link's guarantees come from :c
 unchanged: this transport turns each outgoing message into a register update and a PLC write of
 ACK_SEQ / NAK_SEQ / HEARTBEAT_ECHO into the reply the link waits for.
 
-Who may write (Modbus/TCP has no login): the PLC's connection only. ``link.allow_clients`` lists the PLC's
-addresses; without it the first client that polls is the PLC (and its address the only one allowed). Another
-connection's writes are refused (exception 01) and raise the ``foreign_writer`` alarm; reads stay open (an HMI
-may watch). The PLC's connection moves only to a connection from an allowed address opened after the old one
-went quiet (closed, or no request for ``silence_alarm_s``): a client that was already connected while the PLC
-polled can never take its place. On RTU the bus has one master: every write is the PLC's.
+Who may write (Modbus/TCP has no login): ``link.allow_clients`` lists the PLC's addresses, and any connection
+from them may write (a PLC may read and write over separate connections). Without it, the first connection that
+polls is the PLC's, and only it may write; its role moves only to a connection from the same address opened after
+the old one went quiet (closed, or no request for ``silence_alarm_s``), so a client that was already connected
+while the PLC polled can never take its place. A refused write gets exception 01 and raises the
+``foreign_writer`` alarm; reads stay open (an HMI may watch). On RTU the bus has one master: every write is the
+PLC's.
 """
 from __future__ import annotations
 
@@ -191,6 +192,10 @@ class ModbusTransport(RegisterTransport):
     def _writer_refusal(self, client: ModbusClient | None) -> str | None:
         """Why ``client`` may not write (None: it is the PLC; RTU: always the PLC)."""
         if client is None:
+            return None
+        allowed = self._config.allow_clients if isinstance(self._config, ModbusTcpLinkConfig) else []
+        if allowed and client.host in allowed:
+            client.last_request = time.monotonic()
             return None
         if client is not self._plc:
             if not self._allowed_host(client.host):
