@@ -303,3 +303,21 @@ class _closing:
 
     def __exit__(self, *exc: object) -> None:
         self.target.close()
+
+
+def test_opcua_a_reconnecting_plc_writes_again_and_the_certificate_is_kept(tmp_path) -> None:
+    pytest.importorskip("asyncua")
+    from musc_edge.edge.plc_sim.opcua import OpcUaPlcSimulator
+
+    endpoint = f"opc.tcp://127.0.0.1:{free_port()}/musc-edge/"
+    config = {"type": "opcua", "endpoint": endpoint, "users": USERS[:1], **FAST, "ack_timeout_s": 0.3}
+    certificate = tmp_path / "opcua" / "server-certificate.der"
+    with open_link(config, storage_dir=tmp_path) as link:
+        first = certificate.read_bytes()
+        for seq in (1, 2):                                   # the PLC's session ends, a new one starts
+            with OpcUaPlcSimulator(endpoint, "plc", "s3cret") as sim:
+                assert link.send(seq, f"P-{seq}", Verdict.REJECT, Reason.ANOMALY, time.monotonic() + 30.0).acked
+                assert [v.seq for v in sim.received()] == [seq]
+        assert not any("refused" in text for text in link.health().alarms)
+    with open_link(config, storage_dir=tmp_path):
+        assert certificate.read_bytes() == first               # generated once, kept: the PLC's trust stays valid
