@@ -106,3 +106,19 @@ def test_row_9_a_model_size_that_is_no_multiple_of_the_patch_size_is_one_line_at
     with pytest.raises(UsageError, match="225 is not a multiple of the patch size 14") as err:
         Line(config)
     assert "\n" not in str(err.value)
+
+
+def test_row_3_a_reseed_folder_holding_the_jpeg_bomb_is_refused_before_the_pool_changes(toy_model, tmp_path, plc):
+    from musc_edge.edge.runtime.control import ControlError
+
+    line = Line(parse_config(line_config(toy_model, tmp_path / "line", plc.address)))
+    pool = line.inspector.recipes["default"].pool
+    before = pool.size
+    folder = tmp_path / "seed"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(png(i))
+    (folder / "4.jpg").write_bytes(jpeg_with_sof(32767, 32767))   # before: 23 s and 6.6 GB in libjpeg
+    with pytest.raises(ControlError, match="4.jpg.*over the pixel budget"):
+        line._handle_control({"cmd": "pool_reseed", "recipe": "default", "folder": str(folder)})
+    assert pool.size == before
