@@ -376,22 +376,41 @@ def test_the_mqtt_telemetry_thread_survives_an_outbox_fault(tmp_path):
         publisher.close(flush_s=0)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the link re-raises it
-def test_a_reject_link_whose_worker_dies_stops_the_line_naming_it(toy_model, tmp_path, plc, files, monkeypatch):
-    """The link's worker stops on a fault it cannot survive (and alarms); a line that cannot signal must not
-    run on looking healthy: it stops with LineStopped (exit 3), and its next start re-sends what was unacked."""
-    real_open = line_module.open_link
+def links_whose_heartbeat_fails(monkeypatch, failing: int) -> list:
+    """Make the first ``failing`` reject links the line opens fail at their first heartbeat (their worker then
+    stops and alarms, as on a fault it cannot survive); returns the links opened."""
+    real_open, opened = line_module.open_link, []
 
-    def open_link_with_failing_heartbeat(*args, **kwargs):
+    def open_link(*args, **kwargs):
         link = real_open(*args, **kwargs)
-
-        def heartbeat():
-            raise RuntimeError("heartbeat encoder fault")
-        link._heartbeat = heartbeat   # the worker's next heartbeat job raises
+        opened.append(link)
+        if len(opened) <= failing:
+            def heartbeat():
+                raise RuntimeError("heartbeat encoder fault")
+            link._heartbeat = heartbeat   # the worker's next heartbeat job raises
         return link
 
-    monkeypatch.setattr(line_module, "open_link", open_link_with_failing_heartbeat)
+    monkeypatch.setattr(line_module, "open_link", open_link)
+    return opened
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the link re-raises it
+def test_a_reject_link_whose_worker_dies_is_opened_again_and_every_verdict_is_acknowledged(
+        toy_model, tmp_path, plc, files, monkeypatch):
+    opened = links_whose_heartbeat_fails(monkeypatch, failing=1)
+    line, _, rows = run_scripted(line_config(toy_model, tmp_path, plc), files, interval_s=0.15)
+    assert len(opened) == 2
+    assert_one_acked_row_per_part(rows, len(files))   # what the dead link held was re-sent by the new one
+    assert any("the zmq reject link stopped (reject link worker stopped: RuntimeError('heartbeat encoder fault')"
+               in a and a.endswith("opening it again") for a in line.stats.alarms), list(line.stats.alarms)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_reject_link_that_keeps_dying_stops_the_line_naming_it(toy_model, tmp_path, plc, files, monkeypatch):
+    """A line that cannot signal must not run on looking healthy: LineStopped (exit 3), and its next start
+    re-sends whatever is unacknowledged."""
+    links_whose_heartbeat_fails(monkeypatch, failing=10**6)
     line = Line(line_config(toy_model, tmp_path, plc), source=ScriptedSource(files, interval_s=0.5))
-    with pytest.raises(LineStopped, match=r"the zmq reject link stopped \(reject link worker stopped: "
-                                          r"RuntimeError\('heartbeat encoder fault'\)"):
+    with pytest.raises(LineStopped, match=r"the zmq reject link stopped 3 times within 60 s \(reject link worker "
+                                          r"stopped: RuntimeError\('heartbeat encoder fault'\)"):
         line.run()

@@ -55,6 +55,7 @@ LOO_REUSE_S = 10.0  # a pool's leave-one-out scores younger than this answer `po
 SOURCE_RETRY_S = (0.2, 5.0)   # a failed source is reopened after 0.2 s, doubling up to 5 s
 FRAME_FAULTS_BEFORE_REOPEN = 20   # faults in a row, no part between them: the source is reopened
 THREAD_FAULTS, THREAD_FAULT_WINDOW_S = 10, 60.0   # a thread that faults this often in this window stops the line
+LINK_RESTARTS = 3   # a reject link that stops this often within THREAD_FAULT_WINDOW_S stops the line
 
 
 class LineStopped(RuntimeError):
@@ -157,6 +158,7 @@ class Line:
         self.ended: str | None = None    # why run() returned: "stop requested", "replay finished: ..."
         self._fatal: str | None = None   # a fault the line cannot survive: run() raises LineStopped with it
         self._source_faults = self._taken = 0
+        self._link_restarts: deque = deque(maxlen=LINK_RESTARTS)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def run(self) -> LineStats:
@@ -183,15 +185,7 @@ class Line:
         self.control = ControlServer(control_path, token, self._handle_control)
         # The link is up even in dry-run: dry-run is a calibration switch that can change while running,
         # and heartbeats and test fires still go out.
-        self.link = open_link(self.config.link, epoch=self.ledger.line_epoch, storage_dir=self.storage,
-                              on_ack=self._on_ack, on_alarm=self._on_alarm,
-                              on_alarm_cleared=lambda text: log.info("alarm cleared: %s", text))
-        for row in self.ledger.unacked():  # signalled before a crash but never acknowledged
-            try:
-                self.link.resend(row.seq, row.part_id, Verdict(row.signalled), Reason(row.reason))
-            except ValueError as exc:  # a field the wire refuses: mark it, so it never blocks a start again
-                self._unsendable(row.seq, row.part_id, str(exc))
-        self.link.set_calibration_version(self.calibration_version)   # shown with each verdict by Modbus / OPC UA
+        self.link = self._open_link()
         archive = self.config.storage.archive
         if archive.enabled:
             self.archive = RejectArchive(self.storage / "archive", int(archive.quota_mb * 2**20),
@@ -502,6 +496,7 @@ class Line:
                     if self._fatal is not None:
                         raise LineStopped(self._fatal)
                     return
+                self._check_link()   # also under a steady flow of parts (the idle check above may never run)
                 try:
                     self._emit(item[1], item[3] if len(item) > 3 else None)
                 except (LineStopped, sqlite3.Error):
@@ -513,12 +508,36 @@ class Line:
             raise LineStopped(f"the ledger {self.ledger.path} cannot be updated ({exc}); unacknowledged "
                               "verdicts are re-sent at the next start") from None
 
+    def _open_link(self) -> RejectLink:
+        """A running reject link that has been handed every verdict not yet acknowledged (signalled before a
+        crash, or by a link that stopped) and shows the calibration version in force."""
+        link = open_link(self.config.link, epoch=self.ledger.line_epoch, storage_dir=self.storage,
+                         on_ack=self._on_ack, on_alarm=self._on_alarm,
+                         on_alarm_cleared=lambda text: log.info("alarm cleared: %s", text))
+        for row in self.ledger.unacked():
+            try:
+                link.resend(row.seq, row.part_id, Verdict(row.signalled), Reason(row.reason))
+            except ValueError as exc:  # a field the wire refuses: mark it, so it never blocks a start again
+                self._unsendable(row.seq, row.part_id, str(exc))
+        link.set_calibration_version(self.calibration_version)   # shown with each verdict by Modbus / OPC UA
+        return link
+
     def _check_link(self) -> None:
-        """A reject link whose worker stopped (a fault it could not survive) cannot signal: the line stops
-        (non-zero exit; at the next start the link is new and unacknowledged verdicts are re-sent)."""
-        if self.link is not None and not self.link.worker_alive and not self._stop.is_set():
-            alarms = "; ".join(self.link.health().alarms) or "no alarm"
-            self._fatal_fault(f"the {self.config.link.type} reject link stopped ({_one_line(alarms)})")
+        """A reject link whose worker stopped (a fault it could not survive) is replaced by a new one, which
+        re-sends every unacknowledged verdict (output thread). A link that stops ``LINK_RESTARTS`` times
+        within ``THREAD_FAULT_WINDOW_S`` stops the line (non-zero exit; systemd starts it afresh)."""
+        if self.link is None or self.link.worker_alive or self._stop.is_set():
+            return
+        alarms = _one_line("; ".join(self.link.health().alarms) or "no alarm")
+        self._link_restarts.append(time.monotonic())
+        if len(self._link_restarts) == LINK_RESTARTS and \
+                self._link_restarts[-1] - self._link_restarts[0] < THREAD_FAULT_WINDOW_S:
+            self._fatal_fault(f"the {self.config.link.type} reject link stopped {LINK_RESTARTS} times within "
+                              f"{THREAD_FAULT_WINDOW_S:.0f} s ({alarms})")
+            return
+        self._on_alarm(f"the {self.config.link.type} reject link stopped ({alarms}); opening it again")
+        self.link.close()
+        self.link = self._open_link()
 
     def _output_fault(self, part: PartRecord, exc: Exception) -> None:
         """After a fault in ``_emit``: a part without a ledger row is recorded NO_VERDICT (engine_error) once
