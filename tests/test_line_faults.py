@@ -143,6 +143,22 @@ def test_a_source_that_cannot_be_opened_at_all_stops_the_line_naming_it(toy_mode
     assert line.ledger_rows() == []
 
 
+def test_a_source_whose_open_raises_is_retried_without_inventing_rows(toy_model, tmp_path, plc, files):
+    class FlakyOpen(ScriptedSource):
+        def _acquire(self) -> None:
+            self.opens += 1
+            if self.opens <= 2:
+                raise OSError(19, "No such device")   # not a SourceError: a driver's own exception
+
+    source = FlakyOpen(files)
+    line = Line(line_config(toy_model, tmp_path, plc), source=source)
+    watcher = stop_when_recorded(line, source, len(files))
+    line.run()
+    watcher.join(5)
+    assert source.opens == 3
+    assert_one_acked_row_per_part(line.ledger_rows(), len(files))   # no row for a failed open
+
+
 def test_a_replay_of_a_missing_folder_stops_the_line_instead_of_ending_it(toy_model, tmp_path, plc):
     raw = line_raw(toy_model, tmp_path, plc)
     raw["source"]["path"] = str(tmp_path / "nonexistent")

@@ -282,7 +282,7 @@ class Line:
                 except Exception as exc:
                     if self._stop.is_set():
                         return
-                    device = isinstance(exc, SourceError)
+                    device = isinstance(exc, SourceError) or opened is None   # opening it concerns no frame
                     if not device:   # a fault while reading one frame: that trigger's row, then read on
                         log.exception("frame source fault")
                         faults_in_a_row += 1
