@@ -6,6 +6,7 @@ Slots are replaced in place; FIFO and reservoir eviction both skip "golden" memb
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,8 +164,12 @@ class FeaturePool(PoolMembers):
         return self._workspace
 
     def score(self, query_sets: list[np.ndarray], grid: tuple[int, int], params: MuscParams,
-              exclude_part_id: str | None = None, image_token: np.ndarray | None = None) -> PoolScore:
-        """Score a prepared part (``n_sets`` x ``[P, D]``) against the pool, excluding its own part id."""
+              exclude_part_id: str | None = None, image_token: np.ndarray | None = None,
+              look_ahead: Sequence[Sequence[np.ndarray]] = ()) -> PoolScore:
+        """Score a prepared part (``n_sets`` x ``[P, D]``) against the pool, excluding its own part id.
+
+        ``look_ahead`` are later parts' feature sets: extra references of the MSM (look-ahead verdicts), never
+        of the re-scoring, whose scale stays the members' own."""
         keep = None
         if exclude_part_id is not None and exclude_part_id in self.part_ids[:self.size]:
             keep = np.array([pid != exclude_part_id for pid in self.part_ids[:self.size]])
@@ -172,10 +177,10 @@ class FeaturePool(PoolMembers):
         if n_refs < 1 or self.size < self.min_size:
             raise PoolTooSmallError(f"pool has {n_refs} usable members; {self.min_size} needed to score")
         if self.scorer is not None:  # the ONNX Runtime graph (edge_app/scoring/onnx_msm.py)
-            scored = self.scorer.one_vs_pool(query_sets, self, params.fraction, keep)
+            scored = self.scorer.one_vs_pool(query_sets, self, params.fraction, keep, look_ahead)
         else:
             pool_sets = [self.work[s, :self.size * self.patches] for s in range(self.n_sets)]
-            scored = one_vs_pool(query_sets, pool_sets, params.fraction, keep, self._workspaces())
+            scored = one_vs_pool(query_sets, pool_sets, params.fraction, keep, self._workspaces(), look_ahead)
         patch = scored.patch
         tokens = None if image_token is None else np.asarray(image_token)[None]
         feature = salient_features([q[None] for q in query_sets], patch[None], params, tokens)[0]
@@ -184,7 +189,8 @@ class FeaturePool(PoolMembers):
         pool_raw = self.raw_scores[members]
         score = rescore_one(raw, feature, pool_raw, self.features[members],
                             pool_range(pool_raw, params.pool_quantiles), params.windows)
-        return PoolScore(patch.reshape(grid), raw, score, feature, n_refs, float(scored.closeness.min()))
+        return PoolScore(patch.reshape(grid), raw, score, feature, n_refs + len(look_ahead),
+                         float(scored.closeness.min()))
 
     def rescore_members(self, grid: tuple[int, int], params: MuscParams) -> None:
         """Score the members among themselves (batch, leave-one-out): used when a warm-up pool fills, so

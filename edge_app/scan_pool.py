@@ -79,8 +79,9 @@ class ScanPool(PoolMembers):
 
     # -- scoring ---------------------------------------------------------------------------------------------
     def score(self, query: PreparedScan, grid: tuple[int, int] | None, params: MuscParams,
-              exclude_part_id: str | None = None) -> ScanScore:
-        """Score a prepared scan against the pool, excluding members with its own part id."""
+              exclude_part_id: str | None = None, look_ahead: Sequence[PreparedScan] = ()) -> ScanScore:
+        """Score a prepared scan against the pool, excluding members with its own part id; ``look_ahead``
+        (later parts, not members yet) are extra references of the MSM but not of the re-scoring."""
         n = self.size
         members: slice | np.ndarray = slice(0, n)
         n_refs = n
@@ -91,12 +92,18 @@ class ScanPool(PoolMembers):
             raise PoolTooSmallError(f"pool has {n_refs} usable members; {self.min_size} needed to score")
         pool_2d = [self.work[s, members] for s in range(self.n_sets)] or None
         pool_3d = [layer[members] for layer in self.layers]
+        if look_ahead:
+            if pool_2d is not None:
+                pool_2d = [np.concatenate([refs, np.stack([p.sets[s] for p in look_ahead])])
+                           for s, refs in enumerate(pool_2d)]
+            pool_3d = [np.concatenate([refs, np.stack([p.sample.layers[i] for p in look_ahead])])
+                       for i, refs in enumerate(pool_3d)]
         result = score_one(query.sets or None, query.sample, pool_2d, pool_3d, grid, self.image_size,
                            self.fusion(params))
         pool_raw = self.raw_scores[members]
         score = rescore_one(result.raw, result.feature, pool_raw, self.features[members],
                             pool_range(pool_raw, params.pool_quantiles), params.windows)
-        return ScanScore(result.map, result.raw, score, result.feature, n_refs)
+        return ScanScore(result.map, result.raw, score, result.feature, n_refs + len(look_ahead))
 
     def rescore_members(self, grid: tuple[int, int] | None, params: MuscParams) -> None:
         """Score the members among themselves (batch, leave-one-out), so each has a raw score and a

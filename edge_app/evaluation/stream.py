@@ -49,8 +49,10 @@ class StreamScores:
 
 
 def stream_scores(recipe: Recipe, prepared: Sequence[Any], order: np.ndarray, warmup_scores: WarmupScorer,
-                  progress: Progress | None = None) -> StreamScores:
-    """Score ``prepared`` parts (what ``recipe.prepare`` makes) in ``order`` through ``recipe``'s pool."""
+                  progress: Progress | None = None, look_ahead: int = 0, late_warmup: bool = False) -> StreamScores:
+    """Score ``prepared`` parts (what ``recipe.prepare`` makes) in ``order`` through ``recipe``'s pool; with
+    ``look_ahead`` each part also has the next ``look_ahead`` parts of the stream as references (the line's
+    look-ahead verdicts), which are admitted only after their own verdict."""
     n, pool = len(prepared), recipe.pool
     if n < pool.min_size:
         raise UsageError(f"stream mode needs at least min_pool={pool.min_size} images, the dataset has {n}")
@@ -71,10 +73,16 @@ def stream_scores(recipe: Recipe, prepared: Sequence[Any], order: np.ndarray, wa
     maps = np.zeros((n, *first_maps.shape[1:]), np.float32)
     scores = np.zeros(n)
     maps[warmup], scores[warmup] = first_maps, first_scores
+    if late_warmup:
+        for k, i in enumerate(warmup):
+            part, _ = recipe.decide(PartRecord(part_id=str(i), recipe=recipe.name, capture_time=float(k)),
+                                    prepared[i], [prepared[int(j)] for j in order[step:step + look_ahead]])
+            maps[i], scores[i] = part.anomaly_map, part.score
     for step in range(step, n):
         i = int(order[step])
+        later = [prepared[int(j)] for j in order[step + 1:step + 1 + look_ahead]]
         part, kept = recipe.decide(PartRecord(part_id=str(i), recipe=recipe.name, capture_time=float(step)),
-                                   prepared[i])
+                                   prepared[i], later)
         if part.reason not in (Reason.OK, Reason.ANOMALY):
             raise RuntimeError(f"part {i} could not be scored against a ready pool: {part.reason.label} "
                                f"{part.detail}")

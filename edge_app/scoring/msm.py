@@ -7,6 +7,7 @@ are unit vectors, so distances come from one matrix product: ``d = sqrt(2 - 2 co
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,22 +77,49 @@ class OneVsPool:
 
 
 def one_vs_pool(query_sets: list[np.ndarray], pool_sets: list[np.ndarray], fraction: float = DEFAULT_FRACTION,
-                keep: np.ndarray | None = None, workspaces: list[np.ndarray] | None = None) -> OneVsPool:
+                keep: np.ndarray | None = None, workspaces: list[np.ndarray] | None = None,
+                look_ahead: Sequence[Sequence[np.ndarray]] = ()) -> OneVsPool:
     """One-vs-pool MSM: ``query_sets[s]`` is ``[P, D]``, ``pool_sets[s]`` is ``[K, P, D]`` (or flat).
 
     ``keep`` (``[K]`` bool) leaves references out (a part is never scored against itself); ``workspaces``
-    (one ``[P, K*P]`` float32 per set) are reused for the similarity matrices. MuSc (ICLR 2024), MSM.
+    (one ``[P, K*P]`` float32 per set) are reused for the similarity matrices; ``look_ahead`` are later parts'
+    feature sets, references too (:func:`pool_msm`). MuSc (ICLR 2024), MSM.
     """
-    patch = np.zeros(query_sets[0].shape[0], dtype=np.float32)
-    closeness = None
-    for s, (query, refs) in enumerate(zip(query_sets, pool_sets)):
-        dist = patch_to_sample_distances(query, refs, workspaces[s] if workspaces else None)
+    dists = [patch_to_sample_distances(query, refs, workspaces[s] if workspaces else None)
+             for s, (query, refs) in enumerate(zip(query_sets, pool_sets))]
+    return pool_msm(dists, fraction, keep, look_ahead_distances(query_sets, look_ahead))
+
+
+def look_ahead_distances(query_sets: Sequence[np.ndarray],
+                         look_ahead: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray] | None:
+    """Per feature set ``[P, L]``: distances of the query's patches to ``L`` later parts (each part a list of
+    ``[P, D]`` sets, as the pool's members are), or None without look-ahead parts."""
+    if not look_ahead:
+        return None
+    return [patch_to_sample_distances(query, np.stack([part[s] for part in look_ahead]))
+            for s, query in enumerate(query_sets)]
+
+
+def pool_msm(member_dists: Sequence[np.ndarray], fraction: float, keep: np.ndarray | None = None,
+             look_ahead_dists: Sequence[np.ndarray] | None = None) -> OneVsPool:
+    """MSM from per-set patch-to-sample distances ``[P, K]`` to the pool's members.
+
+    ``look_ahead_dists`` (per set ``[P, L]``) are the distances to parts that arrived after the query and are
+    not members yet: they count as references in the interval average (the line's look-ahead verdicts bring it
+    closer to the batch protocol, where every image is a reference of every other), but not in ``closeness``,
+    which measures the members (the near-duplicate rule of admission).
+    """
+    patch = np.zeros(member_dists[0].shape[0], dtype=np.float32)
+    closeness = 0.0
+    for s, dist in enumerate(member_dists):
         if keep is not None:
             dist = dist[:, keep]
+        closeness = closeness + dist.mean(axis=0, dtype=np.float64)
+        if look_ahead_dists is not None:
+            dist = np.concatenate([dist, look_ahead_dists[s]], axis=1)
         patch += interval_mean(dist, interval_k(dist.shape[1], fraction))
-        closeness = dist.mean(axis=0, dtype=np.float64) + (0.0 if closeness is None else closeness)
-    patch /= len(query_sets)
-    return OneVsPool(patch, closeness / len(query_sets))
+    patch /= len(member_dists)
+    return OneVsPool(patch, closeness / len(member_dists))
 
 
 def batch_distances(features: np.ndarray, chunk: int = 8) -> np.ndarray:

@@ -30,11 +30,12 @@ sessions (``onnx`` and ``onnxruntime`` are imported when a graph or a session is
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .msm import OneVsPool, interval_k, interval_mean, patch_to_sample_distances
+from .msm import OneVsPool, interval_k, interval_mean, look_ahead_distances, patch_to_sample_distances, pool_msm
 
 PRECISIONS = ("fp32", "int8")
 BACKENDS = ("numpy", "onnx-fp32", "onnx-int8")
@@ -189,17 +190,16 @@ class PoolScorer:
         return PoolScore(patch, dists)
 
 
-    def one_vs_pool(self, query_sets: list[np.ndarray], pool, fraction: float,
-                    keep: np.ndarray | None = None) -> OneVsPool:
-        """:func:`musc_edge.edge.scoring.msm.one_vs_pool` through the graph; ``keep`` leaves members out."""
+    def one_vs_pool(self, query_sets: list[np.ndarray], pool, fraction: float, keep: np.ndarray | None = None,
+                    look_ahead: Sequence[Sequence[np.ndarray]] = ()) -> OneVsPool:
+        """:func:`musc_edge.edge.scoring.msm.one_vs_pool` through the graph; ``keep`` leaves members out and
+        ``look_ahead`` adds later parts as references (both averaged in numpy over the graph's distances)."""
         n_refs = pool.size if keep is None else int(keep.sum())
-        k = interval_k(n_refs, fraction)
-        result = self.score(query_sets, pool, k)
-        dists = result.dists if keep is None else [d[:, keep] for d in result.dists]
-        patch = result.patch if keep is None else \
-            np.mean([interval_mean(d, k) for d in dists], axis=0).astype(np.float32)
-        closeness = np.sum([d.mean(axis=0, dtype=np.float64) for d in dists], axis=0) / len(dists)
-        return OneVsPool(patch, closeness)
+        result = self.score(query_sets, pool, interval_k(n_refs, fraction))
+        if keep is not None or look_ahead:
+            return pool_msm(result.dists, fraction, keep, look_ahead_distances(query_sets, look_ahead))
+        closeness = np.sum([d.mean(axis=0, dtype=np.float64) for d in result.dists], axis=0) / len(result.dists)
+        return OneVsPool(result.patch, closeness)
 
 
 def numpy_score(query_sets: list[np.ndarray], pool, k: int) -> PoolScore:

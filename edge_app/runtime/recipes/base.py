@@ -101,8 +101,9 @@ class Recipe(ABC):
         :class:`~musc_edge.edge.pointcloud.CloudError` for an unusable scan, anything else for an engine failure."""
 
     @abstractmethod
-    def score(self, prepared: Any, part_id: str | None = None) -> Scored:
-        """One-vs-pool score of a prepared part, excluding members with its own ``part_id``. Raises
+    def score(self, prepared: Any, part_id: str | None = None, look_ahead: Sequence[Any] = ()) -> Scored:
+        """One-vs-pool score of a prepared part, excluding members with its own ``part_id``; ``look_ahead``
+        (prepared parts that arrived after it) are extra references. Raises
         :class:`~musc_edge.edge.scoring.PoolTooSmallError` while the pool is warming up."""
 
     @abstractmethod
@@ -144,10 +145,11 @@ class Recipe(ABC):
         part.times.features = time.monotonic() - t0
         return prepared
 
-    def decide(self, part: PartRecord, prepared: Any) -> tuple[PartRecord, Any | None]:
-        """Score a prepared part against the pool and turn the score into its verdict."""
+    def decide(self, part: PartRecord, prepared: Any, look_ahead: Sequence[Any] = ()) -> tuple[PartRecord, Any | None]:
+        """Score a prepared part against the pool (and the later parts in ``look_ahead``) and turn the score
+        into its verdict."""
         part, prepared, result = verdict_from_pool(part, prepared, self.threshold,
-                                                   lambda: self.score(prepared, part.part_id))
+                                                   lambda: self.score(prepared, part.part_id, look_ahead))
         if result is not None:
             part.anomaly_map, prepared.nearest = result.map, result.nearest
         return part, prepared

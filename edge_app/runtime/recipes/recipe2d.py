@@ -1,6 +1,7 @@
 """``2d`` recipes: each part's image scored one-vs-pool against a :class:`~musc_edge.edge.pool.FeaturePool`."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +40,9 @@ class Recipe2D(Recipe):
     def prepare(self, part: PartRecord) -> Prepared:
         return Prepared(self.scoring.features([part.image])[0])
 
-    def score(self, prepared: Prepared, part_id: str | None = None) -> Scored:
+    def score(self, prepared: Prepared, part_id: str | None = None, look_ahead: Sequence[Prepared] = ()) -> Scored:
         result = self.pool.score(prepared.sets, self.scoring.grid, self.scoring.params, exclude_part_id=part_id,
-                                 image_token=prepared.image_token)
+                                 image_token=prepared.image_token, look_ahead=[p.sets for p in look_ahead])
         return Scored(self.scoring.frame_map(result.patch_map), result.raw, result.score, result.feature,
                       result.n_refs, result.nearest)
 

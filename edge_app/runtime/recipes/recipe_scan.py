@@ -183,8 +183,10 @@ class ScanRecipe(Recipe):
                                          lambda image: self.scoring.features([image])[0])
         return PreparedScan(sets, sample)
 
-    def score(self, prepared: PreparedScan, part_id: str | None = None) -> Scored:
-        result = self.pool.score(prepared, self.scoring.grid, self.scoring.params, exclude_part_id=part_id)
+    def score(self, prepared: PreparedScan, part_id: str | None = None,
+              look_ahead: Sequence[PreparedScan] = ()) -> Scored:
+        result = self.pool.score(prepared, self.scoring.grid, self.scoring.params, exclude_part_id=part_id,
+                                 look_ahead=look_ahead)
         return Scored(result.map, result.raw, result.score, result.feature, result.n_refs)
 
     def read_seed(self, folder: str | Path, progress: bool = False) -> list[tuple[PartRecord, PreparedScan]]:
