@@ -26,9 +26,9 @@ of the two parts. The guard keeps the signatures of recent rejects and
 A recurring defect that is there *from the first part* gives none of these signals: during warm-up every
 decodable part is admitted and nothing is rejected, so its look-alikes fill the pool before the first
 verdict and find their twins there ever after. So when a warm-up pool becomes ready the guard also looks at
-the members themselves (:meth:`PoolGuard.keep_out_recurring`): a member whose patches are far from *most*
-other members (the median, not the nearest: a twin does not hide it) is a suspect; suspects whose most
-anomalous patches sit at the same place and look alike are a recurring defect. They leave the pool, their
+the members themselves (:meth:`PoolGuard.keep_out_recurring`): a member with a patch that is far from
+*most* other members yet close to a few (:func:`twin_gaps`) is a suspect; suspects whose such patches sit
+at the same place are a recurring defect. They leave the pool, their
 signatures are kept as rejects (so their look-alikes stay out and the ordinary alarm can follow), and the
 alarm is raised at the next part.
 
@@ -80,10 +80,13 @@ def signature(anomaly_map: np.ndarray, sets: Sequence[np.ndarray], top: int) -> 
     return Signature(np.stack(np.unravel_index(idx, grid.shape), axis=1), vectors, float(flat[idx[0]]))
 
 
-def majority_distances(sets: Sequence[np.ndarray]) -> np.ndarray:
-    """``[n, P]``: for each member's patch, the median over the *other* members of its distance to their
-    nearest patch (``sqrt(2 - 2 cos)``, averaged over the feature sets). ``sets``: ``[n, P, D]`` each, unit
-    rows. A defect shared by a minority of members is far from the majority, however close its twins are."""
+def twin_gaps(sets: Sequence[np.ndarray], partners: int) -> np.ndarray:
+    """``[n, P]``: for each member's patch, how much farther it is from *most* other members than from its
+    ``partners`` closest ones: the median over the other members of the distance to their nearest patch,
+    minus the ``partners``-th smallest of those distances (``sqrt(2 - 2 cos)``, averaged over the feature
+    sets). ``sets``: ``[n, P, D]`` each, unit rows. A good patch is close to most members (both small); a
+    one-off defect is far from all (both large); a defect shared by a few members is far from most and
+    close to its twins: a large gap, whoever its twins are."""
     total = None
     for members in sets:
         x = np.asarray(members, np.float32)
@@ -92,16 +95,17 @@ def majority_distances(sets: Sequence[np.ndarray]) -> np.ndarray:
         out = np.empty((n, patches), np.float32)
         for i in range(n):
             cos = (x[i] @ flat.T).reshape(patches, n, patches).max(axis=2)        # [P, n] nearest patch each
-            dist = np.sqrt(np.maximum(2.0 - 2.0 * np.clip(cos, -1.0, 1.0), 0.0))
-            out[i] = np.median(np.delete(dist, i, axis=1), axis=1)
+            dist = np.delete(np.sqrt(np.maximum(2.0 - 2.0 * np.clip(cos, -1.0, 1.0), 0.0)), i, axis=1)
+            out[i] = np.median(dist, axis=1) - np.partition(dist, partners - 1, axis=1)[:, partners - 1]
         total = out if total is None else total + out
     return total / len(sets)
 
 
-def recurring_members(distances: np.ndarray, side: int, reach: int, min_group: int, z: float = 3.5) -> np.ndarray:
-    """Members (indices) that form a recurring defect: robust outliers of their worst majority distance
-    (median + ``z`` x 1.4826 MAD over the members) whose worst patches lie within ``reach`` of each other on
-    the ``side`` x ``side`` grid, at least ``min_group`` of them. Empty when there is no such group."""
+def recurring_members(gaps: np.ndarray, side: int, reach: int, min_group: int, z: float = 3.5) -> np.ndarray:
+    """Members (indices) that form a recurring defect: robust outliers of their largest twin gap (median +
+    ``z`` x 1.4826 MAD over the members, :func:`twin_gaps`) whose worst patches lie within ``reach`` of each
+    other on the ``side`` x ``side`` grid, at least ``min_group`` of them. Empty when there is no such group."""
+    distances = gaps
     worst = distances.max(axis=1)
     centre = float(np.median(worst))
     spread = 1.4826 * float(np.median(np.abs(worst - centre)))
@@ -222,7 +226,7 @@ class PoolGuard:
         side = int(round(np.sqrt(sets[0].shape[1])))
         if side * side != sets[0].shape[1]:
             return 0
-        distances = majority_distances(sets)
+        distances = twin_gaps(sets, s.min_partners)
         found = recurring_members(distances, side, s.reach, s.min_partners + 1)
         found = np.array([i for i in found if not pool.golden[i]], int)
         if found.size == 0:
