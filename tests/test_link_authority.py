@@ -321,3 +321,59 @@ def test_opcua_a_reconnecting_plc_writes_again_and_the_certificate_is_kept(tmp_p
         assert not any("refused" in text for text in link.health().alarms)
     with open_link(config, storage_dir=tmp_path):
         assert certificate.read_bytes() == first               # generated once, kept: the PLC's trust stays valid
+
+
+# --------------------------------------------------------------------------------- property: the register image
+
+def test_no_sequence_of_plc_writes_acknowledges_anything_but_the_published_value() -> None:
+    """Any writes a peer makes to its registers 20..31 (or beyond): a verdict counts as acknowledged only after
+    ACK_SEQ was written equal to the published SEQ, under the acknowledged epoch; the heartbeat only after the
+    current nonce was echoed; nothing ahead of SEQ is ever stored."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from musc_edge.edge.links.register_map import PublishedVerdict, RegisterImage, WriteRefused, new_nonce
+
+    word = st.integers(0, 0xFFFF)
+    write = st.tuples(st.integers(15, 34), st.lists(word, min_size=1, max_size=4))
+    step = st.one_of(write, st.just(("publish",)), st.just(("beat",)))
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True)
+    @given(st.lists(step, max_size=40), st.integers(1, 0xFFFFFFFF), st.integers(0, 0xFFFFFFF0))
+    def run(steps: list[tuple], epoch: int, first_seq: int) -> None:
+        image, seq, nonce = RegisterImage(), first_seq, 0
+        image.update({Reg.EPOCH_HI: split32(epoch)[0], Reg.EPOCH_LO: split32(epoch)[1]})
+        published = False
+        epoch_written = ack_written = echo_written = False
+        for item in steps:
+            if item[0] == "publish":
+                seq += 1
+                image.publish(PublishedVerdict(seq, 2, 1, 0, f"P-{seq}", 0, epoch))
+                published, ack_written = True, False
+            elif item[0] == "beat":
+                nonce = new_nonce(nonce)
+                image.update({Reg.HEARTBEAT: nonce})
+                echo_written = False
+            else:
+                address, values = item
+                try:
+                    image.plc_write(address, values)
+                except WriteRefused:
+                    continue
+                v = image.snapshot()
+                touched = range(address, address + len(values))
+                if Reg.EPOCH_ACK_HI in touched or Reg.EPOCH_ACK_LO in touched:
+                    epoch_written = epoch_written or join32(v[Reg.EPOCH_ACK_HI], v[Reg.EPOCH_ACK_LO]) == epoch
+                if (Reg.ACK_SEQ_HI in touched or Reg.ACK_SEQ_LO in touched) and published and epoch_written:
+                    ack_written = ack_written or join32(v[Reg.ACK_SEQ_HI], v[Reg.ACK_SEQ_LO]) == seq
+                if Reg.HEARTBEAT_ECHO in touched and nonce:
+                    echo_written = echo_written or v[Reg.HEARTBEAT_ECHO] == nonce
+            events = image.events
+            assert (events.acked_seq == seq) == (published and ack_written), (events, seq)
+            assert events.acked_seq in (None, seq)
+            assert (events.echoed == nonce and nonce != 0) == echo_written
+            if published:
+                ack = join32(*image.snapshot()[Reg.ACK_SEQ_HI:Reg.ACK_SEQ_LO + 1])
+                assert ack == seq or not (0 < (ack - seq) % 2**32 < 2**31)      # never ahead of SEQ
+
+    run()
