@@ -377,3 +377,35 @@ def test_no_sequence_of_plc_writes_acknowledges_anything_but_the_published_value
                 assert ack == seq or not (0 < (ack - seq) % 2**32 < 2**31)      # never ahead of SEQ
 
     run()
+
+
+def test_a_flood_of_refused_requests_logs_one_line_per_message_and_interval() -> None:
+    """asyncua logs every refused request at ERROR (629 lines in t09's 6 s of forged writes); once per interval."""
+    import logging
+
+    from musc_edge.edge.links.library_logs import RepeatFilter
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.texts: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.texts.append(record.getMessage())
+
+    logger, collect = logging.getLogger("tests.flood"), Collect()
+    logger.addHandler(collect)
+    logger.propagate = False
+    repeats = RepeatFilter(interval_s=0.2)
+    logger.addFilter(repeats)
+    try:
+        for _ in range(500):
+            logger.error("sending service fault response: %s", "BadUserAccessDenied")
+        logger.error("another message")
+        time.sleep(0.25)
+        logger.error("sending service fault response: %s", "BadUserAccessDenied")
+    finally:
+        logger.removeFilter(repeats)
+        logger.removeHandler(collect)
+    assert collect.texts == ["sending service fault response: BadUserAccessDenied", "another message",
+                             "sending service fault response: BadUserAccessDenied (499 more like it held back)"]

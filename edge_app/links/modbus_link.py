@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from musc_edge.edge.links.base import MAX_ACK_TIMEOUT_S, LinkSettings
-from musc_edge.edge.links.modbus_log import quiet_pymodbus
+from musc_edge.edge.links.library_logs import quiet_pymodbus
 from musc_edge.edge.links.register_map import REGISTER_COUNT, LineState, Reg, WriteRefused
 from musc_edge.edge.links.register_transport import RegisterTransport
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from musc_edge.edge.links.base import MAX_ACK_TIMEOUT_S, LinkIOError, LinkSettings
+from musc_edge.edge.links.library_logs import quiet_asyncua
 from musc_edge.edge.links.register_map import Reg, join32, part_text, split32
 from musc_edge.edge.links.register_transport import RegisterTransport
 
@@ -225,6 +226,7 @@ class OpcUaTransport(RegisterTransport):
     # ------------------------------------------------------------------ lifecycle
 
     def open(self) -> None:
+        quiet_asyncua()
         self._server = self._serve_on_own_loop(self._start, _START_TIMEOUT_S)
         self._shown.clear()
         self.published()

@@ -14,7 +14,7 @@ import tty
 from typing import Any
 
 from musc_edge.edge.links.framing import NakCode
-from musc_edge.edge.links.modbus_log import quiet_pymodbus
+from musc_edge.edge.links.library_logs import quiet_pymodbus
 from musc_edge.edge.links.register_map import Reg, decode_verdict, join32, split32
 from musc_edge.edge.plc_sim.polling import PlcView, PollingPlcSimulator
 

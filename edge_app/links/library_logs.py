@@ -1,11 +1,13 @@
-"""pymodbus's log messages, mapped to ours and rate-limited.
+"""The protocol libraries' log messages, mapped to ours and rate-limited.
 
 pymodbus logs every failed connection attempt at ERROR ("Connection to (host, port) failed: [Errno 111]
 Connection refused", then "Repeating...."), appends its last 20 frames as raw hex to every error, and reports
 a peer that went away mid-frame as an error too. A line that waits for its PLC, or a PLC simulator that waits
 for the runtime, would print hundreds of such lines and hide the alarms that matter. :func:`quiet_pymodbus`
 replaces that output with one line per kind of message, in our words, at most every ``interval_s`` seconds
-(with the number held back); the raw hex stays at DEBUG.
+(with the number held back); the raw hex stays at DEBUG. asyncua's server logs every refused request (a rogue
+client's writes: hundreds a second) at ERROR: :func:`quiet_asyncua` lets each distinct message through once per
+interval; the ``foreign_writer`` alarm is what reports the refusals.
 """
 from __future__ import annotations
 
@@ -81,3 +83,47 @@ def quiet_pymodbus(interval_s: float = 30.0) -> None:
         logger.propagate = False
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.WARNING)       # below WARNING pymodbus formats hex dumps for nothing
+
+
+class RepeatFilter(logging.Filter):
+    """Lets each distinct message (its first line) through at most once per ``interval_s``; the next one that
+    passes says how many were held back."""
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._last: dict[str, tuple[float, int]] = {}
+        self._guard = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage().split("\n", 1)[0]
+        except Exception:
+            return True
+        now = time.monotonic()
+        with self._guard:
+            last, held = self._last.get(text, (float("-inf"), 0))
+            if now - last < self._interval_s:
+                self._last[text] = (last, held + 1)
+                return False
+            self._last[text] = (now, 0)
+            if len(self._last) > 1000:                   # distinct texts (ids in them): forget the oldest
+                self._last.pop(next(iter(self._last)))
+        if held:
+            record.msg, record.args = f"{text} ({held} more like it held back)", ()
+        return True
+
+
+_asyncua_quieted = False
+
+
+def quiet_asyncua(interval_s: float = 30.0) -> None:
+    """Rate-limit asyncua's per-request server messages (idempotent)."""
+    global _asyncua_quieted
+    with _install_guard:
+        if _asyncua_quieted:
+            return
+        for name in ("asyncua.server.uaprocessor", "asyncua.server.binary_server_asyncio",
+                     "asyncua.server.internal_session"):
+            logging.getLogger(name).addFilter(RepeatFilter(interval_s))
+        _asyncua_quieted = True
