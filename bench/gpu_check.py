@@ -308,6 +308,9 @@ def run_check(args) -> dict:
                       if p in ort.get_available_providers()]
         for chosen in providers:
             name = "onnx_" + chosen[0].replace("ExecutionProvider", "").lower()
+            if deadline.left() < 60:
+                skip(f"features {name}", "time limit")
+                continue
             engine = FeatureEngine(model_path, size=args.size, providers=chosen)
             index = [engine.manifest.blocks.index(b) for b in BLOCKS]
             ms, _ = timed(lambda: engine([images[0]], 1), device, args.repeat)
