@@ -489,17 +489,14 @@ class Pool:
         self.state = state
 
 
-@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage", "missing"])
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
 def test_row_17_a_damaged_pool_file_falls_back_to_the_previous_good_one_with_an_alarm(tmp_path, damage):
     path = tmp_path / "pools" / "default.npz"
     save_pool(path, {"members": np.arange(10.0)}, {"model": "m"})
     save_pool(path, {"members": np.arange(20.0)}, {"model": "m"})
     assert previous_path(path).is_file()
     data = path.read_bytes()
-    if damage == "missing":
-        path.unlink()
-    else:
-        path.write_bytes({"truncate": data[:len(data) // 2], "empty": b"", "garbage": b"PK\x03\x04" * 9}[damage])
+    path.write_bytes({"truncate": data[:len(data) // 2], "empty": b"", "garbage": b"PK\x03\x04" * 9}[damage])
     alarms: list[str] = []
     pool = Pool()
     assert load_pool(path, pool, {"model": "m"}, alarms.append)
@@ -508,6 +505,15 @@ def test_row_17_a_damaged_pool_file_falls_back_to_the_previous_good_one_with_an_
     pool = Pool()
     assert load_pool(path, pool, {"model": "m"}, alarms.append) and len(pool.state["members"]) == 30
     assert len(alarms) == 1
+
+
+def test_a_pool_file_deleted_on_purpose_starts_an_empty_pool_even_with_a_previous_one_beside_it(tmp_path):
+    path = tmp_path / "pools" / "default.npz"
+    save_pool(path, {"members": np.arange(10.0)}, {"model": "m"})
+    save_pool(path, {"members": np.arange(20.0)}, {"model": "m"})
+    path.unlink()   # the documented way to start empty
+    alarms: list[str] = []
+    assert not load_pool(path, Pool(), {"model": "m"}, alarms.append) and not alarms
 
 
 def test_row_17_with_no_good_pool_file_the_recipe_warms_up_again_with_an_alarm(tmp_path):

@@ -95,12 +95,8 @@ def load_pool(path: str | Path, pool: Restorable, identity: dict,
     alarm = on_alarm or (lambda text: log.error("%s", text))
     remove_temp_files(path)
     previous = previous_path(path)
-    if not path.is_file():
-        if not previous.is_file():
-            return False
-        alarm(f"pool file {path} is missing but its previous copy is there (a save was interrupted); "
-              f"restoring the previous copy")
-        return _load(previous, pool, identity)
+    if not path.is_file():   # a save never leaves it missing: deleted on purpose, to start with an empty pool
+        return False
     try:
         return _load(path, pool, identity)
     except DAMAGED_FILE_ERRORS as exc:
@@ -126,7 +122,7 @@ def _load(path: Path, pool: Restorable, identity: dict) -> bool:
                 raise PoolMismatchError(
                     f"stored pool {path} was built with {key}={stored.get(key)!r}, but this line runs "
                     f"{key}={value!r}; it cannot be scored against. Reseed it (`musc-edge pool seed`) or "
-                    f"delete the file to start with an empty pool.")
+                    f"delete it to start with an empty pool.")
         state = {name: data[name] for name in data.files if name != "identity"}   # every member read first
     pool.load_state(state)
     return True
