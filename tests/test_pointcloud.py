@@ -499,3 +499,25 @@ def test_a_scans_image_stage_runs_beside_its_fpfh_with_the_same_result():
     with pytest.raises(ValueError, match="the feature model failed") as raised:   # not turned into a cloud error
         prepare_scan_with(cloud, image, params, True, "scan_1", broken)
     assert not isinstance(raised.value, CloudError)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_its_own_image_stage_thread():
+    import os
+    import signal
+
+    from musc_edge.edge.runtime.recipes.recipe_scan import prepare_scan_with
+    from musc_edge.edge.scoring3d import Params3D
+
+    data = generate_set(1, seed=0, size=64)
+    args = (data.clouds[0], data.images[0], Params3D(size=64), True, "scan_1")
+    assert prepare_scan_with(*args, lambda view: view.shape)[1] == (64, 64, 3)   # the parent's thread exists
+    pid = os.fork()
+    if pid == 0:   # child: the parent's worker thread is gone; a hang ends at the alarm with a non-zero status
+        signal.alarm(120)
+        try:
+            code = 0 if prepare_scan_with(*args, lambda view: view.shape)[1] == (64, 64, 3) else 1
+        finally:
+            os._exit(locals().get("code", 2))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

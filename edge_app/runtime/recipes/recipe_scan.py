@@ -10,6 +10,7 @@ never raises.
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -129,6 +130,15 @@ def _image_stage_thread() -> ThreadPoolExecutor:
         if _IMAGE_STAGE is None:
             _IMAGE_STAGE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scan-image-stage")
         return _IMAGE_STAGE
+
+
+def _forget_image_stage() -> None:
+    """A forked child has none of its parent's threads: it starts its own image stage thread when it needs one."""
+    global _IMAGE_STAGE, _IMAGE_STAGE_LOCK
+    _IMAGE_STAGE, _IMAGE_STAGE_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_image_stage)
 
 
 class ScanRecipe(Recipe):
