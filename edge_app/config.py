@@ -304,9 +304,10 @@ class LineConfig(_Strict):
         modality, kind = self.recipes[recipe].modality, self.source.get("type")
         if modality == "2d":
             return self
-        if kind in ("opencv", "genicam"):   # genicam: 3D components are not paired yet (deploy/README.md)
+        if kind == "opencv" or (kind == "genicam" and not self.source.get("multipart")):
             raise ValueError(f"source: recipe {recipe!r} scores {modality} but the {kind} camera delivers no "
-                             "point clouds (use a zmq source with clouds, or replay with cloud_path)")
+                             "point clouds (use a zmq source with clouds, replay with cloud_path, or a GenICam "
+                             "3D camera with multipart: true)")
         if kind == "replay" and not self.source.get("cloud_path"):
             raise ValueError(f"source.cloud_path: recipe {recipe!r} scores {modality}; set where each replayed "
                              "image's cloud is, e.g. '../xyz/{stem}.tiff'")

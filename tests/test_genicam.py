@@ -29,14 +29,24 @@ from musc_edge.edge.record import Reason, Verdict
 from musc_edge.edge.runtime.line import Line
 from musc_edge.edge.sources import DecodeError, SourceConfigError, SourceError, decode_part, make_source
 from musc_edge.edge.sources.genicam import (
+    Component,
     FrameIdTracker,
     aravis_missing,
     describe_camera,
     doctor_report,
     frame_ref,
+    pair_components,
     parse_frame_ref,
 )
-from musc_edge.edge.sources.pixel_formats import FORMATS, PixelFormatError, mosaic, payload_bytes, to_rgb
+from musc_edge.edge.sources.pixel_formats import (
+    COORD3D_FORMATS,
+    FORMATS,
+    PixelFormatError,
+    mosaic,
+    payload_bytes,
+    to_cloud,
+    to_rgb,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,6 +55,10 @@ MISSING = aravis_missing() or (None if FAKE_CAMERA else "arv-fake-gv-camera-0.8 
 needs_camera = pytest.mark.skipif(MISSING is not None, reason=f"GenICam tests need Aravis: {MISSING}")
 RNG = np.random.default_rng(24)
 ROI = [0, 0, 128, 96]
+# The simulator drops a software trigger that comes before its acquisition thread runs (so may a real camera
+# right after AcquisitionStart): the tests' first trigger waits this long after open. A dropped one would be
+# its part's NO_VERDICT (missed trigger), which is not what these tests are about.
+SETTLE_S = 0.5
 
 
 # ---------------------------------------------------------------- pixel formats (no camera)
@@ -182,11 +196,63 @@ def test_config_errors_name_the_key(config, message):
         make_source({"type": "genicam", **config})
 
 
-def test_a_3d_recipe_cannot_take_a_genicam_source():
-    """3D components of GenICam sensors are not paired with the 2D frame yet (deploy/README.md)."""
+def test_a_3d_recipe_takes_a_genicam_source_only_with_multipart():
+    config = {"source": {"type": "genicam", "camera": "cam"}, "link": {"type": "zmq"},
+              "recipes": {"default": {"modality": "2d+3d"}}}
     with pytest.raises(ConfigError, match="the genicam camera delivers no point clouds"):
-        parse_config({"source": {"type": "genicam", "camera": "cam"}, "link": {"type": "zmq"},
-                      "recipes": {"default": {"modality": "2d+3d"}}})
+        parse_config(config)
+    config["source"]["multipart"] = True
+    assert parse_config(config).source["multipart"] is True
+
+
+# ---------------------------------------------------------------- 3D components (no camera)
+
+XYZ = RNG.normal(size=(6, 8, 3)).astype(np.float32)
+
+
+def test_coord3d_abc32f_interleaved_and_planar_become_the_same_cloud_with_missing_points_nan():
+    xyz = XYZ.copy()
+    xyz[1, 2, 2] = -1.0                       # the camera's invalid value (Scan3dInvalidDataValue)
+    xyz[3, 4, 0] = np.nan                     # a non-finite coordinate
+    interleaved = to_cloud(xyz.tobytes(), "Coord3D_ABC32f", 8, 6, invalid=-1.0)
+    planar = to_cloud(np.ascontiguousarray(xyz.transpose(2, 0, 1)).tobytes(), 0x026000C1, 8, 6, invalid=-1.0)
+    assert interleaved.dtype == np.float32 and interleaved.shape == (6, 8, 3)
+    assert np.array_equal(interleaved, planar, equal_nan=True)
+    missing = ~np.isfinite(interleaved).all(axis=2)
+    assert np.argwhere(missing).tolist() == [[1, 2], [3, 4]]
+    assert np.array_equal(interleaved[~missing], XYZ[~missing])
+
+
+@pytest.mark.parametrize("fmt, size, message", [
+    (0x012000BF, (8, 6), "0x012000BF is not supported"),          # Coord3D_C32f: range only
+    ("Coord3D_ABC32f", (9, 6), "needs 648 bytes, the payload has 576"),
+])
+def test_cloud_formats_that_cannot_be_points_are_refused(fmt, size, message):
+    with pytest.raises(PixelFormatError, match=message):
+        to_cloud(XYZ.tobytes(), fmt, *size)
+
+
+def component(kind: str, fmt: str | int, array: np.ndarray) -> Component:
+    code = fmt if isinstance(fmt, int) else (FORMATS[fmt].code if fmt in FORMATS else COORD3D_FORMATS[fmt])
+    return Component(kind, code, array.shape[1], array.shape[0], array.tobytes())
+
+
+def test_a_multipart_buffer_pairs_its_2d_image_with_its_3d_component():
+    gray = RNG.integers(0, 256, (6, 8), dtype=np.uint8)
+    parts = [component("confidence-map", "Mono8", gray), component("2d", "Mono8", gray),
+             component("3d", "Coord3D_ABC32f", XYZ)]
+    image, cloud, problem = pair_components(parts)
+    assert problem is None
+    assert np.array_equal(image[..., 1], gray) and np.array_equal(cloud, XYZ)
+
+    image, cloud, problem = pair_components(parts[:2])
+    assert cloud is None and problem == "multi-part buffer has no 3D component"
+    _, cloud, problem = pair_components([parts[1], component("3d", "Coord3D_ABC32f", XYZ[:4])])
+    assert cloud is None and "8 x 4 points is not on the image's 8 x 6 grid" in problem
+    _, cloud, problem = pair_components([parts[1], component("3d", 0x012000BF, XYZ[..., 2].copy())])
+    assert cloud is None and "not Coord3D_ABC32f" in problem
+    with pytest.raises(PixelFormatError, match="no 2D component in a supported pixel format"):
+        pair_components([parts[2]])
 
 
 # ---------------------------------------------------------------- the fake GigE Vision camera
@@ -346,6 +412,7 @@ def test_software_trigger_gives_one_frame_per_trigger_with_its_part_id_and_encod
     source = make_source(genicam_source(trigger="software", max_parts=5, frame_rate=None))
     with source:
         def pulses():
+            time.sleep(SETTLE_S)
             for i in range(5):
                 time.sleep(0.15)
                 source.trigger(part_id=f"T{i}", encoder=1000 + 7 * i)
@@ -354,6 +421,7 @@ def test_software_trigger_gives_one_frame_per_trigger_with_its_part_id_and_encod
         parts = list(source.parts())
     assert [p.part_id for p in parts] == [f"T{i}" for i in range(5)]
     assert [p.encoder for p in parts] == [1000 + 7 * i for i in range(5)]
+    assert all(p.image is not None for p in parts), [p.raw.reason for p in parts if p.image is None]
     assert consecutive([parse_frame_ref(p.source_ref)[1] for p in parts])
     assert all(p.capture_monotonic >= start for p in parts)   # the trigger's instant
     assert source.stats["frames"] == 5 and source.stats["missed_triggers"] == 0
@@ -361,10 +429,11 @@ def test_software_trigger_gives_one_frame_per_trigger_with_its_part_id_and_encod
         assert_fake_ramp(decode_part(part).image)
 
 
-def wait_for(condition, timeout_s: float = 15.0) -> None:
+def wait_for(condition, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
         time.sleep(0.02)
 
 
@@ -372,25 +441,33 @@ def wait_for(condition, timeout_s: float = 15.0) -> None:
 def test_software_triggers_while_the_camera_is_lost_become_no_verdict_parts(fake_camera):
     camera = fake_camera("MUSC01")
     source = make_source(genicam_source(trigger="software", frame_rate=None, reconnect_interval_s=0.2,
-                                        frame_timeout_s=0.5, max_parts=6))
+                                        max_parts=6))
     alarms: list[str] = []
     source.on_alarm = alarms.append
 
+    failures: list[BaseException] = []
+
     def pulses():
-        source.trigger(part_id="A0")
-        wait_for(lambda: source.stats["frames"] == 1)
-        camera.kill()
-        wait_for(lambda: any("lost" in a for a in alarms))
-        source.trigger(part_id="L0")
-        source.trigger(part_id="L1")
-        camera.start()
-        wait_for(lambda: any("reconnected" in a for a in alarms))
-        for i in range(3):
-            source.trigger(part_id=f"B{i}")
-            time.sleep(0.15)
+        try:
+            time.sleep(SETTLE_S)
+            source.trigger(part_id="A0")
+            wait_for(lambda: source.stats["frames"] == 1)
+            camera.kill()
+            wait_for(lambda: any("lost" in a for a in alarms))
+            source.trigger(part_id="L0")
+            source.trigger(part_id="L1")
+            camera.start()
+            wait_for(lambda: any("reconnected" in a for a in alarms))
+            for i in range(3):
+                source.trigger(part_id=f"B{i}")
+                time.sleep(0.15)
+        except BaseException as exc:   # end the stream, so the test fails here and does not hang
+            failures.append(exc)
+            source.close()
     with source:
         threading.Thread(target=pulses, daemon=True).start()
         parts = {p.part_id: p for p in source.parts()}
+    assert not failures, (failures, alarms, source.stats)
     assert list(parts) == ["A0", "L0", "L1", "B0", "B1", "B2"]
     for part_id in ("L0", "L1"):
         with pytest.raises(DecodeError, match="software trigger while camera .* is lost"):
@@ -443,6 +520,8 @@ def test_a_feature_the_camera_refuses_names_the_config_key(fake_camera):
         make_source(genicam_source(features={"NoSuchFeature": 3})).open()
     with pytest.raises(SourceError, match=r"'encoder_chunk'.*refused"):   # the simulator sends no chunk data
         make_source(genicam_source(encoder_chunk="EncoderValue")).open()
+    with pytest.raises(SourceError, match=r"'multipart'.*refused it: the camera does not send GigE Vision multi"):
+        make_source(genicam_source(multipart=True)).open()
 
 
 # ---------------------------------------------------------------- lines from the fake camera
@@ -488,8 +567,8 @@ def test_a_software_triggered_line_records_each_trigger_with_its_frame_id(fake_c
                                              genicam_source(trigger="software", frame_rate=None, max_parts=10))))
 
         def photo_eye():
-            while not line.source.is_open:
-                time.sleep(0.02)
+            wait_for(lambda: line.source.is_open)
+            time.sleep(SETTLE_S)
             for i in range(10):
                 time.sleep(0.12)
                 line.source.trigger(part_id=f"P{i:03d}", encoder=5000 + 100 * i)
@@ -499,6 +578,7 @@ def test_a_software_triggered_line_records_each_trigger_with_its_frame_id(fake_c
         assert_one_row_per_part(rows, 10, plc)
     assert [r.part_id for r in rows] == [f"P{i:03d}" for i in range(10)]
     assert [r.encoder for r in rows] == [5000 + 100 * i for i in range(10)]
+    assert not any(r.reason == Reason.DECODE_ERROR for r in rows), [r.detail for r in rows]
     assert consecutive([parse_frame_ref(r.source_ref)[1] for r in rows])
 
 
@@ -506,13 +586,12 @@ def test_a_software_triggered_line_records_each_trigger_with_its_frame_id(fake_c
 def test_a_camera_restart_is_survived_with_alarms_and_every_delivered_frame_keeps_its_row(
         fake_camera, toy_model, tmp_path):
     camera = fake_camera("MUSC01")
-    source = genicam_source(max_parts=40, frame_rate=10.0, reconnect_interval_s=0.3, frame_timeout_s=1.0)
+    source = genicam_source(max_parts=40, frame_rate=10.0, reconnect_interval_s=0.3)
     with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
         line = Line(parse_config(line_config(toy_model, tmp_path / "line", plc.address, source)))
 
         def unplug_and_replug():
-            while line.source.stats["frames"] < 10:
-                time.sleep(0.02)
+            wait_for(lambda: line.source.stats["frames"] >= 10)
             camera.kill()
             time.sleep(1.5)
             camera.start()
@@ -525,16 +604,15 @@ def test_a_camera_restart_is_survived_with_alarms_and_every_delivered_frame_keep
     alarms = list(line.stats.alarms)
     assert any("camera" in a and "lost" in a for a in alarms), alarms
     assert any("reconnected" in a for a in alarms), alarms
-    assert line.source.stats["reconnects"] == 1
+    assert line.source.stats["reconnects"] >= 1    # more when a loaded machine starves the stream for 2 s
     # Every frame the camera delivered has its row; the other rows are frames it never delivered.
     undelivered = [r for r in rows if "never arrived" in r.detail or "was lost before" in r.detail]
     assert len(rows) - len(undelivered) == line.source.stats["frames"]
     assert all(r.verdict == Verdict.NO_VERDICT for r in undelivered)
-    # Two connections, each a run of consecutive frame ids: the counter starts again with the new process.
+    # The new process counts frame ids from the start again: exactly one fall, after the first 10 frames.
     delivered = [parse_frame_ref(r.source_ref)[1] for r in rows if r not in undelivered]
-    restart = next(i for i in range(1, len(delivered)) if delivered[i] <= delivered[i - 1])
-    assert restart >= 10 and consecutive(delivered[restart:])
-    assert consecutive(delivered[:restart]) or any("incomplete" in r.detail for r in rows)
+    falls = [i for i in range(1, len(delivered)) if delivered[i] <= delivered[i - 1]]
+    assert len(falls) == 1 and falls[0] >= 10, delivered
 
 
 @needs_camera

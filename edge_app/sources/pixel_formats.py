@@ -133,3 +133,47 @@ def mosaic(rgb: np.ndarray, pattern: str) -> np.ndarray:
         dy, dx = divmod(i, 2)
         out[dy::2, dx::2] = rgb[dy::2, dx::2, "RGB".index(colour)]
     return out
+
+
+# -- 3D components (GenICam 3D: Scan3d, PFNC Coord3D_*) ---------------------------------------------------------
+COORD3D_FORMATS = {"Coord3D_ABC32f": 0x026000C0, "Coord3D_ABC32f_Planar": 0x026000C1}
+_COORD3D_BY_CODE = {code: name for name, code in COORD3D_FORMATS.items()}
+
+
+def is_coord3d(fmt: str | int) -> bool:
+    """Whether ``fmt`` is a supported point-cloud format (Cartesian ``Coord3D_ABC32f``, interleaved or planar)."""
+    return fmt in COORD3D_FORMATS or fmt in _COORD3D_BY_CODE
+
+
+def to_cloud(payload: bytes | memoryview | np.ndarray, fmt: str | int, width: int, height: int,
+             invalid: float | None = None) -> np.ndarray:
+    """One 3D component as an organised cloud ``[height, width, 3]`` float32 (x, y, z), missing points NaN.
+
+    ``Coord3D_ABC32f`` holds A, B, C per pixel, ``..._Planar`` an A plane, a B plane, a C plane; in the
+    camera's Cartesian coordinate system they are x, y, z. A point whose C equals ``invalid`` (the camera's
+    ``Scan3dInvalidDataValue``) or that has a non-finite coordinate is missing. Range-only formats
+    (``Coord3D_C*``) need the camera's projection to become points and are refused, as are packed ones.
+    """
+    name = fmt if isinstance(fmt, str) else _COORD3D_BY_CODE.get(fmt)
+    if name not in COORD3D_FORMATS:
+        shown = f"0x{fmt:08X}" if isinstance(fmt, int) else repr(fmt)
+        raise PixelFormatError(f"3D pixel format {shown} is not supported; set the camera's 3D component to "
+                               f"{' or '.join(COORD3D_FORMATS)} in a Cartesian coordinate system")
+    if width <= 0 or height <= 0:
+        raise PixelFormatError(f"{name} component of {width} x {height} points has no area")
+    needed = width * height * 3 * 4
+    flat = np.frombuffer(payload, dtype=np.uint8) if not isinstance(payload, np.ndarray) else payload.reshape(-1)
+    if flat.dtype != np.uint8:
+        flat = flat.view(np.uint8)
+    if flat.size < needed:
+        raise PixelFormatError(f"{name} {width} x {height} needs {needed} bytes, the payload has {flat.size}")
+    values = flat[:needed].view("<f4")
+    if name.endswith("_Planar"):
+        cloud = values.reshape(3, height, width).transpose(1, 2, 0).astype(np.float32)
+    else:
+        cloud = values.reshape(height, width, 3).astype(np.float32)
+    missing = ~np.isfinite(cloud).all(axis=2)
+    if invalid is not None and np.isfinite(invalid):
+        missing |= cloud[..., 2] == np.float32(invalid)
+    cloud[missing] = np.nan
+    return cloud
