@@ -72,6 +72,9 @@ def bottle_paths(data: Path) -> list[str]:
     return sorted(str(p) for p in [*root.glob("train/good/*.png"), *root.glob("test/*/*.png")])
 
 
+DEADLINE_MS = 1500.0
+
+
 def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int, limit: int | None = None,
         quiet: bool = False, mqtt_outage: float = 0.0, model: Path = ROOT / "models" / "dinov2_vits14_musc.onnx",
         precision: str = "fp32", scorer: str = "auto", keep_totals: bool = False) -> dict:
@@ -79,7 +82,7 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
     with plc_for(link) as (plc, link_cfg), ExitStack() as stack:
         outage = stack.enter_context(MqttOutage(out / "broker", mqtt_outage)) if mqtt_outage else None
         config = parse_config({
-            "line": {"name": f"bottle-{link}", "deadline_ms": 1500, "queue_size": 4},
+            "line": {"name": f"bottle-{link}", "deadline_ms": DEADLINE_MS, "queue_size": 4},
             "model": {"path": str(model), "size": 224, "blocks": [6, 9], "precision": precision},
             "scoring": {"backend": scorer},
             "recipes": {"default": {"threshold": threshold, "pool": {"capacity": pool, "min_size": 10}}},
@@ -113,6 +116,13 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
         "test_image_auroc": round(100 * roc_auc_score(labels, [r.score for r in scored]), 2) if len(set(labels)) == 2 else None,
         "latency_ms": {stage: stats.percentiles(stats.stages[stage]) for stage in stats.stages},
     }
+    # Deadline margin: how long before its deadline each signalled part's verdict was acknowledged (the line's
+    # deadline_ms; look-ahead verdicts spend part of it waiting for later parts). p99 is the margin 99 % exceed.
+    margins = sorted(DEADLINE_MS - 1000 * t for t in stats.stages["total"])
+    if margins:
+        at = lambda q: round(margins[min(len(margins) - 1, int(q * len(margins)))], 1)  # noqa: E731
+        result["deadline_margin_ms"] = {"p50": at(0.5), "p99": at(0.01), "min": round(margins[0], 1)}
+    result["acked_after_deadline"] = sum(bool(r.ack_late) for r in rows)
     if keep_totals:   # every part's capture-to-ack latency, for --view to pool over runs
         result["totals_ms"] = [1000 * t for t in stats.stages["total"]]
     # Every signalled part, whatever its reason: the time send() took from the ledger row to the PLC's ACK.

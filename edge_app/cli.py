@@ -39,7 +39,15 @@ def _add_eval(sub) -> None:
     p.add_argument("--dataset", type=Path, help="category folder (e.g. ../shared/data/mvtec_ad/bottle)")
     p.add_argument("--suite", type=Path, help="score every category (and modality) under this folder, e.g. "
                    "../shared/data: one table with the mean and the worst category")
-    p.add_argument("--mode", choices=("batch", "stream"), default="batch")
+    p.add_argument("--mode", choices=("batch", "stream", "line"), default="batch",
+                   help="batch: each image against all others (the papers); stream: against a FIFO pool of earlier "
+                        "images; line: as a line meets the category (train/good mixed into test, the line's pool "
+                        "and look-ahead), with the batch figure on the same images")
+    p.add_argument("--scores", type=Path, metavar="FILE",
+                   help="line mode: per-image CSV (image, label, defect type, score, verdict at the label-free "
+                        "threshold, references)")
+    p.add_argument("--defect-rate", type=float, metavar="R",
+                   help="line mode: thin the defective images to this share of the stream, e.g. 0.1")
     p.add_argument("--modality", choices=("2d", "3d", "2d+3d"),
                    help="score images (default), point clouds (MVTec 3D-AD xyz/*.tiff) or both fused (MuSc-V2); "
                         "with --suite, default: every modality a category has")
@@ -91,8 +99,10 @@ def cmd_eval(args) -> int:
                   seed=args.seed, model=args.model, blocks=args.blocks or DEFAULT_BLOCKS,
                   params=MuscParams(aggregation=args.aggregation, windows=args.rescore,
                                     rescore_feature=args.rescore_feature, image_top=args.image_top),
-                  overlays=args.overlays,
+                  overlays=args.overlays, scores=args.scores, defect_rate=args.defect_rate,
                   threads=args.threads, progress=not args.quiet, fit=args.fit)
+    if args.mode != "line" and (args.scores or args.defect_rate is not None):
+        raise UsageError("--scores and --defect-rate belong to --mode line")
     if args.modality == "2d":
         report = run_eval(EvalSettings(**common))
     else:
@@ -113,6 +123,8 @@ def cmd_eval(args) -> int:
         print(f"report written to {args.report}", file=sys.stderr)
     if args.overlays:
         print(f"overlays written to {args.overlays}/", file=sys.stderr)
+    if args.scores:
+        print(f"per-image scores written to {args.scores}", file=sys.stderr)
     return 0
 
 

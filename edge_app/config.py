@@ -88,7 +88,9 @@ class PoolSettings(_Strict):
         "a part whose mean nearest-patch distance to a member is below this is the same part seen again "
         "and is not admitted; default 0.1, 0.05 for a scan recipe in the canonical view (scan.pose axis), "
         "where different parts look more alike"))
-    eviction: Literal["fifo", "reservoir"] = "fifo"
+    eviction: Literal["fifo", "reservoir", "coverage"] = Field("fifo", description=(
+        "which member a full pool replaces: the oldest (fifo), a random one over a horizon (reservoir), or, "
+        "beyond the newest half, the one most like another member (coverage: keeps the part's variety)"))
     horizon: Optional[int] = Field(None, ge=2, le=10_000_000, description=(
         "reservoir horizon in parts (default 5 x capacity)"))
     persist_every_s: float = Field(30.0, gt=0, le=MAX_DURATION_S)
@@ -174,12 +176,25 @@ class ScanSettings(_Strict):
         return value
 
 
+class LookAheadSettings(_Strict):
+    """Look-ahead verdicts (edge_app/runtime/look_ahead.py): a part is also scored against later parts."""
+
+    parts: int = Field(8, ge=0, le=64, description=(
+        "later parts of the recipe a part may also be scored against (references only; 0: off)"))
+    max_ms: float = Field(1000.0, ge=0, le=60_000, description=(
+        "longest a part waits for them after its capture; its deadline minus the measured scoring time and "
+        "margin_ms bounds the wait too"))
+    margin_ms: float = Field(100.0, ge=0, le=60_000, description=(
+        "kept free before a waiting part's deadline besides the measured scoring time"))
+
+
 class RecipeSettings(_Strict):
     threshold: float = Field(1.0, gt=0, le=MAX_THRESHOLD, allow_inf_nan=False, description=(
         "re-scored score at or above which a part is rejected; 1.0 = the 90th percentile of the pool's own "
         "scores until `musc-calibrate threshold apply` sets a calibrated value"))
     pool: PoolSettings = PoolSettings()
     guard: PoolGuardSettings = PoolGuardSettings()
+    look_ahead: LookAheadSettings = LookAheadSettings()
     modality: Literal["2d", "3d", "2d+3d"] = Field("2d", description=(
         "what is scored against the pool: the image, the point cloud, or both fused (MuSc-V2)"))
     scan: Optional[ScanSettings] = Field(None, description="3D settings of a 3d / 2d+3d recipe (default: MuSc-V2's)")
@@ -188,9 +203,9 @@ class RecipeSettings(_Strict):
     def _scan_fits_modality(self):
         if self.modality == "2d" and self.scan is not None:
             raise ValueError("'scan' settings are only used by recipes with modality 3d or 2d+3d")
-        if self.modality != "2d" and self.pool.eviction != "fifo":
-            raise ValueError(f"pool.eviction {self.pool.eviction!r} is not available to {self.modality} recipes "
-                             "(their pool is FIFO)")
+        if self.modality != "2d" and self.pool.eviction == "reservoir":
+            raise ValueError(f"pool.eviction 'reservoir' is not available to {self.modality} recipes "
+                             "(fifo or coverage)")
         return self
 
     @model_serializer(mode="wrap")
@@ -199,6 +214,8 @@ class RecipeSettings(_Strict):
         data = handler(self)
         if self.guard == PoolGuardSettings():  # nor does the guard's, until it is tuned
             data.pop("guard", None)
+        if self.look_ahead == LookAheadSettings():
+            data.pop("look_ahead", None)
         if self.modality == "2d":
             data.pop("modality", None)
             data.pop("scan", None)

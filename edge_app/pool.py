@@ -15,7 +15,7 @@ from .scoring import MuscParams, PoolTooSmallError, image_scores, rescore_one, s
 from .scoring.msm import one_vs_pool, patch_to_sample_distances
 from .scoring.musc import salient_features
 
-EVICTION_POLICIES = ("fifo", "reservoir")
+EVICTION_POLICIES = ("fifo", "reservoir", "coverage")
 
 
 def pool_range(raw_scores: np.ndarray, quantiles: tuple[float, float]) -> tuple[float, float]:
@@ -37,6 +37,12 @@ def leave_one_out_scores(raw_scores: np.ndarray, features: np.ndarray, params: M
         out.append(rescore_one(float(raw_scores[i]), features[i], raw, features[others],
                                pool_range(raw, params.pool_quantiles), params.windows))
     return out
+
+
+def part_descriptor(tokens: np.ndarray) -> np.ndarray:
+    """A part's cheap global descriptor: the unit mean of its ``[P, D]`` tokens (coverage eviction)."""
+    mean = np.asarray(tokens, np.float32).mean(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
 
 def outlier_members(raw_scores: np.ndarray, golden: np.ndarray, z: float = 3.0) -> np.ndarray:
@@ -66,12 +72,35 @@ class PoolMembers:
         self.admitted_seq = np.zeros(capacity, np.int64)
         self.admitted_time = np.zeros(capacity, np.float64)
         self.golden = np.zeros(capacity, bool)
+        self.descriptors: np.ndarray | None = None   # [capacity, F] unit vectors (coverage eviction)
         self.size = 0
         self.admissions = 0
 
     @property
     def ready(self) -> bool:
         return self.size >= self.min_size
+
+    def _descriptor_slot(self, slot: int, descriptor: np.ndarray) -> None:
+        """Remember a member's descriptor (unit vector) for coverage eviction."""
+        if self.descriptors is None or self.descriptors.shape[1] != descriptor.shape[0]:
+            self.descriptors = np.zeros((self.capacity, descriptor.shape[0]), np.float32)
+        self.descriptors[slot] = descriptor
+
+    def _most_redundant(self, fifo_share: float = 0.5) -> int | None:
+        """The slot coverage eviction replaces: of the members outside the newest ``fifo_share`` (kept as in
+        FIFO, so the pool follows slow drift), the one closest to another member (its descriptor's highest
+        cosine to any other member): a farthest-point pool that keeps the part's variety (poses, lots)."""
+        candidates = np.flatnonzero(~self.golden[:self.size])
+        if candidates.size == 0:
+            return None
+        newest = np.argsort(self.admitted_seq[candidates])[::-1][:int(fifo_share * self.size)]
+        older = np.delete(candidates, newest)
+        if older.size == 0 or self.descriptors is None:
+            return self._oldest_unfrozen()
+        d = self.descriptors[:self.size]
+        sim = d[older] @ d.T
+        sim[np.arange(older.size), older] = -np.inf
+        return int(older[np.argmax(sim.max(axis=1))])
 
     def _oldest_unfrozen(self) -> int | None:
         """The slot FIFO eviction replaces: the oldest non-golden member (None if all are golden)."""
@@ -94,7 +123,7 @@ class PoolMembers:
     def _compact_members(self, keep: np.ndarray) -> None:
         """Keep only the ``keep`` members' bookkeeping, compacted to the front."""
         n = len(keep)
-        for name in ("features", "raw_scores", "admitted_seq", "admitted_time", "golden"):
+        for name in ("features", "raw_scores", "admitted_seq", "admitted_time", "golden", "descriptors"):
             arr = getattr(self, name)
             if arr is not None:
                 arr[:n] = arr[keep]
@@ -220,6 +249,8 @@ class FeaturePool(PoolMembers):
             return self.size
         if self.eviction == "fifo":
             return self._oldest_unfrozen()
+        if self.eviction == "coverage":
+            return self._most_redundant()
         candidates = np.flatnonzero(~self.golden)
         if candidates.size == 0:
             return None
@@ -240,6 +271,7 @@ class FeaturePool(PoolMembers):
             self.sets16[s, slot] = fs
             # Score against exactly what is persisted, so a restored pool scores identically.
             self.work[s, slot * self.patches:(slot + 1) * self.patches] = self.sets16[s, slot]
+        self._descriptor_slot(slot, part_descriptor(sets[0]))
         self._record(slot, part_id, raw_score, feature, now, golden)
         return slot
 
@@ -279,4 +311,6 @@ class FeaturePool(PoolMembers):
         self.part_ids = [str(p) for p in state["part_ids"][-n:]] + [None] * (self.capacity - n)
         self.admissions = int(state["admissions"])
         self.size = n
+        for slot in range(n):
+            self._descriptor_slot(slot, part_descriptor(self.work[0, slot * self.patches:(slot + 1) * self.patches]))
         self._workspace = None

@@ -79,6 +79,7 @@ class PartRecord:
     score: float | None = None          # re-scored, the value compared with the threshold
     threshold: float | None = None
     anomaly_map: np.ndarray | None = None   # 2d: patch-grid map [h, w]; 3d / 2d+3d: pixel map [size, size]
+    look_ahead: int = 0                 # later parts it was also scored against (runtime/look_ahead.py)
     detail: str = ""                    # human-readable extra (error message, ...)
     times: StageTimes = field(default_factory=StageTimes)
     seq: int | None = None              # wire sequence number (= ledger row id)

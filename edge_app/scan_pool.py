@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .pool import PoolMembers, pool_range
+from .pool import PoolMembers, part_descriptor, pool_range
 from .scoring import MuscParams, PoolTooSmallError, patch_to_sample_distances, rescore_one
 from .scoring3d import FusionParams, Sample3D, score_batch, score_one
 from .scoring3d.map3d import DEFAULT_SIGMA, Propagation
@@ -40,6 +40,15 @@ class ScanScore:
     feature: np.ndarray  # [F] re-scoring feature
     n_refs: int
 
+def scan_descriptor(sets: Sequence[np.ndarray], layer_3d: np.ndarray) -> np.ndarray:
+    """A scanned part's global descriptor: the means of its first 2D set (if any) and first 3D layer, each a
+    unit vector, concatenated."""
+    parts = [part_descriptor(sets[0])] if len(sets) else []
+    parts.append(part_descriptor(layer_3d))
+    out = np.concatenate(parts)
+    return out / np.linalg.norm(out)
+
+
 def fusion_params(mode: str, params: MuscParams, sigma: float) -> FusionParams:
     """MuSc-V2 scoring settings for ``mode`` with the 2D scoring's interval fraction, windows and salient layer."""
     return FusionParams(mode=mode, fraction=params.fraction, windows=params.windows,
@@ -60,11 +69,14 @@ class ScanPool(PoolMembers):
     """
 
     def __init__(self, mode: str, capacity: int, n_sets: int, patches: int, dim: int, image_size: int, *,
-                 min_size: int = 10, sigma: float = DEFAULT_SIGMA):
+                 min_size: int = 10, sigma: float = DEFAULT_SIGMA, eviction: str = "fifo"):
         if mode not in SCAN_MODES:
             raise ValueError(f"unknown scan pool mode {mode!r}: expected one of {SCAN_MODES}")
         self._init_members(capacity, min_size)
         self.mode = mode
+        if eviction not in ("fifo", "coverage"):
+            raise ValueError(f"unknown scan pool eviction {eviction!r}: expected 'fifo' or 'coverage'")
+        self.eviction = eviction
         self.image_size, self.sigma = image_size, sigma
         self.n_sets = n_sets if mode == "2d+3d" else 0
         self.patches, self.dim = patches, dim
@@ -128,7 +140,9 @@ class ScanPool(PoolMembers):
         return float(np.min(closeness)) / len(query_sets)
 
     def _slot_to_fill(self) -> int | None:
-        return self.size if self.size < self.capacity else self._oldest_unfrozen()
+        if self.size < self.capacity:
+            return self.size
+        return self._most_redundant() if self.eviction == "coverage" else self._oldest_unfrozen()
 
     def _shape_for(self, sample: Sample3D, feature_dim: int) -> None:
         """Allocate the 3D arrays from the first member; later members must have the same shapes."""
@@ -158,6 +172,7 @@ class ScanPool(PoolMembers):
             self.sets16[s, slot] = fs
             self.work[s, slot] = self.sets16[s, slot]
         self.layers[:, slot] = np.stack(sample.layers)
+        self._descriptor_slot(slot, scan_descriptor(query.sets, sample.layers[0]))
         self.geometry[slot] = _geometry(sample)
         self._record(slot, part_id, raw_score, feature, now, golden)
         return slot
@@ -222,6 +237,8 @@ class ScanPool(PoolMembers):
                                state["prop_pixels"][points], self.image_size)
             self.geometry[slot] = Sample3D(state["centres"][i], state["centre_pixels"][i], _NO_MEMBERS,
                                            state["curvature"][i], (), prop)
+            self._descriptor_slot(slot, scan_descriptor([self.work[s, slot] for s in range(self.n_sets)],
+                                                        self.layers[0, slot]))
         self.size = n
 
 

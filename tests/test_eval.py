@@ -107,3 +107,42 @@ def test_eval_shows_progress_while_scoring_and_while_writing_overlays(toy_model,
     err = capsys.readouterr().err   # not a terminal: one line per tenth, the last one complete
     assert "scoring: 2/2 (" in err, err   # batch: one step per feature set (blocks 6 and 9)
     assert "overlays: 1/48 (" in err and "overlays: 48/48 (" in err, err
+
+
+def test_line_mode_mixes_train_good_reports_batch_beside_it_and_writes_one_csv_row_per_image(
+        toy_model, synthetic_parts, tmp_path):
+    import csv
+    import shutil
+
+    category = tmp_path / "part"
+    shutil.copytree(synthetic_parts, category)
+    train = category / "train" / "good"
+    train.mkdir(parents=True)
+    for i, image in enumerate(sorted((category / "test" / "good").glob("*.png"))[:6]):
+        shutil.copy(image, train / f"t{i:03d}.png")     # six more good parts, as a category's train/good
+    scores = tmp_path / "scores.csv"
+    code = main(["eval", "--dataset", str(category), "--model", str(toy_model), "--mode", "line", "--pool", "12",
+                 "--min-pool", "6", "--scores", str(scores), "--report", str(tmp_path / "r.json"), "--quiet"])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["mode"], report["n_images"], report["n_anomalous"]) == ("line", 54, 12)
+    assert set(report["batch"]) >= {"image_auroc", "pixel_auroc", "pro"}
+    assert report["line"]["look_ahead"] == 8 and report["line"]["warmup_parts"] >= 6
+    with open(scores) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 54 and {r["split"] for r in rows} == {"train", "test"}
+    assert sum(int(r["label"]) for r in rows) == 12 and all(int(r["refs"]) >= 5 for r in rows)
+    threshold = report["line"]["label_free_threshold"]
+    if threshold is not None:   # the verdict column is the score against the label-free threshold
+        assert all((r["verdict"] == "REJECT") == (float(r["score"]) >= threshold) for r in rows)
+
+
+def test_line_mode_thins_defects_to_a_rate_and_refuses_its_options_elsewhere(toy_model, synthetic_parts, capsys):
+    from musc_edge.edge.evaluation.line_protocol import line_samples
+
+    thinned = line_samples(synthetic_parts, defect_rate=0.1, seed=1)
+    assert sum(s.label for s in thinned) == 4 and len(thinned) == 40     # 36 good + 4 = 10 %
+    assert line_samples(synthetic_parts, defect_rate=0.1, seed=1) == thinned
+    assert main(["eval", "--dataset", str(synthetic_parts), "--model", str(toy_model), "--defect-rate", "0.1",
+                 "--quiet"]) == 2
+    assert "--mode line" in capsys.readouterr().err

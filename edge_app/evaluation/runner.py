@@ -4,6 +4,9 @@ batch  -- every image scored against all others (the papers' transductive protoc
 stream -- images in a seeded shuffled order, each scored only against a FIFO pool of ``pool`` earlier
           images and admitted by the line's own rules (accepted parts only, no near-duplicates, warm-up
           outliers dropped): see :mod:`.stream`. The warm-up images are scored among themselves.
+line   -- the line-like protocol (:mod:`.line_protocol`): train/good mixed into test, the line's default
+          pool and look-ahead, warm-up images scored once the pool is ready; the batch figure on the same
+          images and a per-image CSV (``scores``) beside it.
 
 Images keep their aspect (``fit``, :mod:`musc_edge.edge.geometry`): a category gets one window plan from its median
 image shape, each image is scored as the concatenated patches of its windows, and the maps are stitched back
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import RecipeSettings
 from ..errors import UsageError
 from ..features import FeatureEngine, Features
 from ..geometry import InputPlan, plan_for, stitch, to_image, windows
@@ -25,11 +29,14 @@ from ..progress import Progress
 from ..runtime.recipes import Prepared
 from ..scoring import MuscParams, prepare, score_batch
 from .datasets import Sample, load_dataset, read_image
+from .line_protocol import label_free, line_samples, write_scores
 from .metrics import compute_metrics
-from .stream import eval_recipe, stream_scores
+from .stream import StreamScores, eval_recipe, stream_scores
 
 # Blocks scored by default: the mid-depth blocks of the default ViT-S/14 localise best (docs/benchmarks.md).
 DEFAULT_BLOCKS = (6, 9)
+STREAMED_MODES = ("stream", "line")
+LINE_RECIPE = RecipeSettings()   # what a line runs when its config says nothing: pool, look-ahead
 REPORT_KEYS = ("dataset", "mode", "size", "pool", "n_images", "n_anomalous", "image_auroc", "image_ap",
                "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pro", "seconds")
 
@@ -37,7 +44,7 @@ REPORT_KEYS = ("dataset", "mode", "size", "pool", "n_images", "n_anomalous", "im
 @dataclass
 class EvalSettings:
     dataset: Path
-    mode: str = "batch"              # batch | stream
+    mode: str = "batch"              # batch | stream | line
     size: int = 224
     fit: str = "tile"                # tile | pad | squash: how non-square images meet the square input
     pool: int = 40                   # stream: pool capacity K
@@ -47,6 +54,8 @@ class EvalSettings:
     blocks: tuple[int, ...] = ()     # blocks to score (default: the scoring default of the model)
     params: MuscParams = field(default_factory=MuscParams)
     overlays: Path | None = None
+    scores: Path | None = None       # line: per-image CSV (line_protocol.write_scores)
+    defect_rate: float | None = None  # line: thin defective images to this share of the stream
     batch_size: int = 8
     threads: int | None = None
     progress: bool = True
@@ -113,7 +122,7 @@ def image_maps(patch_maps: np.ndarray, plan: InputPlan, shape: tuple[int, int]) 
 def run_eval(settings: EvalSettings) -> dict:
     """Score a category and return the report dict (schema: REPORT_KEYS, metrics in percent)."""
     t_start = time.monotonic()
-    samples = load_dataset(settings.dataset)
+    samples = eval_samples(settings)
     engine = FeatureEngine(settings.model, size=settings.size, threads=settings.threads)
     plan = category_plan(samples, settings.size, engine.manifest.patch_size, settings.fit)
 
@@ -129,26 +138,70 @@ def run_eval(settings: EvalSettings) -> dict:
         with Progress(len(sets), "scoring", enabled=settings.progress) as bar:   # one step per feature set
             result = score_batch(sets, grid, settings.params, features.image_tokens, on_set_done=bar.advance)
         scored = ScoredSet(result.patch_maps, result.rescored)
-    elif settings.mode == "stream":
-        order = np.random.default_rng(settings.seed).permutation(len(samples))
+    elif settings.mode in STREAMED_MODES:
         n, patches, dim = sets[0].shape
         recipe = eval_recipe("2d", settings.pool, settings.min_pool, settings.params, grid, settings.size,
-                             len(sets), patches, dim)
+                             len(sets), patches, dim, eviction=stream_eviction(settings))
         tokens = features.image_tokens
         prepared = [Prepared([fs[i] for fs in sets], image_token=tokens[i]) for i in range(n)]
 
         def warmup(idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
             first = score_batch([fs[idx] for fs in sets], grid, settings.params, tokens[idx])
             return first.patch_maps, first.rescored
-        with Progress(len(samples), "scoring", enabled=settings.progress) as bar:
-            streamed = stream_scores(recipe, prepared, order, warmup, bar)
+        streamed = stream_in_order(settings, recipe, prepared, warmup)
         scored = ScoredSet(streamed.maps, streamed.scores)
     else:
-        raise ValueError(f"unknown mode {settings.mode!r}: expected 'batch' or 'stream'")
+        raise ValueError(f"unknown mode {settings.mode!r}: expected one of batch, {', '.join(STREAMED_MODES)}")
     t_scoring = time.monotonic() - t0
 
     maps = image_maps(scored.patch_maps, plan, plan.scaled)
-    return measure(settings, samples, maps, scored.scores, t_start, t_features, t_scoring)
+    report = measure(settings, samples, maps, scored.scores, t_start, t_features, t_scoring)
+    if settings.mode == "line":   # the batch protocol on the same images, for the gap
+        result = score_batch(sets, grid, settings.params, features.image_tokens)
+        add_line_report(report, settings, samples, streamed, image_maps(result.patch_maps, plan, plan.scaled),
+                        result.rescored)
+    return report
+
+
+def eval_samples(settings: EvalSettings) -> list[Sample]:
+    """The images ``settings.mode`` scores: the test split, or in line mode the line-like mix."""
+    if settings.mode == "line":
+        return line_samples(settings.dataset, settings.defect_rate, settings.seed)
+    return load_dataset(settings.dataset)
+
+
+def stream_eviction(settings: EvalSettings) -> str:
+    """Stream mode keeps its FIFO pool (its published figures); line mode runs the line's default pool."""
+    return LINE_RECIPE.pool.eviction if settings.mode == "line" else "fifo"
+
+
+def stream_in_order(settings: EvalSettings, recipe, prepared, warmup) -> StreamScores:
+    """Stream ``prepared`` through ``recipe`` in the seeded order; line mode with the line's default
+    look-ahead and its warm-up parts scored once the pool is ready (:mod:`.line_protocol`)."""
+    order = np.random.default_rng(settings.seed).permutation(len(prepared))
+    line = settings.mode == "line"
+    with Progress(len(prepared), "scoring", enabled=settings.progress) as bar:
+        return stream_scores(recipe, prepared, order, warmup, bar,
+                             look_ahead=LINE_RECIPE.look_ahead.parts if line else 0, late_warmup=line)
+
+
+def add_line_report(report: dict, settings: EvalSettings, samples: list[Sample], streamed: StreamScores,
+                    batch_maps: np.ndarray, batch_scores: np.ndarray) -> None:
+    """Line mode's additions to ``report``: the batch figure on the same images, what the line's first
+    label-free threshold would do, and the per-image CSV (``settings.scores``)."""
+    labels = np.array([s.label for s in samples])
+    masks = load_masks_at(samples, batch_maps.shape[1:])
+    report["batch"] = compute_metrics(labels, batch_scores, masks, batch_maps)
+    first = label_free(streamed.scores, labels)
+    report["line"] = {"look_ahead": LINE_RECIPE.look_ahead.parts, "eviction": LINE_RECIPE.pool.eviction,
+                      "warmup_parts": streamed.warmup, "refs_median": float(np.median(streamed.refs)),
+                      "defect_rate": round(float(labels.mean()), 4),
+                      "label_free_threshold": first.threshold, "good_rejected": first.good_rejected,
+                      "defects_rejected": first.defects_rejected, **({"threshold_problem": first.problem}
+                                                                      if first.problem else {})}
+    if settings.scores is not None:
+        write_scores(settings.scores, samples, streamed.scores, first.threshold, streamed.refs,
+                     streamed.warmup_mask)
 
 
 def load_masks_at(samples: list[Sample], shape: tuple[int, int]) -> np.ndarray:
@@ -181,7 +234,7 @@ def measure(settings: EvalSettings, samples, maps: np.ndarray, scores: np.ndarra
     if settings.overlays:
         write_overlays(settings.overlays, samples, maps, masks, scores, progress=settings.progress)
     report = {"dataset": str(settings.dataset), "mode": settings.mode, "size": settings.size,
-              "pool": settings.pool if settings.mode == "stream" else None, "n_images": len(samples),
+              "pool": settings.pool if settings.mode in STREAMED_MODES else None, "n_images": len(samples),
               "n_anomalous": int(labels.sum()), **metrics,
               "seconds": {"features": round(t_features, 3), "scoring": round(t_scoring, 3),
                           "total": round(time.monotonic() - t_start, 3)}}
@@ -220,4 +273,15 @@ def format_report(report: dict) -> str:
              f"{pct(report['pro'])}",
              "",
              "seconds    features {features:.1f}  scoring {scoring:.1f}  total {total:.1f}".format(**report["seconds"])]
+    if "batch" in report:   # line mode: the batch protocol on the same images, and the first calibration
+        batch, line = report["batch"], report["line"]
+        lines[6:6] = [f"batch      {pct(batch['image_auroc'])}  {pct(batch['image_ap'])}  {pct(batch['image_f1max'])}"
+                      f"  (image; pixel AUROC {pct(batch['pixel_auroc']).strip()}, PRO {pct(batch['pro']).strip()})"]
+        share = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+        lines += [f"line       look-ahead {line['look_ahead']}, pool {line['eviction']}, "
+                  f"{line['warmup_parts']} warm-up parts, median {line['refs_median']:.0f} references",
+                  f"label-free threshold (1 % false rejects): "
+                  + (f"{line['label_free_threshold']:.4f}: good rejected {share(line['good_rejected'])}, "
+                     f"defective rejected {share(line['defects_rejected'])}" if line["label_free_threshold"]
+                     is not None else line.get("threshold_problem", "none"))]
     return "\n".join(lines)

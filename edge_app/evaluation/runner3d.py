@@ -22,8 +22,9 @@ from ..runtime.recipes.recipe_scan import blur_sigma, prepare_scan, scan_params
 from ..scan_pool import SCAN_MODES, PreparedScan, fusion_params
 from ..scoring import prepare
 from ..scoring3d import Sample3D, score_batch
-from .datasets import DatasetError, Sample, load_dataset, read_image
-from .runner import EvalSettings, measure, select_layers
+from .datasets import DatasetError, Sample, read_image
+from .runner import (STREAMED_MODES, EvalSettings, add_line_report, eval_samples, measure, select_layers,
+                     stream_eviction, stream_in_order)
 from .stream import eval_recipe, stream_scores
 
 
@@ -73,10 +74,10 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
     """Score a category with 3D or 2D+3D scoring; the report has the 2D runner's schema (REPORT_KEYS)."""
     if settings.modality not in SCAN_MODES:
         raise ValueError(f"unknown modality {settings.modality!r}: expected one of {SCAN_MODES}")
-    if settings.mode not in ("batch", "stream"):
-        raise ValueError(f"unknown mode {settings.mode!r}: expected 'batch' or 'stream'")
+    if settings.mode not in ("batch", *STREAMED_MODES):
+        raise ValueError(f"unknown mode {settings.mode!r}: expected one of batch, {', '.join(STREAMED_MODES)}")
     t_start = time.monotonic()
-    samples = load_dataset(settings.dataset)
+    samples = eval_samples(settings)
     check_clouds(samples)
     engine = None
     n_sets, grid = 0, None
@@ -93,24 +94,26 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
 
     t0 = time.monotonic()
     sigma = blur_sigma(settings.scan, settings.size)
+    fusion = fusion_params(settings.modality, settings.params, sigma)
     if settings.mode == "batch":
-        result = score_batch(sets, samples_3d, grid, settings.size,
-                             fusion_params(settings.modality, settings.params, sigma))
+        result = score_batch(sets, samples_3d, grid, settings.size, fusion)
         maps, scores = result.maps, result.rescored
     else:
         recipe = eval_recipe(settings.modality, settings.pool, settings.min_pool, settings.params, grid,
                              settings.size, n_sets, grid[0] * grid[1] if grid else 0,
-                             sets[0].shape[2] if sets else 0, settings.scan)
+                             sets[0].shape[2] if sets else 0, settings.scan, eviction=stream_eviction(settings))
         prepared = [PreparedScan([fs[i] for fs in sets] if sets else [], s) for i, s in enumerate(samples_3d)]
 
         def warmup(idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
             first = score_batch([fs[idx] for fs in sets] if sets else None, [samples_3d[i] for i in idx], grid,
-                                settings.size, fusion_params(settings.modality, settings.params, sigma))
+                                settings.size, fusion)
             return first.maps, first.rescored
-        order = np.random.default_rng(settings.seed).permutation(len(samples))
-        with Progress(len(samples), "scoring", enabled=settings.progress) as bar:
-            streamed = stream_scores(recipe, prepared, order, warmup, bar)
+        streamed = stream_in_order(settings, recipe, prepared, warmup)
         maps, scores = streamed.maps, streamed.scores
     t_scoring = time.monotonic() - t0
 
-    return measure(settings, samples, maps, scores, t_start, t_features, t_scoring)
+    report = measure(settings, samples, maps, scores, t_start, t_features, t_scoring)
+    if settings.mode == "line":   # the batch protocol on the same images, for the gap
+        result = score_batch(sets, samples_3d, grid, settings.size, fusion)
+        add_line_report(report, settings, samples, streamed, result.maps, result.rescored)
+    return report

@@ -28,14 +28,15 @@ WarmupScorer = Callable[[list[int]], tuple[np.ndarray, np.ndarray]]
 
 
 def eval_recipe(modality: str, capacity: int, min_pool: int, params: MuscParams, grid: tuple[int, int] | None,
-                size: int, n_sets: int, patches: int, dim: int, scan: ScanSettings | None = None) -> Recipe:
+                size: int, n_sets: int, patches: int, dim: int, scan: ScanSettings | None = None,
+                eviction: str = "fifo") -> Recipe:
     """The recipe a line with the default recipe settings (threshold, admission, near-duplicate distance)
-    and a FIFO pool of ``capacity`` would run; its parts come prepared, so it has no feature stage."""
+    and a pool of ``capacity`` (``eviction``) would run; its parts come prepared, so it has no feature stage."""
     def no_features(images):
         raise RuntimeError("stream evaluation scores prepared parts; the recipe has no feature stage")
 
     settings = RecipeSettings(modality=modality, scan=scan if modality != "2d" else None,
-                              pool=PoolSettings(capacity=capacity, min_size=min(min_pool, capacity)))
+                              pool=PoolSettings(capacity=capacity, min_size=min(min_pool, capacity), eviction=eviction))
     return make_recipe("eval", settings, Scoring(no_features, grid, params, size, {}), n_sets, patches, dim)
 
 
@@ -46,6 +47,8 @@ class StreamScores:
     warmup: int               # parts scored among themselves while the pool warmed up
     admitted: int             # parts the pool admitted (warm-up included)
     rejected_duplicates: int  # parts refused as near-duplicates of a member
+    refs: np.ndarray          # [N] references each part was scored against (members + look-ahead parts)
+    warmup_mask: np.ndarray   # [N] parts that arrived while the pool warmed up
 
 
 def stream_scores(recipe: Recipe, prepared: Sequence[Any], order: np.ndarray, warmup_scores: WarmupScorer,
@@ -73,14 +76,18 @@ def stream_scores(recipe: Recipe, prepared: Sequence[Any], order: np.ndarray, wa
     maps = np.zeros((n, *first_maps.shape[1:]), np.float32)
     scores = np.zeros(n)
     maps[warmup], scores[warmup] = first_maps, first_scores
+    refs = np.full(n, len(warmup) - 1)
     if late_warmup:
         for k, i in enumerate(warmup):
+            later = [prepared[int(j)] for j in order[step:step + look_ahead]]
             part, _ = recipe.decide(PartRecord(part_id=str(i), recipe=recipe.name, capture_time=float(k)),
-                                    prepared[i], [prepared[int(j)] for j in order[step:step + look_ahead]])
+                                    prepared[i], later)
             maps[i], scores[i] = part.anomaly_map, part.score
+            refs[i] = pool.size - (str(i) in pool.part_ids) + len(later)
     for step in range(step, n):
         i = int(order[step])
         later = [prepared[int(j)] for j in order[step + 1:step + 1 + look_ahead]]
+        refs[i] = pool.size + len(later)
         part, kept = recipe.decide(PartRecord(part_id=str(i), recipe=recipe.name, capture_time=float(step)),
                                    prepared[i], later)
         if part.reason not in (Reason.OK, Reason.ANOMALY):
@@ -89,4 +96,6 @@ def stream_scores(recipe: Recipe, prepared: Sequence[Any], order: np.ndarray, wa
         maps[i], scores[i] = part.anomaly_map, part.score
         admitted += recipe.admit(part, kept, now=float(step))
         progress and progress.advance()
-    return StreamScores(maps, scores, len(warmup), admitted, recipe.rejected_duplicates)
+    warmup_mask = np.zeros(n, bool)
+    warmup_mask[warmup] = True
+    return StreamScores(maps, scores, len(warmup), admitted, recipe.rejected_duplicates, refs, warmup_mask)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -171,10 +171,12 @@ class Inspector:
             self._generation[part.part_id] = before
         return prepared
 
-    def inspect(self, part: PartRecord, extracted: object | None = NOT_EXTRACTED) -> tuple[PartRecord, object | None]:
+    def inspect(self, part: PartRecord, extracted: object | None = NOT_EXTRACTED,
+                look_ahead: Sequence[tuple[PartRecord, object]] = ()) -> tuple[PartRecord, object | None]:
         """Fill ``part``'s verdict, reason, scores, map and stage times; also returns what its recipe
         prepared (for :meth:`admit`). Never raises for a bad part. ``extracted``: what :meth:`extract`
-        returned for this part when the line ran it ahead."""
+        returned for this part when the line ran it ahead; ``look_ahead``: later parts of the same recipe with
+        what it returned for them (extra references; those extracted before a fast-path switch are left out)."""
         if extracted is NOT_EXTRACTED:
             extracted = self.extract(part)
         elif self.fast_path is not None and extracted is not None and \
@@ -182,7 +184,10 @@ class Inspector:
             extracted = self.recipes[part.recipe].extract(part)   # extracted ahead by the model before a switch
         if part.verdict is not None or extracted is None:
             return part, None
-        return self.recipes[part.recipe].decide(part, extracted)
+        if self.fast_path is not None:   # one feature space: the model that extracted the part itself
+            generation = self.fast_path.generation
+            look_ahead = [(p, x) for p, x in look_ahead if self._generation.get(p.part_id, generation) == generation]
+        return self.recipes[part.recipe].decide(part, extracted, [x for _, x in look_ahead])
 
     def admit(self, part: PartRecord, prepared: object | None, now: float | None = None) -> bool:
         """Pool admission after a verdict, by the part's recipe (:meth:`Recipe.admit`)."""

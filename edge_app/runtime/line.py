@@ -45,6 +45,7 @@ from .calibration_state import (AuditError, Authorised, Calibration, Calibration
                                 RejectTiming, StoreError, parse_calibration)
 from .control import ControlError, ControlServer, ensure_token
 from .deadline import DeadlineClock
+from .look_ahead import LookAheadWindow
 from .inspector import Inspector
 from .systemd import SystemdNotifier
 
@@ -130,6 +131,8 @@ class Line:
         self._in: queue.Queue = queue.Queue(maxsize=config.line.queue_size)
         # (part, future of its extraction) in arrival order; bounded so at most a few parts run ahead of scoring
         self._ready: queue.Queue = queue.Queue(maxsize=config.line.extract_workers)
+        # extracted parts waiting for their look-ahead references, oldest first (the worker's)
+        self._window = LookAheadWindow(lambda recipe: config.recipes[recipe].look_ahead)
         self._out: queue.Queue = queue.Queue()
         self._acks: queue.Queue = queue.Queue()
         self._tasks: queue.Queue = queue.Queue()       # control changes, run by the worker between parts
@@ -365,6 +368,10 @@ class Line:
     def _worker_gone(self) -> None:
         """The worker thread stopped for good: every part still in the pipeline gets its NO_VERDICT row from
         the output stage, then the end."""
+        for waiting in self._window.drain():
+            if waiting.part.verdict is None:
+                waiting.part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, "the worker thread stopped (line stopping)")
+            self._out.put(("part", waiting.part, None))
         while True:
             try:
                 part, _ = self._ready.get(timeout=30)
@@ -421,45 +428,62 @@ class Line:
         return self.inspector.extract(part) if time.monotonic() < part.deadline else None
 
     def _worker_loop(self) -> None:
+        """Score parts in arrival order; with look-ahead a part waits in the window for later parts
+        (:mod:`.look_ahead`) until it is due, and a part that cannot wait is scored on what is there."""
+        window, ending = self._window, False
         while True:
             self.systemd.watchdog()  # from the scoring loop itself: a hung engine call stops the pings
             self._run_tasks()
-            try:
-                part, pending = self._ready.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if part is _DONE:
+            if not ending:
+                try:
+                    part, pending = self._ready.get(timeout=window.wait_s(time.monotonic(), 0.05))
+                except queue.Empty:
+                    part = None
+                if part is _DONE:
+                    ending = True
+                elif part is not None:
+                    window.add(part, self._extracted(part, pending))
+            while (head := window.due(time.monotonic(), ending or self._stop.is_set())) is not None:
+                self._decide(head.part, head.extracted, [(w.part, w.extracted) for w in window.references(head)])
+            if ending:
                 self._run_tasks()
                 self._out.put(("done",))
                 return
-            try:
-                extracted = pending.result()
-            except Exception as exc:  # extract() decides bad parts itself; this is a fault in the engine
-                log.exception("extraction failed for part %s", part.part_id)
-                part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"extraction failed: {exc}")
-                extracted = None
-            deadline = part.deadline
-            in_force = self.in_force  # read once: the version stamped on the row is the one that decided it
-            if time.monotonic() >= deadline:
-                part.decide(Verdict.NO_VERDICT, Reason.DEADLINE, "deadline passed while queued")
-                self._out.put(("part", part, None, in_force))
-                continue
-            try:
-                part, prepared = self.inspector.inspect(part, extracted)
-            except Exception as exc:   # inspect() decides bad parts itself; this is a fault in scoring
-                log.exception("scoring failed for part %s", part.part_id)
-                part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"scoring failed: {_one_line(exc)}")
-                prepared = None
-            if time.monotonic() > deadline and part.verdict != Verdict.NO_VERDICT:
-                part.decide(Verdict.NO_VERDICT, Reason.DEADLINE,
-                            f"scored {part.verdict.value} after the deadline (score {part.score:.4f})")
-            try:
-                self.inspector.admit(part, prepared)
-            except Exception as exc:   # the verdict stands; the pool did not take this part
-                log.exception("pool admission failed for part %s", part.part_id)
-                self._on_alarm(f"pool admission failed for part {part.part_id}: {_one_line(exc)}")
-            self._out.put(("part", part, prepared, in_force))
-            self._maybe_persist()
+
+    def _extracted(self, part: PartRecord, pending) -> object | None:
+        try:
+            return pending.result()
+        except Exception as exc:  # extract() decides bad parts itself; this is a fault in the engine
+            log.exception("extraction failed for part %s", part.part_id)
+            part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"extraction failed: {exc}")
+            return None
+
+    def _decide(self, part: PartRecord, extracted: object | None, look_ahead: list) -> None:
+        """Score one part (against the pool and its look-ahead references), admit it, pass it to output."""
+        deadline = part.deadline
+        in_force = self.in_force  # read once: the version stamped on the row is the one that decided it
+        if time.monotonic() >= deadline:
+            part.decide(Verdict.NO_VERDICT, Reason.DEADLINE, "deadline passed while queued")
+            self._out.put(("part", part, None, in_force))
+            return
+        try:
+            part, prepared = self.inspector.inspect(part, extracted, look_ahead)
+        except Exception as exc:   # inspect() decides bad parts itself; this is a fault in scoring
+            log.exception("scoring failed for part %s", part.part_id)
+            part.decide(Verdict.NO_VERDICT, Reason.ENGINE_ERROR, f"scoring failed: {_one_line(exc)}")
+            prepared = None
+        self._window.record_scoring(part.times.scoring)
+        part.look_ahead = len(look_ahead)
+        if time.monotonic() > deadline and part.verdict != Verdict.NO_VERDICT:
+            part.decide(Verdict.NO_VERDICT, Reason.DEADLINE,
+                        f"scored {part.verdict.value} after the deadline (score {part.score:.4f})")
+        try:
+            self.inspector.admit(part, prepared)
+        except Exception as exc:   # the verdict stands; the pool did not take this part
+            log.exception("pool admission failed for part %s", part.part_id)
+            self._on_alarm(f"pool admission failed for part {part.part_id}: {_one_line(exc)}")
+        self._out.put(("part", part, prepared, in_force))
+        self._maybe_persist()
 
     def _maybe_persist(self) -> None:
         """Periodic pool persistence: the worker only copies the pools; a writer thread does the disk I/O."""
