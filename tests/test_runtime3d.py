@@ -287,7 +287,7 @@ MINIMAL = {"source": {"type": "replay", "path": "frames", "cloud_path": "../xyz/
 
 @pytest.mark.parametrize("patch, message", [
     ({"recipes": {"default": {"scan": {"n_groups": 64}}}}, "only used by recipes with modality 3d or 2d+3d"),
-    ({"recipes": {"default": {"modality": "3d", "pool": {"eviction": "reservoir"}}}}, "their pool is FIFO"),
+    ({"recipes": {"default": {"modality": "3d", "pool": {"eviction": "reservoir"}}}}, "fifo or coverage"),
     ({"recipes": {"default": {"modality": "2.5d"}}}, "recipes.default.modality"),
     ({"recipes": {"default": {"modality": "3d", "scan": {"scales": [0, 1]}}}}, "recipes.default.scan.scales"),
     ({"recipes": {"default": {"modality": "3d"}}, "source": {"type": "replay", "path": "frames"}},

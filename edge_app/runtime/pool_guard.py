@@ -220,7 +220,8 @@ class PoolGuard:
         sets (``sets16``: a scan pool) are left alone."""
         s = self.settings
         n = pool.size
-        if not self.enabled or getattr(pool, "sets16", None) is None or n < 2 * (s.min_partners + 1):
+        if not self.enabled or getattr(pool, "sets16", None) is None or not len(pool.sets16) \
+                or n < 2 * (s.min_partners + 1):   # a 3d scan pool's sets16 holds no 2D set
             return 0
         sets = [np.asarray(pool.sets16[k, :n], np.float32) for k in range(pool.sets16.shape[0])]
         side = int(round(np.sqrt(sets[0].shape[1])))
