@@ -160,11 +160,31 @@ def test_incomplete_frames_of_unknown_id_stand_for_one_frame_each():
     assert ids.observe(107, 5.2) is None and ids.overdue(9.0) == [105]
 
 
+def test_frames_keep_the_places_of_earlier_frames_still_owed():
+    """Software triggers T1..T5 give frames 1..5; frame 2 arrives late, frame 3 never: each frame's position
+    among the triggers still waiting (oldest first) picks its own trigger."""
+    ids = FrameIdTracker(gap_timeout_s=1.0)
+    waiting = ["T1", "T2", "T3", "T4", "T5"]
+    got = {}
+
+    def arrive(frame_id, now):
+        ids.observe(frame_id, now)
+        got[frame_id] = waiting.pop(ids.position)
+
+    arrive(1, 0.0)
+    arrive(4, 0.1)        # 2 and 3 owed: frame 4 is third in line
+    arrive(2, 0.2)        # 2 late: first in line
+    arrive(5, 0.3)        # 3 still owed
+    assert ids.overdue(2.0) == [3]
+    got[3] = waiting.pop(0)                              # the missing frame's part keeps its trigger
+    assert got == {1: "T1", 2: "T2", 3: "T3", 4: "T4", 5: "T5"} and waiting == []
+
+
 def test_frame_ids_wrap_at_65535_and_a_restart_is_an_alarm():
     ids = FrameIdTracker(gap_timeout_s=0.0)
     ids.observe(65534, 0.0)
     assert ids.observe(2, 0.1) is None                   # 65535, 1 skipped across the wrap (0 is never used)
-    assert ids.overdue(0.1) == [1, 65535]
+    assert ids.overdue(0.1) == [65535, 1]                # in the order the camera made them
     assert ids.observe(3, 0.2) is None and ids.overdue(1.0) == []
     fresh = FrameIdTracker()
     fresh.observe(500, 0.0)

@@ -14,8 +14,9 @@ slow consumer never holds the camera's pool. Every frame becomes one part:
 * with ``multipart: true`` (GigE Vision multi-part, 3D cameras), ``cloud`` is the buffer's ``Coord3D_ABC32f``
   component paired with its 2D image (:func:`pair_components`).
 
-Software triggers are matched to frames in order (the oldest waiting trigger takes the next frame): with
-packet resends on, frames arrive in order; a lost frame shifts the match until the trigger queue drains.
+Software triggers are matched to frames in order, frame ids keeping the places of frames still owed: a frame
+that arrives while an earlier id is missing takes the trigger after the one that id keeps, and the missing
+id's part (late frame or NO_VERDICT) gets the trigger it kept.
 
 Faults become parts or alarms, never silence: an incomplete buffer (GigE packet loss) is a part whose decode
 fails with the buffer status (NO_VERDICT, decode_error); a frame-id gap gives one such part per missing
@@ -183,6 +184,10 @@ class FrameIdTracker:
     incomplete frame carries is not reliable (0, or the buffer's previous id, when the leader packet was
     lost): such a frame still stands for one frame, so it settles one pending id (the oldest), or, before
     the gap shows, one that the next gap will open (for ``gap_timeout_s``).
+
+    After each :meth:`observe`, ``position`` is how many frames still owed were due before this one (the
+    pending ids older than it): a software-triggered frame belongs to that many triggers after the oldest
+    waiting one, the owed frames' triggers staying with their ids.
     """
 
     def __init__(self, gap_timeout_s: float = 0.5) -> None:
@@ -191,6 +196,7 @@ class FrameIdTracker:
         self.pending: dict[int, float] = {}             # id -> when a later id showed it was skipped
         self.credits: deque[float] = deque()            # arrival times of incomplete frames of unknown id
         self.given_up: deque[int] = deque(maxlen=1024)  # ids already reported missing
+        self.position = 0
 
     def reset(self) -> None:
         """Forget everything (a new connection: the camera's counter may start again)."""
@@ -204,15 +210,19 @@ class FrameIdTracker:
         Ids wrap 65535 -> 1 as in GigE Vision 1.x. A complete frame whose id is repeated or decreasing, and
         neither pending nor a wrap, is a restart of the camera's counter: an alarm, no ids taken as missing.
         """
-        if self.pending.pop(frame_id, None) is not None:
-            return None                                  # late, but in time
+        self.position = 0
+        if frame_id in self.pending:                     # late, but in time
+            self.position = list(self.pending).index(frame_id)
+            del self.pending[frame_id]
+            return None
         if not complete and not self._follows(frame_id):
-            self.credits.append(now)
+            self.credits.append(now)                     # stands for the oldest frame owed
             self._settle()
             return None
         if frame_id in self.given_up:
             return f"frame id {frame_id} arrived after it was reported missing"
         last, self.last = self.last, frame_id
+        self.position = len(self.pending)                # every id still owed is older than this one
         if last is None or frame_id == last + 1:
             return None
         if frame_id > last:
@@ -223,13 +233,14 @@ class FrameIdTracker:
             return f"frame ids restarted at {frame_id} after {last} (camera reset or a second stream)"
         self.pending.update((i, now) for i in skipped)
         self._settle()
+        self.position = len(self.pending)
         return None
 
     def overdue(self, now: float) -> list[int]:
-        """Pending ids given up at ``now`` (in id order); each is reported once."""
+        """Pending ids given up at ``now``, oldest first (in the order the camera made them); each reported once."""
         while self.credits and now - self.credits[0] >= self.gap_timeout_s:
             self.credits.popleft()
-        late = sorted(i for i, since in self.pending.items() if now - since >= self.gap_timeout_s)
+        late = [i for i, since in self.pending.items() if now - since >= self.gap_timeout_s]
         for i in late:
             del self.pending[i]
         self.given_up.extend(late)
@@ -248,7 +259,7 @@ class FrameIdTracker:
     def _settle(self) -> None:
         while self.credits and self.pending:
             self.credits.popleft()
-            del self.pending[min(self.pending, key=lambda i: (self.pending[i], i))]
+            del self.pending[next(iter(self.pending))]
 
 
 @dataclass
@@ -454,6 +465,16 @@ class GenICamSource(FrameSource):
             yield self._no_frame(ids, request, f"software trigger got no frame within "
                                                f"{self.config.frame_timeout_s:g} s from camera {self.device_id}")
 
+    def _take_trigger(self, position: int) -> _Trigger | None:
+        """The waiting software trigger a frame answers: ``position`` after the oldest (the earlier ones are
+        owed frames still in flight); None in free run and hardware trigger."""
+        if not self._awaiting:
+            return None
+        position = min(position, len(self._awaiting) - 1)
+        request = self._awaiting[position]
+        del self._awaiting[position]
+        return request
+
     def _missing_records(self, ids, give_up_all: bool = False) -> Iterator[PartRecord]:
         """A NO_VERDICT part per frame id given up as missing (an alarm instead beyond ``max_gap_rows``)."""
         missing = self._tracker.overdue(math.inf if give_up_all else time.monotonic())
@@ -474,7 +495,7 @@ class GenICamSource(FrameSource):
         status = buffer.get_status()
         if alarm := self._tracker.observe(frame_id, time.monotonic(), status == Arv.BufferStatus.SUCCESS):
             self.on_alarm(f"camera {self.device_id}: {alarm}")
-        request = self._awaiting.popleft() if self._awaiting else None
+        request = self._take_trigger(self._tracker.position)
         if request is not None:
             mono, utc = request.mono, request.utc
         else:
