@@ -25,6 +25,7 @@ from .thresholds import ThresholdError
 from .roles import technician_token, who
 
 Show = Callable[[str], None]
+KEEP_CANDIDATES = 200   # shadow-tested candidates kept per folder
 
 
 # -- thresholds ------------------------------------------------------------------------------------------------
@@ -118,6 +119,8 @@ def save_candidate(ctx: LineContext, cand: Candidate, last: int) -> tuple[str, P
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{ident}.json"
             path.write_bytes(data)
+            for old in sorted(folder.glob("c*.json"), key=lambda p: p.stat().st_mtime)[:-KEEP_CANDIDATES]:
+                old.unlink(missing_ok=True)   # a line shadow-tests for months: the newest ones are kept
             return ident, path
         except OSError as exc:
             problems.append(f"{folder}: {exc.strerror or exc}")
