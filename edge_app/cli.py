@@ -48,6 +48,8 @@ def _add_eval(sub) -> None:
                         "threshold, references)")
     p.add_argument("--defect-rate", type=float, metavar="R",
                    help="line mode: thin the defective images to this share of the stream, e.g. 0.1")
+    p.add_argument("--rate", type=float, default=4.0, metavar="PARTS_PER_S",
+                   help="line mode: the line's rate, which sets how many later parts the look-ahead gets (default 4)")
     p.add_argument("--modality", choices=("2d", "3d", "2d+3d"),
                    help="score images (default), point clouds (MVTec 3D-AD xyz/*.tiff) or both fused (MuSc-V2); "
                         "with --suite, default: every modality a category has")
@@ -99,7 +101,7 @@ def cmd_eval(args) -> int:
                   seed=args.seed, model=args.model, blocks=args.blocks or DEFAULT_BLOCKS,
                   params=MuscParams(aggregation=args.aggregation, windows=args.rescore,
                                     rescore_feature=args.rescore_feature, image_top=args.image_top),
-                  overlays=args.overlays, scores=args.scores, defect_rate=args.defect_rate,
+                  overlays=args.overlays, scores=args.scores, defect_rate=args.defect_rate, rate=args.rate,
                   threads=args.threads, progress=not args.quiet, fit=args.fit)
     if args.mode != "line" and (args.scores or args.defect_rate is not None):
         raise UsageError("--scores and --defect-rate belong to --mode line")

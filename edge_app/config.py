@@ -179,13 +179,17 @@ class ScanSettings(_Strict):
 class LookAheadSettings(_Strict):
     """Look-ahead verdicts (edge_app/runtime/look_ahead.py): a part is also scored against later parts."""
 
-    parts: int = Field(8, ge=0, le=64, description=(
+    parts: int = Field(4, ge=0, le=64, description=(
         "later parts of the recipe a part may also be scored against (references only; 0: off)"))
-    max_ms: float = Field(1000.0, ge=0, le=60_000, description=(
+    max_ms: float = Field(400.0, ge=0, le=60_000, description=(
         "longest a part waits for them after its capture; its deadline minus the measured scoring time and "
         "margin_ms bounds the wait too"))
-    margin_ms: float = Field(100.0, ge=0, le=60_000, description=(
+    margin_ms: float = Field(150.0, ge=0, le=60_000, description=(
         "kept free before a waiting part's deadline besides the measured scoring time"))
+
+    def parts_at(self, rate: float) -> int:
+        """Later parts a part gets at ``rate`` parts per second: ``parts``, or fewer when ``max_ms`` ends first."""
+        return min(self.parts, int(rate * self.max_ms / 1000.0))
 
 
 class RecipeSettings(_Strict):

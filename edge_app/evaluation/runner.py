@@ -56,6 +56,7 @@ class EvalSettings:
     overlays: Path | None = None
     scores: Path | None = None       # line: per-image CSV (line_protocol.write_scores)
     defect_rate: float | None = None  # line: thin defective images to this share of the stream
+    rate: float = 4.0                # line: parts per second (how many later parts the look-ahead waits for)
     batch_size: int = 8
     threads: int | None = None
     progress: bool = True
@@ -182,7 +183,8 @@ def stream_in_order(settings: EvalSettings, recipe, prepared, warmup) -> StreamS
     line = settings.mode == "line"
     with Progress(len(prepared), "scoring", enabled=settings.progress) as bar:
         return stream_scores(recipe, prepared, order, warmup, bar,
-                             look_ahead=LINE_RECIPE.look_ahead.parts if line else 0, late_warmup=line)
+                             look_ahead=LINE_RECIPE.look_ahead.parts_at(settings.rate) if line else 0,
+                             late_warmup=line)
 
 
 def add_line_report(report: dict, settings: EvalSettings, samples: list[Sample], streamed: StreamScores,
@@ -193,7 +195,8 @@ def add_line_report(report: dict, settings: EvalSettings, samples: list[Sample],
     masks = load_masks_at(samples, batch_maps.shape[1:])
     report["batch"] = compute_metrics(labels, batch_scores, masks, batch_maps)
     first = label_free(streamed.scores, labels)
-    report["line"] = {"look_ahead": LINE_RECIPE.look_ahead.parts, "eviction": LINE_RECIPE.pool.eviction,
+    report["line"] = {"rate": settings.rate, "look_ahead": LINE_RECIPE.look_ahead.parts_at(settings.rate),
+                      "eviction": LINE_RECIPE.pool.eviction,
                       "warmup_parts": streamed.warmup, "refs_median": float(np.median(streamed.refs)),
                       "defect_rate": round(float(labels.mean()), 4),
                       "label_free_threshold": first.threshold, "good_rejected": first.good_rejected,
@@ -278,7 +281,7 @@ def format_report(report: dict) -> str:
         lines[6:6] = [f"batch      {pct(batch['image_auroc'])}  {pct(batch['image_ap'])}  {pct(batch['image_f1max'])}"
                       f"  (image; pixel AUROC {pct(batch['pixel_auroc']).strip()}, PRO {pct(batch['pro']).strip()})"]
         share = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-        lines += [f"line       look-ahead {line['look_ahead']}, pool {line['eviction']}, "
+        lines += [f"line       {line['rate']:g} parts/s: look-ahead {line['look_ahead']}, pool {line['eviction']}, "
                   f"{line['warmup_parts']} warm-up parts, median {line['refs_median']:.0f} references",
                   f"label-free threshold (1 % false rejects): "
                   + (f"{line['label_free_threshold']:.4f}: good rejected {share(line['good_rejected'])}, "
