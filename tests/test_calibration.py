@@ -439,3 +439,19 @@ def test_after_stage_shadow_compares_against_the_staged_threshold(storage, capsy
     report = json.loads(out)["report"]
     assert code == 0 and json.loads(out)["current"] == 0.3, err
     assert report["newly_rejected"] == [] and report["newly_accepted"] == []   # the same as what is staged
+
+
+def test_a_technician_who_cannot_read_the_device_secret_changes_the_line_through_it(storage, fake_line, capsys,
+                                                                                    monkeypatch):
+    monkeypatch.setattr("musc_edge.calibration.client.read_audit_key", lambda storage: None)   # not the runtime's user
+    code, out, err = run_cli(capsys, "threshold", "apply", "--yes", "--storage", str(storage), "--threshold", "0.3",
+                             "--reason", "via the line")
+    assert code == 0 and "in force" in out, err
+    log = AuditLog(storage / "calibration", read_audit_key(storage))
+    assert [r["action"] for r in log.records()] == ["baseline", "threshold.apply", "runtime.applied",
+                                                    "threshold.apply"]
+    assert log.verify().ok and log.verify().keyed            # every record signed by the line
+    fake_line.close()
+    code, _, err = run_cli(capsys, "timing", "set", "--storage", str(storage), "--stage", "--delay-ms", "500",
+                           "--reason", "line stopped")
+    assert_one_line_error(code, err, "readable only by", "run this change as that user")
