@@ -2,10 +2,12 @@
 control socket open. The toy feature model keeps it fast; the tests assert bookkeeping and safety."""
 from __future__ import annotations
 
+import json
 import struct
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -13,8 +15,10 @@ import numpy as np
 
 from musc_edge.edge.config import parse_config
 from musc_edge.edge.plc_sim import PlcSimulator
+from musc_edge.edge.record import Reason
 from musc_edge.edge.runtime.control import request, token_path
 from musc_edge.edge.runtime.line import Line
+from musc_edge.edge.sources.fields import safe_part_id
 from musc_edge.edge.sources.zmq_source import ZmqFramePusher
 
 
@@ -108,3 +112,66 @@ def assert_one_row_and_ack_each(rows, plc: PlcSimulator) -> None:
     assert all(r.acked for r in rows), [(r.seq, r.part_id) for r in rows if not r.acked]
     assert sorted(v.seq for v in plc.received()) == [r.seq for r in rows]
     assert plc.counters().out_of_order == 0
+
+
+# --- a catalogue of hostile ZeroMQ messages (the soak's hostile mix; each one's row is known in advance) -------
+
+HOSTILE_KINDS = ("long_id", "huge_encoder", "bomb", "truncated", "nan_time", "wrap_cloud", "wrap_raw",
+                 "deep_json", "huge_json", "jpeg_bomb", "cloud_dtype", "float_shape")
+CLOUD_DTYPE_TRICKS = ("object", "float16", "int64", "V12", "<f4")   # "<f4" is float32 spelt otherwise
+
+
+@dataclass(frozen=True)
+class HostileMessage:
+    """A hostile ``[header, image, (cloud)]`` message and the NO_VERDICT row the line must give it.
+
+    ``row_id``: the id its ledger row carries; None when the header cannot be read, so the source's own
+    counter names the part (its row's detail starts with ``UNREADABLE_DETAIL``)."""
+
+    kind: str
+    frames: list
+    row_id: str | None
+    reason: Reason
+
+
+UNREADABLE_DETAIL = "unreadable ZeroMQ header"
+
+
+def hostile_message(kind: str, image: bytes, part_id: str) -> HostileMessage:
+    """One message of ``kind`` (one of ``HOSTILE_KINDS``) for part ``part_id``, ``image`` a good PNG."""
+    def message(header: dict, *frames, row_id: str | None = part_id, reason: Reason = Reason.DECODE_ERROR):
+        return HostileMessage(kind, [json.dumps(header).encode(), *frames], row_id, reason)
+
+    stamped = {"part_id": part_id, "capture_time": time.time()}
+    if kind == "long_id":                                              # 70 bytes over the wire's 64
+        long_id = part_id + "-" + "L" * 70
+        return message({**stamped, "part_id": long_id, "encoding": "png"}, image, row_id=safe_part_id(long_id))
+    if kind == "huge_encoder":                                         # beyond SQLite's int64
+        return message({**stamped, "encoder": 2 ** 70, "encoding": "png"}, image)
+    if kind == "bomb":                                                 # a PNG declaring 30000 x 30000
+        return message({**stamped, "encoding": "png"}, png_declaring(30000, 30000))
+    if kind == "truncated":
+        return message({**stamped, "encoding": "png"}, image[:-40])
+    if kind == "nan_time":                                             # JSON with NaN: not JSON, unreadable
+        return HostileMessage(kind, [json.dumps({**stamped, "capture_time": float("nan"), "encoding": "png"})
+                                     .encode(), image], None, Reason.DECODE_ERROR)
+    if kind == "wrap_cloud":                                           # issue 21 row 1: the product wraps int64
+        return message({**stamped, "encoding": "png", "cloud_shape": [2 ** 32, 2 ** 32, 3],
+                        "cloud_dtype": "float32"}, image, b"", reason=Reason.SCANNER_ERROR)
+    if kind == "wrap_raw":                                             # the same for raw pixels
+        return message({**stamped, "encoding": "raw", "shape": [2 ** 32, 2 ** 32, 3]}, b"")
+    if kind == "deep_json":                                            # issue 21 row 2: RecursionError bait
+        return HostileMessage(kind, [b"[" * 100_000 + b"]" * 100_000, image], None, Reason.DECODE_ERROR)
+    if kind == "huge_json":                                            # a 200 kB header (a valid object)
+        return HostileMessage(kind, [json.dumps({**stamped, "encoding": "png", "pad": "x" * 200_000}).encode(),
+                                     image], None, Reason.DECODE_ERROR)
+    if kind == "jpeg_bomb":                                            # issue 21 row 3: SOF behind a stray byte
+        from .test_bounds import jpeg_with_sof
+        return message({**stamped, "encoding": "jpeg"}, jpeg_with_sof(32767, 32767))
+    if kind == "cloud_dtype":                                          # dtypes a cloud may not have
+        dtype = CLOUD_DTYPE_TRICKS[sum(part_id.encode()) % len(CLOUD_DTYPE_TRICKS)]
+        return message({**stamped, "encoding": "png", "cloud_shape": [2, 2, 3], "cloud_dtype": dtype},
+                       image, bytes(2 * 2 * 3 * 8), reason=Reason.SCANNER_ERROR)
+    if kind == "float_shape":                                          # a raw shape of floats, sized to match
+        return message({**stamped, "encoding": "raw", "shape": [8.0, 8, 3]}, bytes(8 * 8 * 3))
+    raise ValueError(f"unknown hostile kind {kind!r}: one of {HOSTILE_KINDS}")
