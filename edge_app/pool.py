@@ -7,10 +7,10 @@ Slots are replaced in place; FIFO and reservoir eviction both skip "golden" memb
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
+from .score import PoolScore
 from .scoring import MuscParams, PoolTooSmallError, image_scores, rescore_one, score_batch
 from .scoring.msm import one_vs_pool, patch_to_sample_distances
 from .scoring.musc import salient_features
@@ -142,18 +142,6 @@ class PoolMembers:
 
     def remove(self, slots: np.ndarray) -> None:
         raise NotImplementedError
-
-
-@dataclass
-class PoolScore:
-    """One part scored against the pool."""
-
-    patch_map: np.ndarray   # [h, w]
-    raw: float              # max of the map
-    score: float            # after streaming RsCon (the value compared with the threshold)
-    feature: np.ndarray     # [F] re-scoring feature
-    n_refs: int
-    nearest: float          # mean nearest-patch distance to the closest member (~0: the same part again)
 
 
 class FeaturePool(PoolMembers):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from .pool import PoolMembers, part_descriptor, pool_range
+from .score import PoolScore, PreparedScan
 from .scoring import MuscParams, PoolTooSmallError, patch_to_sample_distances, rescore_one
 from .scoring3d import FusionParams, Sample3D, score_batch, score_one
 from .scoring3d.map3d import DEFAULT_SIGMA, Propagation
@@ -18,27 +18,6 @@ from .scoring3d.map3d import DEFAULT_SIGMA, Propagation
 SCAN_MODES = ("3d", "2d+3d")
 _NO_MEMBERS = np.zeros((0, 0), np.int32)
 
-
-
-@dataclass
-class PreparedScan:
-    """A scanned part's scoring inputs."""
-
-    sets: list[np.ndarray]             # 2D feature sets [P, D] (empty for a 3d recipe)
-    sample: Sample3D
-    feature: np.ndarray | None = None  # re-scoring feature, once scored
-    nearest: float | None = None       # distance to the closest member (scoring does not measure it)
-
-
-@dataclass
-class ScanScore:
-    """One scanned part scored against the pool."""
-
-    map: np.ndarray      # [size, size] final (fused) anomaly map
-    raw: float           # max of the map
-    score: float         # after streaming RsCon (the value compared with the threshold)
-    feature: np.ndarray  # [F] re-scoring feature
-    n_refs: int
 
 def scan_descriptor(sets: Sequence[np.ndarray], layer_3d: np.ndarray) -> np.ndarray:
     """A scanned part's global descriptor: the means of its first 2D set (if any) and first 3D layer, each a
@@ -91,7 +70,7 @@ class ScanPool(PoolMembers):
 
     # -- scoring ---------------------------------------------------------------------------------------------
     def score(self, query: PreparedScan, grid: tuple[int, int] | None, params: MuscParams,
-              exclude_part_id: str | None = None, look_ahead: Sequence[PreparedScan] = ()) -> ScanScore:
+              exclude_part_id: str | None = None, look_ahead: Sequence[PreparedScan] = ()) -> PoolScore:
         """Score a prepared scan against the pool, excluding members with its own part id; ``look_ahead``
         (later parts, not members yet) are extra references of the MSM but not of the re-scoring."""
         n = self.size
@@ -115,7 +94,7 @@ class ScanPool(PoolMembers):
         pool_raw = self.raw_scores[members]
         score = rescore_one(result.raw, result.feature, pool_raw, self.features[members],
                             pool_range(pool_raw, params.pool_quantiles), params.windows)
-        return ScanScore(result.map, result.raw, score, result.feature, n_refs + len(look_ahead))
+        return PoolScore(result.map, result.raw, score, result.feature, n_refs + len(look_ahead))
 
     def rescore_members(self, grid: tuple[int, int] | None, params: MuscParams) -> None:
         """Score the members among themselves (batch, leave-one-out), so each has a raw score and a

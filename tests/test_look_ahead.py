@@ -24,7 +24,7 @@ def test_look_ahead_parts_count_as_references_exactly_like_members():
     members = [pool.sets16[s, :pool.size].astype(np.float32) for s in range(N_SETS)]
     everyone = [np.concatenate([m, np.stack([x[s] for x in later])]) for s, m in enumerate(members)]
     patch_map, raw, _ = score_one(query, everyone, GRID, PARAMS)
-    np.testing.assert_allclose(with_later.patch_map, patch_map, atol=1e-6)
+    np.testing.assert_allclose(with_later.map, patch_map, atol=1e-6)
     assert with_later.raw == pytest.approx(raw, abs=1e-6) and with_later.n_refs == 9
     # The near-duplicate measure stays the members': a later twin of the query does not make it "seen".
     twin = pool.score(query, GRID, PARAMS, look_ahead=[query])
@@ -42,7 +42,7 @@ def test_look_ahead_through_the_onnx_graph_matches_numpy():
     # fp32 products of unit vectors in another summation order: a few ulps of 1 in the cosine, whose
     # square root (d = sqrt(2 - 2 cos)) near d ~ 0.3 amplifies them by ~1/d.
     tolerance = 16 * D * np.finfo(np.float32).eps / 0.3
-    np.testing.assert_allclose(b.patch_map, c.patch_map, atol=tolerance)
+    np.testing.assert_allclose(b.map, c.map, atol=tolerance)
     assert a.n_refs == 10 and b.n_refs == c.n_refs == 9
     assert interval_k(9) == 2
 

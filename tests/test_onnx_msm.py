@@ -150,7 +150,7 @@ def test_pool_scores_the_same_through_any_backend(backend, tol):
     for exclude in (None, "p3"):  # the graph's fused interval mean, and numpy's over the kept members
         ref, ours = (pool.score(query, (4, 4), params, exclude_part_id=exclude) for pool in pools.values())
         assert ours.n_refs == ref.n_refs == (8 if exclude is None else 7)
-        np.testing.assert_allclose(ours.patch_map, ref.patch_map, atol=tol)
+        np.testing.assert_allclose(ours.map, ref.map, atol=tol)
         assert abs(ours.raw - ref.raw) <= tol and abs(ours.nearest - ref.nearest) <= tol
 
 

@@ -41,7 +41,7 @@ def test_pool_score_is_score_one_against_the_stored_members_and_excludes_the_par
     query = parts(1, seed=9)[0]
     result = pool.score(query, GRID, PARAMS)
     patch_map, raw, feature = score_one(query, members, GRID, PARAMS)
-    np.testing.assert_allclose(result.patch_map, patch_map, atol=1e-6)
+    np.testing.assert_allclose(result.map, patch_map, atol=1e-6)
     assert result.raw == pytest.approx(raw, abs=1e-6) and result.n_refs == 6
     np.testing.assert_allclose(result.feature, feature, atol=1e-6)
     # The member "p2" scored again: against the other five, exactly as score_one without it.

@@ -122,7 +122,9 @@ class FlatMembers:
 
 
 @dataclass
-class PoolScore:
+class MsmOutput:
+    """What the MSM graph outputs for one part (an internal step of a pool's score, not a pool score)."""
+
     patch: np.ndarray          # [P] interval-mean patch scores, averaged over the feature sets
     dists: list[np.ndarray]    # per set [P, N]: distance to the nearest patch of each member
 
@@ -173,7 +175,7 @@ class PoolScorer:
         for slot in range(pool.size, len(self._keys)):
             self._keys[slot] = None
 
-    def score(self, query_sets: list[np.ndarray], pool, k: int) -> PoolScore:
+    def score(self, query_sets: list[np.ndarray], pool, k: int) -> MsmOutput:
         """Patch scores of a part against the pool's ``pool.size`` members, ``k`` lowest distances averaged."""
         self.sync(pool)
         n = pool.size * self.patches
@@ -187,7 +189,7 @@ class PoolScorer:
             else:
                 feed.update({f"query{s}": np.ascontiguousarray(query, np.float32), f"refs{s}": refs})
         patch, *dists = self.session.run(None, feed)
-        return PoolScore(patch, dists)
+        return MsmOutput(patch, dists)
 
 
     def one_vs_pool(self, query_sets: list[np.ndarray], pool, fraction: float, keep: np.ndarray | None = None,
@@ -202,10 +204,10 @@ class PoolScorer:
         return OneVsPool(result.patch, closeness)
 
 
-def numpy_score(query_sets: list[np.ndarray], pool, k: int) -> PoolScore:
+def numpy_score(query_sets: list[np.ndarray], pool, k: int) -> MsmOutput:
     """The reference: what :class:`PoolScorer` computes, in numpy."""
     dists = [patch_to_sample_distances(q, pool.work[s, :pool.size * pool.patches]) for s, q in enumerate(query_sets)]
-    return PoolScore(np.mean([interval_mean(d, k) for d in dists], axis=0).astype(np.float32), dists)
+    return MsmOutput(np.mean([interval_mean(d, k) for d in dists], axis=0).astype(np.float32), dists)
 
 
 def make_scorer(backend: str, n_sets: int, patches: int, dim: int, capacity: int,

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from ...config import RecipeSettings
-from .base import FeatureStage, Recipe, Scored, Scoring
-from .recipe2d import Prepared, Recipe2D
+from ...score import PoolScore, Prepared, PreparedScan
+from .base import FeatureStage, Recipe, Scoring
+from .recipe2d import Recipe2D
 from .recipe_scan import ScanRecipe
 
 
@@ -15,4 +16,7 @@ def make_recipe(name: str, settings: RecipeSettings, scoring: Scoring, n_sets: i
     return ScanRecipe(name, settings, scoring, n_sets, patches, dim)
 
 
-__all__ = ["FeatureStage", "Prepared", "Recipe", "Recipe2D", "ScanRecipe", "Scored", "Scoring", "make_recipe"]
+__all__ = [
+    "FeatureStage", "PoolScore", "Prepared", "PreparedScan", "Recipe", "Recipe2D", "ScanRecipe", "Scoring",
+    "make_recipe",
+]

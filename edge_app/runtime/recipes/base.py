@@ -24,6 +24,7 @@ from ...mediaio import IMAGE_SUFFIXES
 from ...pointcloud import CloudError
 from ...pool import PoolMembers
 from ...record import PartRecord, Reason, Verdict
+from ...score import PoolScore
 from ...scoring import MuscParams
 from ..pool_guard import PoolGuard
 from ..verdict import verdict_from_pool
@@ -46,18 +47,6 @@ class Scoring:
     model_identity: dict         # what a stored pool must have been built with (feature model, aggregation)
     frame_map: Callable[[np.ndarray], np.ndarray] = lambda patch_map: patch_map   # scored map -> frame's geometry
     scorer: str = "numpy"        # one-vs-pool MSM backend of 2D pools (scoring.backend; see scoring/onnx_msm.py)
-
-
-@dataclass
-class Scored:
-    """A prepared part scored against its recipe's pool."""
-
-    map: np.ndarray              # 2D: [h, w] patch map; scans: [size, size] (fused) map
-    raw: float                   # max of the map
-    score: float                 # after streaming RsCon (the value compared with the threshold)
-    feature: np.ndarray          # [F] re-scoring feature
-    n_refs: int
-    nearest: float | None = None  # distance to the closest member when scoring measured it
 
 
 class Recipe(ABC):
@@ -101,9 +90,10 @@ class Recipe(ABC):
         :class:`~musc_edge.edge.pointcloud.CloudError` for an unusable scan, anything else for an engine failure."""
 
     @abstractmethod
-    def score(self, prepared: Any, part_id: str | None = None, look_ahead: Sequence[Any] = ()) -> Scored:
+    def score(self, prepared: Any, part_id: str | None = None, look_ahead: Sequence[Any] = ()) -> PoolScore:
         """One-vs-pool score of a prepared part, excluding members with its own ``part_id``; ``look_ahead``
-        (prepared parts that arrived after it) are extra references. Raises
+        (prepared parts that arrived after it) are extra references. The pool's own :class:`PoolScore`, its map
+        on the frame's geometry. Raises
         :class:`~musc_edge.edge.scoring.PoolTooSmallError` while the pool is warming up."""
 
     @abstractmethod
@@ -174,15 +164,17 @@ class Recipe(ABC):
             return False
         slot = self._store(part.part_id, prepared, part.raw_score or 0.0, time.time() if now is None else now)
         if slot is not None and warming and self.pool.size == self.pool.min_size:  # the pool has just become ready
-            self.curate()  # defective warm-up parts out; warm-up goes on until min_size again
+            self.curate(live=not getattr(self, "_seeding", False))  # defective warm-up parts out; warm-up goes on
         return slot is not None
 
-    def curate(self) -> None:
+    def curate(self, live: bool = False) -> None:
         """Score the members among themselves (each gets a raw score and a re-scoring feature computed the
-        same way) and drop outliers (MuSc-V2's warm-up pool should hold no defective part), then re-score."""
+        same way) and drop outliers (MuSc-V2's warm-up pool should hold no defective part), then re-score.
+        ``live``: the pool filled with the line's own warm-up parts (not a technician's seed folder), so a
+        defect repeated among them is kept out too (:meth:`PoolGuard.keep_out_recurring`)."""
         pool, grid, params = self.pool, self.scoring.grid, self.scoring.params
         pool.rescore_members(grid, params)
-        recurring = self.guard.keep_out_recurring(pool)   # a defect repeated since the first part (pool_guard.py)
+        recurring = self.guard.keep_out_recurring(pool) if live else 0
         if (pool.drop_outliers() or recurring) and pool.size >= 2:
             pool.rescore_members(grid, params)
 
@@ -192,9 +184,13 @@ class Recipe(ABC):
         size; the pool keeps at most its capacity (the last parts win)."""
         if replace:
             self.pool.remove(np.flatnonzero(~self.pool.golden[:self.pool.size]))
-        for part, prepared in parts:
-            part.decide(Verdict.NO_VERDICT, Reason.WARMUP, "seed")
-            self.admit(part, prepared)
+        self._seeding = True   # a technician chose these captures: curated, not searched for a recurring defect
+        try:
+            for part, prepared in parts:
+                part.decide(Verdict.NO_VERDICT, Reason.WARMUP, "seed")
+                self.admit(part, prepared)
+        finally:
+            self._seeding = False
         if self.pool.size >= 2:
             self.curate()
         return self.pool.size

@@ -2,27 +2,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-
-import numpy as np
 
 from ...config import RecipeSettings
 from ...mediaio import read_image
 from ...pool import FeaturePool
 from ...progress import Progress
 from ...record import PartRecord
-from .base import Recipe, Scored, Scoring, image_files
-
-
-@dataclass
-class Prepared:
-    """A part's scoring inputs: aggregated feature sets (``[P, D]`` each)."""
-
-    sets: list[np.ndarray]
-    feature: np.ndarray | None = None    # re-scoring feature, once scored
-    nearest: float | None = None         # distance to the closest pool member, once scored
-    image_token: np.ndarray | None = None  # the model's image token, for image_token re-scoring (evaluation)
+from ...score import PoolScore, Prepared
+from .base import Recipe, Scoring, image_files
 
 
 class Recipe2D(Recipe):
@@ -40,11 +29,11 @@ class Recipe2D(Recipe):
     def prepare(self, part: PartRecord) -> Prepared:
         return Prepared(self.scoring.features([part.image])[0])
 
-    def score(self, prepared: Prepared, part_id: str | None = None, look_ahead: Sequence[Prepared] = ()) -> Scored:
+    def score(self, prepared: Prepared, part_id: str | None = None,
+              look_ahead: Sequence[Prepared] = ()) -> PoolScore:
         result = self.pool.score(prepared.sets, self.scoring.grid, self.scoring.params, exclude_part_id=part_id,
                                  image_token=prepared.image_token, look_ahead=[p.sets for p in look_ahead])
-        return Scored(self.scoring.frame_map(result.patch_map), result.raw, result.score, result.feature,
-                      result.n_refs, result.nearest)
+        return replace(result, map=self.scoring.frame_map(result.map))   # patch grid -> the frame's geometry
 
     def read_seed(self, folder: str | Path, progress: bool = False,
                   batch_size: int = 8) -> list[tuple[PartRecord, Prepared]]:

@@ -26,12 +26,13 @@ from ...pointcloud import (CloudError, PreparedCloud, PreprocessParams, prepare_
                            warp_image, zero_background)
 from ...progress import Progress
 from ...record import PartRecord
-from ...scan_pool import SCAN_MODES, PreparedScan, ScanPool
+from ...scan_pool import SCAN_MODES, ScanPool
+from ...score import PoolScore, PreparedScan
 from ...scoring3d import Params3D, Sample3D, patch_degrees, sample_from_cloud
 from ...scoring3d.multimodal import pose_margin
 from ...scoring3d.map3d import DEFAULT_SIGMA
 from ...sources.scanner import CLOUD_SUFFIXES, cloud_problem
-from .base import Recipe, Scored, Scoring, image_files
+from .base import Recipe, Scoring, image_files
 
 REFERENCE_SIZE = 224   # grid side the MuSc-V2 3D defaults (blur sigma) are given for
 T = TypeVar("T")
@@ -194,10 +195,9 @@ class ScanRecipe(Recipe):
         return PreparedScan(sets, sample)
 
     def score(self, prepared: PreparedScan, part_id: str | None = None,
-              look_ahead: Sequence[PreparedScan] = ()) -> Scored:
-        result = self.pool.score(prepared, self.scoring.grid, self.scoring.params, exclude_part_id=part_id,
-                                 look_ahead=look_ahead)
-        return Scored(result.map, result.raw, result.score, result.feature, result.n_refs)
+              look_ahead: Sequence[PreparedScan] = ()) -> PoolScore:
+        return self.pool.score(prepared, self.scoring.grid, self.scoring.params, exclude_part_id=part_id,
+                               look_ahead=look_ahead)
 
     def read_seed(self, folder: str | Path, progress: bool = False) -> list[tuple[PartRecord, PreparedScan]]:
         """The folder's scans (see :func:`scan_files`), read and prepared."""
