@@ -1,4 +1,6 @@
-"""MuSc-V2 scoring of 2D, 3D or fused 2D+3D samples: batch (every sample vs all others) and one-vs-pool.
+"""MuSc-V2 scoring of 3D or fused 2D+3D samples: batch (every sample vs all others) and one-vs-pool.
+
+2D alone is scored by the core (:mod:`musc_edge.edge.scoring.musc`, the 2D pool), not here.
 
 Per layer, MSM distances per modality (2D through the core's unit-vector shortcut, 3D as exact L2 because
 SNAMD-3D features are not unit-norm; in 2D+3D mode both enhanced by CAE), interval average, mean over
@@ -37,7 +39,7 @@ from .cae import cae, projection
 from .map3d import DEFAULT_SIGMA, Propagation, centre_map, propagation
 from .snamd3d import nearest_centres, snamd3d
 
-MODES = ("2d", "3d", "2d+3d")
+MODES = ("3d", "2d+3d")
 TOKENS = ("fpfh", "groups")
 POSES = ("axis", "none")
 MAP_UNITS = ("part", "raw")
@@ -125,7 +127,7 @@ class FusionParams:
     ~15); the image score stays the maximum of MuSc-V2's plain sum. ``raw``: the map is that plain sum.
     """
 
-    mode: str = "2d+3d"                    # 2d | 3d | 2d+3d
+    mode: str = "2d+3d"                    # 3d | 2d+3d
     fraction: float = DEFAULT_FRACTION
     windows: tuple[int, ...] = DEFAULT_WINDOWS   # the core's default; MuSc-V2's RsCon is (1, 7)
     salient_layer: int = 1                 # 0-based; 1 = block 8 of blocks (4, 8, 12)
@@ -331,14 +333,14 @@ def batch_euclidean_distances(features: np.ndarray, chunk: int = 8) -> np.ndarra
 
 
 def _layer_count(mode: str, layers_2d: Sequence | None, layers_3d: Sequence | None) -> int:
-    need_2d, need_3d = mode != "3d", mode != "2d"
+    need_2d = mode == "2d+3d"
     if need_2d and not layers_2d:
         raise ValueError(f"mode {mode!r} needs 2D features")
-    if need_3d and not layers_3d:
+    if not layers_3d:
         raise ValueError(f"mode {mode!r} needs 3D samples")
-    if need_2d and need_3d and len(layers_2d) != len(layers_3d):
+    if need_2d and len(layers_2d) != len(layers_3d):
         raise ValueError(f"2D has {len(layers_2d)} layers but 3D has {len(layers_3d)}; CAE pairs them")
-    return len(layers_2d) if need_2d else len(layers_3d)
+    return len(layers_3d)
 
 
 def _salient_index(params: FusionParams, n_layers: int) -> int:
@@ -399,8 +401,8 @@ def _maps(patch_2d: np.ndarray | None, centre_3d: np.ndarray | None, samples_3d:
 def score_batch(sets_2d: Sequence[np.ndarray] | None, samples_3d: Sequence[Sample3D] | None,
                 grid: tuple[int, int] | None, size: int, params: FusionParams = FusionParams()) -> MultimodalBatch:
     """Every sample scored against all the others. ``sets_2d[l]`` is ``[N, P, D]``; ``samples_3d`` has N items."""
-    layers_3d = stack_layers(samples_3d) if samples_3d is not None and params.mode != "2d" else None
-    layers_2d = list(sets_2d) if sets_2d is not None and params.mode != "3d" else None
+    layers_3d = stack_layers(samples_3d) if samples_3d is not None else None
+    layers_2d = list(sets_2d) if sets_2d is not None and params.mode == "2d+3d" else None
     n_layers = _layer_count(params.mode, layers_2d, layers_3d)
     n = (layers_2d or layers_3d)[0].shape[0]
     if layers_2d and layers_3d and layers_3d[0].shape[0] != n:
@@ -423,10 +425,8 @@ def score_batch(sets_2d: Sequence[np.ndarray] | None, samples_3d: Sequence[Sampl
                 e2, e3 = cae(d2[i][:, others[i]], d3[i][:, others[i]], projections[i])
                 patch_2d[i] += interval_mean(e2, k)
                 centre_3d[i] += interval_mean(e3, k)
-        elif d2 is not None:
-            patch_2d += interval_mean(d2, k)   # the inf self-distance sorts last
         else:
-            centre_3d += interval_mean(d3, k)
+            centre_3d += interval_mean(d3, k)   # the inf self-distance sorts last
     parts = []
     rows = np.arange(n)
     salient = _salient_index(params, n_layers)
@@ -450,9 +450,9 @@ def score_one(query_2d: Sequence[np.ndarray] | None, query_3d: Sample3D | None,
     ``query_2d[l]`` is ``[P, D]`` and ``pool_2d[l]`` ``[K, P, D]``; ``pool_3d`` is :func:`stack_layers` of
     the pool's samples (``[K, G, F]`` per layer). Pass None for a modality the mode does not use.
     """
-    use_2d, use_3d = params.mode != "3d", params.mode != "2d"
+    use_2d, use_3d = params.mode == "2d+3d", True
     pool_2d = list(pool_2d) if use_2d and pool_2d is not None else None
-    pool_3d = list(pool_3d) if use_3d and pool_3d is not None else None
+    pool_3d = list(pool_3d) if pool_3d is not None else None
     n_layers = _layer_count(params.mode, pool_2d, pool_3d)
     if use_3d and query_3d is None:
         raise ValueError(f"mode {params.mode!r} needs the query's 3D sample")
