@@ -215,8 +215,9 @@ class PoolGuard:
 
     def keep_out_recurring(self, pool) -> int:
         """When a warm-up pool is curated: find a recurring defect among its members (see the module
-        docstring), remove those members (golden ones stay), remember their signatures as rejects and raise
-        the alarm at the next observed part. Returns how many members left. Pools without 2D patch feature
+        docstring), remove those members, remember their signatures as rejects and raise the alarm at the
+        next observed part. A group with a golden member is left alone (a technician vouched for its look:
+        a product variant, not a defect). Returns how many members left. Pools without 2D patch feature
         sets (``sets16``: a scan pool) are left alone."""
         s = self.settings
         n = pool.size
@@ -229,8 +230,7 @@ class PoolGuard:
             return 0
         distances = twin_gaps(sets, s.min_partners)
         found = recurring_members(distances, side, s.reach, s.min_partners + 1)
-        found = np.array([i for i in found if not pool.golden[i]], int)
-        if found.size == 0:
+        if found.size == 0 or pool.golden[found].any():   # a golden member vouches for its look-alikes
             return 0
         index = self.stats.observed
         for i in found:
