@@ -209,6 +209,9 @@ class KillWatcher(threading.Thread):
                 if self.mode != "random" and moment():
                     self.hit = True
                     break
+                if self.client is not None and self.client.poll() is not None:
+                    self.hit = moment()           # the apply ended (or failed) before the moment: killed now
+                    break
                 time.sleep(POLL_S if self.mode != "random" else 0.01)
             self.hit = self.hit or self.mode == "random"
             if self.cancelled.is_set():
@@ -469,9 +472,11 @@ def soak(args) -> dict:
                   f"({runtime.downtimes[-1]:.1f} s down, {kills[-1]['mode'] + '/' + kills[-1]['window'] if planned else 'crash'}"
                   f", v{check['running']} {'audited' if check['explained'] else 'NOT EXPLAINED'}), "
                   f"{resent} re-sent so far", flush=True)
+        cancelled = None
         if watcher is not None:                    # too close to the end: no kill
             watcher.cancelled.set()
             watcher.join()
+            cancelled = watcher.outcome()
         settle(storage)
         camera.close()
         exit_code = runtime.stop() if aborted is None else None
@@ -520,6 +525,7 @@ def soak(args) -> dict:
     if unexplained:
         report["unexplained_examples"] = [(r.part_id, r.reason.label, r.detail[:120]) for r in unexplained[:5]]
     report["kill_log"] = kills
+    report["kill_cancelled_at_end"] = cancelled
     report["workdir"] = str(work)
     return report
 
