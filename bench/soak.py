@@ -447,7 +447,10 @@ def soak(args) -> dict:
             if not runtime.restart(killed_at):
                 aborted = f"the runtime could not be started again after part {k}: {runtime.failures[-1]}"
                 break
-            status = runtime.status()
+            try:
+                status = runtime.status()
+            except Exception as exc:  # noqa: BLE001 - ready a moment ago: reported with the restart's checks
+                status = {"stats": {"alarms": [f"soak: no status after the restart ({exc})"]}}
             check = audited_check(storage, status.get("calibration_version"))
             pool = int(status.get("recipes", {}).get("default", {}).get("pool", {}).get("size", 0))
             if planned:
@@ -509,6 +512,7 @@ def soak(args) -> dict:
         "crashes": crashes, "restarts": runtime.restarts, "failed_restarts": runtime.failed_restarts,
         "restart_failures": runtime.failures[:5],
         "restarts_on_audited_version": sum(c["explained"] for c in restart_checks),
+        "restarts_with_pool_file_alarm": sum(any("pool file" in a for a in c["alarms"]) for c in restart_checks),
         "restarts_unexplained_version": [c for c in restart_checks if not c["explained"]][:5],
         "audit_verify_cli": {"exit_code": verify.returncode,
                              "said": ((verify.stdout + verify.stderr).strip().splitlines() or [""])[-1][:200]},
