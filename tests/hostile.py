@@ -37,6 +37,18 @@ def png_declaring(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
+def jpeg_with_sof(height: int, width: int, stray: bytes = b"\x00", quality: int = 50) -> bytes:
+    """A small JPEG whose SOF0 declares ``height`` x ``width``, with ``stray`` bytes just before the SOF marker
+    (libjpeg skips them: 'extraneous bytes before marker')."""
+    data = bytearray(cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])[1])
+    pos = 2
+    while data[pos + 1] != 0xC0:
+        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+    data[pos + 5:pos + 9] = struct.pack(">HH", height, width)
+    data[pos:pos] = stray
+    return bytes(data)
+
+
 def line_config(model: Path, storage: Path, plc_address: str, **line) -> dict:
     return {
         "line": {"deadline_ms": 5000, "queue_size": 64, **line},
@@ -166,7 +178,6 @@ def hostile_message(kind: str, image: bytes, part_id: str) -> HostileMessage:
         return HostileMessage(kind, [json.dumps({**stamped, "encoding": "png", "pad": "x" * 200_000}).encode(),
                                      image], None, Reason.DECODE_ERROR)
     if kind == "jpeg_bomb":                                            # issue 21 row 3: SOF behind a stray byte
-        from .test_bounds import jpeg_with_sof
         return message({**stamped, "encoding": "jpeg"}, jpeg_with_sof(32767, 32767))
     if kind == "cloud_dtype":                                          # dtypes a cloud may not have
         dtype = CLOUD_DTYPE_TRICKS[sum(part_id.encode()) % len(CLOUD_DTYPE_TRICKS)]

@@ -32,6 +32,8 @@ from musc_edge.edge.sources.base import PartIds
 from musc_edge.edge.sources.zmq_source import HeaderError, parse_message
 from musc_edge.edge.strict_model import StrictModel, numeric_annotation
 
+from .hostile import jpeg_with_sof
+
 FUZZ = settings(max_examples=300, deadline=None, database=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
 
@@ -136,18 +138,6 @@ def test_any_header_shape_or_dtype_becomes_a_part_or_an_unreadable_header_never_
 
 
 # --- image headers --------------------------------------------------------------------------------------------
-
-def jpeg_with_sof(height: int, width: int, stray: bytes = b"\x00", quality: int = 50) -> bytes:
-    """A small JPEG whose SOF0 declares ``height`` x ``width``, with ``stray`` bytes just before the SOF marker
-    (libjpeg skips them: 'extraneous bytes before marker')."""
-    data = bytearray(cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])[1])
-    pos = 2
-    while data[pos + 1] != 0xC0:
-        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
-    data[pos + 5:pos + 9] = struct.pack(">HH", height, width)
-    data[pos:pos] = stray
-    return bytes(data)
-
 
 @pytest.mark.parametrize("stray", [b"\x00", b"\x12\x34\x56", b"\xff\xff\xff", b"\xff\x00"])
 def test_row_3_a_sof_behind_stray_or_fill_bytes_is_found_and_refused_before_decoding(stray, tmp_path):

@@ -20,8 +20,7 @@ from musc_edge.edge.runtime.status import format_status, line_status
 from musc_edge.edge.view.app import create_app
 from musc_edge.edge.view.server import view_options
 
-from .hostile import LiveLine, assert_one_row_and_ack_each, line_config, png
-from .test_bounds import jpeg_with_sof
+from .hostile import LiveLine, assert_one_row_and_ack_each, jpeg_with_sof, line_config, png
 
 
 @pytest.fixture
