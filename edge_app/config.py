@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import Field, ValidationError, field_serializer, field_validator, model_serializer, model_validator
 
 from .links import LinkConfig
 from .record import MAX_THRESHOLD, FailSafe
 from .scoring import MuscParams
+from .sources.configs import SourceSection
 from .strict_model import MAX_DURATION_S, StrictModel
 from .telemetry.config import TelemetrySettings
 
@@ -290,7 +291,7 @@ class LineConfig(_Strict):
     model: ModelSettings = ModelSettings()
     scoring: ScoringSettings = ScoringSettings()
     recipes: dict[str, RecipeSettings] = Field(default_factory=lambda: {"default": RecipeSettings()})
-    source: dict[str, Any] = Field(..., description="frame source; keys per type in edge_app/sources")
+    source: SourceSection = Field(..., description="frame source, picked by its type (edge_app/sources/configs.py)")
     link: LinkConfig
     storage: StorageSettings = StorageSettings()
     control: ControlSettings = ControlSettings()
@@ -306,30 +307,30 @@ class LineConfig(_Strict):
             raise ValueError("at least one recipe is needed")
         return value
 
-    @field_validator("source")
-    @classmethod
-    def _valid_source(cls, value):
-        source_settings(value)  # the source's own dataclass validates keys and values
-        return value
+    @field_serializer("source")
+    def _source_as_written(self, source):
+        """The keys the config sets, not every default (as when the section was a plain mapping): config_hash
+        does not move with a source's defaults."""
+        return source.model_dump(mode="json", exclude_unset=True)
 
     @model_validator(mode="after")
     def _source_recipe_known(self):
-        recipe = self.source.get("recipe", "default")
+        recipe = self.source.recipe
         if recipe not in self.recipes:
             raise ValueError(f"source.recipe {recipe!r} is not one of recipes {sorted(self.recipes)}")
         return self
 
     @model_validator(mode="after")
     def _source_delivers_clouds(self):
-        recipe = self.source.get("recipe", "default")
-        modality, kind = self.recipes[recipe].modality, self.source.get("type")
+        recipe, kind = self.source.recipe, self.source.type
+        modality = self.recipes[recipe].modality
         if modality == "2d":
             return self
-        if kind == "opencv" or (kind == "genicam" and not self.source.get("multipart")):
+        if kind == "opencv" or (kind == "genicam" and not self.source.multipart):
             raise ValueError(f"source: recipe {recipe!r} scores {modality} but the {kind} camera delivers no "
                              "point clouds (use a zmq source with clouds, replay with cloud_path, or a GenICam "
                              "3D camera with multipart: true)")
-        if kind == "replay" and not self.source.get("cloud_path"):
+        if kind == "replay" and not self.source.cloud_path:
             raise ValueError(f"source.cloud_path: recipe {recipe!r} scores {modality}; set where each replayed "
                              "image's cloud is, e.g. '../xyz/{stem}.tiff'")
         return self
@@ -339,24 +340,8 @@ class LineConfig(_Strict):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def source_settings(raw: dict[str, Any]):
-    """The typed settings of a ``source`` section (the source implementation's own config dataclass)."""
-    import importlib
-
-    from .sources.base import SOURCE_TYPES, SourceConfigError, config_from_dict
-
-    kind = raw.get("type")
-    if kind not in SOURCE_TYPES:
-        raise ValueError(f"type must be one of {sorted(SOURCE_TYPES)}, got {kind!r}")
-    module, name = SOURCE_TYPES[kind]
-    try:
-        return config_from_dict(getattr(importlib.import_module(module), name).config_class, raw)
-    except SourceConfigError as exc:
-        raise ValueError(str(exc)) from None
-
-
 def _describe(error: dict) -> str:
-    key = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p in ("replay", "opencv", "zmq", "serial", "modbus-tcp", "modbus-rtu", "opcua")))
+    key = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p in ("replay", "opencv", "zmq", "genicam", "serial", "modbus-tcp", "modbus-rtu", "opcua")))
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key (typo?)"

@@ -264,12 +264,12 @@ def check_ports(config) -> list[Check]:
     return checks
 
 
-def check_source(source: dict) -> Check:
+def check_source(source) -> Check:   # source: the line config's validated source section
     """A replayed source's folder, video or listed files exist and hold frames; others: their config is valid
     (cameras are checked by their own sections; a frame socket's port by the port checks)."""
     from .sources.base import SourceError, make_source
 
-    kind = source.get("type")
+    kind = source.type
     if kind != "replay":
         return Check("source", "ok", f"{kind} source configured")
     replay = make_source(source)
@@ -282,7 +282,7 @@ def check_source(source: dict) -> Check:
     replay.close()
     what = f"{files} frames" if files else "a video"
     return Check("source", "ok", f"{replay.describe()}: {what}" + (", replayed forever (loop)" if
-                                                                  source.get("loop") else ", once"))
+                                                                  source.loop else ", once"))
 
 
 def check_config(config_path: Path) -> list[Check]:
@@ -313,7 +313,7 @@ def check_config(config_path: Path) -> list[Check]:
                             f"{plan.why_not}"))
     if config.link.type == "serial":
         checks.append(check_serial(config.link.url))
-    if config.source.get("type") == "genicam":   # the cameras seen and the configured one's key features
+    if config.source.type == "genicam":   # the cameras seen and the configured one's key features
         from .sources.genicam import doctor_report
 
         checks += [Check(name, status, detail, hint) for status, name, detail, hint in doctor_report(config.source)]

@@ -52,8 +52,7 @@ def line_ports(config, *, view: bool = True, telemetry: bool = True) -> list[Lis
     elif link.type == "opcua" and (found := _endpoint_port("link.endpoint", link.endpoint)):
         ports.append(found)
     source = config.source
-    if source.get("type") == "zmq" and source.get("bind", True) and \
-            (found := _endpoint_port("source.endpoint", str(source.get("endpoint", "")))):
+    if source.type == "zmq" and source.bind and (found := _endpoint_port("source.endpoint", source.endpoint)):
         ports.append(found)
     if view and config.view.enabled:
         ports.append(ListenPort("view.port", config.view.bind, config.view.port))

@@ -15,7 +15,7 @@ MINIMAL = {"source": {"type": "replay", "path": "frames"}, "link": {"type": "zmq
 @pytest.mark.parametrize("path", sorted(DEPLOY.glob("*.yaml")), ids=lambda p: p.name)
 def test_deploy_examples_are_valid(path):
     config = load_config(path)
-    assert config.source["type"] in SOURCE_TYPES
+    assert config.source.type in SOURCE_TYPES
     assert len(config.config_hash()) == 16
 
 

@@ -205,9 +205,9 @@ def test_frame_refs_round_trip():
     ({"camera": "c", "roi": [0, 0, 0, 10]}, "'roi' must be"),
     ({"camera": "c", "trigger": "line0"}, "'trigger' must be one of free_run, software, hardware"),
     ({"camera": "c", "trigger_activation": "Rising"}, "'trigger_activation' must be"),
-    ({"camera": "c", "packet_size": 100}, "'packet_size' must be null or an integer >= 576"),
+    ({"camera": "c", "packet_size": 100}, "'packet_size' must be greater than or equal to 576"),
     ({"camera": "c", "features": {"Gain": [1]}}, "'features' must be a mapping"),
-    ({"camera": "c", "buffers": 1}, "'buffers' must be an integer in 2..256"),
+    ({"camera": "c", "buffers": 1}, "'buffers' must be greater than or equal to 2"),
     ({"camera": "c", "exposure": 10}, "unknown source config key 'exposure'"),
     ({"camera": "c", "frame_rate": 0.5}, "'frame_timeout_s' must be longer than a frame period at frame_rate 0.5"),
 ])
@@ -222,7 +222,7 @@ def test_a_3d_recipe_takes_a_genicam_source_only_with_multipart():
     with pytest.raises(ConfigError, match="the genicam camera delivers no point clouds"):
         parse_config(config)
     config["source"]["multipart"] = True
-    assert parse_config(config).source["multipart"] is True
+    assert parse_config(config).source.multipart is True
 
 
 # ---------------------------------------------------------------- 3D components (no camera)

@@ -381,7 +381,7 @@ def test_make_source_builds_each_type(tmp_path, image_folder):
     ({"type": "zmq", "endpoint": "localhost:5555"}, "'endpoint'"),
     ({"type": "replay"}, "'path' and 'paths'"),
     ({"type": "replay", "path": "x", "fps": 3}, "unknown source config key 'fps'"),
-    ({"type": "replay", "path": "x", "rate": -1}, "'rate' must be a number > 0"),
+    ({"type": "replay", "path": "x", "rate": -1}, "'rate' must be greater than 0"),
     ({"type": "replay", "path": "x", "limit": 0}, "'limit'"),
     ({"type": "opencv", "device": 0, "trigger": "hardware"}, "'trigger'"),
     ({"type": "opencv", "device": 0, "recipe": ""}, "'recipe'"),

@@ -12,13 +12,9 @@ them, and :func:`decode_part` fills ``record.image``.
 from __future__ import annotations
 
 import importlib
-import itertools
-import math
 import threading
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,24 +30,10 @@ from ..mediaio import (  # noqa: F401  (re-exported: the sources' names for the 
     pixel_budget_problem,
 )
 from ..record import PartRecord
-from ..strict_model import numeric_annotation
+from .configs import SOURCE_TYPES, PartIds, SourceConfig, parse_source_config  # noqa: F401  (re-exported)
+from .errors import SourceConfigError, SourceError, UndecodableFrame, require  # noqa: F401  (re-exported)
 
-# Implementations by config "type": (module, class), looked up with importlib because they import this
-# module. Not on demand in practice: the package's __init__ imports every one of them.
-SOURCE_TYPES = {
-    "replay": ("musc_edge.edge.sources.replay", "ReplaySource"),
-    "opencv": ("musc_edge.edge.sources.opencv_camera", "OpenCVCameraSource"),
-    "zmq": ("musc_edge.edge.sources.zmq_source", "ZmqSource"),
-    "genicam": ("musc_edge.edge.sources.genicam", "GenICamSource"),
-}
-
-
-class SourceError(RuntimeError):
-    """A source cannot be opened or stopped delivering frames."""
-
-
-class SourceConfigError(SourceError, ValueError):
-    """A source configuration is incomplete or has an invalid key or value."""
+D = TypeVar("D", bound="Device")
 
 
 class SourceNotOpenError(SourceError):
@@ -62,124 +44,22 @@ class DecodeError(ValueError):
     """A frame cannot become an RGB uint8 image: empty, corrupt, truncated or of the wrong shape."""
 
 
-class UndecodableFrame(bytes):
-    """Frame bytes a source already knows to be unusable; ``decode_part`` raises ``DecodeError(reason)``.
-
-    Lets a source hand a malformed frame on as a part (so it gets its NO_VERDICT) instead of dropping it,
-    while keeping whatever bytes arrived for the archive.
-    """
-
-    reason: str
-
-    def __new__(cls, payload: bytes, reason: str) -> UndecodableFrame:
-        frame = super().__new__(cls, payload)
-        frame.reason = reason
-        return frame
-
-
-class PartIds:
-    """Part ids ``prefix + zero-padded counter``: ``PartIds("part", 6)`` gives part000001, part000002, ..."""
-
-    def __init__(self, prefix: str = "part", digits: int = 6, start: int = 1) -> None:
-        self.prefix, self.digits = prefix, digits
-        self._counter = itertools.count(start)
-
-    def next(self) -> str:
-        return f"{self.prefix}{next(self._counter):0{self.digits}d}"
-
-
-@dataclass(kw_only=True)
-class SourceConfig:
-    """Keys every source understands. ``type`` picks the implementation in :func:`make_source`."""
-
-    recipe: str = "default"
-    part_prefix: str = "part"
-    part_digits: int = 6
-    part_start: int = 1             # counter value of the first generated part id
-    max_pixels: int = DEFAULT_MAX_PIXELS   # frames whose header declares more are refused before decoding
-
-    def __post_init__(self) -> None:
-        require(isinstance(self.recipe, str) and self.recipe != "", "recipe", self.recipe, "a non-empty string")
-        require(isinstance(self.part_prefix, str), "part_prefix", self.part_prefix, "a string")
-        require(_is_int(self.part_digits) and 1 <= self.part_digits <= 20, "part_digits", self.part_digits,
-                "an integer in 1..20")
-        require(_is_int(self.part_start) and 0 <= self.part_start < 2 ** 62, "part_start", self.part_start,
-                "an integer in 0..2**62")
-        require(_is_int(self.max_pixels) and 0 < self.max_pixels <= mediaio.HARD_MAX_PIXELS, "max_pixels",
-                self.max_pixels, f"an integer in 1..{mediaio.HARD_MAX_PIXELS}")
-
-    def over_budget(self, raw: bytes) -> bytes:
-        """``raw``, or an UndecodableFrame when its header declares more than ``max_pixels``."""
-        problem = None if isinstance(raw, UndecodableFrame) else pixel_budget_problem(raw, self.max_pixels)
-        return raw if problem is None else UndecodableFrame(raw[:64], problem)
-
-    def part_ids(self) -> PartIds:
-        return PartIds(self.part_prefix, self.part_digits, self.part_start)
-
-
-def require(ok: bool, key: str, value: Any, expected: str) -> None:
-    """Raise ``SourceConfigError`` naming ``key`` and ``value`` unless ``ok``."""
-    if not ok:
-        raise SourceConfigError(f"source config key {key!r} must be {expected}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-C = TypeVar("C", bound=SourceConfig)
-D = TypeVar("D", bound="Device")
-
-
-def config_from_dict(cls: type[C], config: Mapping[str, Any]) -> C:
-    """Build the config dataclass ``cls`` from a mapping, naming any unknown or missing key."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(config) - known - {"type"})
-    if unknown:
-        raise SourceConfigError(f"unknown source config key {unknown[0]!r} for type {config.get('type')!r} "
-                                f"(known keys: {', '.join(sorted(known))})")
-    for f in fields(cls):
-        if f.default is MISSING and f.default_factory is MISSING and f.name not in config:
-            raise SourceConfigError(f"source config of type {config.get('type')!r} is missing key {f.name!r}")
-    try:
-        hints = typing.get_type_hints(cls)
-    except (NameError, TypeError):   # an annotation that does not resolve here: the source checks its own keys
-        hints = {}
-    for key, value in config.items():
-        if key in known and numeric_annotation(hints.get(key)) and value is not None:
-            require(_is_number(value), key, value, "a finite number within 64 bits (not true/false, not text)")
-    return cls(**{key: value for key, value in config.items() if key != "type"})
-
-
-def _is_number(value: Any) -> bool:
-    """The numeric policy of every source key (the line config's, edge_app/strict_model.py): a finite int or
-    float, not a bool, within 64 bits; each source's own checks then hold it to its range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return math.isfinite(value) and abs(value) < 2 ** 63
-
-
-def source_class(config: Mapping[str, Any]) -> type[FrameSource]:
-    """The ``FrameSource`` class that ``config["type"]`` names (``replay``, ``opencv`` or ``zmq``)."""
-    if not isinstance(config, Mapping):
-        raise SourceConfigError(f"source config must be a mapping, got {type(config).__name__}")
-    if "type" not in config:
-        raise SourceConfigError(f"source config is missing key 'type' (one of: {', '.join(SOURCE_TYPES)})")
-    kind = config["type"]
-    if kind not in SOURCE_TYPES:
-        raise SourceConfigError(f"source config key 'type' is {kind!r}; expected one of: {', '.join(SOURCE_TYPES)}")
-    module, name = SOURCE_TYPES[kind]
+def source_class(config: SourceConfig) -> type[FrameSource]:
+    """The ``FrameSource`` class of a validated config's ``type``, its module imported now (on demand)."""
+    module, name = SOURCE_TYPES[config.type]
     return getattr(importlib.import_module(module), name)
 
 
-def source_config(config: Mapping[str, Any]) -> SourceConfig:
-    """The validated config dataclass of a source section; ``SourceConfigError`` names the bad key."""
-    return config_from_dict(source_class(config).config_class, config)
+def source_config(config: Mapping[str, Any] | SourceConfig) -> SourceConfig:
+    """The validated config of a source section; ``SourceConfigError`` names the bad key."""
+    return parse_source_config(config)
 
 
-def make_source(config: Mapping[str, Any]) -> FrameSource:
-    """The frame source described by ``config``; ``config["type"]`` is ``replay``, ``opencv`` or ``zmq``."""
-    return source_class(config)(source_config(config))
+def make_source(config: Mapping[str, Any] | SourceConfig) -> FrameSource:
+    """The frame source described by ``config`` (a validated config, or a mapping whose ``type`` is one of
+    :data:`SOURCE_TYPES`); only that type's module is imported."""
+    config = parse_source_config(config)
+    return source_class(config)(config)
 
 
 def glob_files(folder: str | Path, pattern: str, recursive: bool, suffixes: tuple[str, ...]) -> list[Path]:
@@ -282,8 +162,6 @@ class FrameSource(Device):
     * The generator ends when the source is exhausted, or within ``poll_interval_s`` (about 0.1 s) of
       ``close()``. One iteration at a time.
     """
-
-    config_class: type[SourceConfig] = SourceConfig
 
     def __init__(self, config: SourceConfig) -> None:
         super().__init__()

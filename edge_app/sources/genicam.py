@@ -38,20 +38,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import numpy as np
 
 from ..record import PartRecord, Reason, Verdict
-from .base import FrameSource, SourceConfig, SourceError, UndecodableFrame, require
+from .base import FrameSource, SourceError, UndecodableFrame
+from .configs import GENICAM_TRIGGER_MODES, TRIGGER_ACTIVATIONS, GenICamConfig  # noqa: F401  (re-exported)
 from .pixel_formats import FORMATS, PixelFormatError, is_coord3d, to_cloud, to_rgb
 
 log = logging.getLogger(__name__)
 
-TRIGGER_MODES = ("free_run", "software", "hardware")
-TRIGGER_ACTIVATIONS = ("RisingEdge", "FallingEdge", "AnyEdge", "LevelHigh", "LevelLow")
+TRIGGER_MODES = GENICAM_TRIGGER_MODES
 GEV_FRAME_ID_MAX = 0xFFFF          # GigE Vision 1.x block ids count 1..65535 and wrap to 1 (0 is never used)
 _WRAP_SLACK = 0x100                # a fall from within this of the top to within this of 1 is a wrap
 _PROBE_REGISTER = 0x0000           # GigE Vision bootstrap "Version": a read-only register every camera has
@@ -79,86 +79,6 @@ def aravis_missing() -> str | None:
     except SourceError as exc:
         return str(exc)
     return None
-
-
-@dataclass(kw_only=True)
-class GenICamConfig(SourceConfig):
-    """A GenICam camera's settings; ``None`` leaves the camera's own value."""
-
-    camera: str                             # device id, serial number, or IP address (GigE Vision)
-    pixel_format: str | None = None         # PFNC name, one of pixel_formats.FORMATS
-    exposure_us: float | None = None
-    gain: float | None = None               # Gain (dB) where the camera has it, else GainRaw
-    roi: list[int] | None = None            # [offset_x, offset_y, width, height]
-    frame_rate: float | None = None         # AcquisitionFrameRate (free run)
-    trigger: str = "free_run"               # free_run | software (trigger()) | hardware (trigger_source)
-    trigger_source: str = "Line0"           # hardware trigger input, e.g. the photo eye on Line0 / Line1
-    trigger_activation: str = "RisingEdge"
-    packet_size: int | None = None          # GigE: GevSCPSPacketSize in bytes (9000 with jumbo frames)
-    packet_delay_ns: int | None = None      # GigE: inter-packet delay, spreads a frame over the link
-    packet_resend: bool = True              # GigE: ask the camera to resend lost packets
-    socket_buffer_bytes: int | None = None  # GigE: receive socket buffer (None: Aravis sizes it)
-    packet_socket: bool = True              # GigE: Aravis' AF_PACKET receive path where allowed (not on loopback)
-    features: dict[str, Any] = field(default_factory=dict)   # any other feature: name -> value, set last
-    encoder_chunk: str | None = None        # chunk holding the encoder count, e.g. EncoderValue
-    multipart: bool = False                 # GigE Vision multi-part: a 2D and a 3D component in each buffer
-    buffers: int = 8                        # stream buffer pool
-    frame_timeout_s: float = 2.0            # a software trigger's frame is missed; free run: the camera stalled
-    reconnect_interval_s: float = 1.0
-    max_gap_rows: int = 64                  # missing frame ids beyond this give one alarm, not rows
-    gap_timeout_s: float = 0.5              # a skipped frame id not arrived by then is missing
-    max_parts: int | None = None            # end after this many parts (bench runs and tests)
-    poll_interval_s: float = 0.1            # how often the stream loop checks for close()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(isinstance(self.camera, str) and self.camera.strip() != "", "camera", self.camera,
-                "a device id, serial number or IP address")
-        require(self.pixel_format is None or self.pixel_format in FORMATS, "pixel_format", self.pixel_format,
-                f"null or one of {', '.join(FORMATS)}")
-        for key in ("exposure_us", "gain", "frame_rate"):
-            value = getattr(self, key)
-            require(value is None or (_is_number(value) and value >= 0 and (key == "gain" or value > 0)), key,
-                    value, "a number > 0 (gain >= 0) or null")
-        require(self.roi is None or (isinstance(self.roi, list) and len(self.roi) == 4
-                                     and all(_is_int(v) and v >= 0 for v in self.roi) and self.roi[2] > 0
-                                     and self.roi[3] > 0), "roi", self.roi,
-                "null or [offset_x, offset_y, width, height] with width, height > 0")
-        require(self.trigger in TRIGGER_MODES, "trigger", self.trigger, f"one of {', '.join(TRIGGER_MODES)}")
-        require(isinstance(self.trigger_source, str) and self.trigger_source != "", "trigger_source",
-                self.trigger_source, "a trigger input name such as Line0")
-        require(self.trigger_activation in TRIGGER_ACTIVATIONS, "trigger_activation", self.trigger_activation,
-                f"one of {', '.join(TRIGGER_ACTIVATIONS)}")
-        for key, low in (("packet_size", 576), ("packet_delay_ns", 0), ("socket_buffer_bytes", 1)):
-            value = getattr(self, key)
-            require(value is None or (_is_int(value) and value >= low), key, value, f"null or an integer >= {low}")
-        require(isinstance(self.packet_resend, bool), "packet_resend", self.packet_resend, "true or false")
-        require(isinstance(self.multipart, bool), "multipart", self.multipart, "true or false")
-        require(isinstance(self.packet_socket, bool), "packet_socket", self.packet_socket, "true or false")
-        require(isinstance(self.features, dict) and all(isinstance(k, str) and k for k in self.features)
-                and all(isinstance(v, (bool, int, float, str)) for v in self.features.values()), "features",
-                self.features, "a mapping of feature names to booleans, numbers or strings")
-        require(self.encoder_chunk is None
-                or (isinstance(self.encoder_chunk, str) and self.encoder_chunk.isidentifier()),
-                "encoder_chunk", self.encoder_chunk, "null or a chunk name such as EncoderValue")
-        require(_is_int(self.buffers) and 2 <= self.buffers <= 256, "buffers", self.buffers, "an integer in 2..256")
-        for key in ("frame_timeout_s", "reconnect_interval_s", "poll_interval_s", "gap_timeout_s"):
-            require(_is_number(getattr(self, key)) and getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
-        require(self.trigger != "free_run" or self.frame_rate is None or self.frame_rate * self.frame_timeout_s > 1,
-                "frame_timeout_s", self.frame_timeout_s, f"longer than a frame period at frame_rate {self.frame_rate} "
-                "(free run reopens a camera that sends no frame for frame_timeout_s)")
-        require(_is_int(self.max_gap_rows) and self.max_gap_rows >= 0, "max_gap_rows", self.max_gap_rows,
-                "an integer >= 0")
-        require(self.max_parts is None or (_is_int(self.max_parts) and self.max_parts > 0), "max_parts",
-                self.max_parts, "null or an integer > 0")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def frame_ref(camera: str, frame_id: int, timestamp_ns: int) -> str:
@@ -274,7 +194,6 @@ class GenICamSource(FrameSource):
     """Parts from a GenICam camera through Aravis (see the module docstring). ``on_alarm`` receives alarm
     texts (the line routes them to its alarm path; default: the log)."""
 
-    config_class = GenICamConfig
     config: GenICamConfig
 
     def __init__(self, config: GenICamConfig) -> None:
@@ -793,7 +712,7 @@ def describe_camera(camera_id: str) -> dict[str, Any]:
     return info
 
 
-def doctor_report(source: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+def doctor_report(source: Mapping[str, Any] | GenICamConfig) -> list[tuple[str, str, str, str]]:
     """``(status, name, detail, hint)`` lines for ``musc-edge doctor``: Aravis, the cameras seen, and the
     configured camera's key features (``fail`` when it cannot be opened)."""
     missing = aravis_missing()

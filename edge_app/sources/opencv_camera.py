@@ -13,7 +13,6 @@ import os
 import queue
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -22,48 +21,13 @@ from ..record import PartRecord
 from .base import (
     DecodeError,
     FrameSource,
-    SourceConfig,
     SourceError,
     UndecodableFrame,
     frame_to_rgb,
-    require,
 )
+from .configs import OPENCV_TRIGGER_MODES, OpenCVCameraConfig
 
-TRIGGER_MODES = ("free_run", "software")
-
-
-@dataclass(kw_only=True)
-class OpenCVCameraConfig(SourceConfig):
-    device: int | str               # index, video file, RTSP URL, or GStreamer pipeline (contains '!')
-    width: int | None = None
-    height: int | None = None
-    fps: float | None = None
-    trigger: str = "free_run"       # "free_run" | "software"
-    buffer_size: int | None = None  # CAP_PROP_BUFFERSIZE; 1 keeps a triggered frame fresh on V4L2
-    poll_interval_s: float = 0.1    # how often a waiting trigger loop checks for close()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.device, str) and self.device.isdigit():
-            self.device = int(self.device)  # "0" from a command line means camera 0, not a file named 0
-        require(isinstance(self.device, (int, str)) and not isinstance(self.device, bool) and self.device != "",
-                "device", self.device, "a camera index, a file path, a URL or a GStreamer pipeline")
-        for key in ("width", "height", "buffer_size"):
-            value = getattr(self, key)
-            require(value is None or (isinstance(value, int) and value > 0), key, value, "an integer > 0 or null")
-        require(self.fps is None or (isinstance(self.fps, (int, float)) and self.fps > 0), "fps", self.fps,
-                "a number > 0 or null")
-        require(self.trigger in TRIGGER_MODES, "trigger", self.trigger, f"one of {', '.join(TRIGGER_MODES)}")
-        require(isinstance(self.poll_interval_s, (int, float)) and self.poll_interval_s > 0, "poll_interval_s",
-                self.poll_interval_s, "a number > 0")
-
-    @property
-    def is_pipeline(self) -> bool:
-        return isinstance(self.device, str) and "!" in self.device
-
-    @property
-    def is_file(self) -> bool:
-        return isinstance(self.device, str) and os.path.isfile(self.device)
+TRIGGER_MODES = OPENCV_TRIGGER_MODES
 
 
 class OpenCVCameraSource(FrameSource):
@@ -73,7 +37,6 @@ class OpenCVCameraSource(FrameSource):
     instant of the ``trigger()`` call (when the part was at the camera).
     """
 
-    config_class = OpenCVCameraConfig
     config: OpenCVCameraConfig
 
     def __init__(self, config: OpenCVCameraConfig) -> None:

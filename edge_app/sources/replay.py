@@ -19,7 +19,6 @@ import os
 import time
 from collections.abc import Generator, Iterator
 from contextlib import closing
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -30,58 +29,16 @@ from ..record import PartRecord, Reason, Verdict
 from .base import (
     IMAGE_SUFFIXES,
     FrameSource,
-    SourceConfig,
     SourceConfigError,
     SourceError,
     UndecodableFrame,
     frame_to_rgb,
     glob_files,
-    require,
 )
+from .configs import ReplayConfig  # noqa: F401  (re-exported: the replay's config)
 
 # One frame: (source_ref, encoded bytes or None, RGB image or None)
 Frame = tuple[str, bytes | None, np.ndarray | None]
-
-
-@dataclass(kw_only=True)
-class ReplayConfig(SourceConfig):
-    """Set exactly one of ``path`` (a folder of images or a video file) and ``paths`` (frames in order)."""
-
-    path: str | None = None
-    paths: list[str] | None = None
-    pattern: str = "*"              # folder only, e.g. "**/rgb/*.png"; files are also filtered to IMAGE_SUFFIXES
-    recursive: bool = False         # folder only: match ``pattern`` in every subfolder
-    rate: float | None = 1.0        # parts per second; None = as fast as the consumer takes them
-    shuffle: bool = False           # seeded; a new permutation on each pass when looping
-    seed: int = 0
-    limit: int | None = None        # total parts, across passes
-    loop: bool = False              # replay forever (a development camera); otherwise the line stops at the end
-    encoder_counts_per_part: int | None = None   # simulated encoder; None = the line has none
-    encoder_start: int = 0
-    encoder_rollover: int = 2 ** 32
-    cloud_path: str | None = None   # image files only: e.g. "../xyz/{stem}.tiff", relative to the image's folder
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if (self.path is None) == (self.paths is None):
-            raise SourceConfigError("replay source config needs exactly one of the keys 'path' and 'paths', "
-                                    f"got path={self.path!r}, paths={self.paths!r}")
-        require(self.path is None or isinstance(self.path, (str, Path)), "path", self.path, "a string")
-        require(self.paths is None or (isinstance(self.paths, (list, tuple)) and len(self.paths) > 0),
-                "paths", self.paths, "a non-empty list of file paths")
-        require(self.rate is None or (isinstance(self.rate, (int, float)) and not isinstance(self.rate, bool)
-                                      and self.rate > 0), "rate", self.rate, "a number > 0 (parts/s) or null")
-        require(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), "limit", self.limit,
-                "an integer >= 1 or null")
-        require(self.encoder_counts_per_part is None or
-                (isinstance(self.encoder_counts_per_part, int) and self.encoder_counts_per_part > 0),
-                "encoder_counts_per_part", self.encoder_counts_per_part, "an integer > 0 or null")
-        require(isinstance(self.encoder_rollover, int) and self.encoder_rollover > 0, "encoder_rollover",
-                self.encoder_rollover, "an integer > 0")
-        require(isinstance(self.seed, int), "seed", self.seed, "an integer")
-        require(isinstance(self.loop, bool), "loop", self.loop, "true or false")
-        require(self.cloud_path is None or _valid_template(self.cloud_path), "cloud_path", self.cloud_path,
-                "a path template using {stem} or {name}, e.g. '../xyz/{stem}.tiff'")
 
 
 def paired_cloud(image: Path, cloud_path: str) -> Path:
@@ -89,20 +46,9 @@ def paired_cloud(image: Path, cloud_path: str) -> Path:
     return Path(os.path.normpath(image.parent / cloud_path.format(stem=image.stem, name=image.name)))
 
 
-def _valid_template(template: object) -> bool:
-    if not isinstance(template, str) or not ("{stem}" in template or "{name}" in template):
-        return False
-    try:
-        template.format(stem="000", name="000.png")
-    except (KeyError, IndexError, ValueError):
-        return False
-    return True
-
-
 class ReplaySource(FrameSource):
     """Replays image files as encoded bytes (no decode here), or video frames as RGB arrays."""
 
-    config_class = ReplayConfig
     config: ReplayConfig
 
     def __init__(self, config: ReplayConfig) -> None:

@@ -26,7 +26,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,12 +39,11 @@ from .base import (
     PNG_SIGNATURE,
     FrameSource,
     PartIds,
-    SourceConfig,
     SourceError,
     UndecodableFrame,
     pixel_budget_problem,
-    require,
 )
+from .configs import MAX_MESSAGE_BYTES, ZmqSourceConfig  # noqa: F401  (re-exported)
 from .fields import LATEST_CAPTURE_S, check_part_fields, shown
 
 logger = logging.getLogger(__name__)
@@ -53,39 +51,15 @@ logger = logging.getLogger(__name__)
 ENCODING_MAGIC = {"png": PNG_SIGNATURE, "jpeg": JPEG_SOI, "bmp": b"BM"}
 ENCODINGS = (*ENCODING_MAGIC, "raw")
 CLOUD_DTYPES = ("float32", "float64")
-MAX_MESSAGE_BYTES = 1 << 30   # a 4096 x 4096 float64 cloud and its image fit; ZeroMQ refuses anything larger
 
 
 class HeaderError(ValueError):
     """A message header that is not a UTF-8 JSON object: the message cannot be tied to a part."""
 
 
-@dataclass(kw_only=True)
-class ZmqSourceConfig(SourceConfig):
-    endpoint: str                       # e.g. tcp://127.0.0.1:5555, ipc:///run/musc/frames
-    bind: bool = True                   # bind the PULL socket (senders connect), or connect to a binding sender
-    rcvhwm: int = 64                    # messages queued before senders block
-    max_message_bytes: int = 64 << 20   # larger messages are refused by ZeroMQ (sender is disconnected)
-    poll_interval_s: float = 0.1        # how often an idle receive loop checks for close()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(isinstance(self.endpoint, str) and "://" in self.endpoint, "endpoint", self.endpoint,
-                "a ZeroMQ endpoint such as 'tcp://127.0.0.1:5555'")
-        require(isinstance(self.bind, bool), "bind", self.bind, "true or false")
-        for key, most in (("rcvhwm", 1_000_000), ("max_message_bytes", MAX_MESSAGE_BYTES)):
-            value = getattr(self, key)
-            require(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= most, key, value,
-                    f"an integer in 1..{most}")
-        require(isinstance(self.poll_interval_s, (int, float)) and not isinstance(self.poll_interval_s, bool)
-                and 0.001 <= self.poll_interval_s <= 60, "poll_interval_s", self.poll_interval_s,
-                "a number of seconds in 0.001..60")
-
-
 class ZmqSource(FrameSource):
     """PULL socket receiving ``[header, image, (cloud)]`` messages; see the module docstring."""
 
-    config_class = ZmqSourceConfig
     config: ZmqSourceConfig
 
     def __init__(self, config: ZmqSourceConfig, context: zmq.Context | None = None) -> None:
