@@ -6,6 +6,7 @@ import pytest
 
 from musc_edge.edge.config import PoolSettings, RecipeSettings
 from musc_edge.edge.pool import FeaturePool, outlier_members
+from musc_edge.edge.score import PoolScore
 from musc_edge.edge.record import PartRecord, Reason, Verdict
 from musc_edge.edge.runtime.recipes import Prepared, Recipe2D, Scoring
 from musc_edge.edge.scoring import MuscParams, PoolTooSmallError, l2_normalise, score_one
@@ -40,6 +41,7 @@ def test_pool_score_is_score_one_against_the_stored_members_and_excludes_the_par
     members = [pool.sets16[s, :pool.size].astype(np.float32) for s in range(N_SETS)]
     query = parts(1, seed=9)[0]
     result = pool.score(query, GRID, PARAMS)
+    assert type(result) is PoolScore   # the one score type of every pool (score.py)
     patch_map, raw, feature = score_one(query, members, GRID, PARAMS)
     np.testing.assert_allclose(result.map, patch_map, atol=1e-6)
     assert result.raw == pytest.approx(raw, abs=1e-6) and result.n_refs == 6

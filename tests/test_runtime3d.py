@@ -22,7 +22,8 @@ from musc_edge.edge.record import PartRecord, Reason, Verdict
 from musc_edge.edge.runtime.inspector import Inspector
 from musc_edge.edge.runtime.line import Line
 from musc_edge.edge.runtime.pool_store import PoolMismatchError
-from musc_edge.edge.scan_pool import PreparedScan, ScanPool
+from musc_edge.edge.scan_pool import ScanPool
+from musc_edge.edge.score import PoolScore, PreparedScan
 from musc_edge.edge.runtime.simulated import CLOUD_PATH, SCAN_PATTERN, run_simulated_scan_line, scan_line_config
 from musc_edge.edge.scoring import MuscParams, PoolTooSmallError
 from musc_edge.edge.scoring3d import Params3D, prepare_3d
@@ -259,7 +260,7 @@ def test_scan_pool_warms_up_evicts_fifo_keeps_golden_and_excludes_the_part_itsel
     pool.remove(np.array([1]))
     assert pool.size == 3 and pool.part_ids[:3] == ["p0", "p5", "p6"]
     result = pool.score(scan[6], None, params, exclude_part_id="p6")
-    assert result.n_refs == 2 and result.map.shape == (64, 64)
+    assert type(result) is PoolScore and result.n_refs == 2 and result.map.shape == (64, 64)   # the 2D pool's type too (score.py)
 
 
 def test_scan_pool_state_round_trip_keeps_the_newest_members(samples):
