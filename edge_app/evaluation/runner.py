@@ -26,7 +26,7 @@ from ..features import FeatureEngine, Features
 from ..geometry import InputPlan, plan_for, stitch, to_image, windows
 from ..overlay import render_overlay, side_by_side
 from ..progress import Progress
-from ..runtime.recipes import Prepared
+from ..score import Prepared
 from ..scoring import MuscParams, prepare, score_batch
 from .datasets import Sample, load_dataset, read_image
 from .line_protocol import label_free, line_samples, write_scores

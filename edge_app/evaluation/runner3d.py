@@ -19,7 +19,8 @@ from ..features import FeatureEngine, Features
 from ..pointcloud import read_cloud
 from ..progress import Progress
 from ..runtime.recipes.recipe_scan import blur_sigma, prepare_scan, scan_params
-from ..scan_pool import SCAN_MODES, PreparedScan, fusion_params
+from ..scan_pool import SCAN_MODES, fusion_params
+from ..score import PreparedScan
 from ..scoring import prepare
 from ..scoring3d import Sample3D, score_batch
 from .datasets import DatasetError, Sample, read_image
