@@ -213,8 +213,11 @@ class Inspector:
             return fast.engine
 
     def _shadow(self, part: PartRecord, recipe: Recipe) -> None:
-        """Shadow features of a warm-up part through the fast model (prefetch threads; never fails a part)."""
-        if not self.fast_path.shadowing() or part.verdict is not None or recipe.pool.size >= recipe.pool.min_size:
+        """Shadow features of a part extracted during the trial through the fast model (prefetch threads; never
+        fails a part). Every such part, whatever the pool's size when it is extracted: parts are extracted ahead
+        of scoring, and warm-up curation can drop members after the pool first fills, so a part extracted while
+        the pool looked ready may still become a warm-up member that the comparison needs."""
+        if not self.fast_path.shadowing() or part.verdict is not None:
             return
         try:
             self.fast_path.keep_shadow(part.part_id, self.features([part.image], self._fast_engine())[0])
