@@ -77,13 +77,15 @@ DEADLINE_MS = 1500.0
 
 def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int, limit: int | None = None,
         quiet: bool = False, mqtt_outage: float = 0.0, model: Path = ROOT / "models" / "dinov2_vits14_musc.onnx",
-        precision: str = "fp32", scorer: str = "auto", keep_totals: bool = False) -> dict:
+        precision: str = "fp32", scorer: str = "auto", keep_totals: bool = False, fast_path: str = "auto",
+        agree_with: Path | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     with plc_for(link) as (plc, link_cfg), ExitStack() as stack:
         outage = stack.enter_context(MqttOutage(out / "broker", mqtt_outage)) if mqtt_outage else None
         config = parse_config({
             "line": {"name": f"bottle-{link}", "deadline_ms": DEADLINE_MS, "queue_size": 4},
-            "model": {"path": str(model), "size": 224, "blocks": [6, 9], "precision": precision},
+            "model": {"path": str(model), "size": 224, "blocks": [6, 9], "precision": precision,
+                      "fast_path": fast_path},
             "scoring": {"backend": scorer},
             "recipes": {"default": {"threshold": threshold, "pool": {"capacity": pool, "min_size": 10}}},
             "source": {"type": "replay", "paths": paths, "rate": rate, "shuffle": True, "seed": 0,
@@ -138,9 +140,26 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
     decided = [r for r in CalibrationStore(out).audit.records() if r.get("action") == "runtime.fast_path"]
     result["fast_path"] = decided[-1]["reason"] if decided else \
         "no decision in the audit log (model.fast_path off or not applicable, or the warm-up never finished)"
+    if agree_with is not None:
+        result["verdict_agreement"] = verdict_agreement(rows, agree_with)
     hashes = [r.model_hash for r in rows]
     result["rows_per_model"] = {h: hashes.count(h) for h in dict.fromkeys(hashes)}   # fp32 rows, then fast ones
     return result
+
+
+def verdict_agreement(rows: list, ledger: Path) -> dict:
+    """Share of the parts both this run and another run's ``ledger`` decided (ACCEPT or REJECT) with the same
+    verdict, matched by the image each part came from (e.g. the fast path against an fp32 run)."""
+    from musc_edge.edge.ledger import Ledger
+
+    reader = Ledger.open_readonly(ledger)
+    try:
+        other = {r.source_ref: r.verdict for r in reader.iter_rows() if r.verdict != Verdict.NO_VERDICT}
+    finally:
+        reader.close()
+    both = [(r.verdict, other[r.source_ref]) for r in rows if r.verdict != Verdict.NO_VERDICT and r.source_ref in other]
+    same = sum(a == b for a, b in both)
+    return {"parts": len(both), "same": same, "percent": round(100 * same / len(both), 2) if both else None}
 
 
 def retry_until_up(first_request, within_s: float = 30.0) -> None:
@@ -408,6 +427,10 @@ def main() -> None:
                         help="feature model, or a folder to pick the --precision model covering blocks 6, 9 from")
     parser.add_argument("--precision", choices=("fp32", "int8", "fp16"), default="fp32")
     parser.add_argument("--scorer", choices=("auto", "numpy", "onnx-fp32", "onnx-int8"), default="auto")
+    parser.add_argument("--fast-path", choices=("auto", "off"), default="auto",
+                        help="model.fast_path: auto (shadow the INT8 path at warm-up and switch when it agrees) or off")
+    parser.add_argument("--agree-with", type=Path, metavar="LEDGER",
+                        help="report verdict agreement with another run's ledger (e.g. an fp32 run's)")
     parser.add_argument("--mqtt-outage", type=float, default=0.0, metavar="SECONDS",
                         help="publish part events to a local mosquitto stopped this long mid-run (needs mosquitto)")
     args = parser.parse_args()
@@ -436,13 +459,13 @@ def main() -> None:
         out = args.out if link == links[0] else args.out.with_name(f"{args.out.name}_{link}")
         results.append(run(paths, link, args.rate, out, args.threshold, args.pool, args.limit,
                            mqtt_outage=args.mqtt_outage, model=args.model, precision=args.precision,
-                           scorer=args.scorer))
+                           scorer=args.scorer, fast_path=args.fast_path, agree_with=args.agree_with))
         print_result(results[-1])
     if args.find_rate:
         rate, best = args.rate, None
         while rate <= 20:
             r = run(paths, "zmq", rate, args.out.with_name("rate_probe"), args.threshold, args.pool, limit=120, quiet=True,
-                    model=args.model, precision=args.precision, scorer=args.scorer)
+                    model=args.model, precision=args.precision, scorer=args.scorer, fast_path=args.fast_path)
             ok = not r["no_verdict_after_warmup"]
             print(f"rate {rate:4.1f} parts/s: {'no NO_VERDICT' if ok else r['no_verdict_after_warmup']}")
             if not ok:
