@@ -4,6 +4,7 @@ change and of start-up recovery itself; each time the line starts again, on a ve
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -83,26 +84,40 @@ def fsyncs_of(step, storage: Path) -> int:
     return calls[0]
 
 
+def _die_after_writes(step, storage: Path, n: int) -> None:
+    """The child of :func:`killed_after_write`: no cleanup, no atexit, no flushing of anything but what was
+    fsynced."""
+    calls = [0]
+    real = os.fsync
+
+    def dying(fd):
+        real(fd)
+        calls[0] += 1
+        if calls[0] == n:
+            os._exit(137)
+    cs.os.fsync = dying
+    try:
+        step(storage)
+    except BaseException:
+        os._exit(3)
+    os._exit(0)
+
+
 def killed_after_write(step, storage: Path, n: int) -> int:
     """Run ``step`` in a child process that dies (os._exit, like kill -9) right after its ``n``-th durable
-    write; returns the child's exit status (137: killed there, 0: it finished first)."""
-    pid = os.fork()
-    if pid == 0:   # the child: no cleanup, no atexit, no flushing of anything but what was fsynced
-        calls = [0]
-        real = os.fsync
+    write; returns the child's exit status (137: killed there, 0: it finished first).
 
-        def dying(fd):
-            real(fd)
-            calls[0] += 1
-            if calls[0] == n:
-                os._exit(137)
-        cs.os.fsync = dying
-        try:
-            step(storage)
-        except BaseException:
-            os._exit(3)
-        os._exit(0)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    The child comes from a fork server, not from os.fork() of this process: the test process has threads of
+    earlier tests, and a fork taken while one of them holds a lock (an allocator's, a logging handler's)
+    leaves the child waiting on it forever."""
+    child = multiprocessing.get_context("forkserver").Process(target=_die_after_writes, args=(step, storage, n))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        raise AssertionError(f"the step did not finish or die within 120 s (write {n})")
+    return child.exitcode
 
 
 def assert_starts_on_an_explained_version(storage: Path, allowed: set[int]) -> int:
@@ -121,11 +136,23 @@ def assert_starts_on_an_explained_version(storage: Path, allowed: set[int]) -> i
     return running
 
 
+def apply_v2(storage: Path) -> None:
+    commit_live(storage, calibration(2, 0.7))
+
+
+def roll_back_to_v0(storage: Path) -> None:
+    commit_live(storage, CalibrationStore(storage).load_version(0), create=False, action="rollback")
+
+
+def stage_v2(storage: Path) -> None:
+    commit_staged(storage, calibration(2, 0.7))
+
+
+# Module-level steps: the fork server's child finds them by name.
 SCENARIOS = {
-    "apply": (lambda s: commit_live(s, calibration(2, 0.7)), {1, 2}),
-    "rollback": (lambda s: commit_live(s, CalibrationStore(s).load_version(0), create=False, action="rollback"),
-                 {0, 1}),
-    "staged apply": (lambda s: commit_staged(s, calibration(2, 0.7)), {1, 2}),
+    "apply": (apply_v2, {1, 2}),
+    "rollback": (roll_back_to_v0, {0, 1}),
+    "staged apply": (stage_v2, {1, 2}),
     "pool reseed": (pool_change, {1}),
 }
 
@@ -151,7 +178,7 @@ def test_a_kill_inside_start_up_recovery_is_recovered_at_the_next_start(line_at_
     # current.json deleted (row 13): the start that recovers both is itself killed after each of its writes.
     storage = line_at_v1.parent / "broken"
     shutil.copytree(line_at_v1, storage)
-    assert killed_after_write(lambda s: commit_live(s, calibration(2, 0.7)), storage, 5) == 137
+    assert killed_after_write(apply_v2, storage, 5) == 137
     (storage / "calibration" / "current.json").unlink(missing_ok=True)
     writes = fsyncs_of(start, storage)
     assert writes >= 2
