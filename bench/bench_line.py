@@ -78,7 +78,7 @@ DEADLINE_MS = 1500.0
 def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int, limit: int | None = None,
         quiet: bool = False, mqtt_outage: float = 0.0, model: Path = ROOT / "models" / "dinov2_vits14_musc.onnx",
         precision: str = "fp32", scorer: str = "auto", keep_totals: bool = False, fast_path: str = "auto",
-        agree_with: Path | None = None) -> dict:
+        agree_with: Path | None = None, look_ahead: int | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     with plc_for(link) as (plc, link_cfg), ExitStack() as stack:
         outage = stack.enter_context(MqttOutage(out / "broker", mqtt_outage)) if mqtt_outage else None
@@ -87,7 +87,8 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
             "model": {"path": str(model), "size": 224, "blocks": [6, 9], "precision": precision,
                       "fast_path": fast_path},
             "scoring": {"backend": scorer},
-            "recipes": {"default": {"threshold": threshold, "pool": {"capacity": pool, "min_size": 10}}},
+            "recipes": {"default": {"threshold": threshold, "pool": {"capacity": pool, "min_size": 10},
+                                    **({"look_ahead": {"parts": look_ahead}} if look_ahead is not None else {})}},
             "source": {"type": "replay", "paths": paths, "rate": rate, "shuffle": True, "seed": 0,
                        **({"limit": limit} if limit else {})},
             "link": {**link_cfg, "heartbeat_interval_s": 1.0},
@@ -429,6 +430,8 @@ def main() -> None:
     parser.add_argument("--scorer", choices=("auto", "numpy", "onnx-fp32", "onnx-int8"), default="auto")
     parser.add_argument("--fast-path", choices=("auto", "off"), default="auto",
                         help="model.fast_path: auto (shadow the INT8 path at warm-up and switch when it agrees) or off")
+    parser.add_argument("--look-ahead", type=int, metavar="PARTS",
+                        help="recipes.default.look_ahead.parts (default: the config default; 0 = figures from before it)")
     parser.add_argument("--agree-with", type=Path, metavar="LEDGER",
                         help="report verdict agreement with another run's ledger (e.g. an fp32 run's)")
     parser.add_argument("--mqtt-outage", type=float, default=0.0, metavar="SECONDS",
@@ -459,13 +462,15 @@ def main() -> None:
         out = args.out if link == links[0] else args.out.with_name(f"{args.out.name}_{link}")
         results.append(run(paths, link, args.rate, out, args.threshold, args.pool, args.limit,
                            mqtt_outage=args.mqtt_outage, model=args.model, precision=args.precision,
-                           scorer=args.scorer, fast_path=args.fast_path, agree_with=args.agree_with))
+                           scorer=args.scorer, fast_path=args.fast_path, agree_with=args.agree_with,
+                           look_ahead=args.look_ahead))
         print_result(results[-1])
     if args.find_rate:
         rate, best = args.rate, None
         while rate <= 20:
             r = run(paths, "zmq", rate, args.out.with_name("rate_probe"), args.threshold, args.pool, limit=120, quiet=True,
-                    model=args.model, precision=args.precision, scorer=args.scorer, fast_path=args.fast_path)
+                    model=args.model, precision=args.precision, scorer=args.scorer, fast_path=args.fast_path,
+                    look_ahead=args.look_ahead)
             ok = not r["no_verdict_after_warmup"]
             print(f"rate {rate:4.1f} parts/s: {'no NO_VERDICT' if ok else r['no_verdict_after_warmup']}")
             if not ok:
