@@ -287,17 +287,17 @@ def test_row_11_read_only_requests_never_run_on_the_scoring_thread_and_a_flood_c
         running_line, monkeypatch):
     import socket as sockets
 
-    from musc_edge.edge.runtime import line as line_module
+    from musc_edge.edge.runtime import control_handlers
     from musc_edge.edge.runtime.control import MAX_PENDING
 
     _, storage, line, _ = running_line
     computed_on = []
-    original = line_module.leave_one_out_scores
+    original = control_handlers.leave_one_out_scores
 
     def recording(*args, **kwargs):
         computed_on.append(threading.current_thread().name)
         return original(*args, **kwargs)
-    monkeypatch.setattr(line_module, "leave_one_out_scores", recording)
+    monkeypatch.setattr(control_handlers, "leave_one_out_scores", recording)
     replies = []
 
     def operator() -> None:
@@ -312,7 +312,7 @@ def test_row_11_read_only_requests_never_run_on_the_scoring_thread_and_a_flood_c
     elapsed = time.monotonic() - started
     assert len(replies) == 18 and all(r["ok"] and len(r["scores"]) == 24 for r in replies), replies[:1]
     assert computed_on and "worker" not in computed_on
-    assert len(computed_on) <= 1 + int(elapsed // line_module.LOO_REUSE_S)   # the rest reuse the result
+    assert len(computed_on) <= 1 + int(elapsed // control_handlers.LOO_REUSE_S)   # the rest reuse the result
 
     idle = []   # more idle connections than the server keeps: the oldest are closed, status still answers
     try:

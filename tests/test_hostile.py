@@ -221,7 +221,7 @@ def test_row_6_apply_needs_an_audited_newer_version_and_the_runtime_records_what
     assert not replayed["ok"] and "replay" in replayed["error"]
     same = live.control({"cmd": "apply", "calibration": calibration(2, 0.7).model_dump()})
     assert not same["ok"] and "replay" in same["error"]
-    assert live.line.calibration_version == "2" and live.line.inspector.recipes["default"].threshold == 0.7
+    assert live.line.in_force.version == "2" and live.line.inspector.recipes["default"].threshold == 0.7
     records = CalibrationStore(live.storage).audit.records()
     applied = [r for r in records if r["action"] == "runtime.applied"]
     assert [r["new"]["version"] for r in applied] == [1, 2]

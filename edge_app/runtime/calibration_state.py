@@ -818,6 +818,14 @@ class CalibrationAuthority:
                  "reject_timing": None if c.reject_timing is None else c.reject_timing.model_dump(mode="json"),
                  "dry_run": c.dry_run, "line": line}, reason="in force on the running line", result_of=applied.intent_seq)
 
+    def record_fast_path(self, event) -> None:
+        """The runtime's own audit record of its fast-path decision (``runtime/fast_path.py``'s event)."""
+        with self.store.lock():
+            self.store.audit.append(
+                who=self.who, action="runtime.fast_path", target="feature model", old=event.old_model,
+                new={"model_sha256": event.new_model, "scorer": event.scorer, "switched": event.switched},
+                reason=event.reason)
+
     def append_for_client(self, record: dict) -> dict:
         """Append a technician client's record (one that cannot read the device secret) to the audit log; the
         client holds the store's lock. Only the client's own kinds of record, never the runtime's."""
