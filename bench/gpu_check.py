@@ -197,31 +197,12 @@ def read_images(paths: list[str] | None, count: int) -> list[np.ndarray]:
 
 def stream_scores(layers: list[np.ndarray], grid, pool: int, min_pool: int, seed: int = 0) -> tuple[np.ndarray,
                                                                                                    np.ndarray]:
-    """(stream score of every part, warm-up mask): the parts in a seeded order against a FIFO pool of the
-    previous ``pool`` parts, every part admitted, the first ``min_pool`` scored in batch (as
-    ``musc-export verify --stream`` scores a line)."""
-    from musc_edge.edge.pool import FeaturePool
-    from musc_edge.edge.scoring import MuscParams, prepare, score_batch
+    """(stream score of every part, warm-up mask), as ``musc-export verify --stream`` scores a line."""
+    from musc_edge.edge.scoring import MuscParams, prepare
+    from musc_edge.export.verify import fifo_stream_scores
 
     params = MuscParams()
-    sets = prepare(layers, grid, params)
-    n, p, d = sets[0].shape
-    order = np.random.default_rng(seed).permutation(n)
-    fifo = FeaturePool(pool, len(sets), p, d, min_size=min(min_pool, pool), eviction="fifo")
-    scores = np.zeros(n)
-    warm = order[:fifo.min_size]
-    first = score_batch([fs[warm] for fs in sets], grid, params)
-    for j, i in enumerate(warm):
-        scores[i] = first.rescored[j]
-        fifo.admit(str(i), [fs[i] for fs in sets], first.raw[j], first.features[j])
-    for i in order[fifo.min_size:]:
-        member = [fs[i] for fs in sets]
-        result = fifo.score(member, grid, params)
-        scores[i] = result.score
-        fifo.admit(str(i), member, result.raw, result.feature)
-    warm_mask = np.zeros(n, bool)
-    warm_mask[warm] = True
-    return scores, warm_mask
+    return fifo_stream_scores(prepare(layers, grid, params), grid, params, pool, min_pool, seed)
 
 
 def run_check(args) -> dict:

@@ -209,14 +209,25 @@ def score_features(layers: list[np.ndarray], grid: tuple[int, int], is_test: np.
                    min_pool: int = 10, seed: int = 0, scorer: str = "numpy") -> ModelScores:
     """Batch scores of the test images, and stream scores of every part in a seeded order against a FIFO
     pool of the previous ``pool`` parts (every part admitted; the first ``min_pool`` scored in batch)."""
-    from musc_edge.edge.pool import FeaturePool
     from musc_edge.edge.scoring import MuscParams, prepare, score_batch
 
     params = MuscParams()
     sets = prepare(layers, grid, params)
-    n, p, d = sets[0].shape
     test = np.flatnonzero(is_test)
     batch = score_batch([fs[test] for fs in sets], grid, params).rescored
+    stream, warmup = fifo_stream_scores(sets, grid, params, pool, min_pool, seed, scorer)
+    return ModelScores(batch, stream, warmup)
+
+
+def fifo_stream_scores(sets: list[np.ndarray], grid: tuple[int, int], params, pool: int, min_pool: int,
+                       seed: int = 0, scorer: str = "numpy") -> tuple[np.ndarray, np.ndarray]:
+    """(stream score of every part, warm-up mask): the prepared ``sets`` (``[N, P, D]`` each) in a seeded order
+    against a FIFO pool of the previous ``pool`` parts, every part admitted, the first ``min_pool`` scored in
+    batch: how ``verify --stream`` (and ``bench/gpu_check.py``) scores a line, without its admission rules."""
+    from musc_edge.edge.pool import FeaturePool
+    from musc_edge.edge.scoring import score_batch
+
+    n, p, d = sets[0].shape
     order = np.random.default_rng(seed).permutation(n)
     fifo = FeaturePool(pool, len(sets), p, d, min_size=min(min_pool, pool), eviction="fifo", scorer=scorer)
     stream = np.zeros(n)
@@ -232,7 +243,7 @@ def score_features(layers: list[np.ndarray], grid: tuple[int, int], is_test: np.
         fifo.admit(str(i), member, result.raw, result.feature)
     warmup = np.zeros(n, bool)
     warmup[warmup_ids] = True
-    return ModelScores(batch, stream, warmup)
+    return stream, warmup
 
 
 def score_category(model_path: str | Path, paths: list[str], is_test: np.ndarray, blocks: tuple[int, ...],
