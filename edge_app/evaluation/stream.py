@@ -4,7 +4,9 @@ Parts arrive in a seeded shuffled order. While the recipe's pool warms up, every
 warm-up member, exactly as on the line (near-duplicates refused; when the pool first reaches its minimum
 size its members are scored among themselves and outliers dropped, and warm-up goes on until it is full
 enough again). The line gives warm-up parts no verdict; here they are scored among themselves in the batch
-protocol, so every image has a score. After warm-up each part is scored against the pool and decided with
+protocol, so every image has a score, or (``late_warmup``, the line protocol) once the pool is ready, against it:
+scored among themselves they sit on the warm-up batch's own scale, which ranks a defective warm-up part below
+good parts scored later. After warm-up each part is scored against the pool and decided with
 the recipe's threshold, then admitted by :meth:`~musc_edge.edge.runtime.recipes.Recipe.admit`: accepted parts
 only, never near-duplicates. Used by both 2D (:mod:`.runner`) and 3D (:mod:`.runner3d`) evaluation.
 """
