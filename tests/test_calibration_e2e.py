@@ -23,6 +23,8 @@ from musc_edge.edge.runtime.control import request
 from musc_edge.edge.runtime.line import Line
 from musc_edge.edge.synthetic import generate_set
 
+from .doc_blocks import block_after, commands
+
 CONFIG_THRESHOLD = 5.0   # far above any score: before calibration every scored part is accepted
 
 
@@ -219,10 +221,9 @@ def test_pool_changes_dry_run_and_test_fire_are_audited(running_line, capsys):
 
 
 def doc_block(after: str) -> list[str]:
-    """The commands of the first fenced block after the line ``after`` in docs/calibration.md."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "calibration.md").read_text()
-    block = text[text.index(after):].split("```")[1]
-    return [line.strip() for line in block.strip().splitlines() if line.strip().startswith("musc-calibrate")]
+    """The musc-calibrate commands of the first fenced block after the line ``after`` in docs/calibration.md."""
+    block = block_after(Path(__file__).resolve().parents[1] / "docs" / "calibration.md", after)
+    return [command for command in commands(block) if command.startswith("musc-calibrate")]
 
 
 class _Terminal(io.StringIO):
