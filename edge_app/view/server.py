@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -38,8 +39,25 @@ def serve(options: ViewOptions, *, bind: str, port: int, refresh_s: float) -> No
         os.nice(NICENESS)
     except OSError:   # not permitted: serve at normal priority
         pass
+    # Listen first, then say where: a client that connects as soon as the address is printed is queued by the
+    # kernel until the server accepts, never refused.
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((bind, port))
+    except OSError as exc:   # taken between the check above and now
+        listening.close()
+        raise PortUnavailable(f"view.port: {bind}:{port} cannot be bound: {exc}") from None
+    listening.listen(128)
     where = "this machine only" if bind in ("127.0.0.1", "localhost", "::1") else "the network"
     print(f"musc-edge view: line {options.line_name!r} ({options.storage}) on http://{bind}:{port}/ "
-          f"(read-only, reachable from {where})", file=sys.stderr)
-    uvicorn.run(create_app(options, refresh_s=refresh_s), host=bind, port=port, log_level="warning",
-                access_log=False, server_header=False)
+          f"(read-only, reachable from {where})", file=sys.stderr, flush=True)
+    config = uvicorn.Config(create_app(options, refresh_s=refresh_s), log_level="warning", access_log=False,
+                            server_header=False)
+    try:
+        uvicorn.Server(config).run(sockets=[listening])
+    except KeyboardInterrupt:   # Ctrl-C ends the view, as uvicorn.run() does
+        pass
+    finally:
+        listening.close()
