@@ -156,11 +156,13 @@ def run_eval(settings: EvalSettings) -> dict:
     t_scoring = time.monotonic() - t0
 
     maps = image_maps(scored.patch_maps, plan, plan.scaled)
-    report = measure(settings, samples, maps, scored.scores, t_start, t_features, t_scoring)
+    batch = None
     if settings.mode == "line":   # the batch protocol on the same images, for the gap
         result = score_batch(sets, grid, settings.params, features.image_tokens)
-        add_line_report(report, settings, samples, streamed, image_maps(result.patch_maps, plan, plan.scaled),
-                        result.rescored)
+        batch = image_maps(result.patch_maps, plan, plan.scaled), result.rescored
+    report = measure(settings, samples, maps, scored.scores, t_start, t_features, t_scoring, batch)
+    if settings.mode == "line":
+        add_line_report(report, settings, samples, streamed)
     return report
 
 
@@ -187,13 +189,10 @@ def stream_in_order(settings: EvalSettings, recipe, prepared, warmup) -> StreamS
                              late_warmup=line)
 
 
-def add_line_report(report: dict, settings: EvalSettings, samples: list[Sample], streamed: StreamScores,
-                    batch_maps: np.ndarray, batch_scores: np.ndarray) -> None:
-    """Line mode's additions to ``report``: the batch figure on the same images, what the line's first
-    label-free threshold would do, and the per-image CSV (``settings.scores``)."""
+def add_line_report(report: dict, settings: EvalSettings, samples: list[Sample], streamed: StreamScores) -> None:
+    """Line mode's additions to ``report``: what the line's first label-free threshold would do, and the
+    per-image CSV (``settings.scores``)."""
     labels = np.array([s.label for s in samples])
-    masks = load_masks_at(samples, batch_maps.shape[1:])
-    report["batch"] = compute_metrics(labels, batch_scores, masks, batch_maps)
     first = label_free(streamed.scores, labels)
     report["line"] = {"rate": settings.rate, "look_ahead": LINE_RECIPE.look_ahead.parts_at(settings.rate),
                       "eviction": LINE_RECIPE.pool.eviction,
@@ -227,10 +226,11 @@ def load_masks_at(samples: list[Sample], shape: tuple[int, int]) -> np.ndarray:
 
 
 def measure(settings: EvalSettings, samples, maps: np.ndarray, scores: np.ndarray, t_start: float,
-            t_features: float, t_scoring: float) -> dict:
+            t_features: float, t_scoring: float, batch: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Metrics of ``maps`` ``[N, H, W]`` (any aspect: the masks are brought to it) and image ``scores`` against
     the samples' ground truth, overlays if asked, and the report dict (REPORT_KEYS, metrics in percent).
-    Shared by 2D and 3D evaluation."""
+    ``batch`` (line mode: the batch protocol's maps and scores on the same images) adds ``report["batch"]``,
+    measured against the same masks. Shared by 2D and 3D evaluation."""
     labels = np.array([s.label for s in samples])
     masks = load_masks_at(samples, maps.shape[1:])
     metrics = compute_metrics(labels, scores, masks, maps)
@@ -241,7 +241,10 @@ def measure(settings: EvalSettings, samples, maps: np.ndarray, scores: np.ndarra
               "n_anomalous": int(labels.sum()), **metrics,
               "seconds": {"features": round(t_features, 3), "scoring": round(t_scoring, 3),
                           "total": round(time.monotonic() - t_start, 3)}}
-    return {key: report[key] for key in REPORT_KEYS}
+    report = {key: report[key] for key in REPORT_KEYS}
+    if batch is not None:
+        report["batch"] = compute_metrics(labels, batch[1], masks, batch[0])
+    return report
 
 
 def write_overlays(folder: Path, samples, maps: np.ndarray, masks: np.ndarray, scores: np.ndarray,

@@ -113,8 +113,11 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
         maps, scores = streamed.maps, streamed.scores
     t_scoring = time.monotonic() - t0
 
-    report = measure(settings, samples, maps, scores, t_start, t_features, t_scoring)
+    batch = None
     if settings.mode == "line":   # the batch protocol on the same images, for the gap
         result = score_batch(sets, samples_3d, grid, settings.size, fusion)
-        add_line_report(report, settings, samples, streamed, result.maps, result.rescored)
+        batch = result.maps, result.rescored
+    report = measure(settings, samples, maps, scores, t_start, t_features, t_scoring, batch)
+    if settings.mode == "line":
+        add_line_report(report, settings, samples, streamed)
     return report
