@@ -6,7 +6,7 @@ Slots are replaced in place; FIFO and reservoir eviction both skip "golden" memb
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -60,6 +60,7 @@ class PoolMembers:
     admission order and time, golden flags. Subclasses own the feature storage and the scoring."""
 
     features: np.ndarray | None
+    eviction: str                       # which member a full pool replaces (set by the subclass)
 
     def _init_members(self, capacity: int, min_size: int) -> None:
         if capacity < 2:
@@ -80,8 +81,12 @@ class PoolMembers:
     def ready(self) -> bool:
         return self.size >= self.min_size
 
-    def _descriptor_slot(self, slot: int, descriptor: np.ndarray) -> None:
-        """Remember a member's descriptor (unit vector) for coverage eviction."""
+    def _descriptor_slot(self, slot: int, describe: Callable[[], np.ndarray]) -> None:
+        """Remember a member's descriptor (unit vector, from ``describe()``) when the pool evicts by coverage,
+        the one policy that reads them."""
+        if self.eviction != "coverage":
+            return
+        descriptor = describe()
         if self.descriptors is None or self.descriptors.shape[1] != descriptor.shape[0]:
             self.descriptors = np.zeros((self.capacity, descriptor.shape[0]), np.float32)
         self.descriptors[slot] = descriptor
@@ -259,7 +264,7 @@ class FeaturePool(PoolMembers):
             self.sets16[s, slot] = fs
             # Score against exactly what is persisted, so a restored pool scores identically.
             self.work[s, slot * self.patches:(slot + 1) * self.patches] = self.sets16[s, slot]
-        self._descriptor_slot(slot, part_descriptor(sets[0]))
+        self._descriptor_slot(slot, lambda: part_descriptor(sets[0]))
         self._record(slot, part_id, raw_score, feature, now, golden)
         return slot
 
@@ -300,5 +305,5 @@ class FeaturePool(PoolMembers):
         self.admissions = int(state["admissions"])
         self.size = n
         for slot in range(n):
-            self._descriptor_slot(slot, part_descriptor(self.work[0, slot * self.patches:(slot + 1) * self.patches]))
+            self._descriptor_slot(slot, lambda: part_descriptor(self.work[0, slot * self.patches:(slot + 1) * self.patches]))
         self._workspace = None

@@ -151,7 +151,7 @@ class ScanPool(PoolMembers):
             self.sets16[s, slot] = fs
             self.work[s, slot] = self.sets16[s, slot]
         self.layers[:, slot] = np.stack(sample.layers)
-        self._descriptor_slot(slot, scan_descriptor(query.sets, sample.layers[0]))
+        self._descriptor_slot(slot, lambda: scan_descriptor(query.sets, sample.layers[0]))
         self.geometry[slot] = _geometry(sample)
         self._record(slot, part_id, raw_score, feature, now, golden)
         return slot
@@ -216,8 +216,8 @@ class ScanPool(PoolMembers):
                                state["prop_pixels"][points], self.image_size)
             self.geometry[slot] = Sample3D(state["centres"][i], state["centre_pixels"][i], _NO_MEMBERS,
                                            state["curvature"][i], (), prop)
-            self._descriptor_slot(slot, scan_descriptor([self.work[s, slot] for s in range(self.n_sets)],
-                                                        self.layers[0, slot]))
+            self._descriptor_slot(slot, lambda: scan_descriptor([self.work[s, slot] for s in range(self.n_sets)],
+                                                                self.layers[0, slot]))
         self.size = n
 
 
