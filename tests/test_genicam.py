@@ -28,6 +28,7 @@ from musc_edge.edge.plc_sim import PlcSimulator
 from musc_edge.edge.record import Reason, Verdict
 from musc_edge.edge.runtime.line import Line
 from musc_edge.edge.sources import DecodeError, SourceConfigError, SourceError, decode_part, make_source
+from musc_edge.edge.sources.configs import GenICamConfig
 from musc_edge.edge.sources.genicam import (
     Component,
     FrameIdTracker,
@@ -673,14 +674,14 @@ def test_doctor_lists_the_fake_camera_and_its_key_features(fake_camera, toy_mode
     from musc_edge.edge.doctor import run_checks
 
     fake_camera("MUSC01")
-    report = {name: (status, detail) for status, name, detail, _ in doctor_report({"camera": "MUSC01"})}
+    report = {name: (status, detail) for status, name, detail, _ in doctor_report(GenICamConfig(camera="MUSC01"))}
     assert report["genicam cameras seen"][0] == "ok" and "MUSC01" in report["genicam cameras seen"][1]
     status, detail = report["genicam camera"]
     assert status == "ok"
     for key in ("serial: MUSC01", "pixel_formats:", "Mono8", "sensor:", "trigger_sources:", "Line0",
                 "packet_size:"):
         assert key in detail, detail
-    bad = {name: status for status, name, _, _ in doctor_report({"camera": "MUSC01", "pixel_format": "BayerRG12"})}
+    bad = {name: status for status, name, _, _ in doctor_report(GenICamConfig(camera="MUSC01", pixel_format="BayerRG12"))}
     assert bad["genicam camera"] == "fail"
 
     config = tmp_path / "line.yaml"

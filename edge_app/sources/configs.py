@@ -77,10 +77,6 @@ class SourceConfig(StrictModel):
         """What the field types cannot state; raises ``SourceConfigError`` naming the key."""
         require(self.recipe != "", "recipe", self.recipe, "a non-empty string")
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """A key's value, as when the ``source`` section was an untyped mapping (prefer the attribute)."""
-        return getattr(self, key, default)
-
     def over_budget(self, raw: bytes) -> bytes:
         """``raw``, or an UndecodableFrame when its header declares more than ``max_pixels``."""
         problem = None if isinstance(raw, UndecodableFrame) else pixel_budget_problem(raw, self.max_pixels)

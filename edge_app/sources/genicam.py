@@ -37,7 +37,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -712,7 +712,7 @@ def describe_camera(camera_id: str) -> dict[str, Any]:
     return info
 
 
-def doctor_report(source: Mapping[str, Any] | GenICamConfig) -> list[tuple[str, str, str, str]]:
+def doctor_report(source: GenICamConfig) -> list[tuple[str, str, str, str]]:
     """``(status, name, detail, hint)`` lines for ``musc-edge doctor``: Aravis, the cameras seen, and the
     configured camera's key features (``fail`` when it cannot be opened)."""
     missing = aravis_missing()
@@ -723,14 +723,14 @@ def doctor_report(source: Mapping[str, Any] | GenICamConfig) -> list[tuple[str, 
                      f"{d['address']})" for d in cameras) or "none"
     lines = [("ok" if cameras else "warn", "genicam cameras seen", seen,
               "check the cabling, the NIC's address in the camera's subnet, and the firewall (UDP 3956)")]
-    wanted = str(source.get("camera", ""))
+    wanted = source.camera
     try:
         info = describe_camera(wanted)
     except SourceError as exc:
         return [*lines, ("fail", "genicam camera", f"source.camera: {exc}",
                          "set source.camera to one of the ids, serials or addresses seen")]
     detail = "\n".join(f"{k}: {v}" for k, v in info.items())
-    configured = source.get("pixel_format")
+    configured = source.pixel_format
     if configured and configured not in info.get("pixel_formats", []):
         return [*lines, ("fail", "genicam camera", detail, f"source.pixel_format {configured!r} is not offered "
                          "by this camera; pick one of its pixel_formats")]
