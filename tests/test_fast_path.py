@@ -11,6 +11,7 @@ import pytest
 
 from musc_edge.edge.config import parse_config
 from musc_edge.edge.cpu_features import CpuFeatures
+from musc_edge.edge.features import FeatureEngine
 from musc_edge.edge.manifest import load_manifest, sha256_of, write_manifest
 from musc_edge.edge.mediaio import read_image
 from musc_edge.edge.record import PartRecord, Reason
@@ -184,27 +185,53 @@ def test_a_running_line_records_its_switch_in_the_ledger_and_the_audit(agreeing,
     assert "passes the verify gate" in records[0]["reason"]
 
 
-def test_a_part_extracted_ahead_of_the_switch_is_scored_with_the_fast_model(agreeing, synthetic_parts, tmp_path):
+class CountingEngine(FeatureEngine):
+    """A real feature engine that counts how often the line runs it."""
+
+    calls = 0
+
+    def __call__(self, images, batch_size=8):
+        self.calls += 1
+        return super().__call__(images, batch_size)
+
+
+def test_parts_extracted_ahead_of_the_switch_are_scored_with_their_shadow_features(agreeing, synthetic_parts,
+                                                                                 tmp_path):
     from musc_edge.edge.runtime.recipes import Prepared
 
-    inspector = Inspector(_config(agreeing, tmp_path))
+    fp32_engine = CountingEngine(agreeing, size=112)
+    inspector = Inspector(_config(agreeing, tmp_path), engine=fp32_engine)
+    fast_engine = inspector.fast_path.engine = CountingEngine(inspector.fast_path.plan.model, size=112)
     events = []
     inspector.on_fast_path = events.append
-    parts = [PartRecord(part_id=f"p{i}", recipe="default", capture_time=time.time(), image=read_image(path))
-             for i, path in enumerate(_good_parts(synthetic_parts)[:16])]
-    ahead = inspector.extract(parts[0])
-    for i, part in enumerate(parts[:-1]):   # as the line runs: the next part is extracted before this one is decided
-        extracted, ahead = ahead, inspector.extract(parts[i + 1])
-        inspector.admit(*inspector.inspect(part, extracted))
+    part = lambda pid, path: PartRecord(part_id=pid, recipe="default", capture_time=time.time(),  # noqa: E731
+                                        image=read_image(path))
+    paths = _good_parts(synthetic_parts)[:16]
+    parts = [part(f"p{i}", path) for i, path in enumerate(paths)]
+    # as the line runs: the next part is extracted before this one is decided, and with it a second capture of
+    # the same part (a look-ahead reference that surely counts: its distance to the part is about 0)
+    ahead = (inspector.extract(parts[0]), None)
+    for i, current in enumerate(parts[:-1]):
+        extracted = ahead[0]
+        twin = part(f"again{i + 1}", paths[i + 1])
+        ahead = (inspector.extract(parts[i + 1]), (twin, inspector.extract(twin)))
+        inspector.admit(*inspector.inspect(current, extracted))
         if events:
             break
     assert events and events[0].switched
-    crossing, fp32_sets = parts[i + 1], ahead.sets              # extracted by the fp32 model before the switch
+    assert fp32_engine.calls == fast_engine.calls   # every part so far went through both models, once
+    crossing, (twin, twin_extracted) = parts[i + 1], ahead[1]   # both extracted by the fp32 model before the switch
     recipe = inspector.recipes["default"]
-    fast_score = recipe.score(Prepared(inspector.features([crossing.image])[0]), crossing.part_id).score
-    assert abs(recipe.score(Prepared(fp32_sets), crossing.part_id).score - fast_score) > 1e-4
-    inspector.inspect(crossing, ahead)
-    assert crossing.score == pytest.approx(fast_score, rel=1e-6)
+    fresh = Prepared(inspector.features([crossing.image])[0])   # the fast model's features
+    calls = (fp32_engine.calls, fast_engine.calls)
+    expected = recipe.score(fresh, crossing.part_id, [fresh]).score
+    assert abs(recipe.score(fresh, crossing.part_id).score - expected) > 1e-4   # the reference counts
+    assert abs(recipe.score(ahead[0], crossing.part_id, [ahead[0]]).score - expected) > 1e-4   # fp32's differ
+    inspector.inspect(crossing, ahead[0], look_ahead=[(twin, twin_extracted)])
+    assert crossing.score == pytest.approx(expected, rel=1e-6)
+    inspector.inspect(twin, twin_extracted)
+    assert twin.score == pytest.approx(recipe.score(fresh, twin.part_id).score, rel=1e-6)
+    assert (fp32_engine.calls, fast_engine.calls) == calls   # neither part was extracted again
 
 
 def test_doctor_says_what_the_line_will_shadow(agreeing, tmp_path):

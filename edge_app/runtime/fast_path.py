@@ -8,6 +8,11 @@ other) and compare: token cosine, verdicts at the recipe's threshold, and score 
 ``musc-export verify`` (:class:`musc_edge.export.verify.VariantGate`). Passed: the line switches feature model
 and scorer, rebuilds its pools from the shadow features of the same members, and the switch is recorded (the
 ledger rows carry the new model hash; the audit log and the log say why). Failed: it stays on fp32 and says why.
+The comparison costs little beyond the warm-up scoring itself: a member's score on either path is its
+leave-one-out score from the members scored among themselves (one batch per path, which the fast pool needs anyway
+to be adopted), and only a warm-up part that is not a member is scored one-vs-pool (so the fast scorer itself,
+ONNX INT8 MSM, is run in the trial on those parts only; its accuracy has its own tests). Parts the line extracted
+ahead with the fp32 model before a switch are scored with their shadow features, not extracted again.
 
 The decision logic (:func:`plan_fast_path`, :func:`compare_paths`, :func:`decide`) is pure and tested on its
 own; :class:`FastPath` holds the trial's state for the :class:`~musc_edge.edge.runtime.inspector.Inspector`.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +36,8 @@ log = logging.getLogger(__name__)
 
 FAST_SCORER = "onnx-int8"
 MIN_SHADOW_PARTS = 8      # fewer warm-up parts than this are too few to compare verdicts on
+MAX_PENDING_SHADOWS = 64  # shadow features of parts extracted but not yet decided (the line runs a few ahead)
+MAX_SAMPLES = 512         # warm-up samples kept; beyond it the oldest that are not pool members go
 
 
 @dataclass(frozen=True)
@@ -102,8 +110,9 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _scores(pool, sets: list[list[np.ndarray]], part_ids: list[str], grid: tuple[int, int],
             params: MuscParams) -> np.ndarray:
-    """Each part's score against ``pool`` without itself: a member's from the pool's own leave-one-out raw scores
-    (the same numbers, already computed when the warm-up pool was scored), any other part's one-vs-pool."""
+    """Each part's score against ``pool`` without itself: a member's from the pool's own leave-one-out scores
+    (its raw score and re-scoring feature from the members scored among themselves, the batch that scored the
+    warm-up pool), any other part's one-vs-pool through the pool's scorer."""
     slots = {pid: i for i, pid in enumerate(pool.part_ids[:pool.size])}
     loo = pool.leave_one_out_scores(params) if pool.size >= 3 else []
     return np.array([loo[slots[pid]] if loo and pid in slots else
@@ -114,13 +123,15 @@ def compare_paths(samples: list[ShadowSample], fp32_pool, fast_pool, threshold: 
                   params: MuscParams) -> ShadowResult:
     """Score every sample against each path's pool (the line's own, ready pool, and the same members through the
     fast path: :func:`shadow_pool`), leaving the sample out where it is a member, and compare verdicts at
-    ``threshold``, scores and token cosines. One-vs-pool per sample: what the line would have computed."""
+    ``threshold``, scores and token cosines. Members are scored from each pool's members scored among themselves
+    (:func:`_scores`), the same numbers one-vs-pool gives up to float rounding; other warm-up parts one-vs-pool
+    through each pool's scorer, as the line would score them."""
     n = len(samples)
     if n == 0:
         return ShadowResult(0, 0, float("nan"), float("nan"))
-    ours = _scores(fp32_pool, [s.fp32 for s in samples], [s.part_id for s in samples], grid, params)
-    # the fast side through its own scorer (its members' cached raw scores come from the numpy batch)
-    fast = np.array([fast_pool.score(s.fast, grid, params, exclude_part_id=s.part_id).score for s in samples])
+    ids = [s.part_id for s in samples]
+    ours = _scores(fp32_pool, [s.fp32 for s in samples], ids, grid, params)
+    fast = _scores(fast_pool, [s.fast for s in samples], ids, grid, params)
     same = (ours >= threshold) == (fast >= threshold)
     min_cos = min(float(_row_cosines(a, b).min()) for s in samples for a, b in zip(s.fp32, s.fast))
     drift = float(np.median(np.abs(fast - ours)))
@@ -158,8 +169,10 @@ class FastPathEvent:
 class FastPath:
     """The trial's state on one line: shadow features of warm-up parts, then one decision.
 
-    ``generation`` counts feature-model switches: a part extracted by an earlier generation is extracted again
-    before it is scored (the line extracts parts ahead of scoring)."""
+    ``generation`` counts feature-model switches: a part extracted by an earlier generation is scored with its
+    shadow features (:meth:`carried`) where it has them, else extracted again (the line extracts parts ahead of
+    scoring). Bounded: at most ``MAX_PENDING_SHADOWS`` undecided parts' shadow features and ``MAX_SAMPLES``
+    samples; after the decision only the undecided parts' shadow features remain, and only until they are taken."""
 
     plan: FastPathPlan
     state: str = "shadowing"            # shadowing -> fast | fp32
@@ -175,24 +188,45 @@ class FastPath:
         return self.state == "shadowing"
 
     def keep_shadow(self, part_id: str, fast_sets: list[np.ndarray]) -> None:
-        """Shadow features of a part being extracted (prefetch threads)."""
+        """Shadow features of a part being extracted (prefetch threads); also those that finish just after a
+        switch (the part was extracted with the fp32 model and is scored with them). The oldest go beyond
+        ``MAX_PENDING_SHADOWS`` (parts that never reached a decision)."""
         with self._lock:
+            if self.state == "fp32":
+                return
             self._shadow[part_id] = fast_sets
+            while len(self._shadow) > MAX_PENDING_SHADOWS:
+                del self._shadow[next(iter(self._shadow))]
 
-    def observe(self, recipe: str, part: PartRecord, fp32_sets: list[np.ndarray] | None) -> None:
-        """A decided part (worker thread): a warm-up part with shadow features becomes a sample."""
+    def carried(self, part_id: str, take: bool = True) -> list[np.ndarray] | None:
+        """After a switch: the shadow (fast) features of a part extracted ahead of it with the fp32 model, or
+        None (no switch, or none were computed). ``take``: the part is being scored (they are forgotten);
+        otherwise it is only a look-ahead reference of another part."""
+        with self._lock:
+            if self.state != "fast":
+                return None
+            return self._shadow.pop(part_id, None) if take else self._shadow.get(part_id)
+
+    def observe(self, recipe: str, part: PartRecord, fp32_sets: list[np.ndarray] | None,
+                members: Collection[str] = ()) -> None:
+        """A decided part (worker thread): a warm-up part with shadow features becomes a sample. ``members``:
+        the pools' current part ids (samples of other parts are the first to go beyond ``MAX_SAMPLES``)."""
         with self._lock:
             fast = self._shadow.pop(part.part_id, None)
-            if len(self._shadow) > 64:    # parts that never reached admission (a bounded leftover)
-                self._shadow.clear()
         if fast is not None and fp32_sets is not None and part.reason == Reason.WARMUP and not part.test_part:
             self.samples[part.part_id] = ShadowSample(recipe, part.part_id, fp32_sets, fast)
+            if len(self.samples) > MAX_SAMPLES:
+                drop = next((pid for pid in self.samples if pid not in members), next(iter(self.samples)))
+                del self.samples[drop]
 
     def finish(self, switched: bool, reason: str) -> None:
-        self.state, self.reason = ("fast" if switched else "fp32"), reason
-        self._shadow.clear()
+        """The decision: the samples go; after a switch the undecided parts' shadow features stay (:meth:`carried`)."""
+        with self._lock:
+            self.state, self.reason = ("fast" if switched else "fp32"), reason
+            if not switched:
+                self._shadow.clear()
+        self.samples = {}
         if not switched:
-            self.samples.clear()
             self.engine = None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -176,18 +177,36 @@ class Inspector:
         """Fill ``part``'s verdict, reason, scores, map and stage times; also returns what its recipe
         prepared (for :meth:`admit`). Never raises for a bad part. ``extracted``: what :meth:`extract`
         returned for this part when the line ran it ahead; ``look_ahead``: later parts of the same recipe with
-        what it returned for them (extra references; those extracted before a fast-path switch are left out)."""
+        what it returned for them (extra references). A part or reference extracted before a fast-path switch
+        counts with its shadow features (the fast model's); a reference without them is left out."""
         if extracted is NOT_EXTRACTED:
             extracted = self.extract(part)
         elif self.fast_path is not None and extracted is not None and \
                 self._generation.pop(part.part_id, self.fast_path.generation) != self.fast_path.generation:
-            extracted = self.recipes[part.recipe].extract(part)   # extracted ahead by the model before a switch
+            extracted = self._on_current_model(part, extracted)   # extracted ahead by the model before a switch
         if part.verdict is not None or extracted is None:
             return part, None
-        if self.fast_path is not None:   # one feature space: the model that extracted the part itself
-            generation = self.fast_path.generation
-            look_ahead = [(p, x) for p, x in look_ahead if self._generation.get(p.part_id, generation) == generation]
+        if self.fast_path is not None:   # one feature space: the model that decides the part
+            generation, current = self.fast_path.generation, []
+            for p, x in look_ahead:
+                if self._generation.get(p.part_id, generation) != generation:
+                    x = self._carried(p.part_id, x)   # extracted before a switch: its shadow features, or left out
+                    if x is None:
+                        continue
+                current.append((p, x))
+            look_ahead = current
         return self.recipes[part.recipe].decide(part, extracted, [x for _, x in look_ahead])
+
+    def _carried(self, part_id: str, extracted: object | None, take: bool = False) -> object | None:
+        """A part extracted by the model before a switch, with the shadow features the trial computed for it
+        (the fast model's; None when it has none)."""
+        fast_sets = self.fast_path.carried(part_id, take) if extracted is not None else None
+        return None if fast_sets is None else replace(extracted, sets=fast_sets)
+
+    def _on_current_model(self, part: PartRecord, extracted: object) -> object | None:
+        """What a part extracted before a switch is scored with: its shadow features, else extracted again."""
+        carried = self._carried(part.part_id, extracted, take=True)
+        return carried if carried is not None else self.recipes[part.recipe].extract(part)
 
     def admit(self, part: PartRecord, prepared: object | None, now: float | None = None) -> bool:
         """Pool admission after a verdict, by the part's recipe (:meth:`Recipe.admit`)."""
@@ -198,7 +217,8 @@ class Inspector:
             self.on_alarm(f"recipe {recipe.name}: {alarm}")
         admitted = recipe.admit(part, prepared, now)
         if self.fast_path is not None and self.fast_path.shadowing():
-            self.fast_path.observe(recipe.name, part, getattr(prepared, "sets", None))
+            self.fast_path.observe(recipe.name, part, getattr(prepared, "sets", None),
+                                   {pid for r in self.recipes.values() for pid in r.pool.part_ids[:r.pool.size]})
             if all(r.pool.size >= r.pool.min_size for r in self.recipes.values()):   # warm-up over: decide
                 self._try_fast_path()
         return admitted
@@ -265,8 +285,6 @@ class Inspector:
 
     def _rebind_identity(self) -> None:
         """Pools are now built with the fast model: their stored identity says so."""
-        from dataclasses import replace
-
         for recipe in self.recipes.values():
             recipe.scoring = replace(recipe.scoring, model_identity=self.pool_identity())
 
