@@ -4,7 +4,9 @@ on 127.0.0.1, Modbus RTU over a pty pair, or OPC UA on 127.0.0.1.
 
 Prints per-stage latency percentiles (decode, features, scoring, link), checks that every part has exactly
 one ledger row and one acknowledged message, and measures the image AUROC of the streamed scores over the
-test images. ``--find-rate`` also searches the highest rate this machine sustains with no NO_VERDICT.
+test images. ``--find-rate`` also searches the highest rate this machine sustains with no NO_VERDICT after
+warm-up, i.e. on a part captured after the line's first verdict (every NO_VERDICT is printed by reason, before
+and after it).
 ``--view`` runs pairs of line runs, without and with the operator view (``musc-edge view``) open in headless
 Chromium (at idle CPU priority, as deploy/operator-kiosk.sh starts a panel; the line starts once the loaded page
 has settled), and prints the p99 latencies of both sides and the CPU time of the view process and of the browser.
@@ -29,7 +31,7 @@ from sklearn.metrics import roc_auc_score
 from musc_edge.edge.background import idle_this_thread, lower_this_thread
 from musc_edge.edge.config import parse_config
 from musc_edge.edge.plc_sim import PlcSimulator
-from musc_edge.edge.record import Reason, Verdict
+from musc_edge.edge.record import Verdict
 from musc_edge.edge.runtime.line import Line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,13 +110,13 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
     test = [r for r in rows if "/test/" in (r.source_ref or "")]
     scored = [r for r in test if r.score is not None]
     labels = [int("/good/" not in r.source_ref) for r in scored]
-    no_verdict = [r for r in rows if r.verdict == Verdict.NO_VERDICT and r.reason != Reason.WARMUP]
+    warmup = warm_up(rows)
     result = {
         "link": link, "rate": rate, "parts": n, "ledger_rows": len(rows), "wall_s": round(wall, 1),
         "one_row_per_part": len(rows) == n and len({r.part_id for r in rows}) == n,
         "one_ack_per_part": all(r.acked for r in rows) and received == [r.seq for r in rows],
         "verdicts": {v.value: sum(r.verdict == v for r in rows) for v in Verdict},
-        "no_verdict_after_warmup": {r.reason.label: sum(x.reason == r.reason for x in no_verdict) for r in no_verdict},
+        **warmup,
         "test_images": len(test), "test_scored": len(scored),
         "test_image_auroc": round(100 * roc_auc_score(labels, [r.score for r in scored]), 2) if len(set(labels)) == 2 else None,
         "latency_ms": {stage: stats.percentiles(stats.stages[stage]) for stage in stats.stages},
@@ -146,6 +148,24 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
     hashes = [r.model_hash for r in rows]
     result["rows_per_model"] = {h: hashes.count(h) for h in dict.fromkeys(hashes)}   # fp32 rows, then fast ones
     return result
+
+
+def warm_up(rows: list) -> dict:
+    """Every NO_VERDICT by reason, split at the line's first verdict (ACCEPT or REJECT): a part captured before
+    that row was written arrived while the line was still warming up (pool not ready, or the fast-path trial not
+    decided; its NO_VERDICT, whatever the reason, is warm-up); a NO_VERDICT of a part captured after it, whatever
+    the reason, is one after warm-up. A run that never gave a verdict has no end of warm-up (None)."""
+    first = min((r.created for r in rows if r.verdict != Verdict.NO_VERDICT), default=None)
+    start = min((r.capture_time for r in rows), default=None)
+    before = [r for r in rows if first is None or r.capture_time < first]
+
+    def by_reason(side: list) -> dict[str, int]:
+        labels = [r.reason.label for r in side if r.verdict == Verdict.NO_VERDICT]
+        return {label: labels.count(label) for label in dict.fromkeys(labels)}
+    return {"warmup_parts": len(before),
+            "first_verdict_s": None if first is None else round(first - start, 2),
+            "no_verdict_during_warmup": by_reason(before),
+            "no_verdict_after_warmup": by_reason([r for r in rows if first is not None and r.capture_time >= first])}
 
 
 def verdict_agreement(rows: list, ledger: Path) -> dict:
@@ -390,7 +410,10 @@ def print_result(r: dict) -> None:
     print(f"\n== bottle line over {r['link']} at {r['rate']} parts/s: {r['parts']} parts in {r['wall_s']} s")
     print(f"ledger rows {r['ledger_rows']}  one row per part: {r['one_row_per_part']}  "
           f"one acked message per part: {r['one_ack_per_part']}")
-    print(f"verdicts {r['verdicts']}  NO_VERDICT after warm-up {r['no_verdict_after_warmup'] or 'none'}")
+    print(f"verdicts {r['verdicts']}")
+    print(f"NO_VERDICT by reason: during warm-up (the {r['warmup_parts']} parts captured before the first verdict, "
+          f"given {r['first_verdict_s']} s after the first capture) {r['no_verdict_during_warmup'] or 'none'}; "
+          f"after warm-up {r['no_verdict_after_warmup'] or 'none'}")
     print(f"test images {r['test_images']} (scored {r['test_scored']}): image AUROC {r['test_image_auroc']}")
     print(f"fast path: {r['fast_path']}  (ledger rows per model hash: {r['rows_per_model']})")
     print(f"{'stage':<9} {'min':>7} {'p50':>7} {'p99':>7} {'max':>7}  ms")
@@ -414,7 +437,8 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bottle_line"))
     parser.add_argument("--limit", type=int, help="only the first N parts of the shuffled stream")
-    parser.add_argument("--find-rate", action="store_true", help="also find the highest rate with no NO_VERDICT")
+    parser.add_argument("--find-rate", action="store_true",
+                        help="also find the highest rate with no NO_VERDICT after warm-up (after the first verdict)")
     parser.add_argument("--view", action="store_true", help="run pairs of line runs, without and with the "
                         "operator view open in headless Chromium (order alternating), and compare the pooled p99")
     parser.add_argument("--view-pairs", type=int, default=2, help="--view: pairs of runs (without / with the view)")
@@ -471,12 +495,14 @@ def main() -> None:
             r = run(paths, "zmq", rate, args.out.with_name("rate_probe"), args.threshold, args.pool, limit=120, quiet=True,
                     model=args.model, precision=args.precision, scorer=args.scorer, fast_path=args.fast_path,
                     look_ahead=args.look_ahead)
-            ok = not r["no_verdict_after_warmup"]
-            print(f"rate {rate:4.1f} parts/s: {'no NO_VERDICT' if ok else r['no_verdict_after_warmup']}")
+            ok = r["first_verdict_s"] is not None and not r["no_verdict_after_warmup"]
+            print(f"rate {rate:4.1f} parts/s: after warm-up {r['no_verdict_after_warmup'] or 'no NO_VERDICT'}; "
+                  f"during warm-up ({r['warmup_parts']} parts, first verdict after {r['first_verdict_s']} s) "
+                  f"{r['no_verdict_during_warmup'] or 'none'}; fast path: {r['fast_path'][:60]}")
             if not ok:
                 break
             best, rate = rate, rate + 1.0
-        print(f"highest sustained rate with no NO_VERDICT: {best} parts/s")
+        print(f"highest sustained rate with no NO_VERDICT after warm-up: {best} parts/s")
         results.append({"highest_rate": best})
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
