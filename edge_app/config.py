@@ -94,6 +94,10 @@ class PoolSettings(_Strict):
         "beyond the newest half, the one most like another member (coverage: keeps the part's variety)"))
     horizon: Optional[int] = Field(None, ge=2, le=10_000_000, description=(
         "reservoir horizon in parts (default 5 x capacity)"))
+    scale: Literal["frozen", "members"] = Field("frozen", description=(
+        "the scale a part's raw score is put on (1.0 = the pool's 90th percentile): the members' scores among "
+        "themselves when the pool was last scored together (warm-up, seeding), kept until the next time "
+        "(frozen), or the current members' stored scores at every part (members: moves with every admission)"))
     persist_every_s: float = Field(30.0, gt=0, le=MAX_DURATION_S)
 
     @model_validator(mode="after")
@@ -182,9 +186,9 @@ class LookAheadSettings(_Strict):
 
     parts: int = Field(4, ge=0, le=64, description=(
         "later parts of the recipe a part may also be scored against (references only; 0: off)"))
-    max_ms: float = Field(400.0, ge=0, le=60_000, description=(
+    max_ms: float = Field(1200.0, ge=0, le=60_000, description=(
         "longest a part waits for them after its capture; its deadline minus the measured scoring time and "
-        "margin_ms bounds the wait too"))
+        "margin_ms bounds the wait too (with the default 1500 ms deadline: 4 later parts at 4 parts/s)"))
     margin_ms: float = Field(150.0, ge=0, le=60_000, description=(
         "kept free before a waiting part's deadline besides the measured scoring time"))
 

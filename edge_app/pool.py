@@ -16,6 +16,7 @@ from .scoring.msm import one_vs_pool, patch_to_sample_distances
 from .scoring.musc import salient_features
 
 EVICTION_POLICIES = ("fifo", "reservoir", "coverage")
+SCALE_POLICIES = ("frozen", "members")
 
 
 def pool_range(raw_scores: np.ndarray, quantiles: tuple[float, float]) -> tuple[float, float]:
@@ -24,9 +25,11 @@ def pool_range(raw_scores: np.ndarray, quantiles: tuple[float, float]) -> tuple[
     return float(lo), float(hi)
 
 
-def leave_one_out_scores(raw_scores: np.ndarray, features: np.ndarray, params: MuscParams) -> list[float]:
-    """Each member's re-scored score against the other members, on the scale of live parts' scores
-    (streaming RsCon with the others' raw-score range): what label-free calibration starts from."""
+def leave_one_out_scores(raw_scores: np.ndarray, features: np.ndarray, params: MuscParams,
+                         scale: tuple[float, float] | None = None) -> list[float]:
+    """Each member's re-scored score against the other members, on the scale of live parts' scores: the pool's
+    frozen ``scale`` when it has one, else the others' raw-score range (streaming RsCon). What label-free
+    calibration starts from."""
     n = len(raw_scores)
     if n < 3:
         raise PoolTooSmallError(f"pool has {n} members; at least 3 are needed for leave-one-out scores")
@@ -35,7 +38,7 @@ def leave_one_out_scores(raw_scores: np.ndarray, features: np.ndarray, params: M
         others = np.delete(np.arange(n), i)
         raw = raw_scores[others]
         out.append(rescore_one(float(raw_scores[i]), features[i], raw, features[others],
-                               pool_range(raw, params.pool_quantiles), params.windows))
+                               scale or pool_range(raw, params.pool_quantiles), params.windows))
     return out
 
 
@@ -62,12 +65,16 @@ class PoolMembers:
     features: np.ndarray | None
     eviction: str                       # which member a full pool replaces (set by the subclass)
 
-    def _init_members(self, capacity: int, min_size: int) -> None:
+    def _init_members(self, capacity: int, min_size: int, scale: str = "frozen") -> None:
         if capacity < 2:
             raise ValueError(f"pool capacity must be >= 2, got {capacity}")
         if not 2 <= min_size <= capacity:
             raise ValueError(f"pool min_size must be in [2, capacity={capacity}], got {min_size}")
+        if scale not in SCALE_POLICIES:
+            raise ValueError(f"unknown pool scale {scale!r}: expected one of {SCALE_POLICIES}")
         self.capacity, self.min_size = capacity, min_size
+        self.scale_policy = scale
+        self.scale: tuple[float, float] | None = None   # (lo, hi) of the members scored among themselves
         self.raw_scores = np.zeros(capacity, np.float64)
         self.part_ids: list[str | None] = [None] * capacity
         self.admitted_seq = np.zeros(capacity, np.int64)
@@ -80,6 +87,41 @@ class PoolMembers:
     @property
     def ready(self) -> bool:
         return self.size >= self.min_size
+
+    # -- the score scale -------------------------------------------------------------------------------------
+    # A part's score is its raw score mapped by (lo, hi) -> (0, 1). ``frozen`` (default): (lo, hi) are the
+    # quantiles of the members' raw scores when they were last scored among themselves (warm-up curation,
+    # seeding; :meth:`_freeze_scale`) and stay until the next time, so parts scored hours apart share one scale.
+    # ``members``: the current members' stored raw scores, each scored against the pool of its own day, at
+    # every part: the scale moves with every admission (on KolektorSDD's line this costs 2.4 AUROC points,
+    # docs/benchmarks.md, "The line protocol").
+
+    @property
+    def frozen_scale(self) -> tuple[float, float] | None:
+        """The scale every part is scored on, where the pool has frozen one."""
+        return self.scale if self.scale_policy == "frozen" else None
+
+    def score_range(self, member_raw: np.ndarray, params: MuscParams) -> tuple[float, float]:
+        """(lo, hi) for a part scored against the members whose raw scores are ``member_raw``."""
+        return self.frozen_scale or pool_range(member_raw, params.pool_quantiles)
+
+    def _freeze_scale(self, params: MuscParams) -> None:
+        """Freeze the scale from the members' raw scores, just computed among themselves."""
+        if self.size >= 2:
+            self.scale = pool_range(self.raw_scores[:self.size], params.pool_quantiles)
+
+    def _scale_state(self) -> np.ndarray:
+        return np.array(self.scale if self.scale is not None else (np.nan, np.nan), np.float64)
+
+    def _load_scale(self, state: dict[str, np.ndarray]) -> None:
+        """The stored scale; a pool stored before scales were frozen freezes one from its members' raw scores."""
+        stored = state.get("scale")
+        if stored is not None and np.all(np.isfinite(stored)):
+            self.scale = (float(stored[0]), float(stored[1]))
+        elif self.size >= 2:
+            self.scale = pool_range(self.raw_scores[:self.size], MuscParams().pool_quantiles)
+        else:
+            self.scale = None
 
     def _descriptor_slot(self, slot: int, describe: Callable[[], np.ndarray]) -> None:
         """Remember a member's descriptor (unit vector, from ``describe()``) when the pool evicts by coverage,
@@ -143,7 +185,8 @@ class PoolMembers:
         return int(outliers.size)
 
     def leave_one_out_scores(self, params: MuscParams) -> list[float]:
-        return leave_one_out_scores(self.raw_scores[:self.size], self.features[:self.size], params)
+        return leave_one_out_scores(self.raw_scores[:self.size], self.features[:self.size], params,
+                                    self.frozen_scale)
 
     def remove(self, slots: np.ndarray) -> None:
         raise NotImplementedError
@@ -153,8 +196,9 @@ class FeaturePool(PoolMembers):
     """Fixed-capacity pool of prepared feature sets (``n_sets`` x ``[P, D]`` per member)."""
 
     def __init__(self, capacity: int, n_sets: int, patches: int, dim: int, *, min_size: int = 10,
-                 eviction: str = "fifo", horizon: int | None = None, seed: int = 0, scorer: str = "numpy"):
-        self._init_members(capacity, min_size)
+                 eviction: str = "fifo", horizon: int | None = None, seed: int = 0, scorer: str = "numpy",
+                 scale: str = "frozen"):
+        self._init_members(capacity, min_size, scale)
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"unknown eviction {eviction!r}: expected one of {EVICTION_POLICIES}")
         self.n_sets, self.patches, self.dim = n_sets, patches, dim
@@ -209,8 +253,8 @@ class FeaturePool(PoolMembers):
         raw = float(image_scores(patch[None], params.image_top)[0])
         members = np.flatnonzero(keep) if keep is not None else slice(0, self.size)
         pool_raw = self.raw_scores[members]
-        score = rescore_one(raw, feature, pool_raw, self.features[members],
-                            pool_range(pool_raw, params.pool_quantiles), params.windows)
+        score = rescore_one(raw, feature, pool_raw, self.features[members], self.score_range(pool_raw, params),
+                            params.windows)
         return PoolScore(patch.reshape(grid), raw, score, feature, n_refs + len(look_ahead),
                          float(scored.closeness.min()))
 
@@ -223,6 +267,7 @@ class FeaturePool(PoolMembers):
         result = score_batch([self.sets16[s, :n].astype(np.float32) for s in range(self.n_sets)], grid, params)
         self.raw_scores[:n] = result.raw
         self.features[:n] = result.features
+        self._freeze_scale(params)
 
     # -- membership ------------------------------------------------------------------------------------------
     def nearest_distance(self, query_sets: list[np.ndarray]) -> float:
@@ -287,7 +332,7 @@ class FeaturePool(PoolMembers):
         return {"sets16": self.sets16[:, :n], "features": self.features[:n],
                 "raw_scores": self.raw_scores[:n], "part_ids": np.array(self.part_ids[:n], dtype=object).astype(str),
                 "admitted_seq": self.admitted_seq[:n], "admitted_time": self.admitted_time[:n],
-                "golden": self.golden[:n], "admissions": np.array(self.admissions)}
+                "golden": self.golden[:n], "admissions": np.array(self.admissions), "scale": self._scale_state()}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         sets16 = state["sets16"]
@@ -304,6 +349,7 @@ class FeaturePool(PoolMembers):
         self.part_ids = [str(p) for p in state["part_ids"][-n:]] + [None] * (self.capacity - n)
         self.admissions = int(state["admissions"])
         self.size = n
+        self._load_scale(state)
         for slot in range(n):
             self._descriptor_slot(slot, lambda: part_descriptor(self.work[0, slot * self.patches:(slot + 1) * self.patches]))
         self._workspace = None

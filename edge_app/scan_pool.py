@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .pool import PoolMembers, part_descriptor, pool_range
+from .pool import PoolMembers, part_descriptor
 from .score import PoolScore, PreparedScan
 from .scoring import MuscParams, PoolTooSmallError, patch_to_sample_distances, rescore_one
 from .scoring3d import FusionParams, Sample3D, score_batch, score_one
@@ -48,10 +48,10 @@ class ScanPool(PoolMembers):
     """
 
     def __init__(self, mode: str, capacity: int, n_sets: int, patches: int, dim: int, image_size: int, *,
-                 min_size: int = 10, sigma: float = DEFAULT_SIGMA, eviction: str = "fifo"):
+                 min_size: int = 10, sigma: float = DEFAULT_SIGMA, eviction: str = "fifo", scale: str = "frozen"):
         if mode not in SCAN_MODES:
             raise ValueError(f"unknown scan pool mode {mode!r}: expected one of {SCAN_MODES}")
-        self._init_members(capacity, min_size)
+        self._init_members(capacity, min_size, scale)
         self.mode = mode
         if eviction not in ("fifo", "coverage"):
             raise ValueError(f"unknown scan pool eviction {eviction!r}: expected 'fifo' or 'coverage'")
@@ -93,7 +93,7 @@ class ScanPool(PoolMembers):
                            self.fusion(params))
         pool_raw = self.raw_scores[members]
         score = rescore_one(result.raw, result.feature, pool_raw, self.features[members],
-                            pool_range(pool_raw, params.pool_quantiles), params.windows)
+                            self.score_range(pool_raw, params), params.windows)
         return PoolScore(result.map, result.raw, score, result.feature, n_refs + len(look_ahead))
 
     def rescore_members(self, grid: tuple[int, int] | None, params: MuscParams) -> None:
@@ -107,6 +107,7 @@ class ScanPool(PoolMembers):
         result = score_batch(sets, samples, grid, self.image_size, self.fusion(params))
         self.raw_scores[:n] = result.raw
         self.features[:n] = result.features
+        self._freeze_scale(params)
 
     # -- membership ------------------------------------------------------------------------------------------
     def nearest_distance(self, query_sets: Sequence[np.ndarray]) -> float:
@@ -175,7 +176,7 @@ class ScanPool(PoolMembers):
         state = {"sets16": self.sets16[:, :n], "raw_scores": self.raw_scores[:n],
                  "part_ids": np.array(self.part_ids[:n], dtype=object).astype(str),
                  "admitted_seq": self.admitted_seq[:n], "admitted_time": self.admitted_time[:n],
-                 "golden": self.golden[:n], "admissions": np.array(self.admissions)}
+                 "golden": self.golden[:n], "admissions": np.array(self.admissions), "scale": self._scale_state()}
         if n == 0:
             return state
         return {**state, "layers": self.layers[:, :n], "features": self.features[:n],
@@ -197,6 +198,7 @@ class ScanPool(PoolMembers):
         self.remove(np.arange(self.size))
         self.admissions = int(state["admissions"])
         if n == 0:
+            self.scale = None
             return
         first = stored - n
         self.sets16[:, :n] = sets16[:, first:]
@@ -219,6 +221,7 @@ class ScanPool(PoolMembers):
             self._descriptor_slot(slot, lambda: scan_descriptor([self.work[s, slot] for s in range(self.n_sets)],
                                                                 self.layers[0, slot]))
         self.size = n
+        self._load_scale(state)
 
 
 def _geometry(sample: Sample3D) -> Sample3D:

@@ -127,7 +127,10 @@ def test_line_mode_mixes_train_good_reports_batch_beside_it_and_writes_one_csv_r
     report = json.loads((tmp_path / "r.json").read_text())
     assert (report["mode"], report["n_images"], report["n_anomalous"]) == ("line", 54, 12)
     assert set(report["batch"]) >= {"image_auroc", "pixel_auroc", "pro"}
-    assert report["line"]["look_ahead"] == 1 and report["line"]["warmup_parts"] >= 6
+    from musc_edge.edge.config import LookAheadSettings
+
+    assert report["line"]["look_ahead"] == LookAheadSettings().parts_at(report["line"]["rate"]) >= 1
+    assert report["line"]["scale"] == "frozen" and report["line"]["warmup_parts"] >= 6
     with open(scores) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 54 and {r["split"] for r in rows} == {"train", "test"}

@@ -142,7 +142,7 @@ def run_eval(settings: EvalSettings) -> dict:
     elif settings.mode in STREAMED_MODES:
         n, patches, dim = sets[0].shape
         recipe = eval_recipe("2d", settings.pool, settings.min_pool, settings.params, grid, settings.size,
-                             len(sets), patches, dim, eviction=stream_eviction(settings))
+                             len(sets), patches, dim, **stream_pool_policy(settings))
         tokens = features.image_tokens
         prepared = [Prepared([fs[i] for fs in sets], image_token=tokens[i]) for i in range(n)]
 
@@ -173,9 +173,12 @@ def eval_samples(settings: EvalSettings) -> list[Sample]:
     return load_dataset(settings.dataset)
 
 
-def stream_eviction(settings: EvalSettings) -> str:
-    """Stream mode keeps its FIFO pool (its published figures); line mode runs the line's default pool."""
-    return LINE_RECIPE.pool.eviction if settings.mode == "line" else "fifo"
+def stream_pool_policy(settings: EvalSettings) -> dict[str, str]:
+    """The pool's eviction and score scale: stream mode keeps those its published figures were measured with (a
+    FIFO pool, scored on its members' own scores), line mode runs the line's default pool."""
+    if settings.mode == "line":
+        return {"eviction": LINE_RECIPE.pool.eviction, "scale": LINE_RECIPE.pool.scale}
+    return {"eviction": "fifo", "scale": "members"}
 
 
 def stream_in_order(settings: EvalSettings, recipe, prepared, warmup) -> StreamScores:
@@ -195,7 +198,7 @@ def add_line_report(report: dict, settings: EvalSettings, samples: list[Sample],
     labels = np.array([s.label for s in samples])
     first = label_free(streamed.scores, labels)
     report["line"] = {"rate": settings.rate, "look_ahead": LINE_RECIPE.look_ahead.parts_at(settings.rate),
-                      "eviction": LINE_RECIPE.pool.eviction,
+                      "eviction": LINE_RECIPE.pool.eviction, "scale": LINE_RECIPE.pool.scale,
                       "warmup_parts": streamed.warmup, "refs_median": float(np.median(streamed.refs)),
                       "defect_rate": round(float(labels.mean()), 4),
                       "label_free_threshold": first.threshold, "good_rejected": first.good_rejected,
@@ -284,8 +287,8 @@ def format_report(report: dict) -> str:
         lines[6:6] = [f"batch      {pct(batch['image_auroc'])}  {pct(batch['image_ap'])}  {pct(batch['image_f1max'])}"
                       f"  (image; pixel AUROC {pct(batch['pixel_auroc']).strip()}, PRO {pct(batch['pro']).strip()})"]
         share = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-        lines += [f"line       {line['rate']:g} parts/s: look-ahead {line['look_ahead']}, pool {line['eviction']}, "
-                  f"{line['warmup_parts']} warm-up parts, median {line['refs_median']:.0f} references",
+        lines += [f"line       {line['rate']:g} parts/s: look-ahead {line['look_ahead']}, pool {line['eviction']} "
+                  f"({line['scale']} scale), {line['warmup_parts']} warm-up parts, median {line['refs_median']:.0f} references",
                   f"label-free threshold (1 % false rejects): "
                   + (f"{line['label_free_threshold']:.4f}: good rejected {share(line['good_rejected'])}, "
                      f"defective rejected {share(line['defects_rejected'])}" if line["label_free_threshold"]

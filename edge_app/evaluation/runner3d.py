@@ -25,7 +25,7 @@ from ..scoring import prepare
 from ..scoring3d import Sample3D, score_batch
 from .datasets import DatasetError, Sample, read_image
 from .runner import (STREAMED_MODES, EvalSettings, add_line_report, eval_samples, measure, select_layers,
-                     stream_eviction, stream_in_order)
+                     stream_pool_policy, stream_in_order)
 from .stream import eval_recipe, stream_scores
 
 
@@ -102,7 +102,7 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
     else:
         recipe = eval_recipe(settings.modality, settings.pool, settings.min_pool, settings.params, grid,
                              settings.size, n_sets, grid[0] * grid[1] if grid else 0,
-                             sets[0].shape[2] if sets else 0, settings.scan, eviction=stream_eviction(settings))
+                             sets[0].shape[2] if sets else 0, settings.scan, **stream_pool_policy(settings))
         prepared = [PreparedScan([fs[i] for fs in sets] if sets else [], s) for i, s in enumerate(samples_3d)]
 
         def warmup(idx: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -31,14 +31,16 @@ WarmupScorer = Callable[[list[int]], tuple[np.ndarray, np.ndarray]]
 
 def eval_recipe(modality: str, capacity: int, min_pool: int, params: MuscParams, grid: tuple[int, int] | None,
                 size: int, n_sets: int, patches: int, dim: int, scan: ScanSettings | None = None,
-                eviction: str = "fifo") -> Recipe:
+                eviction: str = "fifo", scale: str = "frozen") -> Recipe:
     """The recipe a line with the default recipe settings (threshold, admission, near-duplicate distance)
-    and a pool of ``capacity`` (``eviction``) would run; its parts come prepared, so it has no feature stage."""
+    and a pool of ``capacity`` (``eviction``, ``scale``) would run; its parts come prepared, so it has no feature
+    stage."""
     def no_features(images):
         raise RuntimeError("stream evaluation scores prepared parts; the recipe has no feature stage")
 
     settings = RecipeSettings(modality=modality, scan=scan if modality != "2d" else None,
-                              pool=PoolSettings(capacity=capacity, min_size=min(min_pool, capacity), eviction=eviction))
+                              pool=PoolSettings(capacity=capacity, min_size=min(min_pool, capacity), eviction=eviction,
+                                                scale=scale))
     return make_recipe("eval", settings, Scoring(no_features, grid, params, size, {}), n_sets, patches, dim)
 
 

@@ -104,11 +104,12 @@ class ControlHandlers:
             cached = self._loo_cache.get(rp.name)
             if cached is not None and time.monotonic() - cached[0] < LOO_REUSE_S:
                 return {"recipe": rp.name, "threshold": rp.threshold, "scores": cached[1], "reused": True}
-            raw, features = self._between_parts(lambda: (rp.pool.raw_scores[:rp.pool.size].copy(),
-                                                         rp.pool.features[:rp.pool.size].copy()))
+            raw, features, scale = self._between_parts(lambda: (rp.pool.raw_scores[:rp.pool.size].copy(),
+                                                                rp.pool.features[:rp.pool.size].copy(),
+                                                                rp.pool.frozen_scale))
             idle_this_thread()   # this connection's own thread: the line's threads pre-empt it at once
             try:
-                scores = leave_one_out_scores(raw, features, self.inspector.params)
+                scores = leave_one_out_scores(raw, features, self.inspector.params, scale)
             except PoolTooSmallError as exc:
                 raise ControlError(f"PoolTooSmallError: {exc}") from None
             self._loo_cache[rp.name] = (time.monotonic(), scores)

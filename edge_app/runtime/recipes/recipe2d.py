@@ -24,7 +24,7 @@ class Recipe2D(Recipe):
         super().__init__(name, settings, scoring)
         ps = settings.pool
         self.pool = FeaturePool(ps.capacity, n_sets, patches, dim, min_size=ps.min_size, eviction=ps.eviction,
-                                horizon=ps.horizon, seed=seed, scorer=scoring.scorer)
+                                horizon=ps.horizon, seed=seed, scorer=scoring.scorer, scale=ps.scale)
 
     def prepare(self, part: PartRecord) -> Prepared:
         return Prepared(self.scoring.features([part.image])[0])

@@ -167,7 +167,7 @@ class ScanRecipe(Recipe):
         self.black_background = scan.zero_background and self.modality == "2d+3d"
         ps = settings.pool
         self.pool = ScanPool(self.modality, ps.capacity, n_sets, patches, dim, image_size, min_size=ps.min_size,
-                             sigma=blur_sigma(scan, image_size), eviction=ps.eviction)
+                             sigma=blur_sigma(scan, image_size), eviction=ps.eviction, scale=ps.scale)
 
     @staticmethod
     def default_near_duplicate_distance(settings: RecipeSettings) -> float:
