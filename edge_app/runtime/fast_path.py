@@ -239,7 +239,7 @@ def shadow_pool(pool, samples: dict[str, ShadowSample], scorer: str, grid: tuple
     if any(pid not in samples for pid in ids):
         return None
     copy = FeaturePool(pool.capacity, pool.n_sets, pool.patches, pool.dim, min_size=pool.min_size,
-                       eviction=pool.eviction, horizon=pool.horizon, scorer=scorer)
+                       eviction=pool.eviction, horizon=pool.horizon, scorer=scorer, scale=pool.scale_policy)
     state = pool.state()
     state["sets16"] = np.stack([np.stack([samples[pid].fast[s] for pid in ids]) for s in range(pool.n_sets)]
                                ).astype(state["sets16"].dtype)
