@@ -8,11 +8,11 @@ other) and compare: token cosine, verdicts at the recipe's threshold, and score 
 ``musc-export verify`` (:class:`musc_edge.export.verify.VariantGate`). Passed: the line switches feature model
 and scorer, rebuilds its pools from the shadow features of the same members, and the switch is recorded (the
 ledger rows carry the new model hash; the audit log and the log say why). Failed: it stays on fp32 and says why.
-The comparison costs little beyond the warm-up scoring itself: a member's score on either path is its
-leave-one-out score from the members scored among themselves (one batch per path, which the fast pool needs anyway
-to be adopted), and only a warm-up part that is not a member is scored one-vs-pool (so the fast scorer itself,
-ONNX INT8 MSM, is run in the trial on those parts only; its accuracy has its own tests). Parts the line extracted
-ahead with the fp32 model before a switch are scored with their shadow features, not extracted again.
+A member's score on a path whose scorer is exact (numpy, onnx-fp32) is its leave-one-out score from the members
+scored among themselves (the batch that scored the warm-up pool; no MSM again); the INT8 scorer scores every
+warm-up part one-vs-pool, as the line will (its error is up to 0.09 score units on bottle, as large as the
+features' own drift, so the trial must see it). Parts the line extracted ahead with the fp32 model before a switch
+are scored with their shadow features, not extracted again.
 
 The decision logic (:func:`plan_fast_path`, :func:`compare_paths`, :func:`decide`) is pure and tested on its
 own; :class:`FastPath` holds the trial's state for the :class:`~musc_edge.edge.runtime.inspector.Inspector`.
@@ -31,6 +31,7 @@ from ..config import LineConfig
 from ..manifest import ManifestError, load_manifest
 from ..record import PartRecord, Reason
 from ..scoring import MuscParams
+from ..scoring.onnx_msm import EXACT_BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +111,13 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _scores(pool, sets: list[list[np.ndarray]], part_ids: list[str], grid: tuple[int, int],
             params: MuscParams) -> np.ndarray:
-    """Each part's score against ``pool`` without itself: a member's from the pool's own leave-one-out scores
-    (its raw score and re-scoring feature from the members scored among themselves, the batch that scored the
-    warm-up pool), any other part's one-vs-pool through the pool's scorer."""
+    """Each part's score against ``pool`` without itself, as the line would score it: one-vs-pool through the
+    pool's scorer. Where that scorer is exact (numpy, onnx-fp32: the batch's numbers to float rounding), a member's
+    score is its leave-one-out score from the members scored among themselves (already computed, no MSM again);
+    an approximate scorer (onnx-int8) scores every part, since its own error is part of what the trial measures."""
     slots = {pid: i for i, pid in enumerate(pool.part_ids[:pool.size])}
-    loo = pool.leave_one_out_scores(params) if pool.size >= 3 else []
+    exact = getattr(pool, "scorer_name", "numpy") in EXACT_BACKENDS
+    loo = pool.leave_one_out_scores(params) if exact and pool.size >= 3 else []
     return np.array([loo[slots[pid]] if loo and pid in slots else
                      pool.score(part, grid, params, exclude_part_id=pid).score for part, pid in zip(sets, part_ids)])
 
@@ -123,9 +126,8 @@ def compare_paths(samples: list[ShadowSample], fp32_pool, fast_pool, threshold: 
                   params: MuscParams) -> ShadowResult:
     """Score every sample against each path's pool (the line's own, ready pool, and the same members through the
     fast path: :func:`shadow_pool`), leaving the sample out where it is a member, and compare verdicts at
-    ``threshold``, scores and token cosines. Members are scored from each pool's members scored among themselves
-    (:func:`_scores`), the same numbers one-vs-pool gives up to float rounding; other warm-up parts one-vs-pool
-    through each pool's scorer, as the line would score them."""
+    ``threshold``, scores and token cosines: each score as the line would compute it (:func:`_scores`; a member's
+    from the members scored among themselves where the pool's scorer gives the batch's numbers)."""
     n = len(samples)
     if n == 0:
         return ShadowResult(0, 0, float("nan"), float("nan"))
