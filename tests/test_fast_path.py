@@ -151,12 +151,25 @@ def test_an_8_bit_model_is_not_tried_where_its_products_saturate(agreeing, tmp_p
     (ShadowResult(10, 10, 0.95, 0.01), False, "token cosine"),
     (ShadowResult(10, 10, 0.999, 0.15), False, "score drift 0.150 > 0.1"),
     (ShadowResult(5, 5, 0.999, 0.0), False, "only 5 warm-up parts"),
+    (ShadowResult(20, 19, 0.999, 0.05, ("p7",), borderline=1), True, "1 flips within the allowed drift"),
+    (ShadowResult(20, 18, 0.999, 0.05, ("p7", "p9"), borderline=1), False, "verdict agreement 95.0 %"),
 ])
 def test_decision_is_the_verify_gate(result, switch, says):
     ok, why = decide(result)
     assert ok is switch and says in why
     assert decide(ShadowResult(10, 9, 0.999, 0.01), VariantGate(min_agreement=0.9))[0]
     assert np.isclose(ShadowResult(200, 199, 1.0, 0.0).agreement, 0.995)
+
+
+def test_a_flip_counts_against_the_gate_only_outside_the_allowed_drift_of_the_threshold():
+    from musc_edge.export.verify import GATE, verdict_flips
+
+    band = GATE.max_score_drift
+    parent = np.array([0.50, 1.0 - band / 2, 1.0 + band / 2, 1.0 + 3 * band, 1.0 - 3 * band, 1.2])
+    variant = np.array([0.52, 1.0 + band / 4, 1.0 - band / 4, 1.0 - band / 4, 1.0 + band / 4, 1.21])
+    decisive, borderline = verdict_flips(parent, variant, 1.0)
+    assert borderline.tolist() == [False, True, True, False, False, False]   # near the threshold, either way
+    assert decisive.tolist() == [False, False, False, True, True, False]     # clearly on one side, and crossed
 
 
 def test_a_running_line_records_its_switch_in_the_ledger_and_the_audit(agreeing, synthetic_parts, tmp_path):

@@ -98,10 +98,12 @@ class ShadowResult:
     min_cos: float              # lowest cosine between a token's fp32 and fast feature
     score_drift: float          # median |fast score - fp32 score| (score units: 1.0 = the pool's 90th percentile)
     flipped: tuple[str, ...] = ()
+    borderline: int = 0         # flips within the gate's allowed drift of the threshold (verify.verdict_flips)
 
     @property
     def agreement(self) -> float:
-        return self.same_verdicts / self.parts if self.parts else 0.0
+        """Share of parts without a decisive flip (what the gate reads)."""
+        return (self.same_verdicts + self.borderline) / self.parts if self.parts else 0.0
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -134,10 +136,14 @@ def compare_paths(samples: list[ShadowSample], fp32_pool, fast_pool, threshold: 
     ids = [s.part_id for s in samples]
     ours = _scores(fp32_pool, [s.fp32 for s in samples], ids, grid, params)
     fast = _scores(fast_pool, [s.fast for s in samples], ids, grid, params)
-    same = (ours >= threshold) == (fast >= threshold)
+    from musc_edge.export.verify import verdict_flips
+
+    decisive, borderline = verdict_flips(ours, fast, threshold)
+    flipped = decisive | borderline
     min_cos = min(float(_row_cosines(a, b).min()) for s in samples for a, b in zip(s.fp32, s.fast))
     drift = float(np.median(np.abs(fast - ours)))
-    return ShadowResult(n, int(same.sum()), min_cos, drift, tuple(s.part_id for s, ok in zip(samples, same) if not ok))
+    return ShadowResult(n, int((~flipped).sum()), min_cos, drift,
+                        tuple(s.part_id for s, flip in zip(samples, flipped) if flip), int(borderline.sum()))
 
 
 def decide(result: ShadowResult, gate=None, min_parts: int = MIN_SHADOW_PARTS) -> tuple[bool, str]:
@@ -147,8 +153,9 @@ def decide(result: ShadowResult, gate=None, min_parts: int = MIN_SHADOW_PARTS) -
     gate = gate or GATE
     if result.parts < min_parts:
         return False, f"only {result.parts} warm-up parts were shadowed (at least {min_parts} needed)"
-    measured = (f"{result.same_verdicts}/{result.parts} same verdicts, token cosine >= {result.min_cos:.4f}, "
-                f"median score drift {result.score_drift:.3f}")
+    borderline = f" ({result.borderline} flips within the allowed drift of the threshold)" if result.borderline else ""
+    measured = (f"{result.same_verdicts}/{result.parts} same verdicts{borderline}, token cosine >= "
+                f"{result.min_cos:.4f}, median score drift {result.score_drift:.3f}")
     failures = gate.failures(min_cos=result.min_cos, agreement=result.agreement, score_drift=result.score_drift)
     if failures:
         flipped = f"; flipped: {', '.join(result.flipped[:3])}" if result.flipped else ""
