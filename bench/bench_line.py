@@ -26,6 +26,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from musc_edge.edge.background import idle_this_thread, lower_this_thread
@@ -81,7 +82,7 @@ PROBE_PARTS = 120   # --find-rate: parts per probed rate (the warm-up must end w
 def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, pool: int, limit: int | None = None,
         quiet: bool = False, mqtt_outage: float = 0.0, model: Path = ROOT / "models" / "dinov2_vits14_musc.onnx",
         precision: str = "fp32", scorer: str = "auto", keep_totals: bool = False, fast_path: str = "auto",
-        agree_with: Path | None = None, look_ahead: int | None = None) -> dict:
+        agree_with: Path | None = None, look_ahead: int | None = None, pool_scale: str = "frozen") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     with plc_for(link) as (plc, link_cfg), ExitStack() as stack:
         outage = stack.enter_context(MqttOutage(out / "broker", mqtt_outage)) if mqtt_outage else None
@@ -90,7 +91,8 @@ def run(paths: list[str], link: str, rate: float, out: Path, threshold: float, p
             "model": {"path": str(model), "size": 224, "blocks": [6, 9], "precision": precision,
                       "fast_path": fast_path},
             "scoring": {"backend": scorer},
-            "recipes": {"default": {"threshold": threshold, "pool": {"capacity": pool, "min_size": 10},
+            "recipes": {"default": {"threshold": threshold, "pool": {"capacity": pool, "min_size": 10,
+                                                                          "scale": pool_scale},
                                     **({"look_ahead": {"parts": look_ahead}} if look_ahead is not None else {})}},
             "source": {"type": "replay", "paths": paths, "rate": rate, "shuffle": True, "seed": 0,
                        **({"limit": limit} if limit else {})},
@@ -174,14 +176,21 @@ def verdict_agreement(rows: list, ledger: Path) -> dict:
     verdict, matched by the image each part came from (e.g. the fast path against an fp32 run)."""
     from musc_edge.edge.ledger import Ledger
 
+    from musc_edge.export.verify import verdict_flips
+
     reader = Ledger.open_readonly(ledger)
     try:
-        other = {r.source_ref: r.verdict for r in reader.iter_rows() if r.verdict != Verdict.NO_VERDICT}
+        other = {r.source_ref: r for r in reader.iter_rows() if r.verdict != Verdict.NO_VERDICT}
     finally:
         reader.close()
-    both = [(r.verdict, other[r.source_ref]) for r in rows if r.verdict != Verdict.NO_VERDICT and r.source_ref in other]
-    same = sum(a == b for a, b in both)
-    return {"parts": len(both), "same": same, "percent": round(100 * same / len(both), 2) if both else None}
+    both = [(r, other[r.source_ref]) for r in rows if r.verdict != Verdict.NO_VERDICT and r.source_ref in other]
+    same = sum(a.verdict == b.verdict for a, b in both)
+    # the other run's scores as the parent's: a flip within the verify gate's allowed drift of the threshold is
+    # borderline (export/verify.py: verdict_flips), one farther out decisive
+    borderline = sum(int(verdict_flips(np.array([b.score]), np.array([a.score]), b.threshold)[1][0])
+                     for a, b in both if a.verdict != b.verdict)
+    return {"parts": len(both), "same": same, "percent": round(100 * same / len(both), 2) if both else None,
+            "borderline_flips": borderline, "decisive_flips": len(both) - same - borderline}
 
 
 def retry_until_up(first_request, within_s: float = 30.0) -> None:
@@ -417,6 +426,9 @@ def print_result(r: dict) -> None:
           f"after warm-up {r['no_verdict_after_warmup'] or 'none'}")
     print(f"test images {r['test_images']} (scored {r['test_scored']}): image AUROC {r['test_image_auroc']}")
     print(f"fast path: {r['fast_path']}  (ledger rows per model hash: {r['rows_per_model']})")
+    if (a := r.get("verdict_agreement")) and a["parts"]:
+        print(f"verdict agreement with the other ledger: {a['same']}/{a['parts']} ({a['percent']} %); flips within "
+              f"the allowed drift of the threshold {a['borderline_flips']}, farther out {a['decisive_flips']}")
     print(f"{'stage':<9} {'min':>7} {'p50':>7} {'p99':>7} {'max':>7}  ms")
     for stage, p in r["latency_ms"].items():
         if p:
@@ -457,6 +469,8 @@ def main() -> None:
                         help="model.fast_path: auto (shadow the INT8 path at warm-up and switch when it agrees) or off")
     parser.add_argument("--look-ahead", type=int, metavar="PARTS",
                         help="recipes.default.look_ahead.parts (default: the config default; 0 = figures from before it)")
+    parser.add_argument("--pool-scale", choices=("frozen", "members"), default="frozen",
+                        help="recipes.default.pool.scale (members: the moving scale of the figures from before it)")
     parser.add_argument("--agree-with", type=Path, metavar="LEDGER",
                         help="report verdict agreement with another run's ledger (e.g. an fp32 run's)")
     parser.add_argument("--mqtt-outage", type=float, default=0.0, metavar="SECONDS",
@@ -488,14 +502,14 @@ def main() -> None:
         results.append(run(paths, link, args.rate, out, args.threshold, args.pool, args.limit,
                            mqtt_outage=args.mqtt_outage, model=args.model, precision=args.precision,
                            scorer=args.scorer, fast_path=args.fast_path, agree_with=args.agree_with,
-                           look_ahead=args.look_ahead))
+                           look_ahead=args.look_ahead, pool_scale=args.pool_scale))
         print_result(results[-1])
     if args.find_rate:
         rate, best = args.rate, None
         while rate <= 20:
             r = run(paths, "zmq", rate, args.out.with_name("rate_probe"), args.threshold, args.pool, limit=PROBE_PARTS,
                     quiet=True, model=args.model, precision=args.precision, scorer=args.scorer, fast_path=args.fast_path,
-                    look_ahead=args.look_ahead)
+                    look_ahead=args.look_ahead, pool_scale=args.pool_scale)
             after = r["ledger_rows"] - r["warmup_parts"]
             # sustained: a warm-up that ends within the first half of the probe, and no NO_VERDICT after it
             ok = r["first_verdict_s"] is not None and after >= PROBE_PARTS // 2 and not r["no_verdict_after_warmup"]
