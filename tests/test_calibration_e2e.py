@@ -326,3 +326,37 @@ def test_row_11_read_only_requests_never_run_on_the_scoring_thread_and_a_flood_c
         for conn in idle:
             conn.close()
     assert line.stats.parts > 0 and not any("control" in alarm for alarm in line.stats.alarms)
+
+
+def test_a_request_waits_while_the_control_sockets_accept_queue_is_full_then_says_so(tmp_path):
+    """A socket with a timeout gets EAGAIN, not a wait, from a full AF_UNIX accept queue: the client retries until
+    its timeout and then raises ReplyLost (a ControlError the CLI prints as one line), never BlockingIOError."""
+    import socket
+
+    from musc_edge.edge.runtime.control import ReplyLost
+
+    path = tmp_path / "c.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)              # never accepts: the queue fills with the clients below
+    waiting = []
+    try:
+        for _ in range(8):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            try:
+                client.connect(str(path))
+            except BlockingIOError:   # the queue is full: what `request` meets
+                client.close()
+                break
+            waiting.append(client)
+        else:
+            pytest.skip("this kernel never reported a full AF_UNIX accept queue")
+        started = time.monotonic()
+        with pytest.raises(ReplyLost, match="accepted no connection"):
+            request(path, {"cmd": "status"}, timeout=0.5)
+        assert time.monotonic() - started >= 0.5   # it waited for the queue, to its timeout
+    finally:
+        for client in waiting:
+            client.close()
+        server.close()

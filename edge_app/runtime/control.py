@@ -193,14 +193,27 @@ class ControlServer:
         self.path.unlink(missing_ok=True)
 
 
+def _connect(sock: socket.socket, path: str | Path, deadline: float) -> None:
+    """Connect to the control socket, waiting while its accept queue is full (a burst of other clients: a socket
+    with a timeout gets EAGAIN there instead of blocking) until ``deadline``."""
+    while True:
+        try:
+            sock.connect(str(path))
+            return
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ControlError(f"no running line answers on {path} ({exc.strerror}): is the runtime started?") from None
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise ReplyLost(f"the line on {path} accepted no connection in time (its control socket is "
+                                "flooded with connections)") from None
+            time.sleep(0.05)
+
+
 def request(path: str | Path, payload: dict, timeout: float = 60.0) -> dict:
     """Send one request to a running line and return its reply (ControlError if the line is not running)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise ControlError(f"no running line answers on {path} ({exc.strerror}): is the runtime started?") from None
+        _connect(sock, path, time.monotonic() + timeout)
         sock.sendall(json.dumps(payload).encode() + b"\n")
         data = b""
         try:
