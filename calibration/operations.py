@@ -197,10 +197,13 @@ def current_timing(ctx: LineContext) -> dict | None:
 
 
 def measured_p99_ms(ctx: LineContext, last: int = 500) -> float | None:
-    """The line's p99 capture-to-signal latency: the running line's live figure, else the last ``last``
-    scored ledger rows'; None when nothing was measured."""
+    """The line's p99 capture-to-signal latency: the running line's live figure without the look-ahead wait (a
+    part waits for later parts only as long as its deadline allows, so a shorter delay shortens the wait), else
+    the last ``last`` scored ledger rows' (their totals include the wait: an upper bound); None when nothing was
+    measured."""
     if ctx.running():
-        latency = ctx.status().get("stats", {}).get("latency_ms") or {}
+        stats = ctx.status().get("stats", {})
+        latency = stats.get("latency_needed_ms") or stats.get("latency_ms") or {}
         if latency.get("p99") is not None:
             return float(latency["p99"])
     if not ctx.has_ledger():

@@ -54,6 +54,7 @@ class StageTimes:
     scoring: float = 0.0
     link: float = 0.0
     total: float = 0.0
+    wait: float = 0.0      # of total: waiting for look-ahead parts while the worker was free (bounded by the deadline)
 
 
 @dataclass

@@ -63,8 +63,11 @@ def test_a_waiting_part_falls_due_with_its_look_ahead_complete_or_its_time_up():
     window.add(_part("d", "r", capture=0.3, deadline=10.3), extracted="D")
     head = window.due(0.3)
     assert head.part.part_id == "a" and [w.extracted for w in window.references(head)] == ["B", "D"]
+    assert head.part.times.wait == pytest.approx(0.2)     # first found waiting at 0.1, due at 0.3
     # "b" has one later part of its recipe; it waits until 0.1 + max_ms.
-    assert window.due(0.59) is None and window.due(0.61).part.part_id == "b"
+    assert window.due(0.59) is None
+    b = window.due(0.61)
+    assert b.part.part_id == "b" and b.part.times.wait == pytest.approx(0.02)   # oldest from 0.59 only
 
 
 def test_the_deadline_bounds_the_wait_and_an_ending_line_decides_everything():
@@ -107,3 +110,22 @@ def test_coverage_eviction_replaces_the_most_redundant_older_member_not_the_olde
     assert "old-distinct" in pool.part_ids                          # FIFO would have evicted it
     assert pool.part_ids[slot] == "newest" and sorted(p for p in pool.part_ids if p.startswith("twin")) in (
         ["twin-1"], ["twin-2"])
+
+
+def test_the_status_reports_the_latency_the_line_needs_without_its_look_ahead_wait():
+    """`musc-calibrate timing set` checks a delay against this: a part waits for later parts only as long as its
+    deadline allows, so the wait is not latency the line needs (a shorter delay shortens it)."""
+    from musc_edge.edge.record import PartRecord, Reason, Verdict
+    from musc_edge.edge.runtime.calibration_state import Authorised
+    from musc_edge.edge.runtime.in_force import InForce
+    from musc_edge.edge.runtime.live_status import LineStats, control_status
+
+    stats = LineStats()
+    for k, (total, wait) in enumerate([(1.10, 0.95), (1.20, 1.00), (1.05, 0.90), (0.30, 0.0)]):
+        part = PartRecord(part_id=f"p{k}", recipe="r", capture_time=0.0).decide(Verdict.ACCEPT, Reason.OK)
+        part.times.total, part.times.wait = total, wait
+        stats.count(part)
+    reply = control_status("l", InForce.of(Authorised(None), False), {}, stats, None, 0, "/tmp")["stats"]
+    assert reply["latency_ms"]["max"] == pytest.approx(1200.0)
+    assert reply["latency_needed_ms"]["max"] == pytest.approx(300.0)    # the part that did not wait
+    assert reply["latency_needed_ms"]["p50"] == pytest.approx(175.0)    # median of 150, 200, 150, 300

@@ -29,12 +29,12 @@ class LineStats:
     send_failures: int = 0
     # Recent scored parts only (bounded: a line runs for months); the ledger keeps every part.
     stages: dict[str, deque] = field(default_factory=lambda: {k: deque(maxlen=RECENT) for k in
-                                                            ("decode", "features", "scoring", "link", "total")})
+                                                            ("decode", "features", "scoring", "link", "total", "wait")})
     alarms: deque = field(default_factory=lambda: deque(maxlen=100))
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def percentiles(self, values) -> dict[str, float]:
-        if not values:
+        if len(values) == 0:
             return {}
         arr = np.asarray(values) * 1e3
         return {"min": float(arr.min()), "p50": float(np.median(arr)), "p99": float(np.percentile(arr, 99)),
@@ -100,7 +100,11 @@ def control_status(line: str, in_force: InForce, recipes: dict, stats: LineStats
     with stats.lock:
         counters = {"parts": stats.parts, "by_verdict": dict(stats.by_verdict),
                     "by_reason": dict(stats.by_reason), "acked": stats.acked,
-                    "latency_ms": stats.percentiles(stats.stages["total"]), "alarms": list(stats.alarms)[-10:]}
+                    "latency_ms": stats.percentiles(stats.stages["total"]),
+                    # capture to signal less the look-ahead wait: what the line needs (a shorter deadline shortens
+                    # the wait; musc-calibrate's reject-timing check reads this)
+                    "latency_needed_ms": stats.percentiles(np.subtract(stats.stages["total"], stats.stages["wait"])),
+                    "alarms": list(stats.alarms)[-10:]}
     timing = in_force.reject_timing
     return {"line": line, "calibration_version": in_force.version, "dry_run": in_force.dry_run,
             "reject_timing": None if timing is None else timing.model_dump(), "recipes": pools, "stats": counters,

@@ -29,6 +29,7 @@ class Waiting:
     part: PartRecord
     extracted: object | None        # what the recipe prepared; None when the part cannot be scored
     decide_by: float                # monotonic time at which it is scored with what is there
+    waiting_since: float | None = None   # when the worker first found it oldest and not yet due
 
 
 class LookAheadWindow:
@@ -78,7 +79,11 @@ class LookAheadWindow:
         head = self._parts[0]
         limit = self._settings_for(head.part.recipe).parts
         if ending or now >= head.decide_by or len(self.references(head)) >= limit:
+            # what the part waited by choice, not behind other parts: the latency a shorter deadline would save
+            head.part.times.wait = now - head.waiting_since if head.waiting_since is not None else 0.0
             return self._parts.popleft()
+        if head.waiting_since is None:
+            head.waiting_since = now
         return None
 
     def wait_s(self, now: float, idle_s: float) -> float:

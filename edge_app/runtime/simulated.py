@@ -129,7 +129,7 @@ def summarise(line: Line, stats, plc_counters, truth: dict[str, str] | None = No
              + (f" ({', '.join(f'{k} {v}' for k, v in sorted(stats.by_reason.items()))})" if stats.by_reason else ""),
              f"PLC          received {plc_counters.received}  duplicates {plc_counters.duplicates}  "
              f"heartbeats {plc_counters.heartbeats}  acked by runtime {stats.acked} (late {stats.late_acks})"]
-    for stage in ("decode", "features", "scoring", "link", "total"):
+    for stage in ("decode", "features", "scoring", "link", "wait", "total"):   # wait: for look-ahead parts
         p = stats.percentiles(stats.stages[stage])
         if p:
             lines.append(f"{stage:<12} min {p['min']:6.1f}  p50 {p['p50']:6.1f}  p99 {p['p99']:6.1f}  "
