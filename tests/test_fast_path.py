@@ -262,3 +262,22 @@ def test_doctor_says_what_the_line_will_shadow(agreeing, tmp_path):
 
     assert "toy_int8.onnx + onnx-int8" in fast_path_check().detail
     assert fast_path_check(fast_path="off").detail == "stays on fp32: model.fast_path is off"
+
+
+def test_a_part_that_missed_its_deadline_still_warms_the_pool_up_but_never_a_ready_one(agreeing, synthetic_parts,
+                                                                                          tmp_path):
+    """An overloaded start (every warm-up part through both models) misses deadlines: those parts would have had
+    no verdict either way, so their features still fill the warming pool (the line's row says DEADLINE)."""
+    inspector = Inspector(_config(agreeing, tmp_path, fast_path="off"))
+    pool = inspector.recipes["default"].pool
+    for i, path in enumerate(_good_parts(synthetic_parts)[:12]):
+        part = PartRecord(part_id=f"late{i}", recipe="default", capture_time=time.time(), image=read_image(path))
+        inspector.admit_late_warmup(part, inspector.extract(part))
+    assert pool.ready and pool.size >= pool.min_size
+    size = pool.size
+    part = PartRecord(part_id="after", recipe="default", capture_time=time.time(),
+                      image=read_image(_good_parts(synthetic_parts)[12]))
+    inspector.admit_late_warmup(part, inspector.extract(part))
+    assert pool.size == size and part.verdict is None   # a ready pool admits only decided parts
+    inspector.admit_late_warmup(PartRecord(part_id="bad", recipe="default", capture_time=0.0), None)
+    assert pool.size == size

@@ -223,6 +223,22 @@ class Inspector:
                 self._try_fast_path()
         return admitted
 
+    def admit_late_warmup(self, part: PartRecord, extracted: object | None) -> None:
+        """A part that missed its deadline before it was scored (its row says DEADLINE): while its recipe's pool
+        warms up it would have had no verdict either way, and its features are there, so the pool still takes it
+        as a warm-up member. An overloaded start (e.g. while the fast-path trial extracts every part twice) would
+        otherwise warm up on a fraction of its parts. Never raises."""
+        recipe = self.recipes.get(part.recipe)
+        if extracted is None or recipe is None or recipe.pool.ready:
+            return
+        try:
+            part, prepared = self.inspect(part, extracted)
+            if part.reason == Reason.WARMUP:
+                self.admit(part, prepared)
+        except Exception as exc:   # the pool did not take this part; the line goes on
+            log.exception("late warm-up admission failed for part %s", part.part_id)
+            self.on_alarm(f"recipe {recipe.name}: pool admission failed for part {part.part_id}: {exc}")
+
     # -- the fast path (runtime/fast_path.py) -----------------------------------------------------------------
     def _fast_engine(self) -> FeatureEngine:
         fast = self.fast_path

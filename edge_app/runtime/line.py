@@ -266,6 +266,7 @@ class Line:
         deadline = part.deadline
         in_force = self.in_force  # read once: the calibration stamped on the row is the one that decided it
         if time.monotonic() >= deadline:
+            self.inspector.admit_late_warmup(part, extracted)   # its features may still fill a warming pool
             part.decide(Verdict.NO_VERDICT, Reason.DEADLINE, "deadline passed while queued")
             self._output.put(part, in_force)
             return
