@@ -93,8 +93,8 @@ class PoolMembers:
     # quantiles of the members' raw scores when they were last scored among themselves (warm-up curation,
     # seeding; :meth:`_freeze_scale`) and stay until the next time, so parts scored hours apart share one scale.
     # ``members``: the current members' stored raw scores, each scored against the pool of its own day, at
-    # every part: the scale moves with every admission (on KolektorSDD's line this costs 2.4 AUROC points,
-    # docs/benchmarks.md, "The line protocol").
+    # every part: the scale moves with every admission (on KolektorSDD's line this cost 1.6 AUROC points, mean
+    # of 4 seeds; docs/benchmarks.md, "The line protocol").
 
     @property
     def frozen_scale(self) -> tuple[float, float] | None:
