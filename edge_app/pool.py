@@ -116,12 +116,11 @@ class PoolMembers:
     def _load_scale(self, state: dict[str, np.ndarray]) -> None:
         """The stored scale; a pool stored before scales were frozen freezes one from its members' raw scores."""
         stored = state.get("scale")
+        self.scale = None
         if stored is not None and np.all(np.isfinite(stored)):
             self.scale = (float(stored[0]), float(stored[1]))
-        elif self.size >= 2:
-            self.scale = pool_range(self.raw_scores[:self.size], MuscParams().pool_quantiles)
         else:
-            self.scale = None
+            self._freeze_scale(MuscParams())
 
     def _descriptor_slot(self, slot: int, describe: Callable[[], np.ndarray]) -> None:
         """Remember a member's descriptor (unit vector, from ``describe()``) when the pool evicts by coverage,

@@ -198,7 +198,7 @@ class ScanPool(PoolMembers):
         self.remove(np.arange(self.size))
         self.admissions = int(state["admissions"])
         if n == 0:
-            self.scale = None
+            self._load_scale(state)
             return
         first = stored - n
         self.sets16[:, :n] = sets16[:, first:]
