@@ -140,6 +140,6 @@ def test_the_trial_state_stays_bounded():
     members = {"p0", "p1"}
     for i in range(MAX_SAMPLES + 5):                 # a warm-up that never fills its pool
         fast.keep_shadow(f"p{i}", sets)
-        fast.observe("default", _decided(f"p{i}"), sets, members)
+        fast.observe("default", _decided(f"p{i}"), sets, lambda: members)
     assert len(fast.samples) == MAX_SAMPLES and members <= set(fast.samples)
     assert f"p{MAX_SAMPLES + 4}" in fast.samples and "p2" not in fast.samples   # the oldest non-members went

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,14 +130,14 @@ def compare_paths(samples: list[ShadowSample], fp32_pool, fast_pool, threshold: 
     fast path: :func:`shadow_pool`), leaving the sample out where it is a member, and compare verdicts at
     ``threshold``, scores and token cosines: each score as the line would compute it (:func:`_scores`; a member's
     from the members scored among themselves where the pool's scorer gives the batch's numbers)."""
+    from musc_edge.export.verify import verdict_flips
+
     n = len(samples)
     if n == 0:
         return ShadowResult(0, 0, float("nan"), float("nan"))
     ids = [s.part_id for s in samples]
     ours = _scores(fp32_pool, [s.fp32 for s in samples], ids, grid, params)
     fast = _scores(fast_pool, [s.fast for s in samples], ids, grid, params)
-    from musc_edge.export.verify import verdict_flips
-
     decisive, borderline = verdict_flips(ours, fast, threshold)
     flipped = decisive | borderline
     min_cos = min(float(_row_cosines(a, b).min()) for s in samples for a, b in zip(s.fp32, s.fast))
@@ -217,15 +217,16 @@ class FastPath:
             return self._shadow.pop(part_id, None) if take else self._shadow.get(part_id)
 
     def observe(self, recipe: str, part: PartRecord, fp32_sets: list[np.ndarray] | None,
-                members: Collection[str] = ()) -> None:
-        """A decided part (worker thread): a warm-up part with shadow features becomes a sample. ``members``:
-        the pools' current part ids (samples of other parts are the first to go beyond ``MAX_SAMPLES``)."""
+                members: Callable[[], Collection[str]] = tuple) -> None:
+        """A decided part (worker thread): a warm-up part with shadow features becomes a sample. ``members()``:
+        the pools' current part ids, asked only beyond ``MAX_SAMPLES`` (samples of other parts go first)."""
         with self._lock:
             fast = self._shadow.pop(part.part_id, None)
         if fast is not None and fp32_sets is not None and part.reason == Reason.WARMUP and not part.test_part:
             self.samples[part.part_id] = ShadowSample(recipe, part.part_id, fp32_sets, fast)
             if len(self.samples) > MAX_SAMPLES:
-                drop = next((pid for pid in self.samples if pid not in members), next(iter(self.samples)))
+                kept = members()
+                drop = next((pid for pid in self.samples if pid not in kept), next(iter(self.samples)))
                 del self.samples[drop]
 
     def finish(self, switched: bool, reason: str) -> None:

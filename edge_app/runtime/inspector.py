@@ -217,11 +217,13 @@ class Inspector:
             self.on_alarm(f"recipe {recipe.name}: {alarm}")
         admitted = recipe.admit(part, prepared, now)
         if self.fast_path is not None and self.fast_path.shadowing():
-            self.fast_path.observe(recipe.name, part, getattr(prepared, "sets", None),
-                                   {pid for r in self.recipes.values() for pid in r.pool.part_ids[:r.pool.size]})
+            self.fast_path.observe(recipe.name, part, getattr(prepared, "sets", None), self._member_ids)
             if all(r.pool.size >= r.pool.min_size for r in self.recipes.values()):   # warm-up over: decide
                 self._try_fast_path()
         return admitted
+
+    def _member_ids(self) -> set[str]:
+        return {pid for r in self.recipes.values() for pid in r.pool.part_ids[:r.pool.size]}
 
     def admit_late_warmup(self, part: PartRecord, extracted: object | None) -> None:
         """A part that missed its deadline before it was scored (its row says DEADLINE): while its recipe's pool
