@@ -187,8 +187,10 @@ def verdict_agreement(rows: list, ledger: Path) -> dict:
     same = sum(a.verdict == b.verdict for a, b in both)
     # the other run's scores as the parent's: a flip within the verify gate's allowed drift of the threshold is
     # borderline (export/verify.py: verdict_flips), one farther out decisive
-    borderline = sum(int(verdict_flips(np.array([b.score]), np.array([a.score]), b.threshold)[1][0])
-                     for a, b in both if a.verdict != b.verdict)
+    flipped = [(a, b) for a, b in both if a.verdict != b.verdict]
+    _, near = verdict_flips(np.array([b.score for _, b in flipped]), np.array([a.score for a, _ in flipped]),
+                            np.array([b.threshold for _, b in flipped]))
+    borderline = int(near.sum())
     return {"parts": len(both), "same": same, "percent": round(100 * same / len(both), 2) if both else None,
             "borderline_flips": borderline, "decisive_flips": len(both) - same - borderline}
 

@@ -147,13 +147,14 @@ class VariantGate:
 GATE = VariantGate()
 
 
-def verdict_flips(parent: np.ndarray, variant: np.ndarray, threshold: float,
+def verdict_flips(parent: np.ndarray, variant: np.ndarray, threshold: float | np.ndarray,
                   band: float = GATE.max_score_drift) -> tuple[np.ndarray, np.ndarray]:
     """Parts whose verdict at ``threshold`` differs between the parent's and the variant's scores, as two masks:
     (decisive, borderline). A flip is borderline when the parent's score lies within ``band`` of the threshold (by
     default the score drift the gate allows): the drift the gate accepts carries such a part across, so it says
     nothing against the variant, and counting it would make a gate on a few parts pass or fail by chance (one
-    flip in the line's ~20 warm-up parts is 95 %). A decisive flip, a part clearly on one side, does count."""
+    flip in the line's ~20 warm-up parts is 95 %). A decisive flip, a part clearly on one side, does count.
+    ``threshold`` may be one per part (rows decided under different calibrations)."""
     parent, variant = np.asarray(parent, np.float64), np.asarray(variant, np.float64)
     flipped = (parent >= threshold) != (variant >= threshold)
     near = np.abs(parent - threshold) <= band
