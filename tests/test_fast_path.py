@@ -15,7 +15,7 @@ from musc_edge.edge.features import FeatureEngine
 from musc_edge.edge.manifest import load_manifest, sha256_of, write_manifest
 from musc_edge.edge.mediaio import read_image
 from musc_edge.edge.record import PartRecord, Reason
-from musc_edge.edge.runtime.fast_path import ShadowResult, decide, plan_fast_path
+from musc_edge.edge.runtime.fast_path import ALIGN_BELOW, ShadowResult, align_scale, decide, plan_fast_path
 from musc_edge.edge.runtime.inspector import Inspector
 from musc_edge.export.quantize import quantize_int8
 from musc_edge.export.verify import VariantGate, load_images
@@ -170,6 +170,45 @@ def test_a_flip_counts_against_the_gate_only_outside_the_allowed_drift_of_the_th
     decisive, borderline = verdict_flips(parent, variant, 1.0)
     assert borderline.tolist() == [False, True, True, False, False, False]   # near the threshold, either way
     assert decisive.tolist() == [False, False, False, True, True, False]     # clearly on one side, and crossed
+
+
+class _Scaled:
+    """The part of a pool :func:`align_scale` reads and moves: its frozen scale."""
+
+    def __init__(self, scale, policy="frozen"):
+        self.scale, self.scale_policy = scale, policy
+
+    @property
+    def frozen_scale(self):
+        return self.scale if self.scale_policy == "frozen" else None
+
+
+def test_the_fast_scale_is_aligned_to_fp32_on_the_shadowed_parts():
+    rng = np.random.default_rng(0)
+    ours = np.concatenate([rng.uniform(-0.5, 1.5, 30), [6.0, 9.0]])          # 30 good parts, 2 clear rejects
+    raw = 0.2 + 0.04 * ours + rng.normal(0, 1e-4, ours.size)                  # the fast path's raw scores
+    raw[-2:] += 0.2                                                           # its rejects are scored otherwise
+    pool = _Scaled((0.205, 0.25))                                             # its own scale: 12 % narrower
+    fast = (raw - 0.205) / (0.25 - 0.205)
+    aligned, gain, offset = align_scale(pool, ours, fast)
+    lo, hi = pool.scale
+    assert np.allclose((raw - lo) / (hi - lo), gain * fast + offset)          # the new scale maps raws so
+    assert np.allclose((lo, hi), (0.2, 0.24), atol=2e-4)                      # ... and is fp32's, to the noise
+    assert np.abs(aligned[:30] - ours[:30]).max() < 0.02 < np.abs(fast[:30] - ours[:30]).max()
+    assert (aligned[-2:] >= ALIGN_BELOW).all()                                # rejects stay out of the fit
+
+    # each part's aligned score comes from a fit without it: one part off the line is not fitted onto it
+    ours_off = ours.copy()
+    ours_off[3] += 0.5
+    loo, _, _ = align_scale(_Scaled((0.205, 0.25)), ours_off, fast)
+    in_sample = np.polyfit(fast[:30], ours_off[:30], 1)
+    assert abs(loo[3] - ours_off[3]) > abs(np.polyval(in_sample, fast[3]) - ours_off[3])
+
+    # no frozen scale, too few parts, or not the same score up to scale: nothing moves
+    for unmoved, o, f in [(_Scaled((0.205, 0.25), "members"), ours, fast),
+                          (_Scaled((0.205, 0.25)), ours[:4], fast[:4]),
+                          (_Scaled((0.205, 0.25)), ours, -fast)]:
+        assert align_scale(unmoved, o, f)[1:] == (1.0, 0.0) and unmoved.scale == (0.205, 0.25)
 
 
 def test_a_running_line_records_its_switch_in_the_ledger_and_the_audit(agreeing, synthetic_parts, tmp_path):

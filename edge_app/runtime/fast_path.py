@@ -12,7 +12,8 @@ A member's score on a path whose scorer is exact (numpy, onnx-fp32) is its leave
 scored among themselves (the batch that scored the warm-up pool; no MSM again); the INT8 scorer scores every
 warm-up part one-vs-pool, as the line will (its error is up to 0.09 score units on bottle, as large as the
 features' own drift, so the trial must see it). Parts the line extracted ahead with the fp32 model before a switch
-are scored with their shadow features, not extracted again.
+are scored with their shadow features, not extracted again. At a switch the fast pool's score scale is aligned to
+the fp32 pool's on the warm-up parts (:func:`align_scale`), so the threshold keeps its meaning.
 
 The decision logic (:func:`plan_fast_path`, :func:`compare_paths`, :func:`decide`) is pure and tested on its
 own; :class:`FastPath` holds the trial's state for the :class:`~musc_edge.edge.runtime.inspector.Inspector`.
@@ -39,6 +40,8 @@ FAST_SCORER = "onnx-int8"
 MIN_SHADOW_PARTS = 8      # fewer warm-up parts than this are too few to compare verdicts on
 MAX_PENDING_SHADOWS = 64  # shadow features of parts extracted but not yet decided (the line runs a few ahead)
 MAX_SAMPLES = 512         # warm-up samples kept; beyond it the oldest that are not pool members go
+ALIGN_BELOW = 3.0         # samples either path scores above this are clear rejects: left out of the scale fit
+MIN_ALIGN_PARTS = 5       # fewer samples below ALIGN_BELOW than this: the fast scale stays as scored
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ class ShadowResult:
     score_drift: float          # median |fast score - fp32 score| (score units: 1.0 = the pool's 90th percentile)
     flipped: tuple[str, ...] = ()
     borderline: int = 0         # flips within the gate's allowed drift of the threshold (verify.verdict_flips)
+    scale_gain: float = 1.0     # the fast scale's alignment to fp32 (:func:`align_scale`): fast' = gain fast + offset
+    scale_offset: float = 0.0
 
     @property
     def agreement(self) -> float:
@@ -124,12 +129,41 @@ def _scores(pool, sets: list[list[np.ndarray]], part_ids: list[str], grid: tuple
                      pool.score(part, grid, params, exclude_part_id=pid).score for part, pid in zip(sets, part_ids)])
 
 
+def align_scale(fast_pool, ours: np.ndarray, fast: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Move ``fast_pool``'s frozen scale to where the fast path's scores best match the fp32 path's ``ours`` on
+    the shadowed parts, so that the recipe's threshold, set on fp32 scores, keeps its meaning after a switch.
+
+    Both scales come from the same members' scores among themselves, but as the 10th and 90th percentiles of
+    10-20 scores, each path's scale is noisy on its own (on the bottle line the two differed by up to 30 %, a
+    borderline part's score by 0.1-0.3). The fit is a least-squares line over the parts both paths score below
+    ``ALIGN_BELOW`` (the threshold's neighbourhood; clear rejects would steer it). Returns the fast scores on
+    the aligned scale, each predicted by the fit without that part (leave-one-out: the gate does not read a
+    fit to itself), and the fit's gain and offset. Without a frozen scale, with fewer than ``MIN_ALIGN_PARTS``
+    parts to fit, or with a gain outside [0.5, 2] (not the same score up to scale: the gate judges it as it
+    is), the scale and scores stay as they are."""
+    fit = (ours < ALIGN_BELOW) & (fast < ALIGN_BELOW)
+    if fast_pool.frozen_scale is None or fit.sum() < MIN_ALIGN_PARTS or np.ptp(fast[fit]) <= 0:
+        return fast, 1.0, 0.0
+    x = np.stack([fast[fit], np.ones(int(fit.sum()))], axis=1)
+    (gain, offset), *_ = np.linalg.lstsq(x, ours[fit], rcond=None)
+    if not 0.5 <= gain <= 2.0:
+        return fast, 1.0, 0.0
+    aligned = gain * fast + offset
+    leverage = np.einsum("ij,jk,ik->i", x, np.linalg.inv(x.T @ x), x)
+    aligned[fit] = ours[fit] - (ours[fit] - aligned[fit]) / np.maximum(1.0 - leverage, 1e-6)
+    lo, hi = fast_pool.scale
+    span = (hi - lo) / gain
+    fast_pool.scale = (lo - offset * span, lo - offset * span + span)
+    return aligned, float(gain), float(offset)
+
+
 def compare_paths(samples: list[ShadowSample], fp32_pool, fast_pool, threshold: float, grid: tuple[int, int],
                   params: MuscParams) -> ShadowResult:
     """Score every sample against each path's pool (the line's own, ready pool, and the same members through the
     fast path: :func:`shadow_pool`), leaving the sample out where it is a member, and compare verdicts at
     ``threshold``, scores and token cosines: each score as the line would compute it (:func:`_scores`; a member's
-    from the members scored among themselves where the pool's scorer gives the batch's numbers)."""
+    from the members scored among themselves where the pool's scorer gives the batch's numbers), the fast one on
+    the fast pool's scale aligned to fp32's (:func:`align_scale`, which moves it)."""
     from musc_edge.export.verify import verdict_flips
 
     n = len(samples)
@@ -137,13 +171,14 @@ def compare_paths(samples: list[ShadowSample], fp32_pool, fast_pool, threshold: 
         return ShadowResult(0, 0, float("nan"), float("nan"))
     ids = [s.part_id for s in samples]
     ours = _scores(fp32_pool, [s.fp32 for s in samples], ids, grid, params)
-    fast = _scores(fast_pool, [s.fast for s in samples], ids, grid, params)
+    fast, gain, offset = align_scale(fast_pool, ours, _scores(fast_pool, [s.fast for s in samples], ids, grid, params))
     decisive, borderline = verdict_flips(ours, fast, threshold)
     flipped = decisive | borderline
     min_cos = min(float(_row_cosines(a, b).min()) for s in samples for a, b in zip(s.fp32, s.fast))
     drift = float(np.median(np.abs(fast - ours)))
     return ShadowResult(n, int((~flipped).sum()), min_cos, drift,
-                        tuple(s.part_id for s, flip in zip(samples, flipped) if flip), int(borderline.sum()))
+                        tuple(s.part_id for s, flip in zip(samples, flipped) if flip), int(borderline.sum()),
+                        gain, offset)
 
 
 def decide(result: ShadowResult, gate=None, min_parts: int = MIN_SHADOW_PARTS) -> tuple[bool, str]:
@@ -155,7 +190,9 @@ def decide(result: ShadowResult, gate=None, min_parts: int = MIN_SHADOW_PARTS) -
         return False, f"only {result.parts} warm-up parts were shadowed (at least {min_parts} needed)"
     borderline = f" ({result.borderline} flips within the allowed drift of the threshold)" if result.borderline else ""
     measured = (f"{result.same_verdicts}/{result.parts} same verdicts{borderline}, token cosine >= "
-                f"{result.min_cos:.4f}, median score drift {result.score_drift:.3f}")
+                f"{result.min_cos:.4f}, median score drift {result.score_drift:.3f}"
+                + (f" on the fast scale aligned to fp32 (x{result.scale_gain:.3f} {result.scale_offset:+.3f})"
+                   if (result.scale_gain, result.scale_offset) != (1.0, 0.0) else ""))
     failures = gate.failures(min_cos=result.min_cos, agreement=result.agreement, score_drift=result.score_drift)
     if failures:
         flipped = f"; flipped: {', '.join(result.flipped[:3])}" if result.flipped else ""
