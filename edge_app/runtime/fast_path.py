@@ -159,9 +159,9 @@ def align_scale(fast_pool, ours: np.ndarray, fast: np.ndarray) -> tuple[np.ndarr
 
 def compare_paths(samples: list[ShadowSample], fp32_pool, fast_pool, threshold: float, grid: tuple[int, int],
                   params: MuscParams) -> ShadowResult:
-    """Score every sample against each path's pool (the line's own, ready pool, and the same members through the
-    fast path: :func:`shadow_pool`), leaving the sample out where it is a member, and compare verdicts at
-    ``threshold``, scores and token cosines: each score as the line would compute it (:func:`_scores`; a member's
+    """Score every sample against each path's pool (the line's own, ready pool: :func:`reference_pool`, and the
+    same members through the fast path: :func:`shadow_pool`), leaving the sample out where it is a member, and
+    compare verdicts at ``threshold``, scores and token cosines: each score as the line would compute it (:func:`_scores`; a member's
     from the members scored among themselves where the pool's scorer gives the batch's numbers), the fast one on
     the fast pool's scale aligned to fp32's (:func:`align_scale`, which moves it)."""
     from musc_edge.export.verify import verdict_flips
@@ -170,7 +170,7 @@ def compare_paths(samples: list[ShadowSample], fp32_pool, fast_pool, threshold: 
     if n == 0:
         return ShadowResult(0, 0, float("nan"), float("nan"))
     ids = [s.part_id for s in samples]
-    ours = _scores(fp32_pool, [s.fp32 for s in samples], ids, grid, params)
+    ours = _scores(reference_pool(fp32_pool, grid, params), [s.fp32 for s in samples], ids, grid, params)
     fast, gain, offset = align_scale(fast_pool, ours, _scores(fast_pool, [s.fast for s in samples], ids, grid, params))
     decisive, borderline = verdict_flips(ours, fast, threshold)
     flipped = decisive | borderline
@@ -277,20 +277,39 @@ class FastPath:
             self.engine = None
 
 
-def shadow_pool(pool, samples: dict[str, ShadowSample], scorer: str, grid: tuple[int, int], params: MuscParams):
-    """A copy of ``pool`` whose members have their shadow (fast) features, scored with ``scorer`` and re-scored
-    among themselves; None when a member has no shadow features (restored or seeded before the trial)."""
+def _copy(pool, scorer: str, sets16: np.ndarray | None = None):
+    """A copy of ``pool`` (its members, scores and scale) scoring with ``scorer``; ``sets16``: other features of
+    the same members."""
     from ..pool import FeaturePool
 
-    ids = pool.part_ids[:pool.size]
-    if any(pid not in samples for pid in ids):
-        return None
     copy = FeaturePool(pool.capacity, pool.n_sets, pool.patches, pool.dim, min_size=pool.min_size,
                        eviction=pool.eviction, horizon=pool.horizon, scorer=scorer, scale=pool.scale_policy)
     state = pool.state()
-    state["sets16"] = np.stack([np.stack([samples[pid].fast[s] for pid in ids]) for s in range(pool.n_sets)]
-                               ).astype(state["sets16"].dtype)
+    if sets16 is not None:
+        state["sets16"] = sets16.astype(state["sets16"].dtype)
     copy.load_state(state)
+    return copy
+
+
+def reference_pool(pool, grid: tuple[int, int], params: MuscParams):
+    """A copy of the line's own pool whose members are scored among themselves now, as :func:`shadow_pool`'s
+    are, on the line's scale: members admitted since the pool was last scored together keep the raw score of
+    their admission (against the pool of that moment), which the fast copy's would be compared with otherwise."""
+    copy = _copy(pool, getattr(pool, "scorer_name", "numpy"))
+    if copy.size >= 2:
+        copy.rescore_members(grid, params)
+        copy.scale = pool.scale
+    return copy
+
+
+def shadow_pool(pool, samples: dict[str, ShadowSample], scorer: str, grid: tuple[int, int], params: MuscParams):
+    """A copy of ``pool`` whose members have their shadow (fast) features, scored with ``scorer`` and re-scored
+    among themselves; None when a member has no shadow features (restored or seeded before the trial)."""
+    ids = pool.part_ids[:pool.size]
+    if any(pid not in samples for pid in ids):
+        return None
+    copy = _copy(pool, scorer, np.stack([np.stack([samples[pid].fast[s] for pid in ids])
+                                         for s in range(pool.n_sets)]))
     if copy.size >= 2:
         copy.rescore_members(grid, params)
     return copy
