@@ -83,6 +83,7 @@ class PoolMembers:
         self.descriptors: np.ndarray | None = None   # [capacity, F] unit vectors (coverage eviction)
         self.size = 0
         self.admissions = 0
+        self.scored_together: tuple[str, ...] = ()   # the members when last scored among themselves
 
     @property
     def ready(self) -> bool:
@@ -267,6 +268,7 @@ class FeaturePool(PoolMembers):
         self.raw_scores[:n] = result.raw
         self.features[:n] = result.features
         self._freeze_scale(params)
+        self.scored_together = tuple(self.part_ids[:n])
 
     # -- membership ------------------------------------------------------------------------------------------
     def nearest_distance(self, query_sets: list[np.ndarray]) -> float:

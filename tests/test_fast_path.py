@@ -15,7 +15,8 @@ from musc_edge.edge.features import FeatureEngine
 from musc_edge.edge.manifest import load_manifest, sha256_of, write_manifest
 from musc_edge.edge.mediaio import read_image
 from musc_edge.edge.record import PartRecord, Reason
-from musc_edge.edge.runtime.fast_path import ALIGN_BELOW, ShadowResult, align_scale, decide, plan_fast_path
+from musc_edge.edge.runtime.fast_path import (ALIGN_BELOW, ShadowResult, align_scale, decide, plan_fast_path,
+                                             reference_pool)
 from musc_edge.edge.runtime.inspector import Inspector
 from musc_edge.export.quantize import quantize_int8
 from musc_edge.export.verify import VariantGate, load_images
@@ -209,6 +210,28 @@ def test_the_fast_scale_is_aligned_to_fp32_on_the_shadowed_parts():
                           (_Scaled((0.205, 0.25)), ours[:4], fast[:4]),
                           (_Scaled((0.205, 0.25)), ours, -fast)]:
         assert align_scale(unmoved, o, f)[1:] == (1.0, 0.0) and unmoved.scale == (0.205, 0.25)
+
+
+def test_the_trial_compares_members_scored_among_themselves_on_both_paths():
+    """A member admitted after the warm-up holds the raw score of its admission; the fp32 side of the trial scores
+    the members together again, as the fast copy does, on the line's own scale; a pool just scored is used as is."""
+    from musc_edge.edge.pool import FeaturePool
+
+    from .test_pool_scale import GRID, PARAMS, D, N_SETS, P, image_parts
+
+    parts = image_parts(6, seed=3)
+    pool = FeaturePool(6, N_SETS, P, D, min_size=3)
+    for i in range(4):
+        pool.admit(f"p{i}", parts[i], 0.0, parts[i][1][0])
+    pool.rescore_members(GRID, PARAMS)
+    assert reference_pool(pool, GRID, PARAMS) is pool
+    pool.admit("p4", parts[4], 0.0, parts[4][1][0])                       # admitted later, raw score of that day
+    reference = reference_pool(pool, GRID, PARAMS)
+    together = FeaturePool(6, N_SETS, P, D, min_size=3)
+    together.load_state(pool.state())
+    together.rescore_members(GRID, PARAMS)
+    assert reference is not pool and reference.scale == pool.scale != together.scale
+    assert np.allclose(reference.raw_scores[:5], together.raw_scores[:5]) and pool.raw_scores[4] == 0.0
 
 
 def test_a_running_line_records_its_switch_in_the_ledger_and_the_audit(agreeing, synthetic_parts, tmp_path):
