@@ -67,8 +67,10 @@ class Recipe(ABC):
     @staticmethod
     def default_near_duplicate_distance(settings: RecipeSettings) -> float:
         """Below this mean nearest-patch distance to a member a part is the same part seen again: a noisy
-        re-capture of one real part measures about 0.01, different synthetic scans on the whole frame 0.09
-        and more."""
+        re-capture of one real part measures about 0.01 (0.04-0.07 shifted by a few pixels), different synthetic
+        scans on the whole frame 0.09 and more. Different real bottles measure 0.08-0.12, so this refuses about
+        40 % of them: the pool fills more slowly, with no measurable cost (line AUROC 99.40 against 99.44 at 0.05,
+        4 orders; KolektorSDD 86.63 against 86.51)."""
         return 0.1
 
     # -- identity & persistence ----------------------------------------------------------------------------
