@@ -161,9 +161,9 @@ def compare_paths(samples: list[ShadowSample], fp32_pool, fast_pool, threshold: 
                   params: MuscParams) -> ShadowResult:
     """Score every sample against each path's pool (the line's own, ready pool: :func:`reference_pool`, and the
     same members through the fast path: :func:`shadow_pool`), leaving the sample out where it is a member, and
-    compare verdicts at ``threshold``, scores and token cosines: each score as the line would compute it (:func:`_scores`; a member's
-    from the members scored among themselves where the pool's scorer gives the batch's numbers), the fast one on
-    the fast pool's scale aligned to fp32's (:func:`align_scale`, which moves it)."""
+    compare verdicts at ``threshold``, scores and token cosines: each score as the line would compute it
+    (:func:`_scores`; a member's from the members scored among themselves where the pool's scorer gives the batch's
+    numbers), the fast one on the fast pool's scale aligned to fp32's (:func:`align_scale`, which moves it)."""
     from musc_edge.export.verify import verdict_flips
 
     n = len(samples)
