@@ -295,10 +295,11 @@ def reference_pool(pool, grid: tuple[int, int], params: MuscParams):
     """A copy of the line's own pool whose members are scored among themselves now, as :func:`shadow_pool`'s
     are, on the line's scale: members admitted since the pool was last scored together keep the raw score of
     their admission (against the pool of that moment), which the fast copy's would be compared with otherwise.
-    The pool itself when its members have not changed since (no scoring again)."""
+    The pool itself when its members have not changed since (no scoring again). The copy scores with numpy, whose
+    numbers the line's exact scorers give (no second ONNX session for a copy that lives for one comparison)."""
     if pool.scored_together == tuple(pool.part_ids[:pool.size]):
         return pool
-    copy = _copy(pool, getattr(pool, "scorer_name", "numpy"))
+    copy = _copy(pool, "numpy")
     if copy.size >= 2:
         copy.rescore_members(grid, params)
         copy.scale = pool.scale
