@@ -14,6 +14,17 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_MODEL = ROOT / "models" / "dinov2_vits14_musc.onnx"
 
 
+def pytest_configure(config) -> None:
+    """Tests stop the commands they start with Ctrl-C (SIGINT), as an operator would. A suite started as a
+    background job (``make test &``, ``nohup``) inherits SIGINT ignored, and so would every command it starts:
+    Python then installs no KeyboardInterrupt handler and the command never stops. Give SIGINT back its handler;
+    the commands started from here get the default disposition again."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_report_header(config) -> str:
     """The CPU the suite ran on: the features that choose ONNX Runtime's INT8 and fp32 kernels."""
     from musc_edge.edge.cpu_features import cpu_features
