@@ -111,6 +111,12 @@ class PoolMembers:
         if self.size >= 2:
             self.scale = pool_range(self.raw_scores[:self.size], params.pool_quantiles)
 
+    def _members_scored(self, params: MuscParams) -> None:
+        """The members have just been scored among themselves (both pool kinds' ``rescore_members``): freeze the
+        scale from those scores and remember who the members were (``scored_together``)."""
+        self._freeze_scale(params)
+        self.scored_together = tuple(self.part_ids[:self.size])
+
     def _scale_state(self) -> np.ndarray:
         return np.array(self.scale if self.scale is not None else (np.nan, np.nan), np.float64)
 
@@ -267,8 +273,7 @@ class FeaturePool(PoolMembers):
         result = score_batch([self.sets16[s, :n].astype(np.float32) for s in range(self.n_sets)], grid, params)
         self.raw_scores[:n] = result.raw
         self.features[:n] = result.features
-        self._freeze_scale(params)
-        self.scored_together = tuple(self.part_ids[:n])
+        self._members_scored(params)
 
     # -- membership ------------------------------------------------------------------------------------------
     def nearest_distance(self, query_sets: list[np.ndarray]) -> float:

@@ -107,7 +107,7 @@ class ScanPool(PoolMembers):
         result = score_batch(sets, samples, grid, self.image_size, self.fusion(params))
         self.raw_scores[:n] = result.raw
         self.features[:n] = result.features
-        self._freeze_scale(params)
+        self._members_scored(params)
 
     # -- membership ------------------------------------------------------------------------------------------
     def nearest_distance(self, query_sets: Sequence[np.ndarray]) -> float:
