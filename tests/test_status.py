@@ -43,7 +43,8 @@ def test_status_of_a_running_line_shows_its_live_pools_then_the_saved_ones(toy_m
             pool = status["pools"]["default"]
             assert (pool["size"], pool["capacity"], pool["live"]) == (held.size, 10, True) and held.size >= 4
             assert status["live"]["calibration_version"] == "0" and status["live"]["link"]["connected"] is True
-            assert f"pool default    {held.size}/10 members (live)" in format_status(status)
+            text = format_status(status)
+            assert f"pool default    {held.size}/10 members (live), oldest " in text and ", newest " in text
         finally:
             line.stop()
             runner.join(30)
