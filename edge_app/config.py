@@ -114,6 +114,10 @@ class PoolGuardSettings(_Strict):
     admit_below: Optional[float] = Field(1.5, gt=0, le=1000, description=(
         "parts scoring at or above this on the pool's own scale (1.0 = the members' 90th percentile) are not "
         "admitted: they would stretch the pool's score range and lower every score (null: no limit)"))
+    settled_admit_below: Optional[float] = Field(0.5, gt=0, le=1000, description=(
+        "once the pool holds half its capacity, only parts scoring below this (0.5: the members' middle) are "
+        "admitted: a young pool needs references more than purity, a grown one keeps its cleanest parts "
+        "(null: admit_below only)"))
     window: int = Field(60, ge=2, le=100_000, description="recent parts in which look-alike rejects are counted")
     memory: int = Field(200, ge=1, le=1_000_000, description=(
         "parts for which a reject keeps its look-alikes out of the pool"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from musc_edge.edge.config import PoolSettings, RecipeSettings
+from musc_edge.edge.config import PoolGuardSettings, PoolSettings, RecipeSettings
 from musc_edge.edge.pool import FeaturePool, outlier_members
 from musc_edge.edge.score import PoolScore
 from musc_edge.edge.record import PartRecord, Reason, Verdict
@@ -119,10 +119,11 @@ def test_load_state_keeps_the_last_capacity_members_and_scores_identically():
 
 # ------------------------------------------------------------------------ the admission policy (Recipe.admit)
 
-def recipe(**pool) -> Recipe2D:
+def recipe(guard: PoolGuardSettings | None = None, **pool) -> Recipe2D:
     def no_features(images):
         raise AssertionError("parts come prepared")
-    settings = RecipeSettings(pool=PoolSettings(capacity=8, min_size=4, **pool))
+    pool = {"capacity": 8, "min_size": 4, **pool}
+    settings = RecipeSettings(pool=PoolSettings(**pool), guard=guard or PoolGuardSettings())
     return Recipe2D("r", settings, Scoring(no_features, GRID, PARAMS, 56, {}), N_SETS, P, D)
 
 
@@ -151,6 +152,23 @@ def test_admission_takes_accepted_parts_only_never_test_parts_nor_near_duplicate
     test, prepared = scored_part(r, "test", good[6])
     test.test_part = True
     assert not r.admit(test, prepared) and r.pool.size == size + 1
+
+
+@pytest.mark.parametrize("settled", [False, True])
+def test_a_pool_half_full_admits_only_its_lowest_scoring_accepted_parts(settled):
+    """Below half its capacity a pool takes every accepted part; from half full, only those under the settled
+    ceiling."""
+    seeds = [(PartRecord(part_id=f"s{i}", recipe="r", capture_time=0.0), Prepared(s))
+             for i, s in enumerate(parts(6, seed=4))]
+    size = recipe(near_duplicate_distance=0.02).seed(seeds)      # the members the seed keeps after curation
+    r = recipe(PoolGuardSettings(admit_below=None, settled_admit_below=1e-3), capacity=2 * size + (not settled),
+               min_size=4, near_duplicate_distance=0.02)
+    assert r.seed(seeds) == size
+    r.threshold = 1e6                                    # everything accepted
+    part, prepared = scored_part(r, "new", parts(1, seed=12)[0])
+    assert part.verdict == Verdict.ACCEPT and part.score > 1e-3
+    assert r.admit(part, prepared) is not settled and r.pool.size == size + (not settled)
+    assert r.guard.stats.refused_atypical == int(settled)
 
 
 def test_warm_up_admits_everything_and_drops_outliers_when_the_pool_first_fills():

@@ -199,6 +199,30 @@ def test_parts_above_the_pools_own_range_are_not_admitted():
     assert PoolGuard(PoolGuardSettings(admit_below=None)).allow_admission(*atypical)
 
 
+@pytest.mark.parametrize("score, fill, admitted", [
+    (0.6, 0.0, True),    # a young pool takes every accepted part below admit_below
+    (0.6, 0.49, True),
+    (0.6, 0.5, False),   # half full: only the lower half of the pool's range
+    (0.49, 1.0, True),
+    (0.5, 1.0, False),
+    (1.5, 0.2, False),   # admit_below holds at any fill
+])
+def test_a_settled_pool_admits_only_its_lower_range(score, fill, admitted):
+    parts = Parts()
+    guard = PoolGuard(PoolGuardSettings(admit_below=1.5, settled_admit_below=0.5))
+    part = parts.make(Verdict.ACCEPT)
+    part[0].score = score
+    assert guard.allow_admission(*part, pool_fill=fill) is admitted
+    assert guard.stats.refused_atypical == int(not admitted)
+
+
+def test_the_settled_ceiling_can_be_switched_off():
+    guard = PoolGuard(PoolGuardSettings(admit_below=1.5, settled_admit_below=None))
+    assert guard.admission_ceiling(1.0) == 1.5
+    assert PoolGuard(PoolGuardSettings(admit_below=None, settled_admit_below=None)).admission_ceiling(1.0) is None
+    assert PoolGuard(PoolGuardSettings(admit_below=0.3, settled_admit_below=0.5)).admission_ceiling(1.0) == 0.3
+
+
 def test_bank_lookup_agrees_with_the_pairwise_distance():
     parts = Parts(seed=5)
     settings = PoolGuardSettings(lookalike_distance=0.6, lookalike_ratio=2.0, memory=1000, top_patches=2)

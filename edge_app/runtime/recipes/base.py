@@ -148,8 +148,10 @@ class Recipe(ABC):
 
     def admit(self, part: PartRecord, prepared: Any | None, now: float | None = None) -> bool:
         """Pool admission after a verdict: accepted parts (or all, by config), never test parts, never
-        near-duplicates of a member. During warm-up every decodable part is admitted; when the pool reaches
-        its minimum size the members are scored among themselves and outliers dropped (:meth:`curate`)."""
+        near-duplicates of a member, never what the guard refuses (a look-alike of a recent reject, a score
+        above the pool's range: :meth:`PoolGuard.admission_ceiling`). During warm-up every decodable part is
+        admitted; when the pool reaches its minimum size the members are scored among themselves and outliers
+        dropped (:meth:`curate`)."""
         if prepared is None:
             return False
         settings = self.settings.pool
@@ -162,7 +164,7 @@ class Recipe(ABC):
         if nearest < self.near_duplicate_distance:
             self.rejected_duplicates += 1
             return False
-        if not self.guard.allow_admission(part, prepared):  # a look-alike of a recent reject
+        if not self.guard.allow_admission(part, prepared, pool_fill=self.pool.size / self.pool.capacity):
             return False
         slot = self._store(part.part_id, prepared, part.raw_score or 0.0, time.time() if now is None else now)
         if slot is not None and warming and self.pool.size == self.pool.min_size:  # the pool has just become ready
