@@ -153,7 +153,8 @@ def align_scale(fast_pool, ours: np.ndarray, fast: np.ndarray) -> tuple[np.ndarr
     aligned[fit] = ours[fit] - (ours[fit] - aligned[fit]) / np.maximum(1.0 - leverage, 1e-6)
     lo, hi = fast_pool.scale
     span = (hi - lo) / gain
-    fast_pool.scale = (lo - offset * span, lo - offset * span + span)
+    start = lo - offset * span
+    fast_pool.scale = (start, start + span)
     return aligned, float(gain), float(offset)
 
 

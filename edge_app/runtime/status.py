@@ -93,7 +93,7 @@ def format_status(status: dict) -> str:
         saved = f", saved {pool['saved_age_s']:.0f} s ago" if "saved_age_s" in pool else ", not saved yet"
         # The newest member's age: a pool whose parts all score above its admission ceiling stops refreshing.
         lines.append(f"pool {name:<10} {size} members{' (live)' if pool.get('live') else ''}"
-                     + (f", oldest {age / 60:.1f} min, newest {(newest or 0) / 60:.1f} min{saved}" if age else ""))
+                     + (f", oldest {age / 60:.1f} min, newest {newest / 60:.1f} min{saved}" if age else ""))
     if live is not None and live["alarms"]:
         lines.append("recent alarms: " + " | ".join(live["alarms"][-3:]))
     return "\n".join(lines)
