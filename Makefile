@@ -53,7 +53,7 @@ $(INT8_MODEL): $(CUT_MODEL)
 test: setup test-setup
 	$(BIN)/python -m pytest -q
 
-# Not CI (about 30 min): the tests whose results depend on the CPU's kernels (INT8 exactness, fp32 summation
+# Not CI (22 min here): the tests whose results depend on the CPU's kernels (INT8 exactness, fp32 summation
 # order, the exporter's parity), run as on an AVX2-only EPYC without VNNI under qemu (tests/as_avx2_cpu.sh;
 # needs Debian's qemu-user and root or user namespaces). `make test` covers the CPU it runs on.
 CPU_TESTS := tests/test_cpu_features.py tests/test_onnx_msm.py tests/test_quantize.py tests/test_scoring.py \
