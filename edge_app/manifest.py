@@ -56,6 +56,21 @@ class Manifest:
         """True when this model outputs every block in ``blocks`` (and the image token if needed)."""
         return set(blocks) <= set(self.blocks) and (not image_token or self.image_token_output is not None)
 
+    def tokens_identity(self, blocks: tuple[int, ...] | list[int], image_token: bool = False) -> str:
+        """What the outputs a line reads (``blocks``, and the image token when ``image_token``) are a function
+        of: two fp32 models exported by the same exporter from the same source weights give the same tokens for
+        the blocks both output, whatever block each graph is cut after, so a pool built by one is scored by the
+        other. Any other model (reduced precision, no recorded source hash) is identified by its own sha256."""
+        source = self.source.get("sha256")
+        if self.precision != "fp32" or not source:
+            return self.model_sha256
+        what = {"source": source, "architecture": self.architecture, "exporter": self.exporter_version,
+                "preprocessing": asdict(self.preprocessing), "patch_size": self.patch_size,
+                "blocks": sorted(blocks), "token_dim": self.token_dim,
+                # the image token is the CLS token where the graph ends: it differs between cut and full graphs
+                "image_token": (self.cut_block or "last") if image_token else None}
+        return "fp32:" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
     @property
     def outputs(self) -> tuple[str, ...]:
         """Every named output the runtime reads: the token outputs, then the image token if any."""

@@ -101,7 +101,7 @@ def test_the_line_switches_when_both_paths_agree(agreeing, synthetic_parts, tmp_
     assert "passes the verify gate" in events[0].reason and f"{warm}/{warm} same verdicts" in events[0].reason
     pool = inspector.recipes["default"].pool
     assert inspector.engine.manifest.precision == "int8" and pool.scorer_name == "onnx-int8"
-    assert inspector.recipes["default"].identity()["model_sha256"] == events[0].new_model
+    assert inspector.recipes["default"].identity()["tokens"] == events[0].new_model   # an INT8 model: its sha256
     assert all(p.score is not None for p in parts[warm:])   # scored on the fast path
     # the switch outlives a restart: the stored pools (built on the fast path) put the next line on it at once
     inspector.save_pools()

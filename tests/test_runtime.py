@@ -196,7 +196,7 @@ def test_a_pool_from_another_model_is_refused(toy_model, tmp_path):
     inspector.save_pools()
     other = build_toy_model(tmp_path / "other.onnx", seed=9)
     raw["model"]["path"] = str(other)
-    with pytest.raises(PoolMismatchError, match="model_sha256"):
+    with pytest.raises(PoolMismatchError, match="tokens"):
         Inspector(parse_config(raw)).restore_pools()
 
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..config import ConfigError, LineConfig
 from ..errors import UsageError
-from ..features import FeatureEngine, Features, select_model
+from ..features import FeatureEngine, Features, models_in, select_model
+from ..install_paths import resolve_model_path
 from ..geometry import plan_input, stitch, windows
 from ..manifest import load_manifest
 from ..record import PartRecord, Reason, Verdict
@@ -24,7 +25,7 @@ from ..scoring import MuscParams, prepare
 from ..scoring.onnx_msm import make_scorer
 from ..sources.base import DecodeError, decode_part
 from .fast_path import FastPath, FastPathEvent, adopt, compare_paths, decide, plan_fast_path, shadow_pool
-from .pool_store import PoolMismatchError, load_pool, pool_path, save_pool
+from .pool_store import PoolMismatchError, load_pool, pool_path, save_pool, stored_identity
 from .recipes import Recipe, Scoring, make_recipe
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,10 @@ class Inspector:
     def __init__(self, config: LineConfig, engine: FeatureEngine | None = None):
         self.config = config
         self.on_alarm = lambda text: log.warning("ALARM: %s", text)   # the line routes it to its alarm path
-        self.engine = engine or FeatureEngine(
-            select_model(config.model.path, config.model.blocks, config.model.precision),
-            size=config.model.size, threads=config.model.threads)
         self.params: MuscParams = config.scoring.params()
+        self.engine = engine or FeatureEngine(
+            select_model(config.model.path, config.model.blocks, config.model.precision, self._reads_image_token()),
+            size=config.model.size, threads=config.model.threads)
         model_blocks = self.engine.manifest.blocks
         missing = [b for b in config.model.blocks if b not in model_blocks]
         if missing:
@@ -76,14 +77,35 @@ class Inspector:
             log.info("fast path: not tried (%s)", plan.why_not)
 
     # -- identity & persistence ----------------------------------------------------------------------------
+    def _reads_image_token(self) -> bool:
+        return self.params.rescore_feature == "image_token"
+
     def pool_identity(self) -> dict:
-        """What a stored pool must have been built with to be reusable."""
-        identity = {"model_sha256": self.engine.manifest.model_sha256, "size": self.config.model.size,
+        """What a stored pool must have been built with to be reusable: the tokens it holds (the feature model
+        up to :meth:`Manifest.tokens_identity`, so a model cut after an earlier block reuses the pools of its
+        full graph), the input and the aggregation."""
+        tokens = self.engine.manifest.tokens_identity(self.config.model.blocks, self._reads_image_token())
+        identity = {"tokens": tokens, "size": self.config.model.size,
                     "blocks": list(self.config.model.blocks), "aggregation": self.params.aggregation,
                     "degrees": list(self.params.degrees)}
         if self.plan.scaled != (self.engine.size, self.engine.size):   # square frames keep their old identity
             identity["input"] = {"scaled": list(self.plan.scaled), "windows": [list(o) for o in self.plan.origins]}
         return identity
+
+    def upgrade_identity(self, stored: dict) -> dict:
+        """A stored pool identity of a release before ``tokens``: its ``model_sha256`` becomes the tokens
+        identity of the model with that hash beside this line's models (kept as the hash when none is)."""
+        if "tokens" in stored or "model_sha256" not in stored:
+            return stored
+        upgraded = {key: value for key, value in stored.items() if key != "model_sha256"}
+        upgraded["tokens"] = stored["model_sha256"]
+        for folder in {self.engine.model_path.parent, resolve_model_path(self.config.model.path)}:
+            for _, manifest in models_in(folder if folder.is_dir() else folder.parent):
+                if manifest.model_sha256 == stored["model_sha256"]:
+                    upgraded["tokens"] = manifest.tokens_identity(stored.get("blocks", self.config.model.blocks),
+                                                                  self._reads_image_token())
+                    return upgraded
+        return upgraded
 
     def recipe(self, name: str) -> Recipe:
         """The recipe called ``name``; UsageError naming the recipes the config has."""
@@ -97,11 +119,13 @@ class Inspector:
         A damaged pool file falls back to the previous one (pool_store.load_pool), told to ``on_alarm``."""
         for name, recipe in self.recipes.items():
             try:
-                load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity(), on_alarm)
+                load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity(), on_alarm,
+                          self.upgrade_identity)
             except PoolMismatchError:
                 if not self._resume_fast_path():
                     raise
-                load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity(), on_alarm)
+                load_pool(pool_path(self.config.storage.dir, name), recipe, recipe.identity(), on_alarm,
+                          self.upgrade_identity)
         if self.fast_path is not None and self.fast_path.shadowing() and \
                 all(r.pool.size >= r.pool.min_size for r in self.recipes.values()):
             self._end_trial(False, "the pools were restored ready: no warm-up parts to shadow", record=False)
@@ -308,18 +332,15 @@ class Inspector:
 
     def _resume_fast_path(self) -> bool:
         """At start: pools stored by this line after it had switched put it on the fast path before they load."""
-        import json
-
         fast = self.fast_path
         if fast is None or not fast.shadowing():
             return False
-        fast_sha = load_manifest(fast.plan.model, check_hash=False).model_sha256
+        fast_tokens = load_manifest(fast.plan.model, check_hash=False).tokens_identity(
+            self.config.model.blocks, self._reads_image_token())
         for name in self.recipes:
             path = pool_path(self.config.storage.dir, name)
-            if path.is_file():
-                with np.load(path, allow_pickle=False) as data:
-                    if json.loads(str(data["identity"])).get("model_sha256") != fast_sha:
-                        return False
+            if path.is_file() and stored_identity(path, self.upgrade_identity).get("tokens") != fast_tokens:
+                return False
         for recipe in self.recipes.values():
             pool = recipe.pool
             pool.scorer = make_scorer(fast.plan.scorer, pool.n_sets, pool.patches, pool.dim, pool.capacity)

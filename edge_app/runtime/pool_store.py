@@ -86,11 +86,13 @@ def remove_temp_files(path: str | Path) -> list[Path]:
 
 
 def load_pool(path: str | Path, pool: Restorable, identity: dict,
-              on_alarm: Callable[[str], None] | None = None) -> bool:
+              on_alarm: Callable[[str], None] | None = None,
+              upgrade: Callable[[dict], dict] | None = None) -> bool:
     """Restore ``pool`` (a pool, or a recipe) from ``path``; False when there is no stored pool. Refuses a
-    pool stored with another ``identity`` (PoolMismatchError). A damaged file is set aside and the previous
-    good one restored (see the module docstring), each step reported through ``on_alarm``. Temp files of an
-    interrupted save (kill -9, full disk) are removed first."""
+    pool stored with another ``identity`` (PoolMismatchError); ``upgrade`` first rewrites a stored identity
+    of an older release in today's terms. A damaged file is set aside and the previous good one restored
+    (see the module docstring), each step reported through ``on_alarm``. Temp files of an interrupted save
+    (kill -9, full disk) are removed first."""
     path = Path(path)
     alarm = on_alarm or (lambda text: log.error("%s", text))
     remove_temp_files(path)
@@ -98,14 +100,14 @@ def load_pool(path: str | Path, pool: Restorable, identity: dict,
     if not path.is_file():   # a save never leaves it missing: deleted on purpose, to start with an empty pool
         return False
     try:
-        return _load(path, pool, identity)
+        return _load(path, pool, identity, upgrade)
     except DAMAGED_FILE_ERRORS as exc:
         corrupt = path.with_name(path.name + ".corrupt")
         os.replace(path, corrupt)
         why = f"pool file {path} is damaged ({type(exc).__name__}: {exc}); set aside as {corrupt.name}"
     if previous.is_file():
         try:
-            _load(previous, pool, identity)
+            _load(previous, pool, identity, upgrade)
             alarm(f"{why}; restored the previous pool file {previous.name}")
             return True
         except DAMAGED_FILE_ERRORS as exc:
@@ -114,9 +116,17 @@ def load_pool(path: str | Path, pool: Restorable, identity: dict,
     return False
 
 
-def _load(path: Path, pool: Restorable, identity: dict) -> bool:
+def stored_identity(path: str | Path, upgrade: Callable[[dict], dict] | None = None) -> dict:
+    """The identity a pool file was stored with (in today's terms, through ``upgrade``)."""
     with np.load(path, allow_pickle=False) as data:
         stored = json.loads(str(data["identity"]))
+    return upgrade(stored) if upgrade else stored
+
+
+def _load(path: Path, pool: Restorable, identity: dict, upgrade: Callable[[dict], dict] | None) -> bool:
+    with np.load(path, allow_pickle=False) as data:
+        stored = json.loads(str(data["identity"]))
+        stored = upgrade(stored) if upgrade else stored
         for key, value in identity.items():
             if stored.get(key) != value:
                 raise PoolMismatchError(
