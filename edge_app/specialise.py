@@ -96,7 +96,16 @@ def fold_constant_resizes(model, size: int) -> int:
         graph.node.remove(node)
         graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
         folded += 1
+    _drop_unused_initializers(graph)
     return folded
+
+
+def _drop_unused_initializers(graph) -> None:
+    """Remove the constants no node or output reads any more (a folded Resize's data, when it was a constant):
+    ONNX Runtime would drop them too, with a warning on every start."""
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for init in [init for init in graph.initializer if init.name not in read]:
+        graph.initializer.remove(init)
 
 
 def specialised_model(path: str | Path, size: int) -> bytes | None:
