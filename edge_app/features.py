@@ -77,9 +77,9 @@ def _same_tokens_cut_earlier(model: Path, blocks: tuple[int, ...], image_token: 
                and m.cut_block < (manifest.cut_block or max(manifest.blocks))]
     if not cheaper:
         return model
-    chosen = min(cheaper)[2]
+    cut_block, _, chosen = min(cheaper)
     log.info("feature model: %s gives the same blocks %s as %s and runs %d fewer backbone blocks; running it",
-             chosen.name, list(blocks), model.name, (manifest.cut_block or max(manifest.blocks)) - min(cheaper)[0])
+             chosen.name, list(blocks), model.name, (manifest.cut_block or max(manifest.blocks)) - cut_block)
     return chosen
 
 

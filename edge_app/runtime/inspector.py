@@ -17,8 +17,8 @@ import numpy as np
 from ..config import ConfigError, LineConfig
 from ..errors import UsageError
 from ..features import FeatureEngine, Features, models_in, select_model
-from ..install_paths import resolve_model_path
 from ..geometry import plan_input, stitch, windows
+from ..install_paths import resolve_model_path
 from ..manifest import load_manifest
 from ..record import PartRecord, Reason, Verdict
 from ..scoring import MuscParams, prepare
