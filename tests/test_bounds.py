@@ -5,6 +5,7 @@ names, damaged pool files, the view's sequence numbers. Properties, walked or ge
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import struct
@@ -493,14 +494,22 @@ class Pool:
         self.state = state
 
 
-@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
+def _npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage", "identity not an object"])
 def test_row_17_a_damaged_pool_file_falls_back_to_the_previous_good_one_with_an_alarm(tmp_path, damage):
     path = tmp_path / "pools" / "default.npz"
     save_pool(path, {"members": np.arange(10.0)}, {"model": "m"})
     save_pool(path, {"members": np.arange(20.0)}, {"model": "m"})
     assert previous_path(path).is_file()
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[:len(data) // 2], "empty": b"", "garbage": b"PK\x03\x04" * 9}[damage])
+    path.write_bytes({"truncate": data[:len(data) // 2], "empty": b"", "garbage": b"PK\x03\x04" * 9,
+                      "identity not an object": _npz(identity=np.array(json.dumps(["m"])), members=np.arange(5.0)),
+                      }[damage])
     alarms: list[str] = []
     pool = Pool()
     assert load_pool(path, pool, {"model": "m"}, alarms.append)

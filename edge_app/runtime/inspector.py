@@ -101,9 +101,8 @@ class Inspector:
         upgraded["tokens"] = stored["model_sha256"]
         for folder in {self.engine.model_path.parent, resolve_model_path(self.config.model.path)}:
             for _, manifest in models_in(folder if folder.is_dir() else folder.parent):
-                if manifest.model_sha256 == stored["model_sha256"]:
-                    upgraded["tokens"] = manifest.tokens_identity(stored.get("blocks", self.config.model.blocks),
-                                                                  self._reads_image_token())
+                if manifest.model_sha256 == stored["model_sha256"]:   # its blocks are compared on their own
+                    upgraded["tokens"] = manifest.tokens_identity(self.config.model.blocks, self._reads_image_token())
                     return upgraded
         return upgraded
 

@@ -117,16 +117,22 @@ def load_pool(path: str | Path, pool: Restorable, identity: dict,
 
 
 def stored_identity(path: str | Path, upgrade: Callable[[dict], dict] | None = None) -> dict:
-    """The identity a pool file was stored with (in today's terms, through ``upgrade``)."""
+    """The identity a pool file was stored with (in today's terms, through ``upgrade``); ValueError when the
+    file's identity is not a JSON object."""
     with np.load(path, allow_pickle=False) as data:
-        stored = json.loads(str(data["identity"]))
+        return _identity_of(data, upgrade)
+
+
+def _identity_of(data, upgrade: Callable[[dict], dict] | None) -> dict:
+    stored = json.loads(str(data["identity"]))
+    if not isinstance(stored, dict):
+        raise ValueError(f"the stored identity is a JSON {type(stored).__name__}, not an object")
     return upgrade(stored) if upgrade else stored
 
 
 def _load(path: Path, pool: Restorable, identity: dict, upgrade: Callable[[dict], dict] | None) -> bool:
     with np.load(path, allow_pickle=False) as data:
-        stored = json.loads(str(data["identity"]))
-        stored = upgrade(stored) if upgrade else stored
+        stored = _identity_of(data, upgrade)
         for key, value in identity.items():
             if stored.get(key) != value:
                 raise PoolMismatchError(
