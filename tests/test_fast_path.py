@@ -18,6 +18,7 @@ from musc_edge.edge.record import PartRecord, Reason
 from musc_edge.edge.runtime.fast_path import (ALIGN_BELOW, ShadowResult, align_scale, decide, plan_fast_path,
                                              reference_pool)
 from musc_edge.edge.runtime.inspector import Inspector
+from musc_edge.edge.runtime.pool_store import pool_path
 from musc_edge.export.quantize import quantize_int8
 from musc_edge.export.verify import VariantGate, load_images
 
@@ -62,10 +63,10 @@ def disagreeing(tmp_path_factory) -> Path:
     return folder / "toy.onnx"
 
 
-def _config(model: Path, storage: Path, **model_settings):
+def _config(model: Path, storage: Path, recipes: tuple[str, ...] = ("default",), **model_settings):
     return parse_config({
         "model": {"path": str(model), "size": 112, "blocks": [6, 9], **model_settings},
-        "recipes": {"default": {"threshold": THRESHOLD, "pool": {"capacity": 20, "min_size": 10}}},
+        "recipes": {name: {"threshold": THRESHOLD, "pool": {"capacity": 20, "min_size": 10}} for name in recipes},
         "source": {"type": "replay", "paths": ["unused.png"]},
         "link": {"type": "zmq", "endpoint": "tcp://127.0.0.1:1"}, "storage": {"dir": str(storage)}}, "test")
 
@@ -107,6 +108,12 @@ def test_the_line_switches_when_both_paths_agree(agreeing, synthetic_parts, tmp_
     inspector.save_pools()
     again = Inspector(_config(agreeing, tmp_path))
     assert again.restore_pools() == {"default": pool.size} and again.engine.manifest.precision == "int8"
+    # ... also beside another recipe's damaged pool file, which is set aside (that recipe warms up again)
+    pool_path(tmp_path, "second").write_bytes(b"PK\x03\x04" * 9)
+    alarms: list[str] = []
+    both = Inspector(_config(agreeing, tmp_path, recipes=("default", "second")))
+    assert both.restore_pools(alarms.append) == {"default": pool.size, "second": 0}
+    assert both.engine.manifest.precision == "int8" and len(alarms) == 1 and "damaged" in alarms[0]
 
 
 def test_the_line_stays_on_fp32_when_the_paths_disagree(disagreeing, synthetic_parts, tmp_path):

@@ -25,7 +25,7 @@ from ..scoring import MuscParams, prepare
 from ..scoring.onnx_msm import make_scorer
 from ..sources.base import DecodeError, decode_part
 from .fast_path import FastPath, FastPathEvent, adopt, compare_paths, decide, plan_fast_path, shadow_pool
-from .pool_store import PoolMismatchError, load_pool, pool_path, save_pool, stored_identity
+from .pool_store import DAMAGED_FILE_ERRORS, PoolMismatchError, load_pool, pool_path, save_pool, stored_identity
 from .recipes import Recipe, Scoring, make_recipe
 
 log = logging.getLogger(__name__)
@@ -338,8 +338,11 @@ class Inspector:
             self.config.model.blocks, self._reads_image_token())
         for name in self.recipes:
             path = pool_path(self.config.storage.dir, name)
-            if path.is_file() and stored_identity(path, self.upgrade_identity).get("tokens") != fast_tokens:
-                return False
+            try:
+                if path.is_file() and stored_identity(path, self.upgrade_identity).get("tokens") != fast_tokens:
+                    return False
+            except DAMAGED_FILE_ERRORS:
+                continue   # load_pool sets it aside and restores the previous one
         for recipe in self.recipes.values():
             pool = recipe.pool
             pool.scorer = make_scorer(fast.plan.scorer, pool.n_sets, pool.patches, pool.dim, pool.capacity)
