@@ -39,7 +39,7 @@ def select_model(path: str | Path, blocks: tuple[int, ...], precision: str = "fp
     if not path.is_dir():
         return _same_tokens_cut_earlier(path, blocks, image_token)
     found = models_in(path)
-    usable = [(m.cut_block or max(m.blocks), model.name, model) for model, m in found
+    usable = [(m.depth, model.name, model) for model, m in found
               if m.precision == precision and m.covers(blocks, image_token)]
     if not usable:
         have = ", ".join(f"{model.name} ({m.precision}, blocks {list(m.blocks)})" for model, m in found) or "none"
@@ -74,12 +74,12 @@ def _same_tokens_cut_earlier(model: Path, blocks: tuple[int, ...], image_token: 
     identity = manifest.tokens_identity(blocks, image_token)
     cheaper = [(m.cut_block, other.name, other) for other, m in models_in(model.parent)
                if m.cut_block and m.covers(blocks, image_token) and m.tokens_identity(blocks, image_token) == identity
-               and m.cut_block < (manifest.cut_block or max(manifest.blocks))]
+               and m.cut_block < manifest.depth]
     if not cheaper:
         return model
-    cut_block, _, chosen = min(cheaper)
+    depth, _, chosen = min(cheaper)
     log.info("feature model: %s gives the same blocks %s as %s and runs %d fewer backbone blocks; running it",
-             chosen.name, list(blocks), model.name, (manifest.cut_block or max(manifest.blocks)) - cut_block)
+             chosen.name, list(blocks), model.name, manifest.depth - depth)
     return chosen
 
 

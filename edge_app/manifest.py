@@ -56,6 +56,11 @@ class Manifest:
         """True when this model outputs every block in ``blocks`` (and the image token if needed)."""
         return set(blocks) <= set(self.blocks) and (not image_token or self.image_token_output is not None)
 
+    @property
+    def depth(self) -> int:
+        """The backbone blocks the graph runs: its cut, or its deepest output for an export that predates it."""
+        return self.cut_block or max(self.blocks)
+
     def tokens_identity(self, blocks: tuple[int, ...] | list[int], image_token: bool = False) -> str:
         """What the outputs a line reads (``blocks``, and the image token when ``image_token``) are a function
         of: two fp32 models exported by the same exporter from the same source weights give the same tokens for

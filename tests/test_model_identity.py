@@ -12,18 +12,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 from musc_edge.edge.config import parse_config
 from musc_edge.edge.features import FeatureEngine, select_model
-from musc_edge.edge.manifest import load_manifest, sha256_of, write_manifest
+from musc_edge.edge.manifest import load_manifest
 from musc_edge.edge.mediaio import read_image
 from musc_edge.edge.record import PartRecord
 from musc_edge.edge.runtime.inspector import Inspector
 from musc_edge.edge.runtime.pool_store import PoolMismatchError, pool_path, save_pool
 
-from .toymodel import build_toy_model
+from .toymodel import build_toy_model, cut_outputs
 
 SOURCE = {"kind": "toy", "seed": 0, "sha256": "5" * 64}
 
@@ -32,15 +31,9 @@ def _export(folder: Path, name: str, blocks: tuple[int, ...], cut_block: int, so
             seed: int = 0) -> Path:
     """The toy model as the exporter writes DINOv2: only ``blocks`` as outputs, cut after ``cut_block``, the
     source's hash recorded."""
-    out = build_toy_model(folder / name, seed=seed)
-    graph, manifest = onnx.load(str(out)), load_manifest(out)
-    keep = [f"tokens_block{b}" for b in blocks]
-    for output in [o for o in graph.graph.output if o.name in manifest.token_outputs and o.name not in keep]:
-        graph.graph.output.remove(output)
-    onnx.save(graph, str(out))
-    write_manifest(out, replace(manifest, blocks=blocks, token_outputs=tuple(keep), cut_block=cut_block,
-                                source=source, model_sha256=sha256_of(out)))
-    return out
+    (folder / "uncut").mkdir(exist_ok=True)
+    full = build_toy_model(folder / "uncut" / name, seed=seed)
+    return cut_outputs(full, folder / name, blocks, cut_block=cut_block, source=source)
 
 
 @pytest.fixture(scope="module")

