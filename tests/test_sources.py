@@ -342,6 +342,33 @@ def test_zmq_malformed_messages_become_parts_that_fail_with_a_reason():
     assert (source.received, source.malformed, source.unreadable_headers) == (7, 6, 1)
 
 
+def test_zmq_message_over_the_size_limit_is_counted_and_logged_and_the_sender_goes_on(caplog):
+    png = _encode(_rgb(), ".png")
+    header = json.dumps({"part_id": "huge", "encoding": "raw", "shape": [64, 64, 3]}).encode()
+    received = threading.Event()
+    with _zmq_source(max_message_bytes=4096) as source, ZmqFramePusher(source.endpoint) as pusher:
+        parts = source.parts()
+        pusher.send(png, part_id="before")
+        assert next(parts).part_id == "before" and source.disconnects == 0
+        pusher.socket.send_multipart([header, bytes(64 * 64 * 3)])   # 12 KiB: ZeroMQ drops it, and the sender
+
+        def keep_sending():   # ... reconnects; what it sent into the dropped connection is lost with it
+            for k in range(100):
+                if received.wait(0.1):
+                    return
+                pusher.send(png, part_id=f"after{k}")
+        sender = threading.Thread(target=keep_sending)
+        sender.start()
+        try:
+            after = next(parts)
+        finally:
+            received.set()
+            sender.join()
+    assert after.part_id.startswith("after") and after.verdict is None and source.received == 2
+    assert source.disconnects == 1
+    assert "over max_message_bytes=4096" in caplog.text and "no ledger row" in caplog.text
+
+
 def test_zmq_endpoint_in_use_is_a_clear_error():
     with _zmq_source() as first:
         with pytest.raises(SourceError, match="endpoint='tcp://127.0.0.1:"):

@@ -10,12 +10,16 @@ Each message is multipart ``[header, image, (cloud)]``:
 * ``image``: the encoded frame, or the raw RGB pixels.
 * ``cloud``: an organised point cloud, C-order.
 
-A malformed message still becomes a part: image problems make its ``decode_part`` raise ``DecodeError``
-with the reason; cloud problems decide it NO_VERDICT / SCANNER_ERROR. A message whose header cannot be
-read (not UTF-8 JSON, over ``limits.MAX_HEADER_BYTES`` or nested deeper than ``limits.MAX_JSON_DEPTH``)
-becomes a part under the source's next counter id, decided NO_VERDICT (decode_error); it is also counted
-in ``unreadable_headers`` and logged. Declared shapes are checked by ``limits.checked_shape`` (exact
-products, per-side and total limits) before any buffer is viewed or converted.
+A malformed message still becomes a part: image problems make its ``decode_part`` raise ``DecodeError`` with
+the reason; cloud problems decide it NO_VERDICT / SCANNER_ERROR. A message whose header cannot be read (not
+UTF-8 JSON, over ``limits.MAX_HEADER_BYTES`` or nested deeper than ``limits.MAX_JSON_DEPTH``) becomes a part
+under the source's next counter id, decided NO_VERDICT (decode_error); it is also counted in
+``unreadable_headers`` and logged. A message over ``max_message_bytes`` never reaches the source: ZeroMQ drops
+it and disconnects its sender, with whatever the sender queued behind it before it reconnected (within about
+0.1 s). The source watches its socket's disconnect events, counts them in ``disconnects`` and logs each one
+with that possible cause, so such a loss is visible (those parts get no ledger row and no verdict, and the PLC
+rejects a part with no verdict by its inspect window: docs/wire-protocol.md). Declared shapes are checked by
+``limits.checked_shape`` (exact products, per-side and total limits) before any buffer is viewed or converted.
 
 >>> with ZmqFramePusher(source.endpoint) as pusher:
 ...     pusher.send(png_bytes, part_id="A17", encoder=1200, recipe="bottle")
@@ -30,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ..limits import MAX_CLOUD_POINTS, MAX_HEADER_BYTES, LimitError, checked_shape, loads_bounded, shape_bytes
 from ..record import PartRecord, Reason, Verdict
@@ -66,10 +71,12 @@ class ZmqSource(FrameSource):
         super().__init__(config)
         self._context = context
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
         self.endpoint: str | None = None   # the endpoint actually bound/connected (resolves tcp://...:*)
         self.received = 0
         self.malformed = 0
         self.unreadable_headers = 0
+        self.disconnects = 0        # senders disconnected: closed, or dropped by ZeroMQ for an oversized message
 
     def _acquire(self) -> None:
         c = self.config
@@ -84,9 +91,14 @@ class ZmqSource(FrameSource):
             raise SourceError(f"cannot {'bind' if c.bind else 'connect'} ZeroMQ PULL socket to "
                               f"endpoint={c.endpoint!r}: {exc}") from exc
         self._socket = socket
+        self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT) or c.endpoint
 
     def _release(self) -> None:
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -95,8 +107,14 @@ class ZmqSource(FrameSource):
         c = self.config
         ids = c.part_ids()
         timeout_ms = max(1, int(c.poll_interval_s * 1000))
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
-            if not self._socket.poll(timeout_ms, zmq.POLLIN):
+            ready = dict(poller.poll(timeout_ms))
+            if self._monitor in ready:
+                self._note_disconnects()
+            if self._socket not in ready:
                 continue
             frames = self._socket.recv_multipart(copy=False)
             mono, utc = time.monotonic(), time.time()
@@ -113,6 +131,15 @@ class ZmqSource(FrameSource):
             if isinstance(record.raw, UndecodableFrame) or record.reason is not None:
                 self.malformed += 1
             yield record
+
+    def _note_disconnects(self) -> None:
+        while self._monitor.poll(0):
+            if recv_monitor_message(self._monitor)["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            self.disconnects += 1
+            logger.warning("ZeroMQ source %s: a sender disconnected (%d so far). It closed its socket, or it sent a "
+                           "message over max_message_bytes=%d, which ZeroMQ drops: that part has no ledger row and "
+                           "no verdict", self.endpoint, self.disconnects, self.config.max_message_bytes)
 
 
 def parse_message(frames: Sequence[Any], *, part_ids: PartIds, recipe: str, received_monotonic: float,
