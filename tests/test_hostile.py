@@ -77,6 +77,30 @@ def test_rows_1_2_bad_part_id_and_encoder_become_no_verdict_under_a_safe_id_and_
     assert all(f"after-{k}" in by_id for k in range(4))
 
 
+def test_a_message_over_the_size_limit_and_those_lost_with_it_each_get_a_row_and_a_reject(toy_model, tmp_path, plc):
+    """ZeroMQ drops a message over max_message_bytes (and what its sender queued behind it) before the line
+    can read it; the pusher numbers its frames, so the next one that arrives gives each lost one its row."""
+    raw = line_config(toy_model, tmp_path / "line", plc.address)
+    raw["source"]["max_message_bytes"] = 50_000
+    live = LiveLine(raw)
+    live.send(png(1), part_id="ok-1")
+    live.send(np.zeros((200, 200, 3), np.uint8), part_id="huge")     # 120 kB of raw pixels: frame 2
+    sent = 2
+    while live.parts < 3 and sent < 50:                                # until one arrives after the drop
+        time.sleep(0.2)
+        sent += 1
+        live.send(png(sent), part_id=f"after-{sent}")
+    live.wait_parts(sent, timeout=30)
+    rows = live.stop()
+    assert_one_row_and_ack_each(rows, plc)
+    assert len(rows) == sent and rows[0].part_id == "ok-1"             # one row for every frame sent
+    lost = [r for r in rows if r.source_ref.startswith("zmq:") and "#" in r.source_ref]
+    assert [int(r.source_ref.rsplit("#", 1)[1]) for r in lost] == list(range(2, 2 + len(lost))) and lost
+    for row in lost:
+        assert (row.verdict, row.reason, row.signalled) == (Verdict.NO_VERDICT, Reason.DECODE_ERROR, Verdict.REJECT)
+        assert "never arrived" in row.detail
+
+
 def test_row_1_an_unsendable_row_from_an_older_build_is_marked_alarmed_and_never_blocks_a_start(toy_model, tmp_path,
                                                                                              plc):
     storage = tmp_path / "line"

@@ -342,17 +342,20 @@ def test_zmq_malformed_messages_become_parts_that_fail_with_a_reason():
     assert (source.received, source.malformed, source.unreadable_headers) == (7, 6, 1)
 
 
-def test_zmq_message_over_the_size_limit_is_counted_and_logged_and_the_sender_goes_on(caplog):
+def test_zmq_message_over_the_size_limit_still_becomes_a_part_and_so_do_those_lost_with_it(caplog):
+    """ZeroMQ drops a message over max_message_bytes and the sender's connection with what it queued behind
+    it; the pusher numbers its frames, so each lost one becomes a NO_VERDICT part when the next one arrives."""
     png = _encode(_rgb(), ".png")
-    header = json.dumps({"part_id": "huge", "encoding": "raw", "shape": [64, 64, 3]}).encode()
+    huge = np.zeros((64, 64, 3), np.uint8)   # 12 KiB of raw pixels
     received = threading.Event()
     with _zmq_source(max_message_bytes=4096) as source, ZmqFramePusher(source.endpoint) as pusher:
         parts = source.parts()
         pusher.send(png, part_id="before")
         assert next(parts).part_id == "before" and source.disconnects == 0
-        pusher.socket.send_multipart([header, bytes(64 * 64 * 3)])   # 12 KiB: ZeroMQ drops it, and the sender
+        pusher.send(huge, part_id="huge")
+        pusher.send(png, part_id="right-behind")   # into the connection ZeroMQ is dropping
 
-        def keep_sending():   # ... reconnects; what it sent into the dropped connection is lost with it
+        def keep_sending():
             for k in range(100):
                 if received.wait(0.1):
                     return
@@ -360,13 +363,40 @@ def test_zmq_message_over_the_size_limit_is_counted_and_logged_and_the_sender_go
         sender = threading.Thread(target=keep_sending)
         sender.start()
         try:
-            after = next(parts)
+            got = []
+            while not got or got[-1].verdict is not None:   # up to the first part that arrived itself
+                got.append(next(parts))
         finally:
             received.set()
             sender.join()
-    assert after.part_id.startswith("after") and after.verdict is None and source.received == 2
-    assert source.disconnects == 1
-    assert "over max_message_bytes=4096" in caplog.text and "no ledger row" in caplog.text
+    lost, arrived = got[:-1], got[-1]
+    frame_of = {"before": 1, "huge": 2, "right-behind": 3, **{f"after{k}": 4 + k for k in range(100)}}
+    numbers = [int(p.source_ref.rsplit("#", 1)[1]) for p in lost]
+    assert numbers == list(range(2, frame_of[arrived.part_id]))   # every frame between is a part, "huge" first
+    for part in lost:
+        assert (part.verdict, part.reason) == (Verdict.NO_VERDICT, Reason.DECODE_ERROR)
+        assert "never arrived" in part.detail and "max_message_bytes=4096" in part.detail
+        assert part.source_ref.startswith(f"zmq:{pusher.sender}#")
+    assert source.frames.missing == len(lost) and source.received == 2 and source.disconnects == 1
+    assert "over max_message_bytes=4096" in caplog.text
+
+
+def test_zmq_frame_numbers_gaps_beyond_the_limit_alarm_and_bad_numbers_fail_their_part():
+    png = _encode(_rgb(), ".png")
+    alarms = []
+    with _zmq_source(max_gap_rows=3) as source, ZmqFramePusher(source.endpoint) as pusher:
+        source.on_alarm = alarms.append
+        parts = source.parts()
+        for frame_id, extra in [(1, {}), (3, {}), (100, {}), (7, {}), (8, {"sender": "x" * 65})]:
+            pusher.send(png, part_id=f"F{frame_id}", frame_id=frame_id, **extra)
+        got = [next(parts) for _ in range(6)]
+    assert [p.part_id for p in got] == ["F1", "part000001", "F3", "F100", "F7", "F8"]
+    assert got[1].source_ref == f"zmq:{pusher.sender}#2" and got[1].verdict is Verdict.NO_VERDICT
+    assert alarms == [f"ZeroMQ sender {pusher.sender!r}: 96 frames never arrived, ids 4..99 (more than "
+                      "max_gap_rows=3; no part rows for them)"]
+    assert source.frames.restarts == 1                     # 7 after 100: the sender counts again, nothing lost
+    with pytest.raises(DecodeError, match="header 'sender' must be printable text of at most 64"):
+        decode_part(got[5])
 
 
 def test_zmq_endpoint_in_use_is_a_clear_error():

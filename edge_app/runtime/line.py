@@ -71,7 +71,7 @@ class Line:
         self.inspector = inspector or Inspector(config)
         self.inspector.on_alarm = self._on_alarm
         self.source = source or make_source(config.source)
-        if hasattr(self.source, "on_alarm"):   # a source that alarms and recovers by itself (genicam reconnects)
+        if hasattr(self.source, "on_alarm"):   # a source with alarms of its own (lost frames, reconnects)
             self.source.on_alarm = self._on_alarm
         self._clock = DeadlineClock(config.line.deadline_ms / 1e3)
         self.authority = CalibrationAuthority(self.storage, set(config.recipes), f"runtime:{config.line.name}")

@@ -7,6 +7,8 @@ Each message is multipart ``[header, image, (cloud)]``:
   default: arrival), ``encoder`` (int), ``recipe`` (string; default: the source's), ``test_part`` (bool),
   ``shape`` (``[H, W, 3]``, required for ``raw`` RGB uint8 pixels), and for a cloud frame ``cloud_shape``
   (``[H, W, 3]``) and ``cloud_dtype`` (``float32`` | ``float64``; missing points are NaN).
+  ``sender`` (text) and ``frame_id`` (int, one up per message of that sender) number the messages, so that a
+  lost one still becomes a part (:mod:`.sender_frames`; :class:`ZmqFramePusher` numbers its own).
 * ``image``: the encoded frame, or the raw RGB pixels.
 * ``cloud``: an organised point cloud, C-order.
 
@@ -16,9 +18,11 @@ UTF-8 JSON, over ``limits.MAX_HEADER_BYTES`` or nested deeper than ``limits.MAX_
 under the source's next counter id, decided NO_VERDICT (decode_error); it is also counted in
 ``unreadable_headers`` and logged. A message over ``max_message_bytes`` never reaches the source: ZeroMQ drops
 it and disconnects its sender, with whatever the sender queued behind it before it reconnected (within about
-0.1 s). The source watches its socket's disconnect events, counts them in ``disconnects`` and logs each one
-with that possible cause, so such a loss is visible (those parts get no ledger row and no verdict, and the PLC
-rejects a part with no verdict by its inspect window: docs/wire-protocol.md). Declared shapes are checked by
+0.1 s). From a sender that numbers its messages, the next one that arrives shows the ids that did not, and each
+becomes a part decided NO_VERDICT (decode_error) under the source's next counter id (up to ``max_gap_rows`` at
+once, beyond that one alarm). The source also counts its socket's disconnect events in ``disconnects`` and
+logs each one with that possible cause, so a loss from a sender that does not number its messages is seen
+too (the PLC rejects a part with no verdict by its inspect window: docs/wire-protocol.md). Declared shapes are checked by
 ``limits.checked_shape`` (exact products, per-side and total limits) before any buffer is viewed or converted.
 
 >>> with ZmqFramePusher(source.endpoint) as pusher:
@@ -28,8 +32,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
+import socket as socket_module
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,6 +57,7 @@ from .base import (
 )
 from .configs import MAX_MESSAGE_BYTES, ZmqSourceConfig  # noqa: F401  (re-exported)
 from .fields import LATEST_CAPTURE_S, check_part_fields, shown
+from .sender_frames import SenderFrames, frame_number
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +85,8 @@ class ZmqSource(FrameSource):
         self.malformed = 0
         self.unreadable_headers = 0
         self.disconnects = 0        # senders disconnected: closed, or dropped by ZeroMQ for an oversized message
+        self.frames = SenderFrames()   # numbered senders: the frame ids that never arrived
+        self.on_alarm: Callable[[str], None] = lambda text: logger.warning("ALARM: %s", text)   # line: its alarms
 
     def _acquire(self) -> None:
         c = self.config
@@ -119,18 +129,48 @@ class ZmqSource(FrameSource):
             frames = self._socket.recv_multipart(copy=False)
             mono, utc = time.monotonic(), time.time()
             try:
-                record = parse_message(frames, part_ids=ids, recipe=c.recipe, received_monotonic=mono,
-                                       received_utc=utc, max_pixels=c.max_pixels)
+                header = read_header(frames)
             except HeaderError as exc:
                 self.unreadable_headers += 1
                 logger.warning("ZeroMQ source %s: a message with an unreadable header (%s) is decided "
                                "NO_VERDICT; %d so far", self.endpoint, exc, self.unreadable_headers)
                 record = unreadable_part(str(exc), part_ids=ids, recipe=c.recipe, received_monotonic=mono,
                                          received_utc=utc)
+            else:
+                yield from self._lost_before(header, ids, mono, utc)
+                record = message_record(header, frames, part_ids=ids, recipe=c.recipe, received_monotonic=mono,
+                                        received_utc=utc, max_pixels=c.max_pixels)
             self.received += 1
             if isinstance(record.raw, UndecodableFrame) or record.reason is not None:
                 self.malformed += 1
             yield record
+
+    def _lost_before(self, header: dict, ids: PartIds, mono: float, utc: float) -> Iterator[PartRecord]:
+        """A NO_VERDICT part per frame id this message's sender skipped (one alarm instead beyond
+        ``max_gap_rows``)."""
+        try:
+            numbered = frame_number(header)
+        except ValueError:
+            return      # the message's own part says what is wrong with its numbering
+        if numbered is None:
+            return
+        sender, frame_id = numbered
+        restarts = self.frames.restarts
+        lost = self.frames.observe(sender, frame_id)
+        if self.frames.restarts != restarts:
+            logger.warning("ZeroMQ source %s: sender %r counts again from frame %d (restarted)", self.endpoint,
+                           sender, frame_id)
+        if len(lost) > self.config.max_gap_rows:
+            self.on_alarm(f"ZeroMQ sender {sender!r}: {len(lost)} frames never arrived, ids {lost[0]}..{lost[-1]} "
+                          f"(more than max_gap_rows={self.config.max_gap_rows}; no part rows for them)")
+            return
+        for missing in lost:
+            part_id = ids.next()
+            record = PartRecord(part_id=part_id, recipe=self.config.recipe, capture_time=utc,
+                                capture_monotonic=mono, source_ref=f"zmq:{sender}#{missing}"[:80])
+            yield record.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, (
+                f"frame {missing} of ZeroMQ sender {sender!r} never arrived: ZeroMQ dropped it (a message over "
+                f"max_message_bytes={self.config.max_message_bytes}, or in flight when its connection broke)")[:300])
 
     def _note_disconnects(self) -> None:
         while self._monitor.poll(0):
@@ -152,7 +192,19 @@ def parse_message(frames: Sequence[Any], *, part_ids: PartIds, recipe: str, rece
     that would not fit the wire or the ledger (a 65-byte id, an encoder beyond int64, a capture time in
     the year 3000) is replaced and the part decided NO_VERDICT (decode_error) by ``check_part_fields``.
     """
-    header = _read_header(frames[0] if frames else b"")
+    return message_record(read_header(frames), frames, part_ids=part_ids, recipe=recipe,
+                          received_monotonic=received_monotonic, received_utc=received_utc, max_pixels=max_pixels)
+
+
+def read_header(frames: Sequence[Any]) -> dict:
+    """The message's header as a dict; HeaderError when it is not a bounded UTF-8 JSON object."""
+    return _read_header(frames[0] if frames else b"")
+
+
+def message_record(header: dict, frames: Sequence[Any], *, part_ids: PartIds, recipe: str,
+                   received_monotonic: float, received_utc: float,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> PartRecord:
+    """The part of a message whose ``header`` was read (:func:`read_header`): see :func:`parse_message`."""
     problems: list[str] = []
 
     def field(key: str, ok, expected: str, default: Any = None) -> Any:
@@ -177,6 +229,10 @@ def parse_message(frames: Sequence[Any], *, part_ids: PartIds, recipe: str, rece
     )
     if check_part_fields(record, default_recipe=recipe).verdict is not None:
         return record     # a field that fits neither wire nor ledger: decided, nothing more to read
+    try:
+        frame_number(header)
+    except ValueError as exc:
+        problems.append(str(exc))
     if not 2 <= len(frames) <= 3:
         problems.append(f"message has {len(frames)} part(s), expected [header, image] or [header, image, cloud]")
     payload = frames[1] if len(frames) > 1 else b""
@@ -278,16 +334,19 @@ def _cloud(header: dict, payload: Any, problems: list[str]) -> np.ndarray | None
 
 def send_frame(socket: zmq.Socket, image: bytes | np.ndarray, *, part_id: str | None = None,
                capture_time: float | None = None, encoder: int | None = None, recipe: str | None = None,
-               encoding: str | None = None, cloud: np.ndarray | None = None, test_part: bool = False) -> None:
+               encoding: str | None = None, cloud: np.ndarray | None = None, test_part: bool = False,
+               sender: str | None = None, frame_id: int | None = None) -> None:
     """Send one frame as ``[header, image, (cloud)]`` on a PUSH (or any sending) socket.
 
     ``image`` is encoded bytes (``encoding`` sniffed from the bytes when not given) or an RGB uint8
     ``[H, W, 3]`` array, sent as raw pixels. ``cloud`` is ``[H, W, 3]`` float32/float64, NaN = missing.
-    ``capture_time`` defaults to now (UTC epoch seconds).
+    ``capture_time`` defaults to now (UTC epoch seconds). ``sender`` and ``frame_id`` number the message
+    (:mod:`.sender_frames`).
     """
     header: dict[str, Any] = {"capture_time": time.time() if capture_time is None else capture_time,
                               "test_part": test_part}
-    for key, value in (("part_id", part_id), ("encoder", encoder), ("recipe", recipe)):
+    for key, value in (("part_id", part_id), ("encoder", encoder), ("recipe", recipe), ("sender", sender),
+                       ("frame_id", frame_id)):
         if value is not None:
             header[key] = value
     if isinstance(image, np.ndarray):
@@ -311,10 +370,14 @@ def send_frame(socket: zmq.Socket, image: bytes | np.ndarray, *, part_id: str | 
 
 
 class ZmqFramePusher:
-    """The sending end: a PUSH socket that connects (or binds) to a :class:`ZmqSource`'s endpoint."""
+    """The sending end: a PUSH socket that connects (or binds) to a :class:`ZmqSource`'s endpoint. It numbers
+    its messages (``sender``: this host, process and pusher; ``frame_id``: 1, 2, ...), so that the source
+    makes a part of any that ZeroMQ drops."""
 
     def __init__(self, endpoint: str, *, bind: bool = False, context: zmq.Context | None = None,
-                 sndhwm: int = 64, linger_ms: int = 1000) -> None:
+                 sndhwm: int = 64, linger_ms: int = 1000, sender: str | None = None) -> None:
+        self.sender = sender or f"{socket_module.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.frames_sent = 0
         self.socket = (context or zmq.Context.instance()).socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, sndhwm)
         self.socket.setsockopt(zmq.LINGER, linger_ms)
@@ -326,8 +389,9 @@ class ZmqFramePusher:
                               f"endpoint={endpoint!r}: {exc}") from exc
 
     def send(self, image: bytes | np.ndarray, **header: Any) -> None:
-        """:func:`send_frame` on this pusher's socket."""
-        send_frame(self.socket, image, **header)
+        """:func:`send_frame` on this pusher's socket, numbered as the next frame of this pusher."""
+        self.frames_sent += 1
+        send_frame(self.socket, image, **{"sender": self.sender, "frame_id": self.frames_sent, **header})
 
     def close(self) -> None:
         self.socket.close()
