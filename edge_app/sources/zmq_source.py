@@ -12,17 +12,17 @@ Each message is multipart ``[header, image, (cloud)]``:
 * ``image``: the encoded frame, or the raw RGB pixels.
 * ``cloud``: an organised point cloud, C-order.
 
-A malformed message still becomes a part: image problems make its ``decode_part`` raise ``DecodeError`` with
-the reason; cloud problems decide it NO_VERDICT / SCANNER_ERROR. A message whose header cannot be read (not
-UTF-8 JSON, over ``limits.MAX_HEADER_BYTES`` or nested deeper than ``limits.MAX_JSON_DEPTH``) becomes a part
-under the source's next counter id, decided NO_VERDICT (decode_error); it is also counted in
-``unreadable_headers`` and logged. A message over ``max_message_bytes`` never reaches the source: ZeroMQ drops
-it and disconnects its sender, with whatever the sender queued behind it before it reconnected (within about
-0.1 s). From a sender that numbers its messages, the next one that arrives shows the ids that did not, and each
-becomes a part decided NO_VERDICT (decode_error) under the source's next counter id (up to ``max_gap_rows`` at
-once, beyond that one alarm). The source also counts its socket's disconnect events in ``disconnects`` and
-logs each one with that possible cause, so a loss from a sender that does not number its messages is seen
-too (the PLC rejects a part with no verdict by its inspect window: docs/wire-protocol.md). Declared shapes are checked by
+A malformed message still becomes a part: image problems make its ``decode_part`` raise ``DecodeError`` with the
+reason; cloud problems decide it NO_VERDICT / SCANNER_ERROR. A message whose header cannot be read (not UTF-8
+JSON, over ``limits.MAX_HEADER_BYTES`` or nested deeper than ``limits.MAX_JSON_DEPTH``) becomes a part under the
+source's next counter id, decided NO_VERDICT (decode_error); it is also counted in ``unreadable_headers`` and
+logged. A message over ``max_message_bytes`` never reaches the source: ZeroMQ drops it and disconnects its
+sender, with whatever the sender queued behind it before it reconnected (within about 0.1 s). From a sender that
+numbers its messages, the next one that arrives shows the ids that did not, and each becomes a part decided
+NO_VERDICT (decode_error) under the source's next counter id (up to ``max_gap_rows`` at once, beyond that one
+alarm). The source also counts its socket's disconnect events in ``disconnects`` and logs each one with that
+possible cause, so a loss from a sender that does not number its messages is seen too (the PLC rejects a part
+with no verdict by its inspect window: docs/wire-protocol.md). Declared shapes are checked by
 ``limits.checked_shape`` (exact products, per-side and total limits) before any buffer is viewed or converted.
 
 >>> with ZmqFramePusher(source.endpoint) as pusher:
@@ -178,8 +178,9 @@ class ZmqSource(FrameSource):
                 continue
             self.disconnects += 1
             logger.warning("ZeroMQ source %s: a sender disconnected (%d so far). It closed its socket, or it sent a "
-                           "message over max_message_bytes=%d, which ZeroMQ drops: that part has no ledger row and "
-                           "no verdict", self.endpoint, self.disconnects, self.config.max_message_bytes)
+                           "message over max_message_bytes=%d, which ZeroMQ drops with what was queued behind it: "
+                           "numbered frames become NO_VERDICT parts when the sender's next frame arrives, others "
+                           "have no ledger row", self.endpoint, self.disconnects, self.config.max_message_bytes)
 
 
 def parse_message(frames: Sequence[Any], *, part_ids: PartIds, recipe: str, received_monotonic: float,
