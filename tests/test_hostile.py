@@ -32,6 +32,7 @@ from musc_edge.edge.runtime.line import Line, LineStopped
 from musc_edge.edge.runtime.verdict import verdict_from_pool
 from musc_edge.edge.sources.base import DecodeError, decode_part
 from musc_edge.edge.sources.fields import safe_part_id
+from musc_edge.edge.sources.sender_frames import parse_frame_ref
 
 from .hostile import LiveLine, assert_one_row_and_ack_each, line_config, png, png_declaring, wait_for
 
@@ -94,11 +95,32 @@ def test_a_message_over_the_size_limit_and_those_lost_with_it_each_get_a_row_and
     rows = live.stop()
     assert_one_row_and_ack_each(rows, plc)
     assert len(rows) == sent and rows[0].part_id == "ok-1"             # one row for every frame sent
-    lost = [r for r in rows if r.source_ref.startswith("zmq:") and "#" in r.source_ref]
-    assert [int(r.source_ref.rsplit("#", 1)[1]) for r in lost] == list(range(2, 2 + len(lost))) and lost
+    assert [parse_frame_ref(r.source_ref) for r in rows] == [(live.pusher.sender, k) for k in range(1, sent + 1)]
+    lost = [r for r in rows if r.part_id.startswith("part")]          # under the source's counter ids
+    assert lost and [parse_frame_ref(r.source_ref)[1] for r in lost] == list(range(2, 2 + len(lost)))
     for row in lost:
         assert (row.verdict, row.reason, row.signalled) == (Verdict.NO_VERDICT, Reason.DECODE_ERROR, Verdict.REJECT)
         assert "never arrived" in row.detail
+
+
+def test_frames_the_last_run_never_recorded_get_their_rows_at_the_next_start(toy_model, tmp_path, plc):
+    """A kill or a power cut loses what the line had received but not yet recorded; the next run resumes each
+    numbered sender's count from the ledger, so the sender's next frame shows them."""
+    raw = line_config(toy_model, tmp_path / "line", plc.address)
+    first = LiveLine(raw)
+    first.pusher.sender = "camera-7"
+    for k in range(3):
+        first.send(png(k), part_id=f"run1-{k}")
+    first.wait_parts(3)
+    first.stop()
+    second = LiveLine(raw)
+    second.send(png(9), part_id="run2-6", sender="camera-7", frame_id=6)    # frames 4 and 5 never reached it
+    second.wait_parts(3)
+    rows = second.stop()
+    assert_one_row_and_ack_each(rows, plc)
+    assert [parse_frame_ref(r.source_ref) for r in rows] == [("camera-7", k) for k in (1, 2, 3, 4, 5, 6)]
+    assert [r.part_id for r in rows][3:] == ["part000001", "part000002", "run2-6"]
+    assert [r.reason for r in rows[3:5]] == [Reason.DECODE_ERROR] * 2 and "never arrived" in rows[3].detail
 
 
 def test_row_1_an_unsendable_row_from_an_older_build_is_marked_alarmed_and_never_blocks_a_start(toy_model, tmp_path,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from musc_edge.edge.sources.sender_frames import SenderFrames, frame_number
+from musc_edge.edge.sources.sender_frames import SenderFrames, frame_number, frame_ref, parse_frame_ref
 
 
 @pytest.mark.parametrize("arrivals, lost, missing, restarts", [
@@ -44,8 +44,29 @@ def test_frame_number_of_a_header(header, expected):
     ({"frame_id": "7"}, "got '7'"),
     ({"frame_id": 1, "sender": 5}, "'sender' must be printable text"),
     ({"frame_id": 1, "sender": "a\nb"}, "'sender' must be printable text"),
-    ({"frame_id": 1, "sender": "x" * 65}, "at most 64 characters"),
+    ({"frame_id": 1, "sender": "x" * 49}, "at most 48 characters"),
 ])
 def test_frame_number_names_the_bad_field(header, message):
     with pytest.raises(ValueError, match=message.replace("^", r"\^").replace("(", r"\(")):
         frame_number(header)
+
+
+@pytest.mark.parametrize("ref, expected", [
+    (frame_ref("cam-1", 17), ("cam-1", 17)),
+    (frame_ref("a/b", 3), ("a/b", 3)),                  # the id is after the last slash
+    ("zmq:P17", None),                                  # an unnumbered ZeroMQ part
+    ("zmq://cam/x", None), ("zmq://cam/", None), ("zmq://cam/\u0663", None),   # \u0663: a digit, not ASCII
+    ("/data/bottle/000.png", None), (None, None), ("", None),
+])
+def test_frame_ref_round_trip(ref, expected):
+    assert parse_frame_ref(ref) == expected
+
+
+def test_resume_takes_each_senders_newest_id_from_the_ledger():
+    frames = SenderFrames()
+    refs = [frame_ref("a", 5), "zmq:P9", None, frame_ref("b", 2), frame_ref("a", 7), frame_ref("a", 6)]
+    assert frames.resume(refs) == 2
+    assert list(frames.observe("a", 10)) == [8, 9]      # 7 was the last the ledger recorded
+    assert list(frames.observe("b", 3)) == []
+    assert frames.missing == 2
+    assert len(frame_ref("x" * 48, 2 ** 63 - 1)) <= 80  # fits a source_ref

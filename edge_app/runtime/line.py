@@ -34,6 +34,7 @@ from ..ledger import Ledger
 from ..links import RejectLink
 from ..record import PartRecord, Reason, Verdict
 from ..sources.base import FrameSource, make_source
+from ..sources.sender_frames import RESUME_ROWS
 from ..telemetry import Telemetry
 from .calibration_state import Authorised, CalibrationAuthority
 from .control import ControlServer, ensure_token
@@ -142,6 +143,7 @@ class Line:
             token = ""
         self.control = ControlServer(control_path, token, self._handle_control)
         self._output.open(ledger)
+        self.source.resume(row.source_ref for row in reversed(ledger.recent(RESUME_ROWS)))
         source = SourceStage(self.config, self.source, self._clock, engine_queue=self._in, output=self._output,
                              stopping=self._stop, on_alarm=self._on_alarm, fatal_fault=self._fatal_fault,
                              finished=self._finished, give_up_s=self.source_give_up_s)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -180,6 +180,11 @@ class FrameSource(Device):
     def describe(self) -> str:
         """What this source is, for alarms and the end-of-run line (e.g. ``replay of frames/``)."""
         return type(self).__name__
+
+    def resume(self, source_refs: Iterable[str | None]) -> None:
+        """Pick up where the last run's ledger ends (its newest rows' ``source_ref``, oldest first), before
+        ``parts()``. A source whose frames are numbered uses it to give a row to the frames the last run never
+        recorded; the others have nothing to resume."""
 
     @abstractmethod
     def _iterate(self) -> Iterator[PartRecord]: ...

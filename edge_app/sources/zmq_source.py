@@ -20,10 +20,12 @@ logged. A message over ``max_message_bytes`` never reaches the source: ZeroMQ dr
 sender, with whatever the sender queued behind it before it reconnected (within about 0.1 s). From a sender that
 numbers its messages, the next one that arrives shows the ids that did not, and each becomes a part decided
 NO_VERDICT (decode_error) under the source's next counter id (up to ``max_gap_rows`` at once, beyond that one
-alarm). The source also counts its socket's disconnect events in ``disconnects`` and logs each one with that
-possible cause, so a loss from a sender that does not number its messages is seen too (the PLC rejects a part
-with no verdict by its inspect window: docs/wire-protocol.md). Declared shapes are checked by
-``limits.checked_shape`` (exact products, per-side and total limits) before any buffer is viewed or converted.
+alarm); a restarted line resumes the count from its ledger (:meth:`ZmqSource.resume`), so the frames a killed
+run had received but not recorded are found too. The source also counts its socket's disconnect events in
+``disconnects`` and logs each one with that possible cause, so a loss from a sender that does not number its
+messages is seen too (the PLC rejects a part with no verdict by its inspect window: docs/wire-protocol.md).
+Declared shapes are checked by ``limits.checked_shape`` (exact products, per-side and total limits) before any
+buffer is viewed or converted.
 
 >>> with ZmqFramePusher(source.endpoint) as pusher:
 ...     pusher.send(png_bytes, part_id="A17", encoder=1200, recipe="bottle")
@@ -36,7 +38,7 @@ import os
 import secrets
 import socket as socket_module
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,7 +59,7 @@ from .base import (
 )
 from .configs import MAX_MESSAGE_BYTES, ZmqSourceConfig  # noqa: F401  (re-exported)
 from .fields import LATEST_CAPTURE_S, check_part_fields, shown
-from .sender_frames import SenderFrames, frame_number
+from .sender_frames import SenderFrames, frame_number, frame_ref
 
 logger = logging.getLogger(__name__)
 
@@ -167,10 +169,17 @@ class ZmqSource(FrameSource):
         for missing in lost:
             part_id = ids.next()
             record = PartRecord(part_id=part_id, recipe=self.config.recipe, capture_time=utc,
-                                capture_monotonic=mono, source_ref=f"zmq:{sender}#{missing}"[:80])
+                                capture_monotonic=mono, source_ref=frame_ref(sender, missing))
             yield record.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, (
                 f"frame {missing} of ZeroMQ sender {sender!r} never arrived: ZeroMQ dropped it (a message over "
                 f"max_message_bytes={self.config.max_message_bytes}, or in flight when its connection broke)")[:300])
+
+    def resume(self, source_refs: Iterable[str | None]) -> None:
+        """Each numbered sender's count from the last run's ledger: what that run received and never recorded
+        becomes a part when the sender's next frame arrives."""
+        senders = self.frames.resume(source_refs)
+        if senders:
+            logger.info("ZeroMQ source: frame counts of %d sender(s) resumed from the ledger", senders)
 
     def _note_disconnects(self) -> None:
         while self._monitor.poll(0):
@@ -219,6 +228,11 @@ def message_record(header: dict, frames: Sequence[Any], *, part_ids: PartIds, re
 
     part_id = field("part_id", lambda v: isinstance(v, str) and v != "", "a non-empty string") or part_ids.next()
     capture_time = field("capture_time", _is_capture_time, "UTC epoch seconds", received_utc)
+    try:
+        numbered = frame_number(header)
+    except ValueError as exc:
+        numbered = None
+        problems.append(str(exc))
     record = PartRecord(
         part_id=part_id,
         recipe=field("recipe", lambda v: isinstance(v, str) and v != "", "a non-empty string", recipe),
@@ -226,14 +240,10 @@ def message_record(header: dict, frames: Sequence[Any], *, part_ids: PartIds, re
         capture_monotonic=received_monotonic - max(0.0, received_utc - capture_time),
         encoder=field("encoder", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
         test_part=field("test_part", lambda v: isinstance(v, bool), "true or false", False),
-        source_ref=f"zmq:{part_id}"[:80],
+        source_ref=frame_ref(*numbered) if numbered else f"zmq:{part_id}"[:80],
     )
     if check_part_fields(record, default_recipe=recipe).verdict is not None:
         return record     # a field that fits neither wire nor ledger: decided, nothing more to read
-    try:
-        frame_number(header)
-    except ValueError as exc:
-        problems.append(str(exc))
     if not 2 <= len(frames) <= 3:
         problems.append(f"message has {len(frames)} part(s), expected [header, image] or [header, image, cloud]")
     payload = frames[1] if len(frames) > 1 else b""
@@ -377,7 +387,7 @@ class ZmqFramePusher:
 
     def __init__(self, endpoint: str, *, bind: bool = False, context: zmq.Context | None = None,
                  sndhwm: int = 64, linger_ms: int = 1000, sender: str | None = None) -> None:
-        self.sender = sender or f"{socket_module.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.sender = sender or f"{socket_module.gethostname()[:24]}-{os.getpid()}-{secrets.token_hex(4)}"
         self.frames_sent = 0
         self.socket = (context or zmq.Context.instance()).socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, sndhwm)
