@@ -172,7 +172,8 @@ class ZmqSource(FrameSource):
                                 capture_monotonic=mono, source_ref=frame_ref(sender, missing))
             yield record.decide(Verdict.NO_VERDICT, Reason.DECODE_ERROR, (
                 f"frame {missing} of ZeroMQ sender {sender!r} never arrived: ZeroMQ dropped it (a message over "
-                f"max_message_bytes={self.config.max_message_bytes}, or in flight when its connection broke)")[:300])
+                f"max_message_bytes={self.config.max_message_bytes}, or in flight when its connection broke), or the "
+                "last run stopped before recording it")[:300])
 
     def resume(self, source_refs: Iterable[str | None]) -> None:
         """Each numbered sender's count from the last run's ledger: what that run received and never recorded
