@@ -124,7 +124,7 @@ class ZmqSource(FrameSource):
         poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
             ready = dict(poller.poll(timeout_ms))
-            if self._monitor in ready:
+            if ready:   # events first: a disconnect is counted before what arrived after it
                 self._note_disconnects()
             if self._socket not in ready:
                 continue
