@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +55,12 @@ from .systemd import SystemdNotifier
 
 __all__ = ["Line", "LineStopped", "StartupError"]
 log = logging.getLogger(__name__)
+
+
+def _newest_refs(ledger: Ledger) -> Iterator[str | None]:
+    """The ``source_ref`` of the ledger's newest RESUME_ROWS rows, oldest first; read when first iterated."""
+    for row in reversed(ledger.recent(RESUME_ROWS)):
+        yield row.source_ref
 
 
 class Line:
@@ -143,7 +150,7 @@ class Line:
             token = ""
         self.control = ControlServer(control_path, token, self._handle_control)
         self._output.open(ledger)
-        self.source.resume(row.source_ref for row in reversed(ledger.recent(RESUME_ROWS)))
+        self.source.resume(_newest_refs(ledger))   # read only by a source that numbers its frames
         source = SourceStage(self.config, self.source, self._clock, engine_queue=self._in, output=self._output,
                              stopping=self._stop, on_alarm=self._on_alarm, fatal_fault=self._fatal_fault,
                              finished=self._finished, give_up_s=self.source_give_up_s)
