@@ -389,7 +389,7 @@ def test_frames_lost_while_the_buffer_pool_ran_dry_become_missing_parts(fake_cam
                 time.sleep(0.6)     # nothing pops the stream: 2 buffers hold 2 of the ~12 frames
     missing = [p for p in parts if p.image is None]
     assert len(missing) >= 5 and source.stats["underruns"] > 0
-    assert all("never arrived (lost in transport, or the buffer pool ran dry)" in p.raw.reason for p in missing)
+    assert all("never arrived (lost in transport, or the buffer pool ran dry)" in p.raw.reason for p in missing), [p.raw.reason for p in missing]
     frame_ids = sorted(parse_frame_ref(p.source_ref)[1] for p in parts)   # delivered and missing: no id twice,
     assert consecutive(frame_ids)                                         # none left out
     with pytest.raises(DecodeError, match="never arrived"):
