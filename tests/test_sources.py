@@ -382,22 +382,79 @@ def test_zmq_message_over_the_size_limit_still_becomes_a_part_and_so_do_those_lo
     assert "over max_message_bytes=4096" in caplog.text
 
 
-def test_zmq_frame_numbers_gaps_beyond_the_limit_alarm_and_bad_numbers_fail_their_part():
+def test_zmq_frame_ids_skipped_while_the_connection_held_are_no_lost_frames_and_bad_numbers_fail_their_part():
+    """ZeroMQ loses frames only with a connection: a peer that skips ids over a sound one gets an alarm, not a part
+    per id (it cannot multiply its parts that way)."""
     png = _encode(_rgb(), ".png")
     alarms = []
-    with _zmq_source(max_gap_rows=3) as source, ZmqFramePusher(source.endpoint) as pusher:
+    with _zmq_source() as source, ZmqFramePusher(source.endpoint) as pusher:
         source.on_alarm = alarms.append
         parts = source.parts()
         for frame_id, extra in [(1, {}), (3, {}), (100, {}), (7, {}), (8, {"sender": "x" * 49})]:
             pusher.send(png, part_id=f"F{frame_id}", frame_id=frame_id, **extra)
-        got = [next(parts) for _ in range(6)]
-    assert [p.part_id for p in got] == ["F1", "part000001", "F3", "F100", "F7", "F8"]
-    assert got[1].source_ref == f"zmq://{pusher.sender}/2" and got[1].verdict is Verdict.NO_VERDICT
-    assert alarms == [f"ZeroMQ sender {pusher.sender!r}: 96 frames never arrived, ids 4..99 (more than "
-                      "max_gap_rows=3; no part rows for them)"]
+        got = [next(parts) for _ in range(5)]
+    assert [p.part_id for p in got] == ["F1", "F3", "F100", "F7", "F8"] and source.frames.missing == 0
+    assert alarms == [f"ZeroMQ sender {pusher.sender!r} skipped frame ids {a}..{b} with no broken connection "
+                      "between: not taken as lost frames (a sender that skips ids, or not a real sender)"
+                      for a, b in [(2, 2), (4, 99)]]
     assert source.frames.restarts == 1                     # 7 after 100: the sender counts again, nothing lost
+    assert got[1].source_ref == f"zmq://{pusher.sender}/3" and got[4].source_ref == "zmq:F8"
     with pytest.raises(DecodeError, match="header .sender. must be printable text of at most 48"):
-        decode_part(got[5])
+        decode_part(got[4])
+
+
+def test_zmq_frames_lost_beyond_max_gap_rows_give_one_alarm_instead_of_parts():
+    png = _encode(_rgb(), ".png")
+    alarms = []
+    received = threading.Event()
+    with _zmq_source(max_message_bytes=4096, max_gap_rows=3) as source, ZmqFramePusher(source.endpoint) as pusher:
+        source.on_alarm = alarms.append
+        parts = source.parts()
+        pusher.send(png, part_id="F1", frame_id=1)
+        assert next(parts).part_id == "F1"
+        pusher.send(np.zeros((64, 64, 3), np.uint8), part_id="huge", frame_id=2)   # over the limit: the link breaks
+
+        def keep_sending():
+            for k in range(100):
+                if received.wait(0.1):
+                    return
+                pusher.send(png, part_id=f"F{100 + k}", frame_id=100 + k)
+        sender = threading.Thread(target=keep_sending)
+        sender.start()
+        try:
+            arrived = next(parts)
+        finally:
+            received.set()
+            sender.join()
+    first = int(arrived.part_id[1:])
+    assert arrived.verdict is None and source.disconnects == 1 and source.frames.missing == first - 2
+    assert alarms == [f"ZeroMQ sender {pusher.sender!r}: {first - 2} frames never arrived, ids 2..{first - 1} (over "
+                      "max_gap_rows=3 lost within 60 s; no part rows for them)"]
+
+
+def test_zmq_a_peer_that_reconnects_before_each_skip_gets_max_gap_rows_parts_a_minute_then_alarms():
+    png = _encode(_rgb(), ".png")
+    alarms, got = [], []
+    with _zmq_source(max_gap_rows=3) as source:
+        source.on_alarm = alarms.append
+        reader = threading.Thread(target=lambda: got.extend(source.parts()), daemon=True)
+        reader.start()
+        for cycle in range(6):          # frames 1, 3, 5, ... each on a new connection: one id "lost" each time
+            with ZmqFramePusher(source.endpoint, sender="peer") as pusher:
+                pusher.send(png, part_id=f"P{cycle}", frame_id=1 + 2 * cycle)
+                _wait_until(lambda: sum(p.verdict is None for p in got) == cycle + 1)
+            _wait_until(lambda: source.disconnects == cycle + 1)   # the break is seen before the next frame
+    lost = [p for p in got if p.verdict is not None]
+    assert [parse_frame_ref(p.source_ref) for p in lost] == [("peer", 2), ("peer", 4), ("peer", 6)]
+    assert alarms == [f"ZeroMQ sender 'peer': 1 frames never arrived, ids {k}..{k} (over max_gap_rows=3 lost within "
+                      "60 s; no part rows for them)" for k in (8, 10)]
+
+
+def _wait_until(condition, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
 
 
 def test_zmq_endpoint_in_use_is_a_clear_error():

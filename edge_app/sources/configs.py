@@ -169,7 +169,7 @@ class ZmqSourceConfig(SourceConfig):
     rcvhwm: int = Field(64, ge=1, le=1_000_000)   # messages queued before senders block
     max_message_bytes: int = Field(64 << 20, ge=1, le=MAX_MESSAGE_BYTES)   # larger ones are refused by ZeroMQ
     poll_interval_s: float = Field(0.1, ge=0.001, le=MAX_POLL_S)   # how often an idle receive loop checks for close()
-    max_gap_rows: int = Field(64, ge=0, le=1_000_000)   # numbered frames that never arrived beyond this: one alarm, not rows
+    max_gap_rows: int = Field(64, ge=0, le=1_000_000)   # numbered frames lost within a minute past this: an alarm
 
     def check(self) -> None:
         super().check()

@@ -18,14 +18,15 @@ JSON, over ``limits.MAX_HEADER_BYTES`` or nested deeper than ``limits.MAX_JSON_D
 source's next counter id, decided NO_VERDICT (decode_error); it is also counted in ``unreadable_headers`` and
 logged. A message over ``max_message_bytes`` never reaches the source: ZeroMQ drops it and disconnects its
 sender, with whatever the sender queued behind it before it reconnected (within about 0.1 s). From a sender that
-numbers its messages, the next one that arrives shows the ids that did not, and each becomes a part decided
-NO_VERDICT (decode_error) under the source's next counter id (up to ``max_gap_rows`` at once, beyond that one
-alarm); a restarted line resumes the count from its ledger (:meth:`ZmqSource.resume`), so the frames a killed
-run had received but not recorded are found too. The source also counts its socket's disconnect events in
-``disconnects`` and logs each one with that possible cause, so a loss from a sender that does not number its
-messages is seen too (the PLC rejects a part with no verdict by its inspect window: docs/wire-protocol.md).
-Declared shapes are checked by ``limits.checked_shape`` (exact products, per-side and total limits) before any
-buffer is viewed or converted.
+numbers its messages, the next one that arrives after a broken connection shows the ids that did not, and each
+becomes a part decided NO_VERDICT (decode_error) under the source's next counter id (up to ``max_gap_rows``
+within a minute, all senders together; beyond that an alarm); a restarted line resumes the count from its ledger
+(:meth:`ZmqSource.resume`), so the frames a killed run had received but not recorded are found too (ids skipped
+while the connection held are the sender's doing: an alarm, no parts). The source also counts its socket's
+disconnect events in ``disconnects`` and logs each one with that possible cause, so a loss from a sender that
+does not number its messages is seen too (the PLC rejects a part with no verdict by its inspect window:
+docs/wire-protocol.md). Declared shapes are checked by ``limits.checked_shape`` (exact products, per-side and
+total limits) before any buffer is viewed or converted.
 
 >>> with ZmqFramePusher(source.endpoint) as pusher:
 ...     pusher.send(png_bytes, part_id="A17", encoder=1200, recipe="bottle")
@@ -59,7 +60,7 @@ from .base import (
 )
 from .configs import MAX_MESSAGE_BYTES, ZmqSourceConfig  # noqa: F401  (re-exported)
 from .fields import LATEST_CAPTURE_S, check_part_fields, shown
-from .sender_frames import SenderFrames, frame_number, frame_ref
+from .sender_frames import LOSS_WINDOW_S, LossBudget, SenderFrames, frame_number, frame_ref
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class ZmqSource(FrameSource):
         self.unreadable_headers = 0
         self.disconnects = 0        # senders disconnected: closed, or dropped by ZeroMQ for an oversized message
         self.frames = SenderFrames()   # numbered senders: the frame ids that never arrived
+        self._loss_budget = LossBudget(config.max_gap_rows, LOSS_WINDOW_S)
         self.on_alarm: Callable[[str], None] = lambda text: logger.warning("ALARM: %s", text)   # line: its alarms
 
     def _acquire(self) -> None:
@@ -124,6 +126,7 @@ class ZmqSource(FrameSource):
         poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
             ready = dict(poller.poll(timeout_ms))
+            breaks_before = self.disconnects
             if ready:   # events first: a disconnect is counted before what arrived after it
                 self._note_disconnects()
             if self._socket not in ready:
@@ -139,7 +142,7 @@ class ZmqSource(FrameSource):
                 record = unreadable_part(str(exc), part_ids=ids, recipe=c.recipe, received_monotonic=mono,
                                          received_utc=utc)
             else:
-                yield from self._lost_before(header, ids, mono, utc)
+                yield from self._lost_before(header, ids, mono, utc, breaks_before)
                 record = message_record(header, frames, part_ids=ids, recipe=c.recipe, received_monotonic=mono,
                                         received_utc=utc, max_pixels=c.max_pixels)
             self.received += 1
@@ -147,9 +150,10 @@ class ZmqSource(FrameSource):
                 self.malformed += 1
             yield record
 
-    def _lost_before(self, header: dict, ids: PartIds, mono: float, utc: float) -> Iterator[PartRecord]:
-        """A NO_VERDICT part per frame id this message's sender skipped (one alarm instead beyond
-        ``max_gap_rows``)."""
+    def _lost_before(self, header: dict, ids: PartIds, mono: float, utc: float,
+                     breaks_before: int) -> Iterator[PartRecord]:
+        """A NO_VERDICT part per frame id this message's sender lost (an alarm instead past the loss budget,
+        ``max_gap_rows`` a minute)."""
         try:
             numbered = frame_number(header)
         except ValueError:
@@ -157,14 +161,19 @@ class ZmqSource(FrameSource):
         if numbered is None:
             return
         sender, frame_id = numbered
-        restarts = self.frames.restarts
-        lost = self.frames.observe(sender, frame_id)
-        if self.frames.restarts != restarts:
+        arrival = self.frames.observe(sender, frame_id, self.disconnects, breaks_before)
+        if arrival.restarted:
             logger.warning("ZeroMQ source %s: sender %r counts again from frame %d (restarted)", self.endpoint,
                            sender, frame_id)
-        if len(lost) > self.config.max_gap_rows:
+        if skipped := arrival.skipped:
+            self.on_alarm(f"ZeroMQ sender {sender!r} skipped frame ids {skipped[0]}..{skipped[-1]} with no broken "
+                          "connection between: not taken as lost frames (a sender that skips ids, or not a real "
+                          "sender)")
+        lost = arrival.lost
+        if lost and not self._loss_budget.take(len(lost), time.monotonic()):
             self.on_alarm(f"ZeroMQ sender {sender!r}: {len(lost)} frames never arrived, ids {lost[0]}..{lost[-1]} "
-                          f"(more than max_gap_rows={self.config.max_gap_rows}; no part rows for them)")
+                          f"(over max_gap_rows={self.config.max_gap_rows} lost within {LOSS_WINDOW_S:.0f} s; no part "
+                          "rows for them)")
             return
         for missing in lost:
             part_id = ids.next()
