@@ -32,6 +32,7 @@ from musc_edge.edge.sources.configs import GenICamConfig
 from musc_edge.edge.sources.genicam import (
     Component,
     FrameIdTracker,
+    UNKNOWN_FRAME_ID,
     aravis_missing,
     describe_camera,
     doctor_report,
@@ -158,7 +159,20 @@ def test_incomplete_frames_of_unknown_id_stand_for_one_frame_each():
     assert ids.observe(104, 0.3) is None                 # 101..103 skipped, two of them were those frames
     assert ids.overdue(5.0) == [103]                     # the oldest are settled first
     assert ids.observe(106, 5.1, complete=False) is None  # an incomplete frame with a plausible id is that id
+    assert ids.recorded_as == 106
     assert ids.observe(107, 5.2) is None and ids.overdue(9.0) == [105]
+
+
+def test_an_incomplete_frame_is_recorded_under_the_owed_id_it_settles_never_under_its_stale_id():
+    ids = FrameIdTracker(gap_timeout_s=0.5)
+    ids.observe(5, 0.0)
+    ids.observe(4, 0.1, complete=False)                  # buffer reused, its leader lost: 4 is frame 4's id
+    assert ids.recorded_as is None                       # not known yet: no gap owes a frame
+    ids.observe(8, 0.2)                                  # 6, 7 owed; the incomplete frame was 6
+    assert ids.recorded_as == 8 and ids.overdue(1.0) == [7]
+    ids.observe(11, 1.1)                                 # 9, 10 owed
+    ids.observe(3, 1.2, complete=False)
+    assert ids.recorded_as == 9 and ids.overdue(2.0) == [10]
 
 
 def test_frames_keep_the_places_of_earlier_frames_still_owed():
@@ -360,6 +374,14 @@ def consecutive(frame_ids: list[int]) -> bool:
     return all(b == a + 1 or (a == 65535 and b == 1) for a, b in zip(frame_ids, frame_ids[1:]))
 
 
+def every_frame_once(frame_ids: list[int]) -> bool:
+    """No id twice, and the frames of unknown id (0: an incomplete frame that carried a stale id) fill the holes
+    of the known ones (no wrap in between)."""
+    known = sorted(i for i in frame_ids if i != UNKNOWN_FRAME_ID)
+    unknown = len(frame_ids) - len(known)
+    return len(set(known)) == len(known) and known[-1] - known[0] + 1 == len(known) + unknown
+
+
 @needs_camera
 def test_free_run_frames_carry_frame_ids_camera_timestamps_and_the_camera_pattern(fake_camera):
     fake_camera("MUSC01")
@@ -388,12 +410,15 @@ def test_frames_lost_while_the_buffer_pool_ran_dry_become_missing_parts(fake_cam
             if len(parts) == 3:
                 time.sleep(0.6)     # nothing pops the stream: 2 buffers hold 2 of the ~12 frames
     missing = [p for p in parts if p.image is None]
-    assert len(missing) >= 5 and source.stats["underruns"] > 0
-    assert all("never arrived (lost in transport, or the buffer pool ran dry)" in p.raw.reason for p in missing), [p.raw.reason for p in missing]
-    frame_ids = sorted(parse_frame_ref(p.source_ref)[1] for p in parts)   # delivered and missing: no id twice,
-    assert consecutive(frame_ids)                                         # none left out
+    never_arrived = [p for p in missing if "never arrived (lost in transport, or the buffer pool ran dry)" in p.raw.reason]
+    # The frame in transfer when the pool ran dry may come as an incomplete buffer instead (a starved stream thread
+    # under CPU load, 3 runs in 40): still a part, with its own reason.
+    incomplete = [p for p in missing if p.raw.reason.startswith("incomplete frame")]
+    assert len(never_arrived) >= 4 and len(missing) >= 5 and source.stats["underruns"] > 0
+    assert len(never_arrived) + len(incomplete) == len(missing), [p.raw.reason for p in missing]
+    assert every_frame_once([parse_frame_ref(p.source_ref)[1] for p in parts])   # delivered and missing
     with pytest.raises(DecodeError, match="never arrived"):
-        decode_part(missing[0])
+        decode_part(never_arrived[0])
 
 
 @needs_camera
@@ -662,7 +687,7 @@ def test_an_incomplete_frame_fails_to_decode_with_its_status(fake_camera):
         parts = list(source.parts())
     bad = [p for p in parts if p.image is None]
     assert bad
-    with pytest.raises(DecodeError, match="incomplete frame id .* buffer status|never arrived"):
+    with pytest.raises(DecodeError, match="incomplete frame .* buffer status|never arrived"):
         decode_part(bad[0])
 
 

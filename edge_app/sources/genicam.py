@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 TRIGGER_MODES = GENICAM_TRIGGER_MODES
 GEV_FRAME_ID_MAX = 0xFFFF          # GigE Vision 1.x block ids count 1..65535 and wrap to 1 (0 is never used)
 _WRAP_SLACK = 0x100                # a fall from within this of the top to within this of 1 is a wrap
+UNKNOWN_FRAME_ID = 0               # in a frame ref: an incomplete frame whose id is not known yet
 _PROBE_REGISTER = 0x0000           # GigE Vision bootstrap "Version": a read-only register every camera has
 INSTALL_HINT = ("install Debian/Ubuntu's gir1.2-aravis-0.8 and PyGObject in this venv "
                 "(pip install 'musc-edge[genicam]', build deps libgirepository1.0-dev libcairo2-dev), "
@@ -107,7 +108,9 @@ class FrameIdTracker:
 
     After each :meth:`observe`, ``position`` is how many frames still owed were due before this one (the
     pending ids older than it): a software-triggered frame belongs to that many triggers after the oldest
-    waiting one, the owed frames' triggers staying with their ids.
+    waiting one, the owed frames' triggers staying with their ids. ``recorded_as`` is the id the frame is
+    recorded under: its own, or for an incomplete frame whose id is not, the owed id it settled; None when it
+    settles one that a later gap will show (its id is not known, and its stale id belongs to another frame).
     """
 
     def __init__(self, gap_timeout_s: float = 0.5) -> None:
@@ -117,6 +120,7 @@ class FrameIdTracker:
         self.credits: deque[float] = deque()            # arrival times of incomplete frames of unknown id
         self.given_up: deque[int] = deque(maxlen=1024)  # ids already reported missing
         self.position = 0
+        self.recorded_as: int | None = None
 
     def reset(self) -> None:
         """Forget everything (a new connection: the camera's counter may start again)."""
@@ -130,14 +134,15 @@ class FrameIdTracker:
         Ids wrap 65535 -> 1 as in GigE Vision 1.x. A complete frame whose id is repeated or decreasing, and
         neither pending nor a wrap, is a restart of the camera's counter: an alarm, no ids taken as missing.
         """
-        self.position = 0
+        self.position, self.recorded_as = 0, frame_id
         if frame_id in self.pending:                     # late, but in time
             self.position = list(self.pending).index(frame_id)
             del self.pending[frame_id]
             return None
         if not complete and not self._follows(frame_id):
             self.credits.append(now)                     # stands for the oldest frame owed
-            self._settle()
+            settled = self._settle()
+            self.recorded_as = None if self.credits else settled[-1]   # this frame's credit is the newest
             return None
         if frame_id in self.given_up:
             return f"frame id {frame_id} arrived after it was reported missing"
@@ -176,10 +181,14 @@ class FrameIdTracker:
     def _wraps(last: int, frame_id: int) -> bool:
         return GEV_FRAME_ID_MAX - _WRAP_SLACK < last <= GEV_FRAME_ID_MAX and 0 < frame_id < _WRAP_SLACK
 
-    def _settle(self) -> None:
+    def _settle(self) -> list[int]:
+        """Owed ids settled by waiting incomplete frames, oldest first (each by the oldest credit)."""
+        settled = []
         while self.credits and self.pending:
             self.credits.popleft()
-            del self.pending[next(iter(self.pending))]
+            settled.append(next(iter(self.pending)))
+            del self.pending[settled[-1]]
+        return settled
 
 
 @dataclass
@@ -414,6 +423,7 @@ class GenICamSource(FrameSource):
         status = buffer.get_status()
         if alarm := self._tracker.observe(frame_id, time.monotonic(), status == Arv.BufferStatus.SUCCESS):
             self.on_alarm(f"camera {self.device_id}: {alarm}")
+        recorded_as = self._tracker.recorded_as      # an incomplete frame's stale id belongs to another frame
         request = self._take_trigger(self._tracker.position)
         if request is not None:
             mono, utc = request.mono, request.utc
@@ -424,11 +434,15 @@ class GenICamSource(FrameSource):
         record = PartRecord(part_id=(request.part_id if request and request.part_id else ids.next()),
                             recipe=self.config.recipe, capture_time=utc, capture_monotonic=mono,
                             encoder=request.encoder if request else None,
-                            source_ref=frame_ref(self.device_id, frame_id, stamp))
+                            source_ref=frame_ref(self.device_id, recorded_as or UNKNOWN_FRAME_ID, stamp))
         self.stats["frames"] += 1
         if status != Arv.BufferStatus.SUCCESS:
             self.stats["incomplete"] += 1
-            record.raw = UndecodableFrame(b"", f"incomplete frame id {frame_id} from camera {self.device_id}: "
+            which = f"frame id {frame_id}"
+            if recorded_as != frame_id:
+                which = (f"frame id {recorded_as}" if recorded_as else "frame of unknown id") + \
+                    f" (its buffer carried the stale id {frame_id})"
+            record.raw = UndecodableFrame(b"", f"incomplete {which} from camera {self.device_id}: "
                                           f"buffer status {status.value_nick} (GigE packet loss: check MTU, "
                                           "packet_size, socket buffers; deploy/README.md)")
             return record
