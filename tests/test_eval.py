@@ -138,6 +138,20 @@ def test_line_mode_mixes_train_good_reports_batch_beside_it_and_writes_one_csv_r
     threshold = report["line"]["label_free_threshold"]
     if threshold is not None:   # the verdict column is the score against the label-free threshold
         assert all((r["verdict"] == "REJECT") == (float(r["score"]) >= threshold) for r in rows)
+    assert "orders" not in report["line"]       # one order unless asked
+
+
+def test_line_mode_prints_the_image_auroc_over_several_orders(toy_model, synthetic_parts, tmp_path, capsys):
+    code = main(["eval", "--dataset", str(synthetic_parts), "--model", str(toy_model), "--mode", "line", "--pool",
+                 "12", "--min-pool", "6", "--seed", "3", "--orders", "3", "--report", str(tmp_path / "r.json"),
+                 "--quiet"])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    orders = report["line"]["orders"]
+    assert orders["seeds"] == [3, 4, 5] and orders["image_auroc"][0] == round(report["image_auroc"], 2)
+    assert round(sum(orders["image_auroc"]) / 3, 2) == pytest.approx(orders["mean"], abs=0.01)
+    assert (f"image AUROC over 3 orders (seeds 3-5): mean {orders['mean']:.2f}, worst {orders['worst']:.2f}"
+            in capsys.readouterr().out)
 
 
 def test_line_mode_thins_defects_to_a_rate_and_refuses_its_options_elsewhere(toy_model, synthetic_parts, capsys):
@@ -149,3 +163,6 @@ def test_line_mode_thins_defects_to_a_rate_and_refuses_its_options_elsewhere(toy
     assert main(["eval", "--dataset", str(synthetic_parts), "--model", str(toy_model), "--defect-rate", "0.1",
                  "--quiet"]) == 2
     assert "--mode line" in capsys.readouterr().err
+    assert main(["eval", "--dataset", str(synthetic_parts), "--model", str(toy_model), "--orders", "4",
+                 "--quiet"]) == 2
+    assert "--orders belong to --mode line" in capsys.readouterr().err

@@ -53,6 +53,19 @@ def test_3d_reports_have_the_2d_schema_and_find_the_defects(scans):
     assert reports["stream"]["pool"] == 12 and reports["batch"]["pool"] is None
 
 
+def test_line_mode_reports_the_image_auroc_of_other_orders_each_as_its_own_seed_gives_it(scans):
+    _, root = scans
+    settings = Eval3DSettings(root, mode="line", size=SIZE, pool=12, min_pool=6, modality="3d", scan=SCAN,
+                              progress=False, orders=3)
+    orders = run_eval3d(settings)["line"]["orders"]
+    alone = [run_eval3d(Eval3DSettings(root, mode="line", size=SIZE, pool=12, min_pool=6, modality="3d", scan=SCAN,
+                                       progress=False, seed=seed))["image_auroc"] for seed in (0, 2)]
+    assert orders["seeds"] == [0, 1, 2]
+    # a fresh pool per order: nothing of one order's stream reaches the next
+    assert orders["image_auroc"][0] == round(alone[0], 2) and orders["image_auroc"][2] == round(alone[1], 2)
+    assert orders["worst"] <= orders["mean"] <= orders["best"]
+
+
 def test_cli_2d_plus_3d_stream_report_and_overlays(toy_model, scans, tmp_path, capsys):
     _, root = scans
     report_path = tmp_path / "report.json"

@@ -24,9 +24,9 @@ from ..score import PreparedScan
 from ..scoring import prepare
 from ..scoring3d import Sample3D, score_batch
 from .datasets import DatasetError, Sample, read_image
-from .runner import (STREAMED_MODES, EvalSettings, add_line_report, eval_samples, measure, select_layers,
-                     stream_pool_policy, stream_in_order)
-from .stream import eval_recipe, stream_scores
+from .runner import (STREAMED_MODES, EvalSettings, add_line_report, eval_samples, measure, order_spread,
+                     select_layers, stream_in_order, stream_pool_policy)
+from .stream import eval_recipe
 
 
 @dataclass
@@ -100,16 +100,17 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
         result = score_batch(sets, samples_3d, grid, settings.size, fusion)
         maps, scores = result.maps, result.rescored
     else:
-        recipe = eval_recipe(settings.modality, settings.pool, settings.min_pool, settings.params, grid,
-                             settings.size, n_sets, grid[0] * grid[1] if grid else 0,
-                             sets[0].shape[2] if sets else 0, settings.scan, **stream_pool_policy(settings))
+        def new_recipe():
+            return eval_recipe(settings.modality, settings.pool, settings.min_pool, settings.params, grid,
+                               settings.size, n_sets, grid[0] * grid[1] if grid else 0,
+                               sets[0].shape[2] if sets else 0, settings.scan, **stream_pool_policy(settings))
         prepared = [PreparedScan([fs[i] for fs in sets] if sets else [], s) for i, s in enumerate(samples_3d)]
 
         def warmup(idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
             first = score_batch([fs[idx] for fs in sets] if sets else None, [samples_3d[i] for i in idx], grid,
                                 settings.size, fusion)
             return first.maps, first.rescored
-        streamed = stream_in_order(settings, recipe, prepared, warmup)
+        streamed = stream_in_order(settings, new_recipe(), prepared, warmup)
         maps, scores = streamed.maps, streamed.scores
     t_scoring = time.monotonic() - t0
 
@@ -119,5 +120,6 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
         batch = result.maps, result.rescored
     report = measure(settings, samples, maps, scores, t_start, t_features, t_scoring, batch)
     if settings.mode == "line":
-        add_line_report(report, settings, samples, streamed)
+        add_line_report(report, settings, samples, streamed,
+                        order_spread(settings, new_recipe, prepared, warmup, samples, report["image_auroc"]))
     return report
