@@ -141,17 +141,22 @@ def test_line_mode_mixes_train_good_reports_batch_beside_it_and_writes_one_csv_r
     assert "orders" not in report["line"]       # one order unless asked
 
 
-def test_line_mode_prints_the_image_auroc_over_several_orders(toy_model, synthetic_parts, tmp_path, capsys):
-    code = main(["eval", "--dataset", str(synthetic_parts), "--model", str(toy_model), "--mode", "line", "--pool",
-                 "12", "--min-pool", "6", "--seed", "3", "--orders", "3", "--report", str(tmp_path / "r.json"),
-                 "--quiet"])
-    assert code == 0
-    report = json.loads((tmp_path / "r.json").read_text())
+def test_line_mode_gives_each_order_the_image_auroc_its_own_seed_gives(toy_model, synthetic_parts, tmp_path, capsys):
+    def line(*flags):
+        argv = ["eval", "--dataset", str(synthetic_parts), "--model", str(toy_model), "--mode", "line", "--pool",
+                "12", "--min-pool", "6", "--report", str(tmp_path / "r.json"), "--quiet", *flags]
+        assert main(argv) == 0
+        return json.loads((tmp_path / "r.json").read_text())
+
+    report = line("--seed", "3", "--orders", "3")
+    out = capsys.readouterr().out
     orders = report["line"]["orders"]
     assert orders["seeds"] == [3, 4, 5] and orders["image_auroc"][0] == round(report["image_auroc"], 2)
+    # each order streams fresh parts through a fresh pool: scoring writes into a part (its nearest member), and
+    # a part carried over from the last order changes admission
+    assert orders["image_auroc"][2] == round(line("--seed", "5")["image_auroc"], 2)
     assert round(sum(orders["image_auroc"]) / 3, 2) == pytest.approx(orders["mean"], abs=0.01)
-    assert (f"image AUROC over 3 orders (seeds 3-5): mean {orders['mean']:.2f}, worst {orders['worst']:.2f}"
-            in capsys.readouterr().out)
+    assert f"image AUROC over 3 orders (seeds 3-5): mean {orders['mean']:.2f}, worst {orders['worst']:.2f}" in out
 
 
 def test_line_mode_thins_defects_to_a_rate_and_refuses_its_options_elsewhere(toy_model, synthetic_parts, capsys):

@@ -149,12 +149,14 @@ def run_eval(settings: EvalSettings) -> dict:
             return eval_recipe("2d", settings.pool, settings.min_pool, settings.params, grid, settings.size,
                                len(sets), patches, dim, **stream_pool_policy(settings))
         tokens = features.image_tokens
-        prepared = [Prepared([fs[i] for fs in sets], image_token=tokens[i]) for i in range(n)]
+
+        def new_parts():   # fresh each stream: scoring writes a part's re-scoring feature and nearest member into it
+            return [Prepared([fs[i] for fs in sets], image_token=tokens[i]) for i in range(n)]
 
         def warmup(idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
             first = score_batch([fs[idx] for fs in sets], grid, settings.params, tokens[idx])
             return first.patch_maps, first.rescored
-        streamed = stream_in_order(settings, new_recipe(), prepared, warmup)
+        streamed = stream_in_order(settings, new_recipe(), new_parts(), warmup)
         scored = ScoredSet(streamed.maps, streamed.scores)
     else:
         raise ValueError(f"unknown mode {settings.mode!r}: expected one of batch, {', '.join(STREAMED_MODES)}")
@@ -168,7 +170,7 @@ def run_eval(settings: EvalSettings) -> dict:
     report = measure(settings, samples, maps, scored.scores, t_start, t_features, t_scoring, batch)
     if settings.mode == "line":
         add_line_report(report, settings, samples, streamed,
-                        order_spread(settings, new_recipe, prepared, warmup, samples, report["image_auroc"]))
+                        order_spread(settings, new_recipe, new_parts, warmup, samples, report["image_auroc"]))
     return report
 
 
@@ -198,10 +200,11 @@ def stream_in_order(settings: EvalSettings, recipe, prepared, warmup, seed: int 
                              late_warmup=line)
 
 
-def order_spread(settings: EvalSettings, new_recipe: Callable[[], Recipe], prepared: Sequence, warmup: WarmupScorer,
-                 samples: list[Sample], first_auroc: float) -> dict | None:
+def order_spread(settings: EvalSettings, new_recipe: Callable[[], Recipe], new_parts: Callable[[], Sequence],
+                 warmup: WarmupScorer, samples: list[Sample], first_auroc: float) -> dict | None:
     """Line mode with ``settings.orders`` > 1: the image AUROC (percent) of the same images streamed in the orders
-    of seeds ``seed, seed + 1, ...``, each through a fresh recipe (``new_recipe``; the features are computed once).
+    of seeds ``seed, seed + 1, ...``, each through a fresh recipe and fresh prepared parts (``new_recipe``,
+    ``new_parts``: scoring writes into a part; the features are computed once).
     ``first_auroc`` is the figure of ``seed``'s own stream. On a few dozen parts the order alone moves the figure by
     points (cable_gland: 56 to 73 over 20 orders), so one order's figure says little; None for one order."""
     if settings.orders <= 1:
@@ -212,7 +215,7 @@ def order_spread(settings: EvalSettings, new_recipe: Callable[[], Recipe], prepa
     quiet, t0 = replace(settings, progress=False), time.monotonic()
     with Progress(len(seeds) - 1, "orders", enabled=settings.progress) as bar:
         for seed in seeds[1:]:
-            streamed = stream_in_order(quiet, new_recipe(), prepared, warmup, seed)
+            streamed = stream_in_order(quiet, new_recipe(), new_parts(), warmup, seed)
             aurocs.append(100 * binary_metrics(labels, streamed.scores, "labels")[0])
             bar.advance()
     return {"seeds": seeds, "image_auroc": [round(a, 2) for a in aurocs], "mean": round(float(np.mean(aurocs)), 2),

@@ -104,13 +104,14 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
             return eval_recipe(settings.modality, settings.pool, settings.min_pool, settings.params, grid,
                                settings.size, n_sets, grid[0] * grid[1] if grid else 0,
                                sets[0].shape[2] if sets else 0, settings.scan, **stream_pool_policy(settings))
-        prepared = [PreparedScan([fs[i] for fs in sets] if sets else [], s) for i, s in enumerate(samples_3d)]
+        def new_parts():   # fresh each stream: scoring writes a part's re-scoring feature into it
+            return [PreparedScan([fs[i] for fs in sets] if sets else [], s) for i, s in enumerate(samples_3d)]
 
         def warmup(idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
             first = score_batch([fs[idx] for fs in sets] if sets else None, [samples_3d[i] for i in idx], grid,
                                 settings.size, fusion)
             return first.maps, first.rescored
-        streamed = stream_in_order(settings, new_recipe(), prepared, warmup)
+        streamed = stream_in_order(settings, new_recipe(), new_parts(), warmup)
         maps, scores = streamed.maps, streamed.scores
     t_scoring = time.monotonic() - t0
 
@@ -121,5 +122,5 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
     report = measure(settings, samples, maps, scores, t_start, t_features, t_scoring, batch)
     if settings.mode == "line":
         add_line_report(report, settings, samples, streamed,
-                        order_spread(settings, new_recipe, prepared, warmup, samples, report["image_auroc"]))
+                        order_spread(settings, new_recipe, new_parts, warmup, samples, report["image_auroc"]))
     return report
