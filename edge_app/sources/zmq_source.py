@@ -124,9 +124,14 @@ class ZmqSource(FrameSource):
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        # Breaks noticed while no message waited (before the latest poll that found the socket empty): they came
+        # before every frame read after that poll was sent. A break's event can become visible before the frames
+        # its connection delivered ahead of it, so a break noticed later may have come after any of them.
+        settled = self.disconnects
         while not self._stop.is_set():
             ready = dict(poller.poll(timeout_ms))
-            breaks_before = self.disconnects
+            if self._socket not in ready:
+                settled = self.disconnects
             if ready:   # events first: a disconnect is counted before what arrived after it
                 self._note_disconnects()
             if self._socket not in ready:
@@ -142,7 +147,7 @@ class ZmqSource(FrameSource):
                 record = unreadable_part(str(exc), part_ids=ids, recipe=c.recipe, received_monotonic=mono,
                                          received_utc=utc)
             else:
-                yield from self._lost_before(header, ids, mono, utc, breaks_before)
+                yield from self._lost_before(header, ids, mono, utc, settled)
                 record = message_record(header, frames, part_ids=ids, recipe=c.recipe, received_monotonic=mono,
                                         received_utc=utc, max_pixels=c.max_pixels)
             self.received += 1
