@@ -132,10 +132,10 @@ class ZmqSource(FrameSource):
             ready = dict(poller.poll(timeout_ms))
             if self._socket not in ready:
                 settled = self.disconnects
-            if ready:   # events first: a disconnect is counted before what arrived after it
-                self._note_disconnects()
-            if self._socket not in ready:
+                if ready:
+                    self._note_disconnects()
                 continue
+            self._note_disconnects()   # events first: a disconnect is counted before what arrived after it
             frames = self._socket.recv_multipart(copy=False)
             mono, utc = time.monotonic(), time.time()
             try:
