@@ -104,6 +104,7 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
             return eval_recipe(settings.modality, settings.pool, settings.min_pool, settings.params, grid,
                                settings.size, n_sets, grid[0] * grid[1] if grid else 0,
                                sets[0].shape[2] if sets else 0, settings.scan, **stream_pool_policy(settings))
+
         def new_parts():   # fresh each stream: scoring writes a part's re-scoring feature into it
             return [PreparedScan([fs[i] for fs in sets] if sets else [], s) for i, s in enumerate(samples_3d)]
 
