@@ -320,6 +320,25 @@ def _pair_features_pcl(p1, n1, p2, n2) -> tuple[float, float, float] | None:
     return float(np.arctan2(w @ other, u @ other)), float(v @ other), float(phi)
 
 
+def test_rooted_histograms_keep_the_units_and_weigh_a_small_bins_change_like_a_large_ones():
+    from musc_edge.edge.pointcloud.fpfh import FPFH_MASS, fpfh, root_histograms
+
+    assert float(fpfh(_bumpy_surface(), 12, 30)[0].sum()) == pytest.approx(FPFH_MASS, rel=1e-5)   # a point's sum
+    whole = np.array([[FPFH_MASS, 0.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+    np.testing.assert_array_equal(root_histograms(whole), whole)                # the whole mass in one bin; empty
+    # The same mass (6) moved between two large bins and between two small bins: Euclidean distance cannot
+    # tell them apart, Hellinger distance finds the small bins' change (6 of 9) much larger than the large ones'.
+    base = np.array([294.0, 294.0, 3.0, 9.0], np.float32)
+    large, small = base + [6, -6, 0, 0], base + [0, 0, 6, -6]
+    euclid = np.linalg.norm(large - base), np.linalg.norm(small - base)
+    assert euclid[0] == euclid[1]
+    rooted = [np.linalg.norm(root_histograms(x) - root_histograms(base)) for x in (large, small)]
+    assert rooted[1] > 5 * rooted[0]
+    # Hellinger distance of the normalised histograms, times sqrt(2) and the mass
+    hellinger = np.sqrt(0.5 * ((np.sqrt(small / FPFH_MASS) - np.sqrt(base / FPFH_MASS)) ** 2).sum())
+    np.testing.assert_allclose(rooted[1], np.sqrt(2) * FPFH_MASS * hellinger, rtol=1e-5)
+
+
 def test_spfh_closed_form_matches_the_darboux_frame_pair_by_pair():
     from musc_edge.edge.pointcloud.fpfh import FPFH_BINS, knn, pca_normals, spfh
 

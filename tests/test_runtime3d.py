@@ -21,7 +21,7 @@ from musc_edge.edge.pointcloud import read_cloud
 from musc_edge.edge.record import PartRecord, Reason, Verdict
 from musc_edge.edge.runtime.inspector import Inspector
 from musc_edge.edge.runtime.line import Line
-from musc_edge.edge.runtime.pool_store import PoolMismatchError
+from musc_edge.edge.runtime.pool_store import PoolMismatchError, pool_path, stored_identity
 from musc_edge.edge.scan_pool import ScanPool
 from musc_edge.edge.score import PoolScore, PreparedScan
 from musc_edge.edge.runtime.simulated import CLOUD_PATH, SCAN_PATTERN, run_simulated_scan_line, scan_line_config
@@ -201,6 +201,20 @@ def test_pool_persists_and_a_pool_of_other_scan_settings_is_refused(toy_model, t
     np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
     raw["recipes"]["default"]["scan"]["n_groups"] = 200
     with pytest.raises(PoolMismatchError, match="scan"):
+        Inspector(parse_config(raw)).restore_pools()
+
+
+def test_hellinger_fpfh_is_part_of_a_pools_identity_and_off_it_is_what_older_releases_stored(
+        toy_model, tmp_path, recent):
+    raw = scan_line_config("tcp://127.0.0.1:1", recent, tmp_path / "line", size=SIZE, model=toy_model)
+    line = seeded_inspector(parse_config(raw), recent)
+    line.save_pools()
+    stored = stored_identity(pool_path(line.config.storage.dir, "default"))
+    assert stored["scan"]["fpfh_neighbours"] == 100 and "fpfh_root" not in stored["scan"]   # as releases before it
+    raw["recipes"]["default"]["scan"]["fpfh_root"] = False   # said, not defaulted: the same tokens
+    assert Inspector(parse_config(raw)).restore_pools() == {"default": line.recipes["default"].pool.size}
+    raw["recipes"]["default"]["scan"]["fpfh_root"] = True
+    with pytest.raises(PoolMismatchError, match="fpfh_root"):
         Inspector(parse_config(raw)).restore_pools()
 
 

@@ -291,6 +291,18 @@ def test_pools_too_small_and_mismatched_inputs(small):
         score_batch(sets_2d, [replace(s, layers=s.layers[:2]) for s in samples], grid, 64)
 
 
+def test_rooted_fpfh_tokens_are_the_plain_tokens_under_the_hellinger_map():
+    from musc_edge.edge.pointcloud.fpfh import root_histograms
+
+    cloud = generate_set(1, seed=2, size=64).clouds[0]
+    plain, rooted = (prepare_3d(cloud, Params3D(size=64, fpfh_root=root)) for root in (False, True))
+    assert len(rooted.layers) == len(plain.layers) == 3
+    for a, b in zip(plain.layers, rooted.layers):
+        assert (a > 0).any() and not np.array_equal(a, b)
+        np.testing.assert_array_equal(b, root_histograms(a))
+    np.testing.assert_array_equal(rooted.centre_pixels, plain.centre_pixels)
+
+
 def test_sample_geometry_is_consistent():
     cloud = generate_set(1, seed=2, size=64).clouds[0]
     sample = prepare_3d(cloud, Params3D(size=64, tokens="groups", n_groups=48, group_size=16, normal_neighbours=6))

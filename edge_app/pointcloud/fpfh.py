@@ -17,6 +17,7 @@ FPFH_BINS = 11
 FPFH_DIM = 3 * FPFH_BINS
 NORMAL_NEIGHBOURS = 15
 FPFH_NEIGHBOURS = 100
+FPFH_MASS = 600.0   # what a point's FPFH sums to: three histograms of 100 (its SPFH) plus 100 (its neighbours')
 
 
 def knn(points: np.ndarray, k: int, tree: cKDTree | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -119,3 +120,16 @@ def fpfh(points: np.ndarray, normal_neighbours: int = NORMAL_NEIGHBOURS, fpfh_ne
     sums = mixed.reshape(count, 3, FPFH_BINS).sum(axis=2, keepdims=True)
     mixed = (mixed.reshape(count, 3, FPFH_BINS) * np.where(sums > 0, 100.0 / np.where(sums > 0, sums, 1), 0))
     return (mixed.reshape(count, FPFH_DIM) + own).astype(np.float32)
+
+
+def root_histograms(tokens: np.ndarray, mass: float = FPFH_MASS) -> np.ndarray:
+    """``sqrt(mass * tokens)``: histogram tokens under the Hellinger map (as RootSIFT does for SIFT).
+
+    Euclidean distances between rooted histograms are Hellinger distances (times ``sqrt(mass)``), which weigh
+    a bin's relative change rather than its absolute one, so the small bins count as much as the few large
+    ones. Scaled by the histograms' nominal ``mass`` so that the values keep the histograms' units (a bin
+    holding the whole mass is unchanged) and the 3D distances stay far above the 2D ones in the fused image
+    score, as without the map. Empty patches (zero tokens) stay zero.
+    """
+    return np.sqrt(np.maximum(tokens, 0.0) * np.float32(mass), dtype=np.float32)
+

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..pointcloud.descriptors import DEFAULT_SCALES, NORMAL_NEIGHBOURS, descriptor_layers
-from ..pointcloud.fpfh import FPFH_NEIGHBOURS, fpfh
+from ..pointcloud.fpfh import FPFH_NEIGHBOURS, fpfh, root_histograms
 from ..pointcloud.fpfh import NORMAL_NEIGHBOURS as FPFH_NORMAL_NEIGHBOURS
 from ..pointcloud.io import CloudError
 from ..pointcloud.ipg import (CURVATURE_THRESHOLD, DEFAULT_GROUP_SIZE, DEFAULT_GROUPS, DEFAULT_K_ITER, MIN_POINTS,
@@ -57,7 +57,8 @@ class Params3D:
     """How a cloud becomes a :class:`Sample3D`.
 
     ``tokens`` ``fpfh`` (default): per-point FPFH pooled over ``patch_pixels`` square patches, one layer per
-    ``patch_degrees`` box size (the known training-free baseline, measured best on real scans);
+    ``patch_degrees`` box size (the known training-free baseline, measured best on real scans); with
+    ``fpfh_root`` compared by Hellinger distance (:func:`~musc_edge.edge.pointcloud.fpfh.root_histograms`);
     ``groups``: MuSc-V2's FPS/IPG groups with hand-crafted group descriptors at ``scales`` and SNAMD-3D.
 
     ``pose`` ``axis`` (default): the cloud and its image are scored in the part's canonical view
@@ -76,6 +77,7 @@ class Params3D:
     patch_degrees: tuple[int, ...] = DEFAULT_PATCH_DEGREES
     fpfh_neighbours: int = FPFH_NEIGHBOURS
     fpfh_normal_neighbours: int = FPFH_NORMAL_NEIGHBOURS
+    fpfh_root: bool = False
     n_groups: int = DEFAULT_GROUPS
     group_size: int = DEFAULT_GROUP_SIZE
     grouping: str = "ipg"                  # ipg | knn
@@ -199,6 +201,8 @@ def fpfh_sample(cloud: PreparedCloud, params: Params3D) -> Sample3D:
     # a cell's mean over all its pixels, thinned ones included, on the scale of an unthinned grid
     tokens = pool_to_grid(per_point, pixel_ids, size, grid) * np.float32(stride * stride)
     layers = box_degrees(tokens, params.patch_degrees)
+    if params.fpfh_root:
+        layers = [root_histograms(layer) for layer in layers]
     centre_pixels = cell_centres(size, grid)
     rows, cols = np.divmod(centre_pixels, size)
     centres = np.stack([cols / size - 0.5, rows / size - 0.5, np.zeros(len(rows))], axis=1).astype(np.float32)

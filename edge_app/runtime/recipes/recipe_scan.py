@@ -56,6 +56,7 @@ def scan_params(scan: ScanSettings, modality: str, size: int, n_2d_sets: int) ->
                     tokens=scan.tokens, pose=scan.pose, pose_margin=scan.pose_margin, patch_pixels=scan.patch_pixels,
                     patch_degrees=scan.patch_degrees or patch_degrees(len(scales)),
                     fpfh_neighbours=scan.fpfh_neighbours, fpfh_normal_neighbours=scan.fpfh_normal_neighbours,
+                    fpfh_root=scan.fpfh_root,
                     scales=scales, normal_neighbours=scan.normal_neighbours,
                     preprocess=PreprocessParams(border=pre.border, plane_threshold=pre.plane_threshold,
                                                 plane_removal=pre.plane_removal, cluster_eps=pre.cluster_eps,
@@ -177,9 +178,12 @@ class ScanRecipe(Recipe):
         return 0.05 if scan.pose == "axis" and settings.modality == "2d+3d" else 0.1
 
     def identity(self) -> dict:
-        """The feature model's identity, plus the modality and 3D settings."""
-        return {**super().identity(), "modality": self.modality,
-                "scan": self.settings.scan_settings.model_dump(mode="json")}
+        """The feature model's identity, plus the modality and 3D settings. ``fpfh_root`` off (what releases
+        before it did) is left out, so that their stored pools still restore."""
+        scan = self.settings.scan_settings.model_dump(mode="json")
+        if not scan["fpfh_root"]:
+            del scan["fpfh_root"]
+        return {**super().identity(), "modality": self.modality, "scan": scan}
 
     def prepare(self, part: PartRecord) -> PreparedScan:
         """Check the part's cloud against its decoded image, prepare it, and compute the 2D sets (2d+3d)."""
