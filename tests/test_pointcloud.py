@@ -320,7 +320,7 @@ def _pair_features_pcl(p1, n1, p2, n2) -> tuple[float, float, float] | None:
     return float(np.arctan2(w @ other, u @ other)), float(v @ other), float(phi)
 
 
-def test_rooted_histograms_keep_the_units_and_weigh_a_small_bins_change_like_a_large_ones():
+def test_rooted_histograms_keep_the_units_and_weigh_a_bins_change_relative_to_the_bin():
     from musc_edge.edge.pointcloud.fpfh import FPFH_MASS, fpfh, root_histograms
 
     assert float(fpfh(_bumpy_surface(), 12, 30)[0].sum()) == pytest.approx(FPFH_MASS, rel=1e-5)   # a point's sum

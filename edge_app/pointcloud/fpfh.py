@@ -125,11 +125,10 @@ def fpfh(points: np.ndarray, normal_neighbours: int = NORMAL_NEIGHBOURS, fpfh_ne
 def root_histograms(tokens: np.ndarray, mass: float = FPFH_MASS) -> np.ndarray:
     """``sqrt(mass * tokens)``: histogram tokens under the Hellinger map (as RootSIFT does for SIFT).
 
-    Euclidean distances between rooted histograms are Hellinger distances (times ``sqrt(mass)``), which weigh
-    a bin's relative change rather than its absolute one, so the small bins count as much as the few large
-    ones. Scaled by the histograms' nominal ``mass`` so that the values keep the histograms' units (a bin
-    holding the whole mass is unchanged) and the 3D distances stay far above the 2D ones in the fused image
-    score, as without the map. Empty patches (zero tokens) stay zero.
+    Euclidean distances between rooted histograms of that mass are Hellinger distances (times ``sqrt(2) *
+    mass``), which weigh a bin's relative change rather than its absolute one, so the small bins count as
+    much as the few large ones. Scaled by the nominal ``mass`` so that the values keep the histograms' units
+    (a bin holding the whole mass is unchanged) and the 3D distances stay far above the 2D ones in the fused
+    image score, as without the map. Empty patches (zero tokens) stay zero.
     """
     return np.sqrt(np.maximum(tokens, 0.0) * np.float32(mass), dtype=np.float32)
-
