@@ -58,8 +58,9 @@ def _add_eval(sub) -> None:
                         "with --suite, default: every modality a category has")
     p.add_argument("--groups", type=int, default=1024, help="3d / 2d+3d: point groups per part")
     p.add_argument("--group-size", type=int, default=128, help="3d / 2d+3d: points per group")
-    p.add_argument("--fpfh-root", action="store_true",
-                   help="3d / 2d+3d: compare FPFH patch tokens by Hellinger distance (scan.fpfh_root)")
+    p.add_argument("--image-distance", choices=("euclidean", "hellinger"),
+                   help="3d / 2d+3d: how the image score compares 3D tokens (scan.image_distance, default "
+                        "euclidean)")
     p.add_argument("--size", type=_at_least(1), default=224, help="input resolution (multiple of the patch size)")
     p.add_argument("--fit", choices=("tile", "pad", "squash"), default="tile",
                    help="non-square images: tile the long side at full scale, pad (letterbox), or squash")
@@ -111,8 +112,8 @@ def cmd_eval(args) -> int:
     if args.mode != "line" and (args.scores or args.defect_rate is not None or args.orders > 1):
         raise UsageError("--scores, --defect-rate and --orders belong to --mode line")
     if args.modality == "2d":
-        if args.fpfh_root:
-            raise UsageError("--fpfh-root belongs to --modality 3d or 2d+3d")
+        if args.image_distance:
+            raise UsageError("--image-distance belongs to --modality 3d or 2d+3d")
         report = run_eval(EvalSettings(**common))
     else:
         from pydantic import ValidationError
@@ -121,7 +122,8 @@ def cmd_eval(args) -> int:
         from .evaluation.runner3d import Eval3DSettings, run_eval3d
 
         try:
-            scan = ScanSettings(n_groups=args.groups, group_size=args.group_size, fpfh_root=args.fpfh_root)
+            scan = ScanSettings(n_groups=args.groups, group_size=args.group_size,
+                                image_distance=args.image_distance or "euclidean")
         except ValidationError as exc:
             raise UsageError(f"--groups / --group-size: {exc.errors()[0]['msg']}") from None
         report = run_eval3d(Eval3DSettings(**common, modality=args.modality, scan=scan))
@@ -149,7 +151,8 @@ def _eval_suite(args) -> int:
     if args.overlays is not None:
         raise UsageError("--overlays is per category: use --dataset")
     try:
-        scan = ScanSettings(n_groups=args.groups, group_size=args.group_size, fpfh_root=args.fpfh_root)
+        scan = ScanSettings(n_groups=args.groups, group_size=args.group_size,
+                            image_distance=args.image_distance or "euclidean")
     except ValidationError as exc:
         raise UsageError(f"--groups / --group-size: {exc.errors()[0]['msg']}") from None
     template = EvalSettings(args.suite, mode=args.mode, size=args.size, fit=args.fit, pool=args.pool,

@@ -167,10 +167,9 @@ class ScanSettings(_Strict):
         "fpfh: box size in patches of each 3D layer; default 1, 3, 5, ... one per layer (see scales)"))
     fpfh_neighbours: int = Field(100, ge=4, le=10_000, description="fpfh: nearest points per FPFH histogram")
     fpfh_normal_neighbours: int = Field(15, ge=3, le=10_000, description="fpfh: nearest points per normal estimate")
-    fpfh_root: bool = Field(False, description=(
-        "fpfh: compare the pooled histograms by Hellinger distance (square-rooted tokens) instead of Euclidean: "
-        "ranked real 2D+3D scans better (cable_gland image AUROC +8) but localised them worse (PRO -2 to -3), and "
-        "3D alone ranked worse; see docs/benchmarks.md"))
+    image_distance: Literal["euclidean", "hellinger"] = Field("euclidean", description=(
+        "how the image score compares 3D tokens (maps always use euclidean): hellinger = as histograms, in a "
+        "second MSM pass on square-rooted FPFH tokens (fpfh tokens only; docs/benchmarks.md)"))
     n_groups: int = Field(1024, ge=8, le=65_536, description="point groups (3D patches) per part")
     group_size: int = Field(128, ge=8, le=10_000, description="points per group")
     grouping: Literal["ipg", "knn"] = Field("ipg", description="ipg follows the surface across gaps; knn is plain")

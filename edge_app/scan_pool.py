@@ -28,10 +28,10 @@ def scan_descriptor(sets: Sequence[np.ndarray], layer_3d: np.ndarray) -> np.ndar
     return out / np.linalg.norm(out)
 
 
-def fusion_params(mode: str, params: MuscParams, sigma: float) -> FusionParams:
+def fusion_params(mode: str, params: MuscParams, sigma: float, image_distance: str = "euclidean") -> FusionParams:
     """MuSc-V2 scoring settings for ``mode`` with the 2D scoring's interval fraction, windows and salient layer."""
     return FusionParams(mode=mode, fraction=params.fraction, windows=params.windows,
-                        salient_layer=params.salient_layer, sigma=sigma)
+                        salient_layer=params.salient_layer, sigma=sigma, image_distance=image_distance)
 
 
 
@@ -48,7 +48,8 @@ class ScanPool(PoolMembers):
     """
 
     def __init__(self, mode: str, capacity: int, n_sets: int, patches: int, dim: int, image_size: int, *,
-                 min_size: int = 10, sigma: float = DEFAULT_SIGMA, eviction: str = "fifo", scale: str = "frozen"):
+                 min_size: int = 10, sigma: float = DEFAULT_SIGMA, eviction: str = "fifo", scale: str = "frozen",
+                 image_distance: str = "euclidean"):
         if mode not in SCAN_MODES:
             raise ValueError(f"unknown scan pool mode {mode!r}: expected one of {SCAN_MODES}")
         self._init_members(capacity, min_size, scale)
@@ -57,6 +58,7 @@ class ScanPool(PoolMembers):
             raise ValueError(f"unknown scan pool eviction {eviction!r}: expected 'fifo' or 'coverage'")
         self.eviction = eviction
         self.image_size, self.sigma = image_size, sigma
+        self.image_distance = image_distance
         self.n_sets = n_sets if mode == "2d+3d" else 0
         self.patches, self.dim = patches, dim
         self.sets16 = np.zeros((self.n_sets, capacity, patches, dim), np.float16)
@@ -66,7 +68,7 @@ class ScanPool(PoolMembers):
         self.geometry: list[Sample3D | None] = [None] * capacity   # members' samples without layers
 
     def fusion(self, params: MuscParams) -> FusionParams:
-        return fusion_params(self.mode, params, self.sigma)
+        return fusion_params(self.mode, params, self.sigma, self.image_distance)
 
     # -- scoring ---------------------------------------------------------------------------------------------
     def score(self, query: PreparedScan, grid: tuple[int, int] | None, params: MuscParams,
@@ -176,7 +178,8 @@ class ScanPool(PoolMembers):
         state = {"sets16": self.sets16[:, :n], "raw_scores": self.raw_scores[:n],
                  "part_ids": np.array(self.part_ids[:n], dtype=object).astype(str),
                  "admitted_seq": self.admitted_seq[:n], "admitted_time": self.admitted_time[:n],
-                 "golden": self.golden[:n], "admissions": np.array(self.admissions), "scale": self._scale_state()}
+                 "golden": self.golden[:n], "admissions": np.array(self.admissions), "scale": self._scale_state(),
+                 "image_distance": np.array(self.image_distance)}
         if n == 0:
             return state
         return {**state, "layers": self.layers[:, :n], "features": self.features[:n],

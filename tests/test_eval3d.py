@@ -66,18 +66,23 @@ def test_line_mode_reports_the_image_auroc_of_other_orders_each_as_its_own_seed_
     assert orders["worst"] <= orders["mean"] <= orders["best"]
 
 
-def test_fpfh_root_flag_reaches_the_3d_tokens_and_is_refused_for_2d(scans, synthetic_parts, tmp_path, capsys):
+def test_image_distance_flag_reaches_the_image_score_only_and_is_refused_for_2d(scans, synthetic_parts, tmp_path,
+                                                                              capsys):
     _, root = scans
-    reports = []
-    for flag in ([], ["--fpfh-root"]):
-        out = tmp_path / f"report{len(flag)}.json"
-        assert main(["eval", "--dataset", str(root), "--modality", "3d", *SCAN_FLAGS, *flag, "--report", str(out)]) == 0
-        reports.append(json.loads(out.read_text()))
-    direct = run_eval3d(Eval3DSettings(root, size=SIZE, modality="3d", progress=False,
-                                       scan=ScanSettings(n_groups=256, group_size=32, fpfh_root=True)))
-    assert reports[1]["pixel_auroc"] == direct["pixel_auroc"] != reports[0]["pixel_auroc"]
-    assert main(["eval", "--dataset", str(synthetic_parts), "--fpfh-root", "--quiet"]) == 2
-    assert "--fpfh-root belongs to --modality 3d or 2d+3d" in capsys.readouterr().err
+    reports = {}
+    for distance in ("euclidean", "hellinger"):
+        out = tmp_path / f"{distance}.json"
+        assert main(["eval", "--dataset", str(root), "--modality", "3d", *SCAN_FLAGS, "--image-distance", distance,
+                     "--report", str(out)]) == 0
+        reports[distance] = json.loads(out.read_text())
+    default = run_eval3d(Eval3DSettings(root, size=SIZE, modality="3d", progress=False,
+                                        scan=ScanSettings(n_groups=256, group_size=32)))
+    assert default["image_auroc"] == reports["euclidean"]["image_auroc"]          # euclidean by default
+    assert reports["hellinger"]["image_auroc"] != reports["euclidean"]["image_auroc"]
+    for key in ("pixel_auroc", "pixel_ap", "pro"):                               # the maps are the same
+        assert reports["hellinger"][key] == reports["euclidean"][key]
+    assert main(["eval", "--dataset", str(synthetic_parts), "--image-distance", "hellinger", "--quiet"]) == 2
+    assert "--image-distance belongs to --modality 3d or 2d+3d" in capsys.readouterr().err
 
 
 def test_cli_2d_plus_3d_stream_report_and_overlays(toy_model, scans, tmp_path, capsys):

@@ -204,18 +204,36 @@ def test_pool_persists_and_a_pool_of_other_scan_settings_is_refused(toy_model, t
         Inspector(parse_config(raw)).restore_pools()
 
 
-def test_hellinger_fpfh_is_part_of_a_pools_identity_and_off_it_is_what_older_releases_stored(
-        toy_model, tmp_path, recent):
+def test_a_pool_scored_with_another_image_distance_restores_and_is_scored_again(toy_model, tmp_path, recent, caplog):
     raw = scan_line_config("tcp://127.0.0.1:1", recent, tmp_path / "line", size=SIZE, model=toy_model)
-    line = seeded_inspector(parse_config(raw), recent)
-    line.save_pools()
-    stored = stored_identity(pool_path(line.config.storage.dir, "default"))
-    assert stored["scan"]["fpfh_neighbours"] == 100 and "fpfh_root" not in stored["scan"]   # as releases before it
-    raw["recipes"]["default"]["scan"]["fpfh_root"] = False   # said, not defaulted: the same tokens
-    assert Inspector(parse_config(raw)).restore_pools() == {"default": line.recipes["default"].pool.size}
-    raw["recipes"]["default"]["scan"]["fpfh_root"] = True
-    with pytest.raises(PoolMismatchError, match="fpfh_root"):
+    old = seeded_inspector(parse_config(raw), recent)                    # euclidean, as releases before it
+    old.save_pools()
+    stored = stored_identity(pool_path(old.config.storage.dir, "default"))
+    assert "image_distance" not in stored["scan"]                        # the tokens serve either distance
+    raw["recipes"]["default"]["scan"]["image_distance"] = "hellinger"
+    new = Inspector(parse_config(raw))
+    with caplog.at_level("WARNING"):
+        assert new.restore_pools() == {"default": old.recipes["default"].pool.size}
+    assert "scored with the euclidean image distance; scoring them again with hellinger" in caplog.text
+    recipe, before = new.recipes["default"], old.recipes["default"].pool
+    pool = recipe.pool
+    assert pool.part_ids == before.part_ids and not np.allclose(pool.raw_scores, before.raw_scores, rtol=1e-3)
+    restored = pool.raw_scores.copy(), pool.scale
+    pool.rescore_members(recipe.scoring.grid, recipe.scoring.params)   # already scored as this line scores
+    np.testing.assert_array_equal(pool.raw_scores, restored[0])
+    assert pool.scale == restored[1] != before.scale
+    new.save_pools()                                                     # stored now with its own distance
+    caplog.clear()
+    with caplog.at_level("WARNING"):
         Inspector(parse_config(raw)).restore_pools()
+    assert "image distance" not in caplog.text
+
+
+def test_a_hellinger_image_distance_needs_fpfh_tokens(toy_model, tmp_path, recent):
+    raw = scan_line_config("tcp://127.0.0.1:1", recent, tmp_path / "line", size=SIZE, model=toy_model)
+    raw["recipes"]["default"]["scan"].update(image_distance="hellinger", tokens="groups")
+    with pytest.raises(ConfigError, match="recipes.default.scan.image_distance: hellinger compares FPFH histograms"):
+        Inspector(parse_config(raw))
 
 
 def test_a_reseed_without_clouds_fails_before_the_pool_changes_and_one_with_clouds_replaces_it(

@@ -18,12 +18,14 @@ from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
 from musc_edge.edge.pointcloud import CloudError, foreground_mask, zero_background
+from musc_edge.edge.pointcloud.fpfh import root_histograms
 from musc_edge.edge.scoring import MuscParams, PoolTooSmallError, l2_normalise, rescore_batch
 from musc_edge.edge.scoring import score_batch as score_batch_2d
 from musc_edge.edge.scoring.maps import upsample
 from musc_edge.edge.scoring3d import (FusionParams, Params3D, adaptive_pool_matrix, batch_euclidean_distances, cae,
                                 centre_map, euclidean_sample_distances, histogram_match, nearest_centres,
                                 prepare_3d, projection, propagation, score_batch, score_one, snamd3d, stack_layers)
+from musc_edge.edge.scoring3d.cae import enhance_3d
 from musc_edge.edge.scoring3d.multimodal import typical_score
 from musc_edge.edge.synthetic3d import generate_set
 
@@ -149,6 +151,7 @@ def test_cae_matches_the_definition():
     r2, r3 = _reference_cae(d2, d3, pixels, size, grid)
     np.testing.assert_allclose(e2, r2, atol=1e-12)
     np.testing.assert_allclose(e3, r3, atol=1e-12)
+    np.testing.assert_array_equal(enhance_3d(d2, d3, projection(pixels, size, grid)), e3)
     with pytest.raises(ValueError, match="different pools"):
         cae(d2, d3[:, :3], projection(pixels, size, grid))
 
@@ -240,11 +243,14 @@ def gemm_order_rtol(layers: list[np.ndarray]) -> float:
 
 
 @pytest.mark.parametrize("mode", ["3d", "2d+3d"])
-def test_one_vs_pool_equals_the_batch_row(small, mode):
+@pytest.mark.parametrize("distance", ["euclidean", "hellinger"])
+def test_one_vs_pool_equals_the_batch_row(small, mode, distance):
     samples, sets_2d, grid = small
-    params = FusionParams(mode=mode, sigma=1.0)
+    params = FusionParams(mode=mode, sigma=1.0, image_distance=distance)
     batch = score_batch(sets_2d, samples, grid, 64, params)
     layers = ([*sets_2d] if mode != "3d" else []) + list(stack_layers(samples))
+    if distance == "hellinger":
+        layers += [root_histograms(layer) for layer in stack_layers(samples)]
     rtol = gemm_order_rtol(layers)
     for i in (0, 4):
         others = [j for j in range(len(samples)) if j != i]
@@ -291,16 +297,24 @@ def test_pools_too_small_and_mismatched_inputs(small):
         score_batch(sets_2d, [replace(s, layers=s.layers[:2]) for s in samples], grid, 64)
 
 
-def test_rooted_fpfh_tokens_are_the_plain_tokens_under_the_hellinger_map():
-    from musc_edge.edge.pointcloud.fpfh import root_histograms
-
-    cloud = generate_set(1, seed=2, size=64).clouds[0]
-    plain, rooted = (prepare_3d(cloud, Params3D(size=64, fpfh_root=root)) for root in (False, True))
-    assert len(rooted.layers) == len(plain.layers) == 3
-    for a, b in zip(plain.layers, rooted.layers):
-        assert (a > 0).any() and not np.array_equal(a, b)
-        np.testing.assert_array_equal(b, root_histograms(a))
-    np.testing.assert_array_equal(rooted.centre_pixels, plain.centre_pixels)
+@pytest.mark.parametrize("mode", ["3d", "2d+3d"])
+def test_a_hellinger_image_score_takes_its_3d_term_from_rooted_tokens_and_leaves_the_map(small, mode):
+    samples, sets_2d, grid = small
+    sets = sets_2d if mode == "2d+3d" else None
+    plain = score_batch(sets, samples, grid, 64, FusionParams(mode=mode, sigma=1.0))
+    hellinger = score_batch(sets, samples, grid, 64, FusionParams(mode=mode, sigma=1.0, image_distance="hellinger"))
+    rooted = score_batch(sets, [replace(s, layers=tuple(root_histograms(l) for l in s.layers)) for s in samples],
+                         grid, 64, FusionParams(mode=mode, sigma=1.0))
+    for name in ("maps", "patch_2d", "centre_3d", "features"):
+        np.testing.assert_array_equal(getattr(hellinger, name), getattr(plain, name))
+    # MuSc-V2's plain sum, its 2D term from the map's pass and its 3D term (after CAE) from the rooted tokens
+    image = np.stack([centre_map(c, s.propagation, sigma=1.0) for c, s in zip(rooted.centre_3d, samples)])
+    if mode == "2d+3d":
+        image += upsample(plain.patch_2d, (64, 64))
+    np.testing.assert_allclose(hellinger.raw, image.reshape(len(samples), -1).max(axis=1), rtol=1e-6)
+    assert not np.allclose(hellinger.raw, plain.raw, rtol=1e-3)
+    with pytest.raises(ValueError, match="unknown image_distance"):
+        FusionParams(image_distance="cosine")
 
 
 def test_sample_geometry_is_consistent():

@@ -35,7 +35,7 @@ from ..scoring.maps import upsample
 from ..scoring.msm import (DEFAULT_FRACTION, PoolTooSmallError, batch_distances, interval_k, interval_mean,
                            patch_to_sample_distances)
 from ..scoring.rescore import DEFAULT_WINDOWS, rescore_batch
-from .cae import cae, projection
+from .cae import cae, enhance_3d, projection
 from .map3d import DEFAULT_SIGMA, Propagation, centre_map, propagation
 from .snamd3d import nearest_centres, snamd3d
 
@@ -43,6 +43,7 @@ MODES = ("3d", "2d+3d")
 TOKENS = ("fpfh", "groups")
 POSES = ("axis", "none")
 MAP_UNITS = ("part", "raw")
+IMAGE_DISTANCES = ("euclidean", "hellinger")
 DEFAULT_PATCH_PIXELS = 8   # 28 x 28 patches at 224 px, the 3D-AD FPFH baseline's grid
 DEFAULT_PATCH_DEGREES = (1, 3, 5)
 
@@ -57,8 +58,7 @@ class Params3D:
     """How a cloud becomes a :class:`Sample3D`.
 
     ``tokens`` ``fpfh`` (default): per-point FPFH pooled over ``patch_pixels`` square patches, one layer per
-    ``patch_degrees`` box size (the known training-free baseline, measured best on real scans); with
-    ``fpfh_root`` compared by Hellinger distance (:func:`~musc_edge.edge.pointcloud.fpfh.root_histograms`);
+    ``patch_degrees`` box size (the known training-free baseline, measured best on real scans);
     ``groups``: MuSc-V2's FPS/IPG groups with hand-crafted group descriptors at ``scales`` and SNAMD-3D.
 
     ``pose`` ``axis`` (default): the cloud and its image are scored in the part's canonical view
@@ -77,7 +77,6 @@ class Params3D:
     patch_degrees: tuple[int, ...] = DEFAULT_PATCH_DEGREES
     fpfh_neighbours: int = FPFH_NEIGHBOURS
     fpfh_normal_neighbours: int = FPFH_NORMAL_NEIGHBOURS
-    fpfh_root: bool = False
     n_groups: int = DEFAULT_GROUPS
     group_size: int = DEFAULT_GROUP_SIZE
     grouping: str = "ipg"                  # ipg | knn
@@ -127,6 +126,10 @@ class FusionParams:
     ``map_units`` (2d+3d) ``part`` (default): the fused map adds each modality's map in units of the part's own
     median patch score, so neither modality's distance scale drowns the other (2D distances are ~0.2, 3D
     ~15); the image score stays the maximum of MuSc-V2's plain sum. ``raw``: the map is that plain sum.
+
+    ``image_distance`` ``hellinger``: the image score's 3D term compares the tokens as histograms, by Hellinger
+    distance (:func:`~musc_edge.edge.pointcloud.fpfh.root_histograms`; FPFH tokens only), in a second MSM and
+    CAE pass beside the map's Euclidean one; maps, 2D term and re-scoring features are unchanged.
     """
 
     mode: str = "2d+3d"                    # 3d | 2d+3d
@@ -136,12 +139,15 @@ class FusionParams:
     sigma: float = DEFAULT_SIGMA           # 3D map blur, pixels at the 224 grid
     quantise_3d: bool = False              # reproduce the official 8-bit blur quirk
     map_units: str = "part"                # 2d+3d map: part | raw
+    image_distance: str = "euclidean"      # the image score's 3D distance: euclidean | hellinger
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: expected one of {MODES}")
         if self.map_units not in MAP_UNITS:
             raise ValueError(f"unknown map_units {self.map_units!r}: expected one of {MAP_UNITS}")
+        if self.image_distance not in IMAGE_DISTANCES:
+            raise ValueError(f"unknown image_distance {self.image_distance!r}: expected one of {IMAGE_DISTANCES}")
 
 
 @dataclass
@@ -201,8 +207,6 @@ def fpfh_sample(cloud: PreparedCloud, params: Params3D) -> Sample3D:
     # a cell's mean over all its pixels, thinned ones included, on the scale of an unthinned grid
     tokens = pool_to_grid(per_point, pixel_ids, size, grid) * np.float32(stride * stride)
     layers = box_degrees(tokens, params.patch_degrees)
-    if params.fpfh_root:
-        layers = [root_histograms(layer) for layer in layers]
     centre_pixels = cell_centres(size, grid)
     rows, cols = np.divmod(centre_pixels, size)
     centres = np.stack([cols / size - 0.5, rows / size - 0.5, np.zeros(len(rows))], axis=1).astype(np.float32)
@@ -378,22 +382,34 @@ def typical_score(scores: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(typical) & (typical > 0), typical, 1.0).astype(np.float32)
 
 
+def _centre_maps(centre_3d: np.ndarray, samples_3d: Sequence[Sample3D], params: FusionParams) -> np.ndarray:
+    return np.stack([centre_map(centre_3d[i], s.propagation, params.sigma, params.quantise_3d)
+                     for i, s in enumerate(samples_3d)])
+
+
 def _maps(patch_2d: np.ndarray | None, centre_3d: np.ndarray | None, samples_3d: Sequence[Sample3D] | None,
-          grid: tuple[int, int] | None, size: int, params: FusionParams) -> tuple[np.ndarray, np.ndarray]:
+          grid: tuple[int, int] | None, size: int, params: FusionParams,
+          image_centre_3d: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``([N, size, size] maps on each frame's grid, [N] image scores)`` from per-sample patch scores.
 
-    The image score is the maximum of the plain sum of the modality maps (MuSc-V2); with ``map_units``
-    ``part`` the map that is returned weighs each modality by the part's own typical score instead.
+    The image score is the maximum of the plain sum of the modality maps (MuSc-V2), its 3D term from
+    ``image_centre_3d`` where given (``image_distance`` hellinger); with ``map_units`` ``part`` the map that is
+    returned weighs each modality by the part's own typical score instead.
     """
     n = len(patch_2d if patch_2d is not None else centre_3d)
     modality_maps = []
     if patch_2d is not None:
         modality_maps.append((upsample(patch_2d.reshape(n, *grid), (size, size)), patch_2d))
     if centre_3d is not None:
-        modality_maps.append((np.stack([centre_map(centre_3d[i], s.propagation, params.sigma, params.quantise_3d)
-                                        for i, s in enumerate(samples_3d)]), centre_3d))
+        modality_maps.append((_centre_maps(centre_3d, samples_3d, params), centre_3d))
     plain = sum(m for m, _ in modality_maps)
-    raw = plain.reshape(n, -1).max(axis=1)
+    if image_centre_3d is not None:
+        image = _centre_maps(image_centre_3d, samples_3d, params)
+        if patch_2d is not None:
+            image += modality_maps[0][0]
+        raw = image.reshape(n, -1).max(axis=1)
+    else:
+        raw = plain.reshape(n, -1).max(axis=1)
     maps = plain
     if len(modality_maps) == 2 and params.map_units == "part":
         maps = sum(m / typical_score(scores)[:, None, None] for m, scores in modality_maps)
@@ -421,16 +437,24 @@ def score_batch(sets_2d: Sequence[np.ndarray] | None, samples_3d: Sequence[Sampl
     if fused:
         others = np.array([np.delete(np.arange(n), i) for i in range(n)])
         projections = [projection(s.centre_pixels, size, grid) for s in samples_3d]
+    hellinger = layers_3d is not None and params.image_distance == "hellinger"
+    image_3d = np.zeros_like(centre_3d) if hellinger else None   # the image score's 3D term
     for layer in range(n_layers):
         d2 = batch_distances(layers_2d[layer]) if layers_2d else None              # [N, P, N], self = inf
         d3 = batch_euclidean_distances(layers_3d[layer]) if layers_3d else None    # [N, G, N]
+        h3 = batch_euclidean_distances(root_histograms(layers_3d[layer])) if hellinger else None
         if fused:   # CAE needs each query's own N-1 reference columns
             for i in range(n):
                 e2, e3 = cae(d2[i][:, others[i]], d3[i][:, others[i]], projections[i])
                 patch_2d[i] += interval_mean(e2, k)
                 centre_3d[i] += interval_mean(e3, k)
+                if hellinger:
+                    image_3d[i] += interval_mean(enhance_3d(d2[i][:, others[i]], h3[i][:, others[i]],
+                                                            projections[i]), k)
         else:
             centre_3d += interval_mean(d3, k)   # the inf self-distance sorts last
+            if hellinger:
+                image_3d += interval_mean(h3, k)
     parts = []
     rows = np.arange(n)
     salient = _salient_index(params, n_layers)
@@ -440,7 +464,8 @@ def score_batch(sets_2d: Sequence[np.ndarray] | None, samples_3d: Sequence[Sampl
     if centre_3d is not None:
         centre_3d /= n_layers
         parts.append(layers_3d[salient][rows, centre_3d.argmax(axis=1)])
-    maps, raw = _maps(patch_2d, centre_3d, samples_3d if layers_3d else None, grid, size, params)
+    maps, raw = _maps(patch_2d, centre_3d, samples_3d if layers_3d else None, grid, size, params,
+                      None if image_3d is None else image_3d / n_layers)
     features = _salient_feature(parts)
     return MultimodalBatch(maps, None if patch_2d is None else patch_2d.reshape(n, *grid), centre_3d, raw,
                            rescore_batch(raw, features, params.windows), features)
@@ -474,9 +499,13 @@ def score_one(query_2d: Sequence[np.ndarray] | None, query_3d: Sample3D | None,
     patch_2d = np.zeros(query_2d[0].shape[0], dtype=np.float32) if use_2d else None
     centre_3d = np.zeros(query_3d.layers[0].shape[0], dtype=np.float32) if use_3d else None
     proj = projection(query_3d.centre_pixels, size, grid) if use_2d and use_3d else None
+    image_3d = np.zeros_like(centre_3d) if params.image_distance == "hellinger" else None
     for layer in range(n_layers):
         d2 = patch_to_sample_distances(query_2d[layer], pool_2d[layer]) if use_2d else None
         d3 = euclidean_sample_distances(query_3d.layers[layer], pool_3d[layer]) if use_3d else None
+        if image_3d is not None:
+            h3 = euclidean_sample_distances(root_histograms(query_3d.layers[layer]), root_histograms(pool_3d[layer]))
+            image_3d += interval_mean(h3 if proj is None else enhance_3d(d2, h3, proj), k)
         if proj is not None:
             d2, d3 = cae(d2, d3, proj)
         if use_2d:
@@ -492,6 +521,7 @@ def score_one(query_2d: Sequence[np.ndarray] | None, query_3d: Sample3D | None,
         centre_3d /= n_layers
         parts.append(query_3d.layers[salient][centre_3d.argmax()])
     maps, raw = _maps(None if patch_2d is None else patch_2d[None], None if centre_3d is None else centre_3d[None],
-                      [query_3d] if use_3d else None, grid, size, params)
+                      [query_3d] if use_3d else None, grid, size, params,
+                      None if image_3d is None else image_3d[None] / n_layers)
     return MultimodalResult(maps[0], None if patch_2d is None else patch_2d.reshape(grid), centre_3d,
                             float(raw[0]), _salient_feature(parts))

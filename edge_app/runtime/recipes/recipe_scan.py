@@ -10,6 +10,7 @@ never raises.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -34,6 +35,8 @@ from ...scoring3d.map3d import DEFAULT_SIGMA
 from ...sources.scanner import CLOUD_SUFFIXES, cloud_problem
 from .base import Recipe, Scoring, image_files
 
+log = logging.getLogger(__name__)
+
 REFERENCE_SIZE = 224   # grid side the MuSc-V2 3D defaults (blur sigma) are given for
 T = TypeVar("T")
 
@@ -56,12 +59,20 @@ def scan_params(scan: ScanSettings, modality: str, size: int, n_2d_sets: int) ->
                     tokens=scan.tokens, pose=scan.pose, pose_margin=scan.pose_margin, patch_pixels=scan.patch_pixels,
                     patch_degrees=scan.patch_degrees or patch_degrees(len(scales)),
                     fpfh_neighbours=scan.fpfh_neighbours, fpfh_normal_neighbours=scan.fpfh_normal_neighbours,
-                    fpfh_root=scan.fpfh_root,
                     scales=scales, normal_neighbours=scan.normal_neighbours,
                     preprocess=PreprocessParams(border=pre.border, plane_threshold=pre.plane_threshold,
                                                 plane_removal=pre.plane_removal, cluster_eps=pre.cluster_eps,
                                                 remove_plane=pre.remove_plane,
                                                 keep_largest_cluster=pre.keep_largest_cluster))
+
+
+def image_distance(scan: ScanSettings) -> str:
+    """How the image score compares 3D tokens (``scan.image_distance``); Hellinger on group tokens, which are
+    not FPFH histograms, is a ValueError naming the key."""
+    if scan.image_distance == "hellinger" and scan.tokens != "fpfh":
+        raise ValueError(f"scan.image_distance: hellinger compares FPFH histograms, but scan.tokens is "
+                         f"{scan.tokens!r}")
+    return scan.image_distance
 
 
 def blur_sigma(scan: ScanSettings, size: int) -> float:
@@ -160,6 +171,7 @@ class ScanRecipe(Recipe):
         scan = settings.scan_settings
         try:
             self.params3d = scan_params(scan, self.modality, image_size, n_sets)
+            distance = image_distance(scan)
         except ValueError as exc:
             raise ConfigError(f"recipes.{name}.{exc}") from None
         if not 0 <= params.salient_layer < len(self.params3d.scales):
@@ -168,7 +180,8 @@ class ScanRecipe(Recipe):
         self.black_background = scan.zero_background and self.modality == "2d+3d"
         ps = settings.pool
         self.pool = ScanPool(self.modality, ps.capacity, n_sets, patches, dim, image_size, min_size=ps.min_size,
-                             sigma=blur_sigma(scan, image_size), eviction=ps.eviction, scale=ps.scale)
+                             sigma=blur_sigma(scan, image_size), eviction=ps.eviction, scale=ps.scale,
+                             image_distance=distance)
 
     @staticmethod
     def default_near_duplicate_distance(settings: RecipeSettings) -> float:
@@ -178,12 +191,22 @@ class ScanRecipe(Recipe):
         return 0.05 if scan.pose == "axis" and settings.modality == "2d+3d" else 0.1
 
     def identity(self) -> dict:
-        """The feature model's identity, plus the modality and 3D settings. ``fpfh_root`` off (what releases
-        before it did) is left out, so that their stored pools still restore."""
+        """The feature model's identity, plus the modality and 3D settings that make the tokens (not
+        ``image_distance``: the stored tokens serve either; see :meth:`load_state`)."""
         scan = self.settings.scan_settings.model_dump(mode="json")
-        if not scan["fpfh_root"]:
-            del scan["fpfh_root"]
+        del scan["image_distance"]
         return {**super().identity(), "modality": self.modality, "scan": scan}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore the pool; members scored with another image distance (releases before it: Euclidean) are
+        scored again among themselves, which re-freezes the scale on today's image scores."""
+        super().load_state(state)
+        stored = str(state["image_distance"]) if "image_distance" in state else "euclidean"
+        if stored != self.pool.image_distance and self.pool.size >= 2:
+            log.warning("recipe %s: the stored pool's members were scored with the %s image distance; scoring them "
+                        "again with %s (their scale is frozen anew: check the threshold with musc-calibrate)",
+                        self.name, stored, self.pool.image_distance)
+            self.pool.rescore_members(self.scoring.grid, self.scoring.params)
 
     def prepare(self, part: PartRecord) -> PreparedScan:
         """Check the part's cloud against its decoded image, prepare it, and compute the 2D sets (2d+3d)."""
