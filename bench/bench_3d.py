@@ -269,9 +269,10 @@ def main() -> None:
     row(f"CAE, {layers} layers", lambda: [cae(a, b, proj) for a, b in zip(d2, d3)])
     row("3D map (3-NN propagation + blur)", lambda: centre_map(d3[0].mean(axis=1), query.propagation))
     for mode in ("3d", "2d+3d"):
-        fusion = FusionParams(mode=mode)
-        row(f"score_one end to end, mode {mode}",
-            lambda fusion=fusion: score_one(query_2d, query, pool_2d, pool_3d, grid_2d, SIZE, fusion))
+        for distance in ("euclidean", "hellinger") if args.tokens == "fpfh" else ("euclidean",):
+            fusion = FusionParams(mode=mode, image_distance=distance)
+            row(f"score_one end to end, mode {mode}" + (", hellinger image" if distance == "hellinger" else ""),
+                lambda fusion=fusion: score_one(query_2d, query, pool_2d, pool_3d, grid_2d, SIZE, fusion))
     image_path = None if args.cloud is None else Path(args.cloud).parent.parent / "rgb" / (Path(args.cloud).stem + ".png")
     if image_path is not None and image_path.is_file() and args.model.is_file() and not args.vit_b8:
         rows += whole_part(cloud, read_image(image_path), params, pool_3d, args.pool, args.repeat, args.model)
