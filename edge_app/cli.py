@@ -6,10 +6,14 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
 from .manifest import ManifestError
 from .scoring import MuscParams, PoolTooSmallError
+
+if TYPE_CHECKING:
+    from .config import ScanSettings
 
 
 def _blocks(text: str) -> tuple[int, ...]:
@@ -116,17 +120,9 @@ def cmd_eval(args) -> int:
             raise UsageError("--image-distance belongs to --modality 3d or 2d+3d")
         report = run_eval(EvalSettings(**common))
     else:
-        from pydantic import ValidationError
-
-        from .config import ScanSettings
         from .evaluation.runner3d import Eval3DSettings, run_eval3d
 
-        try:
-            scan = ScanSettings(n_groups=args.groups, group_size=args.group_size,
-                                image_distance=args.image_distance or "euclidean")
-        except ValidationError as exc:
-            raise UsageError(f"--groups / --group-size: {exc.errors()[0]['msg']}") from None
-        report = run_eval3d(Eval3DSettings(**common, modality=args.modality, scan=scan))
+        report = run_eval3d(Eval3DSettings(**common, modality=args.modality, scan=_scan_settings(args)))
     print(format_report(report))
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
@@ -139,10 +135,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _eval_suite(args) -> int:
+def _scan_settings(args: argparse.Namespace) -> ScanSettings:
+    """The 3D settings eval's flags give (UsageError naming the flags for a bad value)."""
     from pydantic import ValidationError
 
     from .config import ScanSettings
+
+    try:
+        return ScanSettings(n_groups=args.groups, group_size=args.group_size,
+                            image_distance=args.image_distance or "euclidean")
+    except ValidationError as exc:
+        raise UsageError(f"--groups / --group-size: {exc.errors()[0]['msg']}") from None
+
+
+def _eval_suite(args) -> int:
     from .evaluation.runner import DEFAULT_BLOCKS, EvalSettings
     from .evaluation.suite import SuiteSettings, format_suite, run_suite
 
@@ -150,11 +156,7 @@ def _eval_suite(args) -> int:
         raise UsageError("--suite and --dataset exclude each other")
     if args.overlays is not None:
         raise UsageError("--overlays is per category: use --dataset")
-    try:
-        scan = ScanSettings(n_groups=args.groups, group_size=args.group_size,
-                            image_distance=args.image_distance or "euclidean")
-    except ValidationError as exc:
-        raise UsageError(f"--groups / --group-size: {exc.errors()[0]['msg']}") from None
+    scan = _scan_settings(args)
     template = EvalSettings(args.suite, mode=args.mode, size=args.size, fit=args.fit, pool=args.pool,
                             min_pool=args.min_pool, seed=args.seed, model=args.model,
                             blocks=args.blocks or DEFAULT_BLOCKS,

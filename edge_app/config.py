@@ -182,6 +182,14 @@ class ScanSettings(_Strict):
     zero_background: bool = Field(True, description="black out image pixels off the scanned part before 2D features")
     preprocess: ScanPreprocessSettings = ScanPreprocessSettings()
 
+    @field_validator("image_distance")
+    @classmethod
+    def _hellinger_needs_fpfh(cls, value, info):
+        tokens = info.data.get("tokens", "fpfh")   # declared first, so validated before this
+        if value == "hellinger" and tokens != "fpfh":
+            raise ValueError(f"hellinger compares FPFH histograms, but scan.tokens is {tokens!r}")
+        return value
+
     @field_validator("scales")
     @classmethod
     def _scales_in_range(cls, value):

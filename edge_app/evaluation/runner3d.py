@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..features import FeatureEngine, Features
 from ..pointcloud import read_cloud
 from ..progress import Progress
-from ..runtime.recipes.recipe_scan import blur_sigma, image_distance, prepare_scan, scan_params
+from ..runtime.recipes.recipe_scan import blur_sigma, prepare_scan, scan_params
 from ..scan_pool import SCAN_MODES, fusion_params
 from ..score import PreparedScan
 from ..scoring import prepare
@@ -95,7 +95,7 @@ def run_eval3d(settings: Eval3DSettings) -> dict:
 
     t0 = time.monotonic()
     sigma = blur_sigma(settings.scan, settings.size)
-    fusion = fusion_params(settings.modality, settings.params, sigma, image_distance(settings.scan))
+    fusion = fusion_params(settings.modality, settings.params, sigma, settings.scan.image_distance)
     if settings.mode == "batch":
         result = score_batch(sets, samples_3d, grid, settings.size, fusion)
         maps, scores = result.maps, result.rescored

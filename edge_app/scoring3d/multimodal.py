@@ -397,19 +397,17 @@ def _maps(patch_2d: np.ndarray | None, centre_3d: np.ndarray | None, samples_3d:
     returned weighs each modality by the part's own typical score instead.
     """
     n = len(patch_2d if patch_2d is not None else centre_3d)
-    modality_maps = []
-    if patch_2d is not None:
-        modality_maps.append((upsample(patch_2d.reshape(n, *grid), (size, size)), patch_2d))
+    map_2d = None if patch_2d is None else upsample(patch_2d.reshape(n, *grid), (size, size))
+    modality_maps = [] if map_2d is None else [(map_2d, patch_2d)]
     if centre_3d is not None:
         modality_maps.append((_centre_maps(centre_3d, samples_3d, params), centre_3d))
     plain = sum(m for m, _ in modality_maps)
+    image = plain
     if image_centre_3d is not None:
         image = _centre_maps(image_centre_3d, samples_3d, params)
-        if patch_2d is not None:
-            image += modality_maps[0][0]
-        raw = image.reshape(n, -1).max(axis=1)
-    else:
-        raw = plain.reshape(n, -1).max(axis=1)
+        if map_2d is not None:
+            image += map_2d
+    raw = image.reshape(n, -1).max(axis=1)
     maps = plain
     if len(modality_maps) == 2 and params.map_units == "part":
         maps = sum(m / typical_score(scores)[:, None, None] for m, scores in modality_maps)

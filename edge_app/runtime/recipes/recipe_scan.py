@@ -66,15 +66,6 @@ def scan_params(scan: ScanSettings, modality: str, size: int, n_2d_sets: int) ->
                                                 keep_largest_cluster=pre.keep_largest_cluster))
 
 
-def image_distance(scan: ScanSettings) -> str:
-    """How the image score compares 3D tokens (``scan.image_distance``); Hellinger on group tokens, which are
-    not FPFH histograms, is a ValueError naming the key."""
-    if scan.image_distance == "hellinger" and scan.tokens != "fpfh":
-        raise ValueError(f"scan.image_distance: hellinger compares FPFH histograms, but scan.tokens is "
-                         f"{scan.tokens!r}")
-    return scan.image_distance
-
-
 def blur_sigma(scan: ScanSettings, size: int) -> float:
     """3D map blur in pixels: the recipe's, or MuSc-V2's 4 px per 224 px."""
     return scan.blur_sigma if scan.blur_sigma is not None else DEFAULT_SIGMA * size / REFERENCE_SIZE
@@ -171,7 +162,6 @@ class ScanRecipe(Recipe):
         scan = settings.scan_settings
         try:
             self.params3d = scan_params(scan, self.modality, image_size, n_sets)
-            distance = image_distance(scan)
         except ValueError as exc:
             raise ConfigError(f"recipes.{name}.{exc}") from None
         if not 0 <= params.salient_layer < len(self.params3d.scales):
@@ -181,7 +171,7 @@ class ScanRecipe(Recipe):
         ps = settings.pool
         self.pool = ScanPool(self.modality, ps.capacity, n_sets, patches, dim, image_size, min_size=ps.min_size,
                              sigma=blur_sigma(scan, image_size), eviction=ps.eviction, scale=ps.scale,
-                             image_distance=distance)
+                             image_distance=scan.image_distance)
 
     @staticmethod
     def default_near_duplicate_distance(settings: RecipeSettings) -> float:
