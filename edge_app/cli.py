@@ -68,9 +68,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--size", type=_at_least(1), default=224, help="input resolution (multiple of the patch size)")
     p.add_argument("--fit", choices=("tile", "pad", "squash"), default="tile",
                    help="non-square images: tile the long side at full scale, pad (letterbox), or squash")
-    p.add_argument("--pool", type=_at_least(2), default=40, help="stream mode: rolling pool capacity")
-    p.add_argument("--min-pool", type=_at_least(2), default=10, help="stream mode: pool size before scoring starts")
-    p.add_argument("--seed", type=int, default=0, help="stream mode: shuffle seed")
+    p.add_argument("--pool", type=_at_least(2), default=40, help="stream and line modes: rolling pool capacity")
+    p.add_argument("--min-pool", type=_at_least(2), default=10,
+                   help="stream and line modes: pool size before scoring starts")
+    p.add_argument("--seed", type=int, default=0, help="stream and line modes: shuffle seed (line: the stream's order)")
     p.add_argument("--model", type=Path, help="feature model (.onnx with manifest); default models/...")
     p.add_argument("--blocks", type=_blocks, default=(), help="blocks to score, e.g. 6,9 (default: scoring default)")
     p.add_argument("--aggregation", choices=("snamd", "snamd-raw", "lnamd", "none"), default="snamd")

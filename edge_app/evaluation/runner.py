@@ -49,8 +49,8 @@ class EvalSettings:
     mode: str = "batch"              # batch | stream | line
     size: int = 224
     fit: str = "tile"                # tile | pad | squash: how non-square images meet the square input
-    pool: int = 40                   # stream: pool capacity K
-    min_pool: int = 10               # stream: members needed before scoring starts
+    pool: int = 40                   # stream, line: pool capacity K
+    min_pool: int = 10               # stream, line: members needed before scoring starts
     seed: int = 0
     model: Path | None = None
     blocks: tuple[int, ...] = ()     # blocks to score (default: the scoring default of the model)
