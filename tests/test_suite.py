@@ -57,6 +57,21 @@ def test_suite_table_and_report_hold_every_run_with_mean_and_worst(toy_model, su
     assert "plant_a/washer" in printed and "mean (3)" in printed and "worst" in printed
 
 
+def test_suite_in_line_mode_streams_every_category_with_its_batch_figure_beside(toy_model, suite, tmp_path):
+    report_path = tmp_path / "suite.json"
+    code = main(["eval", "--suite", str(suite), "--modality", "2d", "--mode", "line", "--pool", "12", "--min-pool",
+                 "6", "--orders", "2", "--model", str(toy_model), "--size", str(SIZE), "--report", str(report_path),
+                 "--quiet"])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert report["settings"]["mode"] == "line" and report["settings"]["pool"] == 12
+    assert [r["category"] for r in report["runs"]] == ["plant_a/disc", "plant_a/washer", "scans/gland"]
+    for run in (r["report"] for r in report["runs"]):
+        assert (run["mode"], run["pool"]) == ("line", 12)
+        assert set(run["batch"]) >= {"image_auroc", "pixel_auroc", "pro"}
+        assert run["line"]["orders"]["seeds"] == [0, 1]
+
+
 def test_a_broken_category_is_reported_and_the_suite_goes_on(toy_model, suite, tmp_path, capsys):
     root = tmp_path / "suite"
     shutil.copytree(suite / "plant_a", root / "plant_a")

@@ -18,7 +18,7 @@ import numpy as np
 from ..config import ScanSettings
 from .datasets import MVTEC_3D_AD, DatasetError, detect_layout, load_dataset
 from .metrics import METRIC_KEYS, MetricsError
-from .runner import EvalSettings, run_eval
+from .runner import STREAMED_MODES, EvalSettings, run_eval
 
 MAX_DEPTH = 3
 MODALITIES = ("2d", "3d", "2d+3d")
@@ -110,7 +110,7 @@ def run_suite(settings: SuiteSettings) -> dict:
     return {"suite": str(root),
             "settings": {"mode": t.mode, "size": t.size, "fit": t.fit, "blocks": list(t.blocks),
                          "aggregation": t.params.aggregation, "image_top": t.params.image_top,
-                         "pool": t.pool if t.mode == "stream" else None},
+                         "pool": t.pool if t.mode in STREAMED_MODES else None},
             "runs": runs, "summary": summarise(runs), "seconds": round(time.monotonic() - t_start, 3)}
 
 
