@@ -8,6 +8,7 @@ import numpy as np
 
 from musc_edge.edge.errors import UsageError
 from musc_edge.edge.ledger import LedgerRow
+from musc_edge.edge.record import MAX_THRESHOLD
 from musc_edge.edge.runtime.calibration_state import CALIBRATION_ACTIONS, version_creators
 
 from .render import pct
@@ -88,9 +89,12 @@ def check_delivery(stage: bool, running: bool, socket: Path) -> None:
 
 
 def given_threshold(value: float) -> float:
-    """A threshold typed by a person: any finite number."""
+    """A threshold typed by a person: a finite number the line can decide with, refused before anyone is asked
+    to confirm it."""
     if not np.isfinite(value):
         raise UsageError(f"--threshold must be a finite number, got {value}")
+    if not 0 < value <= MAX_THRESHOLD:
+        raise UsageError(f"--threshold must be above 0 and at most {MAX_THRESHOLD:g}, got {value:g}")
     return value
 
 

@@ -2,6 +2,7 @@
 change preconditions, reject timing, confirmed parts and the expected-rate table."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from musc_edge.calibration.decisions import (Candidate, calibrate, check_assumpt
                                              rollback_target, version_creators)
 from musc_edge.calibration.thresholds import MIN_SCORES, fit_threshold
 from musc_edge.edge.errors import UsageError
+from musc_edge.edge.record import MAX_THRESHOLD
 
 MEMBERS = [{"part_id": "a", "golden": False}, {"part_id": "b", "golden": True}, {"part_id": "c", "golden": False}]
 
@@ -133,7 +135,7 @@ def test_a_tested_rate_holds_within_a_factor_of_two():
     assert rate_still_holds(0.0, 0.00005)                          # two negligible rates are the same
 
 
-def test_calibration_scores_are_refused_below_the_minimum_and_a_typed_threshold_must_be_finite():
+def test_calibration_scores_are_refused_below_the_minimum_and_a_typed_threshold_must_be_finite_and_in_range():
     scores, described = pool_calibration_scores(np.ones(MIN_SCORES), "r")
     assert scores.size == MIN_SCORES and described == f"{MIN_SCORES} pool members' leave-one-out scores"
     with pytest.raises(UsageError, match=f"pool 'r' is too small.*{MIN_SCORES - 1} members"):
@@ -143,6 +145,10 @@ def test_calibration_scores_are_refused_below_the_minimum_and_a_typed_threshold_
     assert given_threshold(0.5) == 0.5
     for bad in (float("nan"), float("inf")):
         with pytest.raises(UsageError, match="--threshold must be a finite number"):
+            given_threshold(bad)
+    assert given_threshold(MAX_THRESHOLD) == MAX_THRESHOLD
+    for bad in (0.0, -1.0, MAX_THRESHOLD * 1.01):   # the line would refuse these after the confirmation
+        with pytest.raises(UsageError, match=re.escape(f"--threshold must be above 0 and at most {MAX_THRESHOLD:g}")):
             given_threshold(bad)
 
 
