@@ -296,7 +296,7 @@ def test_row_7_a_hand_edited_current_json_refuses_to_start(toy_model, tmp_path, 
     # a stored version file edited to match: the audit record's hash gives it away
     (tmp_path / "line" / "calibration" / "v0001.json").write_bytes(calibration_bytes(calibration(1, 50.0)))
     current.write_bytes(calibration_bytes(calibration(1, 50.0)))
-    with pytest.raises(CalibrationError, match="never recorded in the audit log"):
+    with pytest.raises(CalibrationError, match="v0001.json differs from the file the audit log recorded for it"):
         Line(parse_config(line_config(toy_model, tmp_path / "line", plc.address)))
     config = tmp_path / "line.yaml"
     config.write_text(yaml.safe_dump(line_config(toy_model, tmp_path / "line", plc.address)))

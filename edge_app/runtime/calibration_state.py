@@ -853,6 +853,9 @@ class CalibrationAuthority:
         seqs = [r["seq"] for r in records if r.get("result_of") is None and r.get("target") == target
                 and isinstance(r.get("new"), dict) and r["new"].get("file_sha256") == sha]
         if not seqs:
-            raise CalibrationError(f"{what}: calibration version {calibration.version} was never recorded in the "
-                                   "audit log; restore an audited version with `musc-calibrate rollback`")
+            audited = any(r.get("result_of") is None and r.get("target") == target for r in records)
+            why = (f"v{calibration.version:04d}.json differs from the file the audit log recorded for it (edited by "
+                   "hand?)" if audited else
+                   f"calibration version {calibration.version} was never recorded in the audit log")
+            raise CalibrationError(f"{what}: {why}; restore an audited version with `musc-calibrate rollback`")
         return seqs[-1]
