@@ -92,6 +92,66 @@ def test_the_view_refuses_a_taken_port_in_one_line(tmp_path, held_port, capsys):
     assert f"cannot start: view.port: port {held_port} on 127.0.0.1 is in use" in one_line(capsys.readouterr().err)
 
 
+# -- one line per storage directory ---------------------------------------------------------------------------
+def test_a_second_line_on_the_same_storage_does_not_start_and_names_the_first(toy_model, tmp_path, capsys,
+                                                                               no_signal_handlers):
+    """Another source, so no port tells the two apart: both would write one ledger and one pool file, and the
+    second would repair the first one's half-done calibration changes at its start."""
+    with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
+        link = {"type": "zmq", "endpoint": plc.address}
+        first = Line(parse_config(yaml.safe_load(
+            write_config(tmp_path, toy_model, make_parts(tmp_path / "a", 6), link).read_text())))
+        second = write_config(tmp_path, toy_model, make_parts(tmp_path / "b", 6), link)
+        assert main(["run", "--config", str(second)]) == 3
+        err = one_line(capsys.readouterr().err)
+        assert f"cannot start: storage.dir {tmp_path / 'line'} is in use by another running line (pid {os.getpid()}, " \
+               "since " in err
+        assert not (tmp_path / "line" / "ledger.sqlite").exists()
+        assert first.run().parts == 6                     # the first line is untouched, and frees the storage
+        assert main(["run", "--config", str(second)]) == 0
+
+
+def test_the_storage_lock_is_held_until_released(tmp_path):
+    from musc_edge.edge.runtime.storage_lock import StorageLock
+
+    held = StorageLock.acquire(tmp_path)
+    with pytest.raises(StartupError, match=f"in use by another running line \\(pid {os.getpid()}, since "):
+        StorageLock.acquire(tmp_path)                     # another open file: flock refuses it in one process too
+    held.release()
+    held.release()                                        # idempotent
+    StorageLock.acquire(tmp_path).release()
+
+
+def test_a_killed_line_leaves_its_storage_free(toy_model, tmp_path):
+    """The kernel drops the lock with the process: after ``kill -9`` (or a power cut) nothing needs cleaning."""
+    import subprocess
+    import sys
+    import time
+
+    raw = yaml.safe_load(write_config(tmp_path, toy_model, make_parts(tmp_path / "a", 3),
+                                      {"type": "zmq", "endpoint": "tcp://127.0.0.1:5557"}).read_text())
+    raw["source"]["loop"] = True                          # replays until killed
+    (tmp_path / "line.yaml").write_text(yaml.safe_dump(raw))
+    root = Path(__file__).resolve().parents[1]
+    killed = subprocess.Popen([sys.executable, "-m", "musc_edge.edge.cli", "run", "--config",
+                               str(tmp_path / "line.yaml")], env={**os.environ, "PYTHONPATH": str(root)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = tmp_path / "line" / "runtime.lock"
+    try:
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and f"pid {killed.pid}," in lock.read_text()):
+            assert killed.poll() is None and time.monotonic() < deadline, "the line did not take its storage"
+            time.sleep(0.05)
+        with pytest.raises(StartupError, match=f"is in use by another running line \\(pid {killed.pid},"):
+            Line(parse_config(raw))
+    finally:
+        killed.kill()
+        killed.wait()
+    line = Line(parse_config(raw))                          # starts: the storage is free again
+    assert f"pid {os.getpid()}," in lock.read_text()
+    line.telemetry.close()
+
+
 # -- how a line ends ------------------------------------------------------------------------------------------
 def test_a_replay_of_a_missing_folder_exits_non_zero_naming_it(toy_model, tmp_path, capsys, no_signal_handlers):
     """Issue 21: a source that failed used to end the line with exit 0 (systemd did not restart it)."""

@@ -51,6 +51,7 @@ from .output import OutputStage
 from .prefetch import PrefetchStage
 from .pool_writer import PoolWriter
 from .source_stage import SourceStage
+from .storage_lock import StorageLock
 from .systemd import SystemdNotifier
 
 __all__ = ["Line", "LineStopped", "StartupError"]
@@ -74,49 +75,55 @@ class Line:
         self.config = config
         self.storage = Path(config.storage.dir)
         self.storage.mkdir(parents=True, exist_ok=True)
-        self.stats = LineStats()
-        self._output: OutputStage | None = None
-        self.inspector = inspector or Inspector(config)
-        self.inspector.on_alarm = self._on_alarm
-        self.source = source or make_source(config.source)
-        if hasattr(self.source, "on_alarm"):   # a source with alarms of its own (lost frames, reconnects)
-            self.source.on_alarm = self._on_alarm
-        self._clock = DeadlineClock(config.line.deadline_ms / 1e3)
-        self.authority = CalibrationAuthority(self.storage, set(config.recipes), f"runtime:{config.line.name}")
-        # refuses a current.json that is not audited
-        self._put_in_force(self.authority.at_start(config.line.name))
-        self.model_hash = self.inspector.engine.manifest.model_sha256[:16]
-        self.inspector.on_fast_path = self._on_fast_path   # before restore_pools: a restored fast path is recorded
-        self._status = status
-        self._status_every = status_every_s
-        self._in: queue.Queue[PartRecord | End] = queue.Queue(maxsize=config.line.queue_size)
-        # parts and the futures of their extraction, in arrival order; bounded so at most a few run ahead of scoring
-        self._ready: queue.Queue[Extracting | End] = queue.Queue(maxsize=config.line.extract_workers)
-        # extracted parts waiting for their look-ahead references, oldest first (the worker's)
-        self._window = LookAheadWindow(lambda recipe: config.recipes[recipe].look_ahead)
-        self._between_parts = BetweenParts()
-        self.control: ControlServer | None = None
-        self.systemd = SystemdNotifier()
-        self._stop = threading.Event()
-        pool_alarms: list[str] = []   # raised once telemetry is up (below)
-        self.restored = self.inspector.restore_pools(on_alarm=pool_alarms.append)
-        self._pools = PoolWriter(self.inspector, self._on_alarm)
-        self.telemetry = Telemetry(config.telemetry, config.line.name, self.storage, status=self.control_status)
-        for name, settings, exporter in (("Prometheus", config.telemetry.prometheus, self.telemetry.prometheus),
-                                         ("MQTT", config.telemetry.mqtt, self.telemetry.mqtt)):
-            if settings.enabled and exporter is None:   # the line inspects without it; status and view say so
-                self._on_alarm(f"telemetry: no {name} exporter on {settings.host}:{settings.port} (see the log)")
-        for text in pool_alarms:
-            self._on_alarm(text)
-        self._output = OutputStage(config, self.storage, stats=self.stats, telemetry=self.telemetry,
-                                   in_force=lambda: self.in_force, model_hash=lambda: self.model_hash,
-                                   on_alarm=self._on_alarm, fatal_fault=self._fatal_fault, stopping=self._stop)
-        self._handle_control = ControlHandlers(
-            config, self.inspector, self.authority, between_parts=self._between_parts,
-            in_force=lambda: self.in_force, put_in_force=self._put_in_force, save_pools=self._pools.save_now,
-            signal_test_part=self._output.signal_and_wait, status=self.control_status).handle
-        self.ended: str | None = None    # why run() returned: "stop requested", "replay finished: ..."
-        self._fatal: str | None = None   # a fault the line cannot survive: run() raises LineStopped with it
+        # before anything reads the storage or repairs it (calibration, pools): one running line per storage.dir
+        self._storage_lock = StorageLock.acquire(self.storage)
+        try:
+            self.stats = LineStats()
+            self._output: OutputStage | None = None
+            self.inspector = inspector or Inspector(config)
+            self.inspector.on_alarm = self._on_alarm
+            self.source = source or make_source(config.source)
+            if hasattr(self.source, "on_alarm"):   # a source with alarms of its own (lost frames, reconnects)
+                self.source.on_alarm = self._on_alarm
+            self._clock = DeadlineClock(config.line.deadline_ms / 1e3)
+            self.authority = CalibrationAuthority(self.storage, set(config.recipes), f"runtime:{config.line.name}")
+            # refuses a current.json that is not audited
+            self._put_in_force(self.authority.at_start(config.line.name))
+            self.model_hash = self.inspector.engine.manifest.model_sha256[:16]
+            self.inspector.on_fast_path = self._on_fast_path   # before restore_pools: a restored fast path is recorded
+            self._status = status
+            self._status_every = status_every_s
+            self._in: queue.Queue[PartRecord | End] = queue.Queue(maxsize=config.line.queue_size)
+            # parts and the futures of their extraction, in arrival order; bounded so at most a few run ahead of scoring
+            self._ready: queue.Queue[Extracting | End] = queue.Queue(maxsize=config.line.extract_workers)
+            # extracted parts waiting for their look-ahead references, oldest first (the worker's)
+            self._window = LookAheadWindow(lambda recipe: config.recipes[recipe].look_ahead)
+            self._between_parts = BetweenParts()
+            self.control: ControlServer | None = None
+            self.systemd = SystemdNotifier()
+            self._stop = threading.Event()
+            pool_alarms: list[str] = []   # raised once telemetry is up (below)
+            self.restored = self.inspector.restore_pools(on_alarm=pool_alarms.append)
+            self._pools = PoolWriter(self.inspector, self._on_alarm)
+            self.telemetry = Telemetry(config.telemetry, config.line.name, self.storage, status=self.control_status)
+            for name, settings, exporter in (("Prometheus", config.telemetry.prometheus, self.telemetry.prometheus),
+                                             ("MQTT", config.telemetry.mqtt, self.telemetry.mqtt)):
+                if settings.enabled and exporter is None:   # the line inspects without it; status and view say so
+                    self._on_alarm(f"telemetry: no {name} exporter on {settings.host}:{settings.port} (see the log)")
+            for text in pool_alarms:
+                self._on_alarm(text)
+            self._output = OutputStage(config, self.storage, stats=self.stats, telemetry=self.telemetry,
+                                       in_force=lambda: self.in_force, model_hash=lambda: self.model_hash,
+                                       on_alarm=self._on_alarm, fatal_fault=self._fatal_fault, stopping=self._stop)
+            self._handle_control = ControlHandlers(
+                config, self.inspector, self.authority, between_parts=self._between_parts,
+                in_force=lambda: self.in_force, put_in_force=self._put_in_force, save_pools=self._pools.save_now,
+                signal_test_part=self._output.signal_and_wait, status=self.control_status).handle
+            self.ended: str | None = None    # why run() returned: "stop requested", "replay finished: ..."
+            self._fatal: str | None = None   # a fault the line cannot survive: run() raises LineStopped with it
+        except BaseException:
+            self._storage_lock.release()
+            raise
 
     @property
     def link(self) -> RejectLink | None:
@@ -131,8 +138,11 @@ class Line:
         """Inspect every part the source delivers; returns the final counters."""
         # numpy's BLAS (admission, the pool guard, warm-up scoring) stays on one thread: its idle workers spin,
         # and the cores are already shared out between the extract workers and the scorer.
-        with threadpool_limits(limits=1, user_api="blas"):
-            return self._run()
+        try:
+            with threadpool_limits(limits=1, user_api="blas"):
+                return self._run()
+        finally:
+            self._storage_lock.release()
 
     def _run(self) -> LineStats:
         from ..ports import line_ports, port_problems

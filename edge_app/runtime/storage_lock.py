@@ -1,0 +1,53 @@
+"""One running line per storage directory.
+
+Two runtimes on one ``storage.dir`` (a second ``musc-edge run`` beside the service, with another source, so no
+port tells them apart) would both write the ledger and the pool file, answer on one control socket, and repair
+each other's half-done calibration changes at start. The first line holds an exclusive ``flock`` on
+``<storage>/runtime.lock`` from before it reads its calibration until it has shut down; a second one is refused
+with the first one's pid. The kernel drops the lock with the process, so a killed line (``kill -9``, a power
+cut) leaves nothing to clean up.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from .faults import StartupError
+
+LOCK_NAME = "runtime.lock"
+
+
+class StorageLock:
+    """The held lock on a storage directory; :meth:`release` (or the process ending) frees it."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, storage: Path) -> StorageLock:
+        """Take ``storage``'s lock, or StartupError naming the line that holds it."""
+        try:   # never truncated before the lock is ours: the file names the holder
+            fd = os.open(storage / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StartupError(f"storage.dir {storage}: cannot open {LOCK_NAME}: {exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "it has not written its pid yet"
+            os.close(fd)
+            raise StartupError(f"storage.dir {storage} is in use by another running line ({holder}): stop it "
+                               "first (systemctl stop musc-edge), or give this line its own storage.dir") from None
+        try:   # the holder's name is for the message above; the lock is what counts (a full disk keeps it)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        except OSError:
+            pass
+        return cls(fd)
+
+    def release(self) -> None:
+        """Free the lock (idempotent); the file stays, naming the last holder."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
