@@ -284,6 +284,7 @@ def test_row_12_offline_pool_seed_needs_the_role_and_a_reason_and_is_audited(toy
 
     from musc_edge.edge.cli import main as edge_main
     from musc_edge.edge.runtime.control import ControlServer, token_path
+    from musc_edge.edge.runtime.storage_lock import StorageLock
     from musc_edge.edge.synthetic import generate_set
     from tests.test_calibration_e2e import line_config
 
@@ -307,6 +308,13 @@ def test_row_12_offline_pool_seed_needs_the_role_and_a_reason_and_is_audited(toy
     assert not (storage / "calibration" / "audit.jsonl").exists() and not (storage / "pools").exists()
     monkeypatch.undo()
 
+    starting = StorageLock.acquire(storage)            # a line that is starting: no control socket yet
+    try:
+        assert edge_main([*seed, "--reason", "warm start"]) == 2
+        assert f"the line is running (pid {os.getpid()}, since " in capsys.readouterr().err
+        assert not (storage / "calibration" / "audit.jsonl").exists() and not (storage / "pools").exists()
+    finally:
+        starting.release()
     server = ControlServer(storage / "control.sock", "t" * 32, lambda request: {})   # a running line
     try:
         assert edge_main([*seed, "--reason", "warm start"]) == 2

@@ -74,9 +74,8 @@ class Line:
                  status: Callable[[str], None] | None = None, status_every_s: float = 1.0):
         self.config = config
         self.storage = Path(config.storage.dir)
-        self.storage.mkdir(parents=True, exist_ok=True)
         # before anything reads the storage or repairs it (calibration, pools): one running line per storage.dir
-        self._storage_lock = StorageLock.acquire(self.storage)
+        self._storage_lock = StorageLock.acquire(self.storage)   # creates the folder
         try:
             self.stats = LineStats()
             self._output: OutputStage | None = None

@@ -14,6 +14,8 @@ from .calibration_state import (AuditError, CalibrationStore, audit_key_path, en
                                 who)
 from .control import ControlError, MIN_TOKEN_CHARS, ensure_token, request, token_path
 from .inspector import Inspector
+from .faults import StartupError
+from .storage_lock import StorageInUse, StorageLock
 
 
 def seed_pool(inspector: Inspector, recipe: str, folder: str | Path, progress: bool = True) -> int:
@@ -39,6 +41,21 @@ def seed_offline(config: LineConfig, recipe: str, folder: str | Path, reason: st
         pass
     else:
         raise UsageError(f"the line is running (socket {socket}): reseed it live with `musc-calibrate pool reseed`")
+    try:   # a line that is starting has no socket yet, but holds the storage; none may start while this runs
+        lock = StorageLock.acquire(storage)
+    except StorageInUse as exc:
+        raise UsageError(f"the line is running ({exc.holder}): reseed it live with `musc-calibrate pool reseed`") \
+            from None
+    except StartupError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        return _seed_stopped_line(config, storage, recipe, folder, reason, progress)
+    finally:
+        lock.release()
+
+
+def _seed_stopped_line(config: LineConfig, storage: Path, recipe: str, folder: str | Path, reason: str,
+                       progress: bool) -> int:
     require_technician(storage)
     store = CalibrationStore(storage, audit_key(storage))
     inspector = Inspector(config)
