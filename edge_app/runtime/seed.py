@@ -13,8 +13,8 @@ from ..errors import UsageError
 from .calibration_state import (AuditError, CalibrationStore, audit_key_path, ensure_audit_key, read_audit_key,
                                 who)
 from .control import ControlError, MIN_TOKEN_CHARS, ensure_token, request, token_path
-from .inspector import Inspector
 from .faults import StartupError
+from .inspector import Inspector
 from .storage_lock import StorageInUse, StorageLock
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+import weakref
 from pathlib import Path
 
 from .faults import StartupError
@@ -33,7 +34,7 @@ class StorageLock:
     """The held lock on a storage directory; :meth:`release` (or the process ending) frees it."""
 
     def __init__(self, fd: int) -> None:
-        self._fd: int | None = fd
+        self._close = weakref.finalize(self, os.close, fd)   # also when dropped unreleased (a line never run)
 
     @classmethod
     def acquire(cls, storage: Path) -> StorageLock:
@@ -69,6 +70,4 @@ class StorageLock:
 
     def release(self) -> None:
         """Free the lock (idempotent); the file stays, naming the last holder."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._close()
