@@ -43,9 +43,10 @@ class StorageLock:
         path = storage / LOCK_NAME
         try:   # never truncated before the lock is ours: the file names the holder
             storage.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except PermissionError:   # another user's file (a technician seeding offline): flock needs no write access
-            fd = cls._open_read_only(path, storage)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except PermissionError:   # another user's file (a technician seeding offline): flock needs no writing
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise StartupError(f"storage.dir {storage}: cannot open {LOCK_NAME}: {exc}") from None
         try:
@@ -60,13 +61,6 @@ class StorageLock:
         except OSError:
             pass
         return cls(fd)
-
-    @staticmethod
-    def _open_read_only(path: Path, storage: Path) -> int:
-        try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise StartupError(f"storage.dir {storage}: cannot open {LOCK_NAME}: {exc}") from None
 
     def release(self) -> None:
         """Free the lock (idempotent); the file stays, naming the last holder."""
