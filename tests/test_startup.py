@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from musc_edge.edge.cli import main
 from musc_edge.edge.config import parse_config
 from musc_edge.edge.plc_sim import PlcSimulator
 from musc_edge.edge.runtime.line import Line, StartupError
+from musc_edge.edge.runtime.storage_lock import StorageLock
 from musc_edge.edge.sources.replay import ReplayConfig, ReplaySource
 
 from .test_runtime import make_parts
@@ -112,8 +116,6 @@ def test_a_second_line_on_the_same_storage_does_not_start_and_names_the_first(to
 
 
 def test_the_storage_lock_is_held_until_released(tmp_path):
-    from musc_edge.edge.runtime.storage_lock import StorageLock
-
     held = StorageLock.acquire(tmp_path)
     with pytest.raises(StartupError, match=f"in use by another running line \\(pid {os.getpid()}, since "):
         StorageLock.acquire(tmp_path)                     # another open file: flock refuses it in one process too
@@ -124,10 +126,6 @@ def test_the_storage_lock_is_held_until_released(tmp_path):
 
 def test_a_killed_line_leaves_its_storage_free(toy_model, tmp_path):
     """The kernel drops the lock with the process: after ``kill -9`` (or a power cut) nothing needs cleaning."""
-    import subprocess
-    import sys
-    import time
-
     raw = yaml.safe_load(write_config(tmp_path, toy_model, make_parts(tmp_path / "a", 3),
                                       {"type": "zmq", "endpoint": "tcp://127.0.0.1:5557"}).read_text())
     raw["source"]["loop"] = True                          # replays until killed
@@ -259,9 +257,6 @@ def test_a_taken_prometheus_port_is_an_alarm_and_a_doctor_warning_not_a_stop(toy
 def test_a_view_that_ends_while_the_line_runs_is_an_alarm(toy_model, tmp_path, monkeypatch, caplog,
                                                           no_signal_handlers):
     """Row 3: the view used to die (address in use) while the line ran on, and nothing said so."""
-    import subprocess
-    import sys
-
     from musc_edge.edge import cli
 
     # A stand-in view process that ends at once (as one that lost a race for its port would).
