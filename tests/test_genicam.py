@@ -475,6 +475,31 @@ def test_software_trigger_gives_one_frame_per_trigger_with_its_part_id_and_encod
         assert_fake_ramp(decode_part(part).image)
 
 
+@needs_camera
+def test_software_triggers_reach_the_camera_at_once_while_the_consumer_is_busy(fake_camera):
+    """A line scoring a part does not pull the next one for ~100 ms; the photo eye's triggers must not wait for
+    it. The simulator stamps a frame with the host's clock when it takes it, at its next 40 ms tick after the
+    trigger: each frame is stamped within that tick (plus scheduling slack) of its own trigger. Sent from the
+    consumer's thread, they went out when it next asked for a part (here 0.4 s later) or together."""
+    fake_camera("MUSC01")
+    source = make_source(genicam_source(trigger="software", max_parts=5, frame_rate=None))
+    with source:
+        def pulses():
+            time.sleep(SETTLE_S)
+            for i in range(5):
+                source.trigger(part_id=f"T{i}")
+                time.sleep(0.15)
+        threading.Thread(target=pulses, daemon=True).start()
+        parts = []
+        for part in source.parts():
+            parts.append(part)
+            time.sleep(0.4)             # a busy consumer
+    assert [p.part_id for p in parts] == [f"T{i}" for i in range(5)]
+    assert all(p.image is not None for p in parts), [p.raw.reason for p in parts if p.image is None]
+    lags = [parse_frame_ref(p.source_ref)[2] / 1e9 - p.capture_time for p in parts]
+    assert all(0 <= lag < 0.15 for lag in lags), lags
+
+
 def wait_for(condition, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

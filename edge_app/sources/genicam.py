@@ -14,9 +14,11 @@ slow consumer never holds the camera's pool. Every frame becomes one part:
 * with ``multipart: true`` (GigE Vision multi-part, 3D cameras), ``cloud`` is the buffer's ``Coord3D_ABC32f``
   component paired with its 2D image (:func:`pair_components`).
 
-Software triggers are matched to frames in order, frame ids keeping the places of frames still owed: a frame
-that arrives while an earlier id is missing takes the trigger after the one that id keeps, and the missing
-id's part (late frame or NO_VERDICT) gets the trigger it kept.
+A software trigger is sent to the camera at once, from the thread that calls :meth:`GenICamSource.trigger`
+(the photo eye's instant is the exposure's, and triggers reach the camera as far apart as they came).
+Triggers are matched to frames in order, frame ids keeping the places of frames still owed: a frame that
+arrives while an earlier id is missing takes the trigger after the one that id keeps, and the missing id's
+part (late frame or NO_VERDICT) gets the trigger it kept.
 
 Faults become parts or alarms, never silence: an incomplete buffer (GigE packet loss) is a part whose decode
 fails with the buffer status (NO_VERDICT, decode_error); a frame-id gap gives one such part per missing
@@ -208,15 +210,16 @@ class GenICamSource(FrameSource):
     def __init__(self, config: GenICamConfig) -> None:
         super().__init__(config)
         self.on_alarm: Callable[[str], None] = lambda text: log.warning("ALARM: %s", text)
-        self._requests: queue.Queue[_Trigger] = queue.Queue()
-        self._awaiting: deque[_Trigger] = deque()
+        self._lost_triggers: queue.Queue[_Trigger] = queue.Queue()   # requested while no camera was open
+        self._awaiting: deque[_Trigger] = deque()                      # sent, their frames still owed
+        self._awaiting_lock = threading.Lock()
+        self._camera_lock = threading.Lock()      # trigger() and the streaming thread share the open camera
         self._tracker = FrameIdTracker(config.gap_timeout_s)
         self._camera: Any = None
         self._stream: Any = None
         self._chunks: Any = None
         self._signal: int | None = None
         self._invalid_3d: float | None = None
-        self._connected_at = 0.0
         self._control_lost = threading.Event()
         self.device_id = config.camera
         # frames: buffers popped; incomplete: of them not complete; missing: ids never arrived; underruns:
@@ -234,13 +237,26 @@ class GenICamSource(FrameSource):
 
     # -- public ----------------------------------------------------------------------------------------------
     def trigger(self, part_id: str | None = None, encoder: int | None = None) -> None:
-        """Request one frame (``trigger: software``); thread-safe, executed by the streaming thread.
+        """Request one frame (``trigger: software``): sent to the camera before this returns (one GenICam
+        command, about a millisecond on GigE). Thread-safe.
 
-        A camera may drop a trigger that comes right after acquisition starts (the simulator does): that
-        part is then a missed trigger, NO_VERDICT after ``frame_timeout_s``."""
+        While the camera is lost (or not open yet) the part is a NO_VERDICT at once. A camera may drop a
+        trigger it cannot take (right after acquisition starts, or closer to the last one than it can expose
+        and read out): that part is a missed trigger, NO_VERDICT after ``frame_timeout_s``."""
         if self.config.trigger != "software":
             raise SourceError(f"trigger() needs source config trigger='software', not {self.config.trigger!r}")
-        self._requests.put(_Trigger(part_id, encoder, time.monotonic(), time.time()))
+        _, GLib = aravis()
+        request = _Trigger(part_id, encoder, time.monotonic(), time.time())
+        with self._camera_lock:
+            if self._camera is None:
+                self._lost_triggers.put(request)
+                return
+            with self._awaiting_lock:
+                self._awaiting.append(request)     # before the frame can come back
+            try:
+                self._camera.software_trigger()
+            except GLib.Error as exc:
+                log.warning("software trigger on %s failed: %s", self.config.camera, exc.message)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def _acquire(self) -> None:
@@ -272,12 +288,15 @@ class GenICamSource(FrameSource):
         self._invalid_3d = scan3d_invalid_value(camera) if c.multipart else None
         self._control_lost.clear()
         self._signal = camera.get_device().connect("control-lost", lambda *_: self._control_lost.set())
-        self._camera, self._stream = camera, stream
-        self._connected_at = time.monotonic()
+        self._stream = stream
         self._tracker.reset()
+        with self._camera_lock:
+            self._camera = camera
 
     def _close_camera(self) -> None:
-        camera, stream, self._camera, self._stream, self._chunks = self._camera, self._stream, None, None, None
+        with self._camera_lock:     # waits for a trigger in flight
+            camera, self._camera = self._camera, None
+        stream, self._stream, self._chunks = self._stream, None, None
         if camera is None:
             return
         _, GLib = aravis()
@@ -335,11 +354,10 @@ class GenICamSource(FrameSource):
         c = self.config
         timeout_us = int(c.poll_interval_s * 1e6)
         while not self._stop.is_set():
+            yield from self._untriggered(ids)
             if self._camera is None:
-                yield from self._untriggered(ids)
                 yield None
                 continue
-            yield from self._send_triggers(ids)
             yield from self._missed_triggers(ids)
             buffer = self._stream.timeout_pop_buffer(timeout_us)
             if self._stop.is_set():
@@ -357,38 +375,18 @@ class GenICamSource(FrameSource):
             if buffer is None:
                 yield None
 
-    def _send_triggers(self, ids) -> Iterator[PartRecord]:
-        """Fire the requested software triggers; one requested before this connection was opened (while the
-        camera was lost) is not fired late but becomes its NO_VERDICT part."""
-        _, GLib = aravis()
-        while True:
-            try:
-                request = self._requests.get_nowait()
-            except queue.Empty:
-                return
-            if request.mono < self._connected_at:
-                self.stats["missed_triggers"] += 1
-                yield self._no_frame(ids, request, f"software trigger while camera {self.device_id} is lost")
-                continue
-            try:
-                self._camera.software_trigger()
-            except GLib.Error as exc:
-                log.warning("software trigger on %s failed: %s", self.config.camera, exc.message)
-            self._awaiting.append(request)
-
     def _untriggered(self, ids) -> Iterator[PartRecord]:
-        """Software triggers requested while the camera is lost: their parts, NO_VERDICT, at once."""
+        """Software triggers requested while the camera was lost: their parts, NO_VERDICT, at once."""
         while True:
             try:
-                request = self._requests.get_nowait()
+                request = self._lost_triggers.get_nowait()
             except queue.Empty:
                 return
             self.stats["missed_triggers"] += 1
             yield self._no_frame(ids, request, f"software trigger while camera {self.device_id} is lost")
 
     def _missed_triggers(self, ids) -> Iterator[PartRecord]:
-        while self._awaiting and time.monotonic() - self._awaiting[0].mono > self.config.frame_timeout_s:
-            request = self._awaiting.popleft()
+        while request := self._pop_awaiting(older_than=time.monotonic() - self.config.frame_timeout_s):
             self.stats["missed_triggers"] += 1
             yield self._no_frame(ids, request, f"software trigger got no frame within "
                                                f"{self.config.frame_timeout_s:g} s from camera {self.device_id}")
@@ -396,12 +394,20 @@ class GenICamSource(FrameSource):
     def _take_trigger(self, position: int) -> _Trigger | None:
         """The waiting software trigger a frame answers: ``position`` after the oldest (the earlier ones are
         owed frames still in flight); None in free run and hardware trigger."""
-        if not self._awaiting:
+        with self._awaiting_lock:
+            if not self._awaiting:
+                return None
+            position = min(position, len(self._awaiting) - 1)
+            request = self._awaiting[position]
+            del self._awaiting[position]
+            return request
+
+    def _pop_awaiting(self, older_than: float = math.inf) -> _Trigger | None:
+        """The oldest waiting software trigger if it was requested before ``older_than`` (monotonic), else None."""
+        with self._awaiting_lock:
+            if self._awaiting and self._awaiting[0].mono < older_than:
+                return self._awaiting.popleft()
             return None
-        position = min(position, len(self._awaiting) - 1)
-        request = self._awaiting[position]
-        del self._awaiting[position]
-        return request
 
     def _missing_records(self, ids, give_up_all: bool = False) -> Iterator[PartRecord]:
         """A NO_VERDICT part per frame id given up as missing (an alarm instead beyond ``max_gap_rows``)."""
@@ -412,7 +418,7 @@ class GenICamSource(FrameSource):
                           f"(more than max_gap_rows={self.config.max_gap_rows}; no part rows for them)")
             return
         for lost in missing:
-            request = self._awaiting.popleft() if self._awaiting else None
+            request = self._pop_awaiting()
             yield self._no_frame(ids, request, f"frame id {lost} of camera {self.device_id} never arrived "
                                  "(lost in transport, or the buffer pool ran dry)", frame_ref(self.device_id, lost, -1))
 
@@ -485,14 +491,15 @@ class GenICamSource(FrameSource):
     def _answers(self) -> bool:
         """Whether the camera still replies to a register read (GigE) or a feature read (USB3)."""
         _, GLib = aravis()
-        try:
-            if self._camera.is_gv_device():
-                self._camera.get_device().read_register(_PROBE_REGISTER)
-            else:
-                self._camera.get_device().get_string_feature_value("DeviceVendorName")
-            return True
-        except GLib.Error:
-            return False
+        with self._camera_lock:
+            try:
+                if self._camera.is_gv_device():
+                    self._camera.get_device().read_register(_PROBE_REGISTER)
+                else:
+                    self._camera.get_device().get_string_feature_value("DeviceVendorName")
+                return True
+            except GLib.Error:
+                return False
 
     def _lose(self, why: str, ids) -> Iterator[PartRecord]:
         self.stats["reconnects"] += 1
@@ -500,8 +507,8 @@ class GenICamSource(FrameSource):
                       f"{self.config.reconnect_interval_s:g} s")
         self._close_camera()
         yield from self._missing_records(ids, give_up_all=True)
-        while self._awaiting:
-            yield self._no_frame(ids, self._awaiting.popleft(), f"camera {self.device_id} was lost before the "
+        while request := self._pop_awaiting():
+            yield self._no_frame(ids, request, f"camera {self.device_id} was lost before the "
                                  "triggered frame arrived")
 
     def _try_reopen(self, lost_at: float) -> bool:
