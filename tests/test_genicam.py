@@ -33,6 +33,7 @@ from musc_edge.edge.sources.genicam import (
     Component,
     FrameIdTracker,
     UNKNOWN_FRAME_ID,
+    answered_trigger,
     aravis_missing,
     describe_camera,
     doctor_report,
@@ -193,6 +194,24 @@ def test_frames_keep_the_places_of_earlier_frames_still_owed():
     assert ids.overdue(2.0) == [3]
     got[3] = waiting.pop(0)                              # the missing frame's part keeps its trigger
     assert got == {1: "T1", 2: "T2", 3: "T3", 4: "T4", 5: "T5"} and waiting == []
+
+
+# Triggers sent at 0.0, 0.1, 0.2 s (host clock); the camera's clock runs 1000 s ahead, its frame comes 20 ms
+# after the trigger it takes and reaches the host 10 ms later; the usual delay is 1000.020 s.
+@pytest.mark.parametrize("sent, arrival, stamp, usual, answered", [
+    ([0.0], 0.03, 1000.02, 1000.02, 0),                  # one waiting: its own
+    ([0.0, 0.1], 0.13, 1000.12, 1000.02, 1),             # the camera did not take the first
+    ([0.0, 0.1, 0.2], 0.23, 1000.22, 1000.02, 2),        # nor the first two
+    ([0.0, 0.1, 0.2], 0.23, 1000.12, 1000.02, 1),        # late: the second's frame, after the third was sent
+    ([0.0, 0.1], 0.13, 1000.02, 1000.02, 0),             # late (130 ms in transit): still the first's
+    ([0.0, 0.1], 0.05, 1000.12, 1000.02, 0),             # the second was sent after this frame arrived
+    ([0.0, 0.1], 0.13, 1000.12, None, 1),                # a connection's first frame: the newest sent before it
+    ([0.0, 0.1], 0.13, None, 1000.02, 0),                # no timestamp (incomplete frame): in order
+    ([0.5, 0.6], 0.13, 1000.12, 1000.02, 0),             # arrived before any was sent: in order
+])
+def test_a_frame_answers_the_trigger_its_delay_fits_and_the_ones_before_were_not_taken(sent, arrival, stamp,
+                                                                                      usual, answered):
+    assert answered_trigger(sent, arrival, stamp, usual) == answered
 
 
 def test_frame_ids_wrap_at_65535_and_a_restart_is_an_alarm():
@@ -498,6 +517,34 @@ def test_software_triggers_reach_the_camera_at_once_while_the_consumer_is_busy(f
     assert all(p.image is not None for p in parts), [p.raw.reason for p in parts if p.image is None]
     lags = [parse_frame_ref(p.source_ref)[2] / 1e9 - p.capture_time for p in parts]
     assert all(0 <= lag < 0.15 for lag in lags), lags
+
+
+@needs_camera
+def test_a_trigger_the_camera_did_not_take_is_its_own_part_and_later_frames_keep_their_triggers(fake_camera):
+    """Two triggers 1 ms apart: the simulator samples its trigger register once a tick, so it takes one of them
+    (both in 1 of ~40 runs, when a tick falls between them). The one not taken is a NO_VERDICT part at once,
+    and every later frame answers its own trigger (stamped within a tick of it), not the trigger before."""
+    fake_camera("MUSC01")
+    source = make_source(genicam_source(trigger="software", max_parts=6, frame_rate=None))
+    with source:
+        def pulses():
+            time.sleep(SETTLE_S)
+            source.trigger(part_id="T0")
+            time.sleep(0.001)
+            for i in range(1, 6):
+                source.trigger(part_id=f"T{i}")
+                time.sleep(0.15)
+        threading.Thread(target=pulses, daemon=True).start()
+        parts = list(source.parts())
+    assert [p.part_id for p in parts] == [f"T{i}" for i in range(6)]
+    framed = [p for p in parts if p.image is not None]
+    not_taken = [p for p in parts if p.image is None]
+    assert [p.part_id for p in framed][-4:] == ["T2", "T3", "T4", "T5"]
+    lags = [parse_frame_ref(p.source_ref)[2] / 1e9 - p.capture_time for p in framed]
+    assert all(0 <= lag < 0.15 for lag in lags), lags
+    assert [p.part_id for p in not_taken] in ([], ["T0"]), [(p.part_id, p.raw.reason) for p in not_taken]
+    assert all("not taken by camera" in p.raw.reason for p in not_taken)
+    assert source.stats["missed_triggers"] == len(not_taken) and len(framed) + len(not_taken) == 6
 
 
 def wait_for(condition, timeout_s: float = 30.0) -> None:

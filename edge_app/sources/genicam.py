@@ -18,7 +18,8 @@ A software trigger is sent to the camera at once, from the thread that calls :me
 (the photo eye's instant is the exposure's, and triggers reach the camera as far apart as they came).
 Triggers are matched to frames in order, frame ids keeping the places of frames still owed: a frame that
 arrives while an earlier id is missing takes the trigger after the one that id keeps, and the missing id's
-part (late frame or NO_VERDICT) gets the trigger it kept.
+part (late frame or NO_VERDICT) gets the trigger it kept. A trigger the camera did not take leaves no id gap;
+the frame's timestamp shows it (:func:`answered_trigger`), and its part is a NO_VERDICT.
 
 Faults become parts or alarms, never silence: an incomplete buffer (GigE packet loss) is a part whose decode
 fails with the buffer status (NO_VERDICT, decode_error); a frame-id gap gives one such part per missing
@@ -39,7 +40,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -193,6 +194,28 @@ class FrameIdTracker:
         return settled
 
 
+def answered_trigger(sent_utc: Sequence[float], arrival_utc: float, stamp_s: float | None,
+                     usual_delay_s: float | None) -> int:
+    """Which of the waiting software triggers (``sent_utc``: host clock, oldest first) a frame answers.
+
+    A camera does not take every trigger: not one right after acquisition starts, nor one closer to the last
+    than it can expose and read out. Taken in order, each later frame would then answer the trigger before
+    its own for as long as the line runs (its part id, encoder count and reject timing one part early). So:
+    a trigger sent after the frame arrived (``arrival_utc``) is not its own; of the others, the frame
+    answers the one whose delay to the frame's timestamp (``stamp_s``, the camera's clock) is nearest the
+    usual one (``usual_delay_s``, from the last frames); the first frame of a connection, with no usual
+    delay yet, answers the newest trigger sent before it arrived. The triggers before the one answered were
+    not taken. A frame without a timestamp (an incomplete one, or from a camera that stamps none) answers
+    the oldest, as does a frame that arrived before every waiting trigger was sent.
+    """
+    eligible = [i for i, sent in enumerate(sent_utc) if sent <= arrival_utc]
+    if not eligible or stamp_s is None:
+        return 0
+    if usual_delay_s is None:
+        return eligible[-1]
+    return min(eligible, key=lambda i: abs(stamp_s - sent_utc[i] - usual_delay_s))
+
+
 @dataclass
 class _Trigger:
     part_id: str | None
@@ -213,6 +236,7 @@ class GenICamSource(FrameSource):
         self._lost_triggers: queue.Queue[_Trigger] = queue.Queue()   # requested while no camera was open
         self._awaiting: deque[_Trigger] = deque()                      # sent, their frames still owed
         self._awaiting_lock = threading.Lock()
+        self._delays: deque[float] = deque(maxlen=15)   # camera stamp - trigger instant, of the last frames
         self._camera_lock = threading.Lock()      # trigger() and the streaming thread share the open camera
         self._tracker = FrameIdTracker(config.gap_timeout_s)
         self._camera: Any = None
@@ -290,6 +314,7 @@ class GenICamSource(FrameSource):
         self._signal = camera.get_device().connect("control-lost", lambda *_: self._control_lost.set())
         self._stream = stream
         self._tracker.reset()
+        self._delays.clear()       # another connection, maybe another camera clock
         with self._camera_lock:
             self._camera = camera
 
@@ -367,7 +392,7 @@ class GenICamSource(FrameSource):
             records = []
             if buffer is not None:
                 try:
-                    records.append(self._frame_record(buffer, ids))
+                    records = self._frame_records(buffer, ids)
                 finally:
                     self._stream.push_buffer(buffer)
             yield from self._missing_records(ids)
@@ -391,16 +416,23 @@ class GenICamSource(FrameSource):
             yield self._no_frame(ids, request, f"software trigger got no frame within "
                                                f"{self.config.frame_timeout_s:g} s from camera {self.device_id}")
 
-    def _take_trigger(self, position: int) -> _Trigger | None:
-        """The waiting software trigger a frame answers: ``position`` after the oldest (the earlier ones are
-        owed frames still in flight); None in free run and hardware trigger."""
+    def _take_trigger(self, position: int, arrival_utc: float,
+                      stamp_s: float | None) -> tuple[_Trigger | None, list[_Trigger]]:
+        """The waiting software trigger a frame answers (None in free run and hardware trigger), and the ones
+        before it that the camera did not take (:func:`answered_trigger`). The first ``position`` waiting ones
+        are owed frames still in flight: they keep their triggers."""
         with self._awaiting_lock:
             if not self._awaiting:
-                return None
-            position = min(position, len(self._awaiting) - 1)
-            request = self._awaiting[position]
-            del self._awaiting[position]
-            return request
+                return None, []
+            first = min(position, len(self._awaiting) - 1)
+            candidates = list(self._awaiting)[first:]
+            usual = float(np.median(self._delays)) if self._delays else None
+            answered = answered_trigger([t.utc for t in candidates], arrival_utc, stamp_s, usual)
+            for _ in range(answered + 1):
+                del self._awaiting[first]
+        if stamp_s is not None:
+            self._delays.append(stamp_s - candidates[answered].utc)
+        return candidates[answered], candidates[:answered]
 
     def _pop_awaiting(self, older_than: float = math.inf) -> _Trigger | None:
         """The oldest waiting software trigger if it was requested before ``older_than`` (monotonic), else None."""
@@ -422,20 +454,33 @@ class GenICamSource(FrameSource):
             yield self._no_frame(ids, request, f"frame id {lost} of camera {self.device_id} never arrived "
                                  "(lost in transport, or the buffer pool ran dry)", frame_ref(self.device_id, lost, -1))
 
-    def _frame_record(self, buffer: Any, ids) -> PartRecord:
-        """The part of one popped buffer (matched to the oldest waiting software trigger, if any)."""
+    def _frame_records(self, buffer: Any, ids) -> list[PartRecord]:
+        """The part of one popped buffer, after a NO_VERDICT part for each software trigger it shows the camera
+        did not take (see :meth:`_take_trigger`)."""
         Arv, _ = aravis()
         frame_id, stamp = buffer.get_frame_id(), buffer.get_timestamp()
         status = buffer.get_status()
         if alarm := self._tracker.observe(frame_id, time.monotonic(), status == Arv.BufferStatus.SUCCESS):
             self.on_alarm(f"camera {self.device_id}: {alarm}")
+        arrival = buffer.get_system_timestamp() / 1e9 or time.time()
+        complete = status == Arv.BufferStatus.SUCCESS and stamp > 0
+        request, not_taken = self._take_trigger(self._tracker.position, arrival, stamp / 1e9 if complete else None)
+        self.stats["missed_triggers"] += len(not_taken)
+        records = [self._no_frame(ids, skipped, f"software trigger not taken by camera {self.device_id}: the "
+                                  "next frame answers a later trigger (triggers closer together than the camera "
+                                  "can take them?)") for skipped in not_taken]
+        return [*records, self._frame_record(buffer, ids, request, arrival)]
+
+    def _frame_record(self, buffer: Any, ids, request: _Trigger | None, arrival: float) -> PartRecord:
+        """The part of one popped buffer, answering ``request`` (None: a frame nobody triggered in software)."""
+        Arv, _ = aravis()
+        frame_id, stamp = buffer.get_frame_id(), buffer.get_timestamp()
+        status = buffer.get_status()
         recorded_as = self._tracker.recorded_as      # an incomplete frame's stale id belongs to another frame
-        request = self._take_trigger(self._tracker.position)
         if request is not None:
             mono, utc = request.mono, request.utc
         else:
-            arrival = buffer.get_system_timestamp() / 1e9
-            utc = arrival if arrival > 0 else time.time()
+            utc = arrival
             mono = time.monotonic() - max(0.0, time.time() - utc)
         record = PartRecord(part_id=(request.part_id if request and request.part_id else ids.next()),
                             recipe=self.config.recipe, capture_time=utc, capture_monotonic=mono,
