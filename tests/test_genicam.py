@@ -62,6 +62,10 @@ ROI = [0, 0, 128, 96]
 # right after AcquisitionStart): the tests' first trigger waits this long after open. A dropped one would be
 # its part's NO_VERDICT (missed trigger), which is not what these tests are about.
 SETTLE_S = 0.5
+# The simulator takes a software trigger at its next 40 ms tick, but it can fall behind by more than 100 ms when
+# the test process keeps both cores busy (a line scoring, under a CPU quota): two triggers in one late tick are
+# one frame. Triggers this far apart stay apart.
+TRIGGER_GAP_S = 0.25
 
 
 # ---------------------------------------------------------------- pixel formats (no camera)
@@ -471,17 +475,23 @@ def test_config_features_reach_the_camera_and_a_hardware_trigger_waits_for_its_l
         make_source(genicam_source(trigger="hardware", trigger_activation="FallingEdge")).open()
 
 
+def photo_eye(source, waits_s: list[float], encoder=lambda i: None) -> None:
+    """Software triggers T0, T1, ... from another thread, as a photo eye's: the i-th ``waits_s[i]`` after the
+    one before (the first that long after ``SETTLE_S``)."""
+    def pulses():
+        time.sleep(SETTLE_S)
+        for i, wait in enumerate(waits_s):
+            time.sleep(wait)
+            source.trigger(part_id=f"T{i}", encoder=encoder(i))
+    threading.Thread(target=pulses, daemon=True).start()
+
+
 @needs_camera
 def test_software_trigger_gives_one_frame_per_trigger_with_its_part_id_and_encoder(fake_camera):
     fake_camera("MUSC01")
     source = make_source(genicam_source(trigger="software", max_parts=5, frame_rate=None))
     with source:
-        def pulses():
-            time.sleep(SETTLE_S)
-            for i in range(5):
-                time.sleep(0.15)
-                source.trigger(part_id=f"T{i}", encoder=1000 + 7 * i)
-        threading.Thread(target=pulses, daemon=True).start()
+        photo_eye(source, [TRIGGER_GAP_S] * 5, encoder=lambda i: 1000 + 7 * i)
         start = time.monotonic()
         parts = list(source.parts())
     assert [p.part_id for p in parts] == [f"T{i}" for i in range(5)]
@@ -499,50 +509,38 @@ def test_software_triggers_reach_the_camera_at_once_while_the_consumer_is_busy(f
     """A line scoring a part does not pull the next one for ~100 ms; the photo eye's triggers must not wait for
     it. The simulator stamps a frame with the host's clock when it takes it, at its next 40 ms tick after the
     trigger: each frame is stamped within that tick (plus scheduling slack) of its own trigger. Sent from the
-    consumer's thread, they went out when it next asked for a part (here 0.4 s later) or together."""
+    consumer's thread, they went out when it next asked for a part (here 0.6 s later) or together."""
     fake_camera("MUSC01")
     source = make_source(genicam_source(trigger="software", max_parts=5, frame_rate=None))
     with source:
-        def pulses():
-            time.sleep(SETTLE_S)
-            for i in range(5):
-                source.trigger(part_id=f"T{i}")
-                time.sleep(0.15)
-        threading.Thread(target=pulses, daemon=True).start()
+        photo_eye(source, [0.0] + [TRIGGER_GAP_S] * 4)
         parts = []
         for part in source.parts():
             parts.append(part)
-            time.sleep(0.4)             # a busy consumer
+            time.sleep(0.6)             # a busy consumer
     assert [p.part_id for p in parts] == [f"T{i}" for i in range(5)]
     assert all(p.image is not None for p in parts), [p.raw.reason for p in parts if p.image is None]
     lags = [parse_frame_ref(p.source_ref)[2] / 1e9 - p.capture_time for p in parts]
-    assert all(0 <= lag < 0.15 for lag in lags), lags
+    assert all(0 <= lag < 0.2 for lag in lags), lags
 
 
 @needs_camera
 def test_a_trigger_the_camera_did_not_take_is_its_own_part_and_later_frames_keep_their_triggers(fake_camera):
-    """Two triggers 1 ms apart: the simulator samples its trigger register once a tick, so it takes one of them
-    (both in 1 of ~40 runs, when a tick falls between them). The one not taken is a NO_VERDICT part at once,
-    and every later frame answers its own trigger (stamped within a tick of it), not the trigger before."""
+    """T1 and T2 1 ms apart: the simulator samples its trigger register once a tick, so it takes one of them
+    (both when a tick falls between them, about 1 run in 30). The one not taken is a NO_VERDICT part, and every
+    later frame answers its own trigger (stamped within a tick of it), not the trigger before."""
     fake_camera("MUSC01")
     source = make_source(genicam_source(trigger="software", max_parts=6, frame_rate=None))
     with source:
-        def pulses():
-            time.sleep(SETTLE_S)
-            source.trigger(part_id="T0")
-            time.sleep(0.001)
-            for i in range(1, 6):
-                source.trigger(part_id=f"T{i}")
-                time.sleep(0.15)
-        threading.Thread(target=pulses, daemon=True).start()
+        photo_eye(source, [0.0, TRIGGER_GAP_S, 0.001, TRIGGER_GAP_S, TRIGGER_GAP_S, TRIGGER_GAP_S])
         parts = list(source.parts())
     assert [p.part_id for p in parts] == [f"T{i}" for i in range(6)]
     framed = [p for p in parts if p.image is not None]
     not_taken = [p for p in parts if p.image is None]
-    assert [p.part_id for p in framed][-4:] == ["T2", "T3", "T4", "T5"]
+    assert [p.part_id for p in framed][-3:] == ["T3", "T4", "T5"]
     lags = [parse_frame_ref(p.source_ref)[2] / 1e9 - p.capture_time for p in framed]
-    assert all(0 <= lag < 0.15 for lag in lags), lags
-    assert [p.part_id for p in not_taken] in ([], ["T0"]), [(p.part_id, p.raw.reason) for p in not_taken]
+    assert all(0 <= lag < 0.2 for lag in lags), lags
+    assert [p.part_id for p in not_taken] in ([], ["T1"], ["T2"]), [(p.part_id, p.raw.reason) for p in not_taken]
     assert all("not taken by camera" in p.raw.reason for p in not_taken)
     assert source.stats["missed_triggers"] == len(not_taken) and len(framed) + len(not_taken) == 6
 
@@ -688,7 +686,7 @@ def test_a_software_triggered_line_records_each_trigger_with_its_frame_id(fake_c
             wait_for(lambda: line.source.is_open)
             time.sleep(SETTLE_S)
             for i in range(10):
-                time.sleep(0.12)
+                time.sleep(TRIGGER_GAP_S)
                 line.source.trigger(part_id=f"P{i:03d}", encoder=5000 + 100 * i)
         threading.Thread(target=photo_eye, daemon=True).start()
         line.run()

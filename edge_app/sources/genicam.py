@@ -204,9 +204,12 @@ def answered_trigger(sent_utc: Sequence[float], arrival_utc: float, stamp_s: flo
     a trigger sent after the frame arrived (``arrival_utc``) is not its own; of the others, the frame
     answers the one whose delay to the frame's timestamp (``stamp_s``, the camera's clock) is nearest the
     usual one (``usual_delay_s``, from the last frames); the first frame of a connection, with no usual
-    delay yet, answers the newest trigger sent before it arrived. The triggers before the one answered were
-    not taken. A frame without a timestamp (an incomplete one, or from a camera that stamps none) answers
-    the oldest, as does a frame that arrived before every waiting trigger was sent.
+    delay yet, answers the newest trigger sent before it arrived (right after acquisition starts, a camera is
+    likelier to have skipped a trigger than to take longer than a part's pitch to send its frame; triggers
+    closer together than one frame's round trip are the one case this gets wrong, and only as a connection's
+    first frame). The triggers before the one answered were not taken. A frame without a timestamp (an
+    incomplete one, or from a camera that stamps none) answers the oldest, as does a frame that arrived
+    before every waiting trigger was sent.
     """
     eligible = [i for i, sent in enumerate(sent_utc) if sent <= arrival_utc]
     if not eligible or stamp_s is None:
