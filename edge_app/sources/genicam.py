@@ -269,7 +269,8 @@ class GenICamSource(FrameSource):
 
         While the camera is lost (or not open yet) the part is a NO_VERDICT at once. A camera may drop a
         trigger it cannot take (right after acquisition starts, or closer to the last one than it can expose
-        and read out): that part is a missed trigger, NO_VERDICT after ``frame_timeout_s``."""
+        and read out): that part is a missed trigger, NO_VERDICT when the next frame shows it was not taken
+        (:func:`answered_trigger`), or ``frame_timeout_s`` after it when no frame follows."""
         if self.config.trigger != "software":
             raise SourceError(f"trigger() needs source config trigger='software', not {self.config.trigger!r}")
         _, GLib = aravis()
