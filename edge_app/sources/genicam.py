@@ -464,23 +464,17 @@ class GenICamSource(FrameSource):
         Arv, _ = aravis()
         frame_id, stamp = buffer.get_frame_id(), buffer.get_timestamp()
         status = buffer.get_status()
-        if alarm := self._tracker.observe(frame_id, time.monotonic(), status == Arv.BufferStatus.SUCCESS):
+        complete = status == Arv.BufferStatus.SUCCESS
+        if alarm := self._tracker.observe(frame_id, time.monotonic(), complete):
             self.on_alarm(f"camera {self.device_id}: {alarm}")
+        recorded_as = self._tracker.recorded_as      # an incomplete frame's stale id belongs to another frame
         arrival = buffer.get_system_timestamp() / 1e9 or time.time()
-        complete = status == Arv.BufferStatus.SUCCESS and stamp > 0
-        request, not_taken = self._take_trigger(self._tracker.position, arrival, stamp / 1e9 if complete else None)
+        request, not_taken = self._take_trigger(self._tracker.position, arrival,
+                                                stamp / 1e9 if complete and stamp > 0 else None)
         self.stats["missed_triggers"] += len(not_taken)
         records = [self._no_frame(ids, skipped, f"software trigger not taken by camera {self.device_id}: the "
                                   "next frame answers a later trigger (triggers closer together than the camera "
                                   "can take them?)") for skipped in not_taken]
-        return [*records, self._frame_record(buffer, ids, request, arrival)]
-
-    def _frame_record(self, buffer: Any, ids, request: _Trigger | None, arrival: float) -> PartRecord:
-        """The part of one popped buffer, answering ``request`` (None: a frame nobody triggered in software)."""
-        Arv, _ = aravis()
-        frame_id, stamp = buffer.get_frame_id(), buffer.get_timestamp()
-        status = buffer.get_status()
-        recorded_as = self._tracker.recorded_as      # an incomplete frame's stale id belongs to another frame
         if request is not None:
             mono, utc = request.mono, request.utc
         else:
@@ -490,17 +484,25 @@ class GenICamSource(FrameSource):
                             recipe=self.config.recipe, capture_time=utc, capture_monotonic=mono,
                             encoder=request.encoder if request else None,
                             source_ref=frame_ref(self.device_id, recorded_as or UNKNOWN_FRAME_ID, stamp))
+        records.append(record)
         self.stats["frames"] += 1
-        if status != Arv.BufferStatus.SUCCESS:
-            self.stats["incomplete"] += 1
-            which = f"frame id {frame_id}"
-            if recorded_as != frame_id:
-                which = (f"frame id {recorded_as}" if recorded_as else "frame of unknown id") + \
-                    f" (its buffer carried the stale id {frame_id})"
-            record.raw = UndecodableFrame(b"", f"incomplete {which} from camera {self.device_id}: "
-                                          f"buffer status {status.value_nick} (GigE packet loss: check MTU, "
-                                          "packet_size, socket buffers; deploy/README.md)")
-            return record
+        if complete:
+            self._decode_frame(record, buffer, frame_id)
+            return records
+        self.stats["incomplete"] += 1
+        which = f"frame id {frame_id}"
+        if recorded_as != frame_id:
+            which = (f"frame id {recorded_as}" if recorded_as else "frame of unknown id") + \
+                f" (its buffer carried the stale id {frame_id})"
+        record.raw = UndecodableFrame(b"", f"incomplete {which} from camera {self.device_id}: "
+                                      f"buffer status {status.value_nick} (GigE packet loss: check MTU, "
+                                      "packet_size, socket buffers; deploy/README.md)")
+        return records
+
+    def _decode_frame(self, record: PartRecord, buffer: Any, frame_id: int) -> None:
+        """A complete frame's pixels (and 3D component, and chunk encoder count) into ``record``; a pixel format
+        it cannot convert makes the part undecodable."""
+        Arv, _ = aravis()
         if self._chunks is not None:
             record.encoder = self._chunk_encoder(buffer)
         where = f"frame id {frame_id} from camera {self.device_id}"
@@ -515,7 +517,6 @@ class GenICamSource(FrameSource):
                                       buffer.get_image_width(), buffer.get_image_height())
         except PixelFormatError as exc:
             record.raw = UndecodableFrame(b"", f"{where}: {exc}")
-        return record
 
     def _chunk_encoder(self, buffer: Any) -> int | None:
         _, GLib = aravis()
