@@ -475,14 +475,16 @@ def test_config_features_reach_the_camera_and_a_hardware_trigger_waits_for_its_l
         make_source(genicam_source(trigger="hardware", trigger_activation="FallingEdge")).open()
 
 
-def photo_eye(source, waits_s: list[float], encoder=lambda i: None) -> None:
-    """Software triggers T0, T1, ... from another thread, as a photo eye's: the i-th ``waits_s[i]`` after the
-    one before (the first that long after ``SETTLE_S``)."""
+def photo_eye(source, waits_s: list[float], part_id=lambda i: f"T{i}", encoder=lambda i: None) -> None:
+    """Software triggers from another thread, as a photo eye's, once ``source`` is open: the i-th (with
+    ``part_id(i)`` and ``encoder(i)``) ``waits_s[i]`` after the one before, the first that long after
+    ``SETTLE_S``."""
     def pulses():
+        wait_for(lambda: source.is_open)
         time.sleep(SETTLE_S)
         for i, wait in enumerate(waits_s):
             time.sleep(wait)
-            source.trigger(part_id=f"T{i}", encoder=encoder(i))
+            source.trigger(part_id=part_id(i), encoder=encoder(i))
     threading.Thread(target=pulses, daemon=True).start()
 
 
@@ -681,14 +683,7 @@ def test_a_software_triggered_line_records_each_trigger_with_its_frame_id(fake_c
     with PlcSimulator.on_zmq("tcp://127.0.0.1:*") as plc:
         line = Line(parse_config(line_config(toy_model, tmp_path / "line", plc.address,
                                              genicam_source(trigger="software", frame_rate=None, max_parts=10))))
-
-        def photo_eye():
-            wait_for(lambda: line.source.is_open)
-            time.sleep(SETTLE_S)
-            for i in range(10):
-                time.sleep(TRIGGER_GAP_S)
-                line.source.trigger(part_id=f"P{i:03d}", encoder=5000 + 100 * i)
-        threading.Thread(target=photo_eye, daemon=True).start()
+        photo_eye(line.source, [TRIGGER_GAP_S] * 10, part_id=lambda i: f"P{i:03d}", encoder=lambda i: 5000 + 100 * i)
         line.run()
         rows = line.ledger_rows()
         assert_one_row_per_part(rows, 10, plc)
